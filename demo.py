@@ -1,0 +1,521 @@
+"""
+Demo corpus: short invented Mandarin news/daily-life sentences with PER/LOC/ORG entities (nested ones included),
+spoken by espeak-ng, in the CNERTA JSON + AISHELL-1 wav layout, so the demo goes through the same loaders as real
+data. Generated, never downloaded; deterministic for a seed (same JSON and byte-identical wavs).
+
+    python demo.py                          # builds the default corpus into the cache folder (~1-2 min on 2 cores)
+    python demo.py --out /tmp/demo --n-train 200 --n-dev 20 --n-test 20 --no-audio
+
+    from demo import ensure_demo_corpus
+    root = ensure_demo_corpus()             # -> ~/.cache/image/demo-v1-seed0 (or $IMAGE_CACHE/demo-v1-seed0)
+
+Layout written (AISHELL-style utterance ids DEMO01SxxxxWyyyy: speaker = id[6:11], as in BAC009S0002W0122):
+    train.json valid.json test.json     one JSON object a line: {"sentence", "audio": utt id,
+                                        "entity": [[start, end_exclusive, text, TYPE], ...], "speaker_info": F|M}
+    wav/{train,dev,test}/Sxxxx/ID.wav   16 kHz mono 16-bit PCM (absent with audio=False)
+    index.jsonl                         per utterance: split, speaker, voice, rate, pitch, pinyin, wav, samples
+    meta.json                           seed, counts, entity statistics, tool versions, generation time, sha256s
+Speech: pypinyin TONE3 syllables (neutral tone 5) -> espeak-ng voice cmn-latn-pinyin(+variant) at 22.05 kHz ->
+sox without dither (-D -R: bit-exact repeatable) -> gain -1 dB (the resampler overshoots otherwise) -> 16 kHz.
+Eight virtual speakers (an espeak variant, a base rate and pitch each) are shared by all splits; every utterance
+jitters rate and pitch a little.
+"""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+VERSION = "demo-v1"        # bump when the generator changes what it writes (the cache folder is named after it)
+DEFAULT_COUNTS = dict(n_train=4000, n_dev=400, n_test=400)
+SPLITS = (("train", "train.json", "train"), ("dev", "valid.json", "dev"), ("test", "test.json", "test"))  # (split, json, wav dir)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Word lists (written for this project). Given-name characters have pairwise different pinyin, and so do surnames,
+# because the speech is synthesised from pinyin: homophones in a name could not be told apart by ear.
+SURNAMES = """王 李 张 刘 陈 杨 黄 赵 吴 周 徐 孙 马 朱 胡 郭 何 高 林 罗 郑 梁 谢 宋 唐 许 韩 冯 邓 曹 彭 田 董 袁
+潘 蒋 蔡 余 杜 叶 程 苏 魏 吕 丁 沈 姚 卢 姜 崔 钟 谭 陆 汪 范 金 石 廖 贾 夏 韦 方 白 邹 孟 熊 秦 邱 尹 薛 段 雷 侯 龙
+史 陶 黎 贺 顾 毛 郝 龚 邵 万 钱 严 武 戴 莫 孔 向 汤""".split()
+GIVEN = """伟 芳 敏 静 丽 强 磊 军 勇 艳 杰 娟 涛 明 超 秀 霞 平 刚 英 华 玉 兰 红 鹏 辉 斌 宇 浩 凯 俊 帆 旭 宁 欣 婷 雪 慧
+颖 琳 晨 峰 波 博 文 晓 志 建 海 丹 亮 飞 成 佳 梓 轩 睿 涵 怡 思 天 松 梅 瑶 倩 阳 爽 坤 毅 岩 琦 薇 莹 璐 蓉 凤 东 春 秋
+琴 昌 正 贵 福 康 安 远 航""".split()
+
+PROVINCES = """河北 山西 辽宁 吉林 黑龙江 江苏 浙江 安徽 福建 江西 山东 河南 湖北 湖南 广东 海南 四川 贵州 云南 陕西
+甘肃 青海 台湾 内蒙古 广西 西藏 宁夏 新疆""".split()
+CITIES = """北京 上海 天津 重庆 广州 深圳 杭州 南京 武汉 成都 西安 长沙 郑州 济南 青岛 大连 沈阳 哈尔滨 长春 石家庄 太原
+合肥 福州 厦门 南昌 南宁 昆明 贵阳 兰州 西宁 银川 拉萨 海口 三亚 苏州 无锡 宁波 温州 佛山 东莞 珠海 汕头 烟台 潍坊 洛阳
+开封 桂林 柳州 徐州 扬州 常州 绍兴 嘉兴 金华 泉州 赣州 九江 宜昌 襄阳 岳阳 株洲 湘潭 绵阳 宜宾 遵义 大理 丽江 保定 唐山
+邯郸 大同 包头 鞍山 芜湖 淄博 临沂 南通 盐城 镇江 威海 日照 惠州 江门 湛江 肇庆 梅州 韶关 荆州 黄石 十堰 常德 衡阳 郴州
+吉安 景德镇 上饶 莆田 宁德 蚌埠 安庆 秦皇岛 承德 廊坊 沧州 张家口 呼和浩特 乌鲁木齐""".split()
+DISTRICTS = """浦东 海淀 东城 西城 丰台 徐汇 静安 黄浦 天河 越秀 南山 福田 宝安 江北 渝中 武昌 汉口 鼓楼 玄武 雁塔 碑林
+历下 和平 河西 滨江 上城 锦江 武侯 青羊 金牛 思明 集美 龙岗 罗湖 白云 黄埔 江岸 岳麓 高新 新城""".split()
+SCENIC = """长江 黄河 珠江 淮河 汉江 嘉陵江 松花江 澜沧江 钱塘江 泰山 华山 黄山 峨眉山 庐山 武夷山 五台山 嵩山 衡山 天山
+昆仑山 长白山 西湖 太湖 洞庭湖 鄱阳湖 青海湖 滇池 洱海 千岛湖 故宫 天安门 长城 外滩 鼓浪屿 九寨沟 张家界 颐和园""".split()
+COUNTRIES = """中国 美国 日本 韩国 英国 法国 德国 俄罗斯 意大利 西班牙 加拿大 澳大利亚 巴西 印度 新加坡 泰国 越南 埃及
+南非 墨西哥 阿根廷 荷兰 瑞士 瑞典 挪威 芬兰 希腊 土耳其 伊朗 巴基斯坦 马来西亚 印度尼西亚 新西兰 葡萄牙 波兰 丹麦
+比利时 肯尼亚 智利 古巴 蒙古 老挝 缅甸 菲律宾 以色列""".split()
+FOREIGN_CITIES = """纽约 伦敦 巴黎 东京 首尔 柏林 莫斯科 悉尼 罗马 曼谷 大阪 洛杉矶 芝加哥 温哥华 多伦多 迪拜 开罗 雅典
+马德里 维也纳""".split()
+
+BRANDS = """华为 腾讯 阿里巴巴 百度 小米 京东 美团 联想 海尔 格力 比亚迪 吉利 万科 伊利 蒙牛 中兴 网易 拼多多 新浪 搜狐
+携程 滴滴 顺丰 娃哈哈 海信 安踏 苏宁 国美 大疆 蔚来 科大讯飞 宝钢 青啤 红星""".split()
+COMPANY_SUFFIX = "公司 集团 科技公司 股份有限公司".split()
+UNIV_SUFFIX = "大学 师范大学 理工大学 科技大学 财经大学 医科大学 农业大学 交通大学 工业大学 外国语大学".split()
+UNIV_PLAIN = "清华大学 复旦大学 同济大学 南开大学 人民大学 暨南大学 东南大学 西南大学".split()
+UNIV_UNITS = "医学部 法学院 经济学院 计算机学院 附属医院 图书馆 研究生院 历史系 物理系 中文系 新闻学院".split()
+CITY_BODIES = """政府 公安局 教育局 气象台 人民法院 人民检察院 文联 作家协会 卫生健康委员会 交通运输局 税务局 图书馆 博物馆
+第一中学 实验小学 消防救援支队""".split()
+PROVINCE_BODIES = "政府 教育厅 公安厅 高级人民法院 气象局 文化和旅游厅 科技厅".split()
+POLICE_UNITS = "交警支队 刑侦支队 禁毒支队 网安支队".split()
+HOSPITALS = "人民医院 第一人民医院 中医院 儿童医院 肿瘤医院 中心医院 妇幼保健院".split()
+HOSPITAL_PLAIN = "协和医院 华西医院 湘雅医院 瑞金医院 同仁医院".split()
+MEDIA_SUFFIX = "日报 晚报 电视台 广播电视台 都市报".split()
+NATIONAL = """国务院 外交部 教育部 财政部 商务部 公安部 交通运输部 国家统计局 国家气象局 最高人民法院 最高人民检察院 新华社
+人民日报 中央电视台 光明日报 经济日报 全国人大 国家电网 国家博物馆 国家图书馆""".split()
+CHINA_BODIES = """人民银行 科学院 足协 证监会 银行 作家协会 红十字会 女排 男篮 移动 联通 电信 邮政 国家足球队 工程院 建设银行
+农业银行 工商银行 奥委会""".split()
+CLUBS = "北京:国安 上海:申花 广州:恒大 天津:泰达 河南:建业 长春:亚泰 山东:鲁能 浙江:绿城 四川:全兴 大连:实德".split()
+TEAM_SUFFIX = "队 男篮 女排 足球队".split()
+DISTRICT_BANKS = "发展银行 农商银行".split()
+
+# Filler words (no entities)
+TIME = "今天 昨天 明天 上午 下午 近日 日前 本周 上周 去年 今年 周末 最近 晚上".split()
+WHO = "我们 他们 孩子们 大家 同学们 老人们 工人们 邻居们 游客们 志愿者们".split()
+WHERE = "公园里 学校里 家里 超市 广场上 办公室 图书馆 食堂 操场上 车站".split()
+DOING = "散步 看书 开会 聊天 打球 吃饭 排队 休息 唱歌 跳舞 下棋 讨论问题".split()
+
+# Templates: {SLOT}s are filled by the generators below (entities) or the filler lists (no entity).
+TEMPLATES = """
+{PER}在{CITY}参加了一场会议 | {T}{PER}来到{ORG}调研 | {ORG}{T}发布了最新数据 | {PER}是{UNIV}的老师
+{PER}毕业于{UNIV} | {PER}从{CITY}坐火车去{CITY} | {PER}打算下个月去{SCENIC}旅游 | {ORG}与{ORG}签署合作协议
+{PER}代表{TEAM}出战 | {TEAM}{T}战胜了{TEAM} | {MEDIA}报道了这条消息 | 据{MEDIA}报道{CITY}将迎来降雨
+{PER}被{GOV}依法拘留 | {GOV}通报了一起交通事故 | {PER}在{HOSP}接受治疗 | {HOSP}成功完成一例手术
+{COMPANY}在{CITY}开设了新工厂 | {COMPANY}宣布推出新款手机 | {PER}担任{COMPANY}总经理 | {PER}和{PER}是大学同学
+{PER}的家乡在{LOC} | {LOC}的游客数量明显增加 | {PER}说{LOC}的冬天很冷 | {COUNTRY}代表团抵达{CITY}
+{PER}会见了{COUNTRY}客人 | {ORG}的专家来到{CITY}交流 | {PER}教授在{UNIV}做报告 | 记者从{GOV}获悉
+{PER}向{ORG}捐赠了一批图书 | {CITY}的房价{T}有所上涨 | {SCENIC}景区{T}接待了很多游客 | {PER}在{SCENIC}拍了很多照片
+{PER}的女儿考上了{UNIV} | {ORG}招聘了一批年轻人 | {PER}医生在{HOSP}工作了十年 | {PER}和妻子搬到了{CITY}
+{PER}给{PER}打了一个电话 | {T}{PER}在{ORG}门口等朋友 | {ORG}和{ORG}达成战略合作 | 欢迎{PER}加入{ORG}
+{PER}是{LOC}人 | {LOC}和{LOC}之间将开通高铁 | 从{CITY}到{CITY}只需要两个小时 | {PER}在{COUNTRY}留学三年
+{COUNTRY}和{COUNTRY}举行会谈 | {ORG}举办了一场讲座 | 记者{PER}从{CITY}发回报道 | {PER}夺得了比赛冠军
+{PER}当选{ORG}主席 | {ORG}主席{PER}出席活动 | {PER}在{CITY}开了一家小店 | {TEAM}主教练{PER}表示很满意
+{PER}表示{ORG}将继续努力 | 很多市民来到{SCENIC}散步 | {PER}的公司搬到了{CITY} | {PER}笑着说第一次来{CITY}
+{ORG}公布了考试成绩 | {PER}正在{ORG}实习 | 我明天要去{CITY}看望{PER} | {PER}在{FCITY}参加国际会议
+{COMPANY}在{COUNTRY}设立分公司 | {T}{LOC}发生了轻微地震 | {PER}带着孩子去{SCENIC}玩 | {GOV}开展安全检查
+{PER}对{MEDIA}记者说 | {UNIV}{T}举行毕业典礼 | {PER}和{PER}{T}在{CITY}结婚 | {T}{WHO}在{WHERE}{DOING}
+{WHO}{T}在{WHERE}{DOING} | {T}的天气非常好 | {WHO}都觉得这家店很好吃 | {T}{WHO}一起去{WHERE}{DOING}
+"""
+TEMPLATES = [t.strip() for t in TEMPLATES.replace("\n", "|").split("|") if t.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entity generators. A span is (text, [(start, end_exclusive, type), ...]) with offsets relative to the text.
+def span(type_, *parts):
+    """Concatenate strings and spans; with type_, the whole is one more entity (outermost)."""
+    text, ents = "", []
+    for p in parts:
+        if isinstance(p, str):
+            text += p
+        else:
+            ents += [(s + len(text), e + len(text), t) for s, e, t in p[1]]
+            text += p[0]
+    return (text, ents + [(0, len(text), type_)] if type_ else ents)
+
+
+class Pools:
+    """Each word list split once per seed into a seen part and a held-out part (about 12 %) that only dev/test
+    may draw from, so the test set has entities the model never saw in training."""
+
+    def __init__(self, seed, holdout=0.12):
+        rng = random.Random(f"{VERSION}/{seed}/holdout")
+        self.seen, self.held = {}, {}
+        for name, words in [("surname", SURNAMES), ("given", GIVEN), ("province", PROVINCES), ("city", CITIES),
+                            ("district", DISTRICTS), ("scenic", SCENIC), ("country", COUNTRIES),
+                            ("fcity", FOREIGN_CITIES), ("brand", BRANDS), ("univ_plain", UNIV_PLAIN),
+                            ("national", NATIONAL), ("club", CLUBS)]:
+            words = list(words)
+            rng.shuffle(words)
+            k = int(len(words) * holdout) if name not in ("surname", "given") else 0  # names: new combinations
+            self.held[name], self.seen[name] = words[:k], words[k:]
+
+    def pick(self, rng, name, split, p_held=0.3):
+        if split != "train" and self.held[name] and rng.random() < p_held:
+            return rng.choice(self.held[name])
+        return rng.choice(self.seen[name])
+
+
+def gen_per(rng, P, split):
+    given = P.pick(rng, "given", split) + (P.pick(rng, "given", split) if rng.random() < 0.6 else "")
+    return span("PER", P.pick(rng, "surname", split) + given)
+
+
+def gen_city(rng, P, split, suffix_p=0.25):
+    return span("LOC", P.pick(rng, "city", split) + ("市" if rng.random() < suffix_p else ""))
+
+
+def gen_province(rng, P, split, suffix_p=0.2):
+    return span("LOC", P.pick(rng, "province", split) + ("省" if rng.random() < suffix_p else ""))
+
+
+def gen_country(rng, P, split):
+    return span("LOC", P.pick(rng, "country", split))
+
+
+def gen_scenic(rng, P, split):
+    return span("LOC", P.pick(rng, "scenic", split))
+
+
+def gen_fcity(rng, P, split):
+    return span("LOC", P.pick(rng, "fcity", split))
+
+
+def gen_loc(rng, P, split):
+    r = rng.random()
+    if r < 0.35:
+        return gen_city(rng, P, split)
+    if r < 0.50:
+        return gen_province(rng, P, split)
+    if r < 0.65:
+        return gen_country(rng, P, split)
+    if r < 0.78:
+        return gen_scenic(rng, P, split)
+    if r < 0.88:
+        return span("LOC", P.pick(rng, "district", split) + "区")
+    if r < 0.94:  # province then city: two adjacent LOCs
+        return span(None, gen_province(rng, P, split, 0), gen_city(rng, P, split, 0.5))
+    return gen_fcity(rng, P, split)
+
+
+def gen_univ(rng, P, split):
+    if rng.random() < 0.2:
+        univ = span("ORG", P.pick(rng, "univ_plain", split))
+    else:
+        where = gen_city(rng, P, split, 0) if rng.random() < 0.6 else gen_province(rng, P, split, 0)
+        univ = span("ORG", where, rng.choice(UNIV_SUFFIX))
+    return span("ORG", univ, rng.choice(UNIV_UNITS)) if rng.random() < 0.25 else univ  # ORG inside ORG
+
+
+def gen_gov(rng, P, split):
+    r = rng.random()
+    if r < 0.2:
+        return span("ORG", P.pick(rng, "national", split))
+    if r < 0.35:
+        return span("ORG", gen_province(rng, P, split, 1), rng.choice(PROVINCE_BODIES))
+    if r < 0.55:  # <<(X市)公安局>(Y)分局> or <<(X市)公安局>交警支队>
+        police = span("ORG", gen_city(rng, P, split, 1), "公安局")
+        if rng.random() < 0.5:
+            return span("ORG", police, span("LOC", P.pick(rng, "district", split)), "分局")
+        return span("ORG", police, rng.choice(POLICE_UNITS))
+    return span("ORG", gen_city(rng, P, split, 1), rng.choice(CITY_BODIES))
+
+
+def gen_hosp(rng, P, split):
+    if rng.random() < 0.2:
+        return span("ORG", rng.choice(HOSPITAL_PLAIN))
+    return span("ORG", gen_city(rng, P, split, 0.4), rng.choice(HOSPITALS))
+
+
+def gen_media(rng, P, split):
+    if rng.random() < 0.3:
+        return span("ORG", rng.choice("新华社 人民日报 中央电视台 光明日报 经济日报".split()))
+    where = gen_city(rng, P, split, 0) if rng.random() < 0.7 else gen_province(rng, P, split, 0)
+    return span("ORG", where, rng.choice(MEDIA_SUFFIX))
+
+
+def gen_company(rng, P, split):
+    r = rng.random()
+    if r < 0.1:  # <<华为>研究院>
+        return span("ORG", span("ORG", P.pick(rng, "brand", split)), "研究院")
+    if r < 0.2:  # <(上海)(浦东)发展银行>
+        return span("ORG", gen_city(rng, P, split, 0), span("LOC", P.pick(rng, "district", split)),
+                    rng.choice(DISTRICT_BANKS))
+    return span("ORG", P.pick(rng, "brand", split) + (rng.choice(COMPANY_SUFFIX) if r < 0.7 else ""))
+
+
+def gen_team(rng, P, split):
+    r = rng.random()
+    if r < 0.3:
+        city, name = P.pick(rng, "club", split).split(":")
+        return span("ORG", span("LOC", city), name)
+    if r < 0.5:
+        return span("ORG", gen_country(rng, P, split), rng.choice(["队", "国家队", "女排", "男篮"]))
+    where = gen_city(rng, P, split, 0) if rng.random() < 0.6 else gen_province(rng, P, split, 0)
+    return span("ORG", where, rng.choice(TEAM_SUFFIX))
+
+
+def gen_org(rng, P, split):
+    r = rng.random()
+    if r < 0.22:
+        return gen_univ(rng, P, split)
+    if r < 0.40:
+        return gen_gov(rng, P, split)
+    if r < 0.50:
+        return gen_hosp(rng, P, split)
+    if r < 0.60:
+        return gen_media(rng, P, split)
+    if r < 0.78:
+        return gen_company(rng, P, split)
+    if r < 0.90:
+        return span("ORG", span("LOC", "中国"), rng.choice(CHINA_BODIES))  # <(中国)足协>
+    return gen_team(rng, P, split)
+
+
+SLOTS = {"PER": gen_per, "LOC": gen_loc, "ORG": gen_org, "CITY": gen_city, "COUNTRY": gen_country,
+         "SCENIC": gen_scenic, "FCITY": gen_fcity, "UNIV": gen_univ, "GOV": gen_gov, "HOSP": gen_hosp,
+         "MEDIA": gen_media, "COMPANY": gen_company, "TEAM": gen_team}
+FILLERS = {"T": TIME, "WHO": WHO, "WHERE": WHERE, "DOING": DOING}
+
+
+def fill(template, rng, P, split):
+    """One sentence from one template -> (text, entities sorted by (start, -end))."""
+    parts = []
+    for i, piece in enumerate(re.split(r"\{(\w+)\}", template)):
+        if i % 2 == 0:
+            parts.append(piece)
+        elif piece in FILLERS:
+            parts.append(rng.choice(FILLERS[piece]))
+        else:
+            parts.append(SLOTS[piece](rng, P, split))
+    text, ents = span(None, *parts)
+    return text, sorted(set(ents), key=lambda e: (e[0], -e[1], e[2]))
+
+
+# Virtual speakers: (espeak variant, gender, base words per minute, base pitch 0-99)
+SPEAKERS = [("m1", "M", 185, 40), ("f2", "F", 190, 62), ("m3", "M", 180, 35), ("f1", "F", 195, 58),
+            ("m2", "M", 200, 45), ("f3", "F", 180, 66), ("m4", "M", 190, 38), ("f4", "F", 185, 55)]
+
+
+def make_sentences(seed, n_train, n_dev, n_test, min_chars=8, max_chars=20):
+    """-> {split: [record]}; record = sentence, entity, speaker_info + voice settings and utterance id.
+    dev/test hold no exact train sentence and only characters that occur in train."""
+    P = Pools(seed)
+    seen, train_chars, out = set(), set(), {}
+    utt_count = [0] * len(SPEAKERS)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        rng = random.Random(f"{VERSION}/{seed}/{split}")
+        records = []
+        while len(records) < n:
+            for attempt in range(1000):
+                text, ents = fill(rng.choice(TEMPLATES), rng, P, split)
+                # unseen characters are allowed only when train is too small to avoid them
+                if min_chars <= len(text) <= max_chars and text not in seen and (
+                        split == "train" or set(text) <= train_chars or attempt >= 200):
+                    break
+            else:
+                raise RuntimeError(f"demo: could not draw {n} distinct {split} sentences (got {len(records)})")
+            seen.add(text)
+            if split == "train":
+                train_chars |= set(text)
+            k = rng.randrange(len(SPEAKERS))
+            variant, gender, rate, pitch = SPEAKERS[k]
+            utt_count[k] += 1
+            if utt_count[k] > 9999:
+                raise ValueError("demo: more than 9999 utterances per speaker; ask for fewer sentences")
+            records.append(dict(sentence=text, audio=f"DEMO01S{k + 1:04d}W{utt_count[k]:04d}",
+                                entity=[[s, e, text[s:e], t] for s, e, t in ents], speaker_info=gender,
+                                voice=variant, rate=rate + rng.randint(-12, 12), pitch=pitch + rng.randint(-6, 6)))
+        out[split] = records
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speech synthesis
+def check_tools():
+    for tool in ("espeak-ng", "sox"):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"demo corpus: `{tool}` not found on PATH; it synthesises the demo speech. Install "
+                               f"it with `apt-get install espeak-ng sox` (Debian/Ubuntu), or build a text-only "
+                               f"corpus (audio=False / python demo.py --no-audio)")
+    try:
+        import pypinyin  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError("demo corpus: the speech needs pypinyin (pip install pypinyin)") from e
+
+
+def tool_versions():
+    def first_line(cmd):
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            return (p.stdout or p.stderr).strip().splitlines()[0]
+        except (OSError, IndexError):
+            return None
+    import pypinyin
+    return {"espeak-ng": first_line(["espeak-ng", "--version"]), "sox": first_line(["sox", "--version"]),
+            "pypinyin": pypinyin.__version__, "python": platform.python_version()}
+
+
+def to_pinyin(text):
+    from pypinyin import Style, lazy_pinyin
+    syllables = lazy_pinyin(text, style=Style.TONE3, neutral_tone_with_five=True)
+    bad = [s for s in syllables if not re.fullmatch(r"[a-z]+[1-5]", s)]
+    if bad:
+        raise ValueError(f"demo: pypinyin gave no pinyin for {bad} in {text!r}")
+    return " ".join(syllables)
+
+
+def synthesize(pinyin, variant, rate, pitch, path):
+    """espeak-ng (22.05 kHz) | sox -> 16 kHz mono 16-bit wav at path; returns its number of samples."""
+    cmd = ["espeak-ng", "-v", f"cmn-latn-pinyin+{variant}", "-s", str(rate), "-p", str(pitch), "--stdout", pinyin]
+    speech = subprocess.run(cmd, capture_output=True)
+    if speech.returncode != 0 or not speech.stdout:
+        raise RuntimeError(f"demo: `{' '.join(cmd)}` failed ({speech.returncode}): {speech.stderr.decode()}")
+    cmd = ["sox", "-D", "-R", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer",
+           str(path), "gain", "-1", "rate", "16000"]
+    conv = subprocess.run(cmd, input=speech.stdout, capture_output=True)
+    if conv.returncode != 0:
+        raise RuntimeError(f"demo: `{' '.join(cmd)}` failed ({conv.returncode}): {conv.stderr.decode()}")
+    with wave.open(str(path)) as w:
+        return w.getnframes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corpus folder
+def default_root(seed=0, audio=True, **counts):
+    counts = {**DEFAULT_COUNTS, **counts}
+    name = f"{VERSION}-seed{seed}"
+    if counts != DEFAULT_COUNTS:
+        name += "-n{n_train}-{n_dev}-{n_test}".format(**counts)
+    if not audio:
+        name += "-text"
+    cache = os.environ.get("IMAGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "image")
+    return Path(cache) / name
+
+
+def build(out, seed, n_train, n_dev, n_test, audio=True, progress=True, workers=None):
+    """Writes a complete corpus into the (new or empty) folder out. Not atomic by itself: see ensure_demo_corpus."""
+    t0 = time.time()
+    out = Path(out)
+    data = make_sentences(seed, n_train, n_dev, n_test)
+    index, jobs = [], []
+    for split, json_name, wav_dir in SPLITS:
+        lines = []
+        for r in data[split]:
+            lines.append(json.dumps({k: r[k] for k in ("sentence", "audio", "entity", "speaker_info")},
+                                    ensure_ascii=False))
+            wav = f"wav/{wav_dir}/{r['audio'][6:11]}/{r['audio']}.wav"
+            index.append(dict(id=r["audio"], split=split, speaker=r["audio"][6:11], gender=r["speaker_info"],
+                              voice=f"cmn-latn-pinyin+{r['voice']}", rate=r["rate"], pitch=r["pitch"],
+                              wav=wav if audio else None))
+            if audio:
+                index[-1]["pinyin"] = to_pinyin(r["sentence"])
+                jobs.append((index[-1]["pinyin"], r["voice"], r["rate"], r["pitch"], out / wav))
+        (out / json_name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    seconds = {}
+    if audio:
+        for d in {j[4].parent for j in jobs}:
+            d.mkdir(parents=True, exist_ok=True)
+        from tqdm import tqdm
+        pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)  # threads: each job is 2 processes
+        try:
+            n_samples = pool.map(lambda j: synthesize(*j), jobs)
+            for rec, n in zip(index, tqdm(n_samples, total=len(jobs), desc="demo speech", unit="utt",
+                                          disable=not progress)):
+                rec["samples"] = n
+                seconds[rec["split"]] = seconds.get(rec["split"], 0) + n / 16000
+        finally:
+            pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C, do not synthesise the rest first
+    with open(out / "index.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in index)
+    stats = {}
+    for split, json_name, _ in SPLITS:
+        recs = data[split]
+        ents = [e for r in recs for e in r["entity"]]
+        stats[split] = {"sentences": len(recs), "file": json_name,
+                        "entities": {t: sum(e[3] == t for e in ents) for t in ("PER", "LOC", "ORG")},
+                        "nested_sentences": sum(any(a is not b and b[0] <= a[0] and a[1] <= b[1]
+                                                    for a in r["entity"] for b in r["entity"]) for r in recs),
+                        "chars": sum(len(r["sentence"]) for r in recs),
+                        "audio_seconds": round(seconds.get(split, 0.0), 2)}
+    meta = {"format": "image-demo-corpus", "version": VERSION, "seed": seed, "audio": audio,
+            "counts": {"n_train": n_train, "n_dev": n_dev, "n_test": n_test}, "splits": stats,
+            "speakers": [{"speaker": f"S{k + 1:04d}", "voice": f"cmn-latn-pinyin+{v}", "gender": g, "rate": r,
+                          "pitch": p} for k, (v, g, r, p) in enumerate(SPEAKERS)],
+            "sha256": {j: hashlib.sha256((out / j).read_bytes()).hexdigest() for _, j, _ in SPLITS},
+            "tools": tool_versions() if audio else {"python": platform.python_version()},
+            "generation_seconds": round(time.time() - t0, 1),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (out / "meta.json").write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return meta
+
+
+def _check_meta(root, seed, audio, counts):
+    meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
+    want = {"version": VERSION, "seed": seed, "audio": audio, "counts": counts}
+    diff = {k: (meta.get(k), v) for k, v in want.items() if meta.get(k) != v}
+    if diff:
+        raise ValueError(f"demo corpus at {root} was built with other settings (found, wanted): {diff}; "
+                         f"delete it or choose another folder")
+    return root
+
+
+def ensure_demo_corpus(root=None, seed=0, progress=True, n_train=DEFAULT_COUNTS["n_train"],
+                       n_dev=DEFAULT_COUNTS["n_dev"], n_test=DEFAULT_COUNTS["n_test"], audio=True, workers=None):
+    """Returns the folder of the demo corpus, generating it first if needed (into root, default: the cache folder
+    default_root(...)). Generation happens in a temporary sibling folder renamed into place when complete, so an
+    interrupted run never leaves a corpus that looks complete; a complete one has meta.json."""
+    counts = dict(n_train=n_train, n_dev=n_dev, n_test=n_test)
+    if min(counts.values()) < 1:
+        raise ValueError(f"demo corpus: every split needs at least one sentence, got {counts}")
+    root = Path(root) if root is not None else default_root(seed, audio, **counts)
+    if (root / "meta.json").is_file():
+        return _check_meta(root, seed, audio, counts)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"demo corpus: {root} exists but is not a complete demo corpus (no meta.json); "
+                              f"delete it or choose another folder")
+    if audio:
+        check_tools()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        build(tmp, seed, audio=audio, progress=progress, workers=workers, **counts)
+        try:
+            os.rename(tmp, root)  # atomic; also replaces an empty folder
+        except OSError:
+            if not (root / "meta.json").is_file():  # not just another process that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _check_meta(root, seed, audio, counts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="corpus folder (default: $IMAGE_CACHE or ~/.cache/image, "
+                   f"subfolder {VERSION}-seed<N>[...])")
+    p.add_argument("--seed", type=int, default=0, help="seed: sentences, held-out entities, voices (default 0)")
+    p.add_argument("--n-train", type=int, default=DEFAULT_COUNTS["n_train"], help=f"training sentences (default {DEFAULT_COUNTS['n_train']})")
+    p.add_argument("--n-dev", type=int, default=DEFAULT_COUNTS["n_dev"], help=f"dev sentences, valid.json (default {DEFAULT_COUNTS['n_dev']})")
+    p.add_argument("--n-test", type=int, default=DEFAULT_COUNTS["n_test"], help=f"test sentences (default {DEFAULT_COUNTS['n_test']})")
+    p.add_argument("--no-audio", action="store_true", help="text only: JSON files without wavs (seconds)")
+    p.add_argument("--workers", type=int, default=None, help="parallel synthesis jobs (default: CPU count)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    counts = dict(n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test)
+    existed = (Path(args.out or default_root(args.seed, not args.no_audio, **counts)) / "meta.json").is_file()
+    t0 = time.time()
+    try:
+        root = ensure_demo_corpus(args.out, args.seed, not args.quiet, args.n_train, args.n_dev, args.n_test,
+                                  audio=not args.no_audio, workers=args.workers)
+    except (RuntimeError, ValueError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+    meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
+    took = time.time() - t0
+    print(f"demo corpus: {root}  ({'already there' if existed else 'built in %.1f s' % took}; "
+          f"generation took {meta['generation_seconds']} s)")
+    for split, s in meta["splits"].items():
+        print(f"  {split:5s} {s['sentences']:5d} sentences  {s['entities']}  nested in {s['nested_sentences']}"
+              f"  audio {s['audio_seconds'] / 3600:.2f} h")
+
+
+if __name__ == "__main__":
+    main()

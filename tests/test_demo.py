@@ -1,0 +1,184 @@
+"""Demo corpus: format, offsets, nesting, splits, determinism, AISHELL wav layout, caching/atomicity, errors."""
+import json
+import re
+import shutil
+import sys
+import wave
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import demo  # noqa: E402
+
+HAVE_TOOLS = shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
+try:
+    import pypinyin  # noqa: F401
+except ImportError:
+    HAVE_TOOLS = False
+needs_tools = pytest.mark.skipif(not HAVE_TOOLS, reason="espeak-ng, sox or pypinyin missing (apt-get install "
+                                 "espeak-ng sox; pip install pypinyin)")
+SMALL = dict(n_train=12, n_dev=4, n_test=4)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def is_nested(entities):
+    return any(a is not b and b[0] <= a[0] and a[1] <= b[1] for a in entities for b in entities)
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    return demo.make_sentences(0, 2000, 200, 200)
+
+
+def test_sentences_are_well_formed(sentences):
+    for split, recs in sentences.items():
+        for r in recs:
+            text = r["sentence"]
+            assert 8 <= len(text) <= 20 and re.fullmatch(r"[\u4e00-\u9fff]+", text), text
+            assert r["entity"] == sorted(r["entity"], key=lambda e: (e[0], -e[1], e[3]))
+            for start, end, ent_text, ent_type in r["entity"]:
+                assert 0 <= start < end <= len(text) and text[start:end] == ent_text, (text, r["entity"])
+                assert ent_type in ("PER", "LOC", "ORG")
+            spans = [(e[0], e[1]) for e in r["entity"]]
+            assert len(spans) == len(set(spans)), r  # one type per span
+            # brackets must nest properly: two entities are disjoint or one contains the other
+            for a in r["entity"]:
+                for b in r["entity"]:
+                    assert a[1] <= b[0] or b[1] <= a[0] or (a[0] <= b[0] and b[1] <= a[1]) or \
+                        (b[0] <= a[0] and a[1] <= b[1]), r
+            assert re.fullmatch(r"DEMO01S\d{4}W\d{4}", r["audio"]) and r["speaker_info"] in ("F", "M")
+
+
+def test_corpus_statistics(sentences):
+    train = sentences["train"]
+    nested = sum(is_nested(r["entity"]) for r in train) / len(train)
+    assert 0.15 <= nested <= 0.5, nested
+    same_type = [r for r in train if any(a is not b and a[3] == b[3] and b[0] <= a[0] and a[1] <= b[1]
+                                         for a in r["entity"] for b in r["entity"])]
+    assert len(same_type) > 20  # e.g. <<(北京)大学>医学部>
+    counts = [len(r["entity"]) for r in train]
+    assert 0.02 < counts.count(0) / len(train) < 0.15  # some sentences without entities
+    types = {e[3] for r in train for e in r["entity"]}
+    assert types == {"PER", "LOC", "ORG"}
+    assert len({r["sentence"][:4] for r in train}) > 500  # varied, not a handful of templates
+
+
+def test_splits_disjoint_and_covered(sentences):
+    texts = {split: [r["sentence"] for r in recs] for split, recs in sentences.items()}
+    assert [len(texts[s]) for s in ("train", "dev", "test")] == [2000, 200, 200]
+    all_texts = sum(texts.values(), [])
+    assert len(all_texts) == len(set(all_texts))  # no duplicates within or across splits
+    ids = [r["audio"] for recs in sentences.values() for r in recs]
+    assert len(ids) == len(set(ids))
+    train_chars = set("".join(texts["train"]))
+    train_entities = {e[2] for r in sentences["train"] for e in r["entity"]}
+    for split in ("dev", "test"):
+        assert set("".join(texts[split])) <= train_chars  # no character unknown to a vocabulary built on train
+        unseen = [e[2] for r in sentences[split] for e in r["entity"] if e[2] not in train_entities]
+        assert len(unseen) > 20  # the test set checks generalisation to new names
+    held_cities = set(demo.Pools(0).held["city"])
+    assert held_cities and not any(e[2].rstrip("市") in held_cities
+                                   for r in sentences["train"] for e in r["entity"] if e[3] == "LOC")
+
+
+def test_deterministic_and_seed_dependent():
+    a = demo.make_sentences(3, 50, 10, 10)
+    assert a == demo.make_sentences(3, 50, 10, 10)
+    assert a != demo.make_sentences(4, 50, 10, 10)
+
+
+def test_name_characters_are_distinguishable_by_ear():
+    from pypinyin import Style, lazy_pinyin
+    for chars in (demo.SURNAMES, demo.GIVEN):
+        readings = [lazy_pinyin(c, style=Style.TONE3)[0] for c in chars]
+        assert len(set(readings)) == len(chars), [c for c, p in zip(chars, readings) if readings.count(p) > 1]
+
+
+def test_text_only_corpus_and_cli(tmp_path, capsys):
+    demo.main(["--out", str(tmp_path / "c"), "--no-audio", "--n-train", "30", "--n-dev", "5", "--n-test", "5",
+               "--quiet"])
+    assert str(tmp_path / "c") in capsys.readouterr().out
+    root = tmp_path / "c"
+    want = demo.make_sentences(0, 30, 5, 5)
+    for split, json_name, _ in demo.SPLITS:
+        lines = read_jsonl(root / json_name)
+        assert [list(line) for line in lines] == [["sentence", "audio", "entity", "speaker_info"]] * len(lines)
+        assert [line["sentence"] for line in lines] == [r["sentence"] for r in want[split]]
+    assert not (root / "wav").exists()
+    meta = json.loads((root / "meta.json").read_text())
+    assert meta["audio"] is False and meta["splits"]["dev"]["sentences"] == 5
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # the temporary folder is gone
+
+
+def test_cached_and_settings_checked(tmp_path):
+    root = demo.ensure_demo_corpus(tmp_path / "c", progress=False, audio=False, **SMALL)
+    stamp = (root / "meta.json").stat().st_mtime_ns
+    assert demo.ensure_demo_corpus(tmp_path / "c", progress=False, audio=False, **SMALL) == root
+    assert (root / "meta.json").stat().st_mtime_ns == stamp  # not rebuilt
+    with pytest.raises(ValueError, match="other settings.*seed"):
+        demo.ensure_demo_corpus(tmp_path / "c", seed=1, progress=False, audio=False, **SMALL)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "train.json").write_text("{}\n")
+    with pytest.raises(FileExistsError, match="junk.*not a complete demo corpus"):
+        demo.ensure_demo_corpus(tmp_path / "junk", progress=False, audio=False, **SMALL)
+
+
+def test_default_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("IMAGE_CACHE", str(tmp_path))
+    assert demo.default_root() == tmp_path / f"{demo.VERSION}-seed0"
+    assert demo.default_root(2, audio=False, n_train=10) == tmp_path / f"{demo.VERSION}-seed2-n10-400-400-text"
+
+
+def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    with pytest.raises(RuntimeError, match=r"espeak-ng.*apt-get install espeak-ng sox"):
+        demo.ensure_demo_corpus(tmp_path / "c", progress=False, **SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"]
+
+
+@needs_tools
+def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path):
+    calls = []
+
+    def failing(*args):
+        calls.append(args)
+        if len(calls) == 5:
+            raise RuntimeError("simulated crash")
+        return real(*args)
+
+    real = demo.synthesize
+    monkeypatch.setattr(demo, "synthesize", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        demo.ensure_demo_corpus(tmp_path / "c", progress=False, workers=1, **SMALL)
+    assert list(tmp_path.iterdir()) == []
+    assert len(calls) < 20  # the pending jobs were cancelled, not run first
+
+
+@needs_tools
+def test_audio_corpus_layout_and_determinism(tmp_path):
+    a = demo.ensure_demo_corpus(tmp_path / "a", seed=5, progress=False, **SMALL)
+    b = demo.ensure_demo_corpus(tmp_path / "b", seed=5, progress=False, workers=1, **SMALL)
+    n_wavs = 0
+    for split, json_name, wav_dir in demo.SPLITS:
+        assert (a / json_name).read_bytes() == (b / json_name).read_bytes()
+        for line in read_jsonl(a / json_name):
+            rel = Path("wav", wav_dir, line["audio"][6:11], line["audio"] + ".wav")  # AISHELL-1: wav/split/spk/id.wav
+            with wave.open(str(a / rel)) as w:
+                assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (16000, 1, 2)
+                assert 1.0 < w.getnframes() / 16000 < 10.0, (rel, w.getnframes())
+            assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel  # bit-exact repeatable
+            n_wavs += 1
+    assert n_wavs == sum(SMALL.values()) == len(list((a / "wav").rglob("*.wav")))
+    assert (a / "index.jsonl").read_bytes() == (b / "index.jsonl").read_bytes()
+    meta = json.loads((a / "meta.json").read_text())
+    assert meta["audio"] is True and meta["tools"]["espeak-ng"] and meta["splits"]["train"]["audio_seconds"] > 10
+    # voices differ between utterances: rate and pitch jitter
+    index = read_jsonl(a / "index.jsonl")
+    assert len({(r["rate"], r["pitch"]) for r in index}) > 10
+    assert all(re.fullmatch(r"([a-z]+[1-5] )*[a-z]+[1-5]", r["pinyin"]) for r in index)
