@@ -1,0 +1,292 @@
+"""Speech front end: wav reading, band-limited resampling, speed perturbation and the MMSpeech feature chain.
+
+The chain reproduces ModelScope's OFA-ASR preprocessing (`prepare_fbank`) in plain torch:
+
+    librosa.load (k / 32768 for 16-bit input)
+    -> sox `speed f` + `rate 16000`        (training only; identity at f = 1)
+    -> sox `gain -n`                        (peak normalisation in sox's int32 domain, closed form below)
+    -> x 2**15                              ("Kaldi compliance": int16 scale)
+    -> Kaldi fbank, 80 bins                 (torchaudio.compliance.kaldi.fbank defaults, dither 0)
+    -> utterance CMVN                       (fairseq's UtteranceCMVN, when fbank_config.yaml asks for it)
+
+No torchaudio: the fbank is written here and tested against kaldi-native-fbank and against a dump of the
+reference chain. Resampling is our own Kaiser-windowed sinc (not librosa's soxr), so only non-16 kHz input
+and speed perturbation differ from the reference, and only at the level of resampler design.
+"""
+import functools
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLE_RATE = 16000
+PSEUDO_SPEECH_SAMPLES = 10000           # an absent speech input is the features of this many zero samples
+NUM_MEL_BINS = 80
+LOG_FLOOR = torch.finfo(torch.float32).eps   # Kaldi floors mel energies at float32 epsilon before the log
+CMVN_MODES = ("utterance", "none")
+
+# Resampler design: cutoff at ROLLOFF x the lower Nyquist, sinc truncated after SINC_ZEROS zero crossings on
+# each side, Kaiser window with KAISER_BETA (about 90 dB side lobes). See tests/test_audio.py for the measured
+# pass-band error and stop-band attenuation.
+ROLLOFF = 0.955
+SINC_ZEROS = 64
+KAISER_BETA = 9.0
+MAX_FILTER_ENTRIES = 1 << 24            # polyphase table limit (rates with a tiny gcd would need a huge table)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading wav files
+
+def read_wav(path):
+    """Read a PCM wav with the standard library. Returns (samples float32 (N,) in [-1, 1], sample_rate).
+
+    8/16/24/32-bit integer PCM; channels are averaged (librosa's mono). 16-bit k maps to k / 32768, as librosa.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such wav file")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file, not a wav")
+    try:
+        with wave.open(str(path), "rb") as f:
+            channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
+            data = f.readframes(f.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise ValueError(f"{path}: not a readable PCM wav file ({e}); convert it, e.g. "
+                         f"`sox {path} -b 16 out.wav`") from e
+    if width not in (1, 2, 3, 4):
+        raise ValueError(f"{path}: unsupported sample width {8 * width} bits (8, 16, 24 or 32-bit PCM)")
+    frame_bytes = channels * width
+    if len(data) == 0:
+        raise ValueError(f"{path}: the wav holds no samples")
+    data = data[: len(data) - len(data) % frame_bytes]      # drop a truncated last frame
+    samples = _pcm_to_float(data, width).view(-1, channels)  # (N, C)
+    mono = samples[:, 0] if channels == 1 else samples.mean(dim=1)
+    return mono.contiguous(), rate
+
+
+def _pcm_to_float(data, width):
+    """Little-endian PCM bytes -> float32 (n,) scaled by 2**(bits-1); 8-bit wav is unsigned."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if width == 1:
+        return torch.from_numpy((raw.astype(np.float32) - 128.0) / 128.0)
+    if width == 3:                      # assemble 24-bit little-endian into int32 with sign extension
+        b = raw.reshape(-1, 3).astype(np.int32)
+        ints = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8
+    else:
+        ints = raw.view("<i2" if width == 2 else "<i4")
+    return torch.from_numpy(ints.astype(np.float32) / np.float32(2.0 ** (8 * width - 1)))
+
+
+def load_audio(path, sample_rate=SAMPLE_RATE):
+    """Read a wav, mix to mono, resample to `sample_rate`. Returns float32 (N,)."""
+    samples, rate = read_wav(path)
+    return resample(samples, rate, sample_rate)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Band-limited resampling (polyphase Kaiser-windowed sinc)
+
+@functools.lru_cache(maxsize=32)
+def _polyphase_filter(orig, new, device):
+    """Filter bank for rates already divided by their gcd. Returns (W (new, 1, K) float32, taps before block).
+
+    Output sample q*new + p sits at input position q*orig + p*orig/new; it is the dot product of W[p] with the
+    K input samples starting `left` samples before q*orig (so a strided conv1d computes all phases at once).
+    """
+    cutoff = 0.5 * ROLLOFF * min(1.0, new / orig)      # cycles per input sample
+    half_width = SINC_ZEROS / (2 * cutoff)              # input samples on each side of the output position
+    left = math.floor(half_width)
+    right = math.ceil((new - 1) * orig / new + half_width)
+    k = torch.arange(-left, right + 1, dtype=torch.float64)[None, :]          # (1, K) input offsets
+    phase = torch.arange(new, dtype=torch.float64)[:, None] * orig / new      # (new, 1) output offsets
+    d = phase - k                                                             # (new, K) distance in samples
+    ratio = (d / half_width).clamp(-1, 1)
+    window = torch.special.i0(KAISER_BETA * torch.sqrt(1 - ratio ** 2)) / torch.special.i0(
+        torch.tensor(KAISER_BETA, dtype=torch.float64))
+    w = 2 * cutoff * torch.sinc(2 * cutoff * d) * window * (d.abs() <= half_width)
+    w = w / w.sum(dim=1, keepdim=True)                  # unit DC gain in every phase
+    return w[:, None, :].to(device=device, dtype=torch.float32), left
+
+
+def resample(x, orig_sr, new_sr):
+    """Band-limited resampling of x (..., N) from orig_sr to new_sr Hz (integers); output length ceil(N*new/orig).
+
+    Kaiser-windowed sinc low-pass at ROLLOFF x the lower Nyquist, polyphase over the gcd-reduced ratio.
+    Returns x itself when the rates are equal.
+    """
+    orig_sr, new_sr = int(orig_sr), int(new_sr)
+    if orig_sr <= 0 or new_sr <= 0:
+        raise ValueError(f"resample: sample rates must be positive, got {orig_sr} -> {new_sr}")
+    if orig_sr == new_sr:
+        return x
+    g = math.gcd(orig_sr, new_sr)
+    orig, new = orig_sr // g, new_sr // g
+    if new * (orig + 2 * SINC_ZEROS * max(1.0, orig / new) / ROLLOFF) > MAX_FILTER_ENTRIES:   # new x K
+        raise ValueError(f"resample: {orig_sr} -> {new_sr} Hz reduces to {orig}:{new}, too fine a ratio for "
+                         f"the polyphase filter bank; resample through an intermediate rate")
+    w, left = _polyphase_filter(orig, new, x.device)    # (new, 1, K)
+    n = x.shape[-1]
+    n_out = -(-n * new // orig)
+    blocks = -(-n_out // new)
+    needed = (blocks - 1) * orig + w.shape[-1]          # padded length covering every block's window
+    lead = x.reshape(-1, 1, n).float()                  # (B, 1, N)
+    padded = torch.nn.functional.pad(lead, (left, max(0, needed - left - n)))
+    out = torch.nn.functional.conv1d(padded, w, stride=orig)                  # (B, new, blocks): one row per phase
+    out = out.transpose(1, 2).reshape(lead.shape[0], -1)[:, :n_out]          # (B, blocks*new) -> (B, n_out)
+    return out.reshape(*x.shape[:-1], n_out).to(x.dtype if x.is_floating_point() else torch.float32)
+
+
+def speed_perturb(x, factor, sample_rate=SAMPLE_RATE):
+    """sox `speed factor` + `rate sample_rate`: play x (..., N) as if recorded at factor x the rate (pitch and
+    tempo change). The length becomes round(N / factor), as sox's; factor 1.0 returns x itself.
+    """
+    if factor <= 0:
+        raise ValueError(f"speed_perturb: factor must be positive, got {factor}")
+    if factor == 1.0:
+        return x
+    orig = round(factor * sample_rate)
+    n = x.shape[-1]
+    return resample(x, orig, sample_rate)[..., : (2 * n * sample_rate + orig) // (2 * orig)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The MMSpeech feature chain
+
+def normalize_volume(x):
+    """sox `gain -n` as torchaudio's sox_effects applies it to float x (N,) in [-1, 1]. Returns float32 (N,).
+
+    torchaudio feeds sox int32 s = trunc(x * 2**31); sox scales by m = min((2**31-1)/max(s), -2**31/min(s))
+    (max/min start at 0, so a side with no samples is ignored), rounds half away from zero, and torchaudio
+    returns the int32 y rounded to 24 bits: ((y + 64) & ~127) / 2**31 (1.0 near the top). All-zero input stays 0.
+    """
+    s = torch.trunc((x.double() * 2.0 ** 31).clamp(-2.0 ** 31, 2.0 ** 31 - 1))    # sox's int32 samples
+    peak_pos, peak_neg = s.max().item(), s.min().item()
+    limits = [(2.0 ** 31 - 1) / peak_pos] if peak_pos > 0 else []
+    limits += [-2.0 ** 31 / peak_neg] if peak_neg < 0 else []
+    if not limits:                                      # silence: sox leaves it untouched
+        return torch.zeros_like(x, dtype=torch.float32)
+    scaled = s * min(limits)
+    y = (torch.sign(scaled) * torch.floor(scaled.abs() + 0.5)).clamp(-2.0 ** 31, 2.0 ** 31 - 1).long()
+    y24 = torch.where(y > 2 ** 31 - 1 - 64, 2 ** 31, (y + 64) & ~127)
+    return (y24.double() / 2.0 ** 31).float()
+
+
+@functools.lru_cache(maxsize=16)
+def _fbank_constants(num_mel_bins, sample_rate, low_freq, high_freq, device):
+    """Povey window (L,) and Kaldi mel matrix (fft_size//2 + 1, M), float32.
+
+    Both are computed in float32 arithmetic, as Kaldi (BaseFloat) and torchaudio do: float64 constants would
+    be more exact, but shift quiet mel bins by up to 6e-3 in log from the reference features.
+    """
+    frame_length = int(sample_rate * 0.025)
+    fft_size = 1 << (frame_length - 1).bit_length()    # 400 -> 512
+    window = torch.hann_window(frame_length, periodic=False, dtype=torch.float32) ** 0.85
+
+    nyquist = sample_rate / 2
+    high = high_freq if high_freq > 0 else nyquist + high_freq
+    if not 0 <= low_freq < high <= nyquist:
+        raise ValueError(f"kaldi_fbank: need 0 <= low_freq < high_freq <= {nyquist}, got {low_freq}, {high}")
+    mel_low, mel_high = (1127.0 * math.log(1.0 + f / 700.0) for f in (low_freq, high))
+    step = (mel_high - mel_low) / (num_mel_bins + 1)
+    index = torch.arange(num_mel_bins, dtype=torch.float32)[None, :]           # (1, M)
+    left, center, right = (mel_low + (index + i) * step for i in (0.0, 1.0, 2.0))   # (1, M) each, float32
+    freq = torch.arange(fft_size // 2, dtype=torch.float32)[:, None] * (sample_rate / fft_size)   # (F, 1)
+    bin_mel = 1127.0 * torch.log(1.0 + freq / 700.0)                          # no Nyquist bin (Kaldi)
+    rising = (bin_mel - left) / (center - left)
+    falling = (right - bin_mel) / (right - center)
+    weights = torch.minimum(rising, falling).clamp(min=0)                     # (F, M) triangles
+    weights = torch.cat([weights, torch.zeros(1, num_mel_bins)])              # Nyquist bin: weight 0
+    return window.to(device), weights.to(device), fft_size
+
+
+def kaldi_fbank(waveforms, lengths=None, num_mel_bins=NUM_MEL_BINS, sample_rate=SAMPLE_RATE,
+                low_freq=20.0, high_freq=0.0, preemphasis=0.97):
+    """Kaldi log mel filterbank (torchaudio.compliance.kaldi.fbank defaults, dither 0), batched, CPU or GPU.
+
+    waveforms: (B, N) or (N,), int16 scale (x * 2**15); lengths: (B,) true sample counts or None (all N).
+    Frames: 25 ms every 10 ms, snip_edges (only whole frames), DC removed per frame, pre-emphasis, povey
+    window, 512-point power spectrum, triangular mel bins (mel = 1127 ln(1 + f/700)), log floored at eps.
+    high_freq <= 0 means Nyquist + high_freq (Kaldi). Computes in float32 whatever the input dtype.
+    Returns (feats (B, T, M) zero past each row's frames, num_frames (B,) int64); the B dim is dropped for
+    1-D input.
+    """
+    single = waveforms.dim() == 1
+    x = waveforms.reshape(1, -1) if single else waveforms
+    x = x.float()                                                   # (B, N)
+    if lengths is None:
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+    lengths = torch.as_tensor(lengths, dtype=torch.long, device=x.device)
+    if lengths.shape != (x.shape[0],) or bool((lengths < 0).any() | (lengths > x.shape[1]).any()):
+        raise ValueError(f"kaldi_fbank: lengths must be (B,) = ({x.shape[0]},) within [0, {x.shape[1]}], "
+                         f"got {lengths.tolist()}")
+    window, mel, fft_size = _fbank_constants(num_mel_bins, sample_rate, float(low_freq), float(high_freq),
+                                             x.device)
+    frame_length, shift = window.shape[0], int(sample_rate * 0.010)
+    num_frames = torch.where(lengths >= frame_length, (lengths - frame_length) // shift + 1, 0)  # (B,)
+    t = max(int(num_frames.max()), 0) if len(num_frames) else 0
+    if t == 0:
+        feats = x.new_zeros(x.shape[0], 0, num_mel_bins)
+    else:
+        frames = x[:, : (t - 1) * shift + frame_length].unfold(-1, frame_length, shift)   # (B, T, L) view
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+        # pre-emphasis y[j] = x[j] - c x[j-1], y[0] = x[0] - c x[0]; written into one buffer to avoid
+        # temporaries (large allocations dominate the run time at this size)
+        emphasized = torch.empty_like(frames)
+        torch.mul(frames[..., :-1], preemphasis, out=emphasized[..., 1:])
+        torch.mul(frames[..., :1], preemphasis, out=emphasized[..., :1])
+        emphasized = torch.sub(frames, emphasized, out=emphasized).mul_(window)
+        # |X|^2 as abs()^2 rather than re^2 + im^2: the latter differs from torchaudio in the last bit
+        power = torch.fft.rfft(emphasized, n=fft_size).abs().square_()       # (B, T, F+1)
+        feats = (power @ mel).clamp_(min=LOG_FLOOR).log_()                   # (B, T, M)
+        if bool((num_frames < t).any()):
+            valid = torch.arange(t, device=x.device)[None, :] < num_frames[:, None]   # (B, T)
+            feats.masked_fill_(~valid[..., None], 0.0)
+    return (feats[0], num_frames[0]) if single else (feats, num_frames)
+
+
+def utterance_cmvn(feats):
+    """fairseq UtteranceCMVN on feats (T, M): (x - mean) / sqrt(max(E[x^2] - mean^2, 1e-10)) per bin.
+
+    Bit-compatible with fairseq's numpy float32 arithmetic: the time sums are numpy's own float32 reductions
+    (sequential over frames). That matters for a constant input such as the pseudo speech, where the variance
+    is rounding noise clamped to 1e-10 and the output is rounding noise x 1e5 (-0.0954 for 10,000 zeros).
+    """
+    if feats.dim() != 2 or feats.shape[0] == 0:
+        raise ValueError(f"utterance_cmvn: expected (T, M) features with T > 0, got {tuple(feats.shape)}")
+    x = feats.detach().to("cpu", torch.float32).numpy()
+    t = np.float32(x.shape[0])
+    mean = x.sum(axis=0) / t                                    # (M,)
+    var = (x * x).sum(axis=0) / t - mean * mean
+    out = (x - mean) / np.sqrt(np.maximum(var, np.float32(1e-10)))
+    return torch.from_numpy(out).to(feats.device)
+
+
+def cmvn_from_config(config):
+    """CMVN mode from a parsed fairseq/ModelScope fbank_config.yaml, looked up as the test split does:
+    transforms['test'], else '_eval', else '*'. Returns "utterance" or "none"."""
+    transforms = (config or {}).get("transforms") or {}
+    names = next((transforms[k] for k in ("test", "_eval", "*") if k in transforms), []) or []
+    unsupported = [n for n in names if n != "utterance_cmvn"]
+    if unsupported:
+        raise ValueError(f"fbank config: unsupported test-time feature transforms {unsupported} "
+                         f"(only utterance_cmvn is implemented)")
+    return "utterance" if names else "none"
+
+
+def speech_features(x, cmvn="utterance", speed=1.0):
+    """The whole MMSpeech chain for x (N,) float in [-1, 1] at 16 kHz. Returns fbank (T, 80) float32.
+
+    Pseudo speech (absent modality) is speech_features(torch.zeros(PSEUDO_SPEECH_SAMPLES), cmvn).
+    """
+    if cmvn not in CMVN_MODES:
+        raise ValueError(f"speech_features: cmvn must be one of {CMVN_MODES}, got {cmvn!r}")
+    if x.dim() != 1:
+        raise ValueError(f"speech_features: expected a 1-D waveform, got shape {tuple(x.shape)}")
+    x = speed_perturb(x, speed)
+    if x.shape[0] < int(SAMPLE_RATE * 0.025):
+        raise ValueError(f"speech_features: {x.shape[0]} samples is shorter than one 25 ms frame")
+    feats, _ = kaldi_fbank(normalize_volume(x) * 2 ** 15)     # (T, 80)
+    return utterance_cmvn(feats) if cmvn == "utterance" else feats

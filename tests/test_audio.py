@@ -1,0 +1,349 @@
+"""Tests for audio.py: wav reading, resampling, speed perturbation, Kaldi fbank, gain -n, CMVN, the full chain.
+
+References: kaldi-native-fbank (an independent C++ Kaldi fbank), tests/fixtures/ref_fbank.pt (ModelScope's own
+preprocessing, written by tests/fixtures/ref_fbank_make.py), the sox program (resampling, speed, gain -n; tests
+skip without it), torchaudio (only where it imports). Measured differences are printed (pytest -s).
+"""
+import math
+import shutil
+import struct
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import audio  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+WAVS = sorted((FIXTURES / "wavs").glob("utt*.wav"))
+needs_sox = pytest.mark.skipif(shutil.which("sox") is None, reason="the sox program is not installed")
+
+
+def write_wav(path, samples, rate, width=2):
+    """samples: int numpy array (N,) or (N, C) already in the PCM range of `width` bytes."""
+    samples = np.asarray(samples)
+    frames = samples if samples.ndim == 2 else samples[:, None]             # (N, C)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(frames.shape[1]), f.setsampwidth(width), f.setframerate(rate)
+        if width == 1:
+            data = (frames + 128).astype(np.uint8).tobytes()
+        elif width == 3:
+            data = frames.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
+        else:
+            data = frames.astype("<i2" if width == 2 else "<i4").tobytes()
+        f.writeframes(data)
+    return path
+
+
+def tone(freq, rate, seconds=0.25):
+    t = torch.arange(int(rate * seconds), dtype=torch.float64) / rate
+    return torch.sin(2 * math.pi * freq * t).float()
+
+
+def sox_f32(*args):
+    """Run sox writing raw float32 to stdout (no dither) and return it as a tensor."""
+    out = subprocess.run(["sox", "-D", "-V1", *map(str, args)], capture_output=True, check=True).stdout
+    return torch.from_numpy(np.frombuffer(out, dtype="<f4").copy())
+
+
+def int16_scale(path):
+    """What kaldi.fbank receives for a 16 kHz wav: gain -n, then x 2**15."""
+    return audio.normalize_volume(audio.read_wav(path)[0]) * 2 ** 15
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# wav reading
+
+def test_read_wav_16bit_mono_is_k_over_32768(tmp_path):
+    k = np.array([0, 1, -1, 32767, -32768, 1234], dtype=np.int16)
+    x, rate = audio.read_wav(write_wav(tmp_path / "a.wav", k, 16000))
+    assert rate == 16000 and x.dtype == torch.float32
+    assert torch.equal(x, torch.from_numpy(k.astype(np.float32) / 32768))     # librosa.load's values
+
+
+def test_read_wav_stereo_is_averaged(tmp_path):
+    left, right = np.array([100, -200, 32767]), np.array([300, 200, -32768])
+    x, _ = audio.read_wav(write_wav(tmp_path / "s.wav", np.stack([left, right], 1), 16000))
+    assert torch.allclose(x, torch.tensor((left + right) / 2 / 32768, dtype=torch.float32), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("width,scale", [(1, 128), (3, 2 ** 23), (4, 2 ** 31)])
+def test_read_wav_other_sample_widths(tmp_path, width, scale):
+    k = np.array([0, 1, -1, scale - 1, -scale, scale // 3])
+    x, _ = audio.read_wav(write_wav(tmp_path / "w.wav", k, 16000, width))
+    assert torch.allclose(x.double(), torch.tensor(k / scale), atol=1e-7, rtol=0)
+
+
+@pytest.mark.parametrize("rate", [8000, 44100])
+def test_load_audio_resamples_to_16k(tmp_path, rate):
+    k = (tone(440.0, rate) * 16000).round().numpy().astype(np.int16)
+    x = audio.load_audio(write_wav(tmp_path / "r.wav", k, rate))
+    assert x.shape == (math.ceil(len(k) * 16000 / rate),)
+    expected = tone(440.0, 16000)[: len(x)] * (16000 / 32768)
+    assert (x - expected)[200:-200].abs().max() < 1e-3       # 16-bit quantisation of the source dominates
+
+
+def test_read_wav_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        audio.read_wav(tmp_path / "nope.wav")
+    (tmp_path / "empty.wav").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.wav.*empty"):
+        audio.read_wav(tmp_path / "empty.wav")
+    (tmp_path / "text.wav").write_text("hello, not audio")
+    with pytest.raises(ValueError, match="text.wav.*not a readable PCM wav"):
+        audio.read_wav(tmp_path / "text.wav")
+    with pytest.raises(ValueError, match="zero.wav.*no samples"):
+        audio.read_wav(write_wav(tmp_path / "zero.wav", np.zeros(0, np.int16), 16000))
+    # IEEE-float wav (format tag 3) and a 40-bit PCM header: both refused with a clear message
+    for name, tag, bits in [("float.wav", 3, 32), ("wide.wav", 1, 40)]:
+        block = bits // 8
+        fmt = struct.pack("<HHIIHH", tag, 1, 16000, 16000 * block, block, bits)
+        body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", 4 * block) + \
+            bytes(4 * block)
+        (tmp_path / name).write_bytes(b"RIFF" + struct.pack("<I", len(body)) + body)
+        with pytest.raises(ValueError, match=name):
+            audio.read_wav(tmp_path / name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resampling and speed perturbation
+
+RATE_PAIRS = [(44100, 16000), (22050, 16000), (48000, 16000), (8000, 16000), (16000, 8000), (17600, 16000),
+              (14400, 16000)]
+
+
+@pytest.mark.parametrize("orig,new", RATE_PAIRS)
+def test_resample_passes_tones_below_cutoff(orig, new):
+    nyquist = min(orig, new) / 2
+    for freq in (100.0, 1000.0, 0.5 * nyquist, 0.88 * nyquist):
+        y = audio.resample(tone(freq, orig), orig, new)
+        assert y.shape == (math.ceil(orig * 0.25 * new / orig),)
+        err = (y - tone(freq, new)[: len(y)])[300:-300].abs().max().item()   # edges see the zero padding
+        assert err < 1e-4, (orig, new, freq, err)
+
+
+@pytest.mark.parametrize("orig,new", [(44100, 16000), (48000, 16000), (17600, 16000), (16000, 8000)])
+def test_resample_rejects_tones_above_new_nyquist(orig, new):
+    for freq in (1.01 * new / 2, (new + orig) / 4, 0.49 * orig):           # between the two Nyquists
+        peak = audio.resample(tone(freq, orig), orig, new)[300:-300].abs().max().item()
+        assert 20 * math.log10(peak) < -80, (orig, new, freq, 20 * math.log10(peak))   # measured <= -90 dB
+
+
+def test_resample_identity_batch_and_errors():
+    x = torch.randn(3, 4410)
+    assert audio.resample(x, 16000, 16000) is x
+    y = audio.resample(x, 44100, 16000)
+    assert y.shape == (3, 1600)
+    assert torch.allclose(y[1], audio.resample(x[1], 44100, 16000), atol=1e-6)
+    assert audio.resample(x.double(), 44100, 16000).dtype == torch.float64
+    with pytest.raises(ValueError, match="positive"):
+        audio.resample(x, 0, 16000)
+    with pytest.raises(ValueError, match="too fine"):
+        audio.resample(x, 16001, 16000)
+
+
+@needs_sox
+@pytest.mark.parametrize("rate,tolerance", [(44100, 1e-3), (8000, 5e-3)])
+def test_resample_close_to_sox_on_speech(tmp_path, rate, tolerance):
+    """A real utterance at `rate` (made by sox), brought to 16 kHz by us and by `sox rate 16000`."""
+    source = tmp_path / f"utt_{rate}.wav"
+    subprocess.run(["sox", "-D", "-V1", WAVS[2], "-r", str(rate), "-b", "16", source], check=True)
+    x, r = audio.read_wav(source)
+    ours, ref = audio.resample(x, r, 16000), sox_f32(source, "-t", "f32", "-", "rate", "16000")
+    assert abs(len(ours) - len(ref)) <= 1
+    n = min(len(ours), len(ref))
+    rel = ((ours[:n] - ref[:n]).norm() / ref[:n].norm()).item()
+    print(f"\nresample {rate}->16000 vs sox: relative RMS error {rel:.2e}, "
+          f"max abs {(ours[:n] - ref[:n]).abs().max():.2e}")
+    assert rel < tolerance                               # measured 4.0e-4 (44.1 kHz), 2.4e-3 (8 kHz)
+
+
+def test_speed_perturb_length_and_identity():
+    x = torch.randn(16003)
+    assert audio.speed_perturb(x, 1.0) is x
+    for factor in (0.9, 1.1):
+        assert audio.speed_perturb(x, factor).shape == (round(len(x) / factor),)
+    frames = {f: audio.speech_features(x.clamp(-1, 1), speed=f).shape[0] for f in (0.9, 1.0, 1.1)}
+    assert abs(frames[0.9] - frames[1.0] / 0.9) <= 2 and abs(frames[1.1] - frames[1.0] / 1.1) <= 2
+    with pytest.raises(ValueError, match="positive"):
+        audio.speed_perturb(x, 0)
+
+
+@needs_sox
+@pytest.mark.parametrize("factor", [0.9, 1.1])
+def test_speed_perturb_close_to_sox(factor):
+    x, _ = audio.read_wav(WAVS[2])
+    ours = audio.speed_perturb(x, factor)
+    ref = sox_f32(WAVS[2], "-t", "f32", "-", "speed", factor, "rate", "16000")
+    assert ours.shape == ref.shape                       # same length convention as sox
+    rel = ((ours - ref).norm() / ref.norm()).item()
+    print(f"\nspeed {factor} vs sox: relative RMS error {rel:.2e}")
+    assert rel < 3e-3                                    # measured 4.8e-4 (0.9), 9.5e-4 (1.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# gain -n
+
+def test_normalize_volume_closed_form_edge_cases():
+    assert torch.equal(audio.normalize_volume(torch.zeros(100)), torch.zeros(100))   # no division by zero
+    y = audio.normalize_volume(torch.tensor([0.25, 0.125, 0.0]))                   # no negative samples
+    assert y[0] == 1.0 and y[1] == 0.5 and y[2] == 0.0
+    y = audio.normalize_volume(torch.tensor([-0.25, 0.125, 0.0]))                  # negative peak -> -1
+    assert y[0] == -1.0 and y[1] == 0.5
+    x = torch.rand(1000) - 0.5
+    assert (audio.normalize_volume(x) - x / x.abs().max()).abs().max() < 1e-7       # ~ x / max|x|
+
+
+@needs_sox
+def test_normalize_volume_matches_sox_program():
+    """torchaudio feeds sox int32 trunc(x * 2**31) and returns 24-bit-rounded floats; sox -t s32 here."""
+    gen = torch.Generator().manual_seed(0)
+    for x in [torch.rand(5000, generator=gen) * 0.3 - 0.1, torch.rand(500, generator=gen) * 0.2,
+              -torch.rand(500, generator=gen) * 0.7, audio.read_wav(WAVS[0])[0]]:
+        s = torch.trunc(x.double() * 2 ** 31).to(torch.int32).numpy().astype("<i4")
+        out = subprocess.run(["sox", "-D", "-V1", "-t", "s32", "-r", "16000", "-c", "1", "-", "-t", "s32", "-",
+                              "gain", "-n"], input=s.tobytes(), capture_output=True, check=True).stdout
+        y = torch.from_numpy(np.frombuffer(out, dtype="<i4").astype(np.int64))
+        expected = torch.where(y > 2 ** 31 - 1 - 64, 2 ** 31, (y + 64) & ~127).double() / 2 ** 31
+        assert torch.equal(audio.normalize_volume(x), expected.float())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kaldi fbank
+
+def knf_fbank(samples):
+    knf = pytest.importorskip("kaldi_native_fbank", reason="kaldi-native-fbank (requirements-test.txt) missing")
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.snip_edges = True
+    opts.frame_opts.window_type = "povey"
+    opts.frame_opts.preemph_coeff = 0.97
+    opts.frame_opts.remove_dc_offset = True
+    opts.mel_opts.num_bins = 80
+    opts.mel_opts.low_freq = 20.0
+    opts.mel_opts.high_freq = 0.0                      # Nyquist, as torchaudio's default
+    opts.use_energy = False
+    fbank = knf.OnlineFbank(opts)
+    fbank.accept_waveform(16000, samples.numpy())
+    fbank.input_finished()
+    return torch.tensor(np.array([fbank.get_frame(i) for i in range(fbank.num_frames_ready)]))
+
+
+def test_fbank_matches_kaldi_native_fbank():
+    inputs = {p.name: int16_scale(p) for p in WAVS}
+    inputs["noise"] = torch.randn(32000, generator=torch.Generator().manual_seed(0)) * 3000
+    for name, x in inputs.items():
+        ref = knf_fbank(x)
+        ours, frames = audio.kaldi_fbank(x)
+        assert ours.shape == ref.shape and frames == ref.shape[0]
+        diff = (ours - ref).abs()
+        loud = diff[ref > 8]
+        print(f"\n{name}: vs kaldi-native-fbank max abs {diff.max():.2e}, mean {diff.mean():.2e}, "
+              f"bins with log energy > 8: max {loud.max():.2e}")
+        # knf rounds its mel weights differently (2e-5); quiet bins amplify float32 noise in the log
+        assert diff.mean() < 3e-5 and loud.max() < 5e-4 and diff.max() < 2e-2
+
+
+def test_fbank_short_and_batched():
+    gen = torch.Generator().manual_seed(1)
+    lengths = [16000, 399, 400, 559, 560, 9000]
+    waves = [torch.randn(n, generator=gen) * 1000 for n in lengths]
+    batch = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)                # (B, N)
+    feats, frames = audio.kaldi_fbank(batch, torch.tensor(lengths))
+    assert frames.tolist() == [98, 0, 1, 1, 2, 54]                                  # 1 + (n - 400) // 160
+    assert feats.shape == (6, 98, 80)
+    for row, (x, t) in enumerate(zip(waves, frames.tolist())):
+        single, t1 = audio.kaldi_fbank(x)
+        assert t1 == t and single.shape == (t, 80)
+        assert (feats[row, :t] - single).abs().max() <= 1e-5 if t else True
+        assert not feats[row, t:].any()                                             # padding frames are 0
+    assert audio.kaldi_fbank(torch.zeros(100))[0].shape == (0, 80)
+    assert audio.kaldi_fbank(batch.double(), torch.tensor(lengths))[0].dtype == torch.float32
+    with pytest.raises(ValueError, match="lengths"):
+        audio.kaldi_fbank(batch, torch.tensor(lengths) + 1)                          # longer than the batch
+
+
+def test_fbank_matches_torchaudio_when_available():
+    torchaudio = pytest.importorskip("torchaudio", reason="torchaudio does not import beside this torch")
+    x = int16_scale(WAVS[1])
+    ref = torchaudio.compliance.kaldi.fbank(x[None], num_mel_bins=80, sample_frequency=16000, dither=0.0)
+    assert (audio.kaldi_fbank(x)[0] - ref).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_fbank_on_gpu_matches_cpu():
+    x = torch.stack([int16_scale(WAVS[0]), int16_scale(WAVS[0]).flip(0)])
+    cpu, frames = audio.kaldi_fbank(x, torch.tensor([47316, 30000]))
+    gpu, frames_gpu = audio.kaldi_fbank(x.cuda(), torch.tensor([47316, 30000]).cuda())
+    diff = (gpu.cpu() - cpu).abs()
+    assert torch.equal(frames, frames_gpu.cpu()) and diff.mean() < 3e-5 and diff[cpu > 8].max() < 5e-4
+    y, ref = audio.resample(x.cuda(), 16000, 44100).cpu(), audio.resample(x, 16000, 44100)
+    assert (y - ref).abs().max() < 2e-3 * ref.abs().max()    # cuDNN may run the conv in TF32
+    z = audio.speech_features(x[0].cuda() / 2 ** 15)
+    assert z.device.type == "cuda" and (z.cpu() - audio.speech_features(x[0] / 2 ** 15)).abs().mean() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole chain against ModelScope's own preprocessing
+
+@pytest.fixture(scope="module")
+def reference():
+    return torch.load(FIXTURES / "ref_fbank.pt", weights_only=True)
+
+
+def test_chain_matches_reference_dump(reference):
+    for i, name in enumerate(reference["wavs"]):
+        x, rate = audio.read_wav(FIXTURES / "wavs" / name)
+        assert rate == 16000
+        waveform = audio.normalize_volume(x) * 2 ** 15
+        assert torch.equal(waveform, reference["waveform"][i])                     # gain -n bit-exact
+        raw, _ = audio.kaldi_fbank(reference["waveform"][i])
+        with_cmvn = audio.speech_features(x, cmvn="utterance")
+        without = audio.speech_features(x, cmvn="none")
+        d_raw = (raw - reference["fbank_raw"][i]).abs().max().item()
+        d_cmvn = (with_cmvn - reference["fbank"][i]).abs().max().item()
+        d_none = (without - reference["fbank_raw"][i]).abs().max().item()
+        print(f"\n{name}: vs reference dump: raw fbank {d_raw:.2e}, CMVN'd {d_cmvn:.2e}, cmvn none {d_none:.2e}")
+        assert d_raw <= 1e-5 and d_cmvn <= 1e-5 and d_none <= 1e-5                 # measured 0 (bit-exact)
+
+
+def test_pseudo_speech_matches_reference(reference):
+    pseudo = reference["pseudo"]
+    assert pseudo["samples"] == audio.PSEUDO_SPEECH_SAMPLES and pseudo["waveform_max"] == 0.0
+    zeros = torch.zeros(audio.PSEUDO_SPEECH_SAMPLES)
+    assert torch.equal(audio.speech_features(zeros, cmvn="none"), pseudo["fbank_raw"])   # log(eps) everywhere
+    ours = audio.speech_features(zeros, cmvn="utterance")
+    # CMVN of a constant is float32 rounding noise / sqrt(1e-10): not 0 in the reference, and reproduced exactly
+    assert torch.equal(ours, pseudo["fbank"]) and pseudo["fbank"].abs().min() > 0.01
+
+
+def test_utterance_cmvn_normalises_and_checks_shape():
+    x = torch.randn(300, 80, generator=torch.Generator().manual_seed(2)) * 3 + 7
+    y = audio.utterance_cmvn(x)
+    assert y.mean(0).abs().max() < 1e-5 and (y.std(0, unbiased=False) - 1).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="T > 0"):
+        audio.utterance_cmvn(torch.zeros(0, 80))
+
+
+def test_cmvn_from_config():
+    yaml = pytest.importorskip("yaml", reason="pyyaml missing")
+    assert audio.cmvn_from_config(yaml.safe_load((FIXTURES / "ms_tiny_a/fbank_config.yaml").read_text())) == \
+        "utterance"
+    assert audio.cmvn_from_config(yaml.safe_load((FIXTURES / "ms_tiny_b/fbank_config.yaml").read_text())) == "none"
+    assert audio.cmvn_from_config({"transforms": {"test": [], "*": ["utterance_cmvn"]}}) == "none"
+    with pytest.raises(ValueError, match="global_cmvn"):
+        audio.cmvn_from_config({"transforms": {"_eval": ["global_cmvn"]}})
+
+
+def test_speech_features_bad_inputs():
+    with pytest.raises(ValueError, match="cmvn"):
+        audio.speech_features(torch.zeros(16000), cmvn="global")
+    with pytest.raises(ValueError, match="shorter than one"):
+        audio.speech_features(torch.zeros(399))
+    with pytest.raises(ValueError, match="1-D"):
+        audio.speech_features(torch.zeros(2, 16000))
