@@ -1,0 +1,998 @@
+"""data.py: corpora -> unified IMNER samples -> model inputs -> batches.
+
+A sample is a sentence, its entity spans (start, end exclusive, type; nesting allowed) and, when the corpus has
+speech, the path of its wav. For a modality (TNER text only, SNER speech only, MNER both) the Featurizer turns it
+into the tensors of one batch row; make_loader draws the modality of every sample each epoch and batches them.
+
+    python data.py stats --dataset cnerta --data-dir ../shared/data/cnerta --split dev   # inspect a corpus
+    python data.py phones --lexicon ../shared/reference/assets/text2phone_dict.txt      # pypinyin vs lexicon
+
+Sections: 1 samples | 2 linearization (ours) | 3 the official code's rules | 4 loaders | 5 vocabulary and phones
+| 6 model inputs | 7 batching | 8 assets for models trained from scratch | 9 command line
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import unicodedata
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Samples
+
+TYPES = ("PER", "LOC", "ORG")
+TASKS = ("TNER", "SNER", "MNER")
+NEITHER = "NONE"  # the official coin mix's fourth case: both inputs pseudo, target = UNKs
+BRACKETS = {"PER": "[]", "LOC": "()", "ORG": "<>"}
+OPEN = {b[0]: t for t, b in BRACKETS.items()}
+CLOSE = {b[1]: t for t, b in BRACKETS.items()}
+BRACKET_CHARS = "[]()<>"
+TO_FULLWIDTH = str.maketrans(BRACKET_CHARS, "［］（）＜＞")  # literal brackets in a corpus sentence
+OUTER_FIRST = {"ORG": 0, "LOC": 1, "PER": 2}  # nesting order of identical spans with different types
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+
+
+class Entity(NamedTuple):
+    start: int  # character offset in Sample.text
+    end: int  # exclusive
+    type: str  # PER | LOC | ORG
+
+
+@dataclass
+class Sample:
+    id: str
+    text: str
+    entities: list[Entity] = field(default_factory=list)  # file order (the official rule depends on it)
+    audio: str | None = None
+
+
+class DataError(ValueError):
+    """A malformed corpus line; the message starts with 'file:line:'."""
+
+
+def check_entities(text: str, entities) -> None:
+    for e in entities:
+        if e.type not in BRACKETS or not 0 <= e.start < e.end <= len(text):
+            raise ValueError(f"entity {tuple(e)} does not fit a text of {len(text)} characters")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Our linearization: properly nested brackets, outermost opens first, innermost closes first, no collapsing.
+# parse(linearize(text, E)) == (text, sorted(set(E))) for every set E without crossing spans.
+
+
+def nest(entities) -> tuple[list[Entity], list[Entity], int]:
+    """-> (kept, crossing, duplicates). Identical (start, end, type) entries count once (duplicates = how many
+    extra). Of two crossing spans (overlapping, neither inside the other) the shorter is dropped, the later one
+    at equal length, so the outer structure survives."""
+    unique = set(map(Entity._make, entities))
+    kept, crossing = [], []
+    for e in sorted(unique, key=lambda e: (e.start - e.end, e.start, OUTER_FIRST[e.type])):
+        if any(k.start < e.start < k.end < e.end or e.start < k.start < e.end < k.end for k in kept):
+            crossing.append(e)
+        else:
+            kept.append(e)
+    return sorted(kept), sorted(crossing), len(entities) - len(unique)
+
+
+def linearize(text: str, entities) -> str:
+    """'央视和中超', [(0,2,ORG), (3,5,ORG), (3,4,LOC)] -> '<央视>和<(中)超>'. Crossing spans are dropped (see nest)."""
+    if any(c in BRACKET_CHARS for c in text):
+        raise ValueError(f"text contains a bracket character: {text!r} (loaders map them to full width)")
+    check_entities(text, entities)
+    opens, closes = collections.defaultdict(list), collections.defaultdict(list)
+    for e in nest(entities)[0]:
+        opens[e.start].append(e)
+        closes[e.end].append(e)
+    out = []
+    for p in range(len(text) + 1):
+        out += [BRACKETS[e.type][1] for e in sorted(closes[p], key=lambda e: (-e.start, -OUTER_FIRST[e.type]))]
+        out += [BRACKETS[e.type][0] for e in sorted(opens[p], key=lambda e: (-e.end, OUTER_FIRST[e.type]))]
+        if p < len(text):
+            out.append(text[p])
+    return "".join(out)
+
+
+def parse(bracketed: str, strict: bool = False) -> tuple[str, list[Entity]]:
+    """Stack parse -> (bracket-free text, sorted unique entities). A close bracket pairs with the innermost open
+    bracket of its type. Not strict (model output): stray closes, unclosed opens and empty entities are ignored.
+    Strict (corpus files): they, and brackets that cross, raise ValueError."""
+    chars, stack, found = [], [], set()
+    for i, ch in enumerate(bracketed):
+        if ch in OPEN:
+            stack.append((OPEN[ch], len(chars)))
+        elif ch in CLOSE:
+            kind = CLOSE[ch]
+            depth = next((d for d in range(len(stack) - 1, -1, -1) if stack[d][0] == kind), None)
+            if strict and depth != len(stack) - 1:
+                raise ValueError(f"'{ch}' at character {i} closes no open {kind}"
+                                 + (f" (crosses an open {stack[-1][0]})" if depth is not None else ""))
+            if depth is None:
+                continue
+            start = stack.pop(depth)[1]
+            if start < len(chars):
+                found.add(Entity(start, len(chars), kind))
+            elif strict:
+                raise ValueError(f"empty {kind} entity before character {i}")
+        else:
+            chars.append(ch)
+    if strict and stack:
+        raise ValueError(f"{len(stack)} unclosed bracket(s), the last a {stack[-1][0]} at text offset {stack[-1][1]}")
+    return "".join(chars), sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. The official code's rules (NingJinzhong/IMAGE4IMNER), to reproduce paper-style numbers. IMAGE.md §1.6-1.7.
+
+
+def linearize_official(text: str, entities) -> str:
+    """The rule that made the official data/CNERTA/*.txt from CNERTA's JSON (reverse-engineered): at each boundary
+    the closing brackets (longest entity first) then the opening ones (longest first); the run of identical
+    symbols next to the character collapses to one. Lossy: same-type entities sharing a boundary merge
+    (搜狐 in 搜狐科技 -> '<搜狐>科技>'). The order of `entities` matters (stable sort), as in the JSON file."""
+    check_entities(text, entities)
+    longest_first = sorted(entities, key=lambda e: e.start - e.end)
+    out = []
+    for p in range(len(text) + 1):
+        closes = [BRACKETS[e.type][1] for e in longest_first if e.end == p]
+        opens = [BRACKETS[e.type][0] for e in longest_first if e.start == p]
+        while len(closes) > 1 and closes[1] == closes[0]:
+            del closes[1]
+        while len(opens) > 1 and opens[-2] == opens[-1]:
+            del opens[-2]
+        out += closes + opens
+        if p < len(text):
+            out.append(text[p])
+    return "".join(out)
+
+
+def parse_official(bracketed: str, last_char_bug: bool = True) -> tuple[str, list[Entity]]:
+    """The official evaluator's parser -> (bracket-free text, sorted unique entities with offsets in it). Per type,
+    every open bracket pairs with the nearest close after it, and every close with the nearest open before it;
+    the union counts. With last_char_bug (as released) an entity ending at the last character is never found."""
+    raw, marks = [], collections.defaultdict(set)
+    for ch in bracketed:
+        if ch in OPEN:
+            marks[OPEN[ch], "open"].add(len(raw))
+        elif ch in CLOSE:
+            marks[CLOSE[ch], "close"].add(len(raw))
+        else:
+            raw.append(ch)
+    last = len(raw) - 1 if last_char_bug else len(raw)  # largest end offset the loops visit
+    found = set()
+    for kind in TYPES:
+        opens, closes = marks[kind, "open"], marks[kind, "close"]
+        for s in sorted(o for o in opens if o < len(raw)):
+            e = next((e for e in range(s + 1, last + 1) if e in closes), None)
+            if e is not None:
+                found.add(Entity(s, e, kind))
+        for e in sorted((c for c in closes if 0 < c <= last), reverse=True):
+            s = next((s for s in range(e - 1, -1, -1) if s in opens), None)
+            if s is not None:
+                found.add(Entity(s, e, kind))
+    return "".join(raw), sorted(found)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Loaders: load_split(dataset, data_dir, split) -> SampleList (a list of Samples with a .report dict)
+
+DATASETS = ("cnerta", "demo", "aishell_ner", "msra", "image4imner")
+SPLITS = {"train": "train", "dev": "dev", "valid": "dev", "validation": "dev", "test": "test"}
+FILES = {  # candidate file names per dataset; {s}: train|dev|test, {v}: train|valid|test
+    "cnerta": ["{v}.json", "{s}.json"],
+    "aishell_ner": ["aishell_ner_transcript.{s}.txt", "{v}.txt", "{s}.txt"],
+    "image4imner": ["{v}.txt", "image4imner_{v}_bracketed.txt", "{s}.txt"],
+    "msra": ["{s}.txt", "{v}.txt", "{s}.bio.txt", "{s}.bio", "{s}.char.bmes", "{s}.bmes", "msra_{s}_bio.txt",
+             "msra_{s}.txt", "{s}_dev.char.bmes"],
+}
+BIO_TYPES = {"PER": "PER", "LOC": "LOC", "ORG": "ORG", "NR": "PER", "NS": "LOC", "NT": "ORG"}
+BIO_TAG = re.compile(r"^(?:O|([BIMES])[-_]([A-Za-z]+))$")
+
+
+class SampleList(list):
+    """list[Sample] plus .report: file, counts, audio found/missing, malformed lines."""
+
+    report: dict
+
+
+def load_split(dataset: str, data_dir, split: str, audio_dir=None, errors: str = "raise",
+               verbose: bool = True) -> SampleList:
+    """Read one split. errors='raise' stops at the first malformed line (DataError 'file:line: why');
+    'collect' skips such lines and lists them in .report['malformed']. Audio is looked up by utterance id under
+    audio_dir (default DATA_DIR/wav when it exists): utterances without a wav keep audio=None (TNER only) and
+    are counted in the report."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose from train, dev, test")
+    if errors not in ("raise", "collect"):
+        raise ValueError(f"errors must be 'raise' or 'collect', not {errors!r}")
+    if data_dir is None and dataset == "demo":
+        import demo
+        data_dir = demo.ensure_demo_corpus()
+    if data_dir is None:
+        raise ValueError(f"dataset {dataset!r} needs a data directory")
+    data_dir, s = Path(data_dir), SPLITS[split]
+    kind = "cnerta" if dataset == "demo" else dataset
+    names = [n.format(s=s, v="valid" if s == "dev" else s) for n in FILES[kind]]
+    path = next((data_dir / n for n in dict.fromkeys(names) if (data_dir / n).is_file()), None)
+    if path is None:
+        raise FileNotFoundError(f"{dataset} {split}: none of {', '.join(dict.fromkeys(names))} in {data_dir}")
+    reader = {"cnerta": _read_cnerta, "aishell_ner": _read_bracketed, "image4imner": _read_bracketed,
+              "msra": _read_bio}[kind]
+    samples, malformed, replaced = SampleList(), [], 0
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, item in reader(f, dataset, s):
+            if isinstance(item, Exception):
+                err = DataError(f"{path}:{lineno}: {item}")
+                if errors == "raise":
+                    raise err from item
+                malformed.append(str(err))
+                continue
+            if any(c in BRACKET_CHARS for c in item.text):  # keep linearization invertible; offsets unchanged
+                item.text, replaced = item.text.translate(TO_FULLWIDTH), replaced + 1
+            samples.append(item)
+    report = {"file": str(path), "sentences": len(samples), "brackets_made_fullwidth": replaced,
+              "malformed_count": len(malformed), "malformed": malformed[:5]}
+    if audio_dir is None and kind != "msra" and (data_dir / "wav").is_dir():
+        audio_dir = data_dir / "wav"
+    report.update(attach_audio(samples, audio_dir))
+    samples.report = report
+    if verbose and audio_dir is not None and report["audio_missing"]:
+        print(f"data: {report['audio_missing']} of {len(samples)} {dataset} {split} utterances have no wav under "
+              f"{audio_dir} (e.g. {', '.join(report['audio_missing_examples'])}); they are used for TNER only",
+              file=sys.stderr)
+    return samples
+
+
+def _read_cnerta(f, dataset, split):
+    """JSON lines {"sentence", "audio", "entity": [[start, end_exclusive, text, TYPE], ...], ...}."""
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            if not isinstance(d, dict) or not isinstance(d.get("sentence"), str) or not isinstance(d.get("entity"), list):
+                raise ValueError('expected a JSON object with "sentence" (string) and "entity" (list)')
+            text, entities = d["sentence"], []
+            for item in d["entity"]:
+                if not (isinstance(item, list) and len(item) == 4 and all(isinstance(x, int) for x in item[:2])):
+                    raise ValueError(f"entity {item!r} is not [start, end, text, type]")
+                start, end, span, kind = item
+                if kind not in BRACKETS:
+                    raise ValueError(f"entity {item!r}: type {kind!r} is not PER, LOC or ORG")
+                if not 0 <= start < end <= len(text) or text[start:end] != span:
+                    raise ValueError(f"entity {item!r}: the sentence has {text[start:end]!r} at [{start}, {end})")
+                entities.append(Entity(start, end, kind))
+            yield lineno, Sample(str(d.get("audio") or f"{dataset}-{split}-{lineno}"), text, entities)
+        except (ValueError, TypeError) as e:
+            yield lineno, e
+
+
+def _read_bracketed(f, dataset, split):
+    """'<utt id> <bracketed text>' lines. aishell_ner: our strict parser; image4imner (the official repo's lossy
+    files): the official pairing rule, without its last-character bug so that the training targets keep what
+    the file says."""
+    for lineno, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            yield lineno, ValueError(f"expected '<utterance id> <bracketed text>', got {line.strip()[:60]!r}")
+            continue
+        try:
+            body = parts[1].strip()
+            text, entities = parse(body, strict=True) if dataset == "aishell_ner" else parse_official(body, False)
+            yield lineno, Sample(parts[0], text, entities)
+        except ValueError as e:
+            yield lineno, e
+
+
+def _read_bio(f, dataset, split):
+    """'character TAG' lines (BIO or BMES; types PER/LOC/ORG or NR/NS/NT), a blank line between sentences."""
+    chars, tags, first, bad = [], [], None, None
+    for lineno, line in enumerate(itertools.chain(f, [""]), 1):  # "": flushes the last sentence
+        fields = line.split()
+        if fields and bad is None:
+            m = BIO_TAG.match(fields[-1]) if len(fields) == 2 and len(fields[0]) == 1 else None
+            if m is None:
+                bad = (lineno, ValueError(f"expected 'character TAG', got {line.strip()[:60]!r}"))
+            elif m.group(2) and m.group(2).upper() not in BIO_TYPES:
+                bad = (lineno, ValueError(f"tag {fields[-1]!r}: type not PER/LOC/ORG (or NR/NS/NT)"))
+            else:
+                first = first or lineno
+                chars.append(fields[0])
+                tags.append((m.group(1), BIO_TYPES.get((m.group(2) or "").upper())))
+        elif not fields:
+            if bad or chars:
+                yield bad or (first, Sample(f"{dataset}-{split}-{first}", "".join(chars), _tags_to_entities(tags)))
+            chars, tags, first, bad = [], [], None, None
+
+
+def _tags_to_entities(tags) -> list[Entity]:
+    """BIO/BMES -> spans. An I/M/E that does not continue an entity of its type starts one (conlleval's rule)."""
+    out, start, kind = [], None, None
+    for i, (prefix, t) in enumerate(tags + [(None, None)]):
+        if start is not None and (prefix in (None, "B", "S") or t != kind):
+            out.append(Entity(start, i, kind))
+            start = None
+        if prefix is not None and start is None:
+            start, kind = i, t
+        if prefix in ("E", "S"):
+            out.append(Entity(start, i + 1, kind))
+            start = None
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def audio_index(audio_dir: str) -> dict[str, str]:
+    """Utterance id -> wav path for every *.wav below audio_dir (AISHELL-1 wav/{train,dev,test}/SXXXX/ID.wav, its
+    parent, or a flat folder). The id is the file name up to its first dot."""
+    root = Path(audio_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"audio directory {root} does not exist")
+    index, tarballs = {}, 0
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(".wav"):
+                index.setdefault(name.split(".")[0], os.path.join(dirpath, name))
+            tarballs += name.endswith(".tar.gz")
+    if not index and tarballs:
+        raise FileNotFoundError(f"{root} holds {tarballs} .tar.gz files but no wavs: extract AISHELL-1's "
+                                f"per-speaker tarballs first (in wav/: for f in *.tar.gz; do tar xzf $f; done)")
+    return index
+
+
+def attach_audio(samples, audio_dir) -> dict:
+    """Set sample.audio from the index (None where absent) -> counts for the report."""
+    index = audio_index(str(Path(audio_dir).resolve())) if audio_dir is not None else {}
+    missing = []
+    for s in samples:
+        s.audio = index.get(s.id)
+        if s.audio is None:
+            missing.append(s.id)
+    return {"audio_dir": None if audio_dir is None else str(audio_dir), "audio_found": len(samples) - len(missing),
+            "audio_missing": len(missing), "audio_missing_examples": missing[:3]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Vocabulary and phones. Decoder vocabulary: one token per character (offsets stay exact), ids 0-3 specials.
+# Phones (MMSpeech): pinyin initials, tonal finals, codas n/ng as separate units; phone_dict.txt line n = id n+4.
+
+
+def read_lines(path) -> list[str]:
+    """Lines split on '\\n' only: BERT's vocab.txt has a U+2028 token that str.splitlines() would split."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [line.rstrip("\r") for line in text.split("\n")][: None if not text.endswith("\n") else -1]
+
+
+def read_phone_dict(path=ASSETS / "phone_dict.txt") -> list[str]:
+    """phone_dict.txt ('unit count' lines) -> [<s>, <pad>, </s>, <unk>, unit0, unit1, ...] (index = phone id)."""
+    units = []
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.split():
+            raise DataError(f"{path}:{lineno}: empty line in a phone dictionary")
+        units.append(line.split()[0])
+    return list(SPECIALS) + units
+
+
+def read_lexicon(path) -> dict[str, str]:
+    """text2phone_dict.txt ('word<TAB>phones' lines) -> {word: phones}; the first entry of a word wins."""
+    lexicon = {}
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[0] or not parts[1].split():
+            raise DataError(f"{path}:{lineno}: expected 'word<TAB>phones', got {line[:60]!r}")
+        lexicon.setdefault(parts[0].strip().lstrip("\ufeff"), " ".join(parts[1].split()))
+    return lexicon
+
+
+class TextVocab:
+    """Decoder vocabulary. encode: one id per character (lookup: the character, its lower case, its NFKC form;
+    else UNK), so bracket-free offsets equal token offsets. decode: joins tokens, drops BOS/PAD/EOS and
+    multi-character specials ([PAD], <mask>, <audio_7>...); UNK becomes `unk`."""
+
+    def __init__(self, tokens):
+        self.tokens = list(tokens)
+        if len(self.tokens) < 4:
+            raise ValueError("a vocabulary needs at least the 4 specials <s> <pad> </s> <unk>")
+        self.index = {}
+        for i, t in enumerate(self.tokens[4:], 4):
+            self.index.setdefault(t, i)
+        self._ids = {}
+
+    @classmethod
+    def from_assets(cls, tokens) -> TextVocab:
+        return cls(tokens)
+
+    @classmethod
+    def build(cls, samples) -> TextVocab:
+        """For models from scratch: specials, the 6 brackets, then every character of the texts (sorted)."""
+        chars = set().union(*(s.text for s in samples)) - set(BRACKET_CHARS)
+        return cls(list(SPECIALS) + list(BRACKET_CHARS) + sorted(chars))
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def char_id(self, ch: str) -> int:
+        if ch not in self._ids:
+            nfkc = unicodedata.normalize("NFKC", ch).lower()
+            self._ids[ch] = next((self.index[c] for c in (ch, ch.lower(), nfkc) if c in self.index), UNK)
+        return self._ids[ch]
+
+    def encode(self, text: str) -> list[int]:
+        return [self.char_id(c) for c in text]
+
+    def decode(self, ids, unk: str = "") -> str:
+        out = []
+        for i in map(int, ids):
+            t = self.tokens[i] if 0 <= i < len(self.tokens) else None
+            if i in (BOS, PAD, EOS):
+                continue
+            if i == UNK or t is None:
+                out.append(unk)
+            elif t.startswith("##") and len(t) > 2:
+                out.append(t[2:])
+            elif not (len(t) > 1 and t[0] in "[<" and t[-1] in "]>"):
+                out.append(t)
+        return "".join(out)
+
+
+INITIALS = frozenset("b c ch d f g h j k l m n p q r s sh t w x y z zh".split())
+CHINESE_DIGITS = "零一二三四五六七八九"
+HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+")
+
+
+def pinyin_units(initial: str, final: str, bare: str = "") -> list[str]:
+    """pypinyin strict INITIALS + FINALS_TONE3 (neutral tone 5) -> MMSpeech's unit spelling, learnt from its
+    lexicon: zero initials written y/w (yu -> y u3, yuan -> y ua2 n, wen -> w e4 n), iou/uei/uen -> iu/ui/u n,
+    ü after j/q/x/n/l stays v alone (q v4) but is u before other letters (x ue2, q ua2 n), codas n/ng split off,
+    iong -> i o ng with the tone on both vowels. Syllabic nasals (嗯 n, 呣 m, 噷 hm) have no final: `bare` is
+    pypinyin's toneless spelling, kept as units."""
+    tone, final = (final[-1], final[:-1]) if final[-1:].isdigit() else ("5", final)
+    if not final:
+        return ["h", bare[1:]] if bare[:1] == "h" else [bare or "<unk>"]
+    if not initial:
+        if final[0] == "i":
+            initial, final = "y", final if final in ("i", "in", "ing") else final[1:]
+        elif final[0] == "u":
+            initial, final = "w", final if final == "u" else final[1:]
+        elif final[0] == "v":
+            initial, final = "y", "u" + final[1:]
+    else:
+        final = {"iou": "iu", "uei": "ui", "uen": "un"}.get(final, final)
+        if final[0] == "v" and final != "v":
+            final = "u" + final[1:]
+    out = [initial] if initial else []
+    coda = next((c for c in ("ng", "n") if final != "er" and len(final) > len(c) and final.endswith(c)), None)
+    nucleus = final[: -len(coda)] if coda else final
+    out += [nucleus[0] + tone, nucleus[1:] + tone] if nucleus == "io" else [nucleus + tone]
+    return out + ([coda] if coda else [])
+
+
+class Phonemizer:
+    """Characters -> phone units, one list per character, so each phone knows the character it was said from.
+
+    With a lexicon (a checkpoint's text2phone_dict.txt): forward maximum matching over its words; a word's units
+    are cut into one syllable per character (the grammar [initial] vowel(s) [n|ng], ambiguities settled by each
+    character's own reading). Characters not in the lexicon, and everything without one: pypinyin (phrase
+    aware), mapped onto the same units by pinyin_units. A character neither knows (latin letters without a
+    lexicon, symbols) gets one '<unk>' phone: every character stays visible to the encoder. Digits are read as
+    Chinese digits, latin letters upper-cased (the lexicon spells 'A', 'B', ...)."""
+
+    def __init__(self, phones, lexicon: dict[str, str] | None = None):
+        self.inventory = set(phones)
+        self.vowels = {u for u in phones if u[-1:].isdigit() and not u.startswith("#")}
+        self.lexicon = dict(lexicon or {})
+        self.max_word = max(map(len, self.lexicon), default=1)
+        self._words = {}
+
+    def units(self, text: str) -> list[list[str]]:
+        norm = [self._normalize(c) for c in text]
+        out: list = [None] * len(text)
+        i = 0
+        while self.lexicon and i < len(text):
+            for n in range(min(self.max_word, len(text) - i), 1, -1):
+                word = "".join(norm[i: i + n])
+                parts = self._split_word(word) if word in self.lexicon else None
+                if parts is not None:
+                    out[i: i + n], i = parts, i + n
+                    break
+            else:
+                out[i], i = (self.lexicon[norm[i]].split() if norm[i] in self.lexicon else None), i + 1
+        todo = "".join(c if u is None else " " for c, u in zip(norm, out))
+        for m in HAN.finditer(todo):
+            out[m.start(): m.end()] = self._pinyin(m.group())
+        return [u if u else ["<unk>"] for u in out]
+
+    def __call__(self, text: str) -> tuple[list[str], list[int]]:
+        """-> (phone units, index of the character each unit came from)."""
+        units = self.units(text)
+        return [u for us in units for u in us], [i for i, us in enumerate(units) for _ in us]
+
+    def pronounce(self, text: str) -> str:
+        """Space-separated units without '<unk>' (MMSpeech's Text2Phone drops unknown characters)."""
+        return " ".join(u for us in self.units(text) for u in us if u != "<unk>")
+
+    @staticmethod
+    def _normalize(ch: str) -> str:
+        n = unicodedata.normalize("NFKC", ch)
+        n = n if len(n) == 1 else ch
+        return CHINESE_DIGITS[int(n)] if "0" <= n <= "9" else n.upper() if "a" <= n.lower() <= "z" else n
+
+    def _pinyin(self, run: str) -> list:
+        from pypinyin import Style, pinyin
+        unknown = lambda s: [None] * len(s)
+        ini = pinyin(run, style=Style.INITIALS, strict=True, errors=unknown)
+        fin = pinyin(run, style=Style.FINALS_TONE3, strict=True, neutral_tone_with_five=True, errors=unknown)
+        if len(ini) != len(run) or len(fin) != len(run):
+            return [self._pinyin(c)[0] for c in run] if len(run) > 1 else [None]
+        bare = lambda c: pinyin(c, style=Style.NORMAL)[0][0]  # only for syllabic nasals
+        return [self._fit(pinyin_units(i[0] or "", f[0], "" if f[0].rstrip("12345") else bare(c)))
+                if isinstance(f[0], str) else None for c, i, f in zip(run, ini, fin)]
+
+    def _fit(self, units: list[str]) -> list[str]:
+        """A tone the inventory lacks (er5, ue5...) -> the same vowel with another tone; else '<unk>'."""
+        out = []
+        for u in units:
+            if u not in self.inventory and u[-1:].isdigit():
+                u = next((u[:-1] + t for t in "52413" if u[:-1] + t in self.inventory), u)
+            out.append(u if u in self.inventory else "<unk>")
+        return out
+
+    def _split_word(self, word: str):
+        """A multi-character lexicon word -> its units cut per character (None: no cut fits), cached. Of several
+        cuts the one agreeing most with each character's own lexicon reading wins (with tones, then without),
+        then the one with fewer initial-less syllables ('e1 n uo2' 婀娜: e1 | n uo2, not e1 n | uo2)."""
+        if word not in self._words:
+            units, own = self.lexicon[word].split(), [self.lexicon.get(c, "") for c in word]
+            bare = lambda s: re.sub(r"\d", "", s)
+            score = lambda cut: (sum(" ".join(units[a:b]) == r for (a, b), r in zip(cut, own)),
+                                 sum(bare(" ".join(units[a:b])) == bare(r) for (a, b), r in zip(cut, own)),
+                                 -sum(units[a] not in INITIALS for a, _ in cut))
+            cuts = self._segmentations(units, len(word))
+            self._words[word] = [units[a:b] for a, b in max(cuts, key=score)] if cuts else None
+        return self._words[word]
+
+    def _segmentations(self, units, n_chars, limit=256):
+        """All cuts of `units` into n_chars syllables (at most `limit`), each a list of (start, end)."""
+        @functools.lru_cache(maxsize=None)
+        def cuts(i, k):
+            if k == 0:
+                return [()] if i == len(units) else []
+            found = []
+            for j in self._syllable_ends(units, i):
+                found += [((i, j),) + rest for rest in cuts(j, k - 1)][: limit - len(found)]
+            return found
+        return cuts(0, n_chars)
+
+    def _syllable_ends(self, u, i):
+        """Ends j such that u[i:j] is one syllable: [initial] (vowel | i o before ng) [n | ng], or a bare nasal.
+        Without an initial the vowel cannot start with i/u/v: the lexicon writes those with y/w."""
+        if i >= len(u):
+            return []
+        ends = [i + 1] if u[i] in ("n", "ng", "m") else []
+        j = i + 1 if u[i] in INITIALS else i
+        if j < len(u) and u[j] in self.vowels and (j > i or u[j][0] not in "iuv"):
+            nuclei = [j + 1]
+            if u[j][:-1] == "i" and u[j + 1: j + 2] and u[j + 1][:-1] == "o" and u[j + 2: j + 3] == ["ng"]:
+                nuclei.insert(0, j + 2)
+            for k in nuclei:
+                ends += [k + 1] if k < len(u) and u[k] in ("n", "ng") else []
+                ends.append(k)
+        return ends
+
+
+def phone_agreement(lexicon_path, stride: int = 1) -> dict:
+    """How often pypinyin (mapped by pinyin_units) spells a lexicon word exactly as the lexicon's first entry
+    (and as any of its entries), over every `stride`-th word of the lexicon."""
+    entries = collections.defaultdict(list)
+    for line in read_lines(lexicon_path):
+        word, _, phones = line.partition("\t")
+        entries[word.strip().lstrip("\ufeff")].append(" ".join(phones.split()))
+    phonemizer = Phonemizer(read_phone_dict())
+    words = list(entries)[::stride]
+    spelt = {w: phonemizer.pronounce(w) for w in words}
+    first = sum(spelt[w] == entries[w][0] for w in words)
+    anyone = sum(spelt[w] in entries[w] for w in words)
+    return {"lexicon": str(lexicon_path), "words": len(words), "agree_first_entry": first,
+            "rate_first_entry": round(first / max(1, len(words)), 4), "agree_any_entry": anyone,
+            "rate_any_entry": round(anyone / max(1, len(words)), 4)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Model inputs of one sample for one modality (keys and shapes: CONTRACT.md "One batch", without B)
+
+PSEUDO_SPEECH_SAMPLES = 10_000  # 0.625 s of zeros at 16 kHz
+
+
+def _speech_features(path, speed: float, cmvn: str) -> torch.Tensor:
+    import audio  # module-level function: tests may stand in for audio.py
+    return audio.speech_features(audio.load_audio(path, sample_rate=16000), cmvn=cmvn, speed=speed)
+
+
+def _pseudo_speech_features(cmvn: str) -> torch.Tensor:
+    import audio
+    return audio.speech_features(torch.zeros(PSEUDO_SPEECH_SAMPLES), cmvn=cmvn, speed=1.0)
+
+
+class Featurizer:
+    """Builds the tensors of one batch row. assets: a checkpoint's "assets" dict (vocab, phones, lexicon, fbank).
+
+    Speech: fbank (T, 80) of the wav at a speed, or of 10,000 zero samples (pseudo, never perturbed). Text: phones
+    of the bracket-free sentence + the character of each phone, or pseudo_text_len x (pseudo_phone, UNK).
+    Target: the bracketed sentence (ours, section 2) + EOS for every task; for NEITHER neither_len x UNK + EOS.
+    Feature cache: an in-process LRU of memory_cache entries, and with cache_dir a disk cache shared by
+    DataLoader workers and runs (float32 .pt files written atomically; ~160 KB per 5 s utterance and speed)."""
+
+    def __init__(self, assets: dict, pseudo_text_len: int = 40, pseudo_phone: str = "#2", neither_len: int = 50,
+                 cache_dir=None, memory_cache: int = 4096):
+        self.vocab = TextVocab.from_assets(assets["vocab"])
+        self.phones = list(assets["phones"])
+        self.phone_id = {p: i for i, p in enumerate(self.phones)}
+        if pseudo_phone not in self.phone_id:
+            raise ValueError(f"pseudo phone {pseudo_phone!r} is not in the phone inventory "
+                             f"({', '.join(p for p in self.phones if p.startswith('#'))})")
+        self.phonemizer = Phonemizer(self.phones, assets.get("lexicon") or None)
+        fbank = dict(assets.get("fbank") or {})
+        self.num_mel_bins, self.cmvn = int(fbank.get("num_mel_bins", 80)), fbank.get("cmvn", "utterance")
+        self.pseudo_text_len, self.pseudo_phone, self.neither_len = pseudo_text_len, pseudo_phone, neither_len
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.memory_cache, self._lru, self._pseudo, self._texts = memory_cache, collections.OrderedDict(), None, {}
+        self.computed = 0  # fbank computations in this process (cache misses)
+
+    def target(self, sample: Sample) -> list[int]:
+        return self.vocab.encode(linearize(sample.text, sample.entities)) + [EOS]
+
+    def text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> phones (P,), phone_chars (P,): phone ids and the vocabulary id of each phone's character."""
+        if text not in self._texts:  # pypinyin costs ~1 ms a sentence: once per sentence, not per epoch
+            units, which = self.phonemizer(text)
+            chars = self.vocab.encode(text)
+            if len(self._texts) >= 200_000:
+                self._texts.clear()
+            self._texts[text] = (torch.tensor([self.phone_id.get(u, UNK) for u in units], dtype=torch.long),
+                                 torch.tensor([chars[i] for i in which], dtype=torch.long))
+        return self._texts[text]
+
+    def pseudo_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.full((self.pseudo_text_len,), self.phone_id[self.pseudo_phone], dtype=torch.long),
+                torch.full((self.pseudo_text_len,), UNK, dtype=torch.long))
+
+    def speech(self, path, speed: float = 1.0) -> torch.Tensor:
+        """(T, num_mel_bins) float32, computed once per (file, speed) while cached."""
+        key = (str(path), float(speed))
+        if key in self._lru:
+            self._lru.move_to_end(key)
+            return self._lru[key]
+        feats, file = None, None
+        if self.cache_dir is not None:
+            st = os.stat(path)
+            name = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{float(speed)}|{self.cmvn}|"
+                                f"{self.num_mel_bins}".encode()).hexdigest()
+            file = self.cache_dir / name[:2] / f"{name}.pt"
+            if file.is_file():
+                try:
+                    feats = torch.load(file, weights_only=True)
+                except Exception:  # a torn file from a killed run: recompute
+                    feats = None
+        if feats is None:
+            feats = _speech_features(path, speed, self.cmvn).float().contiguous()
+            self.computed += 1
+            if feats.dim() != 2 or feats.shape[1] != self.num_mel_bins:
+                raise ValueError(f"{path}: features of shape {tuple(feats.shape)}, expected (T, {self.num_mel_bins})")
+            if file is not None:
+                _atomic_save(feats, file)
+        if self.memory_cache > 0:
+            self._lru[key] = feats
+            while len(self._lru) > self.memory_cache:
+                self._lru.popitem(last=False)
+        return feats
+
+    def pseudo_speech(self) -> torch.Tensor:
+        if self._pseudo is None:
+            self._pseudo = _pseudo_speech_features(self.cmvn).float().contiguous()
+        return self._pseudo
+
+    def inputs(self, sample: Sample, task: str, speed: float = 1.0) -> dict:
+        if task not in TASKS + (NEITHER,):
+            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or {NEITHER})")
+        has_speech, has_text = task in ("SNER", "MNER"), task in ("TNER", "MNER")
+        if has_speech and sample.audio is None:
+            raise ValueError(f"{task} needs audio, but sample {sample.id} has none")
+        fbank = self.speech(sample.audio, speed) if has_speech else self.pseudo_speech()  # (T, 80)
+        phones, phone_chars = self.text(sample.text) if has_text else self.pseudo_text()  # (P,), (P,)
+        target = self.target(sample) if task != NEITHER else [UNK] * self.neither_len + [EOS]
+        target = torch.tensor(target, dtype=torch.long)  # (L,)
+        return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]),
+                "speech_present": torch.tensor(has_speech),
+                "phones": phones, "phone_chars": phone_chars, "phone_lengths": torch.tensor(len(phones)),
+                "text_present": torch.tensor(has_text),
+                "decoder_input": torch.cat([torch.tensor([BOS]), target[:-1]]), "target": target}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Batching
+
+
+def collate(items: list[dict]) -> dict:
+    """Unbatched input dicts -> the batch dict: zero-padded fbank, PAD-padded phones and tokens, lengths, flags."""
+    def pad(key, value):
+        seqs = [x[key] for x in items]
+        out = torch.full((len(seqs), max(len(s) for s in seqs), *seqs[0].shape[1:]), value, dtype=seqs[0].dtype)
+        for row, s in enumerate(seqs):
+            out[row, : len(s)] = s
+        return out
+    batch = {"fbank": pad("fbank", 0.0),  # (B, T, 80)
+             "phones": pad("phones", PAD), "phone_chars": pad("phone_chars", PAD),  # (B, P)
+             "decoder_input": pad("decoder_input", PAD), "target": pad("target", PAD)}  # (B, L)
+    for key in ("fbank_lengths", "phone_lengths", "speech_present", "text_present"):
+        batch[key] = torch.stack([x[key] for x in items])  # (B,)
+    return {k: batch[k] for k in ("fbank", "fbank_lengths", "speech_present", "phones", "phone_chars",
+                                  "phone_lengths", "text_present", "decoder_input", "target")}
+
+
+def _wav_frames(path) -> int:
+    """fbank frames (25 ms window, 10 ms shift, snip_edges) of a wav at 16 kHz, from its header."""
+    try:
+        with wave.open(str(path), "rb") as w:
+            n = w.getnframes() * 16000 // w.getframerate()
+    except (wave.Error, EOFError):  # not plain PCM: guess 16-bit mono
+        n = max(0, os.path.getsize(path) - 44) // 2
+    return max(0, 1 + (n - 400) // 160)
+
+
+PSEUDO_FRAMES = 1 + (PSEUDO_SPEECH_SAMPLES - 400) // 160
+
+
+class _Items(torch.utils.data.Dataset):
+    """Map-style dataset indexed by plan items (sample index, task, speed): the plan travels with the indices,
+    so DataLoader workers (persistent across epochs) need no update when the epoch changes."""
+
+    def __init__(self, samples, featurizer):
+        self.samples, self.featurizer = samples, featurizer
+
+    def __getitem__(self, item):
+        i, task, speed = item
+        return self.featurizer.inputs(self.samples[i], task, speed)
+
+    def __len__(self):
+        return len(self.samples)
+
+
+class _PlanSampler:
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader.batch_plan())
+
+    def __len__(self):
+        return len(self.loader.batch_plan())
+
+
+class Loader:
+    """Length-bucketed batches with each sample's task redrawn every epoch (see make_loader). Iterate for batch
+    dicts; batch_plan() lists (sample index, task, speed) of every batch of this epoch and rank, in order."""
+
+    def __init__(self, samples, featurizer, batch_size, train, task_mix, tasks, seed, num_workers, rank,
+                 world_size, speeds, bucket_pool):
+        bad = [t for t in tasks if t not in TASKS]
+        if bad or not tasks:
+            raise ValueError(f"tasks {tasks!r}: choose from {', '.join(TASKS)}")
+        if task_mix not in ("uniform", "coin") or (train and task_mix == "coin" and set(tasks) != set(TASKS)):
+            raise ValueError(f"task_mix {task_mix!r}: 'uniform' (any tasks) or 'coin' (all three tasks)")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size {batch_size}, rank {rank}, world_size {world_size}")
+        self.samples, self.featurizer, self.batch_size, self.train = samples, featurizer, batch_size, train
+        self.task_mix, self.tasks, self.seed, self.rank, self.world_size = task_mix, tuple(tasks), seed, rank, world_size
+        self.speeds = tuple(speeds) if train else (1.0,)
+        self.bucket_pool, self.epoch, self._plan = bucket_pool, 0, None
+        self.target_len = [len(linearize(s.text, s.entities)) + 1 for s in samples]
+        self.frames = [_wav_frames(s.audio) if s.audio else 0 for s in samples]
+        with_audio = sum(s.audio is not None for s in samples)
+        self.report = {"samples": len(samples), "with_audio": with_audio, "without_audio": len(samples) - with_audio,
+                       "unusable": 0 if "TNER" in self.tasks else len(samples) - with_audio}
+        self._loader = torch.utils.data.DataLoader(
+            _Items(samples, featurizer), batch_sampler=_PlanSampler(self), collate_fn=collate,
+            num_workers=num_workers, persistent_workers=num_workers > 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(self._loader)
+
+    def __len__(self):
+        return len(self.batch_plan())
+
+    def batch_indices(self) -> list[list[int]]:
+        return [[i for i, _, _ in b] for b in self.batch_plan()]
+
+    def batch_plan(self) -> list[list[tuple[int, str, float]]]:
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self._make_plan(random.Random(f"{self.seed}:{self.epoch}")))
+        return self._plan[1]
+
+    def _length(self, item) -> float:
+        i, task, speed = item
+        frames = self.frames[i] / speed if task in ("SNER", "MNER") else PSEUDO_FRAMES
+        return frames + (self.target_len[i] if task != NEITHER else self.featurizer.neither_len + 1)
+
+    def _draw(self, rng) -> list[tuple[int, str, float]]:
+        """Tasks of this epoch. uniform: among samples with audio a seeded permutation deals the tasks in turn
+        (exact thirds for 1:1:1); samples without audio are TNER. coin: two fair coins per sample (audio?
+        text?), no audio -> the audio coin reads False. Eval: every sample for every task it can do."""
+        n, has = len(self.samples), [s.audio is not None for s in self.samples]
+        speed = lambda task: rng.choice(self.speeds) if task in ("SNER", "MNER") else 1.0
+        if not self.train:
+            return [(i, t, 1.0) for t in self.tasks for i in range(n) if has[i] or t == "TNER"]
+        if self.task_mix == "coin":
+            out = []
+            for i in range(n):
+                a, t = rng.random() < 0.5, rng.random() < 0.5
+                task = {(1, 1): "MNER", (1, 0): "SNER", (0, 1): "TNER", (0, 0): NEITHER}[(a and has[i], t)]
+                out.append((i, task, speed(task)))
+            return out
+        dealt = [i for i in range(n) if has[i]]
+        rng.shuffle(dealt)
+        offset = rng.randrange(len(self.tasks))
+        task_of = {i: self.tasks[(j + offset) % len(self.tasks)] for j, i in enumerate(dealt)}
+        if "TNER" in self.tasks:
+            task_of.update({i: "TNER" for i in range(n) if not has[i]})
+        return [(i, task_of[i], speed(task_of[i])) for i in sorted(task_of)]
+
+    def _make_plan(self, rng):
+        items, bs = self._draw(rng), self.batch_size
+        if not self.train:  # deterministic: sorted by length, this rank's share of the batches
+            items.sort(key=self._length)
+            return [items[b: b + bs] for b in range(0, len(items), bs)][self.rank:: self.world_size]
+        rng.shuffle(items)
+        if self.world_size > 1 and items:  # wrap around so every rank gets as many full batches
+            total = -(-len(items) // (bs * self.world_size)) * bs * self.world_size
+            items = (items * (total // len(items) + 1))[:total]
+        batches, pool = [], bs * self.bucket_pool
+        for p in range(0, len(items), pool):  # sort within pools of bucket_pool batches: similar lengths together
+            chunk = sorted(items[p: p + pool], key=self._length)
+            batches += [chunk[b: b + bs] for b in range(0, len(chunk), bs)]
+        rng.shuffle(batches)
+        return batches[self.rank:: self.world_size]
+
+
+def make_loader(samples, featurizer: Featurizer, batch_size: int, train: bool, task_mix: str = "uniform",
+                tasks=TASKS, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                speeds=(0.9, 1.0, 1.1), bucket_pool: int = 100) -> Loader:
+    """Batches of collated inputs. train: tasks and speed perturbation (speeds, for real speech) redrawn per
+    epoch (call set_epoch), batches of similar length (sorted within pools of bucket_pool batches) in shuffled
+    order; with world_size > 1 every rank gets the same number of full batches (samples repeat to fill).
+    Not train: every sample for every task in `tasks` it can do (SNER/MNER need audio), speed 1.0, sorted by
+    length; use batch_plan() to map rows back to samples."""
+    return Loader(samples, featurizer, batch_size, train, task_mix, tasks, seed, num_workers, rank, world_size,
+                  speeds, bucket_pool)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Assets for a model trained from scratch (the checkpoint's "assets", CONTRACT.md)
+
+
+def assets_for_scratch(samples) -> dict:
+    """Vocabulary from the training text (+ brackets), MMSpeech's phone inventory (assets/phone_dict.txt), no
+    lexicon (pypinyin), fbank settings, decoding defaults. no_repeat_ngram_size 0: the output copies the input,
+    and 47 of CNERTA's 4,440 dev targets repeat a 5-gram (19 of AISHELL-NER's 14,326: 年的百分之 ... 年的百分之),
+    which a 5-gram block would make unreachable."""
+    vocab = TextVocab.build(samples).tokens
+    return {"vocab": vocab, "phones": read_phone_dict(), "lexicon": {},
+            "fbank": {"num_mel_bins": 80, "cmvn": "utterance"},
+            "decoding": {"beam": 5, "max_len_b": 128, "min_len": 1, "no_repeat_ngram_size": 0,
+                         "constraint_range": [4, len(vocab)], "len_penalty": 1.0}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Command line: corpus statistics, phone agreement
+
+
+def depth_histogram(samples) -> dict[str, int]:
+    """Sentences by their deepest nesting: 0 = no entity, 1 = flat, 2 = an entity inside another, ..."""
+    hist = collections.Counter()
+    for s in samples:
+        ents = set(s.entities)
+        hist[max((sum(o.start <= e.start and e.end <= o.end for o in ents) for e in ents), default=0)] += 1
+    return {str(k): hist[k] for k in sorted(hist)}
+
+
+def round_trip(samples) -> dict:
+    """Unique gold entities recovered by ours (linearize -> parse) and by the official rule (linearize_official
+    -> parse_official, with and without its last-character bug)."""
+    gold = ours = official = official_fixed = 0
+    for s in samples:
+        g = set(s.entities)
+        gold += len(g)
+        ours += len(g & set(parse(linearize(s.text, s.entities))[1]))
+        bracketed = linearize_official(s.text, s.entities)
+        official += len(g & set(parse_official(bracketed)[1]))
+        official_fixed += len(g & set(parse_official(bracketed, last_char_bug=False)[1]))
+    return {"entities": gold, "ours_recovered": ours, "official_rule_kept": official,
+            "official_rule_kept_without_last_char_bug": official_fixed}
+
+
+def stats(dataset, data_dir, split, audio_dir=None) -> dict:
+    samples = load_split(dataset, data_dir, split, audio_dir=audio_dir, errors="collect", verbose=False)
+    r = samples.report
+    nested = [nest(s.entities) for s in samples]
+    types = collections.Counter(e.type for s in samples for e in set(s.entities))
+    out = {"dataset": dataset, "split": SPLITS[split], "file": r["file"], "sentences": len(samples),
+           "entities": {**{t: types[t] for t in TYPES}, "total": sum(types.values())},
+           "duplicate_spans": sum(n[2] for n in nested), "nesting_depth": depth_histogram(samples),
+           "crossing_spans": sum(len(n[1]) for n in nested), "round_trip": round_trip(samples),
+           "audio": {k: r[k] for k in ("audio_dir", "audio_found", "audio_missing")},
+           "brackets_made_fullwidth": r["brackets_made_fullwidth"],
+           "malformed": {"count": r["malformed_count"], "first": r["malformed"]}}
+    if dataset == "image4imner":  # what the lossy format lost, where the split's JSON lies beside it
+        json_file = Path(r["file"]).parent / ("valid.json" if SPLITS[split] == "dev" else f"{SPLITS[split]}.json")
+        if json_file.is_file():
+            gold = {s.id: set(s.entities) for s in load_split("cnerta", json_file.parent, split, verbose=False)}
+            with open(r["file"], encoding="utf-8") as f:
+                lines = dict(parts for parts in (line.split(maxsplit=1) for line in f) if len(parts) == 2)
+            both = [s for s in samples if s.id in gold]
+            out["vs_json"] = {
+                "file": str(json_file), "sentences_matched": len(both),
+                "json_entities": sum(len(gold[s.id]) for s in both),
+                "in_file_official_parser": sum(len(gold[s.id] & set(parse_official(lines[s.id].strip())[1]))
+                                               for s in both),
+                "in_file_without_last_char_bug": sum(len(gold[s.id] & set(s.entities)) for s in both)}
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("stats", help="print one JSON object describing a corpus split")
+    st.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format")
+    st.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
+    st.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (dev = valid)")
+    st.add_argument("--audio-dir", default=None, help="wav folder (AISHELL-1 wav/ or flat); default DATA_DIR/wav")
+    ph = sub.add_parser("phones", help="agreement of pypinyin with a phone lexicon (text2phone_dict.txt)")
+    ph.add_argument("--lexicon", required=True, help="path of text2phone_dict.txt")
+    ph.add_argument("--stride", type=int, default=1, help="use every N-th lexicon word")
+    args = p.parse_args(argv)
+    if args.command == "stats":
+        result = stats(args.dataset, args.data_dir, args.split, args.audio_dir)
+    else:
+        result = phone_agreement(args.lexicon, args.stride)
+    print(json.dumps(result, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
