@@ -1,0 +1,592 @@
+"""IMAGE model: MMSpeech (ModelScope's OFA-MMSpeech) plus IMAGE's modality-absence embedding, in plain PyTorch.
+
+    fbank (B, T, 80) -> Conv2dSubsampling4 -> Linear -> [+ modality] -> + conv positions -> encoder layers 0..5
+    phones (B, P) -> phone emb [+ char emb + modality] -> + conv positions ----------------\\ joined at layer 6
+    encoder layers 6.. over [speech | text] -> LayerNorm -> OFA decoder (cross-attention) -> tied LM head
+
+The architecture and every number come from ../shared/reference/MMSPEECH.md (ModelScope 1.40.2). IMAGE adds:
+  * text-stream features = phone embedding + embedding of the character the phone came from (the decoder's token
+    embedding, shared, unscaled);
+  * a learned modality-absence embedding nn.Embedding(2, d) (0 = absent, 1 = present), zero-initialised, added to
+    every speech frame and every text position. At zero, with no text stream, the model computes exactly MMSpeech.
+
+Padding: ModelScope's padding mask is 1-2 frames longer than the true conv output and its 5-layer positional
+convolution zeroes padding only before its first layer, so its outputs depend on batch composition. By default we use
+the true lengths and re-zero padding before every conv layer (a padded row computes what it computes alone);
+Config.modelscope_padding=True reproduces ModelScope exactly. At batch size 1 the two agree.
+
+This module knows tensors only (no files): weights.py converts ModelScope checkpoints and loads ours.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3      # decoder vocabulary specials (fairseq layout); phone ids use the same 0..3
+MASK_VALUE = -30000.0                # additive mask: finite and representable in fp16, so all-masked rows give no NaN
+REL_POS_MAX_DISTANCE = 1024          # ModelScope builds its token bucket table for 1024 positions (fixed constant)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class Config:
+    vocab_size: int = 51134              # decoder vocabulary (tied LM head)
+    phone_vocab_size: int = 141          # phone embedding rows (4 specials + phone_dict.txt)
+    phone_dict_size: int = 124           # CTC phone head = phone embedding rows [3, phone_dict_size)
+    num_mel_bins: int = 80
+    d_model: int = 1024
+    encoder_layers: int = 24
+    encoder_heads: int = 16
+    encoder_ffn: int = 4096
+    decoder_layers: int = 12
+    decoder_heads: int = 16
+    decoder_ffn: int = 4096
+    pos_conv_layers: int = 5             # conv positional embedding depth (ModelScope encoder_pos_conv_depth)
+    pos_conv_width: int = 95             # total width; kernel per layer = max(3, width // layers) = 19
+    pos_conv_groups: int = 16
+    text_join_layer: int = 6             # the text stream joins the speech stream before this encoder layer
+    max_positions: int = 1024            # decoder learned positions: max_positions + 2 rows
+    token_bucket_size: int = 256         # decoder relative-position buckets: 2 * size - 1 per layer
+    attn_scale_factor: float = 2.0       # decoder attention scale (head_dim * factor) ** -0.5
+    scale_embedding: bool = True         # decoder token embedding * sqrt(d_model)   (config.json)
+    entangle_position_embedding: bool = True   # add absolute positions to decoder token embeddings (config.json)
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0
+    modelscope_padding: bool = False     # compat switch: reproduce ModelScope's batch-dependent padding exactly
+    mask_pseudo: bool = False            # ablation: key-pad absent modalities instead of attending the pseudo input
+    use_modality_embedding: bool = True  # ablation "no MAF": False removes the modality-absence embedding
+
+    @classmethod
+    def tiny(cls, **overrides) -> "Config":
+        """CPU tests and the demo: 8 encoder layers so the text stream still joins at layer 6."""
+        dims = dict(vocab_size=1000, d_model=64, encoder_layers=8, encoder_heads=4, encoder_ffn=128,
+                    decoder_layers=2, decoder_heads=4, decoder_ffn=128)
+        return cls(**{**dims, **overrides})
+
+    @classmethod
+    def base(cls, **overrides) -> "Config":
+        """damo/ofa_mmspeech_pretrain_base_zh dimensions (210,967,464 MMSpeech parameters with unused tables)."""
+        dims = dict(d_model=768, encoder_layers=12, encoder_heads=12, encoder_ffn=3072,
+                    decoder_layers=6, decoder_heads=12, decoder_ffn=3072)
+        return cls(**{**dims, **overrides})
+
+    @classmethod
+    def large(cls, **overrides) -> "Config":
+        """damo/ofa_mmspeech_pretrain_large_zh dimensions (608,949,696 MMSpeech parameters with unused tables)."""
+        return cls(**overrides)
+
+    def __post_init__(self):
+        for name, heads in (("encoder_heads", self.encoder_heads), ("decoder_heads", self.decoder_heads)):
+            if self.d_model % heads:
+                raise ValueError(f"Config: d_model {self.d_model} is not divisible by {name} {heads}")
+        if self.d_model % self.pos_conv_groups:
+            raise ValueError(f"Config: d_model {self.d_model} is not divisible by pos_conv_groups "
+                             f"{self.pos_conv_groups}")
+        if self.pos_conv_layers < 2:
+            raise ValueError(f"Config: pos_conv_layers must be >= 2 (got {self.pos_conv_layers}; ModelScope's "
+                             "depth-1 variant is a weight-normed conv that this model does not implement)")
+        if not 0 < self.text_join_layer < self.encoder_layers:
+            raise ValueError(f"Config: text_join_layer {self.text_join_layer} must be in [1, encoder_layers "
+                             f"{self.encoder_layers})")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Lengths and masks
+
+def conv_output_lengths(fbank_lengths: Tensor) -> Tensor:
+    """True frame counts after the two 3x3 stride-2 convolutions (no padding)."""
+    return ((fbank_lengths - 1) // 2 - 1) // 2
+
+
+def modelscope_output_lengths(fbank_lengths: Tensor) -> Tensor:
+    """ModelScope's mask lengths ((L - 1) // 2 + 1, twice): 1-2 frames longer than the true conv output."""
+    half = (fbank_lengths - 1) // 2 + 1
+    return (half - 1) // 2 + 1
+
+
+def lengths_to_padding(lengths: Tensor, size: int) -> Tensor:
+    """(B,) lengths -> (B, size) bool, True = padded."""
+    return torch.arange(size, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+def padding_to_bias(padding: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, S) bool -> (B, 1, 1, S) additive attention mask."""
+    return torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill(
+        padding, MASK_VALUE)[:, None, None, :]
+
+
+def relative_position_buckets(q_len: int, k_len: int, bucket_size: int, device=None) -> Tensor:
+    """OFA's token relative-position buckets, (q_len, k_len) long in [0, 2 * bucket_size - 1).
+
+    Exact for |query - key| <= bucket_size // 2, log-spaced beyond (up to REL_POS_MAX_DISTANCE); computed in float32 as
+    ModelScope's make_token_bucket_position does, so the indices are identical.
+    """
+    rel = torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
+    mid = bucket_size // 2
+    abs_rel = torch.where((rel < mid) & (rel > -mid), mid - 1, rel.abs())
+    log_rel = torch.ceil(torch.log(abs_rel / mid) / math.log((REL_POS_MAX_DISTANCE - 1) / mid) * (mid - 1)) + mid
+    bucket = torch.where(abs_rel <= mid, rel, log_rel.int() * torch.sign(rel))
+    return bucket.long() + bucket_size - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+def embedding(num: int, dim: int, padding_idx: Optional[int] = None) -> nn.Embedding:
+    """nn.Embedding without its own random init (IMAGE._init_weights initialises it). Building on the meta device
+    then never calls normal_, which on meta tensors imports torch._dynamo (seconds of start-up)."""
+    return nn.Embedding(num, dim, padding_idx, _weight=torch.empty(num, dim))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with biased projections; optional per-head output scale (NormFormer) and scale factor."""
+
+    def __init__(self, d: int, heads: int, scale_factor: float = 1.0, head_scale: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, d // heads, dropout
+        self.scaling = (self.head_dim * scale_factor) ** -0.5
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
+        self.head_scale = nn.Parameter(torch.ones(heads)) if head_scale else None
+
+    def split(self, x: Tensor) -> Tensor:             # (B, T, d) -> (B, H, T, hd)
+        return x.view(x.size(0), x.size(1), self.heads, self.head_dim).transpose(1, 2)
+
+    def query(self, x: Tensor) -> Tensor:             # (B, T, d) -> (B, H, T, hd)
+        return self.split(self.q_proj(x))
+
+    def key_value(self, x: Tensor) -> tuple:          # (B, S, d) -> 2 x (B, H, S, hd)
+        return self.split(self.k_proj(x)), self.split(self.v_proj(x))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, group: int = 1) -> Tensor:
+        """q (N, H, T, hd), k/v (N / group, H, S, hd), mask additive, broadcastable to (N / group, H, T, S).
+
+        group > 1: rows n * group ... n * group + group - 1 of q share k/v row n (beams of one source), so the
+        encoder keys are never copied per beam.
+        """
+        n, _, t, _ = q.shape
+        if group > 1:                                  # fold the beams into the query axis
+            q = q.reshape(n // group, group, self.heads, t, self.head_dim).transpose(1, 2)
+            q = q.reshape(n // group, self.heads, group * t, self.head_dim)
+            if t > 1:
+                mask = mask.repeat(1, 1, group, 1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=self.scaling,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        if group > 1:
+            out = out.reshape(n // group, self.heads, group, t, self.head_dim).transpose(1, 2)
+            out = out.reshape(n, self.heads, t, self.head_dim)
+        if self.head_scale is not None:
+            out = out * self.head_scale.view(1, -1, 1, 1).to(out.dtype)
+        return self.out_proj(out.transpose(1, 2).reshape(n, t, self.heads * self.head_dim))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # self-attention, (B, T, d) -> (B, T, d)
+        return self.attend(self.query(x), *self.key_value(x), mask)
+
+
+class Subsample(nn.Module):
+    """Conv2dSubsampling4: two 3x3 stride-2 Conv2d + ReLU (no padding), then Linear over channels x mel bins."""
+
+    def __init__(self, num_mel_bins: int, d: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, d, 3, 2)
+        self.conv2 = nn.Conv2d(d, d, 3, 2)
+        self.proj = nn.Linear(d * (((num_mel_bins - 1) // 2 - 1) // 2), d)
+
+    def forward(self, fbank: Tensor) -> Tensor:       # (B, T, mels) -> (B, T', d), T' = ((T - 1) // 2 - 1) // 2
+        x = F.relu(self.conv2(F.relu(self.conv1(fbank.unsqueeze(1)))))    # (B, d, T', F')
+        b, c, t, f = x.shape
+        return self.proj(x.transpose(1, 2).reshape(b, t, c * f))          # channel-major flatten, as ModelScope
+
+
+class ConvPositions(nn.Module):
+    """Convolutional positional embedding: layers x [grouped Conv1d -> LayerNorm (no affine) -> GELU]."""
+
+    def __init__(self, d: int, layers: int, width: int, groups: int):
+        super().__init__()
+        k = max(3, width // layers)
+        self.convs = nn.ModuleList(nn.Conv1d(d, d, k, padding=k // 2, groups=groups) for _ in range(layers))
+        self.trim = 1 - k % 2                          # even kernels give one extra frame (fairseq SamePad)
+
+    def forward(self, x: Tensor, padding: Tensor, rezero: bool) -> Tensor:
+        """x (B, T, d) -> (B, T, d). Padding is zeroed before the first conv; with rezero before every conv."""
+        pad = padding[:, None, :]                      # (B, 1, T)
+        h = x.transpose(1, 2)                          # (B, d, T)
+        for i, conv in enumerate(self.convs):
+            if i == 0 or rezero:
+                h = h.masked_fill(pad, 0.0)
+            h = conv(h)
+            if self.trim:
+                h = h[..., :-1]
+            h = F.gelu(F.layer_norm(h.transpose(1, 2), h.shape[1:2])).transpose(1, 2)
+        return h.transpose(1, 2)
+
+
+class EncoderLayer(nn.Module):
+    """fairseq TransformerSentenceEncoderLayer, pre-LN."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(c.d_model)
+        self.attn = Attention(c.d_model, c.encoder_heads, dropout=c.attention_dropout)
+        self.ffn_norm = nn.LayerNorm(c.d_model)
+        self.fc1 = nn.Linear(c.d_model, c.encoder_ffn)
+        self.fc2 = nn.Linear(c.encoder_ffn, c.d_model)
+        self.dropout, self.activation_dropout = c.dropout, c.activation_dropout
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:    # (B, S, d), mask (B, 1, 1, S)
+        x = x + F.dropout(self.attn(self.attn_norm(x), mask), self.dropout, self.training)
+        h = F.dropout(F.gelu(self.fc1(self.ffn_norm(x))), self.activation_dropout, self.training)
+        return x + F.dropout(self.fc2(h), self.dropout, self.training)
+
+
+class DecoderLayer(nn.Module):
+    """OFA decoder layer: pre-LN with NormFormer mid-LNs (after self/cross attention, inside the FFN), head scales."""
+
+    def __init__(self, c: Config):
+        super().__init__()
+        d = c.d_model
+
+        def attention():
+            return Attention(d, c.decoder_heads, c.attn_scale_factor, head_scale=True, dropout=c.attention_dropout)
+        self.self_attn_norm, self.self_attn, self.self_attn_mid_norm = nn.LayerNorm(d), attention(), nn.LayerNorm(d)
+        self.cross_attn_norm, self.cross_attn, self.cross_attn_mid_norm = nn.LayerNorm(d), attention(), nn.LayerNorm(d)
+        self.ffn_norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, c.decoder_ffn)
+        self.ffn_mid_norm = nn.LayerNorm(c.decoder_ffn)
+        self.fc2 = nn.Linear(c.decoder_ffn, d)
+        self.dropout, self.activation_dropout = c.dropout, c.activation_dropout
+
+    def forward(self, x: Tensor, self_mask: Tensor, memory_kv: tuple, cross_mask: Tensor,
+                kv_cache: Optional[Tensor] = None, start: int = 0, group: int = 1) -> Tensor:
+        """x (N, T, d) for positions start..start+T-1 -> (N, T, d).
+
+        self_mask: additive, broadcastable to (N, H, T, start+T) (position biases, causal mask).
+        memory_kv: encoder keys/values 2 x (N / group, H, S, hd); cross_mask broadcastable to (N / group, H, T, S).
+        kv_cache: None (full sequence) or this layer's preallocated (2, N, H, max_len, hd) self-attention cache.
+        """
+        h = self.self_attn_norm(x)
+        q, (k, v) = self.self_attn.query(h), self.self_attn.key_value(h)
+        if kv_cache is not None:
+            end = start + x.size(1)
+            kv_cache[0, :, :, start:end] = k
+            kv_cache[1, :, :, start:end] = v
+            k, v = kv_cache[0, :, :, :end], kv_cache[1, :, :, :end]
+        h = self.self_attn_mid_norm(self.self_attn.attend(q, k, v, self_mask))
+        x = x + F.dropout(h, self.dropout, self.training)
+        h = self.cross_attn.query(self.cross_attn_norm(x))
+        h = self.cross_attn_mid_norm(self.cross_attn.attend(h, *memory_kv, cross_mask, group))
+        x = x + F.dropout(h, self.dropout, self.training)
+        h = F.dropout(F.gelu(self.fc1(self.ffn_norm(x))), self.activation_dropout, self.training)
+        return x + F.dropout(self.fc2(self.ffn_mid_norm(h)), self.dropout, self.training)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Encoder
+
+@dataclass
+class Encoded:
+    """Encoder output. S = speech frames (+ text positions when a text stream is given)."""
+    hidden: Tensor          # (B, S, d)
+    padding_mask: Tensor    # (B, S) bool, True = padded / not attended
+    position: Tensor        # (B, S, d) conv positional embeddings (feed the decoder's cross-attention position bias)
+
+    def index_select(self, index: Tensor) -> "Encoded":
+        return Encoded(*(t.index_select(0, index) for t in (self.hidden, self.padding_mask, self.position)))
+
+    def expand(self, n: int) -> "Encoded":
+        """Repeat every row n times, copies adjacent (rows b * n ... b * n + n - 1 = source b)."""
+        return self.index_select(torch.arange(self.hidden.size(0), device=self.hidden.device).repeat_interleave(n))
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.config = c
+        self.subsample = Subsample(c.num_mel_bins, c.d_model)
+        self.input_proj = nn.Linear(c.d_model, c.d_model)
+        self.phone_embed = embedding(c.phone_vocab_size, c.d_model, padding_idx=PAD)
+        self.modality_embed = embedding(2, c.d_model) if c.use_modality_embedding else None
+        self.speech_pos_conv = ConvPositions(c.d_model, c.pos_conv_layers, c.pos_conv_width, c.pos_conv_groups)
+        self.text_pos_conv = ConvPositions(c.d_model, c.pos_conv_layers, c.pos_conv_width, c.pos_conv_groups)
+        self.layers = nn.ModuleList(EncoderLayer(c) for _ in range(c.encoder_layers))
+        self.final_norm = nn.LayerNorm(c.d_model)
+
+    def add_modality(self, x: Tensor, present: Optional[Tensor]) -> Tensor:
+        """x (B, T, d) + the present/absent embedding of its row; nothing when present is None (plain MMSpeech)."""
+        if present is None or self.modality_embed is None:
+            return x
+        return x + self.modality_embed(present.long())[:, None, :].to(x.dtype)
+
+    def speech(self, fbank: Tensor, fbank_lengths: Tensor, present: Optional[Tensor]) -> tuple:
+        """fbank (B, T, mels) -> frames (B, T', d), padding (B, T'), conv positions (B, T', d)."""
+        c = self.config
+        if fbank.dim() != 3 or fbank.size(-1) != c.num_mel_bins or fbank.size(1) < 7:
+            raise ValueError(f"fbank must be (B, T >= 7, {c.num_mel_bins}) (two 3x3 stride-2 convolutions), "
+                             f"got {tuple(fbank.shape)}")
+        x = self.input_proj(self.subsample(fbank))                       # (B, T', d)
+        lengths = (modelscope_output_lengths if c.modelscope_padding else conv_output_lengths)(fbank_lengths)
+        padding = lengths_to_padding(lengths, x.size(1))
+        x = self.add_modality(x, present)
+        if c.mask_pseudo and present is not None:
+            padding = padding | ~present[:, None]
+        x = x.masked_fill(padding[..., None], 0.0)
+        position = self.speech_pos_conv(x, padding, rezero=not c.modelscope_padding)
+        return x + position, padding, position
+
+    def text(self, phones: Tensor, char_embeds: Optional[Tensor], phone_lengths: Optional[Tensor],
+             present: Optional[Tensor]) -> tuple:
+        """phones (B, P) -> features (B, P, d), padding (B, P), conv positions (B, P, d)."""
+        c = self.config
+        x = self.phone_embed(phones)
+        if char_embeds is not None:
+            x = x + char_embeds.to(x.dtype)
+        x = self.add_modality(x, present)
+        padding = phones.eq(PAD)
+        if phone_lengths is not None:
+            padding = padding | lengths_to_padding(phone_lengths, phones.size(1))
+        if c.mask_pseudo and present is not None:
+            padding = padding | ~present[:, None]
+        x = x.masked_fill(padding[..., None], 0.0)
+        position = self.text_pos_conv(x, padding, rezero=not c.modelscope_padding)
+        return x + position, padding, position
+
+    def forward(self, fbank, fbank_lengths, phones=None, char_embeds=None, phone_lengths=None,
+                speech_present=None, text_present=None) -> Encoded:
+        x, padding, position = self.speech(fbank, fbank_lengths, speech_present)
+        x = F.dropout(x, self.config.dropout, self.training)             # ModelScope drops the speech stream only
+        text = None
+        if phones is not None and phones.size(1) > 0:
+            text = self.text(phones, char_embeds, phone_lengths, text_present)
+        mask = padding_to_bias(padding, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if i == self.config.text_join_layer and text is not None:
+                x = torch.cat([x, text[0].to(x.dtype)], 1)               # (B, T' + P, d)
+                padding = torch.cat([padding, text[1]], 1)
+                position = torch.cat([position, text[2]], 1)
+                mask = padding_to_bias(padding, x.dtype)
+            x = layer(x, mask)
+        return Encoded(self.final_norm(x), padding, position)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoder and its incremental cache
+
+class Cache:
+    """Explicit decoding state for rows = sources x beams.
+
+    self_kv    (layers, 2, N, H, max_len, hd)  self-attention keys/values, preallocated; positions < length are filled
+    memory_kv  (layers, 2, Bs, H, S, hd)       encoder keys/values per *source*, computed once
+    memory_pos (Bs, H, S, hd)                  cross-attention position keys (from the encoder conv positions)
+    memory_mask (Bs, 1, 1, S)                  encoder padding, additive
+    self_bias  (layers, H, max_len, max_len)   absolute + relative position bias, computed once
+    pos_query  (H, max_len, hd)                cross-attention position queries (scaled)
+    positions  (max_len, d)                    learned absolute positions (added to embeddings when entangled)
+    source     (N,)                            encoder row of every cache row
+    """
+
+    def __init__(self, self_kv, memory_kv, memory_pos, memory_mask, self_bias, pos_query, positions):
+        self.self_kv, self.memory_kv, self.memory_pos, self.memory_mask = self_kv, memory_kv, memory_pos, memory_mask
+        self.self_bias, self.pos_query, self.positions = self_bias, pos_query, positions
+        self.source = torch.arange(memory_kv.size(2), device=memory_kv.device)
+        self.group = 1                 # rows n*group .. n*group+group-1 read source n; None = gather by self.source
+        self.length = 0                # next position to decode
+
+    @property
+    def max_len(self) -> int:
+        return self.self_kv.size(4)
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep/reorder/repeat rows: new row i = old row index[i] (beam search bookkeeping, expansion to beams)."""
+        index = index.to(self.source.device).long()
+        t = self.length
+        new = self.self_kv.new_empty(self.self_kv.shape[:2] + (index.numel(),) + self.self_kv.shape[3:])
+        new[:, :, :, :, :t] = self.self_kv[:, :, index, :, :t]           # copy only the filled positions
+        self.self_kv = new
+        self.source = self.source[index]
+        self._compact_sources()
+
+    def _compact_sources(self) -> None:
+        used = torch.unique(self.source)                                  # sorted
+        if used.numel() < self.memory_kv.size(2):                         # sources dropped: shrink the encoder state
+            self.memory_kv = self.memory_kv[:, :, used]
+            self.memory_pos, self.memory_mask = self.memory_pos[used], self.memory_mask[used]
+            self.source = torch.searchsorted(used, self.source)
+        n, bs = self.source.numel(), self.memory_kv.size(2)
+        regular = n % bs == 0 and torch.equal(
+            self.source, torch.arange(bs, device=self.source.device).repeat_interleave(n // bs))
+        self.group = n // bs if regular else None
+
+    def memory_for_rows(self) -> tuple:
+        """Encoder keys/values, position keys and mask as the attention needs them, plus the group size."""
+        if self.group is not None:
+            return self.memory_kv, self.memory_pos, self.memory_mask, self.group
+        return (self.memory_kv.index_select(2, self.source), self.memory_pos.index_select(0, self.source),
+                self.memory_mask.index_select(0, self.source), 1)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: Config):
+        super().__init__()
+        self.config = c
+        d, heads = c.d_model, c.decoder_heads
+        self.embed_tokens = embedding(c.vocab_size, d, padding_idx=PAD)
+        self.embed_positions = embedding(c.max_positions + 2, d)
+        self.embed_norm = nn.LayerNorm(d)
+        self.pos_norm = nn.LayerNorm(d)
+        self.self_pos_q, self.self_pos_k, self.cross_pos_q, self.cross_pos_k = (nn.Linear(d, d) for _ in range(4))
+        self.rel_pos_bias = nn.ModuleList(embedding(2 * c.token_bucket_size - 1, heads)
+                                          for _ in range(c.decoder_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
+        self.final_norm = nn.LayerNorm(d)
+        self.heads, self.head_dim = heads, d // heads
+        self.pos_scaling = (self.head_dim * c.attn_scale_factor) ** -0.5
+        self.embed_scale = math.sqrt(d) if c.scale_embedding else 1.0
+
+    def split(self, x: Tensor) -> Tensor:              # (..., T, d) -> (..., H, T, hd)
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-3, -2)
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:   # (N, T), (T, d) -> (N, T, d)
+        x = self.embed_tokens(tokens) * self.embed_scale
+        if self.config.entangle_position_embedding:
+            x = x + positions
+        return F.dropout(self.embed_norm(x), self.config.dropout, self.training)
+
+    def self_position_bias(self, length: int) -> Tensor:
+        """(layers, H, L, L): learned absolute-position attention bias + each layer's bucketed relative bias."""
+        pos = self.pos_norm(self.embed_positions.weight[:length])                    # (L, d)
+        absolute = (self.split(self.self_pos_q(pos)) * self.pos_scaling) @ self.split(self.self_pos_k(pos)).transpose(
+            -1, -2)                                                                   # (H, L, L)
+        buckets = relative_position_buckets(length, length, self.config.token_bucket_size, pos.device)
+        relative = torch.stack([table(buckets) for table in self.rel_pos_bias])       # (layers, L, L, H)
+        return absolute + relative.permute(0, 3, 1, 2)
+
+    def position_queries(self, length: int) -> Tensor:  # (H, L, hd), scaled
+        return self.split(self.cross_pos_q(self.pos_norm(self.embed_positions.weight[:length]))) * self.pos_scaling
+
+    def position_keys(self, enc: Encoded) -> Tensor:    # (B, H, S, hd)
+        return self.split(self.cross_pos_k(enc.position))
+
+    def logits(self, x: Tensor) -> Tensor:              # (..., d) -> (..., V), tied head
+        return F.linear(self.final_norm(x), self.embed_tokens.weight)
+
+    @property
+    def max_len(self) -> int:
+        """Longest decoder sequence: the learned positions, and the 1024 positions the bucket scheme covers."""
+        return min(self.embed_positions.num_embeddings, REL_POS_MAX_DISTANCE)
+
+    def forward(self, tokens: Tensor, enc: Encoded) -> Tensor:
+        """Teacher-forced: tokens (B, L) -> logits (B, L, V)."""
+        length = tokens.size(1)
+        if length > self.max_len:
+            raise ValueError(f"decoder input of {length} tokens exceeds the {self.max_len} decoder positions")
+        x = self.embed(tokens, self.embed_positions.weight[:length])
+        causal = torch.full((length, length), MASK_VALUE, device=x.device).triu(1)
+        self_masks = self.self_position_bias(length) + causal                         # (layers, H, L, L)
+        cross_mask = (self.position_queries(length) @ self.position_keys(enc).transpose(-1, -2)
+                      + padding_to_bias(enc.padding_mask, x.dtype))                   # (B, H, L, S)
+        for layer, self_mask in zip(self.layers, self_masks):
+            memory_kv = layer.cross_attn.key_value(enc.hidden)
+            x = layer(x, self_mask, memory_kv, cross_mask)
+        return self.logits(x)
+
+    def new_cache(self, enc: Encoded, max_len: int) -> Cache:
+        if not 0 < max_len <= self.max_len:
+            raise ValueError(f"max_len {max_len} must be in [1, {self.max_len}]")
+        b, s, _ = enc.hidden.shape
+        dtype = enc.hidden.dtype
+        memory_kv = torch.stack([torch.stack(layer.cross_attn.key_value(enc.hidden)) for layer in self.layers])
+        self_kv = torch.zeros(len(self.layers), 2, b, self.heads, max_len, self.head_dim, dtype=memory_kv.dtype,
+                              device=enc.hidden.device)
+        return Cache(self_kv, memory_kv, self.position_keys(enc), padding_to_bias(enc.padding_mask, dtype),
+                     self.self_position_bias(max_len), self.position_queries(max_len),
+                     self.embed_positions.weight[:max_len])
+
+    def step(self, tokens: Tensor, cache: Cache) -> Tensor:
+        """tokens (N,) at position cache.length -> logits (N, V) for the next token; advances the cache."""
+        t = cache.length
+        if t >= cache.max_len:
+            raise ValueError(f"cache is full: {cache.max_len} positions decoded")
+        if tokens.numel() != cache.self_kv.size(2):
+            raise ValueError(f"{tokens.numel()} tokens for a cache of {cache.self_kv.size(2)} rows")
+        x = self.embed(tokens.view(-1, 1), cache.positions[t:t + 1])                    # (N, 1, d)
+        memory_kv, memory_pos, memory_mask, group = cache.memory_for_rows()
+        cross_mask = cache.pos_query[:, t:t + 1] @ memory_pos.transpose(-1, -2) + memory_mask   # (Bs, H, 1, S)
+        for i, layer in enumerate(self.layers):
+            self_mask = cache.self_bias[i, :, t:t + 1, :t + 1]                          # (H, 1, t + 1)
+            x = layer(x, self_mask, memory_kv[i], cross_mask, kv_cache=cache.self_kv[i], start=t, group=group)
+        cache.length = t + 1
+        return self.logits(x[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The model
+
+class IMAGE(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        if not self.decoder.embed_tokens.weight.is_meta:        # built on the meta device: shapes only, no init
+            self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """From-scratch init as OFA/fairseq: N(0, 0.02) linears and embeddings, zero pad rows, zero bias tables."""
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+        if isinstance(module, Decoder):
+            for table in module.rel_pos_bias:
+                nn.init.zeros_(table.weight)
+        if isinstance(module, Encoder) and module.modality_embed is not None:
+            nn.init.zeros_(module.modality_embed.weight)   # zero: a converted MMSpeech behaves exactly as before
+
+    def encode(self, fbank: Tensor, fbank_lengths: Tensor, phones: Optional[Tensor] = None,
+               phone_chars: Optional[Tensor] = None, phone_lengths: Optional[Tensor] = None,
+               speech_present: Optional[Tensor] = None, text_present: Optional[Tensor] = None) -> Encoded:
+        """fbank (B, T, mels) float, fbank_lengths (B,); phones/phone_chars (B, P) padded with PAD, phone_lengths (B,);
+        speech_present/text_present (B,) bool or None (None: no modality embedding, plain MMSpeech).
+        phones None or P == 0: no text stream. phone_chars None: phone embeddings only (MMSpeech's own phone input)."""
+        char_embeds = None
+        if phones is not None and phone_chars is not None and phones.size(1) > 0:
+            char_embeds = self.decoder.embed_tokens(phone_chars)          # shared with the decoder, unscaled
+        return self.encoder(fbank, fbank_lengths, phones, char_embeds, phone_lengths, speech_present, text_present)
+
+    def decode(self, decoder_input: Tensor, enc: Encoded) -> Tensor:
+        """decoder_input (B, L) starting with BOS -> logits (B, L, V)."""
+        return self.decoder(decoder_input, enc)
+
+    def forward(self, fbank, fbank_lengths, decoder_input, phones=None, phone_chars=None, phone_lengths=None,
+                speech_present=None, text_present=None) -> Tensor:
+        """Teacher-forced logits (B, L, V) for one batch (the data.collate dict without 'target')."""
+        enc = self.encode(fbank, fbank_lengths, phones, phone_chars, phone_lengths, speech_present, text_present)
+        return self.decode(decoder_input, enc)
+
+    def new_cache(self, enc: Encoded, max_len: int) -> Cache:
+        """Cache for up to max_len decoder positions (BOS included), one row per encoder row. Expand to beams with
+        cache.reorder(torch.arange(B).repeat_interleave(beam)): the encoder keys/values then stay per source."""
+        return self.decoder.new_cache(enc, max_len)
+
+    def decode_step(self, tokens: Tensor, cache: Cache) -> Tensor:
+        """tokens (N,): each row's token at position cache.length -> logits (N, V) for the next position."""
+        return self.decoder.step(tokens, cache)
+
+    def phone_logits(self, enc: Encoded) -> Tensor:
+        """MMSpeech's CTC phone head, tied to phone embedding rows [3, phone_dict_size): (B, S, phone_dict_size - 3)."""
+        return F.linear(enc.hidden, self.encoder.phone_embed.weight[3:self.config.phone_dict_size])
+
+    def num_parameters(self, mmspeech_only: bool = False) -> int:
+        """Unique parameters (the tied head once); mmspeech_only leaves out IMAGE's modality embedding."""
+        skip = {"encoder.modality_embed.weight"} if mmspeech_only else set()
+        return sum(p.numel() for name, p in self.named_parameters() if name not in skip)

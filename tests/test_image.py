@@ -1,0 +1,427 @@
+"""image.py: parity with ModelScope's MMSpeech (committed reference dumps), batch invariance, the KV cache, dtypes,
+the IMAGE additions. Reference tensors: tests/fixtures/ref_ms_tiny_{a,b}.pt (made by tests/fixtures/ref_make_fixtures.py
+from the committed ModelScope directories ms_tiny_a/ms_tiny_b and wavs; both embedding-flag settings)."""
+import dataclasses
+import os
+import sys
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import image  # noqa: E402
+import weights  # noqa: E402
+from image import IMAGE, Config, PAD  # noqa: E402
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+TOL = 1e-4            # parity with the reference, fp32
+INCREMENTAL_TOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast and does not thrash when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["ms_tiny_a", "ms_tiny_b"])
+def converted(request):
+    """(checkpoint dict of the converted ModelScope directory, reference dump)."""
+    ckpt = weights.convert(os.path.join(FIXTURES, request.param))
+    ref = torch.load(os.path.join(FIXTURES, f"ref_{request.param}.pt"), weights_only=True)
+    return ckpt, ref
+
+
+def build(ckpt, **overrides):
+    model = IMAGE(Config(**{**ckpt["config"], **overrides}))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def reference_batch(ref):
+    fbank = pad_sequence(ref["fbank"], batch_first=True)                    # zero padding, as ModelScope's collate
+    decoder_input = pad_sequence(ref["decoder_input"], batch_first=True, padding_value=PAD)
+    return fbank, ref["fbank_lengths"], decoder_input
+
+
+def valid_logits(logits, ref):                                             # (sum of lengths, V)
+    return torch.cat([logits[i, :len(d)] for i, d in enumerate(ref["decoder_input"])])
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def perturbed_tiny(seed=0, **overrides):
+    """A tiny model whose every parameter is non-trivial (zero-initialised tables and LayerNorms perturbed)."""
+    torch.manual_seed(seed)
+    model = IMAGE(Config.tiny(**overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def random_inputs(batch=3, frames=(121, 70, 96), phone_lengths=(9, 0, 5), dec_lengths=(7, 4, 6), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor(frames[:batch])
+    fbank = torch.randn(batch, int(lengths.max()), 80, generator=g)
+    fbank = fbank.masked_fill(image.lengths_to_padding(lengths, fbank.size(1))[..., None], 0.0)
+    p_len = torch.tensor(phone_lengths[:batch])
+    phones = torch.randint(4, 141, (batch, int(p_len.max())), generator=g)
+    chars = torch.randint(4, 1000, phones.shape, generator=g)
+    pad = image.lengths_to_padding(p_len, phones.size(1))
+    phones, chars = phones.masked_fill(pad, PAD), chars.masked_fill(pad, PAD)
+    d_len = torch.tensor(dec_lengths[:batch])
+    dec = torch.randint(4, 1000, (batch, int(d_len.max())), generator=g)
+    dec[:, 0] = image.BOS
+    dec = dec.masked_fill(image.lengths_to_padding(d_len, dec.size(1)), PAD)
+    return dict(fbank=fbank, fbank_lengths=lengths, phones=phones, phone_chars=chars, phone_lengths=p_len,
+                speech_present=torch.ones(batch, dtype=torch.bool), text_present=p_len > 0,
+                decoder_input=dec), d_len
+
+
+def row(batch, i, phone_len=None):
+    """Row i of a batch dict, unpadded (what the same sample looks like alone)."""
+    out = {}
+    n_frames, n_phones = int(batch["fbank_lengths"][i]), int(batch["phone_lengths"][i])
+    for key, value in batch.items():
+        value = value[i:i + 1]
+        if key == "fbank":
+            value = value[:, :n_frames]
+        elif key in ("phones", "phone_chars"):
+            value = value[:, :n_phones]
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with ModelScope
+
+def test_batch_parity_with_modelscope_padding(converted):
+    """Mixed-length batch of 4 with ModelScope's mock phones [6,6,6] masked: compat switch reproduces it exactly."""
+    ckpt, ref = converted
+    model = build(ckpt, modelscope_padding=True, mask_pseudo=True)
+    fbank, lengths, dec = reference_batch(ref)
+    phones = torch.full((4, 3), 6)                                          # phone_masks False -> text absent, masked
+    with torch.no_grad():
+        enc = model.encode(fbank, lengths, phones, speech_present=torch.ones(4, dtype=torch.bool),
+                           text_present=torch.zeros(4, dtype=torch.bool))
+        logits = model.decode(dec, enc)
+    assert torch.equal(enc.padding_mask, ref["batch"]["padding_mask"])
+    valid = ~enc.padding_mask
+    assert max_diff(enc.hidden[valid], ref["batch"]["encoder_out"]) <= TOL
+    assert max_diff(enc.position[valid], ref["batch"]["position"]) <= TOL
+    assert max_diff(valid_logits(logits, ref), torch.cat(ref["batch"]["logits"])) <= TOL
+
+
+def test_batch_parity_without_text_stream(converted):
+    """The masked mock phones cannot matter: no text stream at all gives the same speech positions and logits."""
+    ckpt, ref = converted
+    model = build(ckpt, modelscope_padding=True)
+    fbank, lengths, dec = reference_batch(ref)
+    with torch.no_grad():
+        enc = model.encode(fbank, lengths)
+        logits = model.decode(dec, enc)
+    frames = enc.hidden.size(1)
+    ref_pad = ref["batch"]["padding_mask"]
+    assert torch.equal(enc.padding_mask, ref_pad[:, :frames]) and ref_pad[:, frames:].all()
+    assert max_diff(enc.hidden[~enc.padding_mask], ref["batch"]["encoder_out"]) <= TOL
+    assert max_diff(valid_logits(logits, ref), torch.cat(ref["batch"]["logits"])) <= TOL
+
+
+@pytest.mark.parametrize("modelscope_padding", [False, True])
+def test_single_utterance_parity_zero_modality(converted, modelscope_padding):
+    """Batch size 1: default and compat padding both equal ModelScope; the converted all-zero modality embedding with
+    speech marked present and no text stream changes nothing."""
+    ckpt, ref = converted
+    model = build(ckpt, modelscope_padding=modelscope_padding)
+    assert not model.encoder.modality_embed.weight.any()
+    for i, single in enumerate(ref["single"]):
+        fbank = ref["fbank"][i][None]
+        with torch.no_grad():
+            enc = model.encode(fbank, ref["fbank_lengths"][i:i + 1], speech_present=torch.ones(1, dtype=torch.bool))
+            logits = model.decode(ref["decoder_input"][i][None], enc)[0]
+        assert not enc.padding_mask.any()
+        assert torch.equal(single["padding_mask"], torch.cat([enc.padding_mask[0], torch.ones(3, dtype=torch.bool)]))
+        assert max_diff(enc.hidden[0], single["encoder_out"]) <= TOL
+        assert max_diff(logits, single["logits"]) <= TOL
+
+
+def test_phone_stream_parity(converted):
+    """A real phone stream (mixed lengths, one row with phone_masks False = text absent + mask_pseudo) joining at
+    layer 6, against ModelScope's encoder and decoder; phone_chars None = MMSpeech's own phone input."""
+    ckpt, ref = converted
+    model = build(ckpt, modelscope_padding=True, mask_pseudo=True)
+    fbank, lengths, dec = reference_batch(ref)
+    run = ref["phones"]
+    with torch.no_grad():
+        enc = model.encode(fbank, lengths, run["phones"], speech_present=torch.ones(4, dtype=torch.bool),
+                           text_present=run["phone_masks"])
+        logits = model.decode(dec, enc)
+    assert torch.equal(enc.padding_mask, run["padding_mask"])
+    valid = ~enc.padding_mask
+    assert max_diff(enc.hidden[valid], run["encoder_out"]) <= TOL
+    assert max_diff(enc.position[valid], run["position"]) <= TOL
+    assert max_diff(valid_logits(logits, ref), torch.cat(run["logits"])) <= TOL
+
+
+def test_ctc_phone_head(converted):
+    ckpt, ref = converted
+    model = build(ckpt)
+    with torch.no_grad():
+        enc = model.encode(ref["fbank"][0][None], ref["fbank_lengths"][:1])
+        ctc = model.phone_logits(enc)[0]
+    assert ctc.shape[-1] == 121
+    assert max_diff(ctc, ref["phone_distribution"][:ctc.size(0)]) <= TOL
+
+
+def test_modelscope_batching_changes_results(converted):
+    """What the default avoids: in ModelScope (and our compat mode) a padded utterance differs from itself alone."""
+    ckpt, ref = converted
+    short = 0                                                               # utt000 is padded in the batch of 4
+    ref_gap = max_diff(ref["batch"]["logits"][short], ref["single"][short]["logits"])
+    assert ref_gap > 1e-3
+    fbank, lengths, dec = reference_batch(ref)
+    gaps = {}
+    for compat in (True, False):
+        model = build(ckpt, modelscope_padding=compat)
+        with torch.no_grad():
+            batched = model.decode(dec, model.encode(fbank, lengths))[short, :len(ref["decoder_input"][short])]
+        gaps[compat] = max_diff(batched, ref["single"][short]["logits"])
+    assert abs(gaps[True] - ref_gap) <= TOL         # compat: the same deviation as ModelScope
+    assert gaps[False] <= TOL                       # default: the batched row equals the utterance alone
+
+
+def test_relative_position_buckets_match_modelscope():
+    ref = torch.load(os.path.join(FIXTURES, "ref_ms_tiny_a.pt"), weights_only=True)["bucket_rows"]
+    ours = image.relative_position_buckets(1024, 1024, 256)
+    assert torch.equal(ours[ref["rows"]], ref["buckets"].long())
+    assert ours.min() == 0 and ours.max() == 2 * 256 - 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batch invariance and the KV cache
+
+def test_default_padding_is_batch_invariant():
+    """Each row of a mixed-length batch (speech and text streams, one empty text row) equals the sample alone."""
+    model = perturbed_tiny()
+    batch, d_len = random_inputs()
+    with torch.no_grad():
+        enc = model.encode(**{k: v for k, v in batch.items() if k != "decoder_input"})
+        logits = model.decode(batch["decoder_input"], enc)
+        for i in range(3):
+            alone = row(batch, i)
+            enc1 = model.encode(**{k: v for k, v in alone.items() if k != "decoder_input"})
+            logits1 = model.decode(alone["decoder_input"][:, :d_len[i]], enc1)
+            valid = ~enc.padding_mask[i]
+            assert torch.equal(enc1.padding_mask[0], torch.zeros(int(valid.sum()), dtype=torch.bool))
+            assert max_diff(enc.hidden[i][valid], enc1.hidden[0]) <= 1e-5
+            assert max_diff(logits[i, :d_len[i]], logits1[0]) <= 1e-5
+
+
+def test_modelscope_padding_is_not_batch_invariant():
+    model = perturbed_tiny(modelscope_padding=True)
+    batch, d_len = random_inputs()
+    with torch.no_grad():
+        logits = model(**batch)
+        alone = row(batch, 1)
+        logits1 = model(**{**alone, "decoder_input": alone["decoder_input"][:, :d_len[1]]})
+    assert max_diff(logits[1, :d_len[1]], logits1[0]) > 1e-4
+
+
+def step_all(model, cache, tokens):
+    """Feed tokens (N, L) one position at a time -> (N, L, V)."""
+    return torch.stack([model.decode_step(tokens[:, t], cache) for t in range(tokens.size(1))], 1)
+
+
+def test_incremental_equals_full_forward():
+    """fp32, batch of 3 with different speech, text and decoder lengths."""
+    model = perturbed_tiny()
+    batch, d_len = random_inputs()
+    with torch.no_grad():
+        enc = model.encode(**{k: v for k, v in batch.items() if k != "decoder_input"})
+        full = model.decode(batch["decoder_input"], enc)
+        cache = model.new_cache(enc, max_len=12)
+        steps = step_all(model, cache, batch["decoder_input"])
+    for i, n in enumerate(d_len.tolist()):
+        assert max_diff(steps[i, :n], full[i, :n]) <= INCREMENTAL_TOL
+    assert cache.length == batch["decoder_input"].size(1)
+
+
+@pytest.mark.parametrize("entangle,scale", [(True, True), (False, False)])
+def test_incremental_with_beam_reordering(entangle, scale):
+    """Expand to beams, then reorder rows at random every step (within each source, and once dropping a source so
+    the rows are no longer regular groups): every step equals the full forward of the rows' current prefixes."""
+    model = perturbed_tiny(entangle_position_embedding=entangle, scale_embedding=scale)
+    batch, _ = random_inputs()
+    beam, g = 2, torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        enc = model.encode(**{k: v for k, v in batch.items() if k != "decoder_input"})
+        cache = model.new_cache(enc, max_len=9)
+        cache.reorder(torch.arange(3).repeat_interleave(beam))
+        assert cache.group == beam
+        history = torch.zeros(3 * beam, 1, dtype=torch.long)               # BOS
+        sources = torch.arange(3).repeat_interleave(beam)
+        for t in range(8):
+            logits = model.decode_step(history[:, -1], cache)
+            full = model.decode(history, enc.index_select(sources))[:, -1]
+            assert max_diff(logits, full) <= INCREMENTAL_TOL, f"step {t}"
+            if t == 4:                                                       # drop source 1; keep uneven rows
+                index = torch.tensor([0, 1, 1, 4, 5])
+            else:                                                            # shuffle within each source
+                index = torch.cat([torch.nonzero(sources == s)[:, 0][torch.randperm(int((sources == s).sum()),
+                                                                                    generator=g)]
+                                   for s in sources.unique()])
+            cache.reorder(index)
+            history, sources = history[index], sources[index]
+            new = torch.randint(4, 1000, (len(index), 1), generator=g)
+            history = torch.cat([history, new], 1)
+            if t == 4:
+                assert cache.group is None and cache.memory_kv.size(2) == 2   # source dropped, rows gathered
+        assert cache.length == 8
+
+
+def test_cache_errors():
+    model = perturbed_tiny()
+    batch, _ = random_inputs()
+    with torch.no_grad():
+        enc = model.encode(batch["fbank"], batch["fbank_lengths"])
+        cache = model.new_cache(enc, max_len=2)
+        model.decode_step(torch.zeros(3, dtype=torch.long), cache)
+        model.decode_step(torch.zeros(3, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="full"):
+            model.decode_step(torch.zeros(3, dtype=torch.long), cache)
+        with pytest.raises(ValueError, match="rows"):
+            model.decode_step(torch.zeros(2, dtype=torch.long), model.new_cache(enc, 4))
+        with pytest.raises(ValueError, match="max_len"):       # 1026 learned positions, buckets cover 1024
+            model.new_cache(enc, 1025)
+        assert model.new_cache(enc, 1024).max_len == 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# dtypes, masking, IMAGE additions
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.3), (torch.float16, 0.05)])
+def test_half_precision(dtype, tol):
+    model = perturbed_tiny()
+    batch, d_len = random_inputs()
+    with torch.no_grad():
+        ref = model(**batch)
+        half = model.to(dtype)
+        batch_h = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+        enc = half.encode(**{k: v for k, v in batch_h.items() if k != "decoder_input"})
+        out = half.decode(batch_h["decoder_input"], enc)
+        cache = half.new_cache(enc, 8)
+        steps = step_all(half, cache, batch_h["decoder_input"])
+    assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(steps).all()
+    for i, n in enumerate(d_len.tolist()):
+        assert max_diff(out[i, :n].float(), ref[i, :n]) <= tol
+        assert max_diff(steps[i, :n].float(), out[i, :n].float()) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fully_masked_rows_give_no_nan(dtype):
+    """mask_pseudo with both modalities absent in one row (every key masked), an empty text row in another."""
+    model = perturbed_tiny(mask_pseudo=True).to(dtype)
+    batch, _ = random_inputs()
+    batch["speech_present"] = torch.tensor([True, True, False])
+    batch["text_present"] = torch.tensor([True, False, False])
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    with torch.no_grad():
+        enc = model.encode(**{k: v for k, v in batch.items() if k != "decoder_input"})
+        logits = model.decode(batch["decoder_input"], enc)
+    assert enc.padding_mask[2].all()
+    assert torch.isfinite(enc.hidden).all() and torch.isfinite(logits).all()
+
+
+def test_modality_embedding():
+    config = Config.tiny()
+    model = IMAGE(config).eval()
+    assert model.encoder.modality_embed.weight.shape == (2, config.d_model)
+    assert not model.encoder.modality_embed.weight.any()                     # zero-initialised
+    assert model.num_parameters() - model.num_parameters(mmspeech_only=True) == 2 * config.d_model
+    assert IMAGE(Config.tiny(use_modality_embedding=False)).encoder.modality_embed is None
+    model = perturbed_tiny()
+    batch, _ = random_inputs()
+    with torch.no_grad():
+        base = model(**batch)
+        none = model(**{**batch, "speech_present": None, "text_present": None})
+        flipped = model(**{**batch, "speech_present": torch.tensor([True, False, True])})
+    assert max_diff(base, none) > 1e-3                                       # non-zero embedding is added
+    assert max_diff(base[0], flipped[0]) <= 1e-5 and max_diff(base[1], flipped[1]) > 1e-3   # only row 1 changes
+
+
+def test_mask_pseudo_hides_absent_text():
+    """With mask_pseudo an absent text stream cannot influence anything; without it, it is attended."""
+    batch, _ = random_inputs()
+    batch["text_present"] = torch.tensor([False, False, True])
+    other = {**batch, "phones": batch["phones"].clone()}
+    other["phones"][0, :3] = 7
+    for mask_pseudo, changes in ((True, False), (False, True)):
+        model = perturbed_tiny(mask_pseudo=mask_pseudo)
+        with torch.no_grad():
+            diff = max_diff(model(**batch)[0], model(**other)[0])
+        assert (diff > 1e-4) == changes
+
+
+def test_char_embedding_is_the_decoder_embedding():
+    model = perturbed_tiny()
+    batch, _ = random_inputs()
+    other = {**batch, "phone_chars": batch["phone_chars"].clone()}
+    other["phone_chars"][0, 0] = 5
+    with torch.no_grad():
+        assert max_diff(model(**batch)[0], model(**other)[0]) > 1e-4
+        without = model(**{**batch, "phone_chars": None})
+        enc = model.encoder(batch["fbank"], batch["fbank_lengths"], batch["phones"],
+                            model.decoder.embed_tokens(batch["phone_chars"]), batch["phone_lengths"],
+                            batch["speech_present"], batch["text_present"])
+    assert max_diff(model.decode(batch["decoder_input"], enc), model(**batch)) == 0
+    assert max_diff(without, model(**batch)) > 1e-4
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("char" in n for n in names)                               # no separate table
+
+
+def test_empty_text_stream_is_plain_mmspeech():
+    model = perturbed_tiny()
+    batch, _ = random_inputs()
+    empty = {**batch, "phones": batch["phones"][:, :0], "phone_chars": batch["phone_chars"][:, :0]}
+    with torch.no_grad():
+        a = model(**{**empty, "speech_present": None, "text_present": None})
+        b = model(**{**batch, "phones": None, "phone_chars": None, "speech_present": None, "text_present": None})
+    assert torch.equal(a, b)
+
+
+def test_training_step_backpropagates():
+    model = perturbed_tiny()
+    model.train()
+    batch, _ = random_inputs()
+    logits = model(**batch)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["decoder_input"].flatten(), ignore_index=PAD)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.encoder.modality_embed.weight.grad.abs().sum() > 0
+    assert model.encoder.subsample.conv1.weight.grad.abs().sum() > 0
+
+
+def test_config_presets_and_validation():
+    assert dataclasses.asdict(Config.large()) == dataclasses.asdict(Config())
+    base = Config.base()
+    assert (base.d_model, base.encoder_layers, base.decoder_layers, base.encoder_heads) == (768, 12, 6, 12)
+    tiny = Config.tiny(vocab_size=321)
+    assert tiny.vocab_size == 321 and tiny.encoder_layers > tiny.text_join_layer
+    with pytest.raises(ValueError, match="encoder_heads"):
+        Config.tiny(encoder_heads=5)
+    with pytest.raises(ValueError, match="pos_conv_layers"):
+        Config.tiny(pos_conv_layers=1)
+    with pytest.raises(ValueError, match="text_join_layer"):
+        Config.tiny(encoder_layers=6)
+    for preset, total in ((Config.base, 210_967_464), (Config.large, 608_949_696)):
+        with torch.device("meta"):
+            n = IMAGE(preset()).num_parameters(mmspeech_only=True)
+        assert n < total                          # the rest are ModelScope's unused tables (exact: test_weights.py)

@@ -1,0 +1,519 @@
+"""ModelScope MMSpeech directory -> one IMAGE checkpoint; and the one-call loader of our checkpoints.
+
+    python weights.py MODELSCOPE_DIR OUT.pt                # e.g. damo/ofa_mmspeech_pretrain_large_zh
+    model, assets, ckpt = weights.load_checkpoint("OUT.pt", device="cuda")
+
+The ModelScope directory holds config.json, pytorch_model.bin, vocab.txt, phone_dict.txt, fbank_config.yaml and
+usually configuration.json and text2phone_dict.txt. Our checkpoint (torch.save of a dict, loadable with
+weights_only=True; format in ../notes/CONTRACT.md) carries the config, the weights under our names and every asset the
+data pipeline needs (vocabulary, phones, lexicon, fbank/CMVN settings, decoding defaults), so decode.py and train.py
+need nothing else.
+
+Conversion is explicit: modelscope_key_map() names every ModelScope tensor we use; the image-side tables MMSpeech never
+uses are dropped and listed by name; an unknown or missing key, a wrong shape or an unsupported config.json flag is an
+error that names it. Facts: ../shared/reference/MMSPEECH.md (sections 2, 4, 6, 10).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import pickle
+import re
+import sys
+import tempfile
+
+import torch
+
+from image import IMAGE, Config
+
+CHECKPOINT_FORMAT = "image-checkpoint"
+CHECKPOINT_VERSION = 1
+SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]          # ids 0..3 in the decoder vocabulary and the phone table
+BERT_VOCAB_LINES = 21128                              # bert-base-chinese vocab.txt
+MASK_ID = len(SPECIALS) + BERT_VOCAB_LINES            # 21132 '<mask>', then 21133 '<blank>', 21134.. '<audio_i>'
+
+# Tensors of the ModelScope state dict that MMSpeech (and IMAGE) never use: image-side OFA tables, the pretraining
+# projection / mask embedding, and a LayerNorm that is built but never called (MMSPEECH.md sections 3.2-3.3, 4).
+UNUSED_PATTERNS = [
+    r"encoder\.mask_emb",
+    r"encoder\.final_proj\.(weight|bias)",
+    r"encoder\.encoder\.phone_layer_norm\.(weight|bias)",
+    r"decoder\.embed_image_positions\.weight",
+    r"decoder\.image_pos_ln\.(weight|bias)",
+    r"decoder\.image_rel_pos_table_list\.\d+\.weight",
+    r"decoder\.code_layernorm_embedding\.(weight|bias)",
+]
+# int64 buffers ModelScope recomputes in __init__ (we compute the buckets on the fly); may be absent from the file.
+BUFFERS = {"decoder.token_rp_bucket", "decoder.image_rp_bucket", "decoder.image_position_idx"}
+TIED_HEAD = "decoder.output_projection.weight"        # the LM head, tied to decoder.embed_tokens.weight
+
+# MMSpeechConfig class defaults for the config.json fields we read (save_pretrained may omit default-valued fields).
+MODELSCOPE_DEFAULTS = dict(
+    vocab_size=59457, d_model=512, encoder_layers=4, encoder_attention_heads=8, encoder_ffn_dim=2048,
+    decoder_layers=4, decoder_attention_heads=8, decoder_ffn_dim=2048, phone_vocab_size=141, phone_dict_size=124,
+    encoder_pos_conv_depth=5, encoder_conv_pos=95, encoder_conv_pos_groups=16, max_position_embeddings=1024,
+    token_bucket_size=256, attn_scale_factor=2.0, scale_embedding=False, entangle_position_embedding=False,
+    disable_entangle=False, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
+    activation_function="gelu", encoder_normalize_before=True, decoder_normalize_before=True, normformer=True,
+    layernorm_embedding=True, share_decoder_input_output_embed=True, use_ofasys=False, share_attn_bias=False,
+    use_gamma_feature=False, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+)
+# Flags whose other values would change the computation in ways this model does not implement.
+REQUIRED_FLAGS = dict(
+    activation_function="gelu", encoder_normalize_before=True, decoder_normalize_before=True, normformer=True,
+    layernorm_embedding=True, share_decoder_input_output_embed=True, use_ofasys=False, share_attn_bias=False,
+    use_gamma_feature=False, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=0,
+)
+# OfaForAllTasks' generator defaults (used when configuration.json has no model.beam_search).
+BEAM_SEARCH_DEFAULTS = dict(beam_size=5, max_len_a=0, max_len_b=16, min_len=1, no_repeat_ngram_size=3,
+                            constraint_range=None, len_penalty=1.0, normalize_scores=True, unk_penalty=0.0,
+                            temperature=1.0)
+
+
+class ConversionError(ValueError):
+    """A ModelScope directory or checkpoint we cannot convert or load; the message names the file and the item."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# config.json
+
+def config_from_modelscope(cfg: dict, notes: list = None, **overrides) -> Config:
+    """Our Config from a ModelScope config.json dict; unsupported flag values are errors that name the flag.
+    Training-only regularisers we do not implement (layer drop, drop path) are reported in `notes`."""
+    def get(key):
+        return cfg.get(key, MODELSCOPE_DEFAULTS[key])
+
+    architectures = cfg.get("architectures")
+    if architectures is not None and "MMSpeechModel" not in architectures:
+        raise ConversionError(f"config.json: architectures={architectures!r}, expected MMSpeechModel")
+    for key, want in REQUIRED_FLAGS.items():
+        if get(key) != want:
+            raise ConversionError(f"config.json: {key}={get(key)!r} is not supported (this model implements "
+                                  f"{key}={want!r})")
+    depth = get("encoder_pos_conv_depth")
+    if not isinstance(depth, int) or depth < 2:
+        raise ConversionError(f"config.json: encoder_pos_conv_depth={depth!r} is not supported (depth 1 is "
+                              "ModelScope's single weight-normed conv; only the multi-layer conv is implemented)")
+    for key in ("encoder_layerdrop", "decoder_layerdrop", "encoder_drop_path_rate", "decoder_drop_path_rate"):
+        if cfg.get(key, 0.0) and notes is not None:      # no effect at inference
+            notes.append(f"config.json {key}={cfg[key]!r} ignored (training-only regulariser, not implemented)")
+    fields = dict(
+        vocab_size=get("vocab_size"), phone_vocab_size=get("phone_vocab_size"), phone_dict_size=get("phone_dict_size"),
+        d_model=get("d_model"), encoder_layers=get("encoder_layers"), encoder_heads=get("encoder_attention_heads"),
+        encoder_ffn=get("encoder_ffn_dim"), decoder_layers=get("decoder_layers"),
+        decoder_heads=get("decoder_attention_heads"), decoder_ffn=get("decoder_ffn_dim"),
+        pos_conv_layers=depth, pos_conv_width=get("encoder_conv_pos"), pos_conv_groups=get("encoder_conv_pos_groups"),
+        max_positions=get("max_position_embeddings"), token_bucket_size=get("token_bucket_size"),
+        attn_scale_factor=float(get("attn_scale_factor")), scale_embedding=bool(get("scale_embedding")),
+        entangle_position_embedding=bool(get("entangle_position_embedding")) and not bool(get("disable_entangle")),
+        dropout=float(get("dropout")), attention_dropout=float(get("attention_dropout")),
+        activation_dropout=float(get("activation_dropout")),
+    )
+    try:
+        return Config(**{**fields, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ConversionError(f"config.json: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The key map
+
+def modelscope_key_map(config: Config) -> dict:
+    """{ModelScope state_dict name: our name} for every tensor we take over (explicit, layer by layer)."""
+    names = {}
+
+    def module(theirs, ours, params=("weight", "bias")):
+        for p in params:
+            names[f"{theirs}.{p}"] = f"{ours}.{p}"
+
+    module("encoder.subsample.conv.0", "encoder.subsample.conv1")
+    module("encoder.subsample.conv.2", "encoder.subsample.conv2")
+    module("encoder.subsample.out.0", "encoder.subsample.proj")
+    module("encoder.post_subsample_proj", "encoder.input_proj")
+    module("encoder.phone_item_embedding", "encoder.phone_embed", ("weight",))
+    for i in range(config.pos_conv_layers):
+        module(f"encoder.encoder.pos_conv.{i}.0", f"encoder.speech_pos_conv.convs.{i}")
+        module(f"encoder.encoder.phone_pos_conv.{i}.0", f"encoder.text_pos_conv.convs.{i}")
+    for i in range(config.encoder_layers):
+        theirs, ours = f"encoder.encoder.layers.{i}", f"encoder.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            module(f"{theirs}.self_attn.{proj}", f"{ours}.attn.{proj}")
+        module(f"{theirs}.self_attn_layer_norm", f"{ours}.attn_norm")
+        module(f"{theirs}.final_layer_norm", f"{ours}.ffn_norm")
+        module(f"{theirs}.fc1", f"{ours}.fc1")
+        module(f"{theirs}.fc2", f"{ours}.fc2")
+    module("encoder.encoder.layer_norm", "encoder.final_norm")
+
+    module("decoder.embed_tokens", "decoder.embed_tokens", ("weight",))
+    module("decoder.embed_positions", "decoder.embed_positions", ("weight",))
+    module("decoder.layernorm_embedding", "decoder.embed_norm")
+    module("decoder.pos_ln", "decoder.pos_norm")
+    for which in ("self", "cross"):
+        for qk in ("q", "k"):
+            module(f"decoder.{which}_pos_{qk}_linear", f"decoder.{which}_pos_{qk}")
+    for j in range(config.decoder_layers):
+        module(f"decoder.token_rel_pos_table_list.{j}", f"decoder.rel_pos_bias.{j}", ("weight",))
+        theirs, ours = f"decoder.layers.{j}", f"decoder.layers.{j}"
+        for attn in ("self_attn", "cross_attn"):
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                module(f"{theirs}.{attn}.{proj}", f"{ours}.{attn}.{proj}")
+            names[f"{theirs}.{attn}.c_attn"] = f"{ours}.{attn}.head_scale"
+        for theirs_ln, ours_ln in (("self_attn_layer_norm", "self_attn_norm"),
+                                   ("self_attn_mid_layer_norm", "self_attn_mid_norm"),
+                                   ("cross_attn_layer_norm", "cross_attn_norm"),
+                                   ("cross_attn_mid_layer_norm", "cross_attn_mid_norm"),
+                                   ("final_layer_norm", "ffn_norm"), ("ffn_layer_norm", "ffn_mid_norm")):
+            module(f"{theirs}.{theirs_ln}", f"{ours}.{ours_ln}")
+        module(f"{theirs}.fc1", f"{ours}.fc1")
+        module(f"{theirs}.fc2", f"{ours}.fc2")
+    module("decoder.layer_norm", "decoder.final_norm")
+    return names
+
+
+def is_unused(name: str) -> bool:
+    return any(re.fullmatch(p, name) for p in UNUSED_PATTERNS)
+
+
+def is_buffer(name: str) -> bool:
+    return name in BUFFERS or name.endswith(".version")
+
+
+def our_shapes(config: Config) -> dict:
+    """{our state_dict name: shape}, from a model built on the meta device (no memory, no init time)."""
+    with torch.device("meta"):
+        model = IMAGE(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def convert_state_dict(state: dict, config: Config, dtype: torch.dtype = torch.float32) -> tuple:
+    """ModelScope state dict (prefix already stripped) -> (our state dict, sorted list of unused ModelScope names)."""
+    key_map = modelscope_key_map(config)
+    shapes = our_shapes(config)
+    unknown = [k for k in state if k not in key_map and k != TIED_HEAD and not is_unused(k) and not is_buffer(k)]
+    if unknown:
+        raise ConversionError(f"pytorch_model.bin: {len(unknown)} unknown key(s): {', '.join(unknown[:8])}"
+                              + (" ..." if len(unknown) > 8 else ""))
+    missing = [k for k in key_map if k not in state]
+    if missing:
+        raise ConversionError(f"pytorch_model.bin: {len(missing)} missing key(s): {', '.join(missing[:8])}"
+                              + (" ..." if len(missing) > 8 else ""))
+    ours = {}
+    for theirs, name in key_map.items():
+        tensor = state[theirs]
+        if tuple(tensor.shape) != shapes[name]:
+            raise ConversionError(f"pytorch_model.bin: {theirs} has shape {tuple(tensor.shape)}, config.json implies "
+                                  f"{shapes[name]} (our {name})")
+        if not tensor.is_floating_point():
+            raise ConversionError(f"pytorch_model.bin: {theirs} has dtype {tensor.dtype}, expected floating point")
+        ours[name] = tensor.to(dtype)
+    if TIED_HEAD in state and not torch.equal(state[TIED_HEAD].to(dtype), ours["decoder.embed_tokens.weight"]):
+        raise ConversionError(f"pytorch_model.bin: {TIED_HEAD} differs from decoder.embed_tokens.weight, but "
+                              "share_decoder_input_output_embed is true (an untied head is not supported)")
+    if config.use_modality_embedding:     # IMAGE's addition, zero: the converted model computes exactly MMSpeech
+        ours["encoder.modality_embed.weight"] = torch.zeros(shapes["encoder.modality_embed.weight"], dtype=dtype)
+    assert set(ours) == set(shapes), f"key map incomplete: {sorted(set(shapes) ^ set(ours))}"
+    return ours, sorted(k for k in state if is_unused(k))
+
+
+def load_torch_file(path: str, what: str) -> dict:
+    """torch.load(weights_only=True); a file with pickled code or objects is refused with a clear message."""
+    if not os.path.isfile(path):
+        raise ConversionError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        detail = re.search(r"Unsupported global: ([^\n]*?)(?: was not|\n|$)", str(e))
+        detail = detail.group(1).strip() if detail else "see torch.load(weights_only=True)"
+        raise ConversionError(f"{path}: refused: the file contains pickled Python objects or code ({detail}); "
+                              "only plain tensors are accepted (torch.load with weights_only=True, nothing "
+                              "in the file is executed)") from None
+    except Exception as e:  # noqa: BLE001  (corrupt or foreign file: say which one)
+        raise ConversionError(f"{path}: cannot be read by torch.load ({type(e).__name__}: {e})") from None
+
+
+def read_modelscope_weights(path: str) -> dict:
+    """pytorch_model.bin -> flat {name: tensor} without the optional 'model.' prefix."""
+    state = load_torch_file(path, "pytorch_model.bin")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ConversionError(f"{path}: expected a flat state dict of tensors")
+    prefixed = [k.startswith("model.") for k in state]
+    if any(prefixed):
+        if not all(prefixed):
+            odd = next(k for k in state if not k.startswith("model."))
+            raise ConversionError(f"{path}: some keys have the 'model.' prefix and some do not (e.g. {odd})")
+        state = {k[len("model."):]: v for k, v in state.items()}
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Assets: vocabulary, phones, lexicon, fbank settings, decoding defaults
+
+def read_lines(path: str) -> list:
+    """Lines split on '\\n' only: the BERT vocab has U+2028 tokens that str.splitlines() would split."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConversionError(f"{path}: not UTF-8 ({e})") from None
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
+def canonical_token(i: int) -> str:
+    """Token of id i >= 21132 in MMSpeech's vocabulary: <mask>, <blank>, then <audio_0> ..."""
+    return "<mask>" if i == MASK_ID else "<blank>" if i == MASK_ID + 1 else f"<audio_{i - MASK_ID - 2}>"
+
+
+def read_vocab(path: str, vocab_size: int) -> list:
+    """vocab.txt (fairseq layout with <s> <pad> </s> <unk> first, or the bare BERT file) -> token per id.
+
+    Ids as MMSPEECH.md section 6: specials 0..3, BERT lines from 4, then <mask>, <blank>, <audio_i> up to vocab_size.
+    """
+    lines = read_lines(path)
+    if lines[:4] == SPECIALS:
+        tokens = list(lines)
+    elif lines and lines[0] == "[PAD]":
+        tokens = SPECIALS + lines
+    else:
+        first = lines[0] if lines else "(empty file)"
+        raise ConversionError(f"{path}: first line is {first!r}; expected '<s>' (fairseq layout with the specials "
+                              "<s> <pad> </s> <unk>) or '[PAD]' (the bare bert-base-chinese vocab)")
+    for i, token in enumerate(tokens[4:], start=4):
+        if token in SPECIALS:
+            raise ConversionError(f"{path}: special token {token!r} appears again as id {i}")
+        if i >= MASK_ID and token != canonical_token(i):
+            raise ConversionError(f"{path}: id {i} is {token!r}, expected {canonical_token(i)!r}")
+    if len(tokens) > vocab_size:
+        raise ConversionError(f"{path}: {len(tokens)} tokens but config.json vocab_size is {vocab_size}")
+    if len(tokens) < vocab_size:
+        if len(tokens) < MASK_ID:
+            raise ConversionError(f"{path}: only {len(tokens)} tokens (with the 4 specials); config.json vocab_size "
+                                  f"{vocab_size} needs the full {BERT_VOCAB_LINES}-line BERT vocabulary")
+        tokens += [canonical_token(i) for i in range(len(tokens), vocab_size)]
+    return tokens
+
+
+def read_phone_dict(path: str, phone_vocab_size: int) -> list:
+    """phone_dict.txt ('phone count' per line, fairseq Dictionary) -> phone per id (line n -> id n + 4)."""
+    phones = list(SPECIALS)
+    for n, line in enumerate(read_lines(path), start=1):
+        fields = line.split()
+        if not fields:
+            raise ConversionError(f"{path}:{n}: empty line")
+        if fields[0] in phones:
+            raise ConversionError(f"{path}:{n}: phone {fields[0]!r} appears twice")
+        phones.append(fields[0])
+    if len(phones) != phone_vocab_size:
+        raise ConversionError(f"{path}: {len(phones) - 4} phones + 4 specials = {len(phones)}, but config.json "
+                              f"phone_vocab_size is {phone_vocab_size}")
+    return phones
+
+
+def read_lexicon(path: str, phones: list) -> dict:
+    """text2phone_dict.txt ('word<TAB>phones' per line) -> {word: 'phones'}; the first entry of a word wins."""
+    known = set(phones)
+    lexicon = {}
+    for n, line in enumerate(read_lines(path), start=1):
+        word, tab, pron = line.partition("\t")
+        if not tab or not word or not pron.split():
+            raise ConversionError(f"{path}:{n}: expected 'word<TAB>phones', got {line!r}")
+        unknown = [p for p in pron.split() if p not in known]
+        if unknown:
+            raise ConversionError(f"{path}:{n}: phone(s) {unknown} of {word!r} are not in phone_dict.txt")
+        lexicon.setdefault(word, " ".join(pron.split()))
+    return lexicon
+
+
+def _transforms(cfg: dict, split: str, is_train: bool, path: str) -> list:
+    """fairseq S2TDataConfig.get_feature_transforms lookup: split, then _train/_eval, then '*'."""
+    found = []
+    for key in ("transforms", "feature_transforms"):
+        table = cfg.get(key) or {}
+        names = table.get(split)
+        if names is None:
+            names = table.get("_train" if is_train else "_eval")
+        if names is None:
+            names = table.get("*")
+        if names is not None and not isinstance(names, list):
+            raise ConversionError(f"{path}: {key} for {split!r} must be a list, got {names!r}")
+        found += names or []
+    return found
+
+
+def read_fbank_config(path: str) -> dict:
+    """fbank_config.yaml -> {'num_mel_bins', 'sample_rate', 'cmvn' ('utterance' | 'none'), 'train_cmvn',
+    'specaugment' (dict or None, training only)}; unsupported transforms are errors."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConversionError(f"{path}: cannot read ({e})") from None
+
+    def cmvn_of(names, split):
+        rest = [n for n in names if n not in ("utterance_cmvn", "specaugment")]
+        if rest:
+            raise ConversionError(f"{path}: {split} feature transform(s) {rest} are not supported "
+                                  "(only utterance_cmvn, and specaugment for training)")
+        return "utterance" if "utterance_cmvn" in names else "none"
+
+    test = _transforms(cfg, "test", False, path)
+    train = _transforms(cfg, "train", True, path)
+    if "specaugment" in test:
+        raise ConversionError(f"{path}: specaugment in the test transforms is not supported")
+    mels = cfg.get("input_feat_per_channel", 80)
+    if mels != 80 or cfg.get("input_channels", 1) != 1:
+        raise ConversionError(f"{path}: input_feat_per_channel={mels}, input_channels={cfg.get('input_channels')}: "
+                              "MMSpeech uses 80 mel bins, 1 channel")
+    return {"num_mel_bins": 80, "sample_rate": int(cfg.get("use_sample_rate", 16000)),
+            "cmvn": cmvn_of(test, "test"), "train_cmvn": cmvn_of(train, "train"),
+            "specaugment": cfg.get("specaugment") if "specaugment" in train else None}
+
+
+def read_decoding_defaults(path) -> dict:
+    """configuration.json model.beam_search (or OfaForAllTasks' defaults when absent) -> our decoding defaults."""
+    beam = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                beam = (json.load(f).get("model") or {}).get("beam_search") or {}
+        except (OSError, ValueError, AttributeError) as e:
+            raise ConversionError(f"{path}: cannot read model.beam_search ({e})") from None
+    unknown = sorted(set(beam) - set(BEAM_SEARCH_DEFAULTS))
+    if unknown:
+        raise ConversionError(f"{path}: model.beam_search key(s) {unknown} are not supported")
+    b = {**BEAM_SEARCH_DEFAULTS, **beam}
+    constraint = b["constraint_range"]
+    if constraint is not None:
+        try:
+            start, end = (int(x) for x in str(constraint).split(","))
+        except ValueError:
+            raise ConversionError(f"{path}: constraint_range {constraint!r} is not 'start,end'") from None
+        constraint = [start, end]
+    return {"beam": int(b["beam_size"]), "max_len_a": float(b["max_len_a"]), "max_len_b": int(b["max_len_b"]),
+            "min_len": int(b["min_len"]), "no_repeat_ngram_size": int(b["no_repeat_ngram_size"]),
+            "constraint_range": constraint, "len_penalty": float(b["len_penalty"]),
+            "normalize_scores": bool(b["normalize_scores"]), "unk_penalty": float(b["unk_penalty"]),
+            "temperature": float(b["temperature"])}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conversion and checkpoints
+
+def convert(model_dir: str, dtype: torch.dtype = torch.float32, **config_overrides) -> dict:
+    """A ModelScope MMSpeech directory -> our checkpoint dict (not yet saved)."""
+    def path(name, required=True):
+        p = os.path.join(model_dir, name)
+        if not os.path.isfile(p):
+            if required:
+                raise ConversionError(f"{model_dir}: {name} not found (needed for conversion)")
+            return None
+        return p
+
+    if not os.path.isdir(model_dir):
+        raise ConversionError(f"ModelScope directory not found: {model_dir}")
+    try:
+        with open(path("config.json"), encoding="utf-8") as f:
+            ms_config = json.load(f)
+    except ValueError as e:
+        raise ConversionError(f"{path('config.json')}: not valid JSON ({e})") from None
+    notes = []
+    config = config_from_modelscope(ms_config, notes, **config_overrides)
+    state = read_modelscope_weights(path("pytorch_model.bin"))
+    model_state, unused = convert_state_dict(state, config, dtype)
+    phones = read_phone_dict(path("phone_dict.txt"), config.phone_vocab_size)
+    lexicon_path = path("text2phone_dict.txt", required=False)
+    configuration_path = path("configuration.json", required=False)
+    assets = {
+        "vocab": read_vocab(path("vocab.txt"), config.vocab_size),
+        "phones": phones,
+        "lexicon": read_lexicon(lexicon_path, phones) if lexicon_path else {},
+        "fbank": read_fbank_config(path("fbank_config.yaml")),
+        "decoding": read_decoding_defaults(configuration_path),
+    }
+    notes += [f"{name} absent: {what}" for name, p, what in (
+        ("text2phone_dict.txt", lexicon_path, "empty lexicon"),
+        ("configuration.json", configuration_path, "OfaForAllTasks' default beam search settings")) if p is None]
+    source = {"kind": "modelscope", "dir": os.path.abspath(model_dir), "unused": unused,
+              "buffers_dropped": sorted(k for k in state if is_buffer(k)), "tied_head_in_file": TIED_HEAD in state,
+              "weights_dtype": sorted({str(v.dtype).replace("torch.", "") for v in state.values()
+                                       if v.is_floating_point()}),
+              "modelscope_config": ms_config, "notes": notes}
+    return make_checkpoint(config, model_state, assets, source)
+
+
+def make_checkpoint(config: Config, model_state: dict, assets: dict, source: dict) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(config),
+            "model": model_state, "assets": assets, "source": source}
+
+
+def save_checkpoint(ckpt: dict, path: str) -> None:
+    """torch.save atomically (temp file in the same folder, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    os.close(fd)
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path: str, device="cpu", **config_overrides) -> tuple:
+    """Our checkpoint -> (model in eval mode on device, assets, the checkpoint dict).
+
+    config_overrides replace Config fields for this run (e.g. modelscope_padding=True, mask_pseudo=True).
+    """
+    ckpt = load_torch_file(path, "checkpoint")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConversionError(f"{path}: not an {CHECKPOINT_FORMAT} file (a ModelScope directory? convert it with "
+                              "`python weights.py MODELSCOPE_DIR OUT.pt`)")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise ConversionError(f"{path}: checkpoint version {ckpt.get('version')!r}, this code reads "
+                              f"{CHECKPOINT_VERSION}")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(ckpt["config"]) - fields) + sorted(set(config_overrides) - fields)
+    if unknown:
+        raise ConversionError(f"{path}: unknown config field(s) {unknown}")
+    config = Config(**{**ckpt["config"], **config_overrides})
+    with torch.device("meta"):
+        model = IMAGE(config)
+    try:
+        model.load_state_dict(ckpt["model"], strict=True, assign=True)
+    except RuntimeError as e:
+        raise ConversionError(f"{path}: weights do not fit the config: {e}") from None
+    return model.to(device).eval(), ckpt["assets"], ckpt
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Convert a ModelScope MMSpeech directory into one IMAGE checkpoint.")
+    p.add_argument("modelscope_dir", help="ModelScope model directory (config.json, pytorch_model.bin, vocab.txt, "
+                                          "phone_dict.txt, fbank_config.yaml, configuration.json, text2phone_dict.txt)")
+    p.add_argument("out", help="output checkpoint (.pt), written atomically")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype of the stored weights (default float32; ModelScope's fp16 weights are cast)")
+    args = p.parse_args(argv)
+    try:
+        ckpt = convert(args.modelscope_dir, getattr(torch, args.dtype))
+        save_checkpoint(ckpt, args.out)
+    except ConversionError as e:
+        sys.exit(f"weights.py: {e}")
+    config, source = ckpt["config"], ckpt["source"]
+    n_params = sum(v.numel() for v in ckpt["model"].values())
+    print(f"wrote {args.out}: {n_params:,} parameters ({args.dtype}), d_model {config['d_model']}, "
+          f"{config['encoder_layers']}+{config['decoder_layers']} layers, vocab {len(ckpt['assets']['vocab'])}, "
+          f"scale_embedding={config['scale_embedding']}, entangle={config['entangle_position_embedding']}, "
+          f"cmvn={ckpt['assets']['fbank']['cmvn']}")
+    print(f"unused ModelScope tensors ({len(source['unused'])}): {', '.join(source['unused'])}")
+    if source["buffers_dropped"]:
+        print(f"buffers recomputed, not converted: {', '.join(source['buffers_dropped'])}")
+    for note in source["notes"]:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()
