@@ -1,0 +1,987 @@
+"""
+Decode with a trained IMAGE model: beam search, constrained bracket decoding, entities, evaluation, CLI.
+
+  python decode.py --ckpt best.pt --text "末阳市文联主席张三"              # TNER
+  python decode.py --ckpt best.pt --wav a.wav                            # SNER
+  python decode.py --ckpt best.pt --wav a.wav --text "..."               # MNER
+  python decode.py --ckpt best.pt --input inputs.jsonl --out preds.jsonl # one {"text"?, "wav"?} per line
+  python decode.py --ckpt best.pt --dataset cnerta --data-dir D --split test --task MNER --eval
+  python decode.py --ckpt mmspeech.pt --asr --wav a.wav b.wav           # plain MMSpeech ASR (parity mode)
+
+The search is fairseq's SequenceGenerator + BeamSearch (what ModelScope's MMSpeech pipeline runs), token for
+token, over the explicit KV cache of image.py: encode once, decode one token per step for all live beams of all
+live sentences, drop sentences as soon as they have `beam` finished hypotheses. Python API: Recognizer.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
+TYPES = ("PER", "LOC", "ORG")
+OPEN = {"PER": "[", "LOC": "(", "ORG": "<"}
+CLOSE = {"PER": "]", "LOC": ")", "ORG": ">"}
+MAX_DEPTH = 4            # constrained decoding: deepest bracket nesting allowed (CNERTA needs 3)
+MAX_AUDIO_SECONDS = 60.0  # longer wavs are refused (the encoder's attention is quadratic in frames)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# search settings and results
+
+
+@dataclass
+class SearchConfig:
+    """fairseq SequenceGenerator settings; MMSpeech's come from the checkpoint's assets["decoding"]."""
+    beam: int = 5
+    max_len: int = 128                      # max_len_b (max_len_a is 0): at step max_len only EOS is allowed
+    min_len: int = 1                        # EOS is barred while step < min_len
+    no_repeat_ngram_size: int = 5           # 0 = off
+    constraint_range: Optional[tuple] = (4, 21134)   # logits[4:start] and logits[end:] = -inf before log_softmax
+    len_penalty: float = 1.0                # final score = sum(logprobs) / len**len_penalty (len includes EOS)
+    bos: int = BOS                          # special ids: 0/1/2 in our vocabularies; only a ModelScope directory
+    pad: int = PAD                          # with the bare BERT vocab.txt puts them elsewhere (parity tests)
+    eos: int = EOS
+
+    @classmethod
+    def from_assets(cls, assets, **overrides):
+        d = dict((assets or {}).get("decoding") or {})
+        known = dict(beam=d.get("beam", 5), max_len=d.get("max_len_b", d.get("max_len", 128)),
+                     min_len=d.get("min_len", 1), no_repeat_ngram_size=d.get("no_repeat_ngram_size", 5),
+                     constraint_range=tuple(d["constraint_range"]) if d.get("constraint_range") else None,
+                     len_penalty=d.get("len_penalty", 1.0))
+        known.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**known)
+
+
+@dataclass
+class Hypothesis:
+    tokens: list            # generated ids, without BOS and without the final EOS
+    score: float            # length-normalised log-probability (fairseq convention, EOS counted)
+    positional_scores: list  # per-token log-probabilities, the last one is EOS's
+    finished: bool = True   # False only when the search was cut at max_len without any EOS (never in fairseq)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the beam search (fairseq semantics, vectorized over sentences x beams)
+
+
+def _block_repeated_ngrams(lprobs, tokens, step, n):
+    """fairseq NGramRepeatBlock: ban every token that would repeat an n-gram already in the row (BOS included).
+
+    lprobs (N, V) modified in place; tokens (N, >= step+1) with BOS at column 0 and the prefix up to column step.
+    """
+    if step + 2 - n < 0:
+        return
+    seq = tokens[:, : step + 1]                                   # (N, step+1)
+    if seq.size(1) < n:
+        return
+    windows = seq.unfold(1, n, 1)                                 # (N, W, n) every n-gram of the prefix
+    context = seq[:, step + 2 - n:]                               # (N, n-1) the last n-1 tokens
+    hit = (windows[:, :, : n - 1] == context[:, None, :]).all(-1)  # (N, W)
+    rows, cols = hit.nonzero(as_tuple=True)
+    lprobs[rows, windows[rows, cols, n - 1]] = -math.inf
+
+
+def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
+    """Beam search for every input of `enc`. -> list (one per input) of up to `beam` Hypothesis, best first.
+
+    model: new_cache(enc, max_len) / decode_step(tokens (N,), cache) -> (N, V) logits / cache.reorder(index).
+    constraint: optional per-row token filter (BracketConstraint): start(); mask(step, row_max_lens) -> (N, V)
+        bool of allowed tokens, applied before log_softmax; reorder(rows); advance(new_tokens).
+    max_lens: optional per-input max lengths (default cfg.max_len). An input's result never depends on the other
+        inputs of the batch (fairseq uses one max_len per batch; identical when all are equal).
+    """
+    beam = cfg.beam
+    batch = enc.hidden.size(0)
+    dev = enc.hidden.device
+    max_lens = torch.as_tensor([cfg.max_len] * batch if max_lens is None else max_lens, dtype=torch.long)
+    if (max_lens < cfg.min_len).any():
+        raise ValueError(f"min_len {cfg.min_len} is larger than max_len {max_lens.min().item()}")
+    longest = int(max_lens.max())
+    max_lens_dev = max_lens.to(dev)
+    cache = model.new_cache(enc, longest + 2)   # one row per input: beams are made by the first reorder
+    if constraint is not None:
+        constraint.start()
+
+    # Row r belongs to live sentence r // width; width = 1 at step 0 (fairseq scores only beam 0 there).
+    live = torch.arange(batch, device=dev)                        # (A,) original index of each live sentence
+    width = 1
+    tokens = torch.full((batch, longest + 2), cfg.pad, dtype=torch.long, device=dev)   # (N, longest+2)
+    tokens[:, 0] = cfg.bos
+    scores = torch.zeros(batch, longest + 1, device=dev)          # (N, longest+1) cumulative log-probs
+    ignore = torch.zeros(batch, beam, dtype=torch.bool, device=dev)   # fairseq cands_to_ignore
+    finalized = [[] for _ in range(batch)]
+
+    for step in range(longest + 1):
+        logits = model.decode_step(tokens[:, step], cache).float()   # (N, V)
+        vocab = logits.size(-1)
+        if cfg.constraint_range is not None:
+            start, end = cfg.constraint_range
+            logits[:, 4:start] = -math.inf
+            logits[:, end:] = -math.inf
+        row_max = max_lens_dev[live].repeat_interleave(width)     # (N,)
+        if constraint is not None:                                # renormalise over what the brackets allow
+            allowed = constraint.mask(step, row_max.tolist(), vocab).to(dev)
+            logits = logits.masked_fill(~allowed, -math.inf)
+        lprobs = F.log_softmax(logits, dim=-1)                    # (N, V)
+        if step < cfg.min_len:
+            lprobs[:, cfg.eos] = -math.inf
+        lprobs = lprobs.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        lprobs[:, cfg.pad] = -math.inf
+        at_max = row_max <= step                                  # (N,) rows that may only end now
+        if bool(at_max.any()):
+            eos_col = lprobs[:, cfg.eos].clone()
+            lprobs[at_max] = -math.inf
+            lprobs[:, cfg.eos] = eos_col
+        if cfg.no_repeat_ngram_size > 0 and constraint is None:
+            _block_repeated_ngrams(lprobs, tokens, step, cfg.no_repeat_ngram_size)
+
+        # candidates: top 2*beam of (cumulative score + next-token log-prob) over each sentence's rows
+        n_live = live.numel()
+        cand = lprobs if step == 0 else lprobs + scores[:, step - 1, None]
+        cand = cand.view(n_live, width * vocab)
+        k = min(2 * beam, width * vocab - 1)
+        cand_scores, cand_flat = torch.topk(cand, k)              # (A, k)
+        cand_tokens = cand_flat % vocab
+        first_row = torch.arange(n_live, device=dev)[:, None] * width
+        cand_rows = torch.div(cand_flat, vocab, rounding_mode="floor") + first_row   # (A, k) row of the current layout
+
+        # finalize: EOS among the top `beam` candidates, with a finite score
+        is_eos = (cand_tokens == cfg.eos) & (cand_scores != -math.inf)   # (A, k)
+        is_eos[:, :beam] &= ~ignore
+        done_now = _finalize(is_eos[:, :beam], cand_rows, cand_scores, tokens, scores, step, live, finalized,
+                             max_lens, cfg)
+        at_end = (max_lens_dev[live] <= step).cpu()
+        for a in (at_end & ~done_now).nonzero().flatten().tolist():   # no finite EOS at max_len: keep the best
+            sent = int(live[a])
+            if not finalized[sent]:
+                best = a * width + (int(scores[a * width: (a + 1) * width, step - 1].argmax()) if step else 0)
+                finalized[sent].append(Hypothesis(tokens[best, 1: step + 1].tolist(), -math.inf, [], False))
+        keep = ~(done_now | at_end)
+        if not keep.any():
+            break
+
+        # each remaining sentence continues with its best `beam` non-EOS candidates, in candidate order
+        keep = keep.to(dev)
+        skip = is_eos.clone()
+        skip[:, :beam] |= ignore
+        order = skip.long() * k + torch.arange(k, device=dev)      # non-EOS first, then by rank
+        picked_key, picked = torch.topk(order[keep], beam, dim=1, largest=False)   # (A', beam)
+        ignore = picked_key >= k
+        rows = cand_rows[keep].gather(1, picked).flatten()        # (A'*beam,) source row of each new beam
+        tokens = tokens[rows]
+        tokens[:, step + 1] = cand_tokens[keep].gather(1, picked).flatten()
+        scores = scores[rows]
+        scores[:, step] = cand_scores[keep].gather(1, picked).flatten()
+        live = live[keep]
+        width = beam
+        cache.reorder(rows)
+        if constraint is not None:
+            constraint.reorder(rows.tolist())
+            constraint.advance(tokens[:, step + 1].tolist())
+
+    for hyps in finalized:                                         # best first (stable for equal scores)
+        hyps.sort(key=lambda h: -h.score)
+    return finalized
+
+
+def _finalize(eos_top, cand_rows, cand_scores, tokens, scores, step, live, finalized, max_lens, cfg):
+    """Store the hypotheses ending with EOS among the top `beam` candidates. -> (A,) bool: sentence done."""
+    beam = cfg.beam
+    done = torch.zeros(eos_top.size(0), dtype=torch.bool)
+    hits = eos_top.nonzero()                                      # (h, 2) [live sentence, candidate], row-major
+    if hits.numel() == 0:
+        return done
+    a_idx, j_idx = hits[:, 0], hits[:, 1]
+    rows = cand_rows[a_idx, j_idx]
+    eos_scores = cand_scores[a_idx, j_idx]                        # (h,) cumulative, float32 as fairseq
+    positional = torch.cat([scores[rows, :step], eos_scores[:, None]], dim=1)   # (h, step+1) cumulative
+    positional[:, 1:] = positional[:, 1:] - positional[:, :-1]
+    normalised = eos_scores / (step + 1) ** cfg.len_penalty
+    hyp_tokens = tokens[rows, 1: step + 1].tolist()
+    positional, normalised, live = positional.tolist(), normalised.tolist(), live.tolist()
+    for i, (a, j) in enumerate(hits.tolist()):
+        sent = live[a]
+        if len(finalized[sent]) < beam:
+            finalized[sent].append(Hypothesis(hyp_tokens[i], normalised[i], positional[i]))
+        if len(finalized[sent]) == beam or step >= int(max_lens[sent]):
+            done[a] = True
+    return done
+
+
+# ----------------------------------------------------------------------------------------------------------
+# constrained decoding: the output is the input text with well-nested entity brackets inserted
+
+
+class BracketConstraint:
+    """Per-hypothesis state machine that allows only outputs which strip to the input text.
+
+    State of a row: (input index, position in its text, stack of open (type, start), spans closed here).
+    Allowed next tokens: the next input character; an opening bracket (depth < MAX_DEPTH); the closing bracket of
+    the innermost open entity if it holds >= 1 character and would not duplicate a span of the same type just
+    closed here; EOS once the text is consumed and nothing is open. A token is allowed only if the search can still
+    finish within the row's max_len (every open entity needs a character and a close; same-type entities with the
+    same start need distinct ends), so every hypothesis that ends is valid and no row runs into a dead end.
+    A text character that is itself a bracket symbol is read as the character (that bracket cannot open there).
+    """
+
+    def __init__(self, char_ids, open_ids, close_ids, max_depth=MAX_DEPTH):
+        self.char_ids = [list(ids) for ids in char_ids]          # per input: decoder id of each text character
+        self.open_ids = [open_ids[t] for t in TYPES]
+        self.close_ids = [close_ids[t] for t in TYPES]
+        self.max_depth = max_depth
+        self.rows = []
+
+    def start(self):
+        self.rows = [(i, 0, (), frozenset()) for i in range(len(self.char_ids))]
+
+    def _can_finish(self, ids, pos, stack, closed_here):
+        """Can every open entity still close, inner first, each after >= 1 char, without duplicating a span?
+
+        Greedy earliest ends, innermost first. A close cannot happen where the next text character is that very
+        bracket symbol (it would be read as the character)."""
+        n = len(ids)
+        last_end = {key: pos for key in closed_here}
+        end = pos
+        for key in reversed(stack):
+            end = max(end, key[1] + 1)
+            while last_end.get(key) == end or (end < n and ids[end] == self.close_ids[key[0]]):
+                end += 1
+            last_end[key] = end
+        return end <= n
+
+    def _successors(self, row):
+        """-> list of (token, next state or None for EOS) for one row, before the length budget."""
+        sent, pos, stack, closed_here = row
+        ids = self.char_ids[sent]
+        n = len(ids)
+        out = []
+        if pos < n:
+            out.append((ids[pos], (sent, pos + 1, stack, frozenset())))
+            if len(stack) < self.max_depth:
+                for t, tok in enumerate(self.open_ids):
+                    if tok != ids[pos]:
+                        out.append((tok, (sent, pos, stack + ((t, pos),), closed_here)))
+        if stack:
+            key = stack[-1]
+            tok = self.close_ids[key[0]]
+            if pos > key[1] and key not in closed_here and (pos >= n or tok != ids[pos]):
+                out.append((tok, (sent, pos, stack[:-1], closed_here | {key})))
+        if pos == n and not stack:
+            out.append((EOS, None))
+        return out
+
+    def mask(self, step, row_max_lens, vocab):
+        """(N, V) bool: tokens each row may emit at this step (and still end by its max_len)."""
+        allowed = torch.zeros(len(self.rows), vocab, dtype=torch.bool)
+        rows_idx, cols = [], []
+        for r, row in enumerate(self.rows):
+            slots = row_max_lens[r] - 1 - step                   # tokens still possible after this one
+            ids = self.char_ids[row[0]]
+            for tok, nxt in self._successors(row):
+                if nxt is not None:
+                    _, pos, stack, closed_here = nxt
+                    if (len(ids) - pos) + len(stack) > slots or not self._can_finish(ids, pos, stack, closed_here):
+                        continue
+                rows_idx.append(r)
+                cols.append(tok)
+        allowed[rows_idx, cols] = True
+        return allowed
+
+    def reorder(self, rows):
+        self.rows = [self.rows[i] for i in rows]
+
+    def advance(self, tokens):
+        new = []
+        for row, tok in zip(self.rows, tokens):
+            nxt = dict(self._successors(row)).get(tok)
+            # a token outside the mask only reaches -inf rows (fewer live candidates than beams): keep the state
+            new.append(nxt if nxt is not None else row)
+        self.rows = new
+
+
+def spans_from_constrained(tokens, char_ids, open_ids, close_ids, text=None):
+    """Replay a constrained output. -> (entities [(start, end, type)] in input coordinates, complete: bool,
+    the bracketed string written with the input's own characters, literal bracket characters made full width)."""
+    open_type = {open_ids[t]: t for t in TYPES}
+    close_type = {close_ids[t]: t for t in TYPES}
+    fullwidth = str.maketrans("[]()<>", "［］（）＜＞")
+    pos, stack, spans, out = 0, [], [], []
+    for tok in tokens:
+        if pos < len(char_ids) and tok == char_ids[pos]:
+            out.append(text[pos].translate(fullwidth) if text is not None else "")
+            pos += 1
+        elif tok in open_type:
+            stack.append((open_type[tok], pos))
+            out.append(OPEN[open_type[tok]])
+        elif tok in close_type and stack and stack[-1][0] == close_type[tok]:
+            t, s = stack.pop()
+            spans.append((s, pos, t))
+            out.append(CLOSE[t])
+        else:
+            return spans, False, "".join(out)
+    return spans, pos == len(char_ids) and not stack, "".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entities: alignment to the input text, our evaluator, the official evaluator, CER
+
+
+def edit_distance(a, b):
+    """Levenshtein distance between two sequences (CER numerator)."""
+    prev = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, y in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
+        prev = cur
+    return prev[-1]
+
+
+def align_offsets(output_text, input_text):
+    """Map each character index of output_text to input_text (None where it has no counterpart)."""
+    import difflib
+    mapping = [None] * len(output_text)
+    matcher = difflib.SequenceMatcher(None, output_text, input_text, autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal" or (op == "replace" and i2 - i1 == j2 - j1):   # same-length substitution: position kept
+            for k in range(i2 - i1):
+                mapping[i1 + k] = j1 + k
+    return mapping
+
+
+def map_spans(spans, output_text, input_text):
+    """Spans [(start, end, type)] over output_text -> over input_text ((None, None, type) if not alignable)."""
+    if output_text == input_text:
+        return list(spans)
+    m = align_offsets(output_text, input_text)
+    out = []
+    for s, e, t in spans:
+        a, b = m[s], m[e - 1]
+        out.append((a, b + 1, t) if a is not None and b is not None and a <= b else (None, None, t))
+    return out
+
+
+def _prf(tp, n_pred, n_gold):
+    p = 100.0 * tp / n_pred if n_pred else 0.0
+    r = 100.0 * tp / n_gold if n_gold else 0.0
+    return {"p": p, "r": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "tp": tp, "pred": n_pred, "gold": n_gold}
+
+
+class Scorer:
+    """Micro P/R/F1 (percent), overall and per type, over per-sentence multisets of entity keys (type first)."""
+
+    def __init__(self):
+        self.counts = Counter()                                    # (type or "all", "tp"/"pred"/"gold") -> n
+
+    def add(self, pred_keys, gold_keys):
+        pred, gold = Counter(pred_keys), Counter(gold_keys)
+        hit = pred & gold
+        for name, bag in (("pred", pred), ("gold", gold), ("tp", hit)):
+            for key, n in bag.items():
+                self.counts[(key[0], name)] += n
+                self.counts[("all", name)] += n
+
+    def result(self):
+        types = sorted({t for t, _ in self.counts} - {"all"})
+        res = _prf(self.counts[("all", "tp")], self.counts[("all", "pred")], self.counts[("all", "gold")])
+        res["per_type"] = {t: _prf(self.counts[(t, "tp")], self.counts[(t, "pred")], self.counts[(t, "gold")])
+                           for t in types}
+        return res
+
+
+def our_keys(task, text, spans):
+    """Our scoring keys. TNER/MNER: (type, start, end) in input coordinates (unalignable spans never match);
+    SNER: (type, entity text), position-free, a multiset."""
+    if task == "SNER":
+        return [(t, text[s:e]) for s, e, t in spans]
+    return [(t, s, e) if s is not None else (t, "unaligned", i) for i, (s, e, t) in enumerate(spans)]
+
+
+def official_keys(task, bracketed, phones_of=None):
+    """The official evaluator's keys for one string (IMAGE.md 1.7), a set: (type, start, end) in the string's own
+    bracket-free text, or (type, pronunciation) for SNER. data.parse_official pairs brackets as the official code
+    does, with its bug: an entity ending at the last character is never found (gold and prediction alike)."""
+    import data
+    raw, ents = data.parse_official(bracketed.replace(" ", ""))
+    if task == "SNER":
+        return sorted({(e.type, phones_of(raw[e.start:e.end])) for e in ents})
+    return sorted({(e.type, e.start, e.end) for e in ents})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# from inputs to model rows
+
+
+@dataclass
+class Request:
+    """One thing to recognise: text and/or speech (a wav path or a 16 kHz waveform). gold: a data.Sample (eval)."""
+    text: Optional[str] = None
+    wav: Optional[str] = None
+    waveform: Optional[torch.Tensor] = None
+    id: str = ""
+    gold: object = None
+
+    @property
+    def has_speech(self):
+        return self.wav is not None or self.waveform is not None
+
+    def task(self):
+        if self.text is not None and self.has_speech:
+            return "MNER"
+        return "TNER" if self.text is not None else "SNER"
+
+
+def load_model(path, device="cpu", **config_overrides):
+    """-> (model, assets, ckpt) from our checkpoint format (weights.load_checkpoint)."""
+    import weights
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return weights.load_checkpoint(path, device, **config_overrides)
+
+
+class Recognizer:
+    """Python API: recognise entities in texts and/or waveforms with a trained model.
+
+        rec = Recognizer("best.pt")                             # or Recognizer((model, assets))
+        rec.recognize(texts=["末阳市文联主席张三"])               # TNER
+        rec.recognize(waveforms=[wav_tensor], sample_rate=16000)  # SNER; both lists -> MNER
+    Each result: {"task", "output" (bracketed), "text" (plain), "entities": [{type, text, start, end}], "score"}.
+    asr=True: plain MMSpeech recognition (no text stream, no modality embedding); results carry "tokens".
+    """
+
+    def __init__(self, model, assets=None, device=None, dtype=None, beam=None, max_len=None, greedy=False,
+                 constrain=True, asr=False, no_repeat_ngram_size=None, max_audio_seconds=MAX_AUDIO_SECONDS,
+                 featurizer=None, modelscope_padding=False, search=None, nbest=1, pseudo_text_len=None):
+        import data
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        ckpt = {}
+        if isinstance(model, (str, os.PathLike)):
+            overrides = {"modelscope_padding": True} if modelscope_padding else {}
+            model, assets, ckpt = load_model(str(model), device, **overrides)
+        elif isinstance(model, tuple):
+            model, assets = model[0], model[1]
+        if assets is None:
+            raise ValueError("Recognizer needs the checkpoint's assets (vocabulary, phones, fbank settings)")
+        self.model = model.to(device=device, dtype=dtype or next(model.parameters()).dtype).eval()
+        self.device, self.assets, self.asr, self.constrain = device, assets, asr, constrain
+        if featurizer is None:      # the pseudo text must be as long as in training (train.py --pseudo-len)
+            trained = ((ckpt.get("source") or {}).get("args") or {}).get("pseudo_len")
+            pseudo_text_len = pseudo_text_len or assets.get("pseudo_text_len") or trained or 40
+            featurizer = data.Featurizer(assets, pseudo_text_len=pseudo_text_len)
+        self.featurizer = featurizer
+        self.vocab = self.featurizer.vocab
+        self.search = search or SearchConfig.from_assets(assets, beam=1 if greedy else beam, max_len=max_len,
+                                                         no_repeat_ngram_size=no_repeat_ngram_size)
+        self.max_audio_seconds, self.nbest = max_audio_seconds, nbest
+        if not 1 <= nbest <= self.search.beam:
+            raise ValueError(f"nbest {nbest} must be between 1 and the beam size {self.search.beam}")
+        capacity = self.model.decoder.max_len - 2                 # positions for BOS + max_len + EOS step
+        if not 1 <= self.search.max_len <= capacity:
+            raise ValueError(f"max_len {self.search.max_len} must be in [1, {capacity}] (decoder positions)")
+        self.capacity = capacity
+        self.open_ids = {t: self.vocab.char_id(OPEN[t]) for t in TYPES}
+        self.close_ids = {t: self.vocab.char_id(CLOSE[t]) for t in TYPES}
+        self.brackets_known = UNK not in set(self.open_ids.values()) | set(self.close_ids.values())
+
+    # -- features -------------------------------------------------------------------------------------------
+
+    def _speech(self, req):
+        """-> (fbank (T, 80), warnings). Wav files go through the featurizer (cached); waveforms are 16 kHz."""
+        import audio
+        where = req.wav or f"waveform {req.id}".strip()
+        if req.waveform is not None:
+            x = req.waveform
+            if x.dim() != 1:
+                raise ValueError(f"{where}: expected a mono waveform (N,), got shape {tuple(x.shape)}")
+            seconds = x.shape[0] / audio.SAMPLE_RATE
+        else:
+            seconds = _wav_seconds(req.wav)
+        if seconds > self.max_audio_seconds:
+            raise ValueError(f"{where}: {seconds:.1f} s of audio is over the {self.max_audio_seconds:g} s limit "
+                             f"(--max-audio-seconds); split it into utterances")
+        if seconds < 0.085:                                    # < 7 fbank frames: nothing left after subsampling
+            raise ValueError(f"{where}: {seconds * 1000:.0f} ms of audio is too short to recognise")
+        if req.waveform is not None:
+            fbank = audio.speech_features(x.float(), cmvn=self.featurizer.cmvn)
+        else:
+            fbank = self.featurizer.speech(req.wav)
+        silent = fbank.shape[0] > 1 and float(fbank.std()) == 0.0   # all frames equal: digital silence
+        return fbank, [f"{where}: the audio is silent"] if silent else []
+
+    def _row(self, req, task):
+        """-> (unbatched model inputs, warnings) for one request under `task` (pseudo input for what is absent)."""
+        warn = []
+        if task in ("SNER", "MNER"):
+            fbank, warn = self._speech(req)
+        else:
+            fbank = self.featurizer.pseudo_speech()
+        if self.asr:
+            empty = torch.zeros(0, dtype=torch.long)
+            return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]), "phones": empty,
+                    "phone_chars": empty, "phone_lengths": torch.tensor(0), "speech_present": torch.tensor(True),
+                    "text_present": torch.tensor(False), "decoder_input": torch.tensor([BOS]),
+                    "target": torch.tensor([EOS])}, warn
+        if task in ("TNER", "MNER"):
+            phones, phone_chars = self.featurizer.text(req.text)
+        else:
+            phones, phone_chars = self.featurizer.pseudo_text()
+        return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]),
+                "speech_present": torch.tensor(task != "TNER"), "phones": phones, "phone_chars": phone_chars,
+                "phone_lengths": torch.tensor(len(phones)), "text_present": torch.tensor(task != "SNER"),
+                "decoder_input": torch.tensor([BOS]), "target": torch.tensor([EOS])}, warn
+
+    def _encode(self, rows):
+        import data
+        batch = data.collate(rows)
+        dtype = next(self.model.parameters()).dtype
+        fbank = batch["fbank"].to(self.device, dtype)
+        lengths = batch["fbank_lengths"].to(self.device)
+        if self.asr:                                             # plain MMSpeech: no text stream, no modality flag
+            return self.model.encode(fbank, lengths)
+        dev = lambda k: batch[k].to(self.device)                 # noqa: E731
+        return self.model.encode(fbank, lengths, dev("phones"), dev("phone_chars"), dev("phone_lengths"),
+                                 dev("speech_present"), dev("text_present"))
+
+    # -- one batch ------------------------------------------------------------------------------------------
+
+    def _check_text(self, req):
+        if not req.text or not req.text.strip():
+            raise ValueError(f"input {req.id or ''}: empty text".replace("  ", " "))
+        if len(req.text) > self.capacity // 2:
+            raise ValueError(f"input {req.id}: text of {len(req.text)} characters is longer than this decoder can "
+                             f"bracket ({self.capacity // 2}); split it into sentences")
+
+    def _batch(self, reqs, task):
+        rows, warns = [], []
+        for req in reqs:
+            if task in ("TNER", "MNER"):
+                self._check_text(req)
+            row, warn = self._row(req, task)
+            rows.append(row)
+            warns.append(warn)
+        with torch.no_grad():
+            enc = self._encode(rows)
+            constrained = task in ("TNER", "MNER") and self.constrain and not self.asr
+            constraint, max_lens = None, None
+            if constrained:
+                if not self.brackets_known:
+                    raise ValueError("the vocabulary has no bracket tokens [ ] ( ) < >: use --no-constrain")
+                char_ids = [self.vocab.encode(r.text) for r in reqs]
+                constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids)
+                max_lens = [min(self.capacity, max(self.search.max_len, 2 * len(ids))) for ids in char_ids]
+            hyps = beam_search(self.model, enc, self.search, constraint=constraint, max_lens=max_lens)
+        return [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
+
+    def _result(self, req, task, hyps, warn, constrained):
+        import data
+        hyp = hyps[0]
+        res = {"id": req.id, "task": "ASR" if self.asr else task}
+        if req.text is not None:
+            res["input_text"] = req.text
+        if req.wav is not None:
+            res["wav"] = req.wav
+        warn = list(warn)
+        if req.text is not None:
+            unknown = sorted({c for c in req.text if self.vocab.char_id(c) == UNK})
+            if unknown:
+                warn.append(f"characters outside the vocabulary (read as <unk>): {''.join(unknown)}")
+        if not hyp.finished or len(hyp.tokens) >= self.search.max_len and not constrained:
+            warn.append(f"output reached max_len {self.search.max_len} without ending (raise --max-len)")
+        if constrained:
+            text = req.text
+            spans, complete, output = spans_from_constrained(hyp.tokens, self.vocab.encode(text), self.open_ids,
+                                                             self.close_ids, text)
+            if not complete:                                     # cannot happen unless the search was cut short
+                spans, output, warn = [], text, warn + ["constrained search did not finish; no entities"]
+        else:
+            output = self.vocab.decode(hyp.tokens, unk="\ufffd")
+            plain, ents = data.parse(output)
+            spans = [(e.start, e.end, e.type) for e in ents]
+            if task in ("TNER", "MNER") and not self.asr:       # offsets into the input text
+                spans = map_spans(spans, plain, req.text)
+                text = req.text
+            else:
+                text = plain
+        res["output"] = output
+        res["text"] = text
+        if not self.asr:
+            res["entities"] = [{"type": t, "text": text[s:e] if s is not None else None, "start": s, "end": e}
+                               for s, e, t in sorted(spans, key=lambda x: (x[0] is None, x[0] or 0, -(x[1] or 0)))]
+        res["score"] = hyp.score
+        if self.asr:
+            res["tokens"] = hyp.tokens
+            res["positional_scores"] = hyp.positional_scores
+        if self.nbest > 1:
+            ids = self.vocab.encode(req.text) if constrained else None
+            render = (lambda t: spans_from_constrained(t, ids, self.open_ids, self.close_ids, req.text)[2]) \
+                if constrained else (lambda t: self.vocab.decode(t, unk="\ufffd"))
+            res["nbest"] = [{"tokens": h.tokens, "score": h.score, "output": render(h.tokens)}
+                            for h in hyps[: self.nbest]]
+        if warn:
+            res["warnings"] = warn
+        return res
+
+    # -- public ---------------------------------------------------------------------------------------------
+
+    def run(self, requests, batch_size=8, progress=False, task=None):
+        """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER."""
+        results = [None] * len(requests)
+        groups = {}
+        for i, req in enumerate(requests):
+            t = task or req.task()
+            if t in ("SNER", "MNER") and not req.has_speech:
+                raise ValueError(f"input {req.id or i}: task {t} needs speech (wav)")
+            if t in ("TNER", "MNER") and req.text is None:
+                raise ValueError(f"input {req.id or i}: task {t} needs text")
+            if self.asr and not req.has_speech:
+                raise ValueError(f"input {req.id or i}: --asr needs speech (wav)")
+            groups.setdefault(t, []).append(i)
+        # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
+        keep_order = getattr(self.model.config, "modelscope_padding", False)
+        bar = _progress(len(requests), progress)
+        for t, idx in groups.items():
+            if not keep_order:
+                idx = sorted(idx, key=lambda i: -_length_hint(requests[i]))
+            for k in range(0, len(idx), batch_size):
+                chunk = idx[k: k + batch_size]
+                for i, res in zip(chunk, self._batch([requests[i] for i in chunk], t)):
+                    results[i] = res
+                bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def recognize(self, texts=None, waveforms=None, sample_rate=16000, task=None, wavs=None, batch_size=8):
+        """texts: list of str; waveforms: list of 1-D tensors/arrays at sample_rate; wavs: list of paths.
+        Give texts alone (TNER), speech alone (SNER) or both, aligned (MNER)."""
+        import audio
+        speech = wavs if wavs is not None else waveforms
+        n = len(texts) if texts is not None else len(speech or [])
+        if texts is not None and speech is not None and len(speech) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(speech)} waveforms/wavs")
+        reqs = []
+        for i in range(n):
+            req = Request(text=texts[i] if texts is not None else None, id=str(i))
+            if wavs is not None:
+                req.wav = str(wavs[i])
+            elif waveforms is not None:
+                x = torch.as_tensor(waveforms[i], dtype=torch.float32)
+                req.waveform = audio.resample(x, sample_rate, audio.SAMPLE_RATE) if sample_rate != 16000 else x
+            reqs.append(req)
+        return self.run(reqs, batch_size=batch_size, task=task)
+
+
+def _wav_seconds(path):
+    """Duration from the wav header (cheap; unreadable files fail later with audio.py's message)."""
+    import wave
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"wav not found: {path}")
+    try:
+        with wave.open(str(path), "rb") as w:
+            return w.getnframes() / w.getframerate()
+    except (wave.Error, EOFError, ZeroDivisionError):
+        return 0.1
+
+
+def _length_hint(req):
+    if req.waveform is not None:
+        return req.waveform.shape[-1] / 160
+    if req.wav is not None:
+        try:
+            return os.path.getsize(req.wav) / 320
+        except OSError:
+            return 0
+    return len(req.text or "")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, unit="utt", file=sys.stderr, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def score_predictions(task, golds, results, phones_of=None):
+    """golds: data.Sample list; results: Recognizer results in the same order.
+    -> {"ours": P/R/F1 (+ per type), "official": P/R/F1 (+ per type), "cer": percent, "sentences": n}."""
+    import data
+    ours, official = Scorer(), Scorer()
+    edits = chars = 0
+    for gold, res in zip(golds, results):
+        gold_spans = [(e.start, e.end, e.type) for e in gold.entities]
+        pred_spans = [(e["start"], e["end"], e["type"]) for e in res["entities"]]
+        if task == "SNER":                                       # entity texts of the transcription
+            ours.add([(e["type"], e["text"]) for e in res["entities"]], our_keys(task, gold.text, gold_spans))
+        else:
+            ours.add(our_keys(task, gold.text, pred_spans), our_keys(task, gold.text, gold_spans))
+        gold_string = data.linearize_official(gold.text, gold.entities)
+        official.add(official_keys(task, res["output"], phones_of), official_keys(task, gold_string, phones_of))
+        edits += edit_distance(res["text"], gold.text)
+        chars += len(gold.text)
+    return {"ours": ours.result(), "official": official.result(),
+            "cer": 100.0 * edits / chars if chars else 0.0, "sentences": len(golds)}
+
+
+def evaluate(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), beam=None, batch_size=32,
+             evaluator="ours", device=None, assets=None, greedy=False, constrain=True, max_len=None,
+             progress=False, recognizer=None, predictions=None):
+    """Decode `samples` for each task and score them. -> {task: {"p", "r", "f1" (percent, by `evaluator`),
+    "ours", "official", "cer", "sentences"}}. SNER/MNER use only samples with audio. predictions: optional dict
+    that receives {task: [result, ...]}. assets: the checkpoint's assets (decoding settings); without them the
+    search uses beam 5, max_len 128, no n-gram block."""
+    if evaluator not in ("ours", "official"):
+        raise ValueError(f"evaluator must be 'ours' or 'official', not {evaluator!r}")
+    if recognizer is None:
+        if assets is None:
+            assets = {"vocab": featurizer.vocab.tokens, "decoding": {"no_repeat_ngram_size": 0}}
+        device = device or next(model.parameters()).device
+        recognizer = Recognizer((model, assets), device=device, dtype=next(model.parameters()).dtype, beam=beam,
+                                greedy=greedy, constrain=constrain, max_len=max_len, featurizer=featurizer)
+    phones_of = recognizer.featurizer.phonemizer.pronounce
+    scores = {}
+    for task in tasks:
+        golds = [s for s in samples if task == "TNER" or s.audio is not None]
+        reqs = [Request(text=s.text if task != "SNER" else None, wav=s.audio if task != "TNER" else None,
+                        id=s.id, gold=s) for s in golds]
+        results = recognizer.run(reqs, batch_size=batch_size, progress=progress, task=task)
+        if predictions is not None:
+            predictions[task] = results
+        sc = score_predictions(task, golds, results, phones_of)
+        main = sc[evaluator]
+        scores[task] = {"p": main["p"], "r": main["r"], "f1": main["f1"], **sc}
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------
+# printing
+
+
+def format_result(res):
+    """A readable block for one result (terminal output)."""
+    head = f"[{res['task']}] {res.get('wav') or ''}".rstrip()
+    lines = [head, f"  output: {res['output']}"]
+    for e in res.get("entities", []):
+        where = f"{e['start']}-{e['end']}" if e["start"] is not None else "unaligned"
+        lines.append(f"  {e['type']:<4} {where:>9}  {e['text']}")
+    for w in res.get("warnings", []):
+        lines.append(f"  warning: {w}")
+    return "\n".join(lines)
+
+
+def format_scores(scores):
+    """Table of P/R/F1 per task and evaluator, then per type."""
+    lines = [f"{'task':<5} {'evaluator':<9} {'P':>6} {'R':>6} {'F1':>6} {'gold':>6} {'pred':>6}   CER"]
+    for task, sc in scores.items():
+        for name in ("ours", "official"):
+            m = sc[name]
+            cer = f"{sc['cer']:6.2f}" if name == "ours" else ""
+            lines.append(f"{task:<5} {name:<9} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f} {m['gold']:6d} "
+                         f"{m['pred']:6d} {cer}")
+    lines.append("")
+    lines.append(f"{'task':<5} {'type':<9} {'P':>6} {'R':>6} {'F1':>6}   (ours)")
+    for task, sc in scores.items():
+        for t, m in sc["ours"]["per_type"].items():
+            lines.append(f"{task:<5} {t:<9} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def read_jsonl_requests(path):
+    """{"text"?, "wav"?, "id"?} per line; a relative wav path is taken relative to the file's folder."""
+    reqs, base = [], os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected an object with \"text\" and/or \"wav\"")
+            unknown = set(obj) - {"text", "wav", "id"}
+            if unknown:
+                raise ValueError(f"{path}:{lineno}: unknown key(s) {sorted(unknown)} (allowed: text, wav, id)")
+            if obj.get("text") is None and obj.get("wav") is None:
+                raise ValueError(f"{path}:{lineno}: needs \"text\" and/or \"wav\"")
+            wav = obj.get("wav")
+            if wav is not None and not os.path.isabs(wav):
+                wav = os.path.join(base, wav)
+            if wav is not None and not os.path.isfile(wav):
+                raise ValueError(f"{path}:{lineno}: wav not found: {wav}")
+            reqs.append(Request(text=obj.get("text"), wav=wav, id=str(obj.get("id", lineno))))
+    if not reqs:
+        raise ValueError(f"{path}: no inputs")
+    return reqs
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", required=True, help="model checkpoint (.pt from train.py or weights.py)")
+    a("--text", nargs="+", help="input sentence(s): TNER, or MNER together with --wav (paired in order)")
+    a("--wav", nargs="+", help="input wav file(s): SNER, or MNER together with --text")
+    a("--input", help="JSON lines file, one {\"text\"?, \"wav\"?, \"id\"?} per line (wav relative to the file)")
+    a("--dataset", help="decode a corpus split instead: cnerta | aishell_ner | demo | msra | image4imner")
+    a("--data-dir", help="folder of the dataset files (demo: built automatically when omitted)")
+    a("--audio-dir", help="folder searched for the corpus wavs (default DATA_DIR/wav)")
+    a("--split", default="test", help="dataset split: train | dev | test (default test)")
+    a("--limit", type=int, default=0, help="use only the first N sentences of the split (0 = all)")
+    a("--task", nargs="+", choices=["TNER", "SNER", "MNER"],
+      help="task(s): with --dataset which inputs to use (default all three); with --input/--text/--wav force one")
+    a("--eval", action="store_true", help="score a --dataset split: P/R/F1 (ours and official) and CER, as JSON")
+    a("--evaluator", choices=["ours", "official"], default="ours", help="which evaluator gives the headline p/r/f1")
+    a("--predictions", help="with --eval: also write every prediction as JSON lines to this file")
+    a("--beam", type=int, help="beam width (default: the checkpoint's, 5)")
+    a("--greedy", action="store_true", help="greedy search (beam 1)")
+    a("--max-len", type=int, help="maximum output tokens (default: the checkpoint's max_len_b, 128)")
+    a("--no-repeat-ngram", type=int, help="block repeated n-grams of this size (default: the checkpoint's; 0 = off)")
+    a("--nbest", type=int, default=1, help="also list the best N hypotheses (tokens, score, output) per input")
+    a("--no-constrain", action="store_true", help="TNER/MNER: free generation instead of the input text + brackets")
+    a("--asr", action="store_true", help="plain MMSpeech speech recognition (no text stream, no modality embedding), "
+                                        "outputs carry tokens; the parity mode against ModelScope")
+    a("--batch-size", type=int, default=8, help="inputs per batch (default 8)")
+    a("--modelscope-padding", action="store_true",
+      help="reproduce ModelScope's batch-dependent encoder padding and keep the input order in batches (to match "
+           "reference_decode.py batches of more than one wav; results then depend on the batch)")
+    a("--device", help="cpu | cuda | cuda:N (default cuda when available)")
+    a("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model precision")
+    a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    a("--pseudo-len", type=int, help="length of the pseudo text for SNER (default: as trained, else 40)")
+    a("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS, help="refuse longer wavs (default 60)")
+    a("--out", help="write JSON here (predictions as JSON lines; with --eval the scores) instead of stdout")
+    a("--json", action="store_true", help="JSON lines on stdout even on a terminal (default: a table there)")
+    a("--progress", action=argparse.BooleanOptionalAction, default=None,
+      help="progress bar on stderr (default: on for --input/--dataset when stderr is a terminal)")
+    args = p.parse_args(argv)
+    sources = sum(x is not None for x in (args.input, args.dataset)) + (args.text is not None or args.wav is not None)
+    if sources != 1:
+        p.error("give exactly one input: --text/--wav, --input FILE, or --dataset NAME")
+    if args.eval and not args.dataset:
+        p.error("--eval needs --dataset (gold entities)")
+    if args.text and args.wav and len(args.text) != len(args.wav):
+        p.error(f"--text has {len(args.text)} items but --wav {len(args.wav)}: MNER pairs them in order")
+    if args.asr and (args.text or args.eval):
+        p.error("--asr decodes speech only (no --text, no --eval)")
+    if args.batch_size < 1 or (args.beam is not None and args.beam < 1):
+        p.error("--batch-size and --beam must be >= 1")
+    if args.task and len(args.task) > 1 and not args.dataset:
+        p.error("--task takes one task unless --dataset is given")
+    return args
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    try:
+        rec = Recognizer(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype), beam=args.beam,
+                         max_len=args.max_len, greedy=args.greedy, constrain=not args.no_constrain, asr=args.asr,
+                         no_repeat_ngram_size=args.no_repeat_ngram, max_audio_seconds=args.max_audio_seconds,
+                         modelscope_padding=args.modelscope_padding, nbest=args.nbest,
+                         pseudo_text_len=args.pseudo_len)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"decode.py: {e}")
+    progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))
+    try:
+        if args.dataset:
+            return _main_dataset(args, rec, progress, t0)
+        if args.input:
+            reqs = read_jsonl_requests(args.input)
+        else:
+            n = len(args.text or args.wav)
+            for w in args.wav or []:
+                if not os.path.isfile(w):
+                    raise ValueError(f"wav not found: {w}")
+            reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None,
+                            id=str(i)) for i in range(n)]
+        results = rec.run(reqs, batch_size=args.batch_size, progress=progress,
+                          task=args.task[0] if args.task else None)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"decode.py: {e}")
+    _emit(args, results)
+    print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
+
+
+def _emit(args, results):
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    if args.out:
+        write_atomic(args.out, lines)
+    elif sys.stdout.isatty() and not args.json:
+        print("\n".join(format_result(r) for r in results))
+    else:
+        sys.stdout.write(lines)
+
+
+def _main_dataset(args, rec, progress, t0):
+    import data
+    samples = data.load_split(args.dataset, args.data_dir, args.split, audio_dir=args.audio_dir)
+    if args.limit:
+        samples = samples[: args.limit]
+    tasks = tuple(args.task or data.TASKS)
+    if not any(s.audio for s in samples):
+        dropped = [t for t in tasks if t != "TNER"]
+        if dropped:
+            print(f"decode.py: no audio for {args.dataset} {args.split}: skipping {', '.join(dropped)}",
+                  file=sys.stderr)
+        tasks = tuple(t for t in tasks if t == "TNER")
+    if not args.eval:
+        results = []
+        for task in tasks:
+            golds = [s for s in samples if task == "TNER" or s.audio is not None]
+            reqs = [Request(text=s.text if task != "SNER" else None, wav=s.audio if task != "TNER" else None,
+                            id=s.id) for s in golds]
+            results += rec.run(reqs, batch_size=args.batch_size, progress=progress, task=task)
+        _emit(args, results)
+        return
+    preds = {}
+    scores = evaluate(None, samples, tasks=tasks, batch_size=args.batch_size, evaluator=args.evaluator,
+                      progress=progress, recognizer=rec, predictions=preds)
+    report = {"dataset": args.dataset, "split": args.split, "ckpt": args.ckpt, "sentences": len(samples),
+              "search": dataclasses.asdict(rec.search), "constrained": rec.constrain, "scores": scores,
+              "seconds": round(time.time() - t0, 1)}
+    text = json.dumps(report, ensure_ascii=False, indent=1) + "\n"
+    if args.out:
+        write_atomic(args.out, text)
+    elif not sys.stdout.isatty() or args.json:
+        sys.stdout.write(text)
+    if args.predictions:
+        write_atomic(args.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                               for task in tasks for r in preds[task]))
+    print(format_scores(scores), file=sys.stderr if not sys.stdout.isatty() or args.json else sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,726 @@
+"""decode.py: beam search (fairseq semantics), constrained bracket decoding, evaluators, reference parity, CLI."""
+import dataclasses
+import itertools
+import json
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import decode  # noqa: E402
+from decode import BOS, EOS, PAD, SearchConfig, beam_search  # noqa: E402
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits cost 10-50x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a toy step model: second-order Markov table + per-input bias (see fixtures/ref_beam_toy_make.py)
+
+
+@dataclass
+class ToyEncoded:
+    hidden: torch.Tensor            # (B, 1, V): the per-input logit bias
+
+
+class ToyCache:
+    """Holds each row's token history, like a KV cache; reorder must move it with the beams."""
+
+    def __init__(self, enc):
+        self.bias = enc.hidden[:, 0]
+        self.history = torch.zeros(enc.hidden.size(0), 0, dtype=torch.long)
+        self.rows_seen = []
+
+    def reorder(self, index):
+        self.bias, self.history = self.bias[index], self.history[index]
+
+
+class Toy:
+    def __init__(self, A, B, P):
+        self.A, self.B, self.P = A, B, P
+        self.last_cache = None
+
+    def new_cache(self, enc, max_len):
+        self.last_cache = ToyCache(enc)
+        return self.last_cache
+
+    def decode_step(self, tokens, cache):
+        cache.rows_seen.append(tokens.numel())
+        cache.history = torch.cat([cache.history, tokens[:, None]], 1)
+        return self.logits_from_history(cache.history, cache.bias)
+
+    def logits_from_history(self, history, bias):
+        t = history.size(1)
+        x = self.A[history[:, -1]]
+        if t >= 2:
+            x = x + self.B[history[:, -2]]
+        return (x + self.P[t - 1]) + bias
+
+
+def random_toy(seed, V=14, L=48, batch=5, eos_boost=1.0, loops=2.0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(V, V, generator=g) * 2.0
+    B = torch.randn(V, V, generator=g)
+    P = torch.randn(L, V, generator=g) * 0.5
+    E = torch.randn(batch, V, generator=g)
+    A[:, EOS] += eos_boost
+    A[torch.arange(4, V), torch.arange(4, V)] += loops
+    return Toy(A, B, P), ToyEncoded(E[:, None, :])
+
+
+def hyps_as_lists(results):
+    return [[(h.tokens, h.score) for h in hyps] for hyps in results]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# a slow, obviously-correct fairseq beam search for one input (lists and loops, no batching)
+
+
+def slow_search(toy, bias, cfg, max_len, allowed_fn=None):
+    V = toy.A.size(0)
+    beam = cfg.beam
+    beams = [([BOS], [])]            # (tokens with BOS, cumulative scores per generated token)
+    finalized, ignore = [], [False] * beam
+    for step in range(max_len + 1):
+        cands = []
+        for b, (toks, cum) in enumerate(beams[: 1 if step == 0 else beam]):
+            logits = toy.logits_from_history(torch.tensor([toks]), bias[None])[0].clone()
+            if cfg.constraint_range:
+                logits[4:cfg.constraint_range[0]] = -math.inf
+                logits[cfg.constraint_range[1]:] = -math.inf
+            if allowed_fn is not None:
+                ok = torch.zeros(V, dtype=torch.bool)
+                ok[allowed_fn(toks[1:], step, max_len)] = True
+                logits[~ok] = -math.inf
+            lp = torch.log_softmax(logits, -1)
+            if step < cfg.min_len:
+                lp[EOS] = -math.inf
+            lp[PAD] = -math.inf
+            if step >= max_len:
+                keep = lp[EOS].clone()
+                lp[:] = -math.inf
+                lp[EOS] = keep
+            n = cfg.no_repeat_ngram_size
+            if n and allowed_fn is None and step + 2 - n >= 0:
+                context = toks[len(toks) - (n - 1):] if n > 1 else []
+                for j in range(0, len(toks) - n + 1):
+                    if toks[j:j + n - 1] == context:
+                        lp[toks[j + n - 1]] = -math.inf
+            total = lp + (torch.tensor(cum[-1]) if step else torch.tensor(0.0))
+            cands += [(float(total[v]), b * V + v, b, v) for v in range(V)]
+        cands.sort(key=lambda c: -c[0])
+        k = min(2 * beam, len(cands) - 1)
+        cands = cands[:k]
+        skip = []
+        for j, (score, _, b, v) in enumerate(cands):
+            is_eos = v == EOS and score != -math.inf and not (j < beam and ignore[j])
+            if is_eos and j < beam and len(finalized) < beam:
+                toks, cum = beams[b]
+                cums = cum + [score]
+                pos = [cums[0]] + [float(torch.tensor(cums[i]) - torch.tensor(cums[i - 1]))
+                                   for i in range(1, len(cums))]
+                finalized.append((toks[1:], float(torch.tensor(score) / (step + 1) ** cfg.len_penalty), pos))
+            skip.append(is_eos or (j < beam and ignore[j]))
+        if len(finalized) == beam or step >= max_len:
+            break
+        order = [j for j in range(k) if not skip[j]] + [j for j in range(k) if skip[j]]
+        picks = order[:beam]
+        ignore = [skip[j] for j in picks]
+        beams = [(beams[cands[j][2]][0] + [cands[j][3]], beams[cands[j][2]][1] + [cands[j][0]]) for j in picks]
+    finalized.sort(key=lambda h: -h[1])
+    return finalized
+
+
+# ------------------------------------------------------------------------------------------------------------
+# beam search
+
+
+def test_beam_search_equals_modelscope_sequence_generator():
+    """Toy model, batch of 6, five settings: n-best lists equal what ModelScope's SequenceGenerator returned."""
+    ref = json.loads((FIXTURES / "ref_beam_toy.json").read_text())
+    for rec in ref["records"]:
+        c = rec["config"]
+        T = lambda k: torch.tensor(rec[k], dtype=torch.float32)  # noqa: E731
+        cfg = SearchConfig(beam=c["beam"], max_len=c["max_len"], min_len=c["min_len"],
+                           no_repeat_ngram_size=c["no_repeat_ngram_size"], len_penalty=c["len_penalty"],
+                           constraint_range=tuple(c["constraint_range"]) if c["constraint_range"] else None)
+        results = beam_search(Toy(T("A"), T("B"), T("P")), ToyEncoded(T("E")[:, None, :]), cfg)
+        assert len(results) == len(rec["nbest"])
+        for hyps, expected in zip(results, rec["nbest"]):
+            assert [h.tokens + [EOS] for h in hyps] == [e["tokens"] for e in expected], c
+            for h, e in zip(hyps, expected):
+                assert h.score == pytest.approx(e["score"], abs=1e-6)
+                assert h.positional_scores == pytest.approx(e["positional_scores"], abs=1e-6)
+
+
+@pytest.mark.parametrize("seed,beam,max_len,min_len,ngram,crange,lp,eos_boost", [
+    (11, 5, 12, 1, 3, (4, 12), 1.0, 1.5),
+    (12, 2, 15, 4, 2, None, 0.7, 2.0),
+    (13, 6, 9, 1, 0, (5, 14), 1.3, 0.5),
+    (14, 1, 14, 1, 4, None, 1.0, 1.0),
+])
+def test_beam_search_equals_slow_reference_and_batch_composition(seed, beam, max_len, min_len, ngram, crange, lp,
+                                                                 eos_boost):
+    toy, enc = random_toy(seed, eos_boost=eos_boost)
+    cfg = SearchConfig(beam=beam, max_len=max_len, min_len=min_len, no_repeat_ngram_size=ngram,
+                       constraint_range=crange, len_penalty=lp)
+    batched = beam_search(toy, enc, cfg)
+    for i, hyps in enumerate(batched):
+        slow = slow_search(toy, enc.hidden[i, 0], cfg, max_len)
+        assert [h.tokens for h in hyps] == [s[0] for s in slow]
+        assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-5)
+        for h, s in zip(hyps, slow):
+            assert h.positional_scores == pytest.approx(s[2], abs=1e-5)
+        alone = beam_search(toy, ToyEncoded(enc.hidden[i:i + 1]), cfg)[0]
+        assert hyps_as_lists([alone]) == hyps_as_lists([hyps])       # exactly what it gets alone
+    # any order and any sub-batch give the same per-input results
+    perm = [3, 0, 4, 1]
+    shuffled = beam_search(toy, ToyEncoded(enc.hidden[perm]), cfg)
+    assert hyps_as_lists(shuffled) == hyps_as_lists([batched[i] for i in perm])
+
+
+def test_per_input_max_len_is_independent_of_the_batch():
+    toy, enc = random_toy(5, eos_boost=-1.0)                   # rarely ends: lengths hit max_len
+    cfg = SearchConfig(beam=3, max_len=99, no_repeat_ngram_size=3, constraint_range=None)
+    lens = [4, 9, 6, 12, 7]
+    batched = beam_search(toy, enc, cfg, max_lens=lens)
+    for i, hyps in enumerate(batched):
+        alone = beam_search(toy, ToyEncoded(enc.hidden[i:i + 1]), cfg, max_lens=[lens[i]])[0]
+        assert hyps_as_lists([alone]) == hyps_as_lists([hyps])
+        assert all(len(h.tokens) <= lens[i] for h in hyps)
+        assert [h.tokens for h in hyps] == [s[0] for s in slow_search(toy, enc.hidden[i, 0], cfg, lens[i])]
+
+
+def test_finished_sentences_leave_the_batch_and_step_zero_uses_one_row():
+    toy, enc = random_toy(21, eos_boost=4.0, batch=5)
+    cfg = SearchConfig(beam=4, max_len=30, no_repeat_ngram_size=0, constraint_range=None)
+    results = beam_search(toy, enc, cfg)
+    rows = toy.last_cache.rows_seen
+    assert rows[0] == 5                                        # step 0: one row per input (beam 0 only)
+    assert rows[1] == 5 * 4                                    # then beams
+    assert all(a >= b for a, b in zip(rows[1:], rows[2:]))     # rows only ever shrink
+    assert rows[-1] < 5 * 4                                    # sentences finished early were dropped
+    longest = max(len(h.tokens) for hyps in results for h in hyps)
+    assert len(rows) <= longest + 1
+    for hyps in results:
+        assert len(hyps) == 4 and all(h.finished and len(h.positional_scores) == len(h.tokens) + 1 for h in hyps)
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        for h in hyps:                                          # score = sum of positional scores / length
+            assert h.score == pytest.approx(sum(h.positional_scores) / len(h.positional_scores), abs=1e-5)
+
+
+def test_greedy_is_beam_one_argmax():
+    toy, enc = random_toy(8, eos_boost=1.0)
+    cfg = SearchConfig(beam=1, max_len=20, no_repeat_ngram_size=0, constraint_range=None)
+    for i, hyps in enumerate(beam_search(toy, enc, cfg)):
+        toks = [BOS]
+        for step in range(21):
+            logits = toy.logits_from_history(torch.tensor([toks]), enc.hidden[i])[0]
+            logits[PAD] = -math.inf
+            if step == 0:
+                logits[EOS] = -math.inf                        # min_len 1
+            nxt = EOS if step == 20 else int(logits.argmax())
+            if nxt == EOS:
+                break
+            toks.append(nxt)
+        assert hyps[0].tokens == toks[1:]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# constrained decoding
+
+TOY_OPEN = {"PER": 8, "LOC": 9, "ORG": 10}
+TOY_CLOSE = {"PER": 11, "LOC": 12, "ORG": 13}
+
+
+def valid_bracketing(seq, text, max_depth):
+    """Independent check: seq strips to text, brackets nest, entities non-empty, no duplicate span, depth ok."""
+    kinds = {v: ("open", t) for t, v in TOY_OPEN.items()} | {v: ("close", t) for t, v in TOY_CLOSE.items()}
+    stack, spans, chars = [], [], []
+    for tok in seq:
+        if tok in kinds:
+            kind, t = kinds[tok]
+            if kind == "open":
+                stack.append((t, len(chars)))
+                if len(stack) > max_depth:
+                    return False
+            else:
+                if not stack or stack[-1][0] != t or stack[-1][1] == len(chars):
+                    return False
+                spans.append((stack.pop(), len(chars)))
+        else:
+            chars.append(tok)
+    return chars == text and not stack and len(spans) == len(set(spans))
+
+
+def constrained_outputs(text, max_len, max_depth):
+    """Every sequence the constraint lets through (DFS over its masks); also asserts there is no dead end."""
+    c = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, max_depth=max_depth)
+    found = []
+
+    def walk(rows, prefix):
+        c.rows = rows
+        allowed = c.mask(len(prefix), [max_len], 14)[0].nonzero().flatten().tolist()
+        assert allowed, f"dead end after {prefix}"
+        for tok in allowed:
+            if tok == EOS:
+                found.append(tuple(prefix))
+                continue
+            c.rows = rows
+            c.advance([tok])
+            walk(c.rows, prefix + [tok])
+
+    c.start()
+    walk(c.rows, [])
+    return set(found)
+
+
+@pytest.mark.parametrize("text,max_len,max_depth", [([4, 5], 6, 4), ([4, 4], 6, 4), ([4], 6, 4), ([4, 5], 6, 1),
+                                                     ([4, 5, 4], 5, 4)])
+def test_constraint_allows_exactly_the_valid_bracketings(text, max_len, max_depth):
+    alphabet = sorted(set(text)) + list(TOY_OPEN.values()) + list(TOY_CLOSE.values())
+    brute = {seq for k in range(len(text), max_len + 1) for seq in itertools.product(alphabet, repeat=k)
+             if valid_bracketing(seq, text, max_depth)}
+    assert constrained_outputs(text, max_len, max_depth) == brute
+    assert (tuple(text)) in brute
+
+
+def test_constraint_same_type_same_start_needs_distinct_ends():
+    # <<a>b> is two ORG entities (a inside ab); <<ab>> would be the same span twice: refused, and <<a... may not
+    # reach the end of the text with both still open
+    outs = constrained_outputs([4, 5], 8, 4)
+    assert (10, 10, 4, 13, 5, 13) in outs
+    assert (10, 10, 4, 5, 13, 13) not in outs
+    c = decode.BracketConstraint([[4, 5]], TOY_OPEN, TOY_CLOSE)
+    c.start()
+    for tok in (10, 10, 4):
+        c.advance([tok])
+    allowed = c.mask(3, [8], 14)[0].nonzero().flatten().tolist()
+    assert allowed == [TOY_CLOSE["ORG"]]                         # "b" would leave two ORG(0, 2): must close now
+
+
+def replay_allowed(text, max_depth=decode.MAX_DEPTH):
+    """allowed_fn for slow_search: a fresh constraint replayed over the hypothesis (no reorder involved)."""
+    def allowed(prefix, step, max_len):
+        c = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, max_depth=max_depth)
+        c.start()
+        for tok in prefix:
+            c.advance([tok])
+        return c.mask(step, [max_len], 14)[0].nonzero().flatten().tolist()
+    return allowed
+
+
+def test_constrained_beam_search_outputs_valid_and_matches_slow_reference():
+    toy, enc = random_toy(31, batch=4, eos_boost=0.0, loops=0.0)
+    texts = [[4, 5, 6, 7], [5, 5, 5], [7], [4, 6, 4, 6, 4, 6]]
+    cfg = SearchConfig(beam=4, max_len=99, no_repeat_ngram_size=3, constraint_range=None)
+    max_lens = [len(t) + 4 for t in texts]
+    results = beam_search(toy, enc, cfg, constraint=decode.BracketConstraint(texts, TOY_OPEN, TOY_CLOSE),
+                          max_lens=max_lens)
+    for i, (hyps, text) in enumerate(zip(results, texts)):
+        assert len(hyps) == 4
+        for h in hyps:
+            assert h.finished and valid_bracketing(h.tokens, text, decode.MAX_DEPTH), h.tokens
+            assert len(h.tokens) <= max_lens[i]
+            spans, complete, _ = decode.spans_from_constrained(h.tokens, text, TOY_OPEN, TOY_CLOSE)
+            assert complete
+        slow = slow_search(toy, enc.hidden[i, 0], cfg, max_lens[i], allowed_fn=replay_allowed(text))
+        assert [h.tokens for h in hyps] == [s[0] for s in slow]
+        assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-5)
+
+
+def test_constraint_text_char_that_is_a_bracket_symbol_is_read_as_the_char():
+    text = [4, 9, 5, 12]                                       # "a(b)" where ( and ) are the LOC bracket ids
+    outs = constrained_outputs(text, 8, 4)
+    assert tuple(text) in outs
+    for o in outs:
+        spans, complete, _ = decode.spans_from_constrained(list(o), text, TOY_OPEN, TOY_CLOSE)
+        assert complete
+        stripped = [t for t in o if t not in (8, 10, 11, 13)]
+        assert [t for t in stripped if t in (4, 5)] == [4, 5] and stripped.count(9) >= 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the real model (tiny, random but perturbed weights so that scores are well separated)
+
+WAVS = sorted((FIXTURES / "wavs").glob("utt00*.wav"))
+SENTENCES = [  # the fixture wavs' sentences (wavs/index.jsonl) with hand-made entities
+    ("utt000", "张伟在北京大学读书", [(0, 2, "PER"), (3, 7, "ORG"), (3, 5, "LOC")]),
+    ("utt001", "郭涛的公司搬到了合肥", [(0, 2, "PER"), (8, 10, "LOC")]),
+    ("utt002", "北京市气象台发布暴雨预警", [(0, 6, "ORG"), (0, 3, "LOC")]),
+    ("utt003", "马超和朋友们去了青岛看海", [(0, 2, "PER"), (8, 10, "LOC")]),
+]
+
+
+def gold_samples():
+    import data
+    return [data.Sample(uid, text, [data.Entity(*e) for e in ents], str(FIXTURES / "wavs" / f"{uid}.wav"))
+            for uid, text, ents in SENTENCES]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import data
+    import image
+    samples = gold_samples() + [data.Sample("x", "末阳市文联主席张三", [])]
+    assets = data.assets_for_scratch(samples)
+    assets["decoding"]["max_len_b"] = 24
+    torch.manual_seed(0)
+    model = image.IMAGE(image.Config.tiny(vocab_size=len(assets["vocab"]), dropout=0.0)).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.08)
+    return model, assets
+
+
+def noise(seconds, seed):
+    return torch.randn(int(16000 * seconds), generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+def test_real_model_batch_times_beam_equals_one_at_a_time(tiny):
+    rec = decode.Recognizer(tiny, device="cpu", beam=4)
+    texts = ["张伟在北京大学读书", "郭涛的公司搬到了合肥", "末阳市文联主席张三"]
+    waves = [noise(1.3, 0), noise(0.6, 1), noise(2.1, 2)]
+    for kwargs in ({"texts": texts}, {"waveforms": waves}, {"texts": texts, "waveforms": waves}):
+        batched = rec.recognize(batch_size=3, **kwargs)
+        for i, res in enumerate(batched):
+            alone = rec.recognize(batch_size=1, **{k: v[i:i + 1] for k, v in kwargs.items()})[0]
+            assert res["output"] == alone["output"] and res["entities"] == alone["entities"]
+            assert res["score"] == pytest.approx(alone["score"], abs=1e-5)
+
+
+def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
+    """Positional scores of the cached search = log_softmax of the full (uncached) decoder on the hypothesis."""
+    import data
+    model, assets = tiny
+    rec = decode.Recognizer(tiny, device="cpu", beam=3)
+    fz = rec.featurizer
+    rows = [rec._row(decode.Request(waveform=noise(s, k)), "SNER")[0] for k, s in enumerate((0.9, 1.6))]
+    enc = rec._encode(rows)
+    cfg = dataclasses.replace(rec.search, max_len=12)
+    with torch.no_grad():
+        hyps = beam_search(model, enc, cfg)
+        for b, nbest in enumerate(hyps):
+            for h in nbest:
+                seq = torch.tensor([[BOS] + h.tokens])
+                logits = model.decode(seq, enc.index_select(torch.tensor([b])))[0].float()
+                logits[:, cfg.constraint_range[1]:] = -math.inf
+                lp = torch.log_softmax(logits, -1)
+                ref = lp.gather(1, torch.tensor(h.tokens + [EOS])[:, None])[:, 0]
+                assert h.positional_scores == pytest.approx(ref.tolist(), abs=1e-4)
+                assert h.score == pytest.approx(float(ref.sum()) / len(ref), abs=1e-4)
+    # constrained: the same with the bracket mask applied before log_softmax (renormalised over allowed tokens)
+    text = "郭涛的公司搬到了合肥"
+    rows = [rec._row(decode.Request(text=text), "TNER")[0]]
+    enc = rec._encode(rows)
+    ids = fz.vocab.encode(text)
+    with torch.no_grad():
+        nbest = beam_search(model, enc, cfg, decode.BracketConstraint([ids], rec.open_ids, rec.close_ids),
+                            max_lens=[24])[0]
+        for h in nbest:
+            logits = model.decode(torch.tensor([[BOS] + h.tokens]), enc)[0].float()
+            c = decode.BracketConstraint([ids], rec.open_ids, rec.close_ids)
+            c.start()
+            ref = []
+            for step, tok in enumerate(h.tokens + [EOS]):
+                allowed = c.mask(step, [24], logits.size(-1))[0]
+                ref.append(float(torch.log_softmax(logits[step].masked_fill(~allowed, -math.inf), -1)[tok]))
+                c.advance([tok])
+            assert h.positional_scores == pytest.approx(ref, abs=1e-4)
+            rendered = decode.spans_from_constrained(h.tokens, ids, rec.open_ids, rec.close_ids, text)[2]
+            assert data.parse(rendered)[0] == text
+
+
+def test_real_model_constrained_outputs_strip_to_the_input(tiny):
+    import data
+    rec = decode.Recognizer(tiny, device="cpu", beam=5)
+    texts = ["张伟在北京大学读书", "北京市气象台发布暴雨预警", "马超和朋友们去了青岛看海", "末阳市文联主席张三",
+             "张三和李四", "a(b)c", "ＸＹＺ张"]               # brackets and characters outside the vocabulary
+    for text, res in zip(texts, rec.recognize(texts=texts)):
+        plain, ents = data.parse(res["output"])
+        assert res["text"] == text and len(plain) == len(text)
+        assert [(e.start, e.end, e.type) for e in ents] == sorted((e["start"], e["end"], e["type"])
+                                                                  for e in res["entities"])
+        for e in res["entities"]:
+            assert text[e["start"]:e["end"]] == e["text"] and e["end"] > e["start"]
+    unknown = rec.recognize(texts=["ＸＹＺ张"])[0]
+    assert any("outside the vocabulary" in w for w in unknown["warnings"])
+    free = decode.Recognizer(tiny, device="cpu", beam=2, constrain=False).recognize(texts=texts[:2])
+    for res in free:                                          # unconstrained: offsets only where alignable
+        for e in res["entities"]:
+            assert e["start"] is None or res["text"][e["start"]:e["end"]] == e["text"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# exactness against ModelScope: reference_decode.py outputs committed as fixtures (tests/fixtures/ref_beam_make.sh)
+
+# ms_tiny_b has the bare BERT vocab.txt: ModelScope's tokenizer then appends <s> </s> <unk> <pad> at 996..999 and
+# decodes from BOS 996 to EOS 997 (../shared/reference/README.md "Reduced vocabulary"); weights.py keeps the rows.
+MS_SPECIALS = {"a": dict(bos=0, pad=1, eos=2), "b": dict(bos=996, pad=999, eos=997)}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    weights = pytest.importorskip("weights")
+    out = {}
+    for d in ("a", "b"):
+        path = tmp_path_factory.mktemp("ms") / f"ms_tiny_{d}.pt"
+        weights.save_checkpoint(weights.convert(str(FIXTURES / f"ms_tiny_{d}")), str(path))
+        out[d] = path
+    return out
+
+
+def read_reference(d, bs):
+    return [json.loads(line) for line in (FIXTURES / f"ref_beam_ms_tiny_{d}_bs{bs}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("bs", [1, 4])
+def test_asr_cli_tokens_equal_modelscope_reference_decode(converted, bs, capsys):
+    """ms_tiny_a end to end through the CLI (our fbank, our model, our search): the 5-best lists of every wav equal
+    ModelScope's. Batches of 4 need --modelscope-padding (ModelScope's padding changes results)."""
+    argv = ["--ckpt", str(converted["a"]), "--asr", "--wav", *map(str, WAVS), "--max-len", "32", "--nbest", "5",
+            "--batch-size", str(bs), "--json"] + (["--modelscope-padding"] if bs > 1 else [])
+    decode.main(argv)
+    ours = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    ref = read_reference("a", bs)
+    assert len(ours) == len(ref) == 4
+    lengths = set()
+    for o, r in zip(ours, ref):
+        assert o["tokens"] + [EOS] == r["tokens"]
+        assert o["score"] == pytest.approx(r["score"], abs=1e-4)
+        assert o["positional_scores"] == pytest.approx(r["positional_scores"], abs=1e-4)
+        assert [n["tokens"] + [EOS] for n in o["nbest"]] == [n["tokens"] for n in r["nbest"]]
+        assert [n["score"] for n in o["nbest"]] == pytest.approx([n["score"] for n in r["nbest"]], abs=1e-4)
+        lengths |= {len(n["tokens"]) for n in r["nbest"]}
+    assert len(lengths) >= 3                                  # finalisation at several steps is covered
+
+
+@pytest.mark.parametrize("bs,modelscope_padding", [(1, False), (4, True)])
+def test_asr_tokens_equal_reference_second_model(converted, bs, modelscope_padding):
+    """ms_tiny_b: no CMVN, no embedding scale, no entangled positions, 48-wide, 7+1 layers, max-length outputs
+    with n-gram blocking at work; the bare-BERT vocabulary moves ModelScope's special ids (see MS_SPECIALS)."""
+    cfg = SearchConfig(beam=5, max_len=32, min_len=1, no_repeat_ngram_size=5, constraint_range=(4, 1000),
+                       **MS_SPECIALS["b"])
+    rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, search=cfg, nbest=5,
+                            modelscope_padding=modelscope_padding)
+    ours = rec.recognize(wavs=WAVS, batch_size=bs)
+    for o, r in zip(ours, read_reference("b", bs)):
+        assert o["tokens"] + [cfg.eos] == r["tokens"]
+        assert o["positional_scores"] == pytest.approx(r["positional_scores"], abs=1e-4)
+        assert [n["tokens"] + [cfg.eos] for n in o["nbest"]] == [n["tokens"] for n in r["nbest"]]
+        assert [n["score"] for n in o["nbest"]] == pytest.approx([n["score"] for n in r["nbest"]], abs=1e-4)
+
+
+def test_default_padding_gives_each_wav_its_batch_of_one_result(converted):
+    """Our default model: a batch of 4 decodes each wav exactly as the reference does one at a time."""
+    cfg = SearchConfig(beam=5, max_len=32, min_len=1, no_repeat_ngram_size=5, constraint_range=(4, 1000),
+                       **MS_SPECIALS["b"])
+    rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, search=cfg)
+    for o, r in zip(rec.recognize(wavs=WAVS, batch_size=4), read_reference("b", 1)):
+        assert o["tokens"] + [cfg.eos] == r["tokens"]
+        assert o["score"] == pytest.approx(r["score"], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# evaluators
+
+
+def result(output, text, spans):
+    return {"output": output, "text": text,
+            "entities": [{"type": t, "start": s, "end": e, "text": text[s:e] if s is not None else None}
+                         for s, e, t in spans]}
+
+
+def test_evaluators_tner_last_character_and_nested_entities():
+    import data
+    golds = [data.Sample("1", "郭涛去了合肥", [data.Entity(0, 2, "PER"), data.Entity(4, 6, "LOC")]),
+             data.Sample("2", "搜狐科技公司", [data.Entity(0, 4, "ORG"), data.Entity(0, 2, "ORG")])]
+    preds = [result("[郭涛]去了[合肥]", "郭涛去了合肥", [(0, 2, "PER"), (4, 6, "PER")]),   # wrong type at the end
+             result("<<搜狐>科技>公司", "搜狐科技公司", [(0, 4, "ORG"), (0, 2, "ORG")])]  # nested, same type
+    sc = decode.score_predictions("TNER", golds, preds)
+    ours, official = sc["ours"], sc["official"]
+    assert (ours["tp"], ours["pred"], ours["gold"]) == (3, 4, 4) and ours["f1"] == pytest.approx(75.0)
+    assert ours["per_type"]["PER"]["p"] == pytest.approx(50.0) and ours["per_type"]["PER"]["r"] == 100.0
+    assert ours["per_type"]["LOC"]["r"] == 0.0 and ours["per_type"]["ORG"]["f1"] == pytest.approx(100.0)
+    # the official parser never sees an entity that ends at the last character, on either side: 3/3/3.
+    # Its gold string for 搜狐科技 is the lossy '<搜狐>科技>公司' and still yields both ORG spans.
+    assert data.linearize_official(golds[1].text, golds[1].entities) == "<搜狐>科技>公司"
+    assert (official["tp"], official["pred"], official["gold"]) == (3, 3, 3) and official["f1"] == 100.0
+    assert sc["cer"] == 0.0
+
+
+def test_official_keys_pairing_rules():
+    assert decode.official_keys("TNER", "[张[三]李四") == [("PER", 0, 2), ("PER", 1, 2)]   # nearest pairing, union
+    assert decode.official_keys("TNER", "[张三") == [] and decode.official_keys("TNER", "张三]") == []
+    assert decode.official_keys("TNER", "(<北京)大学>x") == [("LOC", 0, 2), ("ORG", 0, 4)]
+    assert decode.official_keys("TNER", "去(合肥)") == []                                   # last character
+    assert decode.official_keys("TNER", "去 (合肥) 了") == [("LOC", 1, 3)]                  # spaces removed
+    assert decode.our_keys("TNER", "去合肥了", [(1, 3, "LOC"), (None, None, "PER")]) == [
+        ("LOC", 1, 3), ("PER", "unaligned", 1)]
+
+
+def test_evaluators_sner_text_multiset_vs_official_pinyin_set():
+    import data
+    pron = data.Phonemizer(data.read_phone_dict()).pronounce
+    golds = [data.Sample("1", "张三和张三去了北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "PER"),
+                                                    data.Entity(7, 9, "LOC")])]
+    preds = [result("[章三]和[张三]去了(北京)", "章三和张三去了北京", [(0, 2, "PER"), (3, 5, "PER"), (7, 9, "LOC")])]
+    sc = decode.score_predictions("SNER", golds, preds, phones_of=pron)
+    # ours: (type, text) multisets: 章三 is wrong, one 张三 and 北京 are right
+    assert (sc["ours"]["tp"], sc["ours"]["pred"], sc["ours"]["gold"]) == (2, 3, 3)
+    # official: (type, pinyin) sets: 章三 sounds like 张三, the two collapse to one, 北京 (last char) is lost
+    assert pron("章三") == pron("张三")
+    assert (sc["official"]["tp"], sc["official"]["pred"], sc["official"]["gold"]) == (1, 1, 1)
+    assert sc["cer"] == pytest.approx(100 / 9)
+
+
+def test_alignment_of_free_output_to_the_input():
+    assert decode.map_spans([(0, 2, "LOC"), (2, 3, "PER"), (3, 5, "ORG")], "北京x大学", "北京大学") == [
+        (0, 2, "LOC"), (None, None, "PER"), (2, 4, "ORG")]
+    assert decode.map_spans([(0, 2, "PER")], "章三来了", "张三来了") == [(0, 2, "PER")]   # substitution keeps place
+    assert decode.edit_distance("kitten", "sitting") == 3 and decode.edit_distance("", "ab") == 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line, Python API, guards
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tiny, tmp_path_factory):
+    model, assets = tiny
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"format": "image-checkpoint", "version": 1, "config": dataclasses.asdict(model.config),
+                "model": model.state_dict(), "assets": assets, "source": {"kind": "test"}}, path)
+    return str(path)
+
+
+def write_wav(path, samples):
+    import wave
+    pcm = (samples.clamp(-1, 1) * 32767).to(torch.int16).numpy().tobytes()
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(pcm)
+    return str(path)
+
+
+def run_cli(argv, capsys):
+    decode.main(argv)
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
+    text, wav = "张伟在北京大学读书", str(WAVS[0])
+    for argv, task in ((["--text", text], "TNER"), (["--wav", wav], "SNER"), (["--text", text, "--wav", wav], "MNER")):
+        (res,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "3"] + argv, capsys)
+        assert res["task"] == task and res["output"]
+        if task != "SNER":
+            assert res["text"] == text
+            assert all(text[e["start"]:e["end"]] == e["text"] for e in res["entities"])
+    shutil.copy(WAVS[1], tmp_path / "a.wav")
+    lines = [{"text": "郭涛的公司搬到了合肥"}, {"wav": "a.wav"}, {"text": "马超", "wav": "a.wav", "id": "m"}]
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x, ensure_ascii=False) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert run_cli(["--ckpt", tiny_ckpt, "--input", str(tmp_path / "in.jsonl"), "--out", str(out),
+                    "--greedy", "--batch-size", "2"], capsys) == []
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [g["task"] for g in got] == ["TNER", "SNER", "MNER"] and got[2]["id"] == "m"
+    assert got[1]["wav"] == str(tmp_path / "a.wav")
+    api = decode.Recognizer(tiny_ckpt, device="cpu", greedy=True).recognize(texts=["郭涛的公司搬到了合肥"])
+    assert api[0]["output"] == got[0]["output"]               # CLI and Python API agree
+
+
+def test_terminal_table_and_scores_table():
+    res = result("[张三]来了", "张三来了", [(0, 2, "PER")]) | {"task": "TNER", "warnings": ["w"]}
+    table = decode.format_result(res)
+    assert "[张三]来了" in table and "PER" in table and "0-2" in table and "warning: w" in table
+    sc = {"TNER": decode.score_predictions("TNER", [], [])}
+    assert "official" in decode.format_scores(sc)
+
+
+def cnerta_corpus(root):
+    lines = [{"sentence": text, "audio": uid, "entity": [[s, e, text[s:e], t] for s, e, t in ents]}
+             for uid, text, ents in SENTENCES]
+    lines.append({"sentence": "末阳市文联主席张三", "audio": "no_wav", "entity": [[0, 3, "末阳市", "LOC"],
+                                                                               [7, 9, "张三", "PER"]]})
+    root.mkdir(exist_ok=True)
+    (root / "test.json").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    return root
+
+
+def test_cli_eval_on_a_dataset_split(tiny_ckpt, tmp_path, capsys):
+    corpus = cnerta_corpus(tmp_path / "corpus")
+    out, preds = tmp_path / "scores.json", tmp_path / "preds.jsonl"
+    decode.main(["--ckpt", tiny_ckpt, "--dataset", "cnerta", "--data-dir", str(corpus), "--audio-dir",
+                 str(FIXTURES / "wavs"), "--split", "test", "--eval", "--out", str(out), "--predictions", str(preds),
+                 "--beam", "2", "--max-len", "20"])
+    report = json.loads(out.read_text())
+    predictions = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [p["task"] for p in predictions] == ["TNER"] * 5 + ["SNER"] * 4 + ["MNER"] * 4
+    import data
+    golds = data.load_split("cnerta", corpus, "test", audio_dir=FIXTURES / "wavs", verbose=False)
+    for task in ("TNER", "SNER", "MNER"):
+        sc = report["scores"][task]
+        assert set(sc) >= {"p", "r", "f1", "ours", "official", "cer"}
+        assert sc["sentences"] == (5 if task == "TNER" else 4)
+        assert sc["ours"]["gold"] == (11 if task == "TNER" else 9)
+        mine = [p for p in predictions if p["task"] == task]
+        g = [s for s in golds if task == "TNER" or s.audio]
+        again = decode.score_predictions(task, g, mine, data.Phonemizer(data.read_phone_dict()).pronounce)
+        assert again["ours"] == sc["ours"] and again["official"] == sc["official"]
+    assert report["scores"]["TNER"]["cer"] == 0.0            # constrained: the text is the input
+    assert "official" in capsys.readouterr().err              # the table
+
+
+def test_guards_give_clear_messages(tiny_ckpt, tmp_path, capsys):
+    def fails(argv, words):
+        with pytest.raises(SystemExit) as e:
+            decode.main(["--ckpt", tiny_ckpt] + argv)
+        msg = str(e.value.code) + capsys.readouterr().err
+        assert all(w in msg for w in words), msg
+
+    fails(["--text", "  "], ["empty text"])
+    fails(["--wav", str(tmp_path / "missing.wav")], ["not found", "missing.wav"])
+    fails(["--text", "a", "--max-len", "5000"], ["max_len 5000"])
+    long_wav = write_wav(tmp_path / "long.wav", noise(2.0, 3))
+    fails(["--wav", long_wav, "--max-audio-seconds", "1"], ["2.0 s", "limit"])
+    fails(["--wav", write_wav(tmp_path / "short.wav", noise(0.05, 4))], ["too short"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{"txt": "b"}\n')
+    fails(["--input", str(bad)], ["bad.jsonl:2", "txt"])
+    bad.write_text('{"text": "a"}\nnot json\n')
+    fails(["--input", str(bad)], ["bad.jsonl:2", "not JSON"])
+    fails(["--text", "a", "--wav", long_wav, long_wav], ["pairs them"])
+    fails(["--ckpt", str(tmp_path / "none.pt"), "--text", "a"], ["not found"])
+    fails(["--text", "张" * 600], ["longer than"])
+    (res,) = run_cli(["--ckpt", tiny_ckpt, "--wav", write_wav(tmp_path / "zero.wav", torch.zeros(16000)), "--json",
+                      "--max-len", "8"], capsys)                # silence decodes (no hang) and says so
+    assert any("silent" in w for w in res["warnings"])
+
+
+def test_evaluate_api_as_train_calls_it(tiny):
+    """train.py: decode.evaluate(model, samples, featurizer, tasks=..., beam=..., batch_size=..., evaluator=...)."""
+    import data
+    model, assets = tiny
+    golds = gold_samples()[:2]
+    scores = decode.evaluate(model, golds, data.Featurizer(assets), tasks=("TNER", "MNER"), beam=2, batch_size=2,
+                             evaluator="official", device="cpu", max_len=16)
+    for task in ("TNER", "MNER"):
+        sc = scores[task]
+        assert (sc["p"], sc["r"], sc["f1"]) == (sc["official"]["p"], sc["official"]["r"], sc["official"]["f1"])
+        assert sc["ours"]["gold"] == 5 and sc["cer"] == 0.0
+    assert not model.training
