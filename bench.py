@@ -1,0 +1,946 @@
+"""
+Speed benchmarks, ours against the reference, side by side in one run.
+
+  python bench.py                                   # tiny on CPU: decode, train step, fbank
+  python bench.py --preset base --json base.json    # the base preset, JSON report
+  python bench.py --preset large --device cuda --dtype bfloat16 --train-batch 12   # GPU: MFU, peak memory, RTF
+  python bench.py --skip-reference --sections fbank # our side only / one section
+
+Sections (--sections):
+  decode  utterances/s and real-time factor of our batched KV-cached beam search against ModelScope's own
+          SequenceGenerator (no cache) on the same wavs and the same weights, same beam/max_len/batch/threads.
+          Only the search (encoder + beam search) is timed; model load and features are reported apart.
+  train   one training step: ours = forward + backward + grad clip + AdamW step (as train.py: token-mean
+          cross-entropy, fused AdamW); reference = ModelScope's MMSpeechModel forward + backward on the same batch
+          (fbank + decoder ids).
+          Step time, decoder tokens/s, peak memory, model FLOPs utilisation against a measured matmul peak.
+  fbank   frames/s of audio.kaldi_fbank against kaldi-native-fbank, per utterance on CPU (ours at 1 thread and
+          at --threads), and ours batched on --device.
+
+Same weights: the reference side needs the reference venv (../shared/reference/setup.sh). bench.py then writes a
+ModelScope directory with ../shared/reference/make_modelscope_dir.py (--size PRESET --seed 0, cached), converts it
+with weights.convert for our side, and synthesises the wavs with make_wavs.py (same files for both). ModelScope
+runs in that venv as a subprocess (a driver script written to a temp file, below). Without the venv, or with
+--skip-reference, our side runs alone on seeded random weights (vocab 51134) and the test wavs.
+
+Random weights never emit EOS (unless --eos-boost), so every hypothesis runs to --max-len on both sides; the report
+gives the mean output length of each side and, for converted weights, how many best hypotheses are identical.
+The top level of the JSON holds decode_speedup_vs_reference, train_step_time_ratio_vs_reference and
+fbank_speed_ratio_vs_kaldi_native_fbank (null when not measured) beside the raw figures.
+"""
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import audio
+import decode
+import image
+import weights
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_REFERENCE_DIR = ROOT.parent / "shared" / "reference"
+DEFAULT_REFERENCE_PYTHON = Path.home() / ".cache" / "mmspeech-ref" / "venv" / "bin" / "python"
+DEFAULT_CACHE = Path.home() / ".cache" / "image" / "bench"
+FIXTURE_WAVS = ROOT / "tests" / "fixtures" / "wavs"
+FULL_VOCAB = 51134                      # MMSpeech's decoder vocabulary (the head dominates a tiny model's step)
+CONSTRAINT = (4, 21134)                 # MMSpeech's constraint_range (audio codes are never generated)
+RATIO_KEYS = ("decode_speedup_vs_reference", "train_step_time_ratio_vs_reference",
+              "fbank_speed_ratio_vs_kaldi_native_fbank")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# measuring: clocks, memory, machine load
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Runs:
+    """Wall-clock and process CPU time of repeated runs. CPU time (all threads of this process) is reported beside
+    the wall clock because on a shared machine the wall clock also counts time other processes took."""
+
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
+    @contextlib.contextmanager
+    def timed(self):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.wall.append(time.perf_counter() - wall)
+        self.cpu.append(time.process_time() - cpu)
+
+    def report(self):
+        return {"best_s": min(self.wall), "median_s": statistics.median(self.wall),
+                "runs_s": [round(t, 4) for t in self.wall], "cpu_best_s": min(self.cpu)}
+
+
+def _proc_status_kb(field):
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+    except (OSError, AttributeError):
+        return None
+
+
+class PeakMemory:
+    """Peak memory inside a `with` block. CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident
+    set (VmHWM), reset at entry through /proc/self/clear_refs (Linux); None where that is not possible."""
+
+    def __init__(self, device):
+        self.device, self.peak_mb, self.start_mb = device, None, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")                          # 5 = reset the peak RSS to the current RSS
+                self.start_mb = _proc_status_kb("VmRSS") / 1024
+            except (OSError, TypeError):
+                self.start_mb = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.start_mb is not None:
+            self.peak_mb = _proc_status_kb("VmHWM") / 1024
+        return False
+
+    def report(self, kind):
+        if self.peak_mb is None:
+            return {"peak_mb": None, "kind": "unavailable"}
+        return {"peak_mb": round(self.peak_mb, 1), "start_mb": round(self.start_mb, 1),
+                "growth_mb": round(self.peak_mb - self.start_mb, 1), "kind": kind}
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def busy_processes(limit=5):
+    """Other processes using CPU right now (ps), so a report says what it competed with."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True,
+                             timeout=10).stdout.splitlines()[1:]
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out:
+        pid, pcpu, etime, args = line.split(None, 3)
+        if int(pid) != os.getpid() and float(pcpu) >= 10.0 and not args.startswith("ps "):
+            rows.append(f"{pid} {pcpu}% {args[:100]}")
+    return rows[:limit]
+
+
+def matmul_peak_flops(device, dtype, seconds=1.0):
+    """Measured dense matmul throughput (FLOP/s) for square matrices in dtype: the roof MFU is reported against."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    iters, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if iters % 5 == 0:
+            sync(device)
+            if time.perf_counter() - start >= seconds:
+                break
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# analytic FLOP count of one teacher-forced forward (exact per layer, matmuls and convolutions only)
+
+
+def forward_flops(c, fbank_lengths, target_lengths, phone_lengths=None):
+    """FLOPs (2 per multiply-add) of IMAGE.forward, summed over rows at each row's *true* lengths.
+
+    Counts every Linear, convolution, attention score / weighted sum and the LM head; elementwise work, norms and
+    softmax are left out (<1 %). Padding is not counted, so MFU from this number is charged for padding waste.
+    A training step is 3x (the backward pass computes grads of inputs and of weights, 2x the forward).
+    """
+    d, ffn_e, ffn_d = c.d_model, c.encoder_ffn, c.decoder_ffn
+    k = max(3, c.pos_conv_width // c.pos_conv_layers)
+    f1 = (c.num_mel_bins - 3) // 2 + 1                           # mel axis after conv1, conv2
+    f2 = (f1 - 3) // 2 + 1
+    total = 0
+    for i, (t, length) in enumerate(zip(fbank_lengths, target_lengths)):
+        t, length = int(t), int(length)
+        p = int(phone_lengths[i]) if phone_lengths is not None else 0
+        t1 = (t - 3) // 2 + 1
+        t2 = (t1 - 3) // 2 + 1                                   # = image.conv_output_lengths
+        macs = t1 * f1 * d * 9 + t2 * f2 * d * d * 9              # Conv2dSubsampling4
+        macs += t2 * (d * f2) * d + t2 * d * d                    # its Linear, input_proj
+        macs += c.pos_conv_layers * (t2 + p) * d * (d // c.pos_conv_groups) * k   # speech + text conv positions
+        for layer in range(c.encoder_layers):
+            s = t2 + (p if p and layer >= c.text_join_layer else 0)
+            macs += s * (4 * d * d + 2 * d * ffn_e) + 2 * s * s * d
+        s = t2 + p
+        macs += 2 * length * d * d + length * length * d          # self-attention position bias (q, k, scores)
+        macs += length * d * d + s * d * d + length * s * d       # cross-attention position bias
+        macs += c.decoder_layers * (length * (6 * d * d + 2 * d * ffn_d) + s * 2 * d * d
+                                    + 2 * length * length * d + 2 * length * s * d)
+        macs += length * d * c.vocab_size                         # tied LM head
+        total += 2 * macs
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inputs: wavs, the ModelScope directory, our model
+
+
+def run_checked(cmd, what, env=None, timeout=None):
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
+    return proc
+
+
+def reference_env(ref_python, threads):
+    """Environment for the reference venv's scripts: _refenv finds the venv through MMSPEECH_REF_VENV."""
+    venv = Path(ref_python).parent.parent
+    env = dict(os.environ, MMSPEECH_REF_VENV=str(venv), PYTHONDONTWRITEBYTECODE="1")
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def read_wav_index(folder):
+    """[(path, text, seconds)] from a make_wavs.py folder (index.jsonl), else every *.wav with text None."""
+    folder = Path(folder)
+    index = folder / "index.jsonl"
+    if index.is_file():
+        rows = []
+        for n, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    rows.append((folder / rec["wav"], rec.get("text"), None))
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"{index}:{n}: not a make_wavs.py index line ({e})") from None
+    else:
+        rows = [(p, None, None) for p in sorted(folder.glob("*.wav"))]
+    if not rows:
+        raise FileNotFoundError(f"{folder}: no wavs (expected *.wav or a make_wavs.py index.jsonl)")
+    for p, _, _ in rows:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: listed in {index} but missing")
+    return rows
+
+
+def prepare_wavs(args, ref_python):
+    """-> (list of (path, text), where they came from). make_wavs.py --n N --seed 0 when the reference venv is there
+    (cached), else --wav-dir, else the four test wavs repeated to N."""
+    if args.wav_dir:
+        rows, source = read_wav_index(args.wav_dir), f"--wav-dir {args.wav_dir}"
+    elif ref_python is not None:
+        folder = Path(args.cache_dir) / f"wavs_n{args.n_wavs}_seed0"
+        if not (folder / "index.jsonl").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=".wavs_", dir=args.cache_dir))
+            run_checked([ref_python, Path(args.reference_dir) / "make_wavs.py", "--out", tmp, "--n", args.n_wavs,
+                         "--seed", 0], "make_wavs.py", env=reference_env(ref_python, args.threads))
+            os.replace(tmp, folder)
+        rows, source = read_wav_index(folder), f"make_wavs.py --n {args.n_wavs} --seed 0"
+    else:
+        rows, source = read_wav_index(FIXTURE_WAVS), "tests/fixtures/wavs"
+    rows = [(rows[i % len(rows)][0], rows[i % len(rows)][1]) for i in range(args.n_wavs)]
+    if args.n_wavs > len(set(p for p, _ in rows)):
+        source += f" (repeated to {args.n_wavs})"
+    return rows, source
+
+
+def modelscope_dir(args, ref_python):
+    """make_modelscope_dir.py --size PRESET --seed 0 [--eos-boost B], written once into the cache."""
+    name = f"ms_{args.preset}_seed0" + (f"_eos{args.eos_boost:g}" if args.eos_boost else "")
+    folder = Path(args.cache_dir) / name
+    if not (folder / "pytorch_model.bin").is_file() or not (folder / "reference_meta.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}_", dir=args.cache_dir))
+        cmd = [ref_python, Path(args.reference_dir) / "make_modelscope_dir.py", "--size", args.preset, "--seed", 0,
+               "--out", tmp]
+        if args.eos_boost:
+            cmd += ["--eos-boost", args.eos_boost]
+        print(f"bench: writing the ModelScope directory {folder} (once) ...", flush=True)
+        run_checked(cmd, "make_modelscope_dir.py", env=reference_env(ref_python, args.threads))
+        os.replace(tmp, folder)
+    return folder
+
+
+def build_model(args, ms_dir, device):
+    """-> (model in eval mode on device, assets or None, description). Converted weights when ms_dir is given."""
+    t0 = time.perf_counter()
+    if ms_dir is not None:
+        ckpt = weights.convert(str(ms_dir))
+        # modelscope_padding: the same padding as ModelScope, so batched outputs are the same tokens (same work)
+        config = image.Config(**{**ckpt["config"], "modelscope_padding": True})
+        with torch.device("meta"):
+            model = image.IMAGE(config)
+        model.load_state_dict(ckpt["model"], strict=True, assign=True)
+        assets, what = ckpt["assets"], f"converted {ms_dir.name} (make_modelscope_dir.py --seed 0)"
+    else:
+        torch.manual_seed(0)
+        model = getattr(image.Config, args.preset)(vocab_size=FULL_VOCAB)
+        model = image.IMAGE(model)
+        assets, what = None, f"random init (seed 0), Config.{args.preset}(vocab_size={FULL_VOCAB})"
+    model = model.to(device).eval()
+    return model, assets, what, time.perf_counter() - t0
+
+
+def token_ids(texts, assets, n_default=16):
+    """Decoder ids of each text (one per character, as data.TextVocab); deterministic stand-ins without a vocab."""
+    index = {}
+    if assets is not None:
+        for i, tok in enumerate(assets["vocab"][4:], 4):
+            index.setdefault(tok, i)
+    out = []
+    for k, text in enumerate(texts):
+        text = text or ""
+        if assets is not None and text:
+            out.append([index.get(ch, decode.UNK) for ch in text])
+        else:
+            g = torch.Generator().manual_seed(k)
+            n = len(text) or n_default
+            out.append(torch.randint(675, 8000, (n,), generator=g).tolist())   # CJK range of the BERT vocab
+    return out
+
+
+def our_features(wavs, cmvn):
+    """-> list of fbank (T, 80), seconds spent, audio seconds. The whole chain users run (audio.speech_features)."""
+    t0 = time.perf_counter()
+    feats, seconds = [], 0.0
+    for path in wavs:
+        x = audio.load_audio(path)
+        seconds += x.numel() / audio.SAMPLE_RATE
+        feats.append(audio.speech_features(x, cmvn=cmvn))
+    return feats, time.perf_counter() - t0, seconds
+
+
+def pad_fbank(feats, device, dtype):
+    lengths = torch.tensor([f.shape[0] for f in feats])
+    fbank = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
+    for i, f in enumerate(feats):
+        fbank[i, : f.shape[0]] = f
+    return fbank.to(device, dtype), lengths.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# our side
+
+
+def bench_decode_ours(model, feats, cfg, batch, repeat, device, dtype):
+    """Encoder + beam search over all utterances in batches of `batch`, in the given order (as the reference)."""
+    batches = [feats[i: i + batch] for i in range(0, len(feats), batch)]
+
+    def run(search):
+        hyps = []
+        with torch.no_grad():
+            for chunk in batches:
+                enc = model.encode(*pad_fbank(chunk, device, dtype))
+                hyps += decode.beam_search(model, enc, search)
+        sync(device)
+        return hyps
+
+    run(dataclasses.replace(cfg, max_len=2, min_len=min(cfg.min_len, 2)))   # warm-up, short
+    runs = Runs()
+    with PeakMemory(device) as mem:
+        for _ in range(repeat):
+            with runs.timed():
+                hyps = run(cfg)
+    best = [h[0].tokens + [decode.EOS] for h in hyps]
+    return {**runs.report(), "memory": mem.report("process peak RSS" if device.type == "cpu" else
+                                                             "torch.cuda.max_memory_allocated"),
+            "mean_output_tokens": statistics.mean(len(t) for t in best), "tokens": best}
+
+
+def train_batch(feats, ids, device):
+    """ASR training batch (MMSpeech's own fine-tuning input): fbank + BOS-shifted decoder input + EOS target."""
+    longest = max(len(r) for r in ids) + 1
+    dec = torch.full((len(ids), longest), decode.PAD, dtype=torch.long)
+    tgt = torch.full((len(ids), longest), decode.PAD, dtype=torch.long)
+    for i, r in enumerate(ids):
+        dec[i, : len(r) + 1] = torch.tensor([decode.BOS] + r)
+        tgt[i, : len(r) + 1] = torch.tensor(r + [decode.EOS])
+    fbank, lengths = pad_fbank(feats, device, torch.float32)
+    return {"fbank": fbank, "fbank_lengths": lengths, "decoder_input": dec.to(device), "target": tgt.to(device)}
+
+
+def make_optimizer(model, device):
+    """AdamW as train.py builds it: weight decay on tensors with ndim >= 2 only, the fused kernel where available."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=1e-5, fused=device.type in ("cuda", "cpu"))
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=1e-5)
+
+
+def bench_train_ours(model, batch, steps, device, dtype, compile_model):
+    """train.py's step: autocast forward, token-mean cross-entropy, backward, clip 1.0, AdamW (fused where possible).
+    Also times forward + backward alone (what the reference side runs)."""
+    model.train()
+    amp = dtype if dtype != torch.float32 else None
+    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    run_model = torch.compile(model) if compile_model else model
+    optimizer = make_optimizer(model, device)
+    tokens = (batch["target"] != decode.PAD).sum()
+
+    def forward_backward():
+        with autocast:
+            logits = run_model(batch["fbank"], batch["fbank_lengths"], batch["decoder_input"])     # (B, L, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch["target"].flatten(),
+                                   ignore_index=decode.PAD, reduction="sum")
+        scaler.scale(loss / tokens).backward()
+
+    def full_step():
+        forward_backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    with PeakMemory(device) as mem:
+        full_step()                                       # warm-up (allocates grads and optimizer state)
+        sync(device)
+        step_runs = Runs()
+        for _ in range(steps):
+            with step_runs.timed():
+                full_step()
+                sync(device)
+    fb_runs = Runs()
+    for _ in range(steps):
+        with fb_runs.timed():
+            forward_backward()
+            sync(device)
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return {"step": step_runs.report(), "forward_backward": fb_runs.report(),
+            "autocast": str(amp).replace("torch.", "") if amp else None, "compiled": compile_model,
+            "memory": mem.report("process peak RSS" if device.type == "cpu" else "torch.cuda.max_memory_allocated")}
+
+
+def knf_options():
+    """kaldi-native-fbank options equal to torchaudio.compliance.kaldi.fbank's defaults with 80 bins, dither 0."""
+    import kaldi_native_fbank as knf
+    opts = knf.FbankOptions()
+    opts.frame_opts.dither = 0.0
+    opts.frame_opts.snip_edges = True
+    opts.frame_opts.window_type = "povey"
+    opts.frame_opts.preemph_coeff = 0.97
+    opts.frame_opts.remove_dc_offset = True
+    opts.mel_opts.num_bins = 80
+    opts.mel_opts.low_freq = 20.0
+    opts.mel_opts.high_freq = 0.0
+    opts.use_energy = False
+    return opts
+
+
+def knf_fbank(x, opts):
+    """One utterance through kaldi-native-fbank, all frames collected (what a user of it does)."""
+    import kaldi_native_fbank as knf
+    fb = knf.OnlineFbank(opts)
+    fb.accept_waveform(audio.SAMPLE_RATE, x)
+    fb.input_finished()
+    return [fb.get_frame(i) for i in range(fb.num_frames_ready)]
+
+
+def bench_fbank(wavs, repeat, threads, device):
+    """Frames/s on the same int16-scale audio (what the MMSpeech chain feeds to the fbank)."""
+    signals = [audio.normalize_volume(audio.load_audio(p)) * 2**15 for p in wavs]   # (N,) each
+    frames = sum(int(audio.kaldi_fbank(x)[1]) for x in signals)
+
+    def timed(fn):
+        fn()                                              # warm-up (filter bank constants, allocator)
+        runs = Runs()
+        for _ in range(repeat):
+            with runs.timed():
+                fn()
+        return {**runs.report(), "frames_per_s": frames / min(runs.wall)}
+
+    out = {"utterances": len(signals), "frames": frames}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        out["ours_per_utterance_1_thread"] = timed(lambda: [audio.kaldi_fbank(x) for x in signals])
+        torch.set_num_threads(threads)
+        out[f"ours_per_utterance_{threads}_threads"] = timed(lambda: [audio.kaldi_fbank(x) for x in signals])
+        lengths = torch.tensor([x.numel() for x in signals])
+        padded = torch.zeros(len(signals), int(lengths.max()))
+        for i, x in enumerate(signals):
+            padded[i, : x.numel()] = x
+        padded, lengths = padded.to(device), lengths.to(device)
+
+        def batched():
+            audio.kaldi_fbank(padded, lengths)
+            sync(device)
+        out[f"ours_batched_{device.type}"] = timed(batched)
+    finally:
+        torch.set_num_threads(before)
+    try:
+        opts, numpy_signals = knf_options(), [x.numpy() for x in signals]
+        out["kaldi_native_fbank_per_utterance"] = timed(lambda: [knf_fbank(x, opts) for x in numpy_signals])
+    except ImportError:
+        out["kaldi_native_fbank_per_utterance"] = None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the reference side: ModelScope 1.40.2 in its venv, driven by this script (written to a temp file at run time)
+
+REFERENCE_DRIVER = r'''
+"""bench.py's driver for ModelScope's own MMSpeech (OfaForAllTasks, OfaASRPreprocessor, collate_fn,
+SequenceGenerator). argv[1]: JSON spec written by bench.py; writes its results to spec["out"]."""
+import json, os, re, statistics, sys, time
+spec = json.load(open(sys.argv[1]))
+sys.path.insert(0, spec["reference_dir"])
+import _refenv
+ofa = _refenv.import_ofa()
+import torch
+import torch.nn.functional as F
+from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
+from modelscope.utils.config import Config
+from modelscope.utils.constant import ModeKeys
+
+def kb(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+
+def reset_peak():
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+        return kb("VmRSS") / 1024
+    except OSError:
+        return None
+
+def stats(walls, cpus):
+    return {"best_s": min(walls), "median_s": statistics.median(walls), "runs_s": [round(t, 4) for t in walls],
+            "cpu_best_s": min(cpus)}
+
+torch.set_num_threads(spec["threads"])
+out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
+t0 = time.perf_counter()
+task_model = ofa.OfaForAllTasks(spec["model_dir"])
+model = task_model.model.eval()
+out["load_s"] = time.perf_counter() - t0
+
+def generator(max_len):
+    """OfaForAllTasks' generator with beam and max_len overridden (as reference_decode.py does)."""
+    kw = {"tokenizer": task_model.tokenizer, "beam_size": 5, "max_len_b": 16, "min_len": 1,
+          "no_repeat_ngram_size": 3, "constraint_range": None}
+    if hasattr(task_model.cfg.model, "beam_search"):
+        kw.update(task_model.cfg.model.beam_search)
+    kw.update(beam_size=spec["beam"], max_len_b=max_len)
+    gen = sg.SequenceGenerator(**kw)
+    if gen.vocab_size != model.config.vocab_size:     # reduced-vocab directories only (see reference_decode.py)
+        gen.vocab_size = gen.search.vocab_size = model.config.vocab_size
+    return gen
+
+t0 = time.perf_counter()
+cfg = Config.from_file(os.path.join(spec["model_dir"], "configuration.json"))
+prep = ofa.OfaASRPreprocessor(cfg=cfg, model_dir=spec["model_dir"], mode=ModeKeys.INFERENCE)
+samples = []
+for w in spec["wavs"]:
+    s = prep({"wav": w})
+    s["sample"] = {"wav": w}
+    samples.append(s)
+out["features_s"] = time.perf_counter() - t0
+pad, eos, bos = task_model.tokenizer.pad_token_id, task_model.tokenizer.eos_token_id, task_model.tokenizer.bos_token_id
+
+def collate(idx):
+    return ofa.collate_fn([samples[i] for i in idx], pad_idx=pad, eos_idx=eos)
+
+if "decode" in spec["sections"]:
+    bs = spec["batch"]
+    batches = [collate(range(i, min(i + bs, len(samples)))) for i in range(0, len(samples), bs)]
+    gen = generator(spec["max_len"])
+    with torch.no_grad():
+        generator(2).generate([model], batches[0])                    # warm-up, short
+        walls, cpus = [], []
+        start_mb = reset_peak()
+        for _ in range(spec["repeat"]):
+            tokens = []
+            t0, c0 = time.perf_counter(), time.process_time()
+            for b in batches:
+                hyps = gen.generate([model], b, prefix_tokens=b.get("prefix_tokens"))
+                tokens += [h[0]["tokens"].tolist() for h in hyps]
+            walls.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
+    out["decode"] = {**stats(walls, cpus), "tokens": tokens,
+                     "mean_output_tokens": statistics.mean(len(t) for t in tokens),
+                     "memory": {"peak_mb": kb("VmHWM") / 1024, "start_mb": start_mb, "kind": "process peak RSS"}}
+
+if "train" in spec["sections"]:
+    ids = spec["train_ids"]
+    batch = collate(spec["train_rows"])
+    longest = max(len(r) for r in ids) + 1
+    dec = torch.full((len(ids), longest), pad, dtype=torch.long)
+    tgt = torch.full((len(ids), longest), pad, dtype=torch.long)
+    for i, r in enumerate(ids):
+        dec[i, : len(r) + 1] = torch.tensor([bos] + r)
+        tgt[i, : len(r) + 1] = torch.tensor(r + [eos])
+    n_tokens = int((tgt != pad).sum())
+    model.train()
+
+    def forward_backward():
+        logits = model(**batch["net_input"], decoder_input_ids=dec).logits           # (B, L, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=pad, reduction="sum")
+        (loss / n_tokens).backward()
+        model.zero_grad(set_to_none=True)
+
+    start_mb = reset_peak()
+    forward_backward()                                                   # warm-up
+    walls, cpus = [], []
+    for _ in range(spec["train_steps"]):
+        t0, c0 = time.perf_counter(), time.process_time()
+        forward_backward()
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+    out["train"] = {"forward_backward": stats(walls, cpus), "tokens": n_tokens,
+                    "fbank_lengths": batch["net_input"]["fbank_length"].tolist(),
+                    "memory": {"peak_mb": kb("VmHWM") / 1024, "start_mb": start_mb, "kind": "process peak RSS"}}
+
+json.dump(out, open(spec["out"], "w"))
+'''
+
+
+def run_reference(args, ref_python, ms_dir, wavs, train_rows, train_ids, sections):
+    """Run ModelScope in its venv on the same inputs; -> its results dict."""
+    with tempfile.TemporaryDirectory(prefix="bench_ref_") as tmp:
+        driver, spec_path, out = Path(tmp) / "driver.py", Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        driver.write_text(REFERENCE_DRIVER, encoding="utf-8")
+        spec = {"reference_dir": str(Path(args.reference_dir).resolve()), "model_dir": str(ms_dir),
+                "wavs": [str(w) for w in wavs], "threads": args.threads, "batch": args.batch, "beam": args.beam,
+                "max_len": args.max_len, "repeat": args.repeat, "train_steps": args.train_steps,
+                "train_rows": train_rows, "train_ids": train_ids, "sections": sections, "out": str(out)}
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        print(f"bench: running ModelScope ({', '.join(sections)}) in {ref_python} ...", flush=True)
+        t0 = time.perf_counter()
+        run_checked([ref_python, driver, spec_path], "the ModelScope reference run",
+                    env=reference_env(ref_python, args.threads))
+        result = json.loads(out.read_text(encoding="utf-8"))
+        result["wall_s"] = time.perf_counter() - t0
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+
+def ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+    ref_python = None if args.skip_reference else args.reference_python
+    sections = args.sections
+    report = {"preset": args.preset, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "batch": args.batch, "train_batch": args.train_batch, "beam": args.beam, "max_len": args.max_len,
+              "n_wavs": args.n_wavs, "repeat": args.repeat, "train_steps": args.train_steps,
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "python": platform.python_version(),
+                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+              "load_average_start": load_average(), "busy_processes_start": busy_processes(),
+              "reference_python": str(ref_python) if ref_python else None}
+    for key in RATIO_KEYS:
+        report[key] = None
+
+    wav_rows, report["wavs"] = prepare_wavs(args, ref_python)
+    wavs, texts = [p for p, _ in wav_rows], [t for _, t in wav_rows]
+    needs_model = "decode" in sections or "train" in sections
+    ms_dir = modelscope_dir(args, ref_python) if ref_python and needs_model else None
+    if needs_model:
+        model, assets, report["weights"], report["model_build_s"] = build_model(args, ms_dir, device)
+        config = model.config
+        report["parameters"] = model.num_parameters()
+        cmvn = (assets or {}).get("fbank", {}).get("cmvn", "utterance")
+        feats, feat_s, audio_s = our_features(wavs, cmvn)
+        report["audio_seconds"] = audio_s
+        train_rows = [i % len(wavs) for i in range(args.train_batch)]
+        train_ids = token_ids([texts[i] for i in train_rows], assets)
+
+    ref = {}
+    if ref_python and needs_model:
+        ref = run_reference(args, ref_python, ms_dir, wavs, train_rows, train_ids,
+                            [s for s in sections if s in ("decode", "train")])
+        report["reference"] = {k: ref.get(k) for k in ("threads", "torch", "load_s", "features_s", "wall_s")}
+
+    if "decode" in sections:
+        forced = ms_dir is None                 # seeded random weights may stop anywhere: force full length
+        cfg = decode.SearchConfig(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
+                                  no_repeat_ngram_size=5, constraint_range=CONSTRAINT)
+        print("bench: decoding (ours) ...", flush=True)
+        # decoding runs in --dtype (as decode.Recognizer casts the model); training keeps fp32 weights + autocast
+        decode_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        ours = bench_decode_ours(decode_model, feats, cfg, args.batch, args.repeat, device, dtype)
+        del decode_model
+        d = {"ours": {k: v for k, v in ours.items() if k != "tokens"}, "features_s_ours": feat_s,
+             "length_forced_with_min_len": forced}
+        d["ours"]["utterances_per_s"] = len(wavs) / ours["best_s"]
+        d["ours"]["rtf"] = ours["best_s"] / audio_s
+        if "decode" in ref:
+            r = ref["decode"]
+            d["reference"] = {k: v for k, v in r.items() if k != "tokens"}
+            d["reference"]["utterances_per_s"] = len(wavs) / r["best_s"]
+            d["reference"]["rtf"] = r["best_s"] / audio_s
+            d["features_s_reference"] = ref["features_s"]
+            d["identical_best_hypotheses"] = sum(a == b for a, b in zip(ours["tokens"], r["tokens"]))
+            report["decode_speedup_vs_reference"] = r["best_s"] / ours["best_s"]
+            d["speedup_in_cpu_time"] = r["cpu_best_s"] / ours["cpu_best_s"]
+        report["decode"] = d
+
+    if "train" in sections:
+        print("bench: training step (ours) ...", flush=True)
+        batch = train_batch([feats[i] for i in train_rows], train_ids, device)
+        ours = bench_train_ours(model, batch, args.train_steps, device, dtype, args.compile)
+        tokens = int((batch["target"] != decode.PAD).sum())
+        flops = 3 * forward_flops(config, batch["fbank_lengths"].tolist(), (batch["target"] != decode.PAD).sum(1))
+        peak = matmul_peak_flops(device, dtype if device.type == "cuda" else torch.float32)
+        ours["tokens"], ours["tokens_per_s"] = tokens, tokens / ours["step"]["best_s"]
+        ours["model_flops_per_step"] = flops
+        ours["matmul_peak_flops_measured"] = peak
+        ours["mfu"] = flops / ours["step"]["best_s"] / peak
+        t = {"ours": ours, "fbank_frames": batch["fbank_lengths"].tolist(),
+             "flops_note": "exact per-layer count of matmuls/convolutions at true lengths (bench.forward_flops), "
+                           "x3 for forward + backward; peak = measured square matmul in the compute dtype"}
+        if "train" in ref:
+            r = ref["train"]
+            r["tokens_per_s"] = r["tokens"] / r["forward_backward"]["best_s"]
+            t["reference"] = r
+            report["train_step_time_ratio_vs_reference"] = ours["step"]["best_s"] / r["forward_backward"]["best_s"]
+            t["forward_backward_ratio_vs_reference"] = (ours["forward_backward"]["best_s"]
+                                                        / r["forward_backward"]["best_s"])
+            t["step_ratio_in_cpu_time"] = ours["step"]["cpu_best_s"] / r["forward_backward"]["cpu_best_s"]
+        report["train"] = t
+
+    if "fbank" in sections:
+        print("bench: fbank ...", flush=True)
+        fb = bench_fbank(wavs, max(args.repeat, 3), args.threads, device)
+        knf = fb["kaldi_native_fbank_per_utterance"]
+        if knf is not None:
+            report["fbank_speed_ratio_vs_kaldi_native_fbank"] = (fb["ours_per_utterance_1_thread"]["frames_per_s"]
+                                                                 / knf["frames_per_s"])
+            fb[f"ratio_at_{args.threads}_threads"] = (fb[f"ours_per_utterance_{args.threads}_threads"]["frames_per_s"]
+                                                      / knf["frames_per_s"])
+        report["fbank"] = fb
+
+    report["load_average_end"] = load_average()
+    report["targets"] = targets(report, args)
+    print(format_table(report, args))
+    if args.json:
+        write_atomic(args.json, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        print(f"bench: wrote {args.json}")
+    return report
+
+
+def targets(report, args):
+    """The issue's targets, each with the value measured here and whether it was met (None: not measured here or
+    not under the target's conditions)."""
+    on_cpu = report["device"] == "cpu"
+    out = {}
+    v = report["decode_speedup_vs_reference"]
+    out["decode >= 5x ModelScope (CPU, beam 5, batch 8)"] = {
+        "value": v, "met": None if v is None or not (on_cpu and args.beam == 5 and args.batch == 8) else v >= 5}
+    v = report["train_step_time_ratio_vs_reference"]
+    out["train step <= 0.8x reference fwd+bwd (base, CPU)"] = {
+        "value": v, "met": None if v is None or not (on_cpu and args.preset == "base") else v <= 0.8}
+    v = report["fbank_speed_ratio_vs_kaldi_native_fbank"]
+    out["fbank >= kaldi-native-fbank per utterance (CPU, 1 thread)"] = {"value": v,
+                                                                         "met": None if v is None else v >= 1}
+    gpu_run = (report["device"].startswith("cuda") and args.preset == "large" and args.dtype == "bfloat16"
+               and args.train_batch == 12 and "train" in report)
+    mfu = report["train"]["ours"]["mfu"] if "train" in report else None
+    mem = report["train"]["ours"]["memory"]["peak_mb"] if "train" in report else None
+    out["GPU MFU >= 35% (large, batch 12, bf16)"] = {"value": mfu, "met": mfu >= 0.35 if gpu_run else None}
+    on_gpu = report["device"].startswith("cuda")
+    out["GPU MFU >= 35% (large, batch 12, bf16)"]["value"] = mfu if on_gpu else None
+    out["GPU peak memory <= 20 GB (large, batch 12, bf16)"] = {
+        "value_gb": mem * 2**20 / 1e9 if on_gpu and mem is not None else None,
+        "met": mem * 2**20 / 1e9 <= 20 if gpu_run else None}
+    return out
+
+
+def _fmt(x, unit=""):
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3g}{unit}" if abs(x) < 1000 else f"{x:,.0f}{unit}"
+    return f"{x}{unit}"
+
+
+def format_table(r, args):
+    lines = [f"bench: preset {r['preset']}, {r['device']} {r['dtype']}, threads {r['threads']}, batch {r['batch']}, "
+             f"beam {r['beam']}, max_len {r['max_len']}, {r['n_wavs']} wavs ({r['wavs']}"
+             + (f", {r['audio_seconds']:.1f} s audio" if "audio_seconds" in r else "") + ")",
+             f"weights: {r.get('weights', '-')}; load average {r['load_average_start']} -> {r['load_average_end']}",
+             f"{'section':8s} {'metric':34s} {'ours':>12s} {'reference':>12s} {'ratio':>8s}"]
+
+    def row(section, metric, ours, ref=None, ratio_=None):
+        lines.append(f"{section:8s} {metric:34s} {_fmt(ours):>12s} {_fmt(ref):>12s} "
+                     f"{_fmt(ratio_, 'x') if ratio_ is not None else '':>8s}")
+
+    if "decode" in r:
+        d, o = r["decode"], r["decode"]["ours"]
+        ref = d.get("reference", {})
+        row("decode", "search s (best of repeats)", o["best_s"], ref.get("best_s"))
+        row("decode", "search CPU s (process time)", o["cpu_best_s"], ref.get("cpu_best_s"),
+            d.get("speedup_in_cpu_time"))
+        row("decode", "utterances/s", o["utterances_per_s"], ref.get("utterances_per_s"),
+            r["decode_speedup_vs_reference"])
+        row("decode", "real-time factor", o["rtf"], ref.get("rtf"))
+        row("decode", "mean output tokens (incl. EOS)", o["mean_output_tokens"], ref.get("mean_output_tokens"))
+        row("decode", "features s (not in search)", d["features_s_ours"], d.get("features_s_reference"))
+        if "identical_best_hypotheses" in d:
+            row("decode", "identical best hypotheses", f"{d['identical_best_hypotheses']}/{r['n_wavs']}")
+    if "train" in r:
+        t, o = r["train"], r["train"]["ours"]
+        ref = t.get("reference", {})
+        ref_fb = ref.get("forward_backward", {}).get("best_s")
+        row("train", "step s (ours fwd+bwd+AdamW)", o["step"]["best_s"], ref_fb,
+            r["train_step_time_ratio_vs_reference"])
+        row("train", "fwd+bwd s", o["forward_backward"]["best_s"], ref_fb, t.get("forward_backward_ratio_vs_reference"))
+        row("train", "step CPU s (process time)", o["step"]["cpu_best_s"],
+            ref.get("forward_backward", {}).get("cpu_best_s"), t.get("step_ratio_in_cpu_time"))
+        row("train", "decoder tokens/s", o["tokens_per_s"], ref.get("tokens_per_s"))
+        row("train", f"MFU vs matmul peak ({o['matmul_peak_flops_measured'] / 1e9:.0f} GFLOP/s)", o["mfu"])
+        mem = o["memory"]
+        row("train", f"peak memory MB ({'RSS' if 'RSS' in mem['kind'] else 'CUDA'})", mem["peak_mb"],
+            ref.get("memory", {}).get("peak_mb"))
+        row("train", "memory growth in steps MB", mem.get("growth_mb"),
+            None if not ref else ref["memory"]["peak_mb"] - (ref["memory"]["start_mb"] or 0))
+    if "fbank" in r:
+        f = r["fbank"]
+        knf = (f["kaldi_native_fbank_per_utterance"] or {}).get("frames_per_s")
+        row("fbank", "frames/s per utt, 1 thread", f["ours_per_utterance_1_thread"]["frames_per_s"], knf,
+            r["fbank_speed_ratio_vs_kaldi_native_fbank"])
+        key = f"ours_per_utterance_{args.threads}_threads"
+        if args.threads != 1:
+            row("fbank", f"frames/s per utt, {args.threads} threads", f[key]["frames_per_s"], knf,
+                f.get(f"ratio_at_{args.threads}_threads"))
+        row("fbank", f"frames/s batched on {r['device']}", f[f"ours_batched_{torch.device(r['device']).type}"]
+            ["frames_per_s"])
+    for name, t in r["targets"].items():
+        value = t.get("value", t.get("value_gb"))
+        lines.append(f"target   {name:58s} {_fmt(value):>10s}  "
+                     f"{ {True: 'met', False: 'MISSED', None: 'not measured here'}[t['met']]}")
+    return "\n".join(lines)
+
+
+def write_atomic(path, text):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    a = p.add_argument
+    a("--preset", choices=("tiny", "base", "large"), default=None,
+      help="model size (MMSpeech dimensions, vocab 51134); default tiny on CPU, large on CUDA")
+    a("--device", default=None, help="cpu | cuda | cuda:N (default cpu; the reference always runs on CPU)")
+    a("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+      help="decode: model dtype; train: autocast dtype over fp32 weights (default float32 on CPU, bfloat16 on CUDA)")
+    a("--batch", type=int, default=8, help="utterances per decoding batch, both sides (default 8)")
+    a("--train-batch", type=int, default=None, help="utterances in the training batch (default 8; 12 on CUDA)")
+    a("--beam", type=int, default=5, help="beam size, both sides (default 5)")
+    a("--max-len", type=int, default=32,
+      help="max output tokens (max_len_b), both sides; random weights run to it (default 32)")
+    a("--n-wavs", type=int, default=None, help="number of utterances to decode (default: --batch, at least 8)")
+    a("--threads", type=int, default=None, help="torch threads for both sides (default: torch's default here)")
+    a("--repeat", type=int, default=None, help="timed passes over the wavs (best is reported; default 3 for tiny, "
+                                               "1 otherwise); fbank uses max(repeat, 3)")
+    a("--train-steps", type=int, default=3, help="timed training steps after one warm-up step (default 3)")
+    a("--sections", default="decode,train,fbank", help="comma-separated subset of decode,train,fbank")
+    a("--reference-python", default=None,
+      help=f"python of the ModelScope reference venv (default {DEFAULT_REFERENCE_PYTHON} if it exists)")
+    a("--reference-dir", default=str(DEFAULT_REFERENCE_DIR),
+      help="folder of the reference tools (make_modelscope_dir.py, make_wavs.py, _refenv.py)")
+    a("--skip-reference", action="store_true", help="run our side only (random weights, the test wavs)")
+    a("--eos-boost", type=float, default=0.0,
+      help="make_modelscope_dir.py --eos-boost: hypotheses end early instead of at --max-len (default 0)")
+    a("--wav-dir", default=None, help="use these wavs (a make_wavs.py folder or *.wav) instead of generated ones")
+    a("--cache-dir", default=str(DEFAULT_CACHE), help=f"where ModelScope directories and wavs are kept "
+                                                      f"(default {DEFAULT_CACHE})")
+    a("--compile", action="store_true", help="torch.compile our model for the training step")
+    a("--json", default=None, help="write the full report (raw figures + the three ratios) to this JSON file")
+    args = p.parse_args(argv)
+
+    if args.device is None:
+        args.device = "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device: not a device: {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this torch has no CUDA device")
+    on_gpu = device.type == "cuda"
+    args.preset = args.preset or ("large" if on_gpu else "tiny")
+    args.dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
+    args.train_batch = args.train_batch or (12 if on_gpu else 8)
+    args.n_wavs = args.n_wavs or max(args.batch, 8)
+    args.threads = args.threads or torch.get_num_threads()
+    args.repeat = args.repeat or (3 if args.preset == "tiny" else 1)
+    for name in ("batch", "train_batch", "beam", "max_len", "n_wavs", "threads", "repeat", "train_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_len > 1000:
+        p.error("--max-len must be <= 1000 (decoder positions)")
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in args.sections if s not in ("decode", "train", "fbank")]
+    if bad or not args.sections:
+        p.error(f"--sections: unknown {bad or args.sections}; choose from decode,train,fbank")
+    if args.wav_dir and not Path(args.wav_dir).is_dir():
+        p.error(f"--wav-dir: no such folder: {args.wav_dir}")
+    if not args.skip_reference:
+        if args.reference_python is None:
+            args.reference_python = DEFAULT_REFERENCE_PYTHON if DEFAULT_REFERENCE_PYTHON.exists() else None
+            if args.reference_python is None:
+                print(f"bench: no reference venv at {DEFAULT_REFERENCE_PYTHON}: our side only "
+                      "(build it with ../shared/reference/setup.sh)", file=sys.stderr)
+        elif not Path(args.reference_python).exists():
+            p.error(f"--reference-python: not found: {args.reference_python}")
+        if args.reference_python is not None and on_gpu:
+            print("bench: the ModelScope comparison runs on CPU only (same CPU for both sides): our side only on "
+                  f"{args.device}", file=sys.stderr)
+            args.reference_python = None
+        if args.reference_python is not None and not (Path(args.reference_dir) / "_refenv.py").is_file():
+            p.error(f"--reference-dir: {args.reference_dir} has no _refenv.py (the MMSpeech reference tools)")
+        args.skip_reference = args.reference_python is None
+    return args
+
+
+if __name__ == "__main__":
+    main()

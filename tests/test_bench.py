@@ -1,0 +1,92 @@
+"""bench.py: the analytic FLOP count, the memory probe, and one quick run of our side (no reference venv needed)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+import image  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("phones", [0, 23])
+def test_forward_flops_equals_torch_flop_counter(phones):
+    """The per-layer count MFU is based on equals what torch's FlopCounterMode sees in a real forward (batch of one,
+    so there is no padding; the math SDPA backend, whose matmuls the counter sees)."""
+    torch.manual_seed(0)
+    config = image.Config.tiny()
+    model = image.IMAGE(config).eval()
+    frames, tokens = 301, 13
+    kwargs = {}
+    if phones:
+        kwargs = dict(phones=torch.randint(4, 140, (1, phones)), phone_chars=torch.randint(4, 900, (1, phones)),
+                      phone_lengths=torch.tensor([phones]), speech_present=torch.tensor([True]),
+                      text_present=torch.tensor([True]))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(1, frames, 80), torch.tensor([frames]), torch.randint(4, 900, (1, tokens)), **kwargs)
+    expected = bench.forward_flops(config, [frames], [tokens], [phones] if phones else None)
+    assert counter.get_total_flops() == expected
+
+
+def test_forward_flops_sums_rows_at_true_lengths():
+    config = image.Config.tiny()
+    both = bench.forward_flops(config, [301, 200], [13, 7])
+    assert both == bench.forward_flops(config, [301], [13]) + bench.forward_flops(config, [200], [7])
+
+
+def test_peak_memory_sees_a_large_allocation():
+    with bench.PeakMemory(torch.device("cpu")) as probe:
+        x = torch.ones(40_000_000)                 # 160 MB, touched
+        del x
+    report = probe.report("process peak RSS")
+    if report["peak_mb"] is None:
+        pytest.skip("/proc/self/clear_refs is not available here")
+    assert report["growth_mb"] >= 140
+
+
+def test_our_side_runs_and_writes_the_ratio_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    report = bench.main(["--skip-reference", "--preset", "tiny", "--wav-dir", str(ROOT / "tests" / "fixtures" / "wavs"),
+                         "--n-wavs", "2", "--batch", "2", "--train-batch", "2", "--beam", "2", "--max-len", "3",
+                         "--repeat", "1", "--train-steps", "1", "--threads", "1", "--cache-dir", str(tmp_path),
+                         "--json", str(out)])
+    saved = json.loads(out.read_text(encoding="utf-8"))
+    for key in bench.RATIO_KEYS:
+        assert key in saved
+    assert saved["decode_speedup_vs_reference"] is None and saved["train_step_time_ratio_vs_reference"] is None
+    decode = saved["decode"]["ours"]
+    assert decode["utterances_per_s"] > 0 and decode["rtf"] > 0
+    assert decode["mean_output_tokens"] == 3 + 1                 # random weights: forced to max_len, + EOS
+    train = saved["train"]["ours"]
+    assert train["step"]["best_s"] > 0 and 0 < train["mfu"] < 1
+    texts = [text for _, text, _ in bench.read_wav_index(ROOT / "tests" / "fixtures" / "wavs")[:2]]
+    assert train["tokens"] == sum(len(t) + 1 for t in texts)     # one id per character + EOS
+    fbank = saved["fbank"]
+    assert fbank["frames"] > 0 and fbank["ours_per_utterance_1_thread"]["frames_per_s"] > 0
+    try:
+        import kaldi_native_fbank  # noqa: F401
+        assert saved["fbank_speed_ratio_vs_kaldi_native_fbank"] > 0
+    except ImportError:
+        assert saved["fbank_speed_ratio_vs_kaldi_native_fbank"] is None
+    assert set(saved["targets"]) == set(report["targets"])
+
+
+def test_bad_flags_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        bench.get_args(["--sections", "decode,speed"])
+    assert "--sections" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.get_args(["--max-len", "0"])

@@ -1,0 +1,322 @@
+"""train.py on CPU: tiny model, a tiny corpus written by the tests (CNERTA JSON + short noise wavs)."""
+import json
+import math
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import wave
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+import train  # noqa: E402
+
+PER = ["张伟", "李娜", "王芳", "刘洋", "陈静", "赵磊"]
+LOC = ["北京", "上海", "广州", "杭州", "成都"]
+ORG = ["新华社", "清华大学", "人民医院", "华为公司"]
+TEMPLATES = ["{PER}在{LOC}工作", "{PER}去了{ORG}", "{ORG}位于{LOC}", "今天{LOC}下雨了", "{PER}和{PER}见面"]
+
+
+def sentence(rng):
+    text, entities = "", []
+    for piece in rng.choice(TEMPLATES).replace("}", "{").split("{"):
+        if piece in ("PER", "LOC", "ORG"):
+            name = rng.choice(globals()[piece])
+            entities.append([len(text), len(text) + len(name), name, piece])
+            text += name
+        else:
+            text += piece
+    return text, entities
+
+
+def write_corpus(root, n_train=24, n_dev=3, n_test=3, audio=True, seed=0):
+    """CNERTA-layout corpus; with audio every utterance gets a 0.3-0.6 s noise wav under root/wav."""
+    rng, root = random.Random(seed), Path(root)
+    (root / "wav").mkdir(parents=True, exist_ok=True)
+    for split, name, n in (("train", "train.json", n_train), ("dev", "valid.json", n_dev), ("test", "test.json", n_test)):
+        lines = []
+        for i in range(n):
+            text, entities = sentence(rng)
+            utt = f"T{split}{i:04d}"
+            lines.append(json.dumps({"sentence": text, "audio": utt, "entity": entities}, ensure_ascii=False))
+            if audio:
+                with wave.open(str(root / "wav" / f"{utt}.wav"), "wb") as w:
+                    w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+                    n_samples = rng.randint(4800, 9600)
+                    w.writeframes(struct.pack(f"<{n_samples}h", *(rng.randint(-800, 800) for _ in range(n_samples))))
+        (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def base_args(corpus, out, *extra):
+    return ["--dataset", "cnerta", "--data-dir", str(corpus), "--preset", "tiny", "--lr", "2e-3", "--dtype", "fp32",
+            "--device", "cpu", "--greedy", "--out", str(out), "--log-every", "1", *map(str, extra)]
+
+
+def run(argv, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# recipe pieces
+
+
+def test_lr_schedule_warmup_then_constant_or_linear():
+    lrs = [train.lr_at(s, 100, 10, 1e-3, "constant") for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(lr == 1e-3 for lr in lrs[10:])
+    lin = [train.lr_at(s, 100, 10, 1e-3, "linear") for s in range(100)]
+    assert lin[10] == pytest.approx(1e-3) and lin[99] == pytest.approx(1e-3 / 90)
+    assert all(a > b for a, b in zip(lin[10:], lin[11:]))
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    args = train.get_args(["--dataset", "demo", "--weight-decay", "0.05"])
+    opt = train.make_optimizer(model, args, torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert {p.dim() for p in decayed["params"]} == {2} and {p.dim() for p in plain["params"]} == {1}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_presets_and_explicit_flags():
+    demo = train.get_args(["--dataset", "demo"])
+    assert (demo.preset, demo.lr, demo.eval_test, demo.dtype) == ("tiny", train.DEMO["lr"], True, "fp32")
+    paper = train.get_args(["--dataset", "cnerta", "--data-dir", "x"])
+    assert (paper.lr, paper.batch_size, paper.epochs, paper.mix, paper.pseudo_len, paper.beam) == \
+        (1e-5, 12, 50, "uniform", 40, 5)
+    assert (paper.warmup, paper.schedule, paper.eval_test) == (0.1, "constant", False)
+    official = train.get_args(["--dataset", "cnerta", "--data-dir", "x", "--official"])
+    assert (official.lr, official.mix, official.pseudo_len, official.beam) == (2e-5, "coin", 50, 3)
+    mine = train.get_args(["--dataset", "demo", "--official", "--lr", "3e-4", "--beam", "2"])
+    assert (mine.lr, mine.beam, mine.mix) == (3e-4, 2, "coin")  # explicit flags beat every preset
+
+
+@pytest.mark.parametrize("argv", [["--dataset", "cnerta"],                      # no --data-dir
+                                  ["--dataset", "demo", "--tasks", "TNER,XNER"],
+                                  ["--dataset", "demo", "--batch-size", "0"],
+                                  ["--dataset", "demo", "--eval-every", "e3"],
+                                  ["--dataset", "demo", "--speeds", "0.9,fast"],
+                                  ["--dataset", "demo", "--init", "/nonexistent.pt"]])
+def test_bad_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_every_flag_has_help():
+    import argparse
+    seen = []
+    orig = argparse.ArgumentParser.add_argument
+
+    def spy(self, *a, **k):
+        seen.append((a, k.get("help")))
+        return orig(self, *a, **k)
+    argparse.ArgumentParser.add_argument = spy
+    try:
+        train.get_args(["--dataset", "demo"])
+    finally:
+        argparse.ArgumentParser.add_argument = orig
+    assert len(seen) > 40 and all(h for a, h in seen if a != ("-h", "--help")), [a for a, h in seen if not h]
+
+
+def test_mix_ratio_uniform_is_one_third_each_and_redrawn_per_epoch(corpus):
+    samples = data.load_split("cnerta", corpus, "train", verbose=False)
+    assert len(samples) % 3 == 0 and all(s.audio for s in samples)
+    featurizer = data.Featurizer(data.assets_for_scratch(samples))
+    loader = data.make_loader(samples, featurizer, 4, train=True, task_mix="uniform", seed=1)
+    tasks_by_epoch = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        seen = {}  # sample index -> task, from the batches the model gets (presence flags)
+        for plan, batch in zip(loader.batch_plan(), loader):
+            for (i, _, _), s, t in zip(plan, batch["speech_present"].tolist(), batch["text_present"].tolist()):
+                seen[i] = {(False, True): "TNER", (True, False): "SNER", (True, True): "MNER"}[(s, t)]
+        assert sorted(seen) == list(range(len(samples)))  # every sample once per epoch
+        counts = [list(seen.values()).count(t) for t in data.TASKS]
+        assert counts == [len(samples) // 3] * 3, counts
+        tasks_by_epoch.append([seen[i] for i in range(len(samples))])
+    assert tasks_by_epoch[0] != tasks_by_epoch[1] != tasks_by_epoch[2]
+
+
+def test_mix_ratio_coin_is_a_quarter_each():
+    wav = str(ROOT / "tests" / "fixtures" / "wavs" / "utt000.wav")
+    samples = [data.Sample(f"u{i}", "张伟在北京", [], wav) for i in range(3000)]
+    featurizer = data.Featurizer(data.assets_for_scratch(samples))
+    loader = data.make_loader(samples, featurizer, 10, train=True, task_mix="coin", seed=0)
+    tasks = [t for b in loader.batch_plan() for _, t, _ in b]
+    for task in data.TASKS + (data.NEITHER,):
+        assert abs(tasks.count(task) / len(tasks) - 0.25) < 0.04, (task, tasks.count(task))
+
+
+def test_a_few_steps_lower_the_loss(corpus):
+    args = train.get_args(base_args(corpus, "unused", "--dropout", "0"))
+    samples = data.load_split("cnerta", corpus, "train", verbose=False)
+    torch.manual_seed(0)
+    model, assets = train.build_model(args, samples, None, lambda *a: None)
+    loader = data.make_loader(samples, data.Featurizer(assets), 8, train=True, seed=0)
+    batches = [b for b, _ in zip(loader, range(2))]
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    objective = train.Objective(model)
+
+    def mean_loss():
+        with torch.no_grad():
+            return sum(train.loss_sum_and_tokens(objective, b)[0].item() / (b["target"] != 1).sum().item()
+                       for b in batches)
+    before = mean_loss()
+    for _ in range(6):
+        for b in batches:
+            loss, tokens = train.loss_sum_and_tokens(objective, b)
+            (loss / tokens).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    after = mean_loss()
+    assert after < 0.8 * before, (before, after)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# whole runs (subprocesses)
+
+
+def test_resume_after_sigkill_reaches_the_same_weights(corpus, tmp_path):
+    # dropout on (RNG must be restored), grad accumulation, speed perturbation, 6 steps per epoch, 3 epochs
+    argv = ["train.py", *base_args(corpus, "", "--epochs", "3", "--batch-size", "4", "--grad-accum", "2",
+                                   "--save-every", "1", "--eval-every", "0")]
+    argv_for = lambda out: [a if a else str(out) for a in argv]  # "" marks --out's value
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    uninterrupted = subprocess.Popen([sys.executable, *argv_for(straight)], cwd=ROOT, env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # runs alongside
+    proc = subprocess.Popen([sys.executable, *argv_for(killed)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    step, deadline = 0, time.time() + 240
+    while step < 8 and time.time() < deadline and proc.poll() is None:  # kill inside epoch 1 (steps 6..11)
+        time.sleep(0.01)
+        if (killed / "last.pt").exists():
+            step = load(killed / "last.pt")["step"]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    at_kill = load(killed / "last.pt")
+    assert 8 <= at_kill["step"] < 18 and at_kill["batch_in_epoch"] > 0, (at_kill["step"], at_kill["batch_in_epoch"])
+    r = run(argv_for(killed) + ["--resume"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err[-3000:]
+    assert f"resumed from" in r.stdout
+    a, b = load(straight / "last.pt"), load(killed / "last.pt")
+    assert a["step"] == b["step"] == 18
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # our checkpoint format, loadable by decode.py, no compile/DDP prefixes
+    assert a["format"] == "image-checkpoint" and not any(k.startswith(("_orig_mod.", "module.")) for k in a["model"])
+    import decode
+    model, assets, _ = decode.load_model(str(straight / "best.pt"))
+    assert assets["vocab"] == a["assets"]["vocab"]
+    metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["split"] == "dev" and set(data.TASKS) <= set(metrics[-1])
+    assert all(0 <= metrics[-1][t]["f1"] <= 100 for t in data.TASKS)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gloo_two_processes_equal_one_process(corpus, tmp_path):
+    """2 ranks x micro-batch 2 vs 1 process x 2 accumulated micro-batches of 2: the same global batches."""
+    common = base_args(corpus, "", "--batch-size", "4", "--max-steps", "2", "--dropout", "0", "--eval-every", "0",
+                       "--eval-limit", "1", "--tasks", "TNER,SNER,MNER")
+    with_out = lambda out: [a if a else str(out) for a in common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.Popen([sys.executable, "train.py", *with_out(tmp_path / "one"), "--grad-accum", "2"], cwd=ROOT,
+                           env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # runs alongside
+    two = run(["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "train.py", *with_out(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr[-3000:]
+    _, err = one.communicate(timeout=300)
+    assert one.returncode == 0, err[-3000:]
+    assert '"world_size": 2' in two.stdout
+    a, b = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
+    assert b["world_size"] == 2 and a["micro_batch"] == b["micro_batch"] == 2
+    assert math.isfinite(a["loss"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# in-process runs: text-only corpora, non-finite losses
+
+
+def test_text_only_corpus_trains_and_reports_tner_only(tmp_path, capsys):
+    corpus = write_corpus(tmp_path / "text", n_train=8, audio=False)
+    train.main(base_args(corpus, tmp_path / "out", "--max-steps", "2", "--batch-size", "4", "--eval-test"))
+    out = capsys.readouterr().out
+    assert out.count("no audio") == 1
+    metrics = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["split"] for m in metrics] == ["dev", "test"]
+    assert all("TNER" in m and "SNER" not in m and "MNER" not in m for m in metrics)
+    # --init from our checkpoint, with the Table 3 ablation switches (the modality embedding goes away)
+    train.main(base_args(corpus, tmp_path / "ablation", "--max-steps", "1", "--batch-size", "4", "--eval-limit", "1",
+                         "--init", tmp_path / "out" / "best.pt", "--no-modality-embedding", "--mask-pseudo"))
+    ckpt = load(tmp_path / "ablation" / "last.pt")
+    assert ckpt["config"]["use_modality_embedding"] is False and ckpt["config"]["mask_pseudo"] is True
+    assert not any("modality" in k for k in ckpt["model"])
+    assert ckpt["assets"]["vocab"] == load(tmp_path / "out" / "best.pt")["assets"]["vocab"]
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
+    def nan_loss(model, batch):
+        loss, tokens = real(model, batch)
+        return loss * float("nan"), tokens
+    real = train.loss_sum_and_tokens
+    monkeypatch.setattr(train, "loss_sum_and_tokens", nan_loss)
+    with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(SystemExit, match="non-finite"):
+        train.main(base_args(corpus, tmp_path / "out", "--max-bad-steps", "3", "--batch-size", "4"))
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_mixed_precision_step_on_cpu(corpus, dtype):
+    """bf16 autocast; fp16 autocast + gradient scaler (the GPU paths, exercised on CPU)."""
+    args = train.get_args(base_args(corpus, "unused", "--dropout", "0"))
+    samples = data.load_split("cnerta", corpus, "train", verbose=False)[:4]
+    model, assets = train.build_model(args, samples, None, lambda *a: None)
+    name, autocast, scaler = train.resolve_precision(dtype, torch.device("cpu"))
+    assert name == dtype and scaler.is_enabled() == (dtype == "fp16")
+    assert train.resolve_precision("auto", torch.device("cpu"))[0] == "fp32"
+    batch = data.collate([data.Featurizer(assets).inputs(s, "TNER") for s in samples])
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    with autocast:
+        loss, tokens = train.loss_sum_and_tokens(train.Objective(model), batch)
+    scaler.scale(loss / tokens).backward()
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)
+    scaler.update()
+    assert math.isfinite(loss.item())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

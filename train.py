@@ -1,0 +1,651 @@
+"""
+Train IMAGE: one model for text (TNER), speech (SNER) and text+speech (MNER) Chinese NER.
+
+  python train.py --dataset demo                       # first run: demo corpus, tiny model from scratch, CPU
+  python train.py --dataset cnerta --data-dir DIR --audio-dir AISHELL1/wav --init mmspeech_large.pt --out runs/x
+  torchrun --nproc_per_node 4 train.py ...             # DDP; same updates as 1 process with --grad-accum x4
+  python train.py ... --resume                         # continue OUT/last.pt exactly (bit-identical on CPU)
+
+Recipe (the paper's defaults, every one a flag): AdamW lr 1e-5, weight decay only on parameters with ndim >= 2
+(weight matrices, embeddings, conv kernels; never biases or norm gains), linear warm-up over 10 % of the steps then
+constant (or linear decay), global batch 12, 50 epochs, clipping at 1.0, teacher-forced cross-entropy on the
+bracketed target, tasks MNER:SNER:TNER 1:1:1 redrawn every epoch (data.make_loader). The loss of one optimizer
+step is the sum of token losses over the whole global batch (all micro-batches, all ranks) divided by its number
+of target tokens, so gradient accumulation and DDP give the same update as one big batch. --batch-size is that
+global batch; each rank's micro-batch is batch_size / (world_size * grad_accum).
+
+--dataset demo applies the DEMO preset below (tiny model from scratch on CPU, lr 1e-3, CTC aid, time budget,
+greedy evaluation, test split at the end); --official the official code's settings. Explicit flags win.
+
+Files in --out: last.pt (everything --resume needs), best.pt (best mean dev F1 over the evaluated tasks; model,
+config and assets only), metrics.jsonl (one JSON object per evaluation, the last one the final evaluation,
+F1 in percent). Only rank 0 writes; every file is written to a temp file and renamed.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import decode
+import image
+
+PAD = 1
+TASKS = ("TNER", "SNER", "MNER")
+
+# Presets applied under explicit flags. Paper = fine-tuning MMSpeech; demo = tiny model from scratch on CPU.
+PAPER = dict(lr=1e-5, epochs=50, batch_size=12, warmup=0.1, mix="uniform", pseudo_len=40, beam=5, preset="large",
+             ctc_weight=0.0, speeds="0.9,1.0,1.1", eval_limit=0, eval_test=False, max_minutes=0.0, dtype="auto")
+OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAGE4IMNER train.py
+DEMO = dict(preset="tiny", lr=1e-3, epochs=30, batch_size=16, warmup=0.05, ctc_weight=0.5, speeds="1.0", beam=1,
+            eval_limit=100, eval_test=True, max_minutes=12.0, dtype="fp32")
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--dataset", required=True, choices=data.DATASETS, help="corpus format (data.load_split); demo = generated")
+    a("--data-dir", default=None, help="folder with the corpus annotation files (demo: the generated cache folder)")
+    a("--audio-dir", default=None, help="folder searched for <utterance id>.wav (AISHELL-1 wav/; default "
+      "DATA_DIR/wav); no audio -> TNER only")
+    a("--train-size", type=int, default=0, help="train on a random subset of N sentences (Figure 3, with --seed)")
+    a("--tasks", default="TNER,SNER,MNER", help="training tasks, comma-separated subset (Table 3 ablation)")
+    a("--mix", choices=["uniform", "coin"], default=None, help="task mix: uniform = MNER:SNER:TNER 1:1:1 redrawn "
+      "every epoch (default); coin = the official code's two coin flips (25 %% each, 25 %% neither)")
+    a("--pseudo-len", type=int, default=None, help="pseudo phone input length for absent text (default 40)")
+    a("--speeds", default=None, help="speed perturbation factors of real training speech, comma-separated "
+      "(default 0.9,1.0,1.1; demo 1.0)")
+    a("--feature-cache", default=None, help="folder for a disk cache of fbank features, shared by workers and runs")
+    a("--workers", type=int, default=0, help="DataLoader worker processes per rank (persistent; 0 = in the loop)")
+    # model
+    a("--init", default=None, help="start from this checkpoint in our format (e.g. a converted MMSpeech)")
+    a("--preset", choices=["tiny", "base", "large"], default=None,
+      help="model size when training from scratch (no --init): default large, demo tiny")
+    a("--dropout", type=float, default=None, help="override the model config's dropout")
+    a("--no-modality-embedding", action="store_true", help="ablation (Table 3): no modality-absence feature")
+    a("--mask-pseudo", action="store_true", help="ablation (Table 3): key-pad pseudo inputs instead of attending")
+    a("--ctc-weight", type=float, default=None, help="weight of an auxiliary CTC phone loss on the speech frames "
+      "(default 0 = the paper; MMSpeech's own fine-tuning uses 1.0; demo 0.5: from scratch the decoder otherwise "
+      "learns to ignore the speech)")
+    a("--official", action="store_true", help="the official code's settings: lr 2e-5, coin mix, pseudo length 50, "
+      "beam 3")
+    # optimisation
+    a("--epochs", type=int, default=None, help="training epochs (default 50)")
+    a("--batch-size", type=int, default=None, help="global batch of one optimizer step (default 12)")
+    a("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step and rank")
+    a("--lr", type=float, default=None, help="peak learning rate (default 1e-5; --official 2e-5; demo 1e-3)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on parameters with ndim >= 2 only")
+    a("--beta2", type=float, default=0.999, help="AdamW beta2")
+    a("--warmup", type=float, default=None, help="linear warm-up: fraction of the steps if < 1, else steps "
+      "(default 0.1)")
+    a("--schedule", choices=["constant", "linear"], default="constant", help="after warm-up: constant or linear "
+      "decay to 0")
+    a("--clip", type=float, default=1.0, help="gradient-norm clipping threshold; 0 disables")
+    a("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: --epochs decides)")
+    a("--max-minutes", type=float, default=None, help="stop training after this many minutes since start, then "
+      "evaluate (0 = no limit; demo 12)")
+    a("--max-bad-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
+    a("--seed", type=int, default=42, help="random seed: model init, data order, tasks, dropout, --train-size")
+    # precision / speed
+    a("--device", default=None, help="cpu | cuda | cuda:N (default: the LOCAL_RANK GPU if there is one, else cpu)")
+    a("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default=None, help="autocast dtype; auto = bf16 on GPUs "
+      "that support it, fp16 with a gradient scaler on older GPUs, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the training forward (GPU; the first batches of each "
+      "new shape recompile). Checkpoints never carry compile prefixes")
+    # evaluation
+    a("--eval-every", default="1e", help="dev evaluation every N steps ('500') or N epochs ('1e'); 0 = at the end")
+    a("--eval-limit", type=int, default=None, help="evaluate on the first N dev sentences only (0 = all; demo 100)")
+    a("--eval-batch-size", type=int, default=32, help="sentences per evaluation batch")
+    a("--beam", type=int, default=None, help="beam size of the evaluation search (default 5; --official 3)")
+    a("--greedy", action="store_true", help="evaluate with greedy search (= --beam 1; demo default)")
+    a("--evaluator", choices=["ours", "official"], default="ours", help="entity scorer whose P/R/F1 select best.pt "
+      "(decode.py); the other one's F1 is logged too")
+    a("--eval-test", action="store_true", default=None, help="evaluate best.pt on the test split at the end "
+      "(demo: on)")
+    # output
+    a("--out", default=None, help="output folder (default runs/<dataset>)")
+    a("--resume", action="store_true", help="continue exactly from OUT/last.pt")
+    a("--save-every", type=int, default=0, help="also write last.pt every N optimizer steps (0 = at evaluations)")
+    a("--log-every", type=int, default=10, help="progress-bar loss/lr/throughput refresh, in steps")
+    args = p.parse_args(argv)
+
+    # resolve preset defaults: explicit flag > demo > official > paper (preset-controlled flags default to None)
+    explicit = {key for key, value in vars(args).items() if value is not None}
+    for preset in [PAPER] + ([OFFICIAL] if args.official else []) + ([DEMO] if args.dataset == "demo" else []):
+        for key, value in preset.items():
+            if key not in explicit:
+                setattr(args, key, value)
+    if args.greedy:
+        args.beam = 1
+    # checks that argparse cannot do
+    args.tasks = tuple(t.strip().upper() for t in args.tasks.split(",") if t.strip())
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad or not args.tasks:
+        p.error(f"--tasks: unknown task(s) {bad or args.tasks}; choose from {','.join(TASKS)}")
+    if args.dataset != "demo" and args.data_dir is None:
+        p.error(f"--data-dir is required for --dataset {args.dataset}")
+    if args.init is not None and not Path(args.init).is_file():
+        p.error(f"--init: no such checkpoint file: {args.init}")
+    for name in ("epochs", "batch_size", "grad_accum", "beam", "pseudo_len"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr <= 0 or args.warmup < 0:
+        p.error("--lr must be > 0 and --warmup >= 0")
+    try:
+        speeds = tuple(float(s) for s in args.speeds.split(","))
+    except ValueError:
+        speeds = ()
+    if not speeds or not all(0.5 <= s <= 2.0 for s in speeds):
+        p.error(f"--speeds: expected comma-separated factors in [0.5, 2], got {args.speeds!r}")
+    args.speeds = speeds
+    ev = str(args.eval_every).strip().lower()
+    try:
+        args.eval_unit, args.eval_n = ("epoch", int(ev[:-1])) if ev.endswith("e") else ("step", int(ev))
+    except ValueError:
+        p.error(f"--eval-every: expected N (steps) or Ne (epochs), got {args.eval_every!r}")
+    args.out = args.out or f"runs/{args.dataset}"
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# small pieces
+
+
+def lr_at(step, total_steps, warmup_steps, peak, schedule):
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then constant or linear decay to 0."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    if schedule == "linear":
+        return peak * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return peak
+
+
+def make_optimizer(model, args, device):
+    """AdamW; weight decay on tensors with ndim >= 2 (matrices, embeddings, conv kernels), none on biases/gains."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    kwargs = dict(lr=args.lr, betas=(0.9, args.beta2), eps=1e-8)
+    try:  # fused kernel where this torch has it for the device (CUDA; CPU since 2.4)
+        return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def resolve_precision(name, device):
+    """-> (name, autocast context, GradScaler)."""
+    if name == "auto":
+        name = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+    return name, autocast, scaler
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then rename: a kill never leaves a torn file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append_jsonl(record, path):
+    """Append one JSON line, rewriting the (small) file atomically."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(old + json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class Objective(nn.Module):
+    """Training loss of one micro-batch as a module, so DDP and torch.compile wrap one forward.
+
+    Sum over non-PAD target tokens of the teacher-forced cross-entropy on the bracketed target, plus, with
+    ctc_weight > 0, ctc_weight x the CTC loss (summed over rows) of MMSpeech's phone head on the speech frames of
+    rows with real speech (as MMSpeech's own fine-tuning recipe; off in the paper's recipe). The caller divides by
+    the global number of target tokens."""
+
+    def __init__(self, model, ctc_weight=0.0):
+        super().__init__()
+        self.model, self.ctc_weight = model, ctc_weight
+
+    def forward(self, batch):
+        enc = self.model.encode(batch["fbank"], batch["fbank_lengths"], batch["phones"], batch["phone_chars"],
+                                batch["phone_lengths"], batch["speech_present"], batch["text_present"])
+        logits = self.model.decode(batch["decoder_input"], enc)  # (B, L, V)
+        target = batch["target"]  # (B, L)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD, reduction="sum")
+        if self.ctc_weight and "ctc_phones" in batch:
+            rows = batch["ctc_lengths"] > 0
+            if rows.any():
+                frames = image.conv_output_lengths(batch["fbank_lengths"])[rows]  # (R,)
+                logp = self.model.phone_logits(enc)[rows, :int(frames.max())].float().log_softmax(-1)  # (R, T', C)
+                ctc = F.ctc_loss(logp.transpose(0, 1), batch["ctc_phones"][rows], frames, batch["ctc_lengths"][rows],
+                                 blank=0, reduction="sum", zero_infinity=True)
+                loss = loss + self.ctc_weight * ctc
+        return loss
+
+
+def loss_sum_and_tokens(objective, batch):
+    """-> (summed loss of the micro-batch, its number of target tokens)."""
+    return objective(batch), (batch["target"] != PAD).sum()
+
+
+def format_table(metrics, tasks):
+    lines = [f"{'task':6s} {'P':>7s} {'R':>7s} {'F1':>7s}"]
+    for t in tasks:
+        if t in metrics:
+            m = metrics[t]
+            lines.append(f"{t:6s} {m['p']:7.2f} {m['r']:7.2f} {m['f1']:7.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# adapters to the other files (data.py, image.py, weights.py, decode.py, demo.py)
+
+
+def load_corpus(args, master, barrier):
+    """-> train, dev, test sample lists (test None unless --eval-test). The demo corpus is built once (rank 0)."""
+    data_dir = args.data_dir
+    if args.dataset == "demo" and data_dir is None:
+        import demo
+        if master:
+            demo.ensure_demo_corpus(progress=True)
+        barrier()
+        data_dir = demo.ensure_demo_corpus(progress=False)
+    load = lambda split: data.load_split(args.dataset, data_dir, split, audio_dir=args.audio_dir, verbose=master)
+    train, dev = load("train"), load("dev")
+    test = load("test") if args.eval_test else None
+    if args.train_size:
+        if args.train_size > len(train):
+            raise SystemExit(f"--train-size {args.train_size} > {len(train)} training sentences in {data_dir}")
+        keep = sorted(random.Random(args.seed).sample(range(len(train)), args.train_size))
+        train = [train[i] for i in keep]
+    return train, dev, test
+
+
+def corpus_tasks(train, dev, requested, log):
+    """-> (training tasks or None, evaluation tasks). Without audio: TNER only (said once). With audio for part of
+    the corpus, SNER/MNER train and score on those sentences only (data.make_loader, decode.evaluate)."""
+    with_audio = sum(s.audio is not None for s in train)
+    if with_audio == 0:
+        log("note: this corpus has no audio -> training and evaluating TNER only")
+        return tuple(t for t in requested if t == "TNER") or None, ("TNER",)
+    if with_audio < len(train):
+        log(f"note: {with_audio}/{len(train)} training sentences have audio; SNER/MNER use only those")
+    if not any(s.audio is not None for s in dev):
+        log("note: no dev sentence has audio -> evaluating TNER only")
+        return tuple(requested), ("TNER",)
+    return tuple(requested), TASKS
+
+
+def build_model(args, train, resume_ckpt, log):
+    """-> (model on CPU, assets). Order: --resume state > --init checkpoint > --preset from scratch."""
+    overrides = {}
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
+    if args.no_modality_embedding:
+        overrides["use_modality_embedding"] = False
+    if args.mask_pseudo:
+        overrides["mask_pseudo"] = True
+    if resume_ckpt is not None:
+        config, assets, state = image.Config(**resume_ckpt["config"]), resume_ckpt["assets"], resume_ckpt["model"]
+    elif args.init is not None:
+        model, assets, _ = decode.load_model(args.init, "cpu")  # = weights.load_checkpoint
+        config, state = dataclasses.replace(model.config, **overrides), model.state_dict()
+        log(f"initialised from {args.init}")
+    else:
+        assets = data.assets_for_scratch(train)
+        config = getattr(image.Config, args.preset)(vocab_size=len(assets["vocab"]),
+                                                    phone_vocab_size=len(assets["phones"]), **overrides)
+        state = None
+        log(f"training a {args.preset} model from scratch (vocabulary {len(assets['vocab'])} from the training text)")
+    model = image.IMAGE(config)
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # only the modality-absence embedding may come or go (ablation on a checkpoint trained with it)
+        stray = [k for k in missing + unexpected if "modality" not in k]
+        if stray:
+            raise SystemExit(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+    return model, assets
+
+
+def evaluate(model, samples, featurizer, assets, tasks, args, device, autocast):
+    """Dev/test scores -> {task: {"p", "r", "f1"}} (percent), decode.py's batched search and evaluator."""
+    model.eval()
+    with torch.no_grad(), autocast:
+        scores = decode.evaluate(model, samples, featurizer, tasks=tasks, beam=args.beam, greedy=args.beam == 1,
+                                 batch_size=args.eval_batch_size, evaluator=args.evaluator, device=device,
+                                 assets=assets)
+    model.train()
+    other = "official" if args.evaluator == "ours" else "ours"
+    return {t: {"p": s["p"], "r": s["r"], "f1": s["f1"], f"f1_{other}": s[other]["f1"], "cer": s["cer"]}
+            for t, s in scores.items()}
+
+
+class PlanBatches(torch.utils.data.Dataset):
+    """Collated batch of one entry of data.Loader's plan: a list of (sample index, task, speed).
+
+    data.make_loader decides the plan (tasks, speeds, length buckets, rank shards); building the batches here lets a
+    resumed run skip finished batches without computing their features, and adds the CTC phone targets
+    (ctc_phones (B, P) padded with PAD, ctc_lengths (B,), 0 for rows without real speech)."""
+
+    def __init__(self, samples, featurizer, ctc_classes=0):
+        self.samples, self.featurizer, self.ctc_classes = samples, featurizer, ctc_classes
+
+    def __getitem__(self, rows):
+        batch = data.collate([self.featurizer.inputs(self.samples[i], task, speed) for i, task, speed in rows])
+        if self.ctc_classes:
+            # CTC class = phone id - 3 (class 0 = phone row 3 = blank); other phone ids have no class
+            targets = [self.featurizer.text(self.samples[i].text)[0] - 3 if task in ("SNER", "MNER")
+                       else torch.zeros(0, dtype=torch.long) for i, task, _ in rows]
+            targets = [t[(t >= 1) & (t < self.ctc_classes)] for t in targets]
+            batch["ctc_lengths"] = torch.tensor([len(t) for t in targets])  # (B,)
+            batch["ctc_phones"] = torch.full((len(rows), max(1, max(map(len, targets)))), PAD, dtype=torch.long)
+            for row, t in enumerate(targets):
+                batch["ctc_phones"][row, :len(t)] = t
+        return batch
+
+
+class PlanSampler(torch.utils.data.Sampler):
+    """Yields this epoch's plan entries (set by the loop), so persistent DataLoader workers keep their caches."""
+
+    def __init__(self):
+        self.plan = []
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self):
+        return len(self.plan)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t_start = time.time()
+
+    # --- distributed setup (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK) ---
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ddp = world > 1
+    if ddp:  # long timeout: rank 0 evaluates alone while the others wait at a barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    if args.batch_size % (world * args.grad_accum):
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by world size {world} x --grad-accum "
+                         f"{args.grad_accum}")
+    micro_batch = args.batch_size // (world * args.grad_accum)
+    out = Path(args.out)
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+
+    resume_ckpt = None
+    if args.resume:
+        if not (out / "last.pt").is_file():
+            raise SystemExit(f"--resume: no checkpoint {out / 'last.pt'}")
+        resume_ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    if master:  # temp files of a killed run
+        for stale in out.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
+    if not args.resume and master and (out / "last.pt").exists():
+        log(f"note: starting fresh in {out}; its last.pt/best.pt/metrics.jsonl are replaced (--resume continues)")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+
+    # --- data and model ---
+    seed_everything(args.seed)  # model init identical on every rank
+    barrier = dist.barrier if ddp else (lambda: None)
+    train_samples, dev_samples, test_samples = load_corpus(args, master, barrier)
+    train_tasks, eval_tasks = corpus_tasks(train_samples, dev_samples, args.tasks, log)
+    if train_tasks is None:
+        raise SystemExit(f"--tasks {','.join(args.tasks)}: none of them can be trained without audio")
+    if args.mix == "coin" and set(train_tasks) != set(TASKS):
+        log(f"note: the coin mix needs all three tasks; training {','.join(train_tasks)} with the uniform mix")
+        args.mix = "uniform"
+    if args.eval_limit:
+        dev_samples = dev_samples[:args.eval_limit]
+    model, assets = build_model(args, train_samples, resume_ckpt, log)
+    featurizer = data.Featurizer(assets, pseudo_text_len=args.pseudo_len, cache_dir=args.feature_cache)
+    loader = data.make_loader(train_samples, featurizer, micro_batch, train=True, task_mix=args.mix,
+                              tasks=train_tasks, seed=args.seed, rank=rank, world_size=world, speeds=args.speeds)
+    sampler = PlanSampler()
+    batch_loader = torch.utils.data.DataLoader(
+        PlanBatches(train_samples, featurizer, model.config.phone_dict_size - 3 if args.ctc_weight else 0),
+        sampler=sampler, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0)
+    steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
+    total_steps = args.epochs * steps_per_epoch
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps)
+    warmup_steps = round(args.warmup * total_steps) if args.warmup < 1 else int(args.warmup)
+
+    raw_model = model.to(device)  # the un-wrapped model: checkpoints come from here (no _orig_mod./module.)
+    optimizer = make_optimizer(raw_model, args, device)
+    dtype_name, autocast, scaler = resolve_precision(args.dtype, device)
+    objective = Objective(raw_model, args.ctc_weight)
+    if args.compile:
+        objective = torch.compile(objective)
+    if ddp:
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+    step, epoch, batch_in_epoch, best_f1, bad_steps, last_loss = 0, 0, 0, -1.0, 0, float("nan")
+    if resume_ckpt is not None:
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        if resume_ckpt.get("scaler"):
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        step, epoch, batch_in_epoch = resume_ckpt["step"], resume_ckpt["epoch"], resume_ckpt["batch_in_epoch"]
+        best_f1 = resume_ckpt["best_f1"]
+        if resume_ckpt["world_size"] != world or resume_ckpt["micro_batch"] != micro_batch:
+            log("warning: world size or micro-batch changed since the checkpoint: the run continues, not exactly")
+        log(f"resumed from {out / 'last.pt'} at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    log("config:", json.dumps({**{k: v for k, v in vars(args).items()}, "world_size": world, "device": str(device),
+                                "dtype": dtype_name, "micro_batch": micro_batch, "train_tasks": train_tasks,
+                                "eval_tasks": eval_tasks, "train_sentences": len(train_samples),
+                                "dev_sentences": len(dev_samples), "steps_per_epoch": steps_per_epoch,
+                                "total_steps": total_steps, "warmup_steps": warmup_steps,
+                                "parameters": n_params}, ensure_ascii=False, default=str))
+
+    def checkpoint(kind):
+        """last.pt: everything --resume needs; best.pt: model + assets only. RNG states of every rank."""
+        states = [rng_state()]
+        if ddp and kind == "last":  # collective: every rank calls checkpoint("last")
+            states = [None] * world
+            dist.all_gather_object(states, rng_state())
+        if not master:
+            return
+        ckpt = {"format": "image-checkpoint", "version": 1, "config": dataclasses.asdict(raw_model.config),
+                "model": raw_model.state_dict(), "assets": assets,
+                "source": {"trainer": "train.py", "args": {k: v if isinstance(v, (int, float, bool, str, type(None)))
+                                                           else str(v) for k, v in vars(args).items()},
+                           "step": step}}
+        if kind == "best":
+            atomic_save({**ckpt, "best_f1": best_f1}, out / "best.pt")
+            return
+        ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else {},
+                    scheduler={"kind": args.schedule, "warmup_steps": warmup_steps, "total_steps": total_steps},
+                    step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, best_f1=best_f1, rng=states,
+                    world_size=world, micro_batch=micro_batch, seed=args.seed, loss=last_loss)
+        atomic_save(ckpt, out / "last.pt")
+
+    def run_eval(split, samples, tag):
+        scores = {}
+        if master:
+            scores = evaluate(raw_model, samples, featurizer, assets, eval_tasks, args, device, autocast)
+            record = {"split": split, **scores, "mean_f1": sum(s["f1"] for s in scores.values()) / len(scores),
+                      "step": step, "epoch": round(epoch + batch_in_epoch / max(1, len(loader)), 3),
+                      "checkpoint": tag, "minutes": round((time.time() - t_start) / 60, 2)}
+            append_jsonl(record, out / "metrics.jsonl")
+            tqdm.write(f"[{split} @ step {step}] " + "  ".join(f"{t} F1 {s['f1']:.2f}" for t, s in scores.items()))
+        return scores
+
+    def stop_everywhere(flag):  # every rank must leave the loop at the same step
+        if not ddp:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    # --- training loop ---
+    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    raw_model.train()
+    epoch_seed = lambda e: args.seed * 1_000_003 + e * 1_009 + rank  # dropout/data streams: f(seed, epoch, rank)
+    evaluated_at, loss_window, t_window, n_window = -1, [], time.time(), 0
+    budget_s = args.max_minutes * 60 if args.max_minutes else float("inf")
+    stop = step >= total_steps
+    while not stop:
+        # Data order and dropout of an epoch derive from (seed, epoch, rank). On resume the epoch's iterator is
+        # rebuilt from the same seed, the finished batches are skipped, then the RNG states saved at that step
+        # are restored: the continuation is bit-identical to an uninterrupted run.
+        seed_everything(epoch_seed(epoch))
+        loader.set_epoch(epoch)
+        sampler.plan = loader.batch_plan()[batch_in_epoch:]
+        batches = iter(batch_loader)
+        if resume_ckpt is not None:
+            set_rng_state(resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world else resume_ckpt["rng"][0])
+            resume_ckpt = None
+        while True:
+            micro = [b for _, b in zip(range(args.grad_accum), batches)]
+            if not micro:
+                break
+            micro = [to_device(b, device) for b in micro]
+            lr = lr_at(step, total_steps, warmup_steps, args.lr, args.schedule)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            tokens = sum((b["target"] != PAD).sum() for b in micro).float()
+            if ddp:  # normalise by the global token count: DDP then equals one big batch
+                dist.all_reduce(tokens)
+            step_loss = torch.zeros((), device=device)
+            for i, b in enumerate(micro):
+                sync = i == len(micro) - 1
+                with (objective.no_sync() if ddp and not sync else nullcontext()):
+                    with autocast:
+                        loss_sum, _ = loss_sum_and_tokens(objective, b)
+                    scaler.scale(loss_sum * world / tokens).backward()  # DDP averages over ranks
+                step_loss += loss_sum.detach()
+            if ddp:
+                dist.all_reduce(step_loss)
+            step_loss = last_loss = (step_loss / tokens).item()
+            if math.isfinite(step_loss):
+                bad_steps = 0
+                if args.clip > 0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.clip)
+                scaler.step(optimizer)
+                scaler.update()
+            else:  # skip the update; all ranks see the same all-reduced loss
+                bad_steps += 1
+                if master:
+                    warnings.warn(f"step {step}: non-finite loss {step_loss}, update skipped "
+                                  f"({bad_steps}/{args.max_bad_steps} in a row)")
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            batch_in_epoch += len(micro)
+            if bad_steps >= args.max_bad_steps:
+                raise SystemExit(f"stopping: {bad_steps} consecutive non-finite losses (lower --lr, try --dtype fp32)")
+
+            # progress
+            loss_window.append(step_loss)
+            n_window += sum(len(b["target"]) for b in micro) * world
+            if master and (step % args.log_every == 0 or step == total_steps):
+                dt = time.time() - t_window
+                bar.set_postfix(loss=f"{sum(loss_window) / len(loss_window):.4f}", lr=f"{lr:.2e}",
+                                samples_s=f"{n_window / max(dt, 1e-9):.1f}")
+                loss_window, t_window, n_window = [], time.time(), 0
+            bar.update(1)
+
+            end_of_epoch = batch_in_epoch >= len(loader)
+            stop = step >= total_steps or stop_everywhere(time.time() - t_start > budget_s)
+            due = (args.eval_unit == "step" and args.eval_n and step % args.eval_n == 0) or \
+                  (args.eval_unit == "epoch" and args.eval_n and end_of_epoch and (epoch + 1) % args.eval_n == 0)
+            if due or stop:
+                scores = run_eval("dev", dev_samples, "current")
+                evaluated_at = step
+                improved = master and scores and sum(s["f1"] for s in scores.values()) / len(scores) > best_f1
+                if improved:
+                    best_f1 = sum(s["f1"] for s in scores.values()) / len(scores)
+                if master and (improved or not (out / "best.pt").exists()):
+                    checkpoint("best")
+                checkpoint("last")
+                if ddp:
+                    dist.barrier()
+            elif args.save_every and step % args.save_every == 0:
+                checkpoint("last")
+            if stop:
+                break
+        if not stop:
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+
+    # --- final evaluation: best.pt on the test split ---
+    if evaluated_at != step and step > 0:  # resumed after the end: make sure the final dev scores exist
+        run_eval("dev", dev_samples, "current")
+    if args.eval_test and master:
+        best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+        raw_model.load_state_dict(best["model"])
+        scores = run_eval("test", test_samples, "best.pt")
+        search = "greedy" if args.beam == 1 else f"beam {args.beam}"
+        log(f"\ntest split, best.pt (step {best['source']['step']}, best mean dev F1), {search}:")
+        log(format_table(scores, eval_tasks))
+    log(f"done in {(time.time() - t_start) / 60:.1f} min; outputs in {out}")
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
