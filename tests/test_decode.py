@@ -19,14 +19,6 @@ from decode import BOS, EOS, PAD, SearchConfig, beam_search  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine their spin-waits cost 10-50x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------------------------------------
 # a toy step model: second-order Markov table + per-input bias (see fixtures/ref_beam_toy_make.py)

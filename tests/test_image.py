@@ -20,14 +20,6 @@ TOL = 1e-4            # parity with the reference, fp32
 INCREMENTAL_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not thrash when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module", params=["ms_tiny_a", "ms_tiny_b"])
 def converted(request):

@@ -18,13 +18,6 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 REFERENCE_TOTALS = {"base": 210_967_464, "large": 608_949_696}       # MMSPEECH.md section 1, unique parameters
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def ckpts():
