@@ -24,9 +24,15 @@ runs in that venv as a subprocess (a driver script written to a temp file, below
 --skip-reference, our side runs alone on seeded random weights (vocab 51134) and the test wavs.
 
 Random weights never emit EOS (unless --eos-boost), so every hypothesis runs to --max-len on both sides; the report
-gives the mean output length of each side and, for converted weights, how many best hypotheses are identical.
-The top level of the JSON holds decode_speedup_vs_reference, train_step_time_ratio_vs_reference and
-fbank_speed_ratio_vs_kaldi_native_fbank (null when not measured) beside the raw figures.
+gives the mean output length of each side and, for converted weights, how many best hypotheses are identical (our
+model then runs with Config.modelscope_padding, ModelScope's padding, so a batch computes exactly what theirs does).
+
+Figures are the best of --repeat passes (wall clock); process CPU time is reported beside it, since on a shared
+machine the wall clock also counts other processes' time. Both sides use --threads torch threads; the fbank ratio
+is taken at 1 thread (kaldi-native-fbank is single-threaded). The top level of the JSON holds
+decode_speedup_vs_reference (reference search time / ours), train_step_time_ratio_vs_reference (our full step /
+their forward + backward) and fbank_speed_ratio_vs_kaldi_native_fbank (our frames/s / theirs), null when not
+measured, beside the raw figures, the load average and the busiest other processes.
 """
 import argparse
 import contextlib
@@ -725,7 +731,9 @@ def main(argv=None):
         batch = train_batch([feats[i] for i in train_rows], train_ids, device)
         ours = bench_train_ours(model, batch, args.train_steps, device, dtype, args.compile)
         tokens = int((batch["target"] != decode.PAD).sum())
-        flops = 3 * forward_flops(config, batch["fbank_lengths"].tolist(), (batch["target"] != decode.PAD).sum(1))
+        flops = 3 * forward_flops(config, batch["fbank_lengths"].tolist(),
+                                  (batch["target"] != decode.PAD).sum(1).tolist())
+        # the roof in the compute dtype; on CPU fp32 (bf16 matmuls there are emulated on most CPUs, ~1 GFLOP/s)
         peak = matmul_peak_flops(device, dtype if device.type == "cuda" else torch.float32)
         ours["tokens"], ours["tokens_per_s"] = tokens, tokens / ours["step"]["best_s"]
         ours["model_flops_per_step"] = flops
