@@ -14,13 +14,6 @@ import bench  # noqa: E402
 import image  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("phones", [0, 23])
 def test_forward_flops_equals_torch_flop_counter(phones):
