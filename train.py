@@ -266,8 +266,9 @@ class Objective(nn.Module):
         if self.ctc_weight and "ctc_phones" in batch:
             rows = batch["ctc_lengths"] > 0
             if rows.any():
-                frames = image.conv_output_lengths(batch["fbank_lengths"])[rows]  # (R,)
-                logp = self.model.phone_logits(enc)[rows, :int(frames.max())].float().log_softmax(-1)  # (R, T', C)
+                n_frames = image.conv_output_lengths(torch.tensor(batch["fbank"].size(1)))  # speech stream first
+                frames = (~enc.padding_mask[rows, :n_frames]).sum(1)  # (R,) valid speech frames
+                logp = self.model.phone_logits(enc)[rows, :n_frames].float().log_softmax(-1)  # (R, T', C)
                 ctc = F.ctc_loss(logp.transpose(0, 1), batch["ctc_phones"][rows], frames, batch["ctc_lengths"][rows],
                                  blank=0, reduction="sum", zero_infinity=True)
                 loss = loss + self.ctc_weight * ctc

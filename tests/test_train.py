@@ -5,7 +5,6 @@ import os
 import random
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -40,8 +39,8 @@ def sentence(rng):
 
 
 def write_corpus(root, n_train=24, n_dev=3, n_test=3, audio=True, seed=0):
-    """CNERTA-layout corpus; with audio every utterance gets a 0.3-0.6 s noise wav under root/wav."""
-    rng, root = random.Random(seed), Path(root)
+    """CNERTA-layout corpus; with audio every utterance gets a 1-1.5 s noise wav under root/wav."""
+    rng, gen, root = random.Random(seed), torch.Generator().manual_seed(seed), Path(root)
     (root / "wav").mkdir(parents=True, exist_ok=True)
     for split, name, n in (("train", "train.json", n_train), ("dev", "valid.json", n_dev), ("test", "test.json", n_test)):
         lines = []
@@ -52,8 +51,8 @@ def write_corpus(root, n_train=24, n_dev=3, n_test=3, audio=True, seed=0):
             if audio:
                 with wave.open(str(root / "wav" / f"{utt}.wav"), "wb") as w:
                     w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
-                    n_samples = rng.randint(4800, 9600)
-                    w.writeframes(struct.pack(f"<{n_samples}h", *(rng.randint(-800, 800) for _ in range(n_samples))))
+                    noise = torch.randint(-800, 800, (rng.randint(16000, 24000),), generator=gen, dtype=torch.int16)
+                    w.writeframes(noise.numpy().tobytes())
         (root / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
 
@@ -203,7 +202,7 @@ def test_a_few_steps_lower_the_loss(corpus):
 def test_resume_after_sigkill_reaches_the_same_weights(corpus, tmp_path):
     # dropout on (RNG must be restored), grad accumulation, speed perturbation, 6 steps per epoch, 3 epochs
     argv = ["train.py", *base_args(corpus, "", "--epochs", "3", "--batch-size", "4", "--grad-accum", "2",
-                                   "--save-every", "1", "--eval-every", "0")]
+                                   "--save-every", "1", "--eval-every", "0", "--ctc-weight", "0.5")]
     argv_for = lambda out: [a if a else str(out) for a in argv]  # "" marks --out's value
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -320,3 +319,23 @@ def test_mixed_precision_step_on_cpu(corpus, dtype):
     assert math.isfinite(loss.item())
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+def test_ctc_targets_and_loss(corpus):
+    """CTC phone targets exist only for rows with real speech; the auxiliary loss adds to the cross-entropy."""
+    fixtures = ROOT / "tests" / "fixtures" / "wavs"  # real speech and its phones
+    index = [json.loads(line) for line in (fixtures / "index.jsonl").read_text(encoding="utf-8").splitlines()]
+    samples = [data.Sample(r["wav"], r["text"], [], str(fixtures / r["wav"])) for r in index[:3]]
+    args = train.get_args(base_args(corpus, "unused", "--dropout", "0"))
+    model, assets = train.build_model(args, samples, None, lambda *a: None)
+    featurizer = data.Featurizer(assets)
+    rows = [(0, "TNER", 1.0), (1, "SNER", 1.0), (2, "MNER", 1.0)]
+    batch = train.PlanBatches(samples, featurizer, model.config.phone_dict_size - 3)[rows]
+    assert batch["ctc_lengths"][0] == 0 and batch["ctc_lengths"][1] > 0
+    for row in (1, 2):
+        phones = featurizer.text(samples[row].text)[0]
+        assert torch.equal(batch["ctc_phones"][row, :batch["ctc_lengths"][row]], phones - 3)
+    with torch.no_grad():
+        ce = train.Objective(model)(batch)
+        both = train.Objective(model, ctc_weight=0.5)(batch)
+    assert math.isfinite(both.item()) and both > ce
