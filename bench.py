@@ -729,7 +729,11 @@ def main(argv=None):
     if "train" in sections:
         print("bench: training step (ours) ...", flush=True)
         batch = train_batch([feats[i] for i in train_rows], train_ids, device)
+        # train.py's padding (the default): each row's subsampling runs at its own length. The decode section's
+        # modelscope_padding is for identical tokens; the same weights compute the same valid frames either way.
+        model.config.modelscope_padding = False
         ours = bench_train_ours(model, batch, args.train_steps, device, dtype, args.compile)
+        ours["padding"] = "train.py default (per-row subsampling)"
         tokens = int((batch["target"] != decode.PAD).sum())
         flops = 3 * forward_flops(config, batch["fbank_lengths"].tolist(),
                                   (batch["target"] != decode.PAD).sum(1).tolist())

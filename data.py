@@ -380,29 +380,44 @@ def attach_audio(samples, audio_dir) -> dict:
 
 def read_lines(path) -> list[str]:
     """Lines split on '\\n' only: BERT's vocab.txt has a U+2028 token that str.splitlines() would split."""
-    text = Path(path).read_text(encoding="utf-8")
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e})") from None
     return [line.rstrip("\r") for line in text.split("\n")][: None if not text.endswith("\n") else -1]
 
 
-def read_phone_dict(path=ASSETS / "phone_dict.txt") -> list[str]:
-    """phone_dict.txt ('unit count' lines) -> [<s>, <pad>, </s>, <unk>, unit0, unit1, ...] (index = phone id)."""
-    units = []
+def read_phone_dict(path=ASSETS / "phone_dict.txt", expected_size: int | None = None) -> list[str]:
+    """phone_dict.txt ('unit count' lines, a fairseq Dictionary) -> [<s>, <pad>, </s>, <unk>, unit0, ...]
+    (index = phone id; line n -> id n + 3). expected_size: the checkpoint's phone_vocab_size, checked."""
+    phones = list(SPECIALS)
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.split():
             raise DataError(f"{path}:{lineno}: empty line in a phone dictionary")
-        units.append(line.split()[0])
-    return list(SPECIALS) + units
+        if line.split()[0] in phones:
+            raise DataError(f"{path}:{lineno}: phone {line.split()[0]!r} appears twice")
+        phones.append(line.split()[0])
+    if expected_size is not None and len(phones) != expected_size:
+        raise DataError(f"{path}: {len(phones) - 4} phones + 4 specials = {len(phones)}, but config.json "
+                        f"phone_vocab_size is {expected_size}")
+    return phones
 
 
-def read_lexicon(path) -> dict[str, str]:
-    """text2phone_dict.txt ('word<TAB>phones' lines) -> {word: phones}; the first entry of a word wins."""
+def read_lexicon(path, phones: list[str] | None = None) -> dict[str, str]:
+    """text2phone_dict.txt ('word<TAB>phones' lines) -> {word: phones}; the first entry of a word wins. With
+    phones (read_phone_dict), every phone must be one of them."""
+    known = set(phones) if phones is not None else None
     lexicon = {}
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
-        if len(parts) != 2 or not parts[0] or not parts[1].split():
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].split():
             raise DataError(f"{path}:{lineno}: expected 'word<TAB>phones', got {line[:60]!r}")
+        unknown = [p for p in parts[1].split() if known is not None and p not in known]
+        if unknown:
+            raise DataError(f"{path}:{lineno}: phone(s) {unknown} of {parts[0]!r} are not in phone_dict.txt")
         lexicon.setdefault(parts[0].strip().lstrip("\ufeff"), " ".join(parts[1].split()))
     return lexicon
 

@@ -94,7 +94,8 @@ def _block_repeated_ngrams(lprobs, tokens, step, n):
 def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
     """Beam search for every input of `enc`. -> list (one per input) of up to `beam` Hypothesis, best first.
 
-    model: new_cache(enc, max_len) / decode_step(tokens (N,), cache) -> (N, V) logits / cache.reorder(index).
+    model: new_cache(enc, max_len) / decode_step(tokens (N,), cache, vocab_limit) -> (N, V) logits, V cut to
+        vocab_limit when given / cache.reorder(index).
     constraint: optional per-row token filter (BracketConstraint): start(); mask(step, row_max_lens) -> (N, V)
         bool of allowed tokens, applied before log_softmax; reorder(rows); advance(new_tokens).
     max_lens: optional per-input max lengths (default cfg.max_len). An input's result never depends on the other
@@ -121,13 +122,13 @@ def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
     ignore = torch.zeros(batch, beam, dtype=torch.bool, device=dev)   # fairseq cands_to_ignore
     finalized = [[] for _ in range(batch)]
 
+    # ids >= the constraint range's end are always banned: the LM head skips them (same search, fewer FLOPs)
+    vocab_limit = None if cfg.constraint_range is None else cfg.constraint_range[1]
     for step in range(longest + 1):
-        logits = model.decode_step(tokens[:, step], cache).float()   # (N, V)
+        logits = model.decode_step(tokens[:, step], cache, vocab_limit=vocab_limit).float()   # (N, V')
         vocab = logits.size(-1)
         if cfg.constraint_range is not None:
-            start, end = cfg.constraint_range
-            logits[:, 4:start] = -math.inf
-            logits[:, end:] = -math.inf
+            logits[:, 4:cfg.constraint_range[0]] = -math.inf
         row_max = max_lens_dev[live].repeat_interleave(width)     # (N,)
         if constraint is not None:                                # renormalise over what the brackets allow
             allowed = constraint.mask(step, row_max.tolist(), vocab).to(dev)

@@ -179,21 +179,21 @@ def gen_fcity(rng, P, split):
     return span("LOC", P.pick(rng, "fcity", split))
 
 
-def gen_loc(rng, P, split):
+def weighted(rng, branches):
+    """One rng.random() draw picks the first branch whose cumulative cutoff exceeds it; the last is the rest."""
     r = rng.random()
-    if r < 0.35:
-        return gen_city(rng, P, split)
-    if r < 0.50:
-        return gen_province(rng, P, split)
-    if r < 0.65:
-        return gen_country(rng, P, split)
-    if r < 0.78:
-        return gen_scenic(rng, P, split)
-    if r < 0.88:
-        return span("LOC", P.pick(rng, "district", split) + "区")
-    if r < 0.94:  # province then city: two adjacent LOCs
-        return span(None, gen_province(rng, P, split, 0), gen_city(rng, P, split, 0.5))
-    return gen_fcity(rng, P, split)
+    return next((make for cutoff, make in branches[:-1] if r < cutoff), branches[-1][1])()
+
+
+def gen_loc(rng, P, split):
+    return weighted(rng, [
+        (0.35, lambda: gen_city(rng, P, split)),
+        (0.50, lambda: gen_province(rng, P, split)),
+        (0.65, lambda: gen_country(rng, P, split)),
+        (0.78, lambda: gen_scenic(rng, P, split)),
+        (0.88, lambda: span("LOC", P.pick(rng, "district", split) + "区")),
+        (0.94, lambda: span(None, gen_province(rng, P, split, 0), gen_city(rng, P, split, 0.5))),  # two LOCs
+        (1.00, lambda: gen_fcity(rng, P, split))])
 
 
 def gen_univ(rng, P, split):
@@ -254,20 +254,14 @@ def gen_team(rng, P, split):
 
 
 def gen_org(rng, P, split):
-    r = rng.random()
-    if r < 0.22:
-        return gen_univ(rng, P, split)
-    if r < 0.40:
-        return gen_gov(rng, P, split)
-    if r < 0.50:
-        return gen_hosp(rng, P, split)
-    if r < 0.60:
-        return gen_media(rng, P, split)
-    if r < 0.78:
-        return gen_company(rng, P, split)
-    if r < 0.90:
-        return span("ORG", span("LOC", "中国"), rng.choice(CHINA_BODIES))  # <(中国)足协>
-    return gen_team(rng, P, split)
+    return weighted(rng, [
+        (0.22, lambda: gen_univ(rng, P, split)),
+        (0.40, lambda: gen_gov(rng, P, split)),
+        (0.50, lambda: gen_hosp(rng, P, split)),
+        (0.60, lambda: gen_media(rng, P, split)),
+        (0.78, lambda: gen_company(rng, P, split)),
+        (0.90, lambda: span("ORG", span("LOC", "中国"), rng.choice(CHINA_BODIES))),  # <(中国)足协>
+        (1.00, lambda: gen_team(rng, P, split))])
 
 
 SLOTS = {"PER": gen_per, "LOC": gen_loc, "ORG": gen_org, "CITY": gen_city, "COUNTRY": gen_country,

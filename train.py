@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -49,11 +50,13 @@ PAD = 1
 TASKS = ("TNER", "SNER", "MNER")
 
 # Presets applied under explicit flags. Paper = fine-tuning MMSpeech; demo = tiny model from scratch on CPU.
-PAPER = dict(lr=1e-5, epochs=50, batch_size=12, warmup=0.1, mix="uniform", pseudo_len=40, beam=5, preset="large",
-             ctc_weight=0.0, speeds="0.9,1.0,1.1", eval_limit=0, eval_test=False, max_minutes=0.0, dtype="auto")
+PAPER = dict(lr=1e-5, epochs=50, batch_size=12, warmup=0.1, schedule="constant", mix="uniform", pseudo_len=40,
+             beam=5, preset="large", ctc_weight=0.0, speeds="0.9,1.0,1.1", eval_every="1e", eval_limit=0,
+             eval_test=False, max_minutes=0.0, dtype="auto")
 OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAGE4IMNER train.py
-DEMO = dict(preset="tiny", lr=1e-3, epochs=30, batch_size=16, warmup=0.05, ctc_weight=0.5, speeds="1.0", beam=1,
-            eval_limit=100, eval_test=True, max_minutes=12.0, dtype="fp32")
+DEMO = dict(preset="tiny", dropout=0.0, lr=2e-3, epochs=14, batch_size=16, warmup=200, schedule="linear",
+            ctc_weight=0.5, speeds="1.0", beam=1, eval_every="2e", eval_limit=100, eval_test=True, max_minutes=14.0,
+            dtype="fp32")
 
 
 def get_args(argv=None):
@@ -64,6 +67,8 @@ def get_args(argv=None):
     a("--data-dir", default=None, help="folder with the corpus annotation files (demo: the generated cache folder)")
     a("--audio-dir", default=None, help="folder searched for <utterance id>.wav (AISHELL-1 wav/; default "
       "DATA_DIR/wav); no audio -> TNER only")
+    a("--dev-dataset", choices=data.DATASETS, default=None, help="read dev/test from this corpus format instead "
+      "(same --data-dir), e.g. train on image4imner's lossy text and score on cnerta's valid.json")
     a("--train-size", type=int, default=0, help="train on a random subset of N sentences (Figure 3, with --seed)")
     a("--tasks", default="TNER,SNER,MNER", help="training tasks, comma-separated subset (Table 3 ablation)")
     a("--mix", choices=["uniform", "coin"], default=None, help="task mix: uniform = MNER:SNER:TNER 1:1:1 redrawn "
@@ -77,7 +82,9 @@ def get_args(argv=None):
     a("--init", default=None, help="start from this checkpoint in our format (e.g. a converted MMSpeech)")
     a("--preset", choices=["tiny", "base", "large"], default=None,
       help="model size when training from scratch (no --init): default large, demo tiny")
-    a("--dropout", type=float, default=None, help="override the model config's dropout")
+    a("--model", default="", help="from scratch only: Config fields over the preset, comma-separated KEY=VALUE, "
+      "e.g. 'd_model=256,encoder_layers=8,text_join_layer=2' (see image.Config)")
+    a("--dropout", type=float, default=None, help="override the model config's dropout (demo 0)")
     a("--no-modality-embedding", action="store_true", help="ablation (Table 3): no modality-absence feature")
     a("--mask-pseudo", action="store_true", help="ablation (Table 3): key-pad pseudo inputs instead of attending")
     a("--ctc-weight", type=float, default=None, help="weight of an auxiliary CTC phone loss on the speech frames "
@@ -86,20 +93,20 @@ def get_args(argv=None):
     a("--official", action="store_true", help="the official code's settings: lr 2e-5, coin mix, pseudo length 50, "
       "beam 3")
     # optimisation
-    a("--epochs", type=int, default=None, help="training epochs (default 50)")
-    a("--batch-size", type=int, default=None, help="global batch of one optimizer step (default 12)")
+    a("--epochs", type=int, default=None, help="training epochs (default 50; demo 14)")
+    a("--batch-size", type=int, default=None, help="global batch of one optimizer step (default 12; demo 16)")
     a("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step and rank")
-    a("--lr", type=float, default=None, help="peak learning rate (default 1e-5; --official 2e-5; demo 1e-3)")
+    a("--lr", type=float, default=None, help="peak learning rate (default 1e-5; --official 2e-5; demo 2e-3)")
     a("--weight-decay", type=float, default=0.01, help="AdamW weight decay, on parameters with ndim >= 2 only")
     a("--beta2", type=float, default=0.999, help="AdamW beta2")
     a("--warmup", type=float, default=None, help="linear warm-up: fraction of the steps if < 1, else steps "
-      "(default 0.1)")
-    a("--schedule", choices=["constant", "linear"], default="constant", help="after warm-up: constant or linear "
-      "decay to 0")
+      "(default 0.1; demo 200 steps)")
+    a("--schedule", choices=["constant", "linear"], default=None, help="after warm-up: constant (default) or "
+      "linear decay to 0 (demo)")
     a("--clip", type=float, default=1.0, help="gradient-norm clipping threshold; 0 disables")
     a("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: --epochs decides)")
     a("--max-minutes", type=float, default=None, help="stop training after this many minutes since start, then "
-      "evaluate (0 = no limit; demo 12)")
+      "evaluate (0 = no limit; demo 14)")
     a("--max-bad-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
     a("--seed", type=int, default=42, help="random seed: model init, data order, tasks, dropout, --train-size")
     # precision / speed
@@ -109,7 +116,8 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the training forward (GPU; the first batches of each "
       "new shape recompile). Checkpoints never carry compile prefixes")
     # evaluation
-    a("--eval-every", default="1e", help="dev evaluation every N steps ('500') or N epochs ('1e'); 0 = at the end")
+    a("--eval-every", default=None, help="dev evaluation every N steps ('500') or N epochs ('1e', default; demo "
+      "'2e'); 0 = only at the end")
     a("--eval-limit", type=int, default=None, help="evaluate on the first N dev sentences only (0 = all; demo 100)")
     a("--eval-batch-size", type=int, default=32, help="sentences per evaluation batch")
     a("--beam", type=int, default=None, help="beam size of the evaluation search (default 5; --official 3)")
@@ -140,6 +148,13 @@ def get_args(argv=None):
         p.error(f"--tasks: unknown task(s) {bad or args.tasks}; choose from {','.join(TASKS)}")
     if args.dataset != "demo" and args.data_dir is None:
         p.error(f"--data-dir is required for --dataset {args.dataset}")
+    try:
+        args.model = parse_model_overrides(args.model)
+    except ValueError as e:
+        p.error(f"--model: {e}")
+    if args.model and (args.init is not None or args.resume):
+        p.error("--model changes the architecture, so it only applies to a model trained from scratch (no --init, "
+                "no --resume: a resumed run keeps its checkpoint's config)")
     if args.init is not None and not Path(args.init).is_file():
         p.error(f"--init: no such checkpoint file: {args.init}")
     for name in ("epochs", "batch_size", "grad_accum", "beam", "pseudo_len"):
@@ -302,9 +317,10 @@ def load_corpus(args, master, barrier):
             demo.ensure_demo_corpus(progress=True)
         barrier()
         data_dir = demo.ensure_demo_corpus(progress=False)
-    load = lambda split: data.load_split(args.dataset, data_dir, split, audio_dir=args.audio_dir, verbose=master)
-    train, dev = load("train"), load("dev")
-    test = load("test") if args.eval_test else None
+    load = lambda split, dataset=args.dataset: data.load_split(dataset, data_dir, split, audio_dir=args.audio_dir,
+                                                               verbose=master)
+    train, dev = load("train"), load("dev", args.dev_dataset or args.dataset)
+    test = load("test", args.dev_dataset or args.dataset) if args.eval_test else None
     if args.train_size:
         if args.train_size > len(train):
             raise SystemExit(f"--train-size {args.train_size} > {len(train)} training sentences in {data_dir}")
@@ -328,6 +344,28 @@ def corpus_tasks(train, dev, requested, log):
     return tuple(requested), TASKS
 
 
+def parse_model_overrides(text: str) -> dict:
+    """'d_model=256,encoder_layers=8' -> {'d_model': 256, 'encoder_layers': 8}, typed by image.Config's fields."""
+    fields = {f.name: f.type for f in dataclasses.fields(image.Config)}
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in fields:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        kind = fields[key] if isinstance(fields[key], str) else fields[key].__name__
+        if kind == "bool":
+            if value.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{item!r}: {key} takes true or false")
+            out[key] = value.strip().lower() in ("true", "1")
+        else:
+            try:
+                out[key] = {"int": int, "float": float}[kind](value)
+            except (KeyError, ValueError):
+                raise ValueError(f"{item!r}: {key} takes a {kind}") from None
+    return out
+
+
 def build_model(args, train, resume_ckpt, log):
     """-> (model on CPU, assets). Order: --resume state > --init checkpoint > --preset from scratch."""
     overrides = {}
@@ -345,10 +383,15 @@ def build_model(args, train, resume_ckpt, log):
         log(f"initialised from {args.init}")
     else:
         assets = data.assets_for_scratch(train)
-        config = getattr(image.Config, args.preset)(vocab_size=len(assets["vocab"]),
-                                                    phone_vocab_size=len(assets["phones"]), **overrides)
+        try:
+            config = getattr(image.Config, args.preset)(**{**args.model, "vocab_size": len(assets["vocab"]),
+                                                           "phone_vocab_size": len(assets["phones"]), **overrides})
+        except ValueError as e:
+            raise SystemExit(f"--model {args.model}: {e}")
         state = None
-        log(f"training a {args.preset} model from scratch (vocabulary {len(assets['vocab'])} from the training text)")
+        changed = f" with {args.model}" if args.model else ""
+        log(f"training a {args.preset} model{changed} from scratch (vocabulary {len(assets['vocab'])} from the "
+            "training text)")
     model = image.IMAGE(config)
     if state is not None:
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -542,7 +585,9 @@ def main(argv=None):
         return bool(t.item())
 
     # --- training loop ---
-    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+    # redirected to a file: a line every 30 s, not every 0.1 s
+    bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train",
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
     raw_model.train()
     epoch_seed = lambda e: args.seed * 1_000_003 + e * 1_009 + rank  # dropout/data streams: f(seed, epoch, rank)
     evaluated_at, loss_window, t_window, n_window = -1, [], time.time(), 0

@@ -24,6 +24,7 @@ import tempfile
 
 import torch
 
+import data
 from image import IMAGE, Config
 
 CHECKPOINT_FORMAT = "image-checkpoint"
@@ -249,15 +250,15 @@ def read_modelscope_weights(path: str) -> dict:
 # Assets: vocabulary, phones, lexicon, fbank settings, decoding defaults
 
 def read_lines(path: str) -> list:
-    """Lines split on '\\n' only: the BERT vocab has U+2028 tokens that str.splitlines() would split."""
-    with open(path, "rb") as f:
-        data = f.read()
+    return _data_call(data.read_lines, path)
+
+
+def _data_call(fn, *args):
+    """data.py's readers, their errors reported as ConversionError (the converter's one error type)."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ConversionError(f"{path}: not UTF-8 ({e})") from None
-    lines = text.split("\n")
-    return lines[:-1] if lines and lines[-1] == "" else lines
+        return fn(*args)
+    except data.DataError as e:
+        raise ConversionError(str(e)) from None
 
 
 def canonical_token(i: int) -> str:
@@ -295,34 +296,13 @@ def read_vocab(path: str, vocab_size: int) -> list:
 
 
 def read_phone_dict(path: str, phone_vocab_size: int) -> list:
-    """phone_dict.txt ('phone count' per line, fairseq Dictionary) -> phone per id (line n -> id n + 4)."""
-    phones = list(SPECIALS)
-    for n, line in enumerate(read_lines(path), start=1):
-        fields = line.split()
-        if not fields:
-            raise ConversionError(f"{path}:{n}: empty line")
-        if fields[0] in phones:
-            raise ConversionError(f"{path}:{n}: phone {fields[0]!r} appears twice")
-        phones.append(fields[0])
-    if len(phones) != phone_vocab_size:
-        raise ConversionError(f"{path}: {len(phones) - 4} phones + 4 specials = {len(phones)}, but config.json "
-                              f"phone_vocab_size is {phone_vocab_size}")
-    return phones
+    """phone_dict.txt -> phone per id (line n -> id n + 3), its size checked against config.json."""
+    return _data_call(data.read_phone_dict, path, phone_vocab_size)
 
 
 def read_lexicon(path: str, phones: list) -> dict:
-    """text2phone_dict.txt ('word<TAB>phones' per line) -> {word: 'phones'}; the first entry of a word wins."""
-    known = set(phones)
-    lexicon = {}
-    for n, line in enumerate(read_lines(path), start=1):
-        word, tab, pron = line.partition("\t")
-        if not tab or not word or not pron.split():
-            raise ConversionError(f"{path}:{n}: expected 'word<TAB>phones', got {line!r}")
-        unknown = [p for p in pron.split() if p not in known]
-        if unknown:
-            raise ConversionError(f"{path}:{n}: phone(s) {unknown} of {word!r} are not in phone_dict.txt")
-        lexicon.setdefault(word, " ".join(pron.split()))
-    return lexicon
+    """text2phone_dict.txt -> {word: 'phones'} (first entry wins), every phone checked against phone_dict.txt."""
+    return _data_call(data.read_lexicon, path, phones)
 
 
 def _transforms(cfg: dict, split: str, is_train: bool, path: str) -> list:

@@ -218,16 +218,8 @@ def test_normalize_volume_matches_sox_program():
 
 def knf_fbank(samples):
     knf = pytest.importorskip("kaldi_native_fbank", reason="kaldi-native-fbank (requirements-test.txt) missing")
-    opts = knf.FbankOptions()
-    opts.frame_opts.dither = 0.0
-    opts.frame_opts.snip_edges = True
-    opts.frame_opts.window_type = "povey"
-    opts.frame_opts.preemph_coeff = 0.97
-    opts.frame_opts.remove_dc_offset = True
-    opts.mel_opts.num_bins = 80
-    opts.mel_opts.low_freq = 20.0
-    opts.mel_opts.high_freq = 0.0                      # Nyquist, as torchaudio's default
-    opts.use_energy = False
+    import bench  # its knf_options(): torchaudio's kaldi.fbank defaults with 80 bins and dither 0
+    opts = bench.knf_options()
     fbank = knf.OnlineFbank(opts)
     fbank.accept_waveform(16000, samples.numpy())
     fbank.input_finished()

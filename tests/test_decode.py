@@ -50,10 +50,10 @@ class Toy:
         self.last_cache = ToyCache(enc)
         return self.last_cache
 
-    def decode_step(self, tokens, cache):
+    def decode_step(self, tokens, cache, vocab_limit=None):
         cache.rows_seen.append(tokens.numel())
         cache.history = torch.cat([cache.history, tokens[:, None]], 1)
-        return self.logits_from_history(cache.history, cache.bias)
+        return self.logits_from_history(cache.history, cache.bias)[:, :vocab_limit]
 
     def logits_from_history(self, history, bias):
         t = history.size(1)

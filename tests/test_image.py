@@ -279,6 +279,38 @@ def test_incremental_with_beam_reordering(entangle, scale):
         assert cache.length == 8
 
 
+def test_subsample_per_row_equals_batched_on_valid_frames():
+    """Rows convolved at their own length (the default's speed path) match the padded batch where frames are valid,
+    are zero past them, and a row shorter than the conv's 7-frame window still gets T' frames."""
+    torch.manual_seed(0)
+    sub = image.Subsample(80, 32)
+    fbank = torch.randn(4, 41, 80)
+    lengths = torch.tensor([41, 30, 12, 5])
+    with torch.no_grad():
+        batched, per_row = sub(fbank), sub(fbank, lengths)
+    assert per_row.shape == batched.shape == (4, 9, 32)
+    valid = image.conv_output_lengths(lengths).clamp(min=0)
+    assert valid.tolist() == [9, 6, 2, 0]
+    for i, n in enumerate(valid.tolist()):
+        if n:
+            assert max_diff(per_row[i, :n], batched[i, :n]) <= 1e-5
+        assert bool((per_row[i, max(n, 1):] == 0).all())      # a too-short row keeps its one (masked) frame
+
+
+def test_vocab_limit_is_a_slice_of_the_full_logits():
+    """The search's LM-head shortcut: logits over ids < limit are exactly the first columns of the full logits."""
+    model = perturbed_tiny()
+    batch, _ = random_inputs()
+    with torch.no_grad():
+        enc = model.encode(**{k: v for k, v in batch.items() if k != "decoder_input"})
+        full_cache, cut_cache = model.new_cache(enc, max_len=4), model.new_cache(enc, max_len=4)
+        for t in range(3):
+            full = model.decode_step(batch["decoder_input"][:, t], full_cache)
+            cut = model.decode_step(batch["decoder_input"][:, t], cut_cache, vocab_limit=321)
+            assert cut.shape == (3, 321) and full.shape == (3, model.config.vocab_size)
+            assert max_diff(cut, full[:, :321]) <= 1e-6
+
+
 def test_cache_errors():
     model = perturbed_tiny()
     batch, _ = random_inputs()

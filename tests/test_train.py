@@ -118,7 +118,10 @@ def test_presets_and_explicit_flags():
                                   ["--dataset", "demo", "--batch-size", "0"],
                                   ["--dataset", "demo", "--eval-every", "e3"],
                                   ["--dataset", "demo", "--speeds", "0.9,fast"],
-                                  ["--dataset", "demo", "--init", "/nonexistent.pt"]])
+                                  ["--dataset", "demo", "--init", "/nonexistent.pt"],
+                                  ["--dataset", "demo", "--model", "d_model=abc"],
+                                  ["--dataset", "demo", "--model", "width=128"],
+                                  ["--dataset", "demo", "--model", "d_model=128", "--resume"]])
 def test_bad_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         train.get_args(argv)
@@ -286,6 +289,33 @@ def test_text_only_corpus_trains_and_reports_tner_only(tmp_path, capsys):
     assert ckpt["config"]["use_modality_embedding"] is False and ckpt["config"]["mask_pseudo"] is True
     assert not any("modality" in k for k in ckpt["model"])
     assert ckpt["assets"]["vocab"] == load(tmp_path / "out" / "best.pt")["assets"]["vocab"]
+
+
+def test_model_overrides_and_a_dev_split_from_another_format(tmp_path, capsys):
+    """--model reshapes a from-scratch model; --dev-dataset scores on another format's dev file (the #7 setup:
+    train on the official repo's lossy text, score on CNERTA's valid.json, which keeps a nesting the text loses)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.txt").write_text("u1 <(末阳市)文联>主席[张三]\nu2 [李四]在(北京)\nu3 <搜狐>科技>报道\n", encoding="utf-8")
+    (d / "valid.txt").write_text("v1 [张三]在(北京)\n", encoding="utf-8")
+    valid = [{"sentence": "末阳市文联主席张三", "entity": [[0, 5, "末阳市文联", "ORG"], [0, 3, "末阳市", "LOC"],
+                                                      [7, 9, "张三", "PER"]]},
+             {"sentence": "李四在北京", "entity": [[0, 2, "李四", "PER"], [3, 5, "北京", "LOC"]]}]
+    (d / "valid.json").write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in valid), encoding="utf-8")
+    out = tmp_path / "out"
+    train.main(["--dataset", "image4imner", "--dev-dataset", "cnerta", "--data-dir", str(d), "--preset", "tiny",
+                "--model", "d_model=32,encoder_layers=3,text_join_layer=1,decoder_layers=1,encoder_heads=2",
+                "--max-steps", "1", "--batch-size", "3", "--greedy", "--out", str(out), "--dtype", "fp32"])
+    log = capsys.readouterr().out
+    config = json.loads(log.split("config: ", 1)[1].splitlines()[0])
+    assert config["dev_sentences"] == 2 and config["train_sentences"] == 3   # valid.json, not valid.txt
+    ckpt = load(out / "last.pt")
+    assert (ckpt["config"]["d_model"], ckpt["config"]["encoder_layers"], ckpt["config"]["text_join_layer"]) == (32, 3, 1)
+    assert ckpt["model"]["encoder.phone_embed.weight"].shape[1] == 32
+    assert list(json.loads(line)["split"] for line in (out / "metrics.jsonl").read_text().splitlines()) == ["dev"]
+    with pytest.raises(SystemExit, match="encoder_heads"):      # a shape the Config refuses: said, with the flag
+        train.main(["--dataset", "image4imner", "--data-dir", str(d), "--preset", "tiny", "--model", "d_model=30",
+                    "--max-steps", "1", "--out", str(tmp_path / "bad"), "--dtype", "fp32"])
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
