@@ -202,8 +202,9 @@ def forward_flops(c, fbank_lengths, target_lengths, phone_lengths=None):
         p = int(phone_lengths[i]) if phone_lengths is not None else 0
         t1 = (t - 3) // 2 + 1
         t2 = (t1 - 3) // 2 + 1                                   # = image.conv_output_lengths
-        macs = t1 * f1 * d * 9 + t2 * f2 * d * d * 9              # Conv2dSubsampling4
-        macs += t2 * (d * f2) * d + t2 * d * d                    # its Linear, input_proj
+        ch = c.subsample_channels or d
+        macs = t1 * f1 * ch * 9 + t2 * f2 * ch * ch * 9           # Conv2dSubsampling4
+        macs += t2 * (ch * f2) * d + t2 * d * d                   # its Linear, input_proj
         macs += c.pos_conv_layers * (t2 + p) * d * (d // c.pos_conv_groups) * k   # speech + text conv positions
         for layer in range(c.encoder_layers):
             s = t2 + (p if p and layer >= c.text_join_layer else 0)

@@ -47,6 +47,7 @@ class Config:
     decoder_layers: int = 12
     decoder_heads: int = 16
     decoder_ffn: int = 4096
+    subsample_channels: int = 0          # conv subsampling channels; 0 = d_model (MMSpeech). Fewer: cheaper small models
     pos_conv_layers: int = 5             # conv positional embedding depth (ModelScope encoder_pos_conv_depth)
     pos_conv_width: int = 95             # total width; kernel per layer = max(3, width // layers) = 19
     pos_conv_groups: int = 16
@@ -89,6 +90,8 @@ class Config:
         if self.d_model % self.pos_conv_groups:
             raise ValueError(f"Config: d_model {self.d_model} is not divisible by pos_conv_groups "
                              f"{self.pos_conv_groups}")
+        if self.subsample_channels < 0:
+            raise ValueError(f"Config: subsample_channels must be >= 0 (0 = d_model), got {self.subsample_channels}")
         if self.pos_conv_layers < 2:
             raise ValueError(f"Config: pos_conv_layers must be >= 2 (got {self.pos_conv_layers}; ModelScope's "
                              "depth-1 variant is a weight-normed conv that this model does not implement)")
@@ -192,11 +195,12 @@ class Attention(nn.Module):
 class Subsample(nn.Module):
     """Conv2dSubsampling4: two 3x3 stride-2 Conv2d + ReLU (no padding), then Linear over channels x mel bins."""
 
-    def __init__(self, num_mel_bins: int, d: int):
+    def __init__(self, num_mel_bins: int, d: int, channels: int = 0):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, d, 3, 2)
-        self.conv2 = nn.Conv2d(d, d, 3, 2)
-        self.proj = nn.Linear(d * (((num_mel_bins - 1) // 2 - 1) // 2), d)
+        channels = channels or d
+        self.conv1 = nn.Conv2d(1, channels, 3, 2)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 2)
+        self.proj = nn.Linear(channels * (((num_mel_bins - 1) // 2 - 1) // 2), d)
 
     def forward(self, fbank: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         """(B, T, mels) -> (B, T', d), T' = ((T - 1) // 2 - 1) // 2.
@@ -321,7 +325,7 @@ class Encoder(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         self.config = c
-        self.subsample = Subsample(c.num_mel_bins, c.d_model)
+        self.subsample = Subsample(c.num_mel_bins, c.d_model, c.subsample_channels)
         self.input_proj = nn.Linear(c.d_model, c.d_model)
         self.phone_embed = embedding(c.phone_vocab_size, c.d_model, padding_idx=PAD)
         self.modality_embed = embedding(2, c.d_model) if c.use_modality_embedding else None

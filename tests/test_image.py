@@ -445,6 +445,13 @@ def test_config_presets_and_validation():
         Config.tiny(pos_conv_layers=1)
     with pytest.raises(ValueError, match="text_join_layer"):
         Config.tiny(encoder_layers=6)
+    with pytest.raises(ValueError, match="subsample_channels"):
+        Config.tiny(subsample_channels=-1)
+    # narrower conv subsampling (the demo's speed knob): conv channels change, the projection still gives d_model
+    narrow = IMAGE(Config.tiny(subsample_channels=16)).encoder.subsample
+    assert narrow.conv2.weight.shape == (16, 16, 3, 3) and narrow.proj.weight.shape == (64, 16 * 19)
+    assert narrow(torch.randn(2, 30, 80), torch.tensor([30, 20])).shape == (2, 6, 64)
+    assert IMAGE(Config.tiny()).encoder.subsample.conv2.weight.shape == (64, 64, 3, 3)   # 0 = d_model, as MMSpeech
     for preset, total in ((Config.base, 210_967_464), (Config.large, 608_949_696)):
         with torch.device("meta"):
             n = IMAGE(preset()).num_parameters(mmspeech_only=True)
