@@ -54,9 +54,9 @@ PAPER = dict(lr=1e-5, epochs=50, batch_size=12, warmup=0.1, schedule="constant",
              beam=5, preset="large", ctc_weight=0.0, speeds="0.9,1.0,1.1", eval_every="1e", eval_limit=0,
              eval_test=False, max_minutes=0.0, dtype="auto")
 OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAGE4IMNER train.py
-DEMO = dict(preset="tiny", dropout=0.0, lr=2e-3, epochs=14, batch_size=16, warmup=200, schedule="linear",
-            ctc_weight=0.5, speeds="1.0", beam=1, eval_every="2e", eval_limit=100, eval_test=True, max_minutes=14.0,
-            dtype="fp32")
+DEMO = dict(preset="tiny", model="subsample_channels=16", dropout=0.0, lr=2e-3, epochs=14, batch_size=16,
+            warmup=200, schedule="linear", ctc_weight=0.5, speeds="1.0", beam=1, eval_every="2e", eval_limit=100,
+            eval_test=True, max_minutes=14.0, dtype="fp32")
 
 
 def get_args(argv=None):
@@ -82,8 +82,9 @@ def get_args(argv=None):
     a("--init", default=None, help="start from this checkpoint in our format (e.g. a converted MMSpeech)")
     a("--preset", choices=["tiny", "base", "large"], default=None,
       help="model size when training from scratch (no --init): default large, demo tiny")
-    a("--model", default="", help="from scratch only: Config fields over the preset, comma-separated KEY=VALUE, "
-      "e.g. 'd_model=256,encoder_layers=8,text_join_layer=2' (see image.Config)")
+    a("--model", default=None, help="from scratch only: Config fields over the preset, comma-separated KEY=VALUE, "
+      "e.g. 'd_model=256,encoder_layers=8,text_join_layer=2' (see image.Config; demo "
+      "'subsample_channels=16')")
     a("--dropout", type=float, default=None, help="override the model config's dropout (demo 0)")
     a("--no-modality-embedding", action="store_true", help="ablation (Table 3): no modality-absence feature")
     a("--mask-pseudo", action="store_true", help="ablation (Table 3): key-pad pseudo inputs instead of attending")
@@ -149,10 +150,10 @@ def get_args(argv=None):
     if args.dataset != "demo" and args.data_dir is None:
         p.error(f"--data-dir is required for --dataset {args.dataset}")
     try:
-        args.model = parse_model_overrides(args.model)
+        args.model = parse_model_overrides(args.model or "")
     except ValueError as e:
         p.error(f"--model: {e}")
-    if args.model and (args.init is not None or args.resume):
+    if args.model and "model" in explicit and (args.init is not None or args.resume):
         p.error("--model changes the architecture, so it only applies to a model trained from scratch (no --init, "
                 "no --resume: a resumed run keeps its checkpoint's config)")
     if args.init is not None and not Path(args.init).is_file():

@@ -100,9 +100,16 @@ def test_weight_decay_only_on_matrices():
     assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
 
 
+def paper_model_is_plain():
+    return train.get_args(["--dataset", "cnerta", "--data-dir", "x"]).model == {}
+
+
 def test_presets_and_explicit_flags():
     demo = train.get_args(["--dataset", "demo"])
     assert (demo.preset, demo.lr, demo.eval_test, demo.dtype) == ("tiny", train.DEMO["lr"], True, "fp32")
+    assert demo.model == {"subsample_channels": 16} and paper_model_is_plain()
+    wide = train.get_args(["--dataset", "demo", "--model", "d_model=96"])   # an explicit --model replaces the demo's
+    assert wide.model == {"d_model": 96}
     paper = train.get_args(["--dataset", "cnerta", "--data-dir", "x"])
     assert (paper.lr, paper.batch_size, paper.epochs, paper.mix, paper.pseudo_len, paper.beam) == \
         (1e-5, 12, 50, "uniform", 40, 5)
