@@ -1057,25 +1057,30 @@ def gazetteer(train_dataset, train_dir, train_split, dataset, data_dir, split, *
             **breakdown(samples, [gaz.tag(s.text) for s in samples], gaz.seen)}
 
 
-def read_predictions(path, task: str) -> dict[str, dict]:
-    """decode.py result records (JSON lines; --predictions or --out) of one task -> {sample id: record}."""
-    records, tasks = {}, collections.Counter()
+def json_lines(path):
+    """-> (line number, parsed object) for every non-blank line of a JSON-lines file; a bad line says where."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                r = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(r, dict) or not {"id", "task", "entities"} <= set(r):
-                raise ValueError(f"{path}:{lineno}: not a decode.py record (needs id, task, entities)")
-            tasks[r["task"]] += 1
-            if r["task"] != task:
-                continue
-            if r["id"] in records:
-                raise ValueError(f"{path}:{lineno}: a second {task} record for id {r['id']!r}")
-            records[r["id"]] = r
+
+
+def read_predictions(path, task: str) -> dict[str, dict]:
+    """decode.py result records (JSON lines; --predictions or --out) of one task -> {sample id: record}."""
+    records, tasks = {}, collections.Counter()
+    for lineno, r in json_lines(path):
+        if not isinstance(r, dict) or not {"id", "task", "entities"} <= set(r):
+            raise ValueError(f"{path}:{lineno}: not a decode.py record (needs id, task, entities)")
+        tasks[r["task"]] += 1
+        if r["task"] != task:
+            continue
+        if r["id"] in records:
+            raise ValueError(f"{path}:{lineno}: a second {task} record for id {r['id']!r}")
+        records[r["id"]] = r
     if not records:
         raise ValueError(f"{path}: no {task} records (tasks in the file: {dict(tasks) or 'none'})")
     return records

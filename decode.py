@@ -813,28 +813,22 @@ def format_scores(scores):
 
 def read_jsonl_requests(path):
     """{"text"?, "wav"?, "id"?} per line; a relative wav path is taken relative to the file's folder."""
+    import data
     reqs, base = [], os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected an object with \"text\" and/or \"wav\"")
-            unknown = set(obj) - {"text", "wav", "id"}
-            if unknown:
-                raise ValueError(f"{path}:{lineno}: unknown key(s) {sorted(unknown)} (allowed: text, wav, id)")
-            if obj.get("text") is None and obj.get("wav") is None:
-                raise ValueError(f"{path}:{lineno}: needs \"text\" and/or \"wav\"")
-            wav = obj.get("wav")
-            if wav is not None and not os.path.isabs(wav):
-                wav = os.path.join(base, wav)
-            if wav is not None and not os.path.isfile(wav):
-                raise ValueError(f"{path}:{lineno}: wav not found: {wav}")
-            reqs.append(Request(text=obj.get("text"), wav=wav, id=str(obj.get("id", lineno))))
+    for lineno, obj in data.json_lines(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected an object with \"text\" and/or \"wav\"")
+        unknown = set(obj) - {"text", "wav", "id"}
+        if unknown:
+            raise ValueError(f"{path}:{lineno}: unknown key(s) {sorted(unknown)} (allowed: text, wav, id)")
+        if obj.get("text") is None and obj.get("wav") is None:
+            raise ValueError(f"{path}:{lineno}: needs \"text\" and/or \"wav\"")
+        wav = obj.get("wav")
+        if wav is not None and not os.path.isabs(wav):
+            wav = os.path.join(base, wav)
+        if wav is not None and not os.path.isfile(wav):
+            raise ValueError(f"{path}:{lineno}: wav not found: {wav}")
+        reqs.append(Request(text=obj.get("text"), wav=wav, id=str(obj.get("id", lineno))))
     if not reqs:
         raise ValueError(f"{path}: no inputs")
     return reqs

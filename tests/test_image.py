@@ -215,6 +215,23 @@ def test_default_padding_is_batch_invariant():
             assert torch.equal(enc1.padding_mask[0], torch.zeros(int(valid.sum()), dtype=torch.bool))
             assert max_diff(enc.hidden[i][valid], enc1.hidden[0]) <= 1e-5
             assert max_diff(logits[i, :d_len[i]], logits1[0]) <= 1e-5
+    # the batch went through the packed layers (row-wise work on unpadded positions only): padding left as zeros
+    assert enc.padding_mask.float().mean() > 0.05 and bool((enc.hidden[enc.padding_mask] == 0).all())
+
+
+def test_packed_layers_train_like_padded_ones():
+    """Gradients through the packed encoder equal those of the same rows run one at a time (no padding)."""
+    model = perturbed_tiny()
+    batch, d_len = random_inputs()
+    grads = []
+    for i in (None, 0, 1, 2):                                   # the padded batch, then each row alone, unpadded
+        model.zero_grad()
+        b = batch if i is None else row(batch, i)
+        logits = model.decode(b["decoder_input"], model.encode(**{k: v for k, v in b.items() if k != "decoder_input"}))
+        rows = range(3) if i is None else [0]
+        sum(logits[j, :d_len[j if i is None else i]].square().sum() for j in rows).backward()
+        grads.append(model.encoder.layers[2].fc1.weight.grad.clone())
+    assert max_diff(grads[0], grads[1] + grads[2] + grads[3]) <= 1e-4
 
 
 def test_modelscope_padding_is_not_batch_invariant():
