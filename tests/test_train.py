@@ -111,6 +111,7 @@ def test_presets_and_explicit_flags():
     wide = train.get_args(["--dataset", "demo", "--model", "d_model=96"])   # an explicit --model replaces the demo's
     assert wide.model == {"d_model": 96}
     paper = train.get_args(["--dataset", "cnerta", "--data-dir", "x"])
+    assert demo.tasks == ("TNER", "SNER", "SNER", "MNER") and paper.tasks == train.TASKS
     assert (paper.lr, paper.batch_size, paper.epochs, paper.mix, paper.pseudo_len, paper.beam) == \
         (1e-5, 12, 50, "uniform", 40, 5)
     assert (paper.warmup, paper.schedule, paper.eval_test) == (0.1, "constant", False)
@@ -168,6 +169,18 @@ def test_mix_ratio_uniform_is_one_third_each_and_redrawn_per_epoch(corpus):
         assert counts == [len(samples) // 3] * 3, counts
         tasks_by_epoch.append([seen[i] for i in range(len(samples))])
     assert tasks_by_epoch[0] != tasks_by_epoch[1] != tasks_by_epoch[2]
+
+
+def test_a_task_named_twice_is_dealt_twice_as_often(corpus):
+    """The demo's --tasks TNER,SNER,SNER,MNER: every sample once per epoch, tasks 1:2:1 (up to one of rounding)."""
+    samples = data.load_split("cnerta", corpus, "train", verbose=False)
+    loader = data.make_loader(samples, data.Featurizer(data.assets_for_scratch(samples)), 4, train=True,
+                              task_mix="uniform", tasks=train.get_args(["--dataset", "demo"]).tasks, seed=3)
+    loader.set_epoch(0)
+    tasks = [task for batch in loader.batch_plan() for _, task, _ in batch]
+    assert len(tasks) == len(samples)
+    n = len(samples) / 4
+    assert all(abs(tasks.count(t) - k * n) <= 1 for t, k in (("TNER", 1), ("SNER", 2), ("MNER", 1))), tasks
 
 
 def test_mix_ratio_coin_is_a_quarter_each():
