@@ -97,7 +97,8 @@ def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
     model: new_cache(enc, max_len) / decode_step(tokens (N,), cache, vocab_limit) -> (N, V) logits, V cut to
         vocab_limit when given / cache.reorder(index).
     constraint: optional per-row token filter (BracketConstraint): start(); mask(step, row_max_lens) -> (N, V)
-        bool of allowed tokens, applied before log_softmax; reorder(rows); advance(new_tokens).
+        bool of allowed tokens, applied before log_softmax; rescore(logits) -> logits; reorder(rows);
+        advance(new_tokens).
     max_lens: optional per-input max lengths (default cfg.max_len). An input's result never depends on the other
         inputs of the batch (fairseq uses one max_len per batch; identical when all are equal).
     """
@@ -132,7 +133,7 @@ def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
         row_max = max_lens_dev[live].repeat_interleave(width)     # (N,)
         if constraint is not None:                                # renormalise over what the brackets allow
             allowed = constraint.mask(step, row_max.tolist(), vocab).to(dev)
-            logits = logits.masked_fill(~allowed, -math.inf)
+            logits = constraint.rescore(logits).masked_fill(~allowed, -math.inf)
         lprobs = F.log_softmax(logits, dim=-1)                    # (N, V)
         if step < cfg.min_len:
             lprobs[:, cfg.eos] = -math.inf
@@ -233,13 +234,19 @@ class BracketConstraint:
     finish within the row's max_len (every open entity needs a character and a close; same-type entities with the
     same start need distinct ends), so every hypothesis that ends is valid and no row runs into a dead end.
     A text character that is itself a bracket symbol is read as the character (that bracket cannot open there).
+
+    pool_chars: the known next character is scored with the model's whole character mass (every token that is
+    not a bracket or EOS), not its own probability. The text is given, so the only question at each step is
+    "bracket, or the next character?": a model unsure between homophones (it reads phones) then does not push
+    probability into brackets. False = each character's own probability.
     """
 
-    def __init__(self, char_ids, open_ids, close_ids, max_depth=MAX_DEPTH):
+    def __init__(self, char_ids, open_ids, close_ids, max_depth=MAX_DEPTH, pool_chars=True):
         self.char_ids = [list(ids) for ids in char_ids]          # per input: decoder id of each text character
         self.open_ids = [open_ids[t] for t in TYPES]
         self.close_ids = [close_ids[t] for t in TYPES]
         self.max_depth = max_depth
+        self.pool_chars = pool_chars
         self.rows = []
 
     def start(self):
@@ -297,6 +304,28 @@ class BracketConstraint:
                 cols.append(tok)
         allowed[rows_idx, cols] = True
         return allowed
+
+    def rescore(self, logits):
+        """(N, V) logits -> (N, V), with pool_chars: each row's next input character gets the log of the summed
+        exp-logits of all non-structural tokens (a literal bracket character in the text keeps its own)."""
+        if not self.pool_chars:
+            return logits
+        rows, chars = [], []
+        brackets = set(self.open_ids) | set(self.close_ids)
+        for r, (sent, pos, _, _) in enumerate(self.rows):
+            ids = self.char_ids[sent]
+            if pos < len(ids) and ids[pos] not in brackets:
+                rows.append(r)
+                chars.append(ids[pos])
+        if not rows:
+            return logits
+        structural = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
+        structural[[BOS, PAD, EOS, *brackets]] = True
+        mass = torch.logsumexp(logits.masked_fill(structural, -math.inf), dim=-1)   # (N,)
+        rows_t = torch.tensor(rows, device=logits.device)
+        logits = logits.clone()
+        logits[rows_t, torch.tensor(chars, device=logits.device)] = mass[rows_t]
+        return logits
 
     def reorder(self, rows):
         self.rows = [self.rows[i] for i in rows]
@@ -462,7 +491,8 @@ class Recognizer:
 
     def __init__(self, model, assets=None, device=None, dtype=None, beam=None, max_len=None, greedy=False,
                  constrain=True, asr=False, no_repeat_ngram_size=None, max_audio_seconds=MAX_AUDIO_SECONDS,
-                 featurizer=None, modelscope_padding=False, search=None, nbest=1, pseudo_text_len=None):
+                 featurizer=None, modelscope_padding=False, search=None, nbest=1, pseudo_text_len=None,
+                 pool_chars=True):
         import data
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ckpt = {}
@@ -475,6 +505,7 @@ class Recognizer:
             raise ValueError("Recognizer needs the checkpoint's assets (vocabulary, phones, fbank settings)")
         self.model = model.to(device=device, dtype=dtype or next(model.parameters()).dtype).eval()
         self.device, self.assets, self.asr, self.constrain = device, assets, asr, constrain
+        self.pool_chars = pool_chars
         if featurizer is None:      # the pseudo text must be as long as in training (train.py --pseudo-len)
             trained = ((ckpt.get("source") or {}).get("args") or {}).get("pseudo_len")
             pseudo_text_len = pseudo_text_len or assets.get("pseudo_text_len") or trained or 40
@@ -578,7 +609,7 @@ class Recognizer:
                 if not self.brackets_known:
                     raise ValueError("the vocabulary has no bracket tokens [ ] ( ) < >: use --no-constrain")
                 char_ids = [self.vocab.encode(r.text) for r in reqs]
-                constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids)
+                constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids, pool_chars=self.pool_chars)
                 max_lens = [min(self.capacity, max(self.search.max_len, 2 * len(ids))) for ids in char_ids]
             hyps = beam_search(self.model, enc, self.search, constraint=constraint, max_lens=max_lens)
         return [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
@@ -864,6 +895,9 @@ def get_args(argv=None):
     a("--no-repeat-ngram", type=int, help="block repeated n-grams of this size (default: the checkpoint's; 0 = off)")
     a("--nbest", type=int, default=1, help="also list the best N hypotheses (tokens, score, output) per input")
     a("--no-constrain", action="store_true", help="TNER/MNER: free generation instead of the input text + brackets")
+    a("--char-score", choices=["pooled", "token"], default="pooled", help="constrained TNER/MNER: score the known "
+      "next character with the model's whole character probability (pooled, default: homophone doubt does not "
+      "turn into brackets) or with that character's own probability (token)")
     a("--asr", action="store_true", help="plain MMSpeech speech recognition (no text stream, no modality embedding), "
                                         "outputs carry tokens; the parity mode against ModelScope")
     a("--batch-size", type=int, default=8, help="inputs per batch (default 8)")
@@ -906,7 +940,7 @@ def main(argv=None):
                          max_len=args.max_len, greedy=args.greedy, constrain=not args.no_constrain, asr=args.asr,
                          no_repeat_ngram_size=args.no_repeat_ngram, max_audio_seconds=args.max_audio_seconds,
                          modelscope_padding=args.modelscope_padding, nbest=args.nbest,
-                         pseudo_text_len=args.pseudo_len)
+                         pseudo_text_len=args.pseudo_len, pool_chars=args.char_score == "pooled")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"decode.py: {e}")
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))
@@ -965,7 +999,8 @@ def _main_dataset(args, rec, progress, t0):
     scores = evaluate(None, samples, tasks=tasks, batch_size=args.batch_size, evaluator=args.evaluator,
                       progress=progress, recognizer=rec, predictions=preds)
     report = {"dataset": args.dataset, "split": args.split, "ckpt": args.ckpt, "sentences": len(samples),
-              "search": dataclasses.asdict(rec.search), "constrained": rec.constrain, "scores": scores,
+              "search": dataclasses.asdict(rec.search), "constrained": rec.constrain,
+              "char_score": "pooled" if rec.pool_chars else "token", "scores": scores,
               "seconds": round(time.time() - t0, 1)}
     text = json.dumps(report, ensure_ascii=False, indent=1) + "\n"
     if args.out:

@@ -82,7 +82,7 @@ def hyps_as_lists(results):
 # a slow, obviously-correct fairseq beam search for one input (lists and loops, no batching)
 
 
-def slow_search(toy, bias, cfg, max_len, allowed_fn=None):
+def slow_search(toy, bias, cfg, max_len, allowed_fn=None, pooled_char_fn=None):
     V = toy.A.size(0)
     beam = cfg.beam
     beams = [([BOS], [])]            # (tokens with BOS, cumulative scores per generated token)
@@ -94,6 +94,9 @@ def slow_search(toy, bias, cfg, max_len, allowed_fn=None):
             if cfg.constraint_range:
                 logits[4:cfg.constraint_range[0]] = -math.inf
                 logits[cfg.constraint_range[1]:] = -math.inf
+            if pooled_char_fn is not None and pooled_char_fn(toks[1:]) is not None:
+                chars = [v for v in range(V) if v not in STRUCTURAL]
+                logits[pooled_char_fn(toks[1:])] = torch.logsumexp(logits[chars], 0)
             if allowed_fn is not None:
                 ok = torch.zeros(V, dtype=torch.bool)
                 ok[allowed_fn(toks[1:], step, max_len)] = True
@@ -237,6 +240,7 @@ def test_greedy_is_beam_one_argmax():
 
 TOY_OPEN = {"PER": 8, "LOC": 9, "ORG": 10}
 TOY_CLOSE = {"PER": 11, "LOC": 12, "ORG": 13}
+STRUCTURAL = {BOS, PAD, EOS, *TOY_OPEN.values(), *TOY_CLOSE.values()}
 
 
 def valid_bracketing(seq, text, max_depth):
@@ -316,13 +320,19 @@ def replay_allowed(text, max_depth=decode.MAX_DEPTH):
     return allowed
 
 
-def test_constrained_beam_search_outputs_valid_and_matches_slow_reference():
+def next_text_char(text):
+    """pooled_char_fn for slow_search: the next input character of a prefix (texts here hold no bracket ids)."""
+    return lambda prefix: (text[n] if (n := sum(t not in STRUCTURAL for t in prefix)) < len(text) else None)
+
+
+@pytest.mark.parametrize("pool_chars", [True, False])
+def test_constrained_beam_search_outputs_valid_and_matches_slow_reference(pool_chars):
     toy, enc = random_toy(31, batch=4, eos_boost=0.0, loops=0.0)
     texts = [[4, 5, 6, 7], [5, 5, 5], [7], [4, 6, 4, 6, 4, 6]]
     cfg = SearchConfig(beam=4, max_len=99, no_repeat_ngram_size=3, constraint_range=None)
     max_lens = [len(t) + 4 for t in texts]
-    results = beam_search(toy, enc, cfg, constraint=decode.BracketConstraint(texts, TOY_OPEN, TOY_CLOSE),
-                          max_lens=max_lens)
+    constraint = decode.BracketConstraint(texts, TOY_OPEN, TOY_CLOSE, pool_chars=pool_chars)
+    results = beam_search(toy, enc, cfg, constraint=constraint, max_lens=max_lens)
     for i, (hyps, text) in enumerate(zip(results, texts)):
         assert len(hyps) == 4
         for h in hyps:
@@ -330,9 +340,43 @@ def test_constrained_beam_search_outputs_valid_and_matches_slow_reference():
             assert len(h.tokens) <= max_lens[i]
             spans, complete, _ = decode.spans_from_constrained(h.tokens, text, TOY_OPEN, TOY_CLOSE)
             assert complete
-        slow = slow_search(toy, enc.hidden[i, 0], cfg, max_lens[i], allowed_fn=replay_allowed(text))
+        slow = slow_search(toy, enc.hidden[i, 0], cfg, max_lens[i], allowed_fn=replay_allowed(text),
+                           pooled_char_fn=next_text_char(text) if pool_chars else None)
         assert [h.tokens for h in hyps] == [s[0] for s in slow]
         assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-5)
+
+
+class FixedLogits:
+    """A step model that always returns the same logits (no state)."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+    def new_cache(self, enc, max_len):
+        return ToyCache(enc)
+
+    def decode_step(self, tokens, cache, vocab_limit=None):
+        return self.logits.expand(tokens.numel(), -1)[:, :vocab_limit]
+
+
+def test_pooled_characters_keep_homophone_doubt_out_of_the_brackets():
+    # the model puts 70 % on "a character comes next", spread evenly over chars 4..7, and 30 % on an opening
+    # PER bracket: token scoring lets the bracket beat the known character (17.5 %) and tags something;
+    # pooled scoring compares the bracket with the whole character mass and tags nothing
+    probs = torch.full((14,), 1e-9)
+    probs[4:8] = 0.7 / 4
+    probs[TOY_OPEN["PER"]] = 0.3
+    model = FixedLogits(probs.log())
+    enc = ToyEncoded(torch.zeros(1, 1, 14))
+    cfg = SearchConfig(beam=1, max_len=99, no_repeat_ngram_size=0, constraint_range=None)
+    text = [4, 5, 6]
+    pooled = beam_search(model, enc, cfg, decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE), max_lens=[9])
+    by_token = beam_search(model, enc, cfg, decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False),
+                           max_lens=[9])
+    assert pooled[0][0].tokens == text
+    assert TOY_OPEN["PER"] in by_token[0][0].tokens
+    # the pooled score of a character step is log(0.7 / (0.7 + 0.3)), renormalised over the allowed tokens
+    assert pooled[0][0].positional_scores[0] == pytest.approx(math.log(0.7), abs=1e-5)
 
 
 def test_constraint_text_char_that_is_a_bracket_symbol_is_read_as_the_char():
@@ -429,9 +473,15 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
             c = decode.BracketConstraint([ids], rec.open_ids, rec.close_ids)
             c.start()
             ref = []
+            brackets = set(rec.open_ids.values()) | set(rec.close_ids.values())
+            chars = [v for v in range(logits.size(-1)) if v not in brackets | {BOS, PAD, EOS}]
             for step, tok in enumerate(h.tokens + [EOS]):
                 allowed = c.mask(step, [24], logits.size(-1))[0]
-                ref.append(float(torch.log_softmax(logits[step].masked_fill(~allowed, -math.inf), -1)[tok]))
+                row = logits[step].clone()
+                stripped = sum(t not in brackets for t in h.tokens[:step])
+                if stripped < len(ids):                          # the known next character: all the char mass
+                    row[ids[stripped]] = torch.logsumexp(logits[step, chars], 0)
+                ref.append(float(torch.log_softmax(row.masked_fill(~allowed, -math.inf), -1)[tok]))
                 c.advance([tok])
             assert h.positional_scores == pytest.approx(ref, abs=1e-4)
             rendered = decode.spans_from_constrained(h.tokens, ids, rec.open_ids, rec.close_ids, text)[2]
