@@ -548,6 +548,21 @@ class Phonemizer:
         units = self.units(text)
         return [u for us in units for u in us], [i for i, us in enumerate(units) for _ in us]
 
+    def readings(self, ch: str, limit: int = 4) -> list[list[str]]:
+        """Every way one character may be said, its usual reading first (at most `limit`): for joint CTC decoding,
+        which meets characters one at a time, without their context. [] for a character without a reading."""
+        from pypinyin import Style, pinyin
+        from pypinyin.style import convert
+        out = [u for u in self.units(ch)[:1] if u != ["<unk>"]]
+        if HAN.fullmatch(ch):
+            for syllable in pinyin(ch, style=Style.TONE, heteronym=True)[0]:
+                final = convert(syllable, Style.FINALS_TONE3, True)
+                units = self._fit(pinyin_units(convert(syllable, Style.INITIALS, True), final,
+                                               "" if final else convert(syllable, Style.NORMAL, True)))
+                if "<unk>" not in units and units not in out:
+                    out.append(units)
+        return out[:limit]
+
     def pronounce(self, text: str) -> str:
         """Space-separated units without '<unk>' (MMSpeech's Text2Phone drops unknown characters)."""
         return " ".join(u for us in self.units(text) for u in us if u != "<unk>")

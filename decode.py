@@ -47,6 +47,8 @@ class SearchConfig:
     no_repeat_ngram_size: int = 5           # 0 = off
     constraint_range: Optional[tuple] = (4, 21134)   # logits[4:start] and logits[end:] = -inf before log_softmax
     len_penalty: float = 1.0                # final score = sum(logprobs) / len**len_penalty (len includes EOS)
+    ctc_weight: float = 0.0                 # SNER: joint CTC/attention weight (0 = decoder only, as fairseq)
+    ctc_candidates: int = 10                # SNER joint decoding: characters per row the CTC scores each step
     bos: int = BOS                          # special ids: 0/1/2 in our vocabularies; only a ModelScope directory
     pad: int = PAD                          # with the bare BERT vocab.txt puts them elsewhere (parity tests)
     eos: int = EOS
@@ -57,7 +59,7 @@ class SearchConfig:
         known = dict(beam=d.get("beam", 5), max_len=d.get("max_len_b", d.get("max_len", 128)),
                      min_len=d.get("min_len", 1), no_repeat_ngram_size=d.get("no_repeat_ngram_size", 5),
                      constraint_range=tuple(d["constraint_range"]) if d.get("constraint_range") else None,
-                     len_penalty=d.get("len_penalty", 1.0))
+                     len_penalty=d.get("len_penalty", 1.0), ctc_weight=d.get("ctc_weight", 0.0))
         known.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**known)
 
@@ -91,7 +93,7 @@ def _block_repeated_ngrams(lprobs, tokens, step, n):
     lprobs[rows, windows[rows, cols, n - 1]] = -math.inf
 
 
-def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
+def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None, scorer=None):
     """Beam search for every input of `enc`. -> list (one per input) of up to `beam` Hypothesis, best first.
 
     model: new_cache(enc, max_len) / decode_step(tokens (N,), cache, vocab_limit) -> (N, V) logits, V cut to
@@ -99,6 +101,8 @@ def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
     constraint: optional per-row token filter (BracketConstraint): start(); mask(step, row_max_lens) -> (N, V)
         bool of allowed tokens, applied before log_softmax; rescore(logits) -> logits; reorder(rows);
         advance(new_tokens).
+    scorer: optional joint scorer (CTCPrefixScorer): start(); score(lprobs) -> (N, V) scores that replace the
+        log-probs after every mask; select(rows, new_tokens).
     max_lens: optional per-input max lengths (default cfg.max_len). An input's result never depends on the other
         inputs of the batch (fairseq uses one max_len per batch; identical when all are equal).
     """
@@ -113,6 +117,8 @@ def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
     cache = model.new_cache(enc, longest + 2)   # one row per input: beams are made by the first reorder
     if constraint is not None:
         constraint.start()
+    if scorer is not None:
+        scorer.start()
 
     # Row r belongs to live sentence r // width; width = 1 at step 0 (fairseq scores only beam 0 there).
     live = torch.arange(batch, device=dev)                        # (A,) original index of each live sentence
@@ -144,8 +150,10 @@ def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
             eos_col = lprobs[:, cfg.eos].clone()
             lprobs[at_max] = -math.inf
             lprobs[:, cfg.eos] = eos_col
-        if cfg.no_repeat_ngram_size > 0 and constraint is None:
+        if cfg.no_repeat_ngram_size > 0 and not isinstance(constraint, BracketConstraint):   # copies: no block
             _block_repeated_ngrams(lprobs, tokens, step, cfg.no_repeat_ngram_size)
+        if scorer is not None:
+            lprobs = scorer.score(lprobs)
 
         # candidates: top 2*beam of (cumulative score + next-token log-prob) over each sentence's rows
         n_live = live.numel()
@@ -190,6 +198,8 @@ def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None):
         if constraint is not None:
             constraint.reorder(rows.tolist())
             constraint.advance(tokens[:, step + 1].tolist())
+        if scorer is not None:
+            scorer.select(rows.tolist(), tokens[:, step + 1].tolist())
 
     for hyps in finalized:                                         # best first (stable for equal scores)
         hyps.sort(key=lambda h: -h.score)
@@ -363,6 +373,126 @@ def spans_from_constrained(tokens, char_ids, open_ids, close_ids, text=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# joint CTC/attention decoding (SNER): the encoder's phone CTC head checks the characters the decoder proposes
+
+
+class CTCPrefixScorer:
+    """Joint CTC/attention scoring (Watanabe et al. 2017) of a character decoder against a phone CTC.
+
+    Every row carries the CTC forward variables of the phones of its characters so far. Each step, the
+    `candidates` best characters of every row (by the decoder) are extended by each of their readings; a
+    character's CTC score is log P(prefix + its phones starts the audio's phone string) - log P(prefix), of its
+    best reading. A token's score is decoder log-prob + weight * CTC score. Brackets are silent (CTC score 0);
+    EOS gets log P(the audio says exactly the prefix) - log P(prefix);
+    characters outside the candidates, and characters without a reading, are dropped (ESPnet's pre-beam).
+
+    ctc_logp (B, T, C): log-probs over CTC classes (0 = blank) per speech frame; frames (B,) valid frames;
+    readings(token) -> list of tuples of CTC classes; silent: the bracket ids.
+    """
+
+    def __init__(self, ctc_logp, frames, readings, silent, weight, candidates, eos=EOS):
+        if not weight > 0.0:
+            raise ValueError(f"CTC weight must be > 0, got {weight}")
+        self.x = ctc_logp.float()                                # (B, T, C)
+        self.x_ct = self.x.transpose(1, 2).contiguous()          # (B, C, T): one phone's row is one index away
+        self.blank_sums = self.x[:, :, 0].cumsum(1)              # (B, T) log P(all blank up to t)
+        self.frames = frames.to(ctc_logp.device)                 # (B,)
+        self.readings, self.weight, self.candidates, self.eos = readings, weight, candidates, eos
+        self.silent = sorted(set(silent) - {eos})
+        self._cache = {}
+
+    def start(self):
+        b, t, _ = self.x.shape
+        self.sent = torch.arange(b, device=self.x.device)        # (N,) sentence of each row
+        self.rn = torch.full((b, t), -math.inf, device=self.x.device)   # (N, T) paths ending in a phone at t
+        self.rb = self.blank_sums.clone()                        # (N, T) ending in blank (all blank so far)
+        self.psi = torch.zeros(b, device=self.x.device)         # (N,) log P(prefix)
+        self.last = torch.full((b,), -1, dtype=torch.long, device=self.x.device)   # (N,) last phone, -1 none
+
+    def _reading(self, token):
+        if token not in self._cache:
+            self._cache[token] = [tuple(r) for r in self.readings(token)]
+        return self._cache[token]
+
+    def _extend(self, sent, rn, rb, last, phone):
+        """One phone more for M prefixes. sent/last/phone (M,), rn/rb (M, T) -> (rn, rb, log prefix prob)."""
+        xc, lb = self.x_ct[sent, phone], self.blank_sums[sent]   # (M, T) the phone's log-probs, blank sums
+        phi = torch.where((last == phone)[:, None], rb, torch.logaddexp(rn, rb))    # (M, T) may enter after t
+        start = torch.where(last < 0, 0.0, -math.inf).to(phi)    # an empty prefix may start at frame 0
+        phi_prev = torch.cat([start[:, None], phi[:, :-1]], 1)    # (M, T) phi_{t-1}
+        # rn_t = (rn_{t-1} + phi_{t-1}) x_t(c) and rb_t = (rb_{t-1} + rn_{t-1}) x_t(blank), unrolled as cumulative
+        # sums in the log domain (the running sums reach -1000s: float32 keeps ~1e-4, enough to rank hypotheses)
+        lc = xc.cumsum(1)
+        rn_new = lc + torch.logcumsumexp(phi_prev - F.pad(lc[:, :-1], (1, 0)), 1)
+        rn_prev = F.pad(rn_new[:, :-1], (1, 0), value=-math.inf)
+        rb_new = lb + torch.logcumsumexp(rn_prev - F.pad(lb[:, :-1], (1, 0)), 1)
+        valid = torch.arange(xc.size(1), device=xc.device)[None] < self.frames[sent][:, None]
+        psi = torch.logsumexp((phi_prev + xc).masked_fill(~valid, -math.inf), 1)   # (M,)
+        return rn_new, rb_new, psi
+
+    def score(self, lprobs):
+        """(N, V) decoder log-probs (masks applied) -> (N, V) joint scores; remembers the candidates' states."""
+        vocab, w = lprobs.size(1), self.weight
+        att = lprobs.float()
+        joint = torch.full_like(att, -math.inf)
+        silent = torch.tensor([t for t in self.silent if t < vocab], device=att.device)
+        joint[:, silent] = att[:, silent]
+        end = (self.frames[self.sent] - 1)[:, None]              # (N, 1)
+        full = torch.logaddexp(self.rn.gather(1, end), self.rb.gather(1, end))[:, 0]
+        joint[:, self.eos] = att[:, self.eos] + w * (full - self.psi)
+        chars = att.index_fill(1, torch.cat([silent, torch.tensor([self.eos], device=att.device)]), -math.inf)
+        top_val, top_tok = chars.topk(min(self.candidates, vocab), dim=1)   # (N, K)
+        rows, toks, phones = [], [], []
+        for r, (vals, tks) in enumerate(zip(top_val.tolist(), top_tok.tolist())):
+            for v, tok in zip(vals, tks):
+                if v == -math.inf:
+                    break
+                for reading in self._reading(tok):                # no reading: the CTC cannot vouch, dropped
+                    rows.append(r)
+                    toks.append(tok)
+                    phones.append(reading)
+        self._pending = {}
+        if not rows:
+            return joint.nan_to_num(nan=-math.inf).to(lprobs.dtype)
+        dev = att.device
+        rows_t = torch.tensor(rows, device=dev)
+        sent, rn, rb, last = self.sent[rows_t], self.rn[rows_t], self.rb[rows_t], self.last[rows_t]
+        psi = self.psi[rows_t]
+        longest = max(map(len, phones))
+        table = torch.tensor([list(p) + [-1] * (longest - len(p)) for p in phones], device=dev)   # (M, P)
+        for j in range(longest):
+            go = table[:, j] >= 0
+            rn_j, rb_j, psi_j = self._extend(sent, rn, rb, last, table[:, j].clamp(min=0))
+            rn, rb = torch.where(go[:, None], rn_j, rn), torch.where(go[:, None], rb_j, rb)
+            psi, last = torch.where(go, psi_j, psi), torch.where(go, table[:, j], last)
+        delta = (psi - self.psi[rows_t]).tolist()
+        best = {}
+        for m, (r, tok) in enumerate(zip(rows, toks)):          # best reading of each (row, character)
+            if (r, tok) not in best or delta[m] > delta[best[(r, tok)]]:
+                best[(r, tok)] = m
+        idx = torch.tensor(list(best.values()), device=dev)
+        r_best, t_best = rows_t[idx], torch.tensor(toks, device=dev)[idx]
+        joint[r_best, t_best] = att[r_best, t_best] + w * (psi[idx] - self.psi[r_best])
+        self._pending, self._new = best, (rn, rb, psi, last)
+        return joint.nan_to_num(nan=-math.inf).to(lprobs.dtype)   # nan: a row whose prefix the CTC rules out
+
+    def select(self, rows, tokens):
+        """The search kept row rows[i] extended by tokens[i] (lists): carry the matching states."""
+        src = torch.tensor(rows, device=self.x.device)
+        item = [self._pending.get((r, t), -1) for r, t in zip(rows, tokens)]
+        rn, rb, psi, last = self.rn[src], self.rb[src], self.psi[src], self.last[src]
+        if any(m >= 0 for m in item):
+            item_t = torch.tensor(item, device=self.x.device)
+            use = item_t >= 0
+            pick = item_t.clamp(min=0)
+            new_rn, new_rb, new_psi, new_last = self._new
+            rn = torch.where(use[:, None], new_rn[pick], rn)
+            rb = torch.where(use[:, None], new_rb[pick], rb)
+            psi, last = torch.where(use, new_psi[pick], psi), torch.where(use, new_last[pick], last)
+        self.sent, self.rn, self.rb, self.psi, self.last = self.sent[src], rn, rb, psi, last
+
+
+# ----------------------------------------------------------------------------------------------------------
 # entities: alignment to the input text, our evaluator, the official evaluator, CER
 
 
@@ -492,7 +622,7 @@ class Recognizer:
     def __init__(self, model, assets=None, device=None, dtype=None, beam=None, max_len=None, greedy=False,
                  constrain=True, asr=False, no_repeat_ngram_size=None, max_audio_seconds=MAX_AUDIO_SECONDS,
                  featurizer=None, modelscope_padding=False, search=None, nbest=1, pseudo_text_len=None,
-                 pool_chars=True):
+                 pool_chars=True, ctc_weight=None, ctc_candidates=None):
         import data
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ckpt = {}
@@ -513,7 +643,11 @@ class Recognizer:
         self.featurizer = featurizer
         self.vocab = self.featurizer.vocab
         self.search = search or SearchConfig.from_assets(assets, beam=1 if greedy else beam, max_len=max_len,
-                                                         no_repeat_ngram_size=no_repeat_ngram_size)
+                                                         no_repeat_ngram_size=no_repeat_ngram_size,
+                                                         ctc_weight=ctc_weight, ctc_candidates=ctc_candidates)
+        if self.search.ctc_weight < 0 or self.search.ctc_candidates < 1:
+            raise ValueError(f"ctc_weight must be >= 0 and ctc_candidates >= 1 (got {self.search.ctc_weight}, "
+                             f"{self.search.ctc_candidates})")
         self.max_audio_seconds, self.nbest = max_audio_seconds, nbest
         if not 1 <= nbest <= self.search.beam:
             raise ValueError(f"nbest {nbest} must be between 1 and the beam size {self.search.beam}")
@@ -611,8 +745,28 @@ class Recognizer:
                 char_ids = [self.vocab.encode(r.text) for r in reqs]
                 constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids, pool_chars=self.pool_chars)
                 max_lens = [min(self.capacity, max(self.search.max_len, 2 * len(ids))) for ids in char_ids]
-            hyps = beam_search(self.model, enc, self.search, constraint=constraint, max_lens=max_lens)
+            scorer = self._ctc_scorer(enc, rows) if task == "SNER" and self.search.ctc_weight > 0 else None
+            hyps = beam_search(self.model, enc, self.search, constraint=constraint, max_lens=max_lens,
+                               scorer=scorer)
         return [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
+
+    def _ctc_scorer(self, enc, rows):
+        """Joint CTC/attention scorer for an SNER batch: the model's phone CTC over its speech frames."""
+        logp, frames = self.model.speech_phone_log_probs(enc, max(r["fbank"].size(0) for r in rows))
+        classes = logp.size(-1)
+        phone_id, vocab = self.featurizer.phone_id, self.vocab
+
+        def readings(token):                                     # CTC class = phone id - 3, as in training
+            piece = vocab.tokens[token].removeprefix("##")       # MMSpeech's vocabulary has BERT word pieces
+            phonemizer = self.featurizer.phonemizer
+            said = phonemizer.readings(piece) if len(piece) == 1 else \
+                [[u for us in phonemizer.units(piece) for u in us]]
+            ids = [[phone_id.get(u, UNK) - 3 for u in units] for units in said]
+            return [r for r in ids if r and all(1 <= c < classes for c in r)]
+
+        brackets = [*self.open_ids.values(), *self.close_ids.values()]
+        return CTCPrefixScorer(logp, frames, readings, brackets, self.search.ctc_weight,
+                               self.search.ctc_candidates)
 
     def _result(self, req, task, hyps, warn, constrained):
         import data
@@ -895,6 +1049,11 @@ def get_args(argv=None):
     a("--no-repeat-ngram", type=int, help="block repeated n-grams of this size (default: the checkpoint's; 0 = off)")
     a("--nbest", type=int, default=1, help="also list the best N hypotheses (tokens, score, output) per input")
     a("--no-constrain", action="store_true", help="TNER/MNER: free generation instead of the input text + brackets")
+    a("--ctc-weight", type=float, default=None, help="SNER: joint CTC/attention decoding, score = decoder log-prob + "
+      "W x CTC log-prob of the characters' phones (MMSpeech's phone CTC head); default: the checkpoint's (0.5 for "
+      "train.py runs with --ctc-weight, else 0 = decoder only); 0 = off")
+    a("--ctc-candidates", type=int, default=10, help="joint CTC decoding: characters per hypothesis the CTC scores "
+      "each step (the decoder's best; the others are dropped)")
     a("--char-score", choices=["pooled", "token"], default="pooled", help="constrained TNER/MNER: score the known "
       "next character with the model's whole character probability (pooled, default: homophone doubt does not "
       "turn into brackets) or with that character's own probability (token)")
@@ -940,7 +1099,8 @@ def main(argv=None):
                          max_len=args.max_len, greedy=args.greedy, constrain=not args.no_constrain, asr=args.asr,
                          no_repeat_ngram_size=args.no_repeat_ngram, max_audio_seconds=args.max_audio_seconds,
                          modelscope_padding=args.modelscope_padding, nbest=args.nbest,
-                         pseudo_text_len=args.pseudo_len, pool_chars=args.char_score == "pooled")
+                         pseudo_text_len=args.pseudo_len, pool_chars=args.char_score == "pooled",
+                         ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"decode.py: {e}")
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))

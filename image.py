@@ -643,6 +643,13 @@ class IMAGE(nn.Module):
         """MMSpeech's CTC phone head, tied to phone embedding rows [3, phone_dict_size): (B, S, phone_dict_size - 3)."""
         return F.linear(enc.hidden, self.encoder.phone_embed.weight[3:self.config.phone_dict_size])
 
+    def speech_phone_log_probs(self, enc: Encoded, fbank_frames: int) -> tuple[Tensor, Tensor]:
+        """CTC log-probs over the speech frames (the speech stream comes first in enc) of a batch whose padded
+        fbank has fbank_frames frames. -> (B, T', phone_dict_size - 3) float32 (class 0 = blank), valid frames (B,)."""
+        n = int(conv_output_lengths(torch.tensor(fbank_frames)))
+        frames = (~enc.padding_mask[:, :n]).sum(1)
+        return self.phone_logits(enc)[:, :n].float().log_softmax(-1), frames
+
     def num_parameters(self, mmspeech_only: bool = False) -> int:
         """Unique parameters (the tied head once); mmspeech_only leaves out IMAGE's modality embedding."""
         skip = {"encoder.modality_embed.weight"} if mmspeech_only else set()

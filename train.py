@@ -15,8 +15,8 @@ of target tokens, so gradient accumulation and DDP give the same update as one b
 global batch; each rank's micro-batch is batch_size / (world_size * grad_accum).
 
 --dataset demo applies the DEMO preset below (tiny model with narrow conv subsampling from scratch on CPU, lr 2e-3
-with linear decay, SNER dealt twice as often, CTC aid, 14-minute budget, greedy evaluation, test split at the
-end); --official the official code's settings. Explicit flags win.
+with linear decay over 14 epochs, SNER dealt twice as often, CTC aid in training and in the SNER search, 13-minute
+training budget that ends it near epoch 11, beam 5 on dev and test at the end); --official the official code's settings. Explicit flags win.
 
 Files in --out: last.pt (everything --resume needs), best.pt (best mean dev F1 over the evaluated tasks; model,
 config and assets only), metrics.jsonl (one JSON object per evaluation, the last one the final evaluation,
@@ -56,8 +56,8 @@ PAPER = dict(tasks="TNER,SNER,MNER", lr=1e-5, epochs=50, batch_size=12, warmup=0
              eval_every="1e", eval_limit=0, eval_test=False, max_minutes=0.0, dtype="auto")
 OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAGE4IMNER train.py
 DEMO = dict(preset="tiny", model="subsample_channels=16", tasks="TNER,SNER,SNER,MNER", dropout=0.0, lr=2e-3,
-            epochs=14, batch_size=16, warmup=200, schedule="linear", ctc_weight=0.5, speeds="1.0", beam=1,
-            eval_every="2e", eval_limit=100, eval_test=True, max_minutes=14.0, dtype="fp32")
+            epochs=14, batch_size=16, warmup=200, schedule="linear", ctc_weight=0.5, speeds="1.0", beam=5,
+            eval_every="0", eval_limit=100, eval_test=True, max_minutes=13.0, dtype="fp32")
 
 
 def get_args(argv=None):
@@ -94,10 +94,14 @@ def get_args(argv=None):
     a("--ctc-weight", type=float, default=None, help="weight of an auxiliary CTC phone loss on the speech frames "
       "(default 0 = the paper; MMSpeech's own fine-tuning uses 1.0; demo 0.5: from scratch the decoder otherwise "
       "learns to ignore the speech)")
+    a("--decode-ctc-weight", type=float, default=None, help="SNER search: joint CTC/attention weight of the phone "
+      "CTC head (decode.py --ctc-weight), for evaluation and saved as the checkpoint's default (default 0.5 when "
+      "--ctc-weight > 0, else 0 = decoder only)")
     a("--official", action="store_true", help="the official code's settings: lr 2e-5, coin mix, pseudo length 50, "
       "beam 3")
     # optimisation
-    a("--epochs", type=int, default=None, help="training epochs (default 50; demo 14)")
+    a("--epochs", type=int, default=None, help="training epochs (default 50; demo 14, cut by "
+      "--max-minutes)")
     a("--batch-size", type=int, default=None, help="global batch of one optimizer step (default 12; demo 16)")
     a("--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step and rank")
     a("--lr", type=float, default=None, help="peak learning rate (default 1e-5; --official 2e-5; demo 2e-3)")
@@ -110,7 +114,7 @@ def get_args(argv=None):
     a("--clip", type=float, default=1.0, help="gradient-norm clipping threshold; 0 disables")
     a("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: --epochs decides)")
     a("--max-minutes", type=float, default=None, help="stop training after this many minutes since start, then "
-      "evaluate (0 = no limit; demo 14)")
+      "evaluate (0 = no limit; demo 13)")
     a("--max-bad-steps", type=int, default=20, help="stop after this many non-finite losses in a row")
     a("--seed", type=int, default=42, help="random seed: model init, data order, tasks, dropout, --train-size")
     # precision / speed
@@ -120,12 +124,12 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the training forward (GPU; the first batches of each "
       "new shape recompile). Checkpoints never carry compile prefixes")
     # evaluation
-    a("--eval-every", default=None, help="dev evaluation every N steps ('500') or N epochs ('1e', default; demo "
-      "'2e'); 0 = only at the end")
+    a("--eval-every", default=None, help="dev evaluation every N steps ('500') or N epochs ('1e', default); 0 = only at the end "
+      "(demo)")
     a("--eval-limit", type=int, default=None, help="evaluate on the first N dev sentences only (0 = all; demo 100)")
     a("--eval-batch-size", type=int, default=32, help="sentences per evaluation batch")
     a("--beam", type=int, default=None, help="beam size of the evaluation search (default 5; --official 3)")
-    a("--greedy", action="store_true", help="evaluate with greedy search (= --beam 1; demo default)")
+    a("--greedy", action="store_true", help="evaluate with greedy search (= --beam 1)")
     a("--evaluator", choices=["ours", "official"], default="ours", help="entity scorer whose P/R/F1 select best.pt "
       "(decode.py); the other one's F1 is logged too")
     a("--eval-test", action="store_true", default=None, help="evaluate best.pt on the test split at the end "
@@ -285,11 +289,9 @@ class Objective(nn.Module):
         if self.ctc_weight and "ctc_phones" in batch:
             rows = batch["ctc_lengths"] > 0
             if rows.any():
-                n_frames = image.conv_output_lengths(torch.tensor(batch["fbank"].size(1)))  # speech stream first
-                frames = (~enc.padding_mask[rows, :n_frames]).sum(1)  # (R,) valid speech frames
-                logp = self.model.phone_logits(enc)[rows, :n_frames].float().log_softmax(-1)  # (R, T', C)
-                ctc = F.ctc_loss(logp.transpose(0, 1), batch["ctc_phones"][rows], frames, batch["ctc_lengths"][rows],
-                                 blank=0, reduction="sum", zero_infinity=True)
+                logp, frames = self.model.speech_phone_log_probs(enc, batch["fbank"].size(1))  # (B, T', C), (B,)
+                ctc = F.ctc_loss(logp[rows].transpose(0, 1), batch["ctc_phones"][rows], frames[rows],
+                                 batch["ctc_lengths"][rows], blank=0, reduction="sum", zero_infinity=True)
                 loss = loss + self.ctc_weight * ctc
         return loss
 
@@ -507,6 +509,9 @@ def main(argv=None):
     if args.eval_limit:
         dev_samples = dev_samples[:args.eval_limit]
     model, assets = build_model(args, train_samples, resume_ckpt, log)
+    if args.decode_ctc_weight is None:
+        args.decode_ctc_weight = 0.5 if args.ctc_weight else 0.0
+    assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": args.decode_ctc_weight}
     featurizer = data.Featurizer(assets, pseudo_text_len=args.pseudo_len, cache_dir=args.feature_cache)
     loader = data.make_loader(train_samples, featurizer, micro_batch, train=True, task_mix=args.mix,
                               tasks=train_tasks, seed=args.seed, rank=rank, world_size=world, speeds=args.speeds)

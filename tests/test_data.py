@@ -290,6 +290,16 @@ def test_phonemizer_lexicon_words_are_cut_per_character():
     assert p.pronounce("别!") == "b ie2"
 
 
+def test_phonemizer_readings_of_one_character():
+    p = data.Phonemizer(data.read_phone_dict())
+    assert p.readings("长") == [["zh", "a3", "ng"], ["ch", "a2", "ng"]]      # its usual reading first
+    assert p.readings("了")[0] == ["l", "e5"] and ["l", "iao3"] in p.readings("了")
+    assert len(p.readings("行")) == 4                                       # capped at `limit`
+    assert p.readings("A") == [] and p.readings("!") == []
+    lexicon = {"长": "ch a2 ng"}                                           # a lexicon's reading comes first
+    assert data.Phonemizer(data.read_phone_dict(), lexicon).readings("长")[0] == ["ch", "a2", "ng"]
+
+
 def test_every_fixture_lexicon_word_is_cut_into_its_characters():
     lexicon = data.read_lexicon(FIXTURE / "ms_tiny_a" / "text2phone_dict.txt")
     p = data.Phonemizer(data.read_phone_dict(), lexicon)

@@ -82,7 +82,7 @@ def hyps_as_lists(results):
 # a slow, obviously-correct fairseq beam search for one input (lists and loops, no batching)
 
 
-def slow_search(toy, bias, cfg, max_len, allowed_fn=None, pooled_char_fn=None):
+def slow_search(toy, bias, cfg, max_len, allowed_fn=None, pooled_char_fn=None, joint_fn=None):
     V = toy.A.size(0)
     beam = cfg.beam
     beams = [([BOS], [])]            # (tokens with BOS, cumulative scores per generated token)
@@ -115,6 +115,8 @@ def slow_search(toy, bias, cfg, max_len, allowed_fn=None, pooled_char_fn=None):
                 for j in range(0, len(toks) - n + 1):
                     if toks[j:j + n - 1] == context:
                         lp[toks[j + n - 1]] = -math.inf
+            if joint_fn is not None:
+                lp = joint_fn(toks[1:], lp)
             total = lp + (torch.tensor(cum[-1]) if step else torch.tensor(0.0))
             cands += [(float(total[v]), b * V + v, b, v) for v in range(V)]
         cands.sort(key=lambda c: -c[0])
@@ -379,6 +381,116 @@ def test_pooled_characters_keep_homophone_doubt_out_of_the_brackets():
     assert pooled[0][0].positional_scores[0] == pytest.approx(math.log(0.7), abs=1e-5)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# joint CTC/attention decoding (SNER)
+
+TOY_READINGS = {4: [(1,)], 5: [(2,)], 6: [(1, 2), (2,)], 7: [(2, 1)]}   # toy characters -> CTC class strings
+
+
+def collapse(path):
+    out, prev = [], None
+    for c in path:
+        if c != prev and c != 0:
+            out.append(c)
+        prev = c
+    return out
+
+
+def brute_ctc(logp, phones, full):
+    """log P(the collapsed path starts with / equals `phones`) by summing over every path (small T and C)."""
+    T, C = logp.shape
+    total = 0.0
+    for path in itertools.product(range(C), repeat=T):
+        out = collapse(path)
+        if (out == list(phones)) if full else (out[:len(phones)] == list(phones)):
+            total += math.exp(sum(float(logp[t, c]) for t, c in enumerate(path)))
+    return math.log(total) if total > 0 else -math.inf
+
+
+def test_ctc_prefix_and_full_scores_equal_brute_force():
+    torch.manual_seed(0)
+    logp = torch.randn(2, 5, 3).log_softmax(-1)
+    frames = torch.tensor([5, 4])
+    sc = decode.CTCPrefixScorer(logp, frames, lambda tok: [], [], 0.5, 4)
+    for b in range(2):
+        for phones in [(1,), (2,), (1, 1), (1, 2), (2, 1, 2), (1, 1, 1)]:
+            sc.start()
+            sent = torch.tensor([b])
+            rn, rb, last = sc.rn[b:b + 1], sc.rb[b:b + 1], sc.last[b:b + 1]
+            for c in phones:
+                rn, rb, psi = sc._extend(sent, rn, rb, last, torch.tensor([c]))
+                last = torch.tensor([c])
+            n = int(frames[b])
+            full = float(torch.logaddexp(rn[0, n - 1], rb[0, n - 1]))
+            assert float(psi) == pytest.approx(brute_ctc(logp[b, :n], phones, full=False), abs=1e-4)
+            assert full == pytest.approx(brute_ctc(logp[b, :n], phones, full=True), abs=1e-4)
+
+
+def slow_joint(logp, frames, weight, candidates):
+    """joint_fn for slow_search: an independent joint scorer from brute-force CTC sums over all paths."""
+    memo = {}
+
+    def ctc(phones, full):
+        if (phones, full) not in memo:
+            memo[phones, full] = brute_ctc(logp[:frames], phones, full)
+        return memo[phones, full]
+
+    def joint(prefix, lp):
+        phones = tuple(c for j, t in enumerate(prefix) if t in TOY_READINGS for c in best_reading[tuple(prefix[:j + 1])])
+        psi = ctc(phones, False)
+        out = torch.full_like(lp, -math.inf)
+        silent = list(TOY_OPEN.values()) + list(TOY_CLOSE.values())
+        out[silent] = lp[silent]
+        out[EOS] = lp[EOS] + weight * (ctc(phones, True) - psi)
+        chars = [t for t in range(lp.numel()) if t not in silent and t != EOS]
+        ranked = sorted(chars, key=lambda t: -float(lp[t]))[:candidates]
+        for tok in ranked:
+            if lp[tok] == -math.inf or tok not in TOY_READINGS:
+                continue
+            scores = [ctc(phones + r, False) for r in TOY_READINGS[tok]]
+            k = max(range(len(scores)), key=lambda i: scores[i])
+            best_reading[tuple(prefix) + (tok,)] = TOY_READINGS[tok][k]
+            out[tok] = lp[tok] + weight * (scores[k] - psi)
+        return out
+
+    best_reading = {}
+    return joint
+
+
+def test_joint_ctc_beam_search_matches_slow_reference():
+    toy, enc = random_toy(5, batch=3, eos_boost=0.5, loops=0.0)
+    torch.manual_seed(1)
+    logp = (torch.randn(3, 5, 3) * 2).log_softmax(-1)
+    frames = torch.tensor([5, 4, 5])
+    cfg = SearchConfig(beam=3, max_len=5, no_repeat_ngram_size=0, constraint_range=None)
+    scorer = decode.CTCPrefixScorer(logp, frames, lambda tok: TOY_READINGS.get(tok, []),
+                                    list(TOY_OPEN.values()) + list(TOY_CLOSE.values()), 0.7, 3)
+    results = beam_search(toy, enc, cfg, scorer=scorer)
+    for i, hyps in enumerate(results):
+        slow = slow_search(toy, enc.hidden[i, 0], cfg, 5, joint_fn=slow_joint(logp[i], int(frames[i]), 0.7, 3))
+        assert [h.tokens for h in hyps] == [s[0] for s in slow]
+        assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-4)
+    plain = beam_search(toy, enc, cfg)
+    assert [h[0].tokens for h in plain] != [h[0].tokens for h in results]   # the CTC changed something
+
+
+def test_joint_ctc_follows_the_audio_when_the_decoder_doubts():
+    # the decoder slightly prefers character 4 (CTC class 1) but the audio clearly says class 2 (character 5)
+    probs = torch.full((14,), 1e-6)
+    probs[4], probs[5], probs[EOS] = 0.5, 0.4, 0.1
+    model = FixedLogits(probs.log())
+    enc = ToyEncoded(torch.zeros(1, 1, 14))
+    logp = torch.full((1, 3, 3), 1e-4).log()
+    logp[0, :, 0], logp[0, 1, 2] = math.log(0.6), math.log(0.99)
+    logp = logp.log_softmax(-1)
+    cfg = SearchConfig(beam=2, max_len=1, no_repeat_ngram_size=0, constraint_range=None)
+    silent = list(TOY_OPEN.values()) + list(TOY_CLOSE.values())
+    joint = beam_search(model, enc, cfg, scorer=decode.CTCPrefixScorer(
+        logp, torch.tensor([3]), lambda tok: TOY_READINGS.get(tok, []), silent, 0.5, 4))
+    assert beam_search(model, enc, cfg)[0][0].tokens == [4]
+    assert joint[0][0].tokens == [5]
+
+
 def test_constraint_text_char_that_is_a_bracket_symbol_is_read_as_the_char():
     text = [4, 9, 5, 12]                                       # "a(b)" where ( and ) are the LOC bracket ids
     outs = constrained_outputs(text, 8, 4)
@@ -438,6 +550,20 @@ def test_real_model_batch_times_beam_equals_one_at_a_time(tiny):
             alone = rec.recognize(batch_size=1, **{k: v[i:i + 1] for k, v in kwargs.items()})[0]
             assert res["output"] == alone["output"] and res["entities"] == alone["entities"]
             assert res["score"] == pytest.approx(alone["score"], abs=1e-5)
+
+
+def test_real_model_joint_ctc_batch_equals_one_at_a_time(tiny):
+    rec = decode.Recognizer(tiny, device="cpu", beam=3, ctc_weight=0.5, ctc_candidates=4)
+    waves = [noise(1.3, 0), noise(0.6, 1), noise(2.1, 2)]
+    batched = rec.recognize(waveforms=waves, batch_size=3)
+    plain = decode.Recognizer(tiny, device="cpu", beam=3).recognize(waveforms=waves, batch_size=3)
+    assert [r["output"] for r in batched] != [r["output"] for r in plain]
+    for i, res in enumerate(batched):
+        alone = rec.recognize(waveforms=waves[i:i + 1], batch_size=1)[0]
+        assert res["output"] == alone["output"] and res["score"] == pytest.approx(alone["score"], abs=1e-4)
+        assert all(c in rec.vocab.tokens[4:] for c in res["output"])           # never BOS/PAD/UNK
+    with pytest.raises(ValueError, match="ctc_weight"):
+        decode.Recognizer(tiny, device="cpu", ctc_weight=-1.0)
 
 
 def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
@@ -684,6 +810,14 @@ def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
     assert got[1]["wav"] == str(tmp_path / "a.wav")
     api = decode.Recognizer(tiny_ckpt, device="cpu", greedy=True).recognize(texts=["郭涛的公司搬到了合肥"])
     assert api[0]["output"] == got[0]["output"]               # CLI and Python API agree
+    # joint CTC decoding and token character scores reach the search from the command line
+    (joint,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "3", "--wav", wav, "--ctc-weight", "0.5",
+                        "--ctc-candidates", "4"], capsys)
+    rec = decode.Recognizer(tiny_ckpt, device="cpu", beam=3, ctc_weight=0.5, ctc_candidates=4)
+    assert joint["output"] == rec.run([decode.Request(wav=wav)])[0]["output"]
+    (token,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "3", "--text", text, "--char-score", "token"], capsys)
+    rec = decode.Recognizer(tiny_ckpt, device="cpu", beam=3, pool_chars=False)
+    assert token["output"] == rec.recognize(texts=[text])[0]["output"]
 
 
 def test_terminal_table_and_scores_table():

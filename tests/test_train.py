@@ -248,6 +248,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(corpus, tmp_path):
     assert uninterrupted.returncode == 0, err[-3000:]
     assert f"resumed from" in r.stdout
     a, b = load(straight / "last.pt"), load(killed / "last.pt")
+    assert a["assets"]["decoding"]["ctc_weight"] == 0.5       # trained with CTC: SNER decodes jointly by default
     assert a["step"] == b["step"] == 18
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
