@@ -16,7 +16,8 @@ global batch; each rank's micro-batch is batch_size / (world_size * grad_accum).
 
 --dataset demo applies the DEMO preset below (tiny model with narrow conv subsampling from scratch on CPU, lr 2e-3
 with linear decay over 14 epochs, SNER dealt twice as often, CTC aid in training and in the SNER search, 13-minute
-training budget that ends it near epoch 11, beam 5 on dev and test at the end); --official the official code's settings. Explicit flags win.
+training budget that ends it near epoch 11, beam 5 on dev and test at the end); --official the official code's
+settings. Explicit flags win.
 
 Files in --out: last.pt (everything --resume needs), best.pt (best mean dev F1 over the evaluated tasks; model,
 config and assets only), metrics.jsonl (one JSON object per evaluation, the last one the final evaluation,
@@ -124,8 +125,8 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the training forward (GPU; the first batches of each "
       "new shape recompile). Checkpoints never carry compile prefixes")
     # evaluation
-    a("--eval-every", default=None, help="dev evaluation every N steps ('500') or N epochs ('1e', default); 0 = only at the end "
-      "(demo)")
+    a("--eval-every", default=None, help="dev evaluation every N steps ('500') or N epochs ('1e', default); "
+      "0 = only at the end (demo)")
     a("--eval-limit", type=int, default=None, help="evaluate on the first N dev sentences only (0 = all; demo 100)")
     a("--eval-batch-size", type=int, default=32, help="sentences per evaluation batch")
     a("--beam", type=int, default=None, help="beam size of the evaluation search (default 5; --official 3)")

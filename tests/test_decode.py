@@ -436,7 +436,8 @@ def slow_joint(logp, frames, weight, candidates):
         return memo[phones, full]
 
     def joint(prefix, lp):
-        phones = tuple(c for j, t in enumerate(prefix) if t in TOY_READINGS for c in best_reading[tuple(prefix[:j + 1])])
+        phones = tuple(c for j, t in enumerate(prefix) if t in TOY_READINGS
+                       for c in best_reading[tuple(prefix[:j + 1])])
         psi = ctc(phones, False)
         out = torch.full_like(lp, -math.inf)
         silent = list(TOY_OPEN.values()) + list(TOY_CLOSE.values())
