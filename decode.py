@@ -260,6 +260,8 @@ class BracketConstraint:
         self.close_ids = [close_ids[t] for t in TYPES]
         self.max_depth = max_depth
         self.pool_chars = pool_chars
+        self.brackets = set(self.open_ids) | set(self.close_ids)
+        self.structural = [BOS, PAD, EOS, *self.brackets]       # not characters: outside the pooled mass
         self.rows = []
 
     def start(self):
@@ -324,16 +326,15 @@ class BracketConstraint:
         if not self.pool_chars:
             return logits
         rows, chars = [], []
-        brackets = set(self.open_ids) | set(self.close_ids)
         for r, (sent, pos, _, _) in enumerate(self.rows):
             ids = self.char_ids[sent]
-            if pos < len(ids) and ids[pos] not in brackets:
+            if pos < len(ids) and ids[pos] not in self.brackets:
                 rows.append(r)
                 chars.append(ids[pos])
         if not rows:
             return logits
         structural = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
-        structural[[BOS, PAD, EOS, *brackets]] = True
+        structural[self.structural] = True
         mass = torch.logsumexp(logits.masked_fill(structural, -math.inf), dim=-1)   # (N,)
         rows_t = torch.tensor(rows, device=logits.device)
         logits = logits.clone()
@@ -460,7 +461,7 @@ class CTCPrefixScorer:
         dev = att.device
         rows_t = torch.tensor(rows, device=dev)
         sent, rn, rb, last = self.sent[rows_t], self.rn[rows_t], self.rb[rows_t], self.last[rows_t]
-        psi = self.psi[rows_t]
+        base = psi = self.psi[rows_t]                            # (M,) log P(prefix) before the character
         longest = max(map(len, phones))
         table = torch.tensor([list(p) + [-1] * (longest - len(p)) for p in phones], device=dev)   # (M, P)
         for j in range(longest):
@@ -468,14 +469,14 @@ class CTCPrefixScorer:
             rn_j, rb_j, psi_j = self._extend(sent, rn, rb, last, table[:, j].clamp(min=0))
             rn, rb = torch.where(go[:, None], rn_j, rn), torch.where(go[:, None], rb_j, rb)
             psi, last = torch.where(go, psi_j, psi), torch.where(go, table[:, j], last)
-        delta = (psi - self.psi[rows_t]).tolist()
+        delta = (psi - base).tolist()
         best = {}
         for m, (r, tok) in enumerate(zip(rows, toks)):          # best reading of each (row, character)
             if (r, tok) not in best or delta[m] > delta[best[(r, tok)]]:
                 best[(r, tok)] = m
         idx = torch.tensor(list(best.values()), device=dev)
-        r_best, t_best = rows_t[idx], torch.tensor(toks, device=dev)[idx]
-        joint[r_best, t_best] = att[r_best, t_best] + w * (psi[idx] - self.psi[r_best])
+        r_best, t_best = rows_t[idx], torch.tensor([toks[m] for m in best.values()], device=dev)
+        joint[r_best, t_best] = att[r_best, t_best] + w * (psi[idx] - base[idx])
         self._pending, self._new = best, (rn, rb, psi, last)
         return joint.nan_to_num(nan=-math.inf).to(lprobs.dtype)   # nan: a row whose prefix the CTC rules out
 

@@ -150,6 +150,8 @@ def get_args(argv=None):
                 setattr(args, key, value)
     if args.greedy:
         args.beam = 1
+    if args.decode_ctc_weight is not None and args.decode_ctc_weight < 0:
+        p.error(f"--decode-ctc-weight must be >= 0 (got {args.decode_ctc_weight})")
     # checks that argparse cannot do
     args.tasks = tuple(t.strip().upper() for t in args.tasks.split(",") if t.strip())
     bad = [t for t in args.tasks if t not in TASKS]

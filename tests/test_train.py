@@ -129,7 +129,8 @@ def test_presets_and_explicit_flags():
                                   ["--dataset", "demo", "--init", "/nonexistent.pt"],
                                   ["--dataset", "demo", "--model", "d_model=abc"],
                                   ["--dataset", "demo", "--model", "width=128"],
-                                  ["--dataset", "demo", "--model", "d_model=128", "--resume"]])
+                                  ["--dataset", "demo", "--model", "d_model=128", "--resume"],
+                                  ["--dataset", "demo", "--decode-ctc-weight", "-1"]])
 def test_bad_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         train.get_args(argv)
