@@ -936,6 +936,47 @@ def make_loader(samples, featurizer: Featurizer, batch_size: int, train: bool, t
                   speeds, bucket_pool)
 
 
+class EntitySwap:
+    """Mention replacement for text-only training rows (Dai & Adel 2020, "An Analysis of Simple Data Augmentation
+    for Named Entity Recognition"): each flat entity (one that overlaps no other entity of its sentence) is, with
+    probability p, replaced by a flat mention of the same type drawn from the training samples. Offsets after it
+    shift; the audio is dropped, since the text no longer matches it. Deterministic in (seed, key): a resumed run
+    redraws the same sentences."""
+
+    def __init__(self, samples, p: float, seed: int = 0):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"entity swap probability must be in [0, 1], got {p}")
+        self.p, self.seed = p, seed
+        pool = collections.defaultdict(set)
+        for s in samples:
+            for e in self.flat(s.entities):
+                pool[e.type].add(s.text[e.start:e.end])
+        self.pool = {t: sorted(m) for t, m in pool.items()}  # sorted: the draws do not depend on set order
+
+    @staticmethod
+    def flat(entities) -> list[Entity]:
+        return [e for e in entities if not any(o != e and o.start < e.end and e.start < o.end for o in entities)]
+
+    def __call__(self, sample: Sample, key) -> Sample:
+        rng = random.Random(f"{self.seed}:{key}")
+        swaps = {e: rng.choice(self.pool[e.type]) for e in self.flat(sample.entities) if rng.random() < self.p}
+        if not swaps:
+            return sample
+        text, entities, shift, last = [], [], 0, 0
+        for e in sorted(sample.entities, key=lambda e: (e.start, -e.end)):
+            if e in swaps:  # flat: nothing else starts inside it, so the text before it is final
+                text += [sample.text[last:e.start], swaps[e]]
+                entities.append(Entity(e.start + shift, e.start + shift + len(swaps[e]), e.type))
+                shift += len(swaps[e]) - (e.end - e.start)
+                last = e.end
+            else:
+                entities.append(Entity(e.start + shift, e.end + shift, e.type))
+        text.append(sample.text[last:])
+        order = {e: i for i, e in enumerate(sorted(sample.entities, key=lambda e: (e.start, -e.end)))}
+        entities = [entities[order[e]] for e in sample.entities]  # file order, as the sample had it
+        return Sample(sample.id, "".join(text), entities, None)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 8. Assets for a model trained from scratch (the checkpoint's "assets", CONTRACT.md)
 

@@ -80,6 +80,8 @@ def get_args(argv=None):
     a("--pseudo-len", type=int, default=None, help="pseudo phone input length for absent text (default 40)")
     a("--speeds", default=None, help="speed perturbation factors of real training speech, comma-separated "
       "(default 0.9,1.0,1.1; demo 1.0)")
+    a("--entity-swap", type=float, default=0.0, help="probability that an entity of a text-only (TNER) training "
+      "row is replaced by a training mention of the same type (data.EntitySwap; flat entities only; 0 = off)")
     a("--feature-cache", default=None, help="folder for a disk cache of fbank features, shared by workers and runs")
     a("--workers", type=int, default=0, help="DataLoader worker processes per rank (persistent; 0 = in the loop)")
     # model
@@ -150,6 +152,8 @@ def get_args(argv=None):
                 setattr(args, key, value)
     if args.greedy:
         args.beam = 1
+    if not 0.0 <= args.entity_swap <= 1.0:
+        p.error(f"--entity-swap must be a probability in [0, 1] (got {args.entity_swap})")
     if args.decode_ctc_weight is not None and args.decode_ctc_weight < 0:
         p.error(f"--decode-ctc-weight must be >= 0 (got {args.decode_ctc_weight})")
     # checks that argparse cannot do
@@ -425,17 +429,26 @@ def evaluate(model, samples, featurizer, assets, tasks, args, device, autocast):
 
 
 class PlanBatches(torch.utils.data.Dataset):
-    """Collated batch of one entry of data.Loader's plan: a list of (sample index, task, speed).
+    """Collated batch of one entry of data.Loader's plan: (epoch, a list of (sample index, task, speed)).
 
     data.make_loader decides the plan (tasks, speeds, length buckets, rank shards); building the batches here lets a
     resumed run skip finished batches without computing their features, and adds the CTC phone targets
-    (ctc_phones (B, P) padded with PAD, ctc_lengths (B,), 0 for rows without real speech)."""
+    (ctc_phones (B, P) padded with PAD, ctc_lengths (B,), 0 for rows without real speech). With entity_swap (a
+    data.EntitySwap) TNER rows get their entities replaced, drawn afresh for every (epoch, sample)."""
 
-    def __init__(self, samples, featurizer, ctc_classes=0):
+    def __init__(self, samples, featurizer, ctc_classes=0, entity_swap=None):
         self.samples, self.featurizer, self.ctc_classes = samples, featurizer, ctc_classes
+        self.entity_swap = entity_swap
 
-    def __getitem__(self, rows):
-        batch = data.collate([self.featurizer.inputs(self.samples[i], task, speed) for i, task, speed in rows])
+    def sample(self, epoch, i, task):
+        if self.entity_swap is None or task != "TNER":
+            return self.samples[i]
+        return self.entity_swap(self.samples[i], f"{epoch}:{i}")
+
+    def __getitem__(self, entry):
+        epoch, rows = entry
+        batch = data.collate([self.featurizer.inputs(self.sample(epoch, i, task), task, speed)
+                              for i, task, speed in rows])
         if self.ctc_classes:
             # CTC class = phone id - 3 (class 0 = phone row 3 = blank); other phone ids have no class
             targets = [self.featurizer.text(self.samples[i].text)[0] - 3 if task in ("SNER", "MNER")
@@ -520,7 +533,8 @@ def main(argv=None):
                               tasks=train_tasks, seed=args.seed, rank=rank, world_size=world, speeds=args.speeds)
     sampler = PlanSampler()
     batch_loader = torch.utils.data.DataLoader(
-        PlanBatches(train_samples, featurizer, model.config.phone_dict_size - 3 if args.ctc_weight else 0),
+        PlanBatches(train_samples, featurizer, model.config.phone_dict_size - 3 if args.ctc_weight else 0,
+                    data.EntitySwap(train_samples, args.entity_swap, args.seed) if args.entity_swap else None),
         sampler=sampler, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0)
     steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
     total_steps = args.epochs * steps_per_epoch
@@ -611,7 +625,7 @@ def main(argv=None):
         # are restored: the continuation is bit-identical to an uninterrupted run.
         seed_everything(epoch_seed(epoch))
         loader.set_epoch(epoch)
-        sampler.plan = loader.batch_plan()[batch_in_epoch:]
+        sampler.plan = [(epoch, rows) for rows in loader.batch_plan()[batch_in_epoch:]]
         batches = iter(batch_loader)
         if resume_ckpt is not None:
             set_rng_state(resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world else resume_ckpt["rng"][0])

@@ -604,3 +604,25 @@ def test_gazetteer_on_cnerta_dev_reproduces_the_issue():
     assert (r["tp"], r["pred"], r["gold"], r["train"]["strings"]) == (3069, 3946, 5889, 6578)
     assert [round(r[k], 1) for k in ("p", "r", "f1")] == [77.8, 52.1, 62.4]
     assert r["seen"]["unseen"]["found"] == 0 and r["seen"]["seen"]["gold"] == 3540
+
+
+def test_entity_swap_keeps_nested_entities_and_shifts_offsets():
+    pool = [data.Sample("p", "欧阳娜娜和王五", [data.Entity(0, 4, "PER"), data.Entity(5, 7, "PER")])]
+    # file order: the ORG comes before the LOC inside it; the flat PER sits between nested ones
+    s = data.Sample("s", "末阳市文联主席张三在北京", [data.Entity(0, 5, "ORG"), data.Entity(0, 3, "LOC"),
+                                                  data.Entity(7, 9, "PER"), data.Entity(10, 12, "LOC")])
+    swap = data.EntitySwap(pool + [s], 1.0, seed=0)
+    assert swap.pool == {"PER": ["张三", "欧阳娜娜", "王五"], "LOC": ["北京"]}  # nested ones are not mentions
+    seen = set()
+    for key in range(30):
+        out = swap(s, key)
+        seen.add(out.text)
+        assert out.audio is None and [e.type for e in out.entities] == ["ORG", "LOC", "PER", "LOC"]
+        assert data.linearize(out.text, out.entities).startswith("<(末阳市)文联>主席[")
+        person = out.text[out.entities[2].start:out.entities[2].end]
+        assert person in swap.pool["PER"] and out.text == f"末阳市文联主席{person}在北京"
+        assert out.text[out.entities[3].start:out.entities[3].end] == "北京"
+    assert len(seen) == 3                                                  # every PER mention gets drawn
+    assert data.EntitySwap(pool + [s], 0.0)(s, 0) is s
+    with pytest.raises(ValueError, match="probability"):
+        data.EntitySwap(pool, 1.5)

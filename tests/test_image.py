@@ -234,6 +234,61 @@ def test_packed_layers_train_like_padded_ones():
     assert max_diff(grads[0], grads[1] + grads[2] + grads[3]) <= 1e-4
 
 
+@pytest.mark.parametrize("modelscope_padding", [False, True])
+def test_shared_pseudo_speech_equals_computing_every_row(modelscope_padding, monkeypatch):
+    """Absent-speech rows with the same pseudo fbank are computed once: outputs and gradients equal the plain way."""
+    model = perturbed_tiny(modelscope_padding=modelscope_padding)
+    batch, d_len = random_inputs(batch=3, frames=(121, 70, 96))
+    pseudo = torch.randn(61, 80)
+    for i in (1, 2):                                           # rows 1 and 2: the same pseudo input, padded to 121
+        batch["fbank"][i] = 0.0
+        batch["fbank"][i, :61] = pseudo
+        batch["fbank_lengths"][i] = 61
+    batch["speech_present"] = torch.tensor([True, False, False])
+    kept, inverse = image.Encoder._distinct_rows(batch["fbank"], batch["fbank_lengths"], batch["speech_present"])
+    assert kept.tolist() == [0, 1] and inverse.tolist() == [0, 1, 1]
+    other = {**batch, "fbank": batch["fbank"].clone()}
+    other["fbank"][2, 5, 3] += 1.0                             # no longer the same input: nothing is shared
+    assert image.Encoder._distinct_rows(other["fbank"], other["fbank_lengths"], other["speech_present"]) is None
+
+    def loss_and_grads():
+        model.zero_grad()
+        logits = model(**batch)
+        loss = sum(logits[j, :d_len[j]].square().sum() for j in range(3))
+        loss.backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared_logits, shared = loss_and_grads()
+    monkeypatch.setattr(image.Encoder, "_distinct_rows", staticmethod(lambda *a: None))
+    plain_logits, plain = loss_and_grads()
+    assert max_diff(shared_logits, plain_logits) <= 1e-5
+    assert shared.keys() == plain.keys() and "encoder.subsample.conv2.weight" in shared
+    assert max(max_diff(shared[n], plain[n]) / (1 + plain[n].abs().max().item()) for n in plain) <= 1e-4
+
+
+@pytest.mark.parametrize("width,layers", [(95, 5), (8, 2)])    # kernels 19 and 4 (even: one frame trimmed)
+def test_positional_conv_native_backward_gives_autograd_gradients(width, layers, monkeypatch):
+    torch.manual_seed(0)
+    module = image.ConvPositions(64, layers, width, 16).double()
+    x = torch.randn(3, 20, 64, dtype=torch.double, requires_grad=True)
+    padding = torch.zeros(3, 20, dtype=torch.bool)
+    padding[1, 15:] = True
+    calls = []
+    apply = image.NativeBackwardConv1d.apply
+    monkeypatch.setattr(image.NativeBackwardConv1d, "apply", lambda *a: calls.append(1) or apply(*a))
+    grads = []
+    for native in (True, False):
+        if not native:   # plain autograd through F.conv1d
+            monkeypatch.setattr(image.NativeBackwardConv1d, "apply", lambda h, w, b, pad, groups: torch.nn.functional
+                                .conv1d(h, w, b, padding=pad, groups=groups))
+        module.zero_grad()
+        x.grad = None
+        module(x, padding, True).square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in module.parameters()])
+    assert len(calls) == layers and torch.backends.mkldnn.enabled            # used, and the global flag restored
+    assert max(max_diff(a, b) for a, b in zip(*grads)) <= 1e-10
+
+
 def test_modelscope_padding_is_not_batch_invariant():
     model = perturbed_tiny(modelscope_padding=True)
     batch, d_len = random_inputs()
