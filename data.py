@@ -962,19 +962,17 @@ class EntitySwap:
         swaps = {e: rng.choice(self.pool[e.type]) for e in self.flat(sample.entities) if rng.random() < self.p}
         if not swaps:
             return sample
-        text, entities, shift, last = [], [], 0, 0
-        for e in sorted(sample.entities, key=lambda e: (e.start, -e.end)):
+        text, moved, shift, last = [], {}, 0, 0  # moved: old entity -> new entity
+        for e in sorted(set(sample.entities), key=lambda e: (e.start, -e.end)):  # a listed-twice entity moves once
             if e in swaps:  # flat: nothing else starts inside it, so the text before it is final
                 text += [sample.text[last:e.start], swaps[e]]
-                entities.append(Entity(e.start + shift, e.start + shift + len(swaps[e]), e.type))
+                moved[e] = Entity(e.start + shift, e.start + shift + len(swaps[e]), e.type)
                 shift += len(swaps[e]) - (e.end - e.start)
                 last = e.end
             else:
-                entities.append(Entity(e.start + shift, e.end + shift, e.type))
+                moved[e] = Entity(e.start + shift, e.end + shift, e.type)
         text.append(sample.text[last:])
-        order = {e: i for i, e in enumerate(sorted(sample.entities, key=lambda e: (e.start, -e.end)))}
-        entities = [entities[order[e]] for e in sample.entities]  # file order, as the sample had it
-        return Sample(sample.id, "".join(text), entities, None)
+        return Sample(sample.id, "".join(text), [moved[e] for e in sample.entities], None)  # file order kept
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -623,6 +623,10 @@ def test_entity_swap_keeps_nested_entities_and_shifts_offsets():
         assert person in swap.pool["PER"] and out.text == f"末阳市文联主席{person}在北京"
         assert out.text[out.entities[3].start:out.entities[3].end] == "北京"
     assert len(seen) == 3                                                  # every PER mention gets drawn
+    twice = data.Sample("t", "张三在北京", [data.Entity(0, 2, "PER"), data.Entity(0, 2, "PER")])
+    out = swap(twice, 0)
+    person = out.text[:-3]
+    assert out.text.endswith("在北京") and person in swap.pool["PER"] and out.entities == [(0, len(person), "PER")] * 2
     assert data.EntitySwap(pool + [s], 0.0)(s, 0) is s
     with pytest.raises(ValueError, match="probability"):
         data.EntitySwap(pool, 1.5)
