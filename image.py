@@ -423,16 +423,14 @@ class Encoder(nn.Module):
             return None
         first = absent[0]
         same = (fbank[absent] == fbank[first]).flatten(1).all(1) & (lengths[absent] == lengths[first])  # (A,)
-        if int(same.sum()) < 2:
+        copies = absent[same][1:]                      # rows that reuse the first absent row
+        if copies.numel() == 0:
             return None
-        shared = torch.zeros_like(present)
-        shared[absent[same]] = True
-        shared[first] = False                          # the one copy that is computed
-        kept = (~shared).nonzero().flatten()           # (U,)
-        slot = torch.full_like(lengths, -1)
-        slot[kept] = torch.arange(kept.numel(), device=kept.device)
-        inverse = torch.where(shared, slot[first], slot)
-        return kept, inverse
+        keep = torch.ones_like(present)
+        keep[copies] = False
+        inverse = keep.long().cumsum(0) - 1            # (B,): a kept row's slot among the kept rows
+        inverse[copies] = inverse[first].clone()
+        return keep.nonzero().flatten(), inverse
 
     def _speech(self, fbank: Tensor, fbank_lengths: Tensor, present: Optional[Tensor]) -> tuple:
         c = self.config
