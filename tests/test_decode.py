@@ -381,6 +381,32 @@ def test_pooled_characters_keep_homophone_doubt_out_of_the_brackets():
     assert pooled[0][0].positional_scores[0] == pytest.approx(math.log(0.7), abs=1e-5)
 
 
+def test_entity_bias_moves_the_bracket_or_character_decision_by_exactly_its_size():
+    # pooled: "a character" 0.7 against an opening PER bracket 0.3, so the plain search tags nothing; a bias just
+    # above log(0.7 / 0.3) opens the bracket first, one just below does not
+    probs = torch.full((14,), 1e-9)
+    probs[4:8] = 0.7 / 4
+    probs[TOY_OPEN["PER"]] = 0.3
+    model, enc = FixedLogits(probs.log()), ToyEncoded(torch.zeros(1, 1, 14))
+    cfg = SearchConfig(beam=1, max_len=99, no_repeat_ngram_size=0, constraint_range=None)
+    text, margin = [4, 5, 6], math.log(0.7 / 0.3)
+
+    def first_steps(bias):
+        c = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, entity_bias=bias)
+        return beam_search(model, enc, cfg, c, max_lens=[9])[0][0]
+
+    assert first_steps(0.0).tokens == text
+    assert first_steps(margin - 0.01).tokens[0] == 4
+    above = first_steps(margin + 0.01)
+    assert above.tokens[0] == TOY_OPEN["PER"]
+    assert above.positional_scores[0] == pytest.approx(math.log(0.3) + margin + 0.01, abs=1e-5)
+    # token scoring tags with no bias (see above); a negative bias as large as the margin removes it
+    by_token = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False, entity_bias=-5.0)
+    assert beam_search(model, enc, cfg, by_token, max_lens=[9])[0][0].tokens == text
+    with pytest.raises(ValueError, match="entity_bias"):
+        decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, entity_bias=float("nan"))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # joint CTC/attention decoding (SNER)
 
@@ -876,6 +902,7 @@ def test_guards_give_clear_messages(tiny_ckpt, tmp_path, capsys):
     fails(["--text", "  "], ["empty text"])
     fails(["--wav", str(tmp_path / "missing.wav")], ["not found", "missing.wav"])
     fails(["--text", "a", "--max-len", "5000"], ["max_len 5000"])
+    fails(["--text", "a", "--entity-bias", "1", "--no-constrain"], ["--entity-bias", "--no-constrain"])
     long_wav = write_wav(tmp_path / "long.wav", noise(2.0, 3))
     fails(["--wav", long_wav, "--max-audio-seconds", "1"], ["2.0 s", "limit"])
     fails(["--wav", write_wav(tmp_path / "short.wav", noise(0.05, 4))], ["too short"])
