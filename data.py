@@ -1043,12 +1043,16 @@ def breakdown(samples, predictions, seen=None) -> dict:
     micro, multisets) and break the result down by class. predictions: one list of Entity per sample, in the same
     order (start None: a predicted span that could not be placed in the text; it never matches).
 
-    -> {"sentences", "p", "r", "f1", "tp", "pred", "gold", "per_type": {...}, "nesting": {...}, "seen": {...}}.
+    -> {"sentences", "p", "r", "f1", "tp", "pred", "gold", "per_type": {...}, "nesting": {...}, "seen": {...},
+    "errors": {"missed": {...}, "wrong": {...}}}.
     Classes: nesting = nested (contains or lies inside another entity of the same side of the same sentence) or
     flat (crossing counts as flat; "unaligned" for predictions without a position); seen = the (string, type)
     is in `seen` (a training split's entities; table left out when seen is None). Per class: recall over the
     gold entities of the class (gold, found, r) and precision over the predicted ones (pred, correct, p). A gold
-    and its matching prediction can fall in different nesting classes, so no F1 per class."""
+    and its matching prediction can fall in different nesting classes, so no F1 per class.
+    errors: every missed gold entity and every wrong prediction by what the other side has there: the same span
+    with another type (wrong_type), a span of another extent overlapping it (overlap: a boundary error), or
+    nothing (no_overlap; also unaligned predictions)."""
     import decode  # our evaluator lives there; imported here because decode imports data
     if len(samples) != len(predictions):
         raise ValueError(f"{len(samples)} samples but {len(predictions)} prediction lists")
@@ -1071,6 +1075,8 @@ def breakdown(samples, predictions, seen=None) -> dict:
                 for table, cls in classes.items():
                     counts[table, cls, total] += 1
                     counts[table, cls, hits] += hit
+                if not hit:
+                    counts["errors", "missed" if total == "gold" else "wrong", _error_kind(e, other)] += 1
     out = {"sentences": len(samples), **scorer.result()}
     order = {"nesting": ("nested", "flat", "unaligned"), "seen": ("seen", "unseen")}
     for table in ("nesting", "seen") if seen is not None else ("nesting",):
@@ -1080,7 +1086,23 @@ def breakdown(samples, predictions, seen=None) -> dict:
             if cls != "unaligned" or n["pred"]:
                 out[table][cls] = {**n, "r": 100.0 * n["found"] / n["gold"] if n["gold"] else 0.0,
                                    "p": 100.0 * n["correct"] / n["pred"] if n["pred"] else 0.0}
+    out["errors"] = {side: {kind: counts["errors", side, kind] for kind in ERROR_KINDS} for side in ("missed", "wrong")}
     return out
+
+
+ERROR_KINDS = ("wrong_type", "overlap", "no_overlap")
+
+
+def _error_kind(e, others) -> str:
+    """What the other side has where an unmatched entity e lies (see breakdown)."""
+    if e.start is None:
+        return "no_overlap"
+    placed = [o for o in others if o.start is not None]
+    if any((o.start, o.end) == (e.start, e.end) and o.type != e.type for o in placed):
+        return "wrong_type"
+    if any(o.start < e.end and e.start < o.end and (o.start, o.end) != (e.start, e.end) for o in placed):
+        return "overlap"
+    return "no_overlap"
 
 
 def format_breakdown(res: dict) -> str:
@@ -1095,6 +1117,10 @@ def format_breakdown(res: dict) -> str:
         for cls, m in res.get(table, {}).items():
             lines.append(f"{cls:<10} {m['r']:6.2f} {m['gold']:6d} {m['found']:6d}   {m['p']:6.2f} {m['pred']:6d} "
                          f"{m['correct']:7d}")
+    if "errors" in res:
+        lines += ["", f"{'errors':<15}" + "".join(f"{k:>12}" for k in ERROR_KINDS)]
+        for side, label in (("missed", "missed gold"), ("wrong", "wrong pred")):
+            lines.append(f"{label:<15}" + "".join(f"{res['errors'][side][k]:12d}" for k in ERROR_KINDS))
     return "\n".join(lines)
 
 

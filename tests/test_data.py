@@ -573,10 +573,25 @@ def test_breakdown_of_a_predictions_file(tiny_split):
         "nested": (2, 1, 2, 1), "flat": (5, 3, 3, 3), "unaligned": (0, 0, 1, 0)}
     assert {c: (m["gold"], m["found"], m["pred"], m["correct"]) for c, m in r["seen"].items()} == {
         "seen": (5, 2, 2, 2), "unseen": (2, 2, 4, 2)}
+    # missed: 北京 inside the predicted 北京大学, 京 and 上海 with nothing there; wrong: 张 inside 张三丰, the
+    # unaligned LOC
+    assert r["errors"] == {"missed": {"wrong_type": 0, "overlap": 1, "no_overlap": 2},
+                           "wrong": {"wrong_type": 0, "overlap": 1, "no_overlap": 1}}
     mner = json.loads(run_main(args + ["--task", "MNER"]))
     assert (mner["sentences"], mner["sentences_without_prediction"], mner["gold"], mner["pred"]) == (1, 2, 4, 0)
     assert "seen" not in mner
     assert "nested" in run_main(args[:-1])  # the table
+
+
+def test_breakdown_sorts_errors_into_type_boundary_and_elsewhere():
+    gold = [Sample("s", "张三在北京", [E(0, 2, "PER"), E(3, 5, "LOC")]), Sample("t", "上海", [E(0, 2, "LOC")])]
+    preds = [[E(0, 2, "LOC"), E(3, 4, "LOC"), E(1, 2, "PER")], [E(0, 2, "LOC")]]
+    r = data.breakdown(gold, preds)
+    assert (r["tp"], r["pred"], r["gold"]) == (1, 4, 3)
+    # 张三 PER predicted as LOC (the type); 北京 predicted as 北 (a boundary); 三 PER overlaps 张三 only
+    assert r["errors"] == {"missed": {"wrong_type": 1, "overlap": 1, "no_overlap": 0},
+                           "wrong": {"wrong_type": 1, "overlap": 2, "no_overlap": 0}}
+    assert "wrong_type" in data.format_breakdown(r)
 
 
 @pytest.mark.parametrize("lines, why", [
