@@ -264,10 +264,10 @@ class BracketConstraint:
             raise ValueError(f"entity_bias must be a finite number, got {entity_bias}")
         self.char_ids = [list(ids) for ids in char_ids]          # per input: decoder id of each text character
         self.open_ids = [open_ids[t] for t in TYPES]
-        self.entity_bias = float(entity_bias)
         self.close_ids = [close_ids[t] for t in TYPES]
         self.max_depth = max_depth
         self.pool_chars = pool_chars
+        self.entity_bias = float(entity_bias)
         self.brackets = set(self.open_ids) | set(self.close_ids)
         self.structural = [BOS, PAD, EOS, *self.brackets]       # not characters: outside the pooled mass
         self.rows = []
