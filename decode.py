@@ -239,6 +239,13 @@ def _finalize(eos_top, cand_rows, cand_scores, tokens, scores, step, live, final
 # constrained decoding: the output is the input text with well-nested entity brackets inserted
 
 
+def finite_bias(value) -> float:
+    """entity_bias as a float; NaN or infinity would silently force or forbid every bracket."""
+    if not math.isfinite(value):
+        raise ValueError(f"entity_bias must be a finite number, got {value}")
+    return float(value)
+
+
 class BracketConstraint:
     """Per-hypothesis state machine that allows only outputs which strip to the input text.
 
@@ -260,14 +267,12 @@ class BracketConstraint:
     """
 
     def __init__(self, char_ids, open_ids, close_ids, max_depth=MAX_DEPTH, pool_chars=True, entity_bias=0.0):
-        if not math.isfinite(entity_bias):
-            raise ValueError(f"entity_bias must be a finite number, got {entity_bias}")
         self.char_ids = [list(ids) for ids in char_ids]          # per input: decoder id of each text character
         self.open_ids = [open_ids[t] for t in TYPES]
         self.close_ids = [close_ids[t] for t in TYPES]
         self.max_depth = max_depth
         self.pool_chars = pool_chars
-        self.entity_bias = float(entity_bias)
+        self.entity_bias = finite_bias(entity_bias)
         self.brackets = set(self.open_ids) | set(self.close_ids)
         self.structural = [BOS, PAD, EOS, *self.brackets]       # not characters: outside the pooled mass
         self.rows = []
@@ -654,9 +659,7 @@ class Recognizer:
         self.model = model.to(device=device, dtype=dtype or next(model.parameters()).dtype).eval()
         self.device, self.assets, self.asr, self.constrain = device, assets, asr, constrain
         self.pool_chars = pool_chars
-        if not math.isfinite(entity_bias):
-            raise ValueError(f"entity_bias must be a finite number, got {entity_bias}")
-        self.entity_bias = float(entity_bias)
+        self.entity_bias = finite_bias(entity_bias)   # checked here too: a bad value fails before any decoding
         if featurizer is None:      # the pseudo text must be as long as in training (train.py --pseudo-len)
             trained = ((ckpt.get("source") or {}).get("args") or {}).get("pseudo_len")
             pseudo_text_len = pseudo_text_len or assets.get("pseudo_text_len") or trained or 40
