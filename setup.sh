@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# setup.sh: everything this project needs on a fresh machine, Python packages in a virtual environment (.venv).
+#
+#   bash setup.sh          python3 with venv, espeak-ng and sox (system packages), then torch + requirements.txt
+#   bash setup.sh --test   the same plus requirements-test.txt
+#
+# System packages: apt-get on Debian/Ubuntu (as root, or through sudo; `apt-get update` is run when an install
+# fails on a fresh image), Homebrew on macOS. Elsewhere install python3 (>= 3.9), espeak-ng and sox yourself:
+# only the demo corpus needs espeak-ng and sox (tests that need them skip without them).
+# The system Python is left alone (Debian 12 and Ubuntu 24.04 refuse pip there: "externally managed").
+# Knobs (environment): TORCH (default torch==2.13.0, the CPU build; on a GPU machine the CUDA build for your
+# driver, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124"), VENV (default .venv).
+set -euo pipefail
+cd "$(dirname "$0")"
+TORCH=${TORCH:-torch==2.13.0}
+VENV=${VENV:-.venv}
+case "${1:-}" in
+  "") tests=0 ;;
+  --test) tests=1 ;;
+  *) echo "usage: bash setup.sh [--test]" >&2; exit 2 ;;
+esac
+say() { echo "setup.sh: $*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else return 1
+  fi
+}
+
+missing_system_packages() {  # Debian package names of what is not there yet
+  command -v python3 >/dev/null 2>&1 || { echo python3 python3-venv; return; }
+  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
+  command -v espeak-ng >/dev/null 2>&1 || echo espeak-ng
+  command -v sox >/dev/null 2>&1 || echo sox
+}
+
+missing=$(missing_system_packages | xargs)
+if [ -n "$missing" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    say "installing system packages: $missing"
+    export DEBIAN_FRONTEND=noninteractive
+    apt_install() { as_root apt-get install -y -q --no-install-recommends $missing >/dev/null; }
+    if ! { [ "$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then
+      say "not root and no sudo: ask an administrator to run: apt-get install $missing"; exit 1
+    fi
+    apt_install || { as_root apt-get update -q >/dev/null && apt_install; } \
+      || { say "apt-get could not install: $missing"; exit 1; }
+  elif command -v brew >/dev/null 2>&1; then
+    say "installing with Homebrew: $missing"
+    brew install $(echo "$missing" | sed 's/python3-venv//; s/python3/python/')
+  else
+    say "install these first (no apt-get or brew here): $missing"; exit 1
+  fi
+fi
+
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' || { say "python3 is older than 3.9"; exit 1; }
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+say "installing Python packages into $VENV ($TORCH)"
+"$VENV/bin/python" -m pip install -q $TORCH
+"$VENV/bin/python" -m pip install -q -r requirements.txt
+if [ "$tests" = 1 ]; then "$VENV/bin/python" -m pip install -q -r requirements-test.txt; fi
+say "ready: $VENV/bin/python train.py --dataset demo"
