@@ -13,13 +13,18 @@ No torchaudio: the fbank is written here and tested against kaldi-native-fbank a
 reference chain. Resampling is our own Kaiser-windowed sinc (not librosa's soxr), so only non-16 kHz input
 and speed perturbation differ from the reference, and only at the level of resampler design.
 """
+import contextlib
 import functools
 import math
-import wave
+import os
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from files import InputError
 
 SAMPLE_RATE = 16000
 PSEUDO_SPEECH_SAMPLES = 10000           # an absent speech input is the features of this many zero samples
@@ -39,45 +44,148 @@ MAX_FILTER_ENTRIES = 1 << 24            # polyphase table limit (rates with a ti
 # ---------------------------------------------------------------------------------------------------------------
 # Reading wav files
 
-def read_wav(path):
-    """Read a PCM wav with the standard library. Returns (samples float32 (N,) in [-1, 1], sample_rate).
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8000, 384000     # telephone speech .. the fastest common audio hardware
+SILENCE_DBFS = -60.0    # a peak below this is no speech: 16-bit dither peaks near -90 dBFS, a quiet room's
+                        # noise through a real microphone near -50, speech near -20 (dBFS: 0 = full scale)
+WAVE_PCM, WAVE_FLOAT, WAVE_EXTENSIBLE = 1, 3, 0xFFFE                        # format tags of the fmt chunk
+_SUBFORMAT_TAIL = bytes.fromhex("000000001000800000aa00389b71")   # extensible subformat GUID after its tag
 
-    8/16/24/32-bit integer PCM; channels are averaged (librosa's mono). 16-bit k maps to k / 32768, as librosa.
+
+class WavInfo(NamedTuple):
+    """The format facts of a wav header (enough to write audio back in the input's own format)."""
+    sample_rate: int
+    channels: int
+    bits: int               # bits per stored sample: 8, 16, 24, 32 (integer PCM) or 32, 64 (float)
+    is_float: bool          # IEEE float samples (format 3, or extensible with the float subformat)
+    frames: int             # samples per channel
+    extensible: bool        # WAVE_FORMAT_EXTENSIBLE header (0xFFFE), as sox writes above 16 bits
+    data_offset: int        # file offset of the first sample
+
+    @property
+    def seconds(self):
+        return self.frames / self.sample_rate
+
+
+def wav_info(path):
+    """Read only the header of a wav file (RIFF chunks fmt and data; other chunks skipped). Returns WavInfo.
+
+    Integer PCM (8-bit unsigned, 16/24/32-bit signed) and IEEE float (32/64-bit), plain or WAVE_FORMAT_EXTENSIBLE.
+    Anything else, or a header that is cut short or impossible, raises files.InputError naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such wav file")
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: empty file, not a wav")
+    with _open_wav(path) as f:
+        return _parse_header(f, path, os.fstat(f.fileno()).st_size)
+
+
+@contextlib.contextmanager
+def _open_wav(path):
+    """Open for reading; a missing file, a folder or a read error become InputError naming the path."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a wav file")
     try:
-        with wave.open(str(path), "rb") as f:
-            channels, width, rate = f.getnchannels(), f.getsampwidth(), f.getframerate()
-            data = f.readframes(f.getnframes())
-    except (wave.Error, EOFError) as e:
-        raise ValueError(f"{path}: not a readable PCM wav file ({e}); convert it, e.g. "
-                         f"`sox {path} -b 16 out.wav`") from e
-    if width not in (1, 2, 3, 4):
-        raise ValueError(f"{path}: unsupported sample width {8 * width} bits (8, 16, 24 or 32-bit PCM)")
-    frame_bytes = channels * width
-    if len(data) == 0:
-        raise ValueError(f"{path}: the wav holds no samples")
-    data = data[: len(data) - len(data) % frame_bytes]      # drop a truncated last frame
-    samples = _pcm_to_float(data, width).view(-1, channels)  # (N, C)
-    mono = samples[:, 0] if channels == 1 else samples.mean(dim=1)
-    return mono.contiguous(), rate
+        with open(path, "rb") as f:
+            yield f
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such wav file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _pcm_to_float(data, width):
-    """Little-endian PCM bytes -> float32 (n,) scaled by 2**(bits-1); 8-bit wav is unsigned."""
+def _parse_header(f, path, size):
+    def bad(problem):
+        return InputError(f"{path}: {problem}")
+
+    if size == 0:
+        raise bad("empty file, not a wav")
+    riff = f.read(12)
+    if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:] != b"WAVE":
+        raise bad(f"not a wav file (no RIFF/WAVE header); convert it, e.g. `sox {path} -b 16 out.wav`")
+    fmt, data_offset, data_size = None, None, None
+    pos = 12
+    while (fmt is None or data_offset is None) and pos + 8 <= size:     # walk the chunks; the end may be junk
+        f.seek(pos)
+        chunk_id, chunk_size = struct.unpack("<4sI", f.read(8))
+        if pos + 8 + chunk_size > size:
+            raise bad(f"cut short: its {chunk_id.decode('latin-1')!r} chunk at byte {pos} says {chunk_size} bytes, "
+                      f"the file holds {size - pos - 8} after its header")
+        if chunk_id == b"fmt ":
+            fmt = f.read(chunk_size)
+        elif chunk_id == b"data":
+            data_offset, data_size = pos + 8, chunk_size
+        pos += 8 + chunk_size + chunk_size % 2          # chunks are padded to an even size
+    if fmt is None or data_offset is None:
+        ending = f" (it ends inside a chunk header at byte {pos})" if pos < size else ""
+        raise bad(f"no {'fmt' if fmt is None else 'data'} chunk in the wav{ending}")
+    if len(fmt) < 16:
+        raise bad(f"fmt chunk of {len(fmt)} bytes is cut short (16 at least)")
+    tag, channels, rate, _, block_align, bits = struct.unpack_from("<HHIIHH", fmt)
+    extensible = tag == WAVE_EXTENSIBLE
+    if extensible:                                      # the real format tag opens the subformat GUID
+        if len(fmt) < 40 or fmt[26:40] != _SUBFORMAT_TAIL:
+            raise bad("WAVE_FORMAT_EXTENSIBLE fmt chunk without a known subformat GUID")
+        tag = struct.unpack_from("<H", fmt, 24)[0]
+    if tag not in (WAVE_PCM, WAVE_FLOAT):
+        raise bad(f"format tag 0x{tag:04x} is neither PCM nor IEEE float; convert it, e.g. "
+                  f"`sox {path} -b 16 out.wav`")
+    is_float = tag == WAVE_FLOAT
+    kinds = (32, 64) if is_float else (8, 16, 24, 32)
+    if bits not in kinds:
+        raise bad(f"{bits}-bit {'float' if is_float else 'integer PCM'} samples are not supported "
+                  f"({'/'.join(map(str, kinds))}-bit only)")
+    if channels == 0:
+        raise bad("the header says 0 channels")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise bad(f"impossible sample rate {rate} Hz (expected {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE})")
+    frame_bytes = channels * bits // 8
+    if block_align != frame_bytes:
+        raise bad(f"block align {block_align} does not match {channels} channels of {bits} bits")
+    if data_size % frame_bytes:
+        raise bad(f"data chunk of {data_size} bytes is not a whole number of {frame_bytes}-byte frames")
+    return WavInfo(rate, channels, bits, is_float, data_size // frame_bytes, extensible, data_offset)
+
+
+def read_wav(path):
+    """Read a wav file. Returns (samples float32 (N,), sample_rate); channels are averaged (librosa's mono).
+
+    Integer k of b bits maps to k / 2**(b-1) (16-bit: k / 32768, as librosa), 8-bit is unsigned, float is kept.
+    Errors (missing, unreadable, not a wav, unsupported or broken header) raise files.InputError.
+    """
+    path = Path(path)
+    with _open_wav(path) as f:
+        info = _parse_header(f, path, os.fstat(f.fileno()).st_size)
+        if info.frames == 0:
+            raise InputError(f"{path}: the wav holds no samples")
+        f.seek(info.data_offset)
+        data = f.read(info.frames * info.channels * info.bits // 8)
+    samples = _samples_to_float(data, info.bits, info.is_float)
+    if info.is_float and not bool(torch.isfinite(samples).all()):
+        raise InputError(f"{path}: float samples include NaN or infinity")
+    samples = samples.view(-1, info.channels)                       # (N, C)
+    mono = samples[:, 0] if info.channels == 1 else samples.mean(dim=1)
+    return mono.contiguous(), info.sample_rate
+
+
+def _samples_to_float(data, bits, is_float):
+    """Little-endian sample bytes -> float32 (n,); integers scaled by 2**(bits-1), 8-bit is unsigned."""
+    if is_float:
+        return torch.from_numpy(np.frombuffer(data, dtype="<f4" if bits == 32 else "<f8").astype(np.float32))
     raw = np.frombuffer(data, dtype=np.uint8)
-    if width == 1:
+    if bits == 8:
         return torch.from_numpy((raw.astype(np.float32) - 128.0) / 128.0)
-    if width == 3:                      # assemble 24-bit little-endian into int32 with sign extension
+    if bits == 24:                      # assemble 24-bit little-endian into int32 with sign extension
         b = raw.reshape(-1, 3).astype(np.int32)
         ints = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8
     else:
-        ints = raw.view("<i2" if width == 2 else "<i4")
-    return torch.from_numpy(ints.astype(np.float32) / np.float32(2.0 ** (8 * width - 1)))
+        ints = raw.view("<i2" if bits == 16 else "<i4")
+    return torch.from_numpy(ints.astype(np.float32) / np.float32(2.0 ** (bits - 1)))
+
+
+def is_silent(samples):
+    """True when a waveform's peak is below SILENCE_DBFS. samples: float (N,) with full scale 1.0, as read_wav and
+    load_audio return them. Judge the raw samples: gain -n lifts dither to full scale and CMVN leaves noise."""
+    samples = torch.as_tensor(samples)
+    peak = float(samples.abs().max()) if samples.numel() else 0.0
+    return peak < 10.0 ** (SILENCE_DBFS / 20)
 
 
 def load_audio(path, sample_rate=SAMPLE_RATE):

@@ -701,12 +701,14 @@ class Recognizer:
                              f"(--max-audio-seconds); split it into utterances")
         if seconds < 0.085:                                    # < 7 fbank frames: nothing left after subsampling
             raise ValueError(f"{where}: {seconds * 1000:.0f} ms of audio is too short to recognise")
+        # silence is judged on the raw samples: gain -n lifts dither to full scale and CMVN leaves rounding noise
         if req.waveform is not None:
             fbank = audio.speech_features(x.float(), cmvn=self.featurizer.cmvn)
+            silent = audio.is_silent(x)
         else:
             fbank = self.featurizer.speech(req.wav)
-        silent = fbank.shape[0] > 1 and float(fbank.std()) == 0.0   # all frames equal: digital silence
-        return fbank, [f"{where}: the audio is silent"] if silent else []
+            silent = audio.is_silent(audio.read_wav(req.wav)[0])
+        return fbank, [f"{where}: the audio is silent (peak below {audio.SILENCE_DBFS:g} dBFS)"] if silent else []
 
     def _row(self, req, task):
         """-> (unbatched model inputs, warnings) for one request under `task` (pseudo input for what is absent)."""

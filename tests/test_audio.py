@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import audio  # noqa: E402
+import files  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 WAVS = sorted((FIXTURES / "wavs").glob("utt*.wav"))
@@ -89,18 +90,18 @@ def test_load_audio_resamples_to_16k(tmp_path, rate):
 
 
 def test_read_wav_bad_inputs(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.wav"):
+    with pytest.raises(files.InputError, match="nope.wav"):
         audio.read_wav(tmp_path / "nope.wav")
     (tmp_path / "empty.wav").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.wav.*empty"):
         audio.read_wav(tmp_path / "empty.wav")
     (tmp_path / "text.wav").write_text("hello, not audio")
-    with pytest.raises(ValueError, match="text.wav.*not a readable PCM wav"):
+    with pytest.raises(files.InputError, match="text.wav.*not a wav file"):
         audio.read_wav(tmp_path / "text.wav")
     with pytest.raises(ValueError, match="zero.wav.*no samples"):
         audio.read_wav(write_wav(tmp_path / "zero.wav", np.zeros(0, np.int16), 16000))
-    # IEEE-float wav (format tag 3) and a 40-bit PCM header: both refused with a clear message
-    for name, tag, bits in [("float.wav", 3, 32), ("wide.wav", 1, 40)]:
+    # an ADPCM wav (format tag 2) and a 40-bit PCM header: both refused with a clear message
+    for name, tag, bits in [("adpcm.wav", 2, 16), ("wide.wav", 1, 40)]:
         block = bits // 8
         fmt = struct.pack("<HHIIHH", tag, 1, 16000, 16000 * block, block, bits)
         body = b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", 4 * block) + \
@@ -339,3 +340,173 @@ def test_speech_features_bad_inputs():
         audio.speech_features(torch.zeros(399))
     with pytest.raises(ValueError, match="1-D"):
         audio.speech_features(torch.zeros(2, 16000))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue #14: silence judged on the raw samples, wav formats beyond 16-bit PCM, every read error an InputError
+
+def sox_wav(path, *args):
+    """Run `sox -n ... path <effects>`; args are the output options then the effects."""
+    subprocess.run(["sox", "-V1", "-n", "-r", "16000", *map(str, args[:args.index("--")]), str(path),
+                    *map(str, args[args.index("--") + 1:])], check=True)
+    return path
+
+
+def peak_lsb(path):
+    """The largest |sample| of a 16-bit wav in LSB (read with the standard library, not with audio.py)."""
+    with wave.open(str(path), "rb") as f:
+        return int(np.abs(np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.int32)).max())
+
+
+def silence_wavs(tmp_path):
+    """Exact digital zeros (sox -D: no dither) and 1-2 LSB dither, as sox writes them."""
+    zeros = sox_wav(tmp_path / "zeros.wav", "-D", "-b", "16", "--", "trim", "0", "1")
+    dither = sox_wav(tmp_path / "dither.wav", "-b", "16", "--", "trim", "0", "1")          # sox dithers by default
+    hiss = sox_wav(tmp_path / "hiss.wav", "-b", "16", "--", "synth", "1", "whitenoise", "vol", "0.00003")
+    assert peak_lsb(zeros) == 0 and 1 <= peak_lsb(dither) <= 2 and 1 <= peak_lsb(hiss) <= 2
+    return [zeros, dither, hiss]
+
+
+@needs_sox
+def test_silence_is_judged_on_raw_samples(tmp_path):
+    for path in silence_wavs(tmp_path):
+        assert audio.is_silent(audio.read_wav(path)[0]) and audio.is_silent(audio.load_audio(path)), path.name
+    for path in WAVS:                                       # real speech
+        assert not audio.is_silent(audio.read_wav(path)[0]), path.name
+    just_below, just_above = (10.0 ** ((audio.SILENCE_DBFS + d) / 20) for d in (-0.1, 0.1))
+    assert audio.is_silent(torch.full((100,), -just_below)) and not audio.is_silent(torch.full((100,), just_above))
+    assert audio.is_silent(torch.zeros(0))
+
+
+@needs_sox
+def test_decoder_warns_on_silence_and_not_on_speech(tmp_path):
+    """Recognizer._speech with a stand-in recogniser (no model needed): the warning used to test the fbank's std
+    after CMVN, which is rounding noise (about 4e-12), never exactly 0."""
+    import types
+    import decode
+
+    featurizer = types.SimpleNamespace(cmvn="utterance",
+                                       speech=lambda path: audio.speech_features(audio.load_audio(path)))
+    recognizer = types.SimpleNamespace(max_audio_seconds=60.0, featurizer=featurizer)
+
+    def warnings(**request):
+        return decode.Recognizer._speech(recognizer, decode.Request(**request))[1]
+
+    for path in silence_wavs(tmp_path):
+        assert any("silent" in w and path.name in w for w in warnings(wav=str(path))), path.name
+    assert any("silent" in w for w in warnings(waveform=torch.zeros(32000), id="0"))   # 2 s: fbank std 3.6e-12
+    assert warnings(wav=str(WAVS[0])) == [] and warnings(waveform=audio.read_wav(WAVS[0])[0], id="1") == []
+
+
+SOX_FORMATS = {                 # name: sox output options; the test signal is 440 Hz (660 Hz on channel 2), -6 dBFS
+    "s24": ["-b", "24", "-e", "signed-integer"], "s32": ["-b", "32", "-e", "signed-integer"],
+    "f32": ["-b", "32", "-e", "floating-point"], "f64": ["-b", "64", "-e", "floating-point"],
+    "u8": ["-b", "8", "-e", "unsigned-integer"], "s24-stereo": ["-b", "24", "-e", "signed-integer", "-c", "2"],
+    "f32-stereo": ["-b", "32", "-e", "floating-point", "-c", "2"]}
+
+
+@needs_sox
+@pytest.mark.parametrize("name", SOX_FORMATS)
+def test_read_wav_sox_formats_match_16bit(tmp_path, name):
+    """Each format against the same signal written as 16-bit PCM. sox -D rounds both to their grids, so they
+    differ by at most half an LSB of each: 1 LSB of 16 bit (8-bit: half of its own LSB + half of 16 bit's)."""
+    options = SOX_FORMATS[name]
+    channels = options[options.index("-c") + 1] if "-c" in options else "1"
+    tones = ["sine", "440", "sine", "660"][: 2 * int(channels)]                   # one tone per channel
+    effects = ["--", "synth", "0.5", *tones, "vol", "0.5"]
+    path = sox_wav(tmp_path / f"{name}.wav", "-D", *options, *effects)
+    ref_path = sox_wav(tmp_path / "ref16.wav", "-D", "-b", "16", "-e", "signed-integer", "-c", channels, *effects)
+    info = audio.wav_info(path)
+    bits, is_float = int(options[1]), options[3] == "floating-point"
+    assert (info.sample_rate, info.channels, info.bits, info.is_float, info.frames) == \
+        (16000, int(channels), bits, is_float, 8000) and info.seconds == 0.5
+    assert info.extensible == (bits > 16 and not is_float) and not audio.wav_info(ref_path).extensible  # sox's
+    x, rate = audio.read_wav(path)
+    ref, _ = audio.read_wav(ref_path)
+    tolerance = 0.5 * (2.0 ** -15 + 2.0 ** -(min(bits, 16) - 1))
+    assert rate == 16000 and x.shape == ref.shape == (8000,)
+    assert (x - ref).abs().max() <= tolerance and ref.abs().max() > 0.4
+
+
+def riff(*chunks):
+    """A RIFF/WAVE file from (id, payload) chunks; odd payloads get their pad byte."""
+    body = b"WAVE" + b"".join(cid + struct.pack("<I", len(data)) + data + b"\0" * (len(data) % 2)
+                              for cid, data in chunks)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def fmt_chunk(tag=1, channels=1, rate=16000, bits=16, block_align=None):
+    block = channels * bits // 8 if block_align is None else block_align
+    return b"fmt ", struct.pack("<HHIIHH", tag, channels, rate, rate * block, block, bits)
+
+
+@needs_sox
+def test_read_wav_extensible_float(tmp_path):
+    """sox writes float as format 3; the same samples under a WAVE_FORMAT_EXTENSIBLE header with the float
+    subformat GUID (as other tools write them) read the same."""
+    plain = sox_wav(tmp_path / "f32.wav", "-D", "-b", "32", "-e", "floating-point", "--", "synth", "0.1", "sine",
+                    "440")
+    info = audio.wav_info(plain)
+    samples = plain.read_bytes()[info.data_offset:][: info.frames * 4]
+    guid = struct.pack("<H", 3) + bytes.fromhex("000000001000800000aa00389b71")
+    fmt = struct.pack("<HHIIHHHHI", 0xFFFE, 1, 16000, 64000, 4, 32, 22, 32, 4) + guid
+    path = tmp_path / "f32-ext.wav"
+    path.write_bytes(riff((b"fmt ", fmt), (b"data", samples)))
+    ext = audio.wav_info(path)
+    assert ext.extensible and ext.is_float and ext.bits == 32 and ext.frames == info.frames == 1600
+    assert torch.equal(audio.read_wav(path)[0], audio.read_wav(plain)[0])
+
+
+def test_wav_info_skips_other_chunks_and_odd_padding(tmp_path):
+    k = np.array([1, -2, 300, -32768, 32767], dtype="<i2")
+    path = tmp_path / "chunks.wav"
+    path.write_bytes(riff((b"LIST", b"odd"), fmt_chunk(), (b"junk", b"x" * 7), (b"data", k.tobytes()),
+                          (b"tail", b"after the data")))
+    info = audio.wav_info(path)
+    assert info == audio.WavInfo(16000, 1, 16, False, 5, False, 12 + 8 + 4 + 24 + 16 + 8)
+    assert path.read_bytes()[info.data_offset:][:10] == k.tobytes()
+    x, rate = audio.read_wav(path)
+    assert rate == 16000 and torch.equal(x, torch.from_numpy(k.astype(np.float32) / 32768))
+
+
+BROKEN = {  # name: (file bytes, words the message must hold)
+    "cut-header.wav": (riff(fmt_chunk(), (b"data", bytes(16)))[:30], ["cut short", "fmt"]),
+    "cut-chunk-header.wav": (riff(fmt_chunk())[:-12] + riff(fmt_chunk())[-12:] + b"dat", ["no data chunk"]),
+    "cut-data.wav": (riff(fmt_chunk(), (b"data", bytes(16)))[:-6], ["cut short", "data", "16 bytes"]),
+    "no-data.wav": (riff(fmt_chunk(), (b"LIST", b"info")), ["no data chunk"]),
+    "no-fmt.wav": (riff((b"data", bytes(16))), ["no fmt chunk"]),
+    "short-fmt.wav": (riff((b"fmt ", bytes(12)), (b"data", bytes(16))), ["fmt chunk of 12 bytes"]),
+    "rate-0.wav": (riff(fmt_chunk(rate=0), (b"data", bytes(16))), ["sample rate 0 Hz"]),
+    "rate-7919.wav": (riff(fmt_chunk(rate=7919), (b"data", bytes(16))), ["sample rate 7919 Hz"]),
+    "rate-huge.wav": (riff(fmt_chunk(rate=10 ** 9), (b"data", bytes(16))), ["sample rate 1000000000 Hz"]),
+    "no-channels.wav": (riff(fmt_chunk(channels=0, block_align=2), (b"data", bytes(16))), ["0 channels"]),
+    "partial-frame.wav": (riff(fmt_chunk(channels=2), (b"data", bytes(15))), ["15 bytes", "4-byte frames"]),
+    "block-align.wav": (riff(fmt_chunk(block_align=4), (b"data", bytes(16))), ["block align 4"]),
+    "float16.wav": (riff(fmt_chunk(tag=3), (b"data", bytes(16))), ["16-bit float"]),
+    "ext-guid.wav": (riff((b"fmt ", struct.pack("<HHIIHHHHI", 0xFFFE, 1, 16000, 64000, 4, 32, 22, 32, 4) +
+                           bytes(16)), (b"data", bytes(16))), ["subformat GUID"]),
+    "not-riff.wav": (b"RIFX" + bytes(40), ["not a wav file"]),
+    "float-nan.wav": (riff(fmt_chunk(tag=3, bits=32), (b"data", np.array([0, np.nan], "<f4").tobytes())),
+                      ["NaN"]),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_read_wav_broken_headers_raise_input_error(tmp_path, name):
+    raw, words = BROKEN[name]
+    path = tmp_path / name
+    path.write_bytes(raw)
+    for read in (audio.read_wav, audio.load_audio):
+        with pytest.raises(files.InputError) as e:
+            read(path)
+        assert all(w in str(e.value) for w in [str(path)] + words), str(e.value)
+
+
+def test_read_errors_are_input_errors_naming_the_path(tmp_path):
+    (tmp_path / "folder.wav").mkdir()
+    (tmp_path / "empty.wav").write_bytes(b"")
+    cases = {"missing.wav": "no such wav file", "folder.wav": "is a directory", "empty.wav": "empty file"}
+    for name, problem in cases.items():
+        for read in (audio.wav_info, audio.read_wav):
+            with pytest.raises(files.InputError, match=f"{tmp_path / name}: {problem}"):
+                read(tmp_path / name)
