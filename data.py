@@ -508,6 +508,13 @@ def pinyin_units(initial: str, final: str, bare: str = "") -> list[str]:
     return out + ([coda] if coda else [])
 
 
+def _has_reading(ch: str) -> bool:
+    """pypinyin knows a reading of this Han character: its character table (what pinyin() looks a character up in;
+    load_single_dict adds to it) has one. A lookup, not a pinyin() call: a third of the time of phonemizing."""
+    from pypinyin.constants import PINYIN_DICT
+    return ord(ch) in PINYIN_DICT
+
+
 class Phonemizer:
     """Characters -> phone units, one list per character, so each phone knows the character it was said from.
 
@@ -554,7 +561,7 @@ class Phonemizer:
         from pypinyin import Style, pinyin
         from pypinyin.style import convert
         out = [u for u in self.units(ch)[:1] if u != ["<unk>"]]
-        if HAN.fullmatch(ch):
+        if HAN.fullmatch(ch) and _has_reading(ch):
             for syllable in pinyin(ch, style=Style.TONE, heteronym=True)[0]:
                 final = convert(syllable, Style.FINALS_TONE3, True)
                 units = self._fit(pinyin_units(convert(syllable, Style.INITIALS, True), final,
@@ -574,15 +581,25 @@ class Phonemizer:
         return CHINESE_DIGITS[int(n)] if "0" <= n <= "9" else n.upper() if "a" <= n.lower() <= "z" else n
 
     def _pinyin(self, run: str) -> list:
+        """A run of Han characters -> units per character; None (one '<unk>' phone) for a character pypinyin has
+        no reading for (𠮷, 兙: 68 of the basic block, ~800 of Extension A, most of Extension B). Those are taken
+        out before pypinyin sees the run: inside a phrase pypinyin style-converts whatever its errors= hook
+        returns, and a None there crashes it."""
+        out = []
+        for known, chars in itertools.groupby(run, key=_has_reading):
+            chars = "".join(chars)
+            out += self._pinyin_known(chars) if known else [None] * len(chars)
+        return out
+
+    def _pinyin_known(self, run: str) -> list:
         from pypinyin import Style, pinyin
-        unknown = lambda s: [None] * len(s)
-        ini = pinyin(run, style=Style.INITIALS, strict=True, errors=unknown)
-        fin = pinyin(run, style=Style.FINALS_TONE3, strict=True, neutral_tone_with_five=True, errors=unknown)
+        ini = pinyin(run, style=Style.INITIALS, strict=True)
+        fin = pinyin(run, style=Style.FINALS_TONE3, strict=True, neutral_tone_with_five=True)
         if len(ini) != len(run) or len(fin) != len(run):
-            return [self._pinyin(c)[0] for c in run] if len(run) > 1 else [None]
+            return [self._pinyin_known(c)[0] for c in run] if len(run) > 1 else [None]
         bare = lambda c: pinyin(c, style=Style.NORMAL)[0][0]  # only for syllabic nasals
-        return [self._fit(pinyin_units(i[0] or "", f[0], "" if f[0].rstrip("12345") else bare(c)))
-                if isinstance(f[0], str) else None for c, i, f in zip(run, ini, fin)]
+        return [self._fit(pinyin_units(i[0], f[0], "" if f[0].rstrip("12345") else bare(c)))
+                for c, i, f in zip(run, ini, fin)]
 
     def _fit(self, units: list[str]) -> list[str]:
         """A tone the inventory lacks (er5, ue5...) -> the same vowel with another tone; else '<unk>'."""

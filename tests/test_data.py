@@ -645,3 +645,46 @@ def test_entity_swap_keeps_nested_entities_and_shifts_offsets():
     assert data.EntitySwap(pool + [s], 0.0)(s, 0) is s
     with pytest.raises(ValueError, match="probability"):
         data.EntitySwap(pool, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue #14: valid input that used to crash, non-UTF-8 files, spans past the end
+
+NO_READING = "𠮷兙瓧嗧"  # Han characters pypinyin has no reading for (Extension B, then three of the basic block)
+
+
+def check_phones_per_character(p, text, inventory):
+    units, which = p(text)
+    per_char = p.units(text)
+    assert len(per_char) == len(text) and all(per_char), "every character gets one or more phones"
+    assert all(u in inventory for us in per_char for u in us)
+    assert units == [u for us in per_char for u in us]
+    assert which == [i for i, us in enumerate(per_char) for _ in us]  # the character map follows the units
+
+
+def test_han_characters_without_a_pinyin_reading_get_the_unknown_phone():
+    phones = data.read_phone_dict()
+    p = data.Phonemizer(phones)
+    assert p.units("𠮷野家在北京") == [["<unk>"], ["y", "e3"], ["j", "ia1"], ["z", "ai4"], ["b", "ei3"], ["j", "i1", "ng"]]
+    for ch in NO_READING:
+        assert p.units(ch) == [["<unk>"]] and p.readings(ch) == [] and p.pronounce(f"北{ch}京") == "b ei3 j i1 ng"
+    check_phones_per_character(p, "北" + NO_READING + "京野家", set(phones))
+    lexicon = {"北京": "b ei3 j i1 ng"}  # with a lexicon the other characters still go to pypinyin
+    assert data.Phonemizer(phones, lexicon).units("北京𠮷野") == [["b", "ei3"], ["j", "i1", "ng"], ["<unk>"], ["y", "e3"]]
+
+
+def test_every_han_character_gets_valid_phones():
+    """All of CJK basic and Extension A, every 8th character of Extension B, each block as one run."""
+    phones = data.read_phone_dict()
+    p = data.Phonemizer(phones)
+    for first, last, step in ((0x4E00, 0x9FFF, 1), (0x3400, 0x4DBF, 1), (0x20000, 0x2A6DF, 8)):
+        check_phones_per_character(p, "".join(chr(c) for c in range(first, last + 1, step)), set(phones))
+
+
+def test_featurizer_builds_text_inputs_for_characters_without_a_reading(corpus, featurizer):
+    s = Sample("x", "𠮷野家在北京", [E(4, 6, "LOC")])
+    x = featurizer.inputs(s, "TNER")
+    unk = featurizer.phone_id["<unk>"]
+    assert x["phones"][0] == unk and x["phone_chars"][0] == data.UNK  # 𠮷 is outside the corpus vocabulary too
+    assert len(x["phones"]) == 12 and x["phone_lengths"] == 12  # 1 + 2 + 2 + 2 + 2 + 3
+    assert x["target"].tolist() == featurizer.vocab.encode("𠮷野家在(北京)") + [data.EOS]

@@ -931,3 +931,15 @@ def test_evaluate_api_as_train_calls_it(tiny):
         assert (sc["p"], sc["r"], sc["f1"]) == (sc["official"]["p"], sc["official"]["r"], sc["official"]["f1"])
         assert sc["ours"]["gold"] == 5 and sc["cer"] == 0.0
     assert not model.training
+
+
+# ------------------------------------------------------------------------------------------------------------
+# issue #14: valid Chinese that used to crash, jsonl inputs of the wrong shape
+
+def test_constrained_tner_keeps_han_characters_without_a_pinyin_reading(tiny):
+    import data
+    rec = decode.Recognizer(tiny, device="cpu", beam=3)
+    texts = ["𠮷野家在北京", "兙瓧嗧", "张三去了𠮷野家"]
+    for text, res in zip(texts, rec.recognize(texts=texts)):
+        assert res["text"] == text and data.parse(res["output"])[0] == text
+        assert all(text[e["start"]:e["end"]] == e["text"] for e in res["entities"])
