@@ -34,6 +34,8 @@ from typing import NamedTuple
 
 import torch
 
+import files
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,14 +68,28 @@ class Sample:
     audio: str | None = None
 
 
-class DataError(ValueError):
+class DataError(files.InputError):
     """A malformed corpus line; the message starts with 'file:line:'."""
+
+
+def entity_problem(text: str, start: int, end: int, kind: str) -> str | None:
+    """Why the span [start, end) of type kind does not fit text; None when it does."""
+    if kind not in BRACKETS:
+        return f"type {kind!r} is not PER, LOC or ORG"
+    if start < 0:
+        return f"start {start} < 0"
+    if start >= end:
+        return f"start {start} >= end {end}"
+    if end > len(text):
+        return f"end {end} > sentence length {len(text)}"
+    return None
 
 
 def check_entities(text: str, entities) -> None:
     for e in entities:
-        if e.type not in BRACKETS or not 0 <= e.start < e.end <= len(text):
-            raise ValueError(f"entity {tuple(e)} does not fit a text of {len(text)} characters")
+        problem = entity_problem(text, *e)
+        if problem:
+            raise ValueError(f"entity {tuple(e)}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,17 +257,16 @@ def load_split(dataset: str, data_dir, split: str, audio_dir=None, errors: str =
     reader = {"cnerta": _read_cnerta, "aishell_ner": _read_bracketed, "image4imner": _read_bracketed,
               "msra": _read_bio}[kind]
     samples, malformed, replaced = SampleList(), [], 0
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, item in reader(f, dataset, s):
-            if isinstance(item, Exception):
-                err = DataError(f"{path}:{lineno}: {item}")
-                if errors == "raise":
-                    raise err from item
-                malformed.append(str(err))
-                continue
-            if any(c in BRACKET_CHARS for c in item.text):  # keep linearization invertible; offsets unchanged
-                item.text, replaced = item.text.translate(TO_FULLWIDTH), replaced + 1
-            samples.append(item)
+    for lineno, item in reader(read_lines(path), dataset, s):
+        if isinstance(item, Exception):
+            err = DataError(f"{path}:{lineno}: {item}")
+            if errors == "raise":
+                raise err from item
+            malformed.append(str(err))
+            continue
+        if any(c in BRACKET_CHARS for c in item.text):  # keep linearization invertible; offsets unchanged
+            item.text, replaced = item.text.translate(TO_FULLWIDTH), replaced + 1
+        samples.append(item)
     report = {"file": str(path), "sentences": len(samples), "brackets_made_fullwidth": replaced,
               "malformed_count": len(malformed), "malformed": malformed[:5]}
     if audio_dir is None and kind != "msra" and (data_dir / "wav").is_dir():
@@ -265,9 +280,9 @@ def load_split(dataset: str, data_dir, split: str, audio_dir=None, errors: str =
     return samples
 
 
-def _read_cnerta(f, dataset, split):
+def _read_cnerta(lines, dataset, split):
     """JSON lines {"sentence", "audio", "entity": [[start, end_exclusive, text, TYPE], ...], ...}."""
-    for lineno, line in enumerate(f, 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -279,21 +294,22 @@ def _read_cnerta(f, dataset, split):
                 if not (isinstance(item, list) and len(item) == 4 and all(isinstance(x, int) for x in item[:2])):
                     raise ValueError(f"entity {item!r} is not [start, end, text, type]")
                 start, end, span, kind = item
-                if kind not in BRACKETS:
-                    raise ValueError(f"entity {item!r}: type {kind!r} is not PER, LOC or ORG")
-                if not 0 <= start < end <= len(text) or text[start:end] != span:
-                    raise ValueError(f"entity {item!r}: the sentence has {text[start:end]!r} at [{start}, {end})")
+                problem = entity_problem(text, start, end, kind)
+                if problem is None and text[start:end] != span:
+                    problem = f"the sentence has {text[start:end]!r} at [{start}, {end})"
+                if problem:
+                    raise ValueError(f"entity {item!r}: {problem}")
                 entities.append(Entity(start, end, kind))
             yield lineno, Sample(str(d.get("audio") or f"{dataset}-{split}-{lineno}"), text, entities)
         except (ValueError, TypeError) as e:
             yield lineno, e
 
 
-def _read_bracketed(f, dataset, split):
+def _read_bracketed(lines, dataset, split):
     """'<utt id> <bracketed text>' lines. aishell_ner: our strict parser; image4imner (the official repo's lossy
     files): the official pairing rule, without its last-character bug so that the training targets keep what
     the file says."""
-    for lineno, line in enumerate(f, 1):
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)
@@ -308,10 +324,10 @@ def _read_bracketed(f, dataset, split):
             yield lineno, e
 
 
-def _read_bio(f, dataset, split):
+def _read_bio(lines, dataset, split):
     """'character TAG' lines (BIO or BMES; types PER/LOC/ORG or NR/NS/NT), a blank line between sentences."""
     chars, tags, first, bad = [], [], None, None
-    for lineno, line in enumerate(itertools.chain(f, [""]), 1):  # "": flushes the last sentence
+    for lineno, line in enumerate(itertools.chain(lines, [""]), 1):  # "": flushes the last sentence
         fields = line.split()
         if fields and bad is None:
             m = BIO_TAG.match(fields[-1]) if len(fields) == 2 and len(fields[0]) == 1 else None
@@ -382,13 +398,16 @@ def attach_audio(samples, audio_dir) -> dict:
 
 
 def read_lines(path) -> list[str]:
-    """Lines split on '\\n' only: BERT's vocab.txt has a U+2028 token that str.splitlines() would split."""
-    raw = Path(path).read_bytes()
+    """The lines of a user's text file (corpus, JSON lines, vocabulary, dictionaries) as files.read_text reads it
+    (UTF-8, a BOM dropped; other bytes: 'file:line: not UTF-8 ...'), its errors as DataError. Split on '\\n' only,
+    a '\\r' before it dropped: BERT's vocab.txt has a U+2028 token, and a sentence may hold U+2028 or U+0085,
+    which str.splitlines() (files.read_lines) would split, numbering the lines unlike the error messages."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 ({e})") from None
-    return [line.rstrip("\r") for line in text.split("\n")][: None if not text.endswith("\n") else -1]
+        text = files.read_text(path)
+    except files.InputError as e:
+        raise DataError(str(e)) from None
+    lines = [line.rstrip("\r") for line in text.split("\n")]
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def read_phone_dict(path=ASSETS / "phone_dict.txt", expected_size: int | None = None) -> list[str]:
@@ -421,7 +440,7 @@ def read_lexicon(path, phones: list[str] | None = None) -> dict[str, str]:
         unknown = [p for p in parts[1].split() if known is not None and p not in known]
         if unknown:
             raise DataError(f"{path}:{lineno}: phone(s) {unknown} of {parts[0]!r} are not in phone_dict.txt")
-        lexicon.setdefault(parts[0].strip().lstrip("\ufeff"), " ".join(parts[1].split()))
+        lexicon.setdefault(parts[0].strip(), " ".join(parts[1].split()))
     return lexicon
 
 
@@ -508,6 +527,13 @@ def pinyin_units(initial: str, final: str, bare: str = "") -> list[str]:
     return out + ([coda] if coda else [])
 
 
+def _has_reading(ch: str) -> bool:
+    """pypinyin knows a reading of this Han character: its character table (what pinyin() looks a character up in;
+    load_single_dict adds to it) has one. A lookup, not a pinyin() call: a third of the time of phonemizing."""
+    from pypinyin.constants import PINYIN_DICT
+    return ord(ch) in PINYIN_DICT
+
+
 class Phonemizer:
     """Characters -> phone units, one list per character, so each phone knows the character it was said from.
 
@@ -554,7 +580,7 @@ class Phonemizer:
         from pypinyin import Style, pinyin
         from pypinyin.style import convert
         out = [u for u in self.units(ch)[:1] if u != ["<unk>"]]
-        if HAN.fullmatch(ch):
+        if HAN.fullmatch(ch) and _has_reading(ch):
             for syllable in pinyin(ch, style=Style.TONE, heteronym=True)[0]:
                 final = convert(syllable, Style.FINALS_TONE3, True)
                 units = self._fit(pinyin_units(convert(syllable, Style.INITIALS, True), final,
@@ -574,15 +600,25 @@ class Phonemizer:
         return CHINESE_DIGITS[int(n)] if "0" <= n <= "9" else n.upper() if "a" <= n.lower() <= "z" else n
 
     def _pinyin(self, run: str) -> list:
+        """A run of Han characters -> units per character; None (one '<unk>' phone) for a character pypinyin has
+        no reading for (𠮷, 兙: 68 of the basic block, ~800 of Extension A, most of Extension B). Those are taken
+        out before pypinyin sees the run: inside a phrase pypinyin style-converts whatever its errors= hook
+        returns, and a None there crashes it."""
+        out = []
+        for known, chars in itertools.groupby(run, key=_has_reading):
+            chars = "".join(chars)
+            out += self._pinyin_known(chars) if known else [None] * len(chars)
+        return out
+
+    def _pinyin_known(self, run: str) -> list:
         from pypinyin import Style, pinyin
-        unknown = lambda s: [None] * len(s)
-        ini = pinyin(run, style=Style.INITIALS, strict=True, errors=unknown)
-        fin = pinyin(run, style=Style.FINALS_TONE3, strict=True, neutral_tone_with_five=True, errors=unknown)
+        ini = pinyin(run, style=Style.INITIALS, strict=True)
+        fin = pinyin(run, style=Style.FINALS_TONE3, strict=True, neutral_tone_with_five=True)
         if len(ini) != len(run) or len(fin) != len(run):
-            return [self._pinyin(c)[0] for c in run] if len(run) > 1 else [None]
+            return [self._pinyin_known(c)[0] for c in run] if len(run) > 1 else [None]
         bare = lambda c: pinyin(c, style=Style.NORMAL)[0][0]  # only for syllabic nasals
-        return [self._fit(pinyin_units(i[0] or "", f[0], "" if f[0].rstrip("12345") else bare(c)))
-                if isinstance(f[0], str) else None for c, i, f in zip(run, ini, fin)]
+        return [self._fit(pinyin_units(i[0], f[0], "" if f[0].rstrip("12345") else bare(c)))
+                for c, i, f in zip(run, ini, fin)]
 
     def _fit(self, units: list[str]) -> list[str]:
         """A tone the inventory lacks (er5, ue5...) -> the same vowel with another tone; else '<unk>'."""
@@ -642,7 +678,7 @@ def phone_agreement(lexicon_path, stride: int = 1) -> dict:
     entries = collections.defaultdict(list)
     for line in read_lines(lexicon_path):
         word, _, phones = line.partition("\t")
-        entries[word.strip().lstrip("\ufeff")].append(" ".join(phones.split()))
+        entries[word.strip()].append(" ".join(phones.split()))
     phonemizer = Phonemizer(read_phone_dict())
     words = list(entries)[::stride]
     spelt = {w: phonemizer.pronounce(w) for w in words}
@@ -1139,14 +1175,13 @@ def gazetteer(train_dataset, train_dir, train_split, dataset, data_dir, split, *
 
 def json_lines(path):
     """-> (line number, parsed object) for every non-blank line of a JSON-lines file; a bad line says where."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
 
 
 def read_predictions(path, task: str) -> dict[str, dict]:
@@ -1154,15 +1189,15 @@ def read_predictions(path, task: str) -> dict[str, dict]:
     records, tasks = {}, collections.Counter()
     for lineno, r in json_lines(path):
         if not isinstance(r, dict) or not {"id", "task", "entities"} <= set(r):
-            raise ValueError(f"{path}:{lineno}: not a decode.py record (needs id, task, entities)")
+            raise DataError(f"{path}:{lineno}: not a decode.py record (needs id, task, entities)")
         tasks[r["task"]] += 1
         if r["task"] != task:
             continue
         if r["id"] in records:
-            raise ValueError(f"{path}:{lineno}: a second {task} record for id {r['id']!r}")
+            raise DataError(f"{path}:{lineno}: a second {task} record for id {r['id']!r}")
         records[r["id"]] = r
     if not records:
-        raise ValueError(f"{path}: no {task} records (tasks in the file: {dict(tasks) or 'none'})")
+        raise DataError(f"{path}: no {task} records (tasks in the file: {dict(tasks) or 'none'})")
     return records
 
 
@@ -1176,9 +1211,9 @@ def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dat
     for i, r in records.items():
         s = by_id.get(i)
         if s is None:
-            raise ValueError(f"{predictions}: id {i!r} is not in {dataset} {SPLITS[split]} ({samples.report['file']})")
+            raise DataError(f"{predictions}: id {i!r} is not in {dataset} {SPLITS[split]} ({samples.report['file']})")
         if r.get("input_text", s.text) != s.text:
-            raise ValueError(f"{predictions}: id {i!r}: input text {r['input_text']!r} is not the gold {s.text!r}")
+            raise DataError(f"{predictions}: id {i!r}: input text {r['input_text']!r} is not the gold {s.text!r}")
     golds = [s for s in samples if s.id in records]
     preds = [[Entity(e["start"], e["end"], e["type"]) for e in records[s.id]["entities"]] for s in golds]
     seen = None
@@ -1232,8 +1267,8 @@ def stats(dataset, data_dir, split, audio_dir=None) -> dict:
         json_file = Path(r["file"]).parent / ("valid.json" if SPLITS[split] == "dev" else f"{SPLITS[split]}.json")
         if json_file.is_file():
             gold = {s.id: set(s.entities) for s in load_split("cnerta", json_file.parent, split, verbose=False)}
-            with open(r["file"], encoding="utf-8") as f:
-                lines = dict(parts for parts in (line.split(maxsplit=1) for line in f) if len(parts) == 2)
+            lines = dict(parts for parts in (line.split(maxsplit=1) for line in read_lines(r["file"]))
+                         if len(parts) == 2)
             both = [s for s in samples if s.id in gold]
             out["vs_json"] = {
                 "file": str(json_file), "sentences_matched": len(both),

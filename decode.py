@@ -1023,26 +1023,49 @@ def format_scores(scores):
 # command line
 
 
+JSONL_KEYS = ("text", "wav", "id")
+JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array",
+              dict: "an object", type(None): "null"}
+
+
 def read_jsonl_requests(path):
-    """{"text"?, "wav"?, "id"?} per line; a relative wav path is taken relative to the file's folder."""
+    """{"text"?, "wav"?, "id"?} per line: text a non-blank string, wav the path of a file (a relative one is taken
+    relative to the jsonl file's folder), id a string or an integer (default: the line number). Anything else,
+    unknown keys included (a typo would otherwise drop an input silently), is files.InputError 'FILE:LINE: why'."""
     import data
+    import files
     reqs, base = [], os.path.dirname(os.path.abspath(path))
     for lineno, obj in data.json_lines(path):
+        where = f"{path}:{lineno}"
         if not isinstance(obj, dict):
-            raise ValueError(f"{path}:{lineno}: expected an object with \"text\" and/or \"wav\"")
-        unknown = set(obj) - {"text", "wav", "id"}
+            raise files.InputError(f'{where}: expected a JSON object with "text" and/or "wav", got '
+                                   f"{JSON_TYPES[type(obj)]}")
+        unknown = [k for k in obj if k not in JSONL_KEYS]
         if unknown:
-            raise ValueError(f"{path}:{lineno}: unknown key(s) {sorted(unknown)} (allowed: text, wav, id)")
+            raise files.InputError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))} "
+                                   f"(known: {', '.join(JSONL_KEYS)})")
         if obj.get("text") is None and obj.get("wav") is None:
-            raise ValueError(f"{path}:{lineno}: needs \"text\" and/or \"wav\"")
+            raise files.InputError(f'{where}: needs "text" and/or "wav"')
+        for key in ("text", "wav"):
+            value = obj.get(key)
+            if value is not None and not isinstance(value, str):
+                raise files.InputError(f'{where}: "{key}" must be a string, got {JSON_TYPES[type(value)]} '
+                                       f"({json.dumps(value, ensure_ascii=False)[:40]})")
+            if value is not None and not value.strip():
+                raise files.InputError(f'{where}: "{key}" is empty')
+        uid = obj.get("id", lineno)
+        if isinstance(uid, bool) or not isinstance(uid, (str, int)):
+            raise files.InputError(f'{where}: "id" must be a string or an integer, got {JSON_TYPES[type(uid)]}')
         wav = obj.get("wav")
-        if wav is not None and not os.path.isabs(wav):
-            wav = os.path.join(base, wav)
-        if wav is not None and not os.path.isfile(wav):
-            raise ValueError(f"{path}:{lineno}: wav not found: {wav}")
-        reqs.append(Request(text=obj.get("text"), wav=wav, id=str(obj.get("id", lineno))))
+        if wav is not None:
+            wav = os.path.join(base, wav)  # an absolute wav path stays as it is
+            if os.path.isdir(wav):
+                raise files.InputError(f"{where}: wav {wav} is a directory, expected a wav file")
+            if not os.path.isfile(wav):
+                raise files.InputError(f"{where}: wav not found: {wav}")
+        reqs.append(Request(text=obj.get("text"), wav=wav, id=str(uid)))
     if not reqs:
-        raise ValueError(f"{path}: no inputs")
+        raise files.InputError(f"{path}: no inputs")
     return reqs
 
 

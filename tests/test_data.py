@@ -3,6 +3,7 @@ import collections
 import io
 import json
 import random
+import re
 import sys
 import wave
 from contextlib import redirect_stdout
@@ -14,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import files  # noqa: E402
 from data import Entity, Sample  # noqa: E402
 
 SHARED = ROOT / ".." / "shared"
@@ -52,10 +54,10 @@ def test_crossing_spans_drop_the_shorter():
 def test_linearize_rejects_bad_input():
     with pytest.raises(ValueError, match="bracket"):
         data.linearize("a(b", [])
-    with pytest.raises(ValueError, match="does not fit"):
-        data.linearize("ab", [E(1, 3, "PER")])
-    with pytest.raises(ValueError, match="does not fit"):
-        data.linearize("ab", [E(1, 1, "PER")])
+    for entity, why in [(E(1, 3, "PER"), "end 3 > sentence length 2"), (E(1, 1, "PER"), "start 1 >= end 1"),
+                        (E(-1, 1, "PER"), "start -1 < 0"), (E(0, 1, "GPE"), "type 'GPE' is not PER, LOC or ORG")]:
+        with pytest.raises(ValueError, match=re.escape(f"entity {tuple(entity)}: {why}")):
+            data.linearize("ab", [entity])
 
 
 def random_nested(rng, n):
@@ -176,8 +178,11 @@ def test_flat_audio_folder_and_default_wav_dir(tmp_path):
 
 
 @pytest.mark.parametrize("line, why", [
-    ('{"sentence": "张三", "entity": [[0, 3, "张三", "PER"]]}', "the sentence has"),
-    ('{"sentence": "张三", "entity": [[0, 2, "张三", "GPE"]]}', "not PER, LOC or ORG"),
+    ('{"sentence": "张三", "entity": [[0, 3, "张三", "PER"]]}', "end 3 > sentence length 2"),
+    ('{"sentence": "张三", "entity": [[1, 1, "", "PER"]]}', "start 1 >= end 1"),
+    ('{"sentence": "张三", "entity": [[-1, 1, "张", "PER"]]}', "start -1 < 0"),
+    ('{"sentence": "张三", "entity": [[0, 1, "三", "PER"]]}', "the sentence has '张' at \\[0, 1\\)"),
+    ('{"sentence": "张三", "entity": [[0, 2, "张三", "GPE"]]}', "type 'GPE' is not PER, LOC or ORG"),
     ('{"sentence": "张三"}', '"entity"'),
     ('{"sentence": "张三", "entity": [[0, 2]]}', "is not \\[start, end, text, type\\]"),
     ("not json", "Expecting value"),
@@ -645,3 +650,88 @@ def test_entity_swap_keeps_nested_entities_and_shifts_offsets():
     assert data.EntitySwap(pool + [s], 0.0)(s, 0) is s
     with pytest.raises(ValueError, match="probability"):
         data.EntitySwap(pool, 1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue #14: valid input that used to crash, non-UTF-8 files, spans past the end
+
+NO_READING = "𠮷兙瓧嗧"  # Han characters pypinyin has no reading for (Extension B, then three of the basic block)
+
+
+def check_phones_per_character(p, text, inventory):
+    units, which = p(text)
+    per_char = p.units(text)
+    assert len(per_char) == len(text) and all(per_char), "every character gets one or more phones"
+    assert all(u in inventory for us in per_char for u in us)
+    assert units == [u for us in per_char for u in us]
+    assert which == [i for i, us in enumerate(per_char) for _ in us]  # the character map follows the units
+
+
+def test_han_characters_without_a_pinyin_reading_get_the_unknown_phone():
+    phones = data.read_phone_dict()
+    p = data.Phonemizer(phones)
+    assert p.units("𠮷野家在北京") == [["<unk>"], ["y", "e3"], ["j", "ia1"], ["z", "ai4"], ["b", "ei3"], ["j", "i1", "ng"]]
+    for ch in NO_READING:
+        assert p.units(ch) == [["<unk>"]] and p.readings(ch) == [] and p.pronounce(f"北{ch}京") == "b ei3 j i1 ng"
+    check_phones_per_character(p, "北" + NO_READING + "京野家", set(phones))
+    lexicon = {"北京": "b ei3 j i1 ng"}  # with a lexicon the other characters still go to pypinyin
+    assert data.Phonemizer(phones, lexicon).units("北京𠮷野") == [["b", "ei3"], ["j", "i1", "ng"], ["<unk>"], ["y", "e3"]]
+
+
+def test_every_han_character_gets_valid_phones():
+    """All of CJK basic and Extension A, every 8th character of Extension B, each block as one run."""
+    phones = data.read_phone_dict()
+    p = data.Phonemizer(phones)
+    for first, last, step in ((0x4E00, 0x9FFF, 1), (0x3400, 0x4DBF, 1), (0x20000, 0x2A6DF, 8)):
+        check_phones_per_character(p, "".join(chr(c) for c in range(first, last + 1, step)), set(phones))
+
+
+def test_featurizer_builds_text_inputs_for_characters_without_a_reading(corpus, featurizer):
+    s = Sample("x", "𠮷野家在北京", [E(4, 6, "LOC")])
+    x = featurizer.inputs(s, "TNER")
+    unk = featurizer.phone_id["<unk>"]
+    assert x["phones"][0] == unk and x["phone_chars"][0] == data.UNK  # 𠮷 is outside the corpus vocabulary too
+    assert len(x["phones"]) == 12 and x["phone_lengths"] == 12  # 1 + 2 + 2 + 2 + 2 + 3
+    assert x["target"].tolist() == featurizer.vocab.encode("𠮷野家在(北京)") + [data.EOS]
+
+
+@pytest.mark.parametrize("dataset, good, bad, column", [
+    ("cnerta", json.dumps(CNERTA_LINES[1], ensure_ascii=False).encode(), b'{"sentence": "\xff', 15),
+    ("aishell_ner", "ID1 (北京)仅新增".encode(), b"ID2 \xe5\x8c", 5),  # a character cut short
+    ("image4imner", "ID1 (北京)仅新增".encode(), "ID2 北京".encode("gbk"), 5),
+    ("msra", "北 B-LOC\n京 I-LOC\n".encode(), b"\xff O", 1),
+])
+def test_corpus_files_must_be_utf8_and_may_start_with_a_bom(tmp_path, dataset, good, bad, column):
+    path = tmp_path / "train.json" if dataset == "cnerta" else tmp_path / "train.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n")
+    samples = data.load_split(dataset, tmp_path, "train", verbose=False)
+    assert len(samples) == 1 and samples[0].entities and samples[0].id != "\ufeffID1"
+    path.write_bytes(good + b"\n" + bad + b"\n")
+    line = good.count(b"\n") + 2
+    for errors in ("raise", "collect"):  # a file in another encoding is refused whole, even when collecting
+        with pytest.raises(data.DataError, match=re.escape(f"{path}:{line}: not UTF-8 (byte 0x{bad[column - 1]:02x} "
+                                                           f"at column {column})")):
+            data.load_split(dataset, tmp_path, "train", errors=errors, verbose=False)
+    assert issubclass(data.DataError, files.InputError)  # entry points print it without a traceback
+
+
+def test_dictionaries_and_json_lines_must_be_utf8(tmp_path):
+    phone_dict = tmp_path / "phone_dict.txt"
+    phone_dict.write_bytes(b"a1 1\nb\xe9 1\n")
+    with pytest.raises(data.DataError, match=re.escape(f"{phone_dict}:2: not UTF-8 (byte 0xe9 at column 2)")):
+        data.read_phone_dict(phone_dict)
+    lexicon = tmp_path / "lex.txt"
+    lexicon.write_bytes("\ufeff中\tzh o1 ng\n".encode() + "国\tg uo2\n".encode("utf-16"))
+    with pytest.raises(data.DataError, match=re.escape(f"{lexicon}:2: not UTF-8 (byte 0xff at column 1)")):
+        data.read_lexicon(lexicon)
+    lexicon.write_bytes("\ufeff中\tzh o1 ng\n".encode())
+    assert data.read_lexicon(lexicon) == {"中": "zh o1 ng"}  # the BOM is not part of the first word
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes('\ufeff{"text": "甲\u2028乙"}\n\n{"text": "丙"}\n'.encode())  # BOM; U+2028 is no line end
+    assert list(data.json_lines(jsonl)) == [(1, {"text": "甲\u2028乙"}), (3, {"text": "丙"})]
+    jsonl.write_bytes(b'{"text": "a"}\n{"text": "\xff"}\n')
+    with pytest.raises(data.DataError, match=re.escape(f"{jsonl}:2: not UTF-8 (byte 0xff at column 11)")):
+        list(data.json_lines(jsonl))
+    jsonl.write_bytes('{"text": "甲\u2028乙"}\n{"text" 1}\n'.encode())
+    with pytest.raises(data.DataError, match=re.escape(f"{jsonl}:2: not JSON")):
+        list(data.json_lines(jsonl))

@@ -931,3 +931,53 @@ def test_evaluate_api_as_train_calls_it(tiny):
         assert (sc["p"], sc["r"], sc["f1"]) == (sc["official"]["p"], sc["official"]["r"], sc["official"]["f1"])
         assert sc["ours"]["gold"] == 5 and sc["cer"] == 0.0
     assert not model.training
+
+
+# ------------------------------------------------------------------------------------------------------------
+# issue #14: valid Chinese that used to crash, jsonl inputs of the wrong shape
+
+def test_constrained_tner_keeps_han_characters_without_a_pinyin_reading(tiny):
+    import data
+    rec = decode.Recognizer(tiny, device="cpu", beam=3)
+    texts = ["𠮷野家在北京", "兙瓧嗧", "张三去了𠮷野家"]
+    for text, res in zip(texts, rec.recognize(texts=texts)):
+        assert res["text"] == text and data.parse(res["output"])[0] == text
+        assert all(text[e["start"]:e["end"]] == e["text"] for e in res["entities"])
+
+
+@pytest.mark.parametrize("line, why", [
+    ('{"text": 123}', '"text" must be a string, got a number (123)'),
+    ('{"wav": 5}', '"wav" must be a string, got a number (5)'),
+    ('{"text": "", "wav": ""}', '"text" is empty'),
+    ('{"text": "  "}', '"text" is empty'),
+    ('{"text": "a", "wav": ""}', '"wav" is empty'),
+    ('{"text": "a", "id": [1]}', '"id" must be a string or an integer, got an array'),
+    ('{"text": "a", "id": true}', '"id" must be a string or an integer, got a boolean'),
+    ("{}", 'needs "text" and/or "wav"'),
+    ('{"text": null}', 'needs "text" and/or "wav"'),
+    ("[1, 2]", 'expected a JSON object with "text" and/or "wav", got an array'),
+    ('"x"', 'expected a JSON object with "text" and/or "wav", got a string'),
+    ('{"txt": "a", "wave": "a.wav"}', "unknown key(s) 'txt', 'wave' (known: text, wav, id)"),
+    ('{"wav": "missing.wav"}', "wav not found: {dir}/missing.wav"),
+    ('{"wav": "sub"}', "wav {dir}/sub is a directory, expected a wav file"),
+    ('{"text": "a"}\n\xff', "not UTF-8 (byte 0xff at column 1)"),
+])
+def test_jsonl_input_problems_name_file_and_line(tmp_path, line, why):
+    import re
+    import files
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"text": "a"}\n' + line.encode("latin-1" if "\xff" in line else "utf-8") + b"\n")
+    at = f"{path}:{3 if chr(0xff) in line else 2}: "
+    with pytest.raises(files.InputError, match=re.escape(at + why.format(dir=tmp_path))):
+        decode.read_jsonl_requests(str(path))
+
+
+def test_jsonl_input_bom_relative_wavs_and_ids(tmp_path):
+    (tmp_path / "sub").mkdir()
+    wav = write_wav(tmp_path / "sub" / "a.wav", torch.zeros(1600))
+    lines = ['{"text": "甲", "wav": null}', "", '{"wav": "sub/a.wav", "id": 7}', json.dumps({"text": "乙", "wav": wav})]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(("\ufeff" + "\n".join(lines) + "\n").encode())  # a BOM: Windows editors write one
+    reqs = decode.read_jsonl_requests(str(path))
+    assert [(r.text, r.wav, r.id) for r in reqs] == [("甲", None, "1"), (None, wav, "7"), ("乙", wav, "4")]
