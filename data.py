@@ -27,13 +27,13 @@ import re
 import sys
 import tempfile
 import unicodedata
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+import audio
 import files
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -398,16 +398,11 @@ def attach_audio(samples, audio_dir) -> dict:
 
 
 def read_lines(path) -> list[str]:
-    """The lines of a user's text file (corpus, JSON lines, vocabulary, dictionaries) as files.read_text reads it
-    (UTF-8, a BOM dropped; other bytes: 'file:line: not UTF-8 ...'), its errors as DataError. Split on '\\n' only,
-    a '\\r' before it dropped: BERT's vocab.txt has a U+2028 token, and a sentence may hold U+2028 or U+0085,
-    which str.splitlines() (files.read_lines) would split, numbering the lines unlike the error messages."""
+    """files.read_lines with its errors as DataError (weights.py turns those into ConversionError)."""
     try:
-        text = files.read_text(path)
+        return files.read_lines(path)
     except files.InputError as e:
         raise DataError(str(e)) from None
-    lines = [line.rstrip("\r") for line in text.split("\n")]
-    return lines[:-1] if lines[-1] == "" else lines
 
 
 def read_phone_dict(path=ASSETS / "phone_dict.txt", expected_size: int | None = None) -> list[str]:
@@ -696,12 +691,10 @@ PSEUDO_SPEECH_SAMPLES = 10_000  # 0.625 s of zeros at 16 kHz
 
 
 def _speech_features(path, speed: float, cmvn: str) -> torch.Tensor:
-    import audio  # module-level function: tests may stand in for audio.py
     return audio.speech_features(audio.load_audio(path, sample_rate=16000), cmvn=cmvn, speed=speed)
 
 
 def _pseudo_speech_features(cmvn: str) -> torch.Tensor:
-    import audio
     return audio.speech_features(torch.zeros(PSEUDO_SPEECH_SAMPLES), cmvn=cmvn, speed=1.0)
 
 
@@ -835,11 +828,8 @@ def collate(items: list[dict]) -> dict:
 
 def _wav_frames(path) -> int:
     """fbank frames (25 ms window, 10 ms shift, snip_edges) of a wav at 16 kHz, from its header."""
-    try:
-        with wave.open(str(path), "rb") as w:
-            n = w.getnframes() * 16000 // w.getframerate()
-    except (wave.Error, EOFError):  # not plain PCM: guess 16-bit mono
-        n = max(0, os.path.getsize(path) - 44) // 2
+    info = audio.wav_info(path)
+    n = info.frames * 16000 // info.sample_rate
     return max(0, 1 + (n - 400) // 160)
 
 

@@ -695,7 +695,7 @@ class Recognizer:
                 raise ValueError(f"{where}: expected a mono waveform (N,), got shape {tuple(x.shape)}")
             seconds = x.shape[0] / audio.SAMPLE_RATE
         else:
-            seconds = _wav_seconds(req.wav)
+            seconds = audio.wav_info(req.wav).seconds
         if seconds > self.max_audio_seconds:
             raise ValueError(f"{where}: {seconds:.1f} s of audio is over the {self.max_audio_seconds:g} s limit "
                              f"(--max-audio-seconds); split it into utterances")
@@ -893,16 +893,7 @@ class Recognizer:
         return self.run(reqs, batch_size=batch_size, task=task)
 
 
-def _wav_seconds(path):
-    """Duration from the wav header (cheap; unreadable files fail later with audio.py's message)."""
-    import wave
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"wav not found: {path}")
-    try:
-        with wave.open(str(path), "rb") as w:
-            return w.getnframes() / w.getframerate()
-    except (wave.Error, EOFError, ZeroDivisionError):
-        return 0.1
+
 
 
 def _length_hint(req):

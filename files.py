@@ -52,8 +52,11 @@ def read_text(path) -> str:
 
 
 def read_lines(path) -> list[str]:
-    """Lines without their line ends, as read_text reads them."""
-    return read_text(path).splitlines()
+    """Lines as read_text reads them, split on '\n' only (a '\r' before it dropped), so line numbers match the
+    error messages: str.splitlines() would also split at U+2028 or U+0085, which BERT's vocab.txt and some
+    sentences hold."""
+    lines = [line.rstrip("\r") for line in read_text(path).split("\n")]
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 # ----------------------------------------------------------------------------------------------------------------

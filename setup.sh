@@ -45,7 +45,7 @@ if [ -n "$missing" ]; then
       say "not root and no sudo: ask an administrator to run: apt-get install $missing"; exit 1
     fi
     apt_install || { as_root apt-get update -q >/dev/null && apt_install; } \
-      || { say "apt-get could not install: $missing"; exit 1; }
+      || { say "apt-get could not install: $missing (as root, or as a user whom sudo lets in, run: apt-get install $missing)"; exit 1; }
   elif command -v brew >/dev/null 2>&1; then
     say "installing with Homebrew: $missing"
     brew install $(echo "$missing" | sed 's/python3-venv//; s/python3/python/')
