@@ -25,7 +25,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import unicodedata
 import wave
 from dataclasses import dataclass, field
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+
+import files
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -66,7 +67,7 @@ class Sample:
     audio: str | None = None
 
 
-class DataError(ValueError):
+class DataError(files.InputError):
     """A malformed corpus line; the message starts with 'file:line:'."""
 
 
@@ -766,14 +767,8 @@ class Featurizer:
 
 def _atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with files.atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
