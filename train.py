@@ -532,9 +532,6 @@ def train(args):
             files.remove_stale_temps(out / name)  # of a killed run
 
     resume_ckpt = load_last(out / "last.pt") if args.resume else None
-    if not args.resume and master and (out / "last.pt").exists():
-        log(f"note: starting fresh in {out}; its last.pt/best.pt/metrics.jsonl are replaced (--resume continues)")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
 
     # --- data and model ---
     seed_everything(args.seed)  # model init identical on every rank
@@ -543,6 +540,9 @@ def train(args):
     train_tasks, eval_tasks = corpus_tasks(train_samples, dev_samples, args.tasks, log)
     if train_tasks is None:
         raise files.InputError(f"--tasks {','.join(args.tasks)}: none of them can be trained without audio")
+    if not args.resume and master and (out / "last.pt").exists():  # only now that the inputs are known good
+        log(f"note: starting fresh in {out}; its last.pt/best.pt/metrics.jsonl are replaced (--resume continues)")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if args.mix == "coin" and set(train_tasks) != set(TASKS):
         log(f"note: the coin mix needs all three tasks; training {','.join(train_tasks)} with the uniform mix")
         args.mix = "uniform"

@@ -421,7 +421,8 @@ def test_entity_swap_changes_text_rows_only_and_is_redrawn_per_epoch():
 
 def test_start_up_removes_temp_files_of_dead_runs_only(tmp_path, capsys):
     """A run killed with SIGKILL leaves .last.pt.tmpPID; the next run removes it at start-up (before any data is
-    read), but not the temp file of a process still writing."""
+    read), but not the temp file of a process still writing. A run refused for its inputs leaves the folder's
+    earlier outputs alone."""
     corpus = write_corpus(tmp_path / "data", n_train=0, n_dev=1, n_test=1, audio=False)   # refused: empty train split
     out = tmp_path / "out"
     out.mkdir()
@@ -430,8 +431,10 @@ def test_start_up_removes_temp_files_of_dead_runs_only(tmp_path, capsys):
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
         stale, busy = out / f".last.pt.tmp{gone.pid}", out / f".best.pt.tmp{live.pid}"
         stale.write_bytes(b"torn"), busy.write_bytes(b"being written")
+        (out / "last.pt").write_bytes(b"an earlier run"), (out / "metrics.jsonl").write_text("{}\n")
         with pytest.raises(SystemExit):
             train.main(base_args(corpus, out))
         live.kill()
     assert re.search(r"train\.py: \S*train\.json: no sentences in the train split", capsys.readouterr().err)
-    assert sorted(p.name for p in out.iterdir()) == [busy.name]
+    # the refused run keeps the earlier run's metrics (only a run that starts replaces them)
+    assert sorted(p.name for p in out.iterdir()) == sorted([busy.name, "last.pt", "metrics.jsonl"])
