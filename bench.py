@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 import audio
 import decode
+import files
 import image
 import weights
 
@@ -772,7 +773,7 @@ def main(argv=None):
     report["targets"] = targets(report, args)
     print(format_table(report, args))
     if args.json:
-        write_atomic(args.json, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        files.write_atomic(args.json, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
         print(f"bench: wrote {args.json}")
     return report
 
@@ -868,13 +869,6 @@ def format_table(r, args):
         lines.append(f"target   {name:58s} {_fmt(value):>10s}  "
                      f"{ {True: 'met', False: 'MISSED', None: 'not measured here'}[t['met']]}")
     return "\n".join(lines)
-
-
-def write_atomic(path, text):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def get_args(argv=None):

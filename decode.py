@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import files
+
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
 TYPES = ("PER", "LOC", "ORG")
 OPEN = {"PER": "[", "LOC": "(", "ORG": "<"}
@@ -625,11 +627,25 @@ class Request:
 
 
 def load_model(path, device="cpu", **config_overrides):
-    """-> (model, assets, ckpt) from our checkpoint format (weights.load_checkpoint)."""
+    """-> (model, assets, ckpt) from our checkpoint format (weights.load_checkpoint; a missing file, a folder or
+    another kind of file is a weights.ConversionError, an InputError)."""
     import weights
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
     return weights.load_checkpoint(path, device, **config_overrides)
+
+
+def parse_device(name):
+    """--device of decode.py and train.py -> torch.device; a bad name or an absent GPU is an InputError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise files.InputError(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise files.InputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise files.InputError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise files.InputError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 class Recognizer:
@@ -670,14 +686,14 @@ class Recognizer:
                                                          no_repeat_ngram_size=no_repeat_ngram_size,
                                                          ctc_weight=ctc_weight, ctc_candidates=ctc_candidates)
         if self.search.ctc_weight < 0 or self.search.ctc_candidates < 1:
-            raise ValueError(f"ctc_weight must be >= 0 and ctc_candidates >= 1 (got {self.search.ctc_weight}, "
-                             f"{self.search.ctc_candidates})")
+            raise files.InputError(f"ctc_weight must be >= 0 and ctc_candidates >= 1 (got "
+                                   f"{self.search.ctc_weight}, {self.search.ctc_candidates})")
         self.max_audio_seconds, self.nbest = max_audio_seconds, nbest
         if not 1 <= nbest <= self.search.beam:
-            raise ValueError(f"nbest {nbest} must be between 1 and the beam size {self.search.beam}")
+            raise files.InputError(f"nbest {nbest} must be between 1 and the beam size {self.search.beam}")
         capacity = self.model.decoder.max_len - 2                 # positions for BOS + max_len + EOS step
         if not 1 <= self.search.max_len <= capacity:
-            raise ValueError(f"max_len {self.search.max_len} must be in [1, {capacity}] (decoder positions)")
+            raise files.InputError(f"max_len {self.search.max_len} must be in [1, {capacity}] (decoder positions)")
         self.capacity = capacity
         self.open_ids = {t: self.vocab.char_id(OPEN[t]) for t in TYPES}
         self.close_ids = {t: self.vocab.char_id(CLOSE[t]) for t in TYPES}
@@ -748,10 +764,10 @@ class Recognizer:
 
     def _check_text(self, req):
         if not req.text or not req.text.strip():
-            raise ValueError(f"input {req.id or ''}: empty text".replace("  ", " "))
+            raise files.InputError(f"input {req.id or ''}: empty text".replace("  ", " "))
         if len(req.text) > self.capacity // 2:
-            raise ValueError(f"input {req.id}: text of {len(req.text)} characters is longer than this decoder can "
-                             f"bracket ({self.capacity // 2}); split it into sentences")
+            raise files.InputError(f"input {req.id}: text of {len(req.text)} characters is longer than this "
+                                   f"decoder can bracket ({self.capacity // 2}); split it into sentences")
 
     def _batch(self, reqs, task):
         rows, warns = [], []
@@ -853,11 +869,11 @@ class Recognizer:
         for i, req in enumerate(requests):
             t = task or req.task()
             if t in ("SNER", "MNER") and not req.has_speech:
-                raise ValueError(f"input {req.id or i}: task {t} needs speech (wav)")
+                raise files.InputError(f"input {req.id or i}: task {t} needs speech (wav)")
             if t in ("TNER", "MNER") and req.text is None:
-                raise ValueError(f"input {req.id or i}: task {t} needs text")
+                raise files.InputError(f"input {req.id or i}: task {t} needs text")
             if self.asr and not req.has_speech:
-                raise ValueError(f"input {req.id or i}: --asr needs speech (wav)")
+                raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
             groups.setdefault(t, []).append(i)
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
         keep_order = getattr(self.model.config, "modelscope_padding", False)
@@ -1060,13 +1076,6 @@ def read_jsonl_requests(path):
     return reqs
 
 
-def write_atomic(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -1131,41 +1140,59 @@ def get_args(argv=None):
         p.error("--batch-size and --beam must be >= 1")
     if args.task and len(args.task) > 1 and not args.dataset:
         p.error("--task takes one task unless --dataset is given")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0 (0 = torch default), got {args.threads}")
+    for flag in ("pseudo_len", "max_len", "nbest", "ctc_candidates"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 < args.max_audio_seconds < math.inf:  # NaN fails it too
+        p.error(f"--max-audio-seconds must be a positive number, got {args.max_audio_seconds}")
+    if not math.isfinite(args.entity_bias) or (args.ctc_weight is not None and not 0 <= args.ctc_weight < math.inf):
+        p.error(f"--entity-bias must be finite and --ctc-weight >= 0 (got {args.entity_bias}, {args.ctc_weight})")
+    if args.device is not None:
+        try:
+            args.device = parse_device(args.device)
+        except files.InputError as e:
+            p.error(str(e))
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
+    with files.cli_errors("decode.py"):  # bad inputs: one line; bugs keep their traceback
+        _main(args)
+
+
+def _main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    try:
-        rec = Recognizer(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype), beam=args.beam,
-                         max_len=args.max_len, greedy=args.greedy, constrain=not args.no_constrain, asr=args.asr,
-                         no_repeat_ngram_size=args.no_repeat_ngram, max_audio_seconds=args.max_audio_seconds,
-                         modelscope_padding=args.modelscope_padding, nbest=args.nbest,
-                         pseudo_text_len=args.pseudo_len, pool_chars=args.char_score == "pooled",
-                         ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates,
-                         entity_bias=args.entity_bias)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"decode.py: {e}")
+    # every input path and output location before the model and the decoding
+    for flag, path in (("--out", args.out), ("--predictions", args.predictions)):
+        if path is not None:
+            files.check_output_file(path, flag)
+    for flag, paths in (("--input", [args.input] if args.input else []), ("--wav", args.wav or [])):
+        for path in paths:
+            if os.path.isdir(path):
+                raise files.InputError(f"{flag} {path}: is a directory, expected a file")
+            if not os.path.isfile(path):
+                raise files.InputError(f"{flag} {path}: not found")
+    rec = Recognizer(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype), beam=args.beam,
+                     max_len=args.max_len, greedy=args.greedy, constrain=not args.no_constrain, asr=args.asr,
+                     no_repeat_ngram_size=args.no_repeat_ngram, max_audio_seconds=args.max_audio_seconds,
+                     modelscope_padding=args.modelscope_padding, nbest=args.nbest,
+                     pseudo_text_len=args.pseudo_len, pool_chars=args.char_score == "pooled",
+                     ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, entity_bias=args.entity_bias)
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))
-    try:
-        if args.dataset:
-            return _main_dataset(args, rec, progress, t0)
-        if args.input:
-            reqs = read_jsonl_requests(args.input)
-        else:
-            n = len(args.text or args.wav)
-            for w in args.wav or []:
-                if not os.path.isfile(w):
-                    raise ValueError(f"wav not found: {w}")
-            reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None,
-                            id=str(i)) for i in range(n)]
-        results = rec.run(reqs, batch_size=args.batch_size, progress=progress,
-                          task=args.task[0] if args.task else None)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"decode.py: {e}")
+    if args.dataset:
+        return _main_dataset(args, rec, progress, t0)
+    if args.input:
+        reqs = read_jsonl_requests(args.input)
+    else:
+        reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None, id=str(i))
+                for i in range(len(args.text or args.wav))]
+    results = rec.run(reqs, batch_size=args.batch_size, progress=progress, task=args.task[0] if args.task else None)
     _emit(args, results)
     print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
 
@@ -1173,7 +1200,7 @@ def main(argv=None):
 def _emit(args, results):
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.out:
-        write_atomic(args.out, lines)
+        files.write_atomic(args.out, lines)
     elif sys.stdout.isatty() and not args.json:
         print("\n".join(format_result(r) for r in results))
     else:
@@ -1211,12 +1238,12 @@ def _main_dataset(args, rec, progress, t0):
               "seconds": round(time.time() - t0, 1)}
     text = json.dumps(report, ensure_ascii=False, indent=1) + "\n"
     if args.out:
-        write_atomic(args.out, text)
+        files.write_atomic(args.out, text)
     elif not sys.stdout.isatty() or args.json:
         sys.stdout.write(text)
     if args.predictions:
-        write_atomic(args.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                               for task in tasks for r in preds[task]))
+        files.write_atomic(args.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                     for task in tasks for r in preds[task]))
     print(format_scores(scores), file=sys.stderr if not sys.stdout.isatty() or args.json else sys.stdout)
 
 

@@ -47,7 +47,9 @@ from tqdm import tqdm
 
 import data
 import decode
+import files
 import image
+import weights
 
 PAD = 1
 TASKS = ("TNER", "SNER", "MNER")
@@ -158,10 +160,17 @@ def get_args(argv=None):
     if args.decode_ctc_weight is not None and args.decode_ctc_weight < 0:
         p.error(f"--decode-ctc-weight must be >= 0 (got {args.decode_ctc_weight})")
     # checks that argparse cannot do
-    args.tasks = tuple(t.strip().upper() for t in args.tasks.split(",") if t.strip())
-    bad = [t for t in args.tasks if t not in TASKS]
-    if bad or not args.tasks:
-        p.error(f"--tasks: unknown task(s) {bad or args.tasks}; choose from {','.join(TASKS)}")
+    tasks = tuple(t.strip().upper() for t in args.tasks.split(",") if t.strip())
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        p.error(f"--tasks {args.tasks!r}: " + (f"unknown task(s) {', '.join(bad)}" if bad else "no task named")
+                + f"; choose from {','.join(TASKS)}")
+    args.tasks = tasks
+    if args.device is not None:
+        try:
+            args.device = decode.parse_device(args.device)
+        except files.InputError as e:
+            p.error(str(e))
     if args.dataset != "demo" and args.data_dir is None:
         p.error(f"--data-dir is required for --dataset {args.dataset}")
     try:
@@ -171,13 +180,16 @@ def get_args(argv=None):
     if args.model and "model" in explicit and (args.init is not None or args.resume):
         p.error("--model changes the architecture, so it only applies to a model trained from scratch (no --init, "
                 "no --resume: a resumed run keeps its checkpoint's config)")
-    if args.init is not None and not Path(args.init).is_file():
-        p.error(f"--init: no such checkpoint file: {args.init}")
+    if args.init is not None:
+        try:  # a folder, a missing file or not a torch.save file: said now, not after loading the corpus
+            weights.check_checkpoint_path(args.init, "--init")
+        except files.InputError as e:
+            p.error(str(e))
     for name in ("epochs", "batch_size", "grad_accum", "beam", "pseudo_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr <= 0 or args.warmup < 0:
-        p.error("--lr must be > 0 and --warmup >= 0")
+    if not (0 < args.lr < math.inf and 0 <= args.warmup < math.inf):  # NaN fails both comparisons
+        p.error(f"--lr must be > 0 and --warmup >= 0, both finite (got {args.lr}, {args.warmup})")
     try:
         speeds = tuple(float(s) for s in args.speeds.split(","))
     except ValueError:
@@ -252,24 +264,27 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then rename: a kill never leaves a torn file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def append_jsonl(record, path):
     """Append one JSON line, rewriting the (small) file atomically."""
     path = Path(path)
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(old + json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_atomic(path, old + json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# what --resume needs beyond the model: best.pt has none of it
+RESUME_KEYS = ("optimizer", "step", "epoch", "batch_in_epoch", "best_f1", "rng", "world_size", "micro_batch")
+
+
+def load_last(path):
+    """OUT/last.pt for --resume; a missing, unreadable or wrong kind of file is an InputError naming it."""
+    if not path.is_file():
+        raise files.InputError(f"--resume: no checkpoint {path}" + (" (a folder)" if path.is_dir() else ""))
+    ckpt = weights.load_torch_file(str(path), "--resume checkpoint")
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise files.InputError(f"{path}: not a last.pt written by train.py (no {', '.join(missing)}; best.pt keeps "
+                               "only the model, --resume needs the run's last.pt)")
+    return ckpt
 
 
 def to_device(batch, device):
@@ -335,9 +350,13 @@ def load_corpus(args, master, barrier):
                                                                verbose=master)
     train, dev = load("train"), load("dev", args.dev_dataset or args.dataset)
     test = load("test", args.dev_dataset or args.dataset) if args.eval_test else None
+    for split, samples in (("train", train), ("dev", dev), ("test", test)):
+        if samples is not None and not samples:  # would train nothing, or choose best.pt on 0 sentences
+            raise files.InputError(f"{samples.report['file']}: no sentences in the {split} split")
     if args.train_size:
         if args.train_size > len(train):
-            raise SystemExit(f"--train-size {args.train_size} > {len(train)} training sentences in {data_dir}")
+            raise files.InputError(f"--train-size {args.train_size} > {len(train)} training sentences in "
+                                   f"{train.report['file']}")
         keep = sorted(random.Random(args.seed).sample(range(len(train)), args.train_size))
         train = [train[i] for i in keep]
     return train, dev, test
@@ -401,7 +420,7 @@ def build_model(args, train, resume_ckpt, log):
             config = getattr(image.Config, args.preset)(**{**args.model, "vocab_size": len(assets["vocab"]),
                                                            "phone_vocab_size": len(assets["phones"]), **overrides})
         except ValueError as e:
-            raise SystemExit(f"--model {args.model}: {e}")
+            raise files.InputError(f"--model {args.model}: {e}") from None
         state = None
         changed = f" with {args.model}" if args.model else ""
         log(f"training a {args.preset} model{changed} from scratch (vocabulary {len(assets['vocab'])} from the "
@@ -412,7 +431,8 @@ def build_model(args, train, resume_ckpt, log):
         # only the modality-absence embedding may come or go (ablation on a checkpoint trained with it)
         stray = [k for k in missing + unexpected if "modality" not in k]
         if stray:
-            raise SystemExit(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
+            raise files.InputError(f"{args.init if resume_ckpt is None else 'last.pt'}: checkpoint does not fit "
+                                   f"the model: missing {missing}, unexpected {unexpected}")
     return model, assets
 
 
@@ -480,12 +500,19 @@ class PlanSampler(torch.utils.data.Sampler):
 
 def main(argv=None):
     args = get_args(argv)
+    with files.cli_errors("train.py"):  # bad inputs: one line; bugs keep their traceback
+        train(args)
+
+
+def train(args):
     t_start = time.time()
 
     # --- distributed setup (torchrun sets RANK/WORLD_SIZE/LOCAL_RANK) ---
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and device.index is None:  # plain "cuda": this rank's GPU
+        device = torch.device("cuda", local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ddp = world > 1
@@ -494,24 +521,17 @@ def main(argv=None):
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     if args.batch_size % (world * args.grad_accum):
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by world size {world} x --grad-accum "
-                         f"{args.grad_accum}")
+        raise files.InputError(f"--batch-size {args.batch_size} must be divisible by world size {world} x "
+                               f"--grad-accum {args.grad_accum}")
     micro_batch = args.batch_size // (world * args.grad_accum)
     out = Path(args.out)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
+    if master:  # before any work: a run must not train for hours and then fail at its first write
+        files.check_output_dir(out, "--out")
+        for name in ("last.pt", "best.pt", "metrics.jsonl"):
+            files.check_output_file(out / name, "--out")
+            files.remove_stale_temps(out / name)  # of a killed run
 
-    resume_ckpt = None
-    if args.resume:
-        if not (out / "last.pt").is_file():
-            raise SystemExit(f"--resume: no checkpoint {out / 'last.pt'}")
-        resume_ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    if master:  # temp files of a killed run
-        for stale in out.glob(".*.tmp*"):
-            stale.unlink(missing_ok=True)
-    if not args.resume and master and (out / "last.pt").exists():
-        log(f"note: starting fresh in {out}; its last.pt/best.pt/metrics.jsonl are replaced (--resume continues)")
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    resume_ckpt = load_last(out / "last.pt") if args.resume else None
 
     # --- data and model ---
     seed_everything(args.seed)  # model init identical on every rank
@@ -519,7 +539,10 @@ def main(argv=None):
     train_samples, dev_samples, test_samples = load_corpus(args, master, barrier)
     train_tasks, eval_tasks = corpus_tasks(train_samples, dev_samples, args.tasks, log)
     if train_tasks is None:
-        raise SystemExit(f"--tasks {','.join(args.tasks)}: none of them can be trained without audio")
+        raise files.InputError(f"--tasks {','.join(args.tasks)}: none of them can be trained without audio")
+    if not args.resume and master and (out / "last.pt").exists():  # only now that the inputs are known good
+        log(f"note: starting fresh in {out}; its last.pt/best.pt/metrics.jsonl are replaced (--resume continues)")
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     if args.mix == "coin" and set(train_tasks) != set(TASKS):
         log(f"note: the coin mix needs all three tasks; training {','.join(train_tasks)} with the uniform mix")
         args.mix = "uniform"
@@ -585,13 +608,15 @@ def main(argv=None):
                                                            else str(v) for k, v in vars(args).items()},
                            "step": step}}
         if kind == "best":
-            atomic_save({**ckpt, "best_f1": best_f1}, out / "best.pt")
+            with files.atomic_path(out / "best.pt") as tmp:
+                torch.save({**ckpt, "best_f1": best_f1}, tmp)
             return
         ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else {},
                     scheduler={"kind": args.schedule, "warmup_steps": warmup_steps, "total_steps": total_steps},
                     step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, best_f1=best_f1, rng=states,
                     world_size=world, micro_batch=micro_batch, seed=args.seed, loss=last_loss)
-        atomic_save(ckpt, out / "last.pt")
+        with files.atomic_path(out / "last.pt") as tmp:
+            torch.save(ckpt, tmp)
 
     def run_eval(split, samples, tag):
         scores = {}

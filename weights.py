@@ -19,12 +19,11 @@ import json
 import os
 import pickle
 import re
-import sys
-import tempfile
 
 import torch
 
 import data
+import files
 from image import IMAGE, Config
 
 CHECKPOINT_FORMAT = "image-checkpoint"
@@ -71,7 +70,7 @@ BEAM_SEARCH_DEFAULTS = dict(beam_size=5, max_len_a=0, max_len_b=16, min_len=1, n
                             temperature=1.0)
 
 
-class ConversionError(ValueError):
+class ConversionError(files.InputError):
     """A ModelScope directory or checkpoint we cannot convert or load; the message names the file and the item."""
 
 
@@ -81,8 +80,17 @@ class ConversionError(ValueError):
 def config_from_modelscope(cfg: dict, notes: list = None, **overrides) -> Config:
     """Our Config from a ModelScope config.json dict; unsupported flag values are errors that name the flag.
     Training-only regularisers we do not implement (layer drop, drop path) are reported in `notes`."""
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"config.json: expected a JSON object, got a {type(cfg).__name__}")
+
     def get(key):
-        return cfg.get(key, MODELSCOPE_DEFAULTS[key])
+        default = MODELSCOPE_DEFAULTS[key]
+        value = cfg.get(key, default)
+        # JSON gives str/bool/int/float: a quoted number or a bool in a number's place is an error, not a cast
+        number = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if number and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConversionError(f"config.json: {key}={value!r} is not a number")
+        return value
 
     architectures = cfg.get("architectures")
     if architectures is not None and "MMSpeechModel" not in architectures:
@@ -216,10 +224,28 @@ def convert_state_dict(state: dict, config: Config, dtype: torch.dtype = torch.f
     return ours, sorted(k for k in state if is_unused(k))
 
 
-def load_torch_file(path: str, what: str) -> dict:
-    """torch.load(weights_only=True); a file with pickled code or objects is refused with a clear message."""
+def check_checkpoint_path(path: str, what: str) -> None:
+    """Cheap checks before torch.load: a folder (a ModelScope one: convert it first), a missing file and a file
+    that torch.save did not write are ConversionErrors naming `what` and the path."""
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            raise ConversionError(f"{what} {path}: is a ModelScope directory; convert it first with "
+                                  f"`python weights.py {path} OUT.pt` and pass OUT.pt")
+        raise ConversionError(f"{what} {path}: is a directory, expected a checkpoint file")
     if not os.path.isfile(path):
         raise ConversionError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (protocol byte 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise ConversionError(f"{what} {path}: not a PyTorch checkpoint (a file written by torch.save starts with "
+                              f"a zip or pickle header; this one starts with {head!r})")
+
+
+def load_torch_file(path: str, what: str) -> dict:
+    """torch.load(weights_only=True) after check_checkpoint_path; a file with pickled code or objects is refused
+    with a clear message."""
+    check_checkpoint_path(path, what)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -429,18 +455,10 @@ def make_checkpoint(config: Config, model_state: dict, assets: dict, source: dic
 
 
 def save_checkpoint(ckpt: dict, path: str) -> None:
-    """torch.save atomically (temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    os.close(fd)
-    try:
+    """torch.save atomically (files.atomic_path: temp file beside path, fsync, rename; ordinary permissions)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with files.atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def load_checkpoint(path: str, device="cpu", **config_overrides) -> tuple:
@@ -477,11 +495,12 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of the stored weights (default float32; ModelScope's fp16 weights are cast)")
     args = p.parse_args(argv)
-    try:
+    with files.cli_errors("weights.py"):
+        # before the conversion, not after it; a missing folder is made, as save_checkpoint does
+        files.check_output_dir(os.path.dirname(os.path.abspath(args.out)), "output folder")
+        files.check_output_file(args.out, "output checkpoint")
         ckpt = convert(args.modelscope_dir, getattr(torch, args.dtype))
         save_checkpoint(ckpt, args.out)
-    except ConversionError as e:
-        sys.exit(f"weights.py: {e}")
     config, source = ckpt["config"], ckpt["source"]
     n_params = sum(v.numel() for v in ckpt["model"].values())
     print(f"wrote {args.out}: {n_params:,} parameters ({args.dtype}), d_model {config['d_model']}, "

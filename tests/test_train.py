@@ -339,9 +339,10 @@ def test_model_overrides_and_a_dev_split_from_another_format(tmp_path, capsys):
     assert (ckpt["config"]["d_model"], ckpt["config"]["encoder_layers"], ckpt["config"]["text_join_layer"]) == (32, 3, 1)
     assert ckpt["model"]["encoder.phone_embed.weight"].shape[1] == 32
     assert list(json.loads(line)["split"] for line in (out / "metrics.jsonl").read_text().splitlines()) == ["dev"]
-    with pytest.raises(SystemExit, match="encoder_heads"):      # a shape the Config refuses: said, with the flag
+    with pytest.raises(SystemExit):      # a shape the Config refuses: said, with the flag
         train.main(["--dataset", "image4imner", "--data-dir", str(d), "--preset", "tiny", "--model", "d_model=30",
                     "--max-steps", "1", "--out", str(tmp_path / "bad"), "--dtype", "fp32"])
+    assert re.match(r"train.py: --model .*encoder_heads", capsys.readouterr().err.splitlines()[-1])
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
@@ -416,3 +417,24 @@ def test_entity_swap_changes_text_rows_only_and_is_redrawn_per_epoch():
     for row in (t for e in epochs for t in e):
         person, place = re.fullmatch(r"(\[.+?\])(去|在|到)(\(.+?\))", row).group(1, 3)
         assert person in names and place in places, row
+
+
+def test_start_up_removes_temp_files_of_dead_runs_only(tmp_path, capsys):
+    """A run killed with SIGKILL leaves .last.pt.tmpPID; the next run removes it at start-up (before any data is
+    read), but not the temp file of a process still writing. A run refused for its inputs leaves the folder's
+    earlier outputs alone."""
+    corpus = write_corpus(tmp_path / "data", n_train=0, n_dev=1, n_test=1, audio=False)   # refused: empty train split
+    out = tmp_path / "out"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        stale, busy = out / f".last.pt.tmp{gone.pid}", out / f".best.pt.tmp{live.pid}"
+        stale.write_bytes(b"torn"), busy.write_bytes(b"being written")
+        (out / "last.pt").write_bytes(b"an earlier run"), (out / "metrics.jsonl").write_text("{}\n")
+        with pytest.raises(SystemExit):
+            train.main(base_args(corpus, out))
+        live.kill()
+    assert re.search(r"train\.py: \S*train\.json: no sentences in the train split", capsys.readouterr().err)
+    # the refused run keeps the earlier run's metrics (only a run that starts replaces them)
+    assert sorted(p.name for p in out.iterdir()) == sorted([busy.name, "last.pt", "metrics.jsonl"])

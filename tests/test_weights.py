@@ -3,7 +3,11 @@ Full key lists of the reference base/large state dicts: tests/fixtures/keys_{bas
 import json
 import os
 import shutil
+import signal
+import stat
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -185,8 +189,9 @@ def test_cli(tmp_path, capsys):
     assert "unused ModelScope tensors (11)" in printed and "encoder.final_proj.weight" in printed
     model, assets, ckpt = weights.load_checkpoint(str(out))
     assert model.decoder.embed_tokens.weight.dtype == torch.float16
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit) as e:
         weights.main([str(tmp_path / "nowhere"), str(tmp_path / "x.pt")])
+    assert e.value.code == 2 and "weights.py: ModelScope directory not found" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -306,3 +311,57 @@ def test_optional_files(tmp_path):
     assert ckpt["assets"]["lexicon"] == {}
     assert ckpt["assets"]["decoding"]["max_len_b"] == 16 and ckpt["assets"]["decoding"]["constraint_range"] is None
     assert len(ckpt["source"]["notes"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Atomic writes (files.atomic_path): permissions, signals, temp files of killed runs
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_checkpoint_permissions_follow_the_umask(tmp_path, umask, mode):
+    before = os.umask(umask)        # before: mkstemp's 0600 whatever the umask
+    try:
+        weights.save_checkpoint({"x": torch.zeros(2)}, str(tmp_path / "a.pt"))
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(os.stat(tmp_path / "a.pt").st_mode) == mode
+
+
+def test_stale_temp_of_a_dead_process_is_removed_a_live_one_kept(tmp_path):
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as live:
+        stale, busy = tmp_path / f".last.pt.tmp{dead_pid()}", tmp_path / f".last.pt.tmp{live.pid}"
+        stale.write_bytes(b"torn"), busy.write_bytes(b"being written")
+        weights.save_checkpoint({"x": torch.zeros(2)}, str(tmp_path / "last.pt"))
+        live.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [busy.name, "last.pt"]
+
+
+WRITER = """
+import sys, torch, weights
+ckpt = weights.convert(sys.argv[2])
+ckpt["padding"] = torch.zeros(8 * 2**20)       # 32 MB: each write takes a while
+weights.convert = lambda *args, **kwargs: ckpt
+while True:
+    weights.main([sys.argv[2], sys.argv[1]])   # the entry point, as `python weights.py DIR OUT` runs it
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_checkpoint_write_leaves_no_temp_file(tmp_path, sig):
+    out = tmp_path / "big.pt"
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out), os.path.join(FIXTURES, "ms_tiny_a")], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not any(".tmp" in p.name for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(sig)                # most likely inside torch.save, the temp file half written
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0, err[-2000:]
+    assert [p.name for p in tmp_path.iterdir() if p.name != "big.pt"] == []
+    if out.exists():                     # the previous complete write, never a torn one
+        assert torch.load(out, weights_only=True)["padding"].shape == (8 * 2**20,)
