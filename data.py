@@ -246,13 +246,13 @@ def load_split(dataset: str, data_dir, split: str, audio_dir=None, errors: str =
         import demo
         data_dir = demo.ensure_demo_corpus()
     if data_dir is None:
-        raise ValueError(f"dataset {dataset!r} needs a data directory")
+        raise DataError(f"dataset {dataset!r} needs a data directory")
     data_dir, s = Path(data_dir), SPLITS[split]
     kind = "cnerta" if dataset == "demo" else dataset
     names = [n.format(s=s, v="valid" if s == "dev" else s) for n in FILES[kind]]
     path = next((data_dir / n for n in dict.fromkeys(names) if (data_dir / n).is_file()), None)
     if path is None:
-        raise FileNotFoundError(f"{dataset} {split}: none of {', '.join(dict.fromkeys(names))} in {data_dir}")
+        raise DataError(f"{dataset} {split}: none of {', '.join(dict.fromkeys(names))} in {data_dir}")
     reader = {"cnerta": _read_cnerta, "aishell_ner": _read_bracketed, "image4imner": _read_bracketed,
               "msra": _read_bio}[kind]
     samples, malformed, replaced = SampleList(), [], 0
@@ -365,7 +365,7 @@ def audio_index(audio_dir: str) -> dict[str, str]:
     parent, or a flat folder). The id is the file name up to its first dot."""
     root = Path(audio_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"audio directory {root} does not exist")
+        raise DataError(f"audio directory {root} does not exist")
     index, tarballs = {}, 0
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
@@ -374,7 +374,7 @@ def audio_index(audio_dir: str) -> dict[str, str]:
                 index.setdefault(name.split(".")[0], os.path.join(dirpath, name))
             tarballs += name.endswith(".tar.gz")
     if not index and tarballs:
-        raise FileNotFoundError(f"{root} holds {tarballs} .tar.gz files but no wavs: extract AISHELL-1's "
+        raise DataError(f"{root} holds {tarballs} .tar.gz files but no wavs: extract AISHELL-1's "
                                 f"per-speaker tarballs first (in wav/: for f in *.tar.gz; do tar xzf $f; done)")
     return index
 
@@ -761,7 +761,7 @@ class Featurizer:
             feats = _speech_features(path, speed, self.cmvn).float().contiguous()
             self.computed += 1
             if feats.dim() != 2 or feats.shape[1] != self.num_mel_bins:
-                raise ValueError(f"{path}: features of shape {tuple(feats.shape)}, expected (T, {self.num_mel_bins})")
+                raise DataError(f"{path}: features of shape {tuple(feats.shape)}, expected (T, {self.num_mel_bins})")
             if file is not None:
                 _atomic_save(feats, file)
         if self.memory_cache > 0:

@@ -708,15 +708,15 @@ class Recognizer:
         if req.waveform is not None:
             x = req.waveform
             if x.dim() != 1:
-                raise ValueError(f"{where}: expected a mono waveform (N,), got shape {tuple(x.shape)}")
+                raise files.InputError(f"{where}: expected a mono waveform (N,), got shape {tuple(x.shape)}")
             seconds = x.shape[0] / audio.SAMPLE_RATE
         else:
             seconds = audio.wav_info(req.wav).seconds
         if seconds > self.max_audio_seconds:
-            raise ValueError(f"{where}: {seconds:.1f} s of audio is over the {self.max_audio_seconds:g} s limit "
+            raise files.InputError(f"{where}: {seconds:.1f} s of audio is over the {self.max_audio_seconds:g} s limit "
                              f"(--max-audio-seconds); split it into utterances")
         if seconds < 0.085:                                    # < 7 fbank frames: nothing left after subsampling
-            raise ValueError(f"{where}: {seconds * 1000:.0f} ms of audio is too short to recognise")
+            raise files.InputError(f"{where}: {seconds * 1000:.0f} ms of audio is too short to recognise")
         # silence is judged on the raw samples: gain -n lifts dither to full scale and CMVN leaves rounding noise
         if req.waveform is not None:
             fbank = audio.speech_features(x.float(), cmvn=self.featurizer.cmvn)
@@ -1040,7 +1040,6 @@ def read_jsonl_requests(path):
     relative to the jsonl file's folder), id a string or an integer (default: the line number). Anything else,
     unknown keys included (a typo would otherwise drop an input silently), is files.InputError 'FILE:LINE: why'."""
     import data
-    import files
     reqs, base = [], os.path.dirname(os.path.abspath(path))
     for lineno, obj in data.json_lines(path):
         where = f"{path}:{lineno}"

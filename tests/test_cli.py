@@ -36,6 +36,14 @@ def place(tmp_path_factory):
     for name, (file, text) in variants.items():
         shutil.copytree(corpus, root / name)
         (root / name / file).write_text(text, encoding="utf-8")
+    shutil.copytree(corpus, root / "no_dev")
+    (root / "no_dev" / "valid.json").unlink()
+    shutil.copytree(corpus, root / "latin1")
+    (root / "latin1" / "train.json").write_bytes('{"sentence": "caf\u00e9", "entity": []}\n'.encode("latin-1"))
+    write_corpus(root / "bad_wav", n_train=2, n_dev=1, n_test=1, audio=True)
+    first = sorted((root / "bad_wav" / "wav").glob("Ttrain*.wav"))[0]
+    first.write_bytes(first.read_bytes()[:30])  # header cut short
+    (root / "in_bad.jsonl").write_text('{"text": 123}\n', encoding="utf-8")
     weights.save_checkpoint(weights.convert(str(MS_TINY)), str(root / "model.pt"))
     (root / "file.txt").write_text("a regular file\n")
     (root / "text.pt").write_text("not a checkpoint\n")
@@ -85,6 +93,13 @@ CASES = [
     ("train malformed line", train_argv("{d}/malformed", "{d}/r"), ["train.json:1"]),
     ("train unknown entity type", train_argv("{d}/unknown_type", "{d}/r"), ["train.json:1", "CITY"]),
     ("train unreadable last.pt", train_argv("{d}/corpus", "{d}/run_junk", "--resume"), ["run_junk/last.pt"]),
+    ("train missing dev split", train_argv("{d}/no_dev", "{d}/r"), ["valid.json", "no_dev"]),
+    ("train non-UTF-8 training file", train_argv("{d}/latin1", "{d}/r"),
+     ["train.json:1", "not UTF-8", "0xe9"]),
+    ("train wav with a header cut short", train_argv("{d}/bad_wav", "{d}/r"), ["Ttrain0000.wav"]),
+    ("decode --wav not a wav", decode_argv("--wav", "{d}/file.txt"), ["file.txt"]),
+    ("decode --input value of the wrong type", decode_argv("--input", "{d}/in_bad.jsonl"),
+     ["in_bad.jsonl:1", "text"]),
     ("train best.pt as last.pt", train_argv("{d}/corpus", "{d}/run_best", "--resume"),
      ["run_best/last.pt", "not a last.pt", "optimizer"]),
     # D. folders and foreign files as inputs

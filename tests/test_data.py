@@ -231,14 +231,14 @@ def test_msra_loader_bio_and_bmes(tmp_path):
 
 
 def test_loader_errors_name_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="valid.json"):
+    with pytest.raises(data.DataError, match="valid.json"):
         data.load_split("cnerta", tmp_path, "dev")
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load_split("conll", tmp_path, "dev")
     with pytest.raises(ValueError, match="unknown split"):
         data.load_split("cnerta", tmp_path, "eval")
     write(tmp_path / "train.json", "")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(data.DataError, match="does not exist"):
         data.load_split("cnerta", tmp_path, "train", audio_dir=tmp_path / "nowhere")
 
 
