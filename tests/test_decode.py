@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import decode  # noqa: E402
 from decode import BOS, EOS, PAD, SearchConfig, beam_search  # noqa: E402
+from numerics import excess, fp32_tol  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -72,6 +73,14 @@ def random_toy(seed, V=14, L=48, batch=5, eos_boost=1.0, loops=2.0):
     A[:, EOS] += eos_boost
     A[torch.arange(4, V), torch.arange(4, V)] += loops
     return Toy(A, B, P), ToyEncoded(E[:, None, :])
+
+
+def running_sum_tol(positional_scores, vocab):
+    """Tolerance of one hypothesis' positional scores. fairseq keeps a float32 running score (a sum of
+    len(positional_scores) log-softmax values, each a reduction over `vocab` logits) and reports differences of
+    it, so each carries the rounding of the running score's size: k * EPS * sqrt(len * vocab) * |running score|.
+    The score is the running score / len**len_penalty: divide by that too."""
+    return fp32_tol(sum(positional_scores), len(positional_scores) * vocab)
 
 
 def hyps_as_lists(results):
@@ -158,10 +167,29 @@ def test_beam_search_equals_modelscope_sequence_generator():
         results = beam_search(Toy(T("A"), T("B"), T("P")), ToyEncoded(T("E")[:, None, :]), cfg)
         assert len(results) == len(rec["nbest"])
         for hyps, expected in zip(results, rec["nbest"]):
-            assert [h.tokens + [EOS] for h in hyps] == [e["tokens"] for e in expected], c
+            assert [h.tokens + [EOS] for h in hyps] == [e["tokens"] for e in expected], c   # identical n-best
             for h, e in zip(hyps, expected):
-                assert h.score == pytest.approx(e["score"], abs=1e-6)
-                assert h.positional_scores == pytest.approx(e["positional_scores"], abs=1e-6)
+                tol = running_sum_tol(e["positional_scores"], len(rec["A"]))
+                assert excess(h.positional_scores, e["positional_scores"], tol) <= 1
+                assert excess(h.score, e["score"], tol / len(h.positional_scores) ** c["len_penalty"]) <= 1
+
+
+def test_beam_fixture_tolerance_catches_planted_bugs():
+    """Logits 0.1 % too large (a temperature bug) move positional scores, and length penalty +0.01 moves scores,
+    by >= 10x the tolerances of the test above (measured >= 13x and >= 3600x)."""
+    ref = json.loads((FIXTURES / "ref_beam_toy.json").read_text())
+    for rec in ref["records"][:2]:
+        c = rec["config"]
+        T = lambda k: torch.tensor(rec[k], dtype=torch.float32) * 1.001  # noqa: E731
+        cfg = SearchConfig(beam=c["beam"], max_len=c["max_len"], min_len=c["min_len"],
+                           no_repeat_ngram_size=c["no_repeat_ngram_size"], len_penalty=c["len_penalty"] + 0.01,
+                           constraint_range=tuple(c["constraint_range"]) if c["constraint_range"] else None)
+        best = beam_search(Toy(T("A"), T("B"), T("P")), ToyEncoded(T("E")[:, None, :]), cfg)
+        for h, e in zip((hyps[0] for hyps in best), (nbest[0] for nbest in rec["nbest"])):
+            tol = running_sum_tol(e["positional_scores"], len(rec["A"]))
+            assert h.tokens + [EOS] == e["tokens"]                       # the same path, other scores
+            assert excess(h.positional_scores, e["positional_scores"], tol) >= 10
+            assert excess(h.score, e["score"], tol / len(h.positional_scores) ** c["len_penalty"]) >= 10
 
 
 @pytest.mark.parametrize("seed,beam,max_len,min_len,ngram,crange,lp,eos_boost", [
@@ -179,9 +207,10 @@ def test_beam_search_equals_slow_reference_and_batch_composition(seed, beam, max
     for i, hyps in enumerate(batched):
         slow = slow_search(toy, enc.hidden[i, 0], cfg, max_len)
         assert [h.tokens for h in hyps] == [s[0] for s in slow]
-        assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-5)
         for h, s in zip(hyps, slow):
-            assert h.positional_scores == pytest.approx(s[2], abs=1e-5)
+            tol = running_sum_tol(s[2], toy.A.size(0))
+            assert excess(h.positional_scores, s[2], tol) <= 1
+            assert excess(h.score, s[1], tol / len(s[2]) ** lp) <= 1
         alone = beam_search(toy, ToyEncoded(enc.hidden[i:i + 1]), cfg)[0]
         assert hyps_as_lists([alone]) == hyps_as_lists([hyps])       # exactly what it gets alone
     # any order and any sub-batch give the same per-input results
@@ -345,7 +374,7 @@ def test_constrained_beam_search_outputs_valid_and_matches_slow_reference(pool_c
         slow = slow_search(toy, enc.hidden[i, 0], cfg, max_lens[i], allowed_fn=replay_allowed(text),
                            pooled_char_fn=next_text_char(text) if pool_chars else None)
         assert [h.tokens for h in hyps] == [s[0] for s in slow]
-        assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-5)
+        assert all(excess(h.score, s[1], running_sum_tol(s[2], 14) / len(s[2])) <= 1 for h, s in zip(hyps, slow))
 
 
 class FixedLogits:
