@@ -20,12 +20,14 @@ EPS = torch.finfo(torch.float32).eps       # 2**-23, twice the unit roundoff
 K = 4.0                                    # safety factor: measured errors need k <= 1 (see each test)
 
 
-def fp32_tol(values, n_terms, k=K, dim=None):
-    """k * EPS * sqrt(n_terms) * max|values|: a float, or with `dim` a tensor of maxima over `dim` (keepdim)."""
+def fp32_tol(values, n_terms, k=K, dim=None, dtype=torch.float32):
+    """k * EPS * sqrt(n_terms) * max|values|: a float, or with `dim` a tensor of maxima over `dim` (keepdim).
+    dtype=torch.float64 uses float64's eps instead, for computations done in double."""
+    scale = k * torch.finfo(dtype).eps * math.sqrt(n_terms)
     magnitude = torch.as_tensor(values, dtype=torch.float64).abs()
     if dim is None:
-        return k * EPS * math.sqrt(n_terms) * float(magnitude.max())
-    return k * EPS * math.sqrt(n_terms) * magnitude.amax(dim=dim, keepdim=True)
+        return scale * float(magnitude.max())
+    return scale * magnitude.amax(dim=dim, keepdim=True)
 
 
 def excess(actual, expected, tol):
