@@ -30,6 +30,15 @@ def fp32_tol(values, n_terms, k=K, dim=None, dtype=torch.float32):
     return scale * magnitude.amax(dim=dim, keepdim=True)
 
 
+def model_terms(config):
+    """n for an output of image.IMAGE (a Config or its dict): the longest sum in a layer (max of the ffn widths and
+    d_model) x the layers the output passes (encoder + decoder). Every layer adds the rounding of its sums,
+    relative to values of the output's size (LayerNorm keeps them there), and independent roundings add like a
+    random walk; a backward pass goes through every layer a second time (2n)."""
+    c = config if isinstance(config, dict) else vars(config)
+    return max(c["encoder_ffn"], c["decoder_ffn"], c["d_model"]) * (c["encoder_layers"] + c["decoder_layers"])
+
+
 def excess(actual, expected, tol):
     """max |actual - expected| / tol (tol a float or a broadcastable tensor): <= 1 passes; a planted bug >= 10."""
     diff = (torch.as_tensor(actual, dtype=torch.float64) - torch.as_tensor(expected, dtype=torch.float64)).abs()
