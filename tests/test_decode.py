@@ -758,8 +758,8 @@ def read_reference(d, bs):
 
 
 def reference_score_tol(converted, d, hyp):
-    """model_score_tol of a reference hypothesis (its dict) of ms_tiny_{d} on the test wavs, with the size of the logits in its
-    reference dump (the same wavs teacher-forced; tests/test_image.py)."""
+    """model_score_tol of a reference hypothesis (its dict) of ms_tiny_{d} on the test wavs, with the size of the
+    logits in its reference dump (the same wavs teacher-forced; tests/test_image.py)."""
     dump = torch.load(FIXTURES / f"ref_ms_tiny_{d}.pt", weights_only=True)
     config = torch.load(converted[d], weights_only=True)["config"]
     positional = hyp.get("positional_scores") or [hyp["score"]] * len(hyp["tokens"])  # n-best: score = mean

@@ -52,10 +52,6 @@ def valid_logits(logits, ref):                                             # (su
     return torch.cat([logits[i, :len(d)] for i, d in enumerate(ref["decoder_input"])])
 
 
-def max_diff(a, b):
-    return (a - b).abs().max().item()
-
-
 def perturbed_tiny(seed=0, **overrides):
     """A tiny model whose every parameter is non-trivial (zero-initialised tables and LayerNorms perturbed)."""
     torch.manual_seed(seed)
@@ -435,8 +431,8 @@ def test_cache_errors():
 # ---------------------------------------------------------------------------------------------------------------------
 # dtypes, masking, IMAGE additions
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.3), (torch.float16, 0.05)])
-def test_half_precision(dtype, tol):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
     model = perturbed_tiny()
     batch, d_len = random_inputs()
     with torch.no_grad():
@@ -448,9 +444,13 @@ def test_half_precision(dtype, tol):
         cache = half.new_cache(enc, 8)
         steps = step_all(half, cache, batch_h["decoder_input"])
     assert out.dtype == dtype and torch.isfinite(out).all() and torch.isfinite(steps).all()
+    # the sums still accumulate in float32, but each layer's output is stored in `dtype`: its rounding once per
+    # layer passed (the few roundings inside a layer are covered by k). Measured 0.07 of it for both dtypes.
+    layers = model.config.encoder_layers + model.config.decoder_layers
     for i, n in enumerate(d_len.tolist()):
-        assert max_diff(out[i, :n].float(), ref[i, :n]) <= tol
-        assert max_diff(steps[i, :n].float(), out[i, :n].float()) <= tol
+        tol = fp32_tol(ref[i, :n], layers, dtype=dtype)
+        assert excess(out[i, :n].float(), ref[i, :n], tol) <= 1
+        assert excess(steps[i, :n].float(), out[i, :n].float(), tol) <= 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
