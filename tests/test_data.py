@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import files  # noqa: E402
 from data import Entity, Sample  # noqa: E402
+from test_audio import fbank_excess  # noqa: E402
 
 SHARED = ROOT / ".." / "shared"
 CNERTA = SHARED / "data" / "cnerta"
@@ -470,14 +471,19 @@ def test_eval_loader_covers_every_task_it_can(corpus, featurizer):
     assert len(batches) == len(loader) and sum(len(b["target"]) for b in batches) == 30
 
 
-def test_workers_give_the_same_batches(corpus, featurizer):
-    make = lambda w: data.make_loader(corpus, featurizer, 4, train=True, seed=5, num_workers=w)
+def test_workers_give_the_same_batches(corpus):
+    # fbank: workers run torch on 1 thread, so FFT and matmul sum in another order: within float32 rounding, by
+    # tests/test_audio.py's rule (energies relative to the frame's loudest, n = 512). That rule reads the log
+    # fbank, so CMVN is off here; it is numpy on one thread (the same in workers) and tested in test_audio.py.
+    assets = data.assets_for_scratch(corpus)
+    raw = data.Featurizer({**assets, "fbank": {**assets["fbank"], "cmvn": "none"}})
+    make = lambda w: data.make_loader(corpus, raw, 4, train=True, seed=5, num_workers=w)
     plain, workers = make(0), make(2)
     for epoch in (0, 1):  # persistent workers follow set_epoch
         plain.set_epoch(epoch), workers.set_epoch(epoch)
-        for a, b in zip(plain, workers, strict=True):  # fbank: workers run torch on 1 thread, other rounding
-            assert all(torch.equal(a[k], b[k]) for k in a if k != "fbank")
-            assert torch.allclose(a["fbank"], b["fbank"], atol=1e-2)
+        for a, b in zip(plain, workers, strict=True):
+            assert all(torch.equal(a[k], b[k]) for k in a if k != "fbank")      # the same path: identical
+            assert fbank_excess(b["fbank"], a["fbank"]) <= 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import decode  # noqa: E402
 from decode import BOS, EOS, PAD, SearchConfig, beam_search  # noqa: E402
+from numerics import excess, fp32_tol, model_terms  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -72,6 +73,31 @@ def random_toy(seed, V=14, L=48, batch=5, eos_boost=1.0, loops=2.0):
     A[:, EOS] += eos_boost
     A[torch.arange(4, V), torch.arange(4, V)] += loops
     return Toy(A, B, P), ToyEncoded(E[:, None, :])
+
+
+def running_sum_tol(positional_scores, vocab):
+    """Tolerance of one hypothesis' positional scores. fairseq keeps a float32 running score (a sum of
+    len(positional_scores) log-softmax values, each a reduction over `vocab` logits) and reports differences of
+    it, so each carries the rounding of the running score's size: k * EPS * sqrt(len * vocab) * |running score|.
+    The score is the running score / len**len_penalty: divide by that too."""
+    return fp32_tol(sum(positional_scores), len(positional_scores) * vocab)
+
+
+def model_score_tol(model_config, logits, positional_scores, vocab):
+    """Tolerance of the positional scores of a search over a real model, and of a score (their mean): the sum of
+    three independent roundings, those of the logits (model_terms sums of values of the logits' size; numerics.py),
+    of the log_softmax (a sum over the vocabulary, of values of the positional scores' size) and of fairseq's float32
+    running score they are differences of (one rounding of its size, n = 1: ms_tiny_b's 32 steps reach -190, whose
+    float32 step 1.5e-5 is what its positional scores differ by). The score = running score / len carries
+    sqrt(len) such roundings / len: less."""
+    return (fp32_tol(logits, model_terms(model_config)) + fp32_tol(positional_scores, vocab)
+            + fp32_tol(sum(positional_scores), 1))
+
+
+def ctc_tol(logp, value):
+    """CTC sums (brute force or the prefix recursion) add T log-probabilities along a path and logaddexp <= C
+    paths per frame: n = T x C terms of the size of logp or of the result, whichever is larger."""
+    return fp32_tol(torch.cat([logp.flatten(), torch.tensor([value])]).clamp(min=-1e30), logp.numel())
 
 
 def hyps_as_lists(results):
@@ -158,10 +184,29 @@ def test_beam_search_equals_modelscope_sequence_generator():
         results = beam_search(Toy(T("A"), T("B"), T("P")), ToyEncoded(T("E")[:, None, :]), cfg)
         assert len(results) == len(rec["nbest"])
         for hyps, expected in zip(results, rec["nbest"]):
-            assert [h.tokens + [EOS] for h in hyps] == [e["tokens"] for e in expected], c
+            assert [h.tokens + [EOS] for h in hyps] == [e["tokens"] for e in expected], c   # identical n-best
             for h, e in zip(hyps, expected):
-                assert h.score == pytest.approx(e["score"], abs=1e-6)
-                assert h.positional_scores == pytest.approx(e["positional_scores"], abs=1e-6)
+                tol = running_sum_tol(e["positional_scores"], len(rec["A"]))
+                assert excess(h.positional_scores, e["positional_scores"], tol) <= 1
+                assert excess(h.score, e["score"], tol / len(h.positional_scores) ** c["len_penalty"]) <= 1
+
+
+def test_beam_fixture_tolerance_catches_planted_bugs():
+    """Logits 0.1 % too large (a temperature bug) move positional scores, and length penalty +0.01 moves scores,
+    by >= 10x the tolerances of the test above (measured >= 13x and >= 3600x)."""
+    ref = json.loads((FIXTURES / "ref_beam_toy.json").read_text())
+    for rec in ref["records"][:2]:
+        c = rec["config"]
+        T = lambda k: torch.tensor(rec[k], dtype=torch.float32) * 1.001  # noqa: E731
+        cfg = SearchConfig(beam=c["beam"], max_len=c["max_len"], min_len=c["min_len"],
+                           no_repeat_ngram_size=c["no_repeat_ngram_size"], len_penalty=c["len_penalty"] + 0.01,
+                           constraint_range=tuple(c["constraint_range"]) if c["constraint_range"] else None)
+        best = beam_search(Toy(T("A"), T("B"), T("P")), ToyEncoded(T("E")[:, None, :]), cfg)
+        for h, e in zip((hyps[0] for hyps in best), (nbest[0] for nbest in rec["nbest"])):
+            tol = running_sum_tol(e["positional_scores"], len(rec["A"]))
+            assert h.tokens + [EOS] == e["tokens"]                       # the same path, other scores
+            assert excess(h.positional_scores, e["positional_scores"], tol) >= 10
+            assert excess(h.score, e["score"], tol / len(h.positional_scores) ** c["len_penalty"]) >= 10
 
 
 @pytest.mark.parametrize("seed,beam,max_len,min_len,ngram,crange,lp,eos_boost", [
@@ -179,9 +224,10 @@ def test_beam_search_equals_slow_reference_and_batch_composition(seed, beam, max
     for i, hyps in enumerate(batched):
         slow = slow_search(toy, enc.hidden[i, 0], cfg, max_len)
         assert [h.tokens for h in hyps] == [s[0] for s in slow]
-        assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-5)
         for h, s in zip(hyps, slow):
-            assert h.positional_scores == pytest.approx(s[2], abs=1e-5)
+            tol = running_sum_tol(s[2], toy.A.size(0))
+            assert excess(h.positional_scores, s[2], tol) <= 1
+            assert excess(h.score, s[1], tol / len(s[2]) ** lp) <= 1
         alone = beam_search(toy, ToyEncoded(enc.hidden[i:i + 1]), cfg)[0]
         assert hyps_as_lists([alone]) == hyps_as_lists([hyps])       # exactly what it gets alone
     # any order and any sub-batch give the same per-input results
@@ -217,7 +263,8 @@ def test_finished_sentences_leave_the_batch_and_step_zero_uses_one_row():
         assert len(hyps) == 4 and all(h.finished and len(h.positional_scores) == len(h.tokens) + 1 for h in hyps)
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
         for h in hyps:                                          # score = sum of positional scores / length
-            assert h.score == pytest.approx(sum(h.positional_scores) / len(h.positional_scores), abs=1e-5)
+            n = len(h.positional_scores)
+            assert excess(h.score, sum(h.positional_scores) / n, running_sum_tol(h.positional_scores, 14) / n) <= 1
 
 
 def test_greedy_is_beam_one_argmax():
@@ -345,7 +392,7 @@ def test_constrained_beam_search_outputs_valid_and_matches_slow_reference(pool_c
         slow = slow_search(toy, enc.hidden[i, 0], cfg, max_lens[i], allowed_fn=replay_allowed(text),
                            pooled_char_fn=next_text_char(text) if pool_chars else None)
         assert [h.tokens for h in hyps] == [s[0] for s in slow]
-        assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-5)
+        assert all(excess(h.score, s[1], running_sum_tol(s[2], 14) / len(s[2])) <= 1 for h, s in zip(hyps, slow))
 
 
 class FixedLogits:
@@ -378,7 +425,8 @@ def test_pooled_characters_keep_homophone_doubt_out_of_the_brackets():
     assert pooled[0][0].tokens == text
     assert TOY_OPEN["PER"] in by_token[0][0].tokens
     # the pooled score of a character step is log(0.7 / (0.7 + 0.3)), renormalised over the allowed tokens
-    assert pooled[0][0].positional_scores[0] == pytest.approx(math.log(0.7), abs=1e-5)
+    # one log_softmax over 14 logits and a logsumexp over the 4 characters: values of size |log 0.175|
+    assert excess(pooled[0][0].positional_scores[0], math.log(0.7), fp32_tol(math.log(0.7 / 4), 14)) <= 1
 
 
 def test_entity_bias_moves_the_bracket_or_character_decision_by_exactly_its_size():
@@ -399,7 +447,8 @@ def test_entity_bias_moves_the_bracket_or_character_decision_by_exactly_its_size
     assert first_steps(margin - 0.01).tokens[0] == 4
     above = first_steps(margin + 0.01)
     assert above.tokens[0] == TOY_OPEN["PER"]
-    assert above.positional_scores[0] == pytest.approx(math.log(0.3) + margin + 0.01, abs=1e-5)
+    # pooled log_softmax as above, plus the bias: values of size |log 0.175|
+    assert excess(above.positional_scores[0], math.log(0.3) + margin + 0.01, fp32_tol(math.log(0.7 / 4), 14)) <= 1
     # token scoring tags with no bias (see above); a negative bias as large as the margin removes it
     by_token = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False, entity_bias=-5.0)
     assert beam_search(model, enc, cfg, by_token, max_lens=[9])[0][0].tokens == text
@@ -448,8 +497,9 @@ def test_ctc_prefix_and_full_scores_equal_brute_force():
                 last = torch.tensor([c])
             n = int(frames[b])
             full = float(torch.logaddexp(rn[0, n - 1], rb[0, n - 1]))
-            assert float(psi) == pytest.approx(brute_ctc(logp[b, :n], phones, full=False), abs=1e-4)
-            assert full == pytest.approx(brute_ctc(logp[b, :n], phones, full=True), abs=1e-4)
+            for ours, brute in ((float(psi), brute_ctc(logp[b, :n], phones, full=False)),
+                                (full, brute_ctc(logp[b, :n], phones, full=True))):
+                assert ours == brute == -math.inf or excess(ours, brute, ctc_tol(logp[b, :n], brute)) <= 1
 
 
 def slow_joint(logp, frames, weight, candidates):
@@ -496,7 +546,12 @@ def test_joint_ctc_beam_search_matches_slow_reference():
     for i, hyps in enumerate(results):
         slow = slow_search(toy, enc.hidden[i, 0], cfg, 5, joint_fn=slow_joint(logp[i], int(frames[i]), 0.7, 3))
         assert [h.tokens for h in hyps] == [s[0] for s in slow]
-        assert [h.score for h in hyps] == pytest.approx([s[1] for s in slow], abs=1e-4)
+        # a running score of len steps, each a log_softmax over 14 and 0.7 x CTC sums of T x C terms; sizes: the
+        # running score and 0.7 x the largest path log-probability (T x max|logp|)
+        ctc_size = 0.7 * int(frames[i]) * float(logp[i].abs().max())
+        for h, s in zip(hyps, slow):
+            tol = fp32_tol([sum(s[2]), ctc_size], len(s[2]) * (14 + logp[i].numel())) / len(s[2])
+            assert excess(h.score, s[1], tol) <= 1
     plain = beam_search(toy, enc, cfg)
     assert [h[0].tokens for h in plain] != [h[0].tokens for h in results]   # the CTC changed something
 
@@ -567,16 +622,30 @@ def noise(seconds, seed):
     return torch.randn(int(16000 * seconds), generator=torch.Generator().manual_seed(seed)) * 0.1
 
 
+def logits_on(rec, requests, task):
+    """The model's logits on these inputs, the decoder fed BOS + 24 tokens across the vocabulary: the size of the
+    values the search's scores come from (for model_score_tol)."""
+    enc = rec._encode([rec._row(req, task)[0] for req in requests])
+    tokens = torch.cat([torch.tensor([BOS]), 4 + torch.arange(24) * 37 % (len(rec.vocab.tokens) - 4)])
+    with torch.no_grad():
+        return rec.model.decode(tokens.expand(len(requests), -1), enc)
+
+
 def test_real_model_batch_times_beam_equals_one_at_a_time(tiny):
     rec = decode.Recognizer(tiny, device="cpu", beam=4)
     texts = ["张伟在北京大学读书", "郭涛的公司搬到了合肥", "末阳市文联主席张三"]
     waves = [noise(1.3, 0), noise(0.6, 1), noise(2.1, 2)]
-    for kwargs in ({"texts": texts}, {"waveforms": waves}, {"texts": texts, "waveforms": waves}):
+    for task, kwargs in (("TNER", {"texts": texts}), ("SNER", {"waveforms": waves}),
+                         ("MNER", {"texts": texts, "waveforms": waves})):
         batched = rec.recognize(batch_size=3, **kwargs)
+        requests = [decode.Request(text=t, waveform=w) for t, w in zip(kwargs.get("texts", [None] * 3),
+                                                                       kwargs.get("waveforms", [None] * 3))]
+        logits, vocab = logits_on(rec, requests, task), len(rec.vocab.tokens)
         for i, res in enumerate(batched):
             alone = rec.recognize(batch_size=1, **{k: v[i:i + 1] for k, v in kwargs.items()})[0]
             assert res["output"] == alone["output"] and res["entities"] == alone["entities"]
-            assert res["score"] == pytest.approx(alone["score"], abs=1e-5)
+            assert excess(res["score"], alone["score"], model_score_tol(tiny[0].config, logits, [alone["score"]],
+                                                                        vocab)) <= 1
 
 
 def test_real_model_joint_ctc_batch_equals_one_at_a_time(tiny):
@@ -585,9 +654,12 @@ def test_real_model_joint_ctc_batch_equals_one_at_a_time(tiny):
     batched = rec.recognize(waveforms=waves, batch_size=3)
     plain = decode.Recognizer(tiny, device="cpu", beam=3).recognize(waveforms=waves, batch_size=3)
     assert [r["output"] for r in batched] != [r["output"] for r in plain]
+    # the CTC part adds ctc_weight x CTC log-probabilities, computed from the same encoder: of the logits' size
+    logits = logits_on(rec, [decode.Request(waveform=w) for w in waves], "SNER")
     for i, res in enumerate(batched):
         alone = rec.recognize(waveforms=waves[i:i + 1], batch_size=1)[0]
-        assert res["output"] == alone["output"] and res["score"] == pytest.approx(alone["score"], abs=1e-4)
+        tol = model_score_tol(tiny[0].config, logits, [alone["score"]], len(rec.vocab.tokens))
+        assert res["output"] == alone["output"] and excess(res["score"], alone["score"], tol) <= 1
         assert all(c in rec.vocab.tokens[4:] for c in res["output"])           # never BOS/PAD/UNK
     with pytest.raises(ValueError, match="ctc_weight"):
         decode.Recognizer(tiny, device="cpu", ctc_weight=-1.0)
@@ -611,8 +683,9 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
                 logits[:, cfg.constraint_range[1]:] = -math.inf
                 lp = torch.log_softmax(logits, -1)
                 ref = lp.gather(1, torch.tensor(h.tokens + [EOS])[:, None])[:, 0]
-                assert h.positional_scores == pytest.approx(ref.tolist(), abs=1e-4)
-                assert h.score == pytest.approx(float(ref.sum()) / len(ref), abs=1e-4)
+                tol = model_score_tol(model.config, logits[logits.isfinite()], ref, cfg.constraint_range[1])
+                assert excess(h.positional_scores, ref, tol) <= 1
+                assert excess(h.score, float(ref.sum()) / len(ref), tol) <= 1
     # constrained: the same with the bracket mask applied before log_softmax (renormalised over allowed tokens)
     text = "郭涛的公司搬到了合肥"
     rows = [rec._row(decode.Request(text=text), "TNER")[0]]
@@ -636,7 +709,7 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
                     row[ids[stripped]] = torch.logsumexp(logits[step, chars], 0)
                 ref.append(float(torch.log_softmax(row.masked_fill(~allowed, -math.inf), -1)[tok]))
                 c.advance([tok])
-            assert h.positional_scores == pytest.approx(ref, abs=1e-4)
+            assert excess(h.positional_scores, ref, model_score_tol(model.config, logits, ref, logits.size(-1))) <= 1
             rendered = decode.spans_from_constrained(h.tokens, ids, rec.open_ids, rec.close_ids, text)[2]
             assert data.parse(rendered)[0] == text
 
@@ -684,6 +757,15 @@ def read_reference(d, bs):
     return [json.loads(line) for line in (FIXTURES / f"ref_beam_ms_tiny_{d}_bs{bs}.jsonl").read_text().splitlines()]
 
 
+def reference_score_tol(converted, d, hyp):
+    """model_score_tol of a reference hypothesis (its dict) of ms_tiny_{d} on the test wavs, with the size of the
+    logits in its reference dump (the same wavs teacher-forced; tests/test_image.py)."""
+    dump = torch.load(FIXTURES / f"ref_ms_tiny_{d}.pt", weights_only=True)
+    config = torch.load(converted[d], weights_only=True)["config"]
+    positional = hyp.get("positional_scores") or [hyp["score"]] * len(hyp["tokens"])  # n-best: score = mean
+    return model_score_tol(config, torch.cat(dump["batch"]["logits"]), positional, 1000)
+
+
 @pytest.mark.parametrize("bs", [1, 4])
 def test_asr_cli_tokens_equal_modelscope_reference_decode(converted, bs, capsys):
     """ms_tiny_a end to end through the CLI (our fbank, our model, our search): the 5-best lists of every wav equal
@@ -696,11 +778,12 @@ def test_asr_cli_tokens_equal_modelscope_reference_decode(converted, bs, capsys)
     assert len(ours) == len(ref) == 4
     lengths = set()
     for o, r in zip(ours, ref):
-        assert o["tokens"] + [EOS] == r["tokens"]
-        assert o["score"] == pytest.approx(r["score"], abs=1e-4)
-        assert o["positional_scores"] == pytest.approx(r["positional_scores"], abs=1e-4)
+        tol = max(reference_score_tol(converted, "a", n) for n in r["nbest"])
+        assert o["tokens"] + [EOS] == r["tokens"]                               # identical tokens and n-best
+        assert excess(o["score"], r["score"], tol) <= 1
+        assert excess(o["positional_scores"], r["positional_scores"], tol) <= 1
         assert [n["tokens"] + [EOS] for n in o["nbest"]] == [n["tokens"] for n in r["nbest"]]
-        assert [n["score"] for n in o["nbest"]] == pytest.approx([n["score"] for n in r["nbest"]], abs=1e-4)
+        assert excess([n["score"] for n in o["nbest"]], [n["score"] for n in r["nbest"]], tol) <= 1
         lengths |= {len(n["tokens"]) for n in r["nbest"]}
     assert len(lengths) >= 3                                  # finalisation at several steps is covered
 
@@ -715,10 +798,11 @@ def test_asr_tokens_equal_reference_second_model(converted, bs, modelscope_paddi
                             modelscope_padding=modelscope_padding)
     ours = rec.recognize(wavs=WAVS, batch_size=bs)
     for o, r in zip(ours, read_reference("b", bs)):
+        tol = max(reference_score_tol(converted, "b", n) for n in r["nbest"])
         assert o["tokens"] + [cfg.eos] == r["tokens"]
-        assert o["positional_scores"] == pytest.approx(r["positional_scores"], abs=1e-4)
+        assert excess(o["positional_scores"], r["positional_scores"], tol) <= 1
         assert [n["tokens"] + [cfg.eos] for n in o["nbest"]] == [n["tokens"] for n in r["nbest"]]
-        assert [n["score"] for n in o["nbest"]] == pytest.approx([n["score"] for n in r["nbest"]], abs=1e-4)
+        assert excess([n["score"] for n in o["nbest"]], [n["score"] for n in r["nbest"]], tol) <= 1
 
 
 def test_default_padding_gives_each_wav_its_batch_of_one_result(converted):
@@ -728,7 +812,7 @@ def test_default_padding_gives_each_wav_its_batch_of_one_result(converted):
     rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, search=cfg)
     for o, r in zip(rec.recognize(wavs=WAVS, batch_size=4), read_reference("b", 1)):
         assert o["tokens"] + [cfg.eos] == r["tokens"]
-        assert o["score"] == pytest.approx(r["score"], abs=1e-4)
+        assert excess(o["score"], r["score"], reference_score_tol(converted, "b", r)) <= 1
 
 
 # ------------------------------------------------------------------------------------------------------------

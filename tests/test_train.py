@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import train  # noqa: E402
+from numerics import EPS, K, excess, fp32_tol, model_terms  # noqa: E402
 
 PER = ["张伟", "李娜", "王芳", "刘洋", "陈静", "赵磊"]
 LOC = ["北京", "上海", "广州", "杭州", "成都"]
@@ -291,9 +292,15 @@ def test_ddp_gloo_two_processes_equal_one_process(corpus, tmp_path):
     assert '"world_size": 2' in two.stdout
     a, b = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
     assert b["world_size"] == 2 and a["micro_batch"] == b["micro_batch"] == 2
-    assert math.isfinite(a["loss"]) and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    # Other code paths (gradients all-reduced across ranks vs accumulated), so float32 rounding, not equality.
+    # The loss is a model output: n = model_terms. An AdamW step moves a parameter by lr x a ratio of gradients
+    # (m / sqrt(v)), whose rounding is relative: k * EPS * sqrt(2 n) for a backward pass; over the 2 steps at
+    # lr <= 2e-3, plus one rounding of the parameter itself.
+    n = model_terms(a["config"])
+    assert math.isfinite(a["loss"]) and excess(a["loss"], b["loss"], fp32_tol(a["loss"], n)) <= 1
+    step_tol = 2 * 2e-3 * K * EPS * math.sqrt(2 * n)
     for name in a["model"]:
-        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-4, atol=1e-6)
+        assert excess(a["model"][name], b["model"][name], fp32_tol(b["model"][name], 1) + step_tol) <= 1, name
 
 
 # ----------------------------------------------------------------------------------------------------------
