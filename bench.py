@@ -8,31 +8,30 @@ Speed benchmarks, ours against the reference, side by side in one run.
 
 Sections (--sections):
   decode  utterances/s and real-time factor of our batched KV-cached beam search against ModelScope's own
-          SequenceGenerator (no cache) on the same wavs and the same weights, same beam/max_len/batch/threads.
-          Only the search (encoder + beam search) is timed; model load and features are reported apart.
+          SequenceGenerator (no cache) on the same wavs and weights, same beam/max_len/batch/threads. Only the
+          search (encoder + beam search) is timed; model load and features are reported apart.
   train   one training step: ours = forward + backward + grad clip + AdamW step (as train.py: token-mean
           cross-entropy, fused AdamW); reference = ModelScope's MMSpeechModel forward + backward on the same batch
-          (fbank + decoder ids).
-          Step time, decoder tokens/s, peak memory, model FLOPs utilisation against a measured matmul peak.
+          (fbank + decoder ids). Step time, decoder tokens/s, peak memory, MFU against a measured matmul peak.
   fbank   frames/s of audio.kaldi_fbank against kaldi-native-fbank, per utterance on CPU (ours at 1 thread and
           at --threads), and ours batched on --device.
 
-Same weights: the reference side needs the reference venv (../shared/reference/setup.sh). bench.py then writes a
-ModelScope directory with ../shared/reference/make_modelscope_dir.py (--size PRESET --seed 0, cached), converts it
-with weights.convert for our side, and synthesises the wavs with make_wavs.py (same files for both). ModelScope
-runs in that venv as a subprocess (a driver script written to a temp file, below). Without the venv, or with
---skip-reference, our side runs alone on seeded random weights (vocab 51134) and the test wavs.
+Same weights: with the reference venv (../shared/reference/setup.sh) bench.py writes a ModelScope directory with
+../shared/reference/make_modelscope_dir.py (--size PRESET --seed 0, cached), converts it with weights.convert for
+our side, and synthesises the wavs with make_wavs.py (same files for both); ModelScope runs in that venv as a
+subprocess, reference/bench_modelscope.py. Without the venv, or with --skip-reference, our side runs alone on
+seeded random weights (vocab 51134) and the test wavs.
 
 Random weights never emit EOS (unless --eos-boost), so every hypothesis runs to --max-len on both sides; the report
 gives the mean output length of each side and, for converted weights, how many best hypotheses are identical (our
 model then runs with Config.modelscope_padding, ModelScope's padding, so a batch computes exactly what theirs does).
 
-Figures are the best of --repeat passes (wall clock); process CPU time is reported beside it, since on a shared
-machine the wall clock also counts other processes' time. Both sides use --threads torch threads; the fbank ratio
-is taken at 1 thread (kaldi-native-fbank is single-threaded). The top level of the JSON holds
-decode_speedup_vs_reference (reference search time / ours), train_step_time_ratio_vs_reference (our full step /
-their forward + backward) and fbank_speed_ratio_vs_kaldi_native_fbank (our frames/s / theirs), null when not
-measured, beside the raw figures, the load average and the busiest other processes.
+Figures are the best of --repeat passes (wall clock), with process CPU time beside it (on a shared machine the wall
+clock also counts other processes). Both sides use --threads torch threads; the fbank ratio is taken at 1 thread
+(kaldi-native-fbank is single-threaded). The JSON's top level holds decode_speedup_vs_reference (reference search
+time / ours), train_step_time_ratio_vs_reference (our full step / their forward + backward) and
+fbank_speed_ratio_vs_kaldi_native_fbank (our frames/s / theirs), null when not measured, beside the raw figures,
+the load average and the busiest other processes.
 """
 import argparse
 import contextlib
@@ -47,15 +46,18 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import audio
+import data
 import decode
 import files
 import image
+import train
 import weights
 
 ROOT = Path(__file__).resolve().parent
@@ -63,8 +65,10 @@ DEFAULT_REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 DEFAULT_REFERENCE_PYTHON = Path.home() / ".cache" / "mmspeech-ref" / "venv" / "bin" / "python"
 DEFAULT_CACHE = Path.home() / ".cache" / "image" / "bench"
 FIXTURE_WAVS = ROOT / "tests" / "fixtures" / "wavs"
+REFERENCE_DRIVER = ROOT / "reference" / "bench_modelscope.py"   # ModelScope's side, run in the reference venv
 FULL_VOCAB = 51134                      # MMSpeech's decoder vocabulary (the head dominates a tiny model's step)
 CONSTRAINT = (4, 21134)                 # MMSpeech's constraint_range (audio codes are never generated)
+TRAIN_RECIPE = types.SimpleNamespace(lr=1e-5, weight_decay=0.01, beta2=0.999)   # train.py's AdamW defaults
 RATIO_KEYS = ("decode_speedup_vs_reference", "train_step_time_ratio_vs_reference",
               "fbank_speed_ratio_vs_kaldi_native_fbank")
 
@@ -134,9 +138,10 @@ class PeakMemory:
             self.peak_mb = _proc_status_kb("VmHWM") / 1024
         return False
 
-    def report(self, kind):
+    def report(self):
         if self.peak_mb is None:
             return {"peak_mb": None, "kind": "unavailable"}
+        kind = "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "process peak RSS"
         return {"peak_mb": round(self.peak_mb, 1), "start_mb": round(self.start_mb, 1),
                 "growth_mb": round(self.peak_mb - self.start_mb, 1), "kind": kind}
 
@@ -224,8 +229,8 @@ def forward_flops(c, fbank_lengths, target_lengths, phone_lengths=None):
 # inputs: wavs, the ModelScope directory, our model
 
 
-def run_checked(cmd, what, env=None, timeout=None):
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
+def run_checked(cmd, what, env=None):
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
@@ -234,8 +239,7 @@ def run_checked(cmd, what, env=None, timeout=None):
 
 def reference_env(ref_python, threads):
     """Environment for the reference venv's scripts: _refenv finds the venv through MMSPEECH_REF_VENV."""
-    venv = Path(ref_python).parent.parent
-    env = dict(os.environ, MMSPEECH_REF_VENV=str(venv), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, MMSPEECH_REF_VENV=str(Path(ref_python).parent.parent), PYTHONDONTWRITEBYTECODE="1")
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
@@ -313,11 +317,9 @@ def build_model(args, ms_dir, device):
         assets, what = ckpt["assets"], f"converted {ms_dir.name} (make_modelscope_dir.py --seed 0)"
     else:
         torch.manual_seed(0)
-        model = getattr(image.Config, args.preset)(vocab_size=FULL_VOCAB)
-        model = image.IMAGE(model)
+        model = image.IMAGE(getattr(image.Config, args.preset)(vocab_size=FULL_VOCAB))
         assets, what = None, f"random init (seed 0), Config.{args.preset}(vocab_size={FULL_VOCAB})"
-    model = model.to(device).eval()
-    return model, assets, what, time.perf_counter() - t0
+    return model.to(device).eval(), assets, what, time.perf_counter() - t0
 
 
 def token_ids(texts, assets, n_default=16):
@@ -349,75 +351,100 @@ def our_features(wavs, cmvn):
     return feats, time.perf_counter() - t0, seconds
 
 
-def pad_fbank(feats, device, dtype):
-    lengths = torch.tensor([f.shape[0] for f in feats])
-    fbank = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1])
-    for i, f in enumerate(feats):
-        fbank[i, : f.shape[0]] = f
-    return fbank.to(device, dtype), lengths.to(device)
+def asr_batch(feats, ids=None):
+    """data.collate's batch for MMSpeech's own task, ASR (speech only, no text stream), which both sides run:
+    fbank (B, T, 80) zero-padded; decoder_input BOS + ids and target ids + EOS, PAD-padded (B, L)."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return data.collate([{"fbank": f, "fbank_lengths": torch.tensor(f.shape[0]), "speech_present": torch.tensor(True),
+                          "phones": empty, "phone_chars": empty, "phone_lengths": torch.tensor(0),
+                          "text_present": torch.tensor(False), "decoder_input": torch.tensor([decode.BOS] + r),
+                          "target": torch.tensor(r + [decode.EOS])}
+                         for f, r in zip(feats, ids or [[] for _ in feats])])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# our side
+# the reference side: ModelScope 1.40.2 in its venv, driven by reference/bench_modelscope.py
 
 
-def bench_decode_ours(model, feats, cfg, batch, repeat, device, dtype):
-    """Encoder + beam search over all utterances in batches of `batch`, in the given order (as the reference)."""
-    batches = [feats[i: i + batch] for i in range(0, len(feats), batch)]
+def run_reference(args, ref_python, ms_dir, wavs, train_rows, train_ids, sections):
+    """Run ModelScope in its venv on the same inputs (REFERENCE_DRIVER, given a JSON spec); -> its results dict."""
+    with tempfile.TemporaryDirectory(prefix="bench_ref_") as tmp:
+        spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec = {"model_dir": str(ms_dir),
+                "wavs": [str(w) for w in wavs], "threads": args.threads, "batch": args.batch, "beam": args.beam,
+                "max_len": args.max_len, "repeat": args.repeat, "train_steps": args.train_steps,
+                "train_rows": train_rows, "train_ids": train_ids, "sections": sections, "out": str(out)}
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        print(f"bench: running ModelScope ({', '.join(sections)}) in {ref_python} ...", flush=True)
+        t0 = time.perf_counter()
+        env = dict(reference_env(ref_python, args.threads),
+                   MMSPEECH_REFERENCE_DIR=str(Path(args.reference_dir).resolve()))
+        run_checked([ref_python, REFERENCE_DRIVER, spec_path], "the ModelScope reference run", env=env)
+        result = json.loads(out.read_text(encoding="utf-8"))
+        result["wall_s"] = time.perf_counter() - t0
+        return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the sections: ours timed, the reference's figures beside them (when it ran), the ratios
+
+
+def bench_decode(report, args, model, feats, feat_s, ref, forced, device, dtype):
+    """Encoder + beam search over all utterances in batches of --batch, in the given order (as the reference), beside
+    ModelScope's figures (ref["decode"]) when it ran. The batches are padded and moved to the device before the clock
+    starts, as the reference collates its own. forced: min_len = max_len (random weights may stop anywhere)."""
+    print("bench: decoding (ours) ...", flush=True)
+    cfg = decode.SearchConfig(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
+                              no_repeat_ngram_size=5, constraint_range=CONSTRAINT)
+    # decoding runs in --dtype (as decode.Recognizer casts the model); training keeps fp32 weights + autocast
+    model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    batches = [asr_batch(feats[i: i + args.batch]) for i in range(0, len(feats), args.batch)]
+    batches = [(b["fbank"].to(device, dtype), b["fbank_lengths"].to(device)) for b in batches]
 
     def run(search):
         hyps = []
         with torch.no_grad():
-            for chunk in batches:
-                enc = model.encode(*pad_fbank(chunk, device, dtype))
-                hyps += decode.beam_search(model, enc, search)
+            for fbank, lengths in batches:
+                hyps += decode.beam_search(model, model.encode(fbank, lengths), search)
         sync(device)
         return hyps
 
     run(dataclasses.replace(cfg, max_len=2, min_len=min(cfg.min_len, 2)))   # warm-up, short
     runs = Runs()
     with PeakMemory(device) as mem:
-        for _ in range(repeat):
+        for _ in range(args.repeat):
             with runs.timed():
                 hyps = run(cfg)
-    best = [h[0].tokens + [decode.EOS] for h in hyps]
-    return {**runs.report(), "memory": mem.report("process peak RSS" if device.type == "cpu" else
-                                                             "torch.cuda.max_memory_allocated"),
-            "mean_output_tokens": statistics.mean(len(t) for t in best), "tokens": best}
+    tokens = [h[0].tokens + [decode.EOS] for h in hyps]
+    audio_s, best_s = report["audio_seconds"], min(runs.wall)
+    d = {"ours": {**runs.report(), "memory": mem.report(), "mean_output_tokens": statistics.mean(map(len, tokens)),
+                  "utterances_per_s": len(feats) / best_s, "rtf": best_s / audio_s},
+         "features_s_ours": feat_s, "length_forced_with_min_len": forced}
+    if "decode" in ref:
+        r = ref["decode"]
+        d["reference"] = {k: v for k, v in r.items() if k != "tokens"}
+        d["reference"].update(utterances_per_s=len(feats) / r["best_s"], rtf=r["best_s"] / audio_s)
+        d["features_s_reference"] = ref["features_s"]
+        d["identical_best_hypotheses"] = sum(a == b for a, b in zip(tokens, r["tokens"]))
+        report["decode_speedup_vs_reference"] = r["best_s"] / best_s
+        d["speedup_in_cpu_time"] = r["cpu_best_s"] / d["ours"]["cpu_best_s"]
+    report["decode"] = d
 
 
-def train_batch(feats, ids, device):
-    """ASR training batch (MMSpeech's own fine-tuning input): fbank + BOS-shifted decoder input + EOS target."""
-    longest = max(len(r) for r in ids) + 1
-    dec = torch.full((len(ids), longest), decode.PAD, dtype=torch.long)
-    tgt = torch.full((len(ids), longest), decode.PAD, dtype=torch.long)
-    for i, r in enumerate(ids):
-        dec[i, : len(r) + 1] = torch.tensor([decode.BOS] + r)
-        tgt[i, : len(r) + 1] = torch.tensor(r + [decode.EOS])
-    fbank, lengths = pad_fbank(feats, device, torch.float32)
-    return {"fbank": fbank, "fbank_lengths": lengths, "decoder_input": dec.to(device), "target": tgt.to(device)}
-
-
-def make_optimizer(model, device):
-    """AdamW as train.py builds it: weight decay on tensors with ndim >= 2 only, the fused kernel where available."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=1e-5, fused=device.type in ("cuda", "cpu"))
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=1e-5)
-
-
-def bench_train_ours(model, batch, steps, device, dtype, compile_model):
-    """train.py's step: autocast forward, token-mean cross-entropy, backward, clip 1.0, AdamW (fused where possible).
-    Also times forward + backward alone (what the reference side runs)."""
+def bench_train(report, args, model, batch, ref, device, dtype):
+    """train.py's step: autocast forward, token-mean cross-entropy, backward, clip 1.0, AdamW (train.py's optimizer
+    and precision settings); also forward + backward alone (what the reference side runs), beside ModelScope's
+    figures (ref["train"]) when it ran. MFU: the analytic FLOPs (forward_flops) against a measured matmul peak."""
+    print("bench: training step (ours) ...", flush=True)
+    batch = {k: batch[k].to(device) for k in ("fbank", "fbank_lengths", "decoder_input", "target")}
+    # train.py's padding (the default): each row's subsampling runs at its own length. The decode section's
+    # modelscope_padding is for identical tokens; the same weights compute the same valid frames either way.
+    model.config.modelscope_padding = False
     model.train()
-    amp = dtype if dtype != torch.float32 else None
-    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    run_model = torch.compile(model) if compile_model else model
-    optimizer = make_optimizer(model, device)
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    _, autocast, scaler = train.resolve_precision(precision, device)
+    run_model = torch.compile(model) if args.compile else model
+    optimizer = train.make_optimizer(model, TRAIN_RECIPE, device)
     tokens = (batch["target"] != decode.PAD).sum()
 
     def forward_backward():
@@ -439,20 +466,40 @@ def bench_train_ours(model, batch, steps, device, dtype, compile_model):
         full_step()                                       # warm-up (allocates grads and optimizer state)
         sync(device)
         step_runs = Runs()
-        for _ in range(steps):
+        for _ in range(args.train_steps):
             with step_runs.timed():
                 full_step()
                 sync(device)
     fb_runs = Runs()
-    for _ in range(steps):
+    for _ in range(args.train_steps):
         with fb_runs.timed():
             forward_backward()
             sync(device)
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    return {"step": step_runs.report(), "forward_backward": fb_runs.report(),
-            "autocast": str(amp).replace("torch.", "") if amp else None, "compiled": compile_model,
-            "memory": mem.report("process peak RSS" if device.type == "cpu" else "torch.cuda.max_memory_allocated")}
+
+    step_s = min(step_runs.wall)
+    n_tokens = int(tokens)
+    flops = 3 * forward_flops(model.config, batch["fbank_lengths"].tolist(),
+                              (batch["target"] != decode.PAD).sum(1).tolist())
+    # the roof in the compute dtype; on CPU fp32 (bf16 matmuls there are emulated on most CPUs, ~1 GFLOP/s)
+    peak = matmul_peak_flops(device, dtype if device.type == "cuda" else torch.float32)
+    ours = {"step": step_runs.report(), "forward_backward": fb_runs.report(),
+            "autocast": None if dtype == torch.float32 else str(dtype).replace("torch.", ""), "compiled": args.compile,
+            "memory": mem.report(), "padding": "train.py default (per-row subsampling)", "tokens": n_tokens,
+            "tokens_per_s": n_tokens / step_s, "model_flops_per_step": flops, "matmul_peak_flops_measured": peak,
+            "mfu": flops / step_s / peak}
+    t = {"ours": ours, "fbank_frames": batch["fbank_lengths"].tolist(),
+         "flops_note": "exact per-layer count of matmuls/convolutions at true lengths (bench.forward_flops), "
+                       "x3 for forward + backward; peak = measured square matmul in the compute dtype"}
+    if "train" in ref:
+        r, fb_s = ref["train"], min(fb_runs.wall)
+        r["tokens_per_s"] = r["tokens"] / r["forward_backward"]["best_s"]
+        t["reference"] = r
+        report["train_step_time_ratio_vs_reference"] = step_s / r["forward_backward"]["best_s"]
+        t["forward_backward_ratio_vs_reference"] = fb_s / r["forward_backward"]["best_s"]
+        t["step_ratio_in_cpu_time"] = ours["step"]["cpu_best_s"] / r["forward_backward"]["cpu_best_s"]
+    report["train"] = t
 
 
 def knf_options():
@@ -480,8 +527,11 @@ def knf_fbank(x, opts):
     return [fb.get_frame(i) for i in range(fb.num_frames_ready)]
 
 
-def bench_fbank(wavs, repeat, threads, device):
-    """Frames/s on the same int16-scale audio (what the MMSpeech chain feeds to the fbank)."""
+def bench_fbank(report, args, wavs, device):
+    """Frames/s on the same int16-scale audio (what the MMSpeech chain feeds to the fbank), ours against
+    kaldi-native-fbank (when installed)."""
+    print("bench: fbank ...", flush=True)
+    repeat, threads = max(args.repeat, 3), args.threads
     signals = [audio.normalize_volume(audio.load_audio(p)) * 2**15 for p in wavs]   # (N,) each
     frames = sum(int(audio.kaldi_fbank(x)[1]) for x in signals)
 
@@ -500,11 +550,8 @@ def bench_fbank(wavs, repeat, threads, device):
         out["ours_per_utterance_1_thread"] = timed(lambda: [audio.kaldi_fbank(x) for x in signals])
         torch.set_num_threads(threads)
         out[f"ours_per_utterance_{threads}_threads"] = timed(lambda: [audio.kaldi_fbank(x) for x in signals])
-        lengths = torch.tensor([x.numel() for x in signals])
-        padded = torch.zeros(len(signals), int(lengths.max()))
-        for i, x in enumerate(signals):
-            padded[i, : x.numel()] = x
-        padded, lengths = padded.to(device), lengths.to(device)
+        padded = torch.nn.utils.rnn.pad_sequence(signals, batch_first=True).to(device)     # (B, N) zero-padded
+        lengths = torch.tensor([x.numel() for x in signals], device=device)
 
         def batched():
             audio.kaldi_fbank(padded, lengths)
@@ -517,292 +564,40 @@ def bench_fbank(wavs, repeat, threads, device):
         out["kaldi_native_fbank_per_utterance"] = timed(lambda: [knf_fbank(x, opts) for x in numpy_signals])
     except ImportError:
         out["kaldi_native_fbank_per_utterance"] = None
-    return out
+    knf = out["kaldi_native_fbank_per_utterance"]
+    if knf is not None:
+        report["fbank_speed_ratio_vs_kaldi_native_fbank"] = (out["ours_per_utterance_1_thread"]["frames_per_s"]
+                                                             / knf["frames_per_s"])
+        out[f"ratio_at_{threads}_threads"] = (out[f"ours_per_utterance_{threads}_threads"]["frames_per_s"]
+                                              / knf["frames_per_s"])
+    report["fbank"] = out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the reference side: ModelScope 1.40.2 in its venv, driven by this script (written to a temp file at run time)
-
-REFERENCE_DRIVER = r'''
-"""bench.py's driver for ModelScope's own MMSpeech (OfaForAllTasks, OfaASRPreprocessor, collate_fn,
-SequenceGenerator). argv[1]: JSON spec written by bench.py; writes its results to spec["out"]."""
-import json, os, re, statistics, sys, time
-spec = json.load(open(sys.argv[1]))
-sys.path.insert(0, spec["reference_dir"])
-import _refenv
-ofa = _refenv.import_ofa()
-import torch
-import torch.nn.functional as F
-from modelscope.models.multi_modal.ofa.generate import sequence_generator as sg
-from modelscope.utils.config import Config
-from modelscope.utils.constant import ModeKeys
-
-def kb(field):
-    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1))
-
-def reset_peak():
-    try:
-        open("/proc/self/clear_refs", "w").write("5")
-        return kb("VmRSS") / 1024
-    except OSError:
-        return None
-
-def stats(walls, cpus):
-    return {"best_s": min(walls), "median_s": statistics.median(walls), "runs_s": [round(t, 4) for t in walls],
-            "cpu_best_s": min(cpus)}
-
-torch.set_num_threads(spec["threads"])
-out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
-t0 = time.perf_counter()
-task_model = ofa.OfaForAllTasks(spec["model_dir"])
-model = task_model.model.eval()
-out["load_s"] = time.perf_counter() - t0
-
-def generator(max_len):
-    """OfaForAllTasks' generator with beam and max_len overridden (as reference_decode.py does)."""
-    kw = {"tokenizer": task_model.tokenizer, "beam_size": 5, "max_len_b": 16, "min_len": 1,
-          "no_repeat_ngram_size": 3, "constraint_range": None}
-    if hasattr(task_model.cfg.model, "beam_search"):
-        kw.update(task_model.cfg.model.beam_search)
-    kw.update(beam_size=spec["beam"], max_len_b=max_len)
-    gen = sg.SequenceGenerator(**kw)
-    if gen.vocab_size != model.config.vocab_size:     # reduced-vocab directories only (see reference_decode.py)
-        gen.vocab_size = gen.search.vocab_size = model.config.vocab_size
-    return gen
-
-t0 = time.perf_counter()
-cfg = Config.from_file(os.path.join(spec["model_dir"], "configuration.json"))
-prep = ofa.OfaASRPreprocessor(cfg=cfg, model_dir=spec["model_dir"], mode=ModeKeys.INFERENCE)
-samples = []
-for w in spec["wavs"]:
-    s = prep({"wav": w})
-    s["sample"] = {"wav": w}
-    samples.append(s)
-out["features_s"] = time.perf_counter() - t0
-pad, eos, bos = task_model.tokenizer.pad_token_id, task_model.tokenizer.eos_token_id, task_model.tokenizer.bos_token_id
-
-def collate(idx):
-    return ofa.collate_fn([samples[i] for i in idx], pad_idx=pad, eos_idx=eos)
-
-if "decode" in spec["sections"]:
-    bs = spec["batch"]
-    batches = [collate(range(i, min(i + bs, len(samples)))) for i in range(0, len(samples), bs)]
-    gen = generator(spec["max_len"])
-    with torch.no_grad():
-        generator(2).generate([model], batches[0])                    # warm-up, short
-        walls, cpus = [], []
-        start_mb = reset_peak()
-        for _ in range(spec["repeat"]):
-            tokens = []
-            t0, c0 = time.perf_counter(), time.process_time()
-            for b in batches:
-                hyps = gen.generate([model], b, prefix_tokens=b.get("prefix_tokens"))
-                tokens += [h[0]["tokens"].tolist() for h in hyps]
-            walls.append(time.perf_counter() - t0)
-            cpus.append(time.process_time() - c0)
-    out["decode"] = {**stats(walls, cpus), "tokens": tokens,
-                     "mean_output_tokens": statistics.mean(len(t) for t in tokens),
-                     "memory": {"peak_mb": kb("VmHWM") / 1024, "start_mb": start_mb, "kind": "process peak RSS"}}
-
-if "train" in spec["sections"]:
-    ids = spec["train_ids"]
-    batch = collate(spec["train_rows"])
-    longest = max(len(r) for r in ids) + 1
-    dec = torch.full((len(ids), longest), pad, dtype=torch.long)
-    tgt = torch.full((len(ids), longest), pad, dtype=torch.long)
-    for i, r in enumerate(ids):
-        dec[i, : len(r) + 1] = torch.tensor([bos] + r)
-        tgt[i, : len(r) + 1] = torch.tensor(r + [eos])
-    n_tokens = int((tgt != pad).sum())
-    model.train()
-
-    def forward_backward():
-        logits = model(**batch["net_input"], decoder_input_ids=dec).logits           # (B, L, V)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), ignore_index=pad, reduction="sum")
-        (loss / n_tokens).backward()
-        model.zero_grad(set_to_none=True)
-
-    start_mb = reset_peak()
-    forward_backward()                                                   # warm-up
-    walls, cpus = [], []
-    for _ in range(spec["train_steps"]):
-        t0, c0 = time.perf_counter(), time.process_time()
-        forward_backward()
-        walls.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-    out["train"] = {"forward_backward": stats(walls, cpus), "tokens": n_tokens,
-                    "fbank_lengths": batch["net_input"]["fbank_length"].tolist(),
-                    "memory": {"peak_mb": kb("VmHWM") / 1024, "start_mb": start_mb, "kind": "process peak RSS"}}
-
-json.dump(out, open(spec["out"], "w"))
-'''
-
-
-def run_reference(args, ref_python, ms_dir, wavs, train_rows, train_ids, sections):
-    """Run ModelScope in its venv on the same inputs; -> its results dict."""
-    with tempfile.TemporaryDirectory(prefix="bench_ref_") as tmp:
-        driver, spec_path, out = Path(tmp) / "driver.py", Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        driver.write_text(REFERENCE_DRIVER, encoding="utf-8")
-        spec = {"reference_dir": str(Path(args.reference_dir).resolve()), "model_dir": str(ms_dir),
-                "wavs": [str(w) for w in wavs], "threads": args.threads, "batch": args.batch, "beam": args.beam,
-                "max_len": args.max_len, "repeat": args.repeat, "train_steps": args.train_steps,
-                "train_rows": train_rows, "train_ids": train_ids, "sections": sections, "out": str(out)}
-        spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        print(f"bench: running ModelScope ({', '.join(sections)}) in {ref_python} ...", flush=True)
-        t0 = time.perf_counter()
-        run_checked([ref_python, driver, spec_path], "the ModelScope reference run",
-                    env=reference_env(ref_python, args.threads))
-        result = json.loads(out.read_text(encoding="utf-8"))
-        result["wall_s"] = time.perf_counter() - t0
-        return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the run
-
-
-def ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def main(argv=None):
-    args = get_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
-    torch.set_num_threads(args.threads)
-    Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
-    ref_python = None if args.skip_reference else args.reference_python
-    sections = args.sections
-    report = {"preset": args.preset, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
-              "batch": args.batch, "train_batch": args.train_batch, "beam": args.beam, "max_len": args.max_len,
-              "n_wavs": args.n_wavs, "repeat": args.repeat, "train_steps": args.train_steps,
-              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                          "python": platform.python_version(),
-                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-              "load_average_start": load_average(), "busy_processes_start": busy_processes(),
-              "reference_python": str(ref_python) if ref_python else None}
-    for key in RATIO_KEYS:
-        report[key] = None
-
-    wav_rows, report["wavs"] = prepare_wavs(args, ref_python)
-    wavs, texts = [p for p, _ in wav_rows], [t for _, t in wav_rows]
-    needs_model = "decode" in sections or "train" in sections
-    ms_dir = modelscope_dir(args, ref_python) if ref_python and needs_model else None
-    if needs_model:
-        model, assets, report["weights"], report["model_build_s"] = build_model(args, ms_dir, device)
-        config = model.config
-        report["parameters"] = model.num_parameters()
-        cmvn = (assets or {}).get("fbank", {}).get("cmvn", "utterance")
-        feats, feat_s, audio_s = our_features(wavs, cmvn)
-        report["audio_seconds"] = audio_s
-        train_rows = [i % len(wavs) for i in range(args.train_batch)]
-        train_ids = token_ids([texts[i] for i in train_rows], assets)
-
-    ref = {}
-    if ref_python and needs_model:
-        ref = run_reference(args, ref_python, ms_dir, wavs, train_rows, train_ids,
-                            [s for s in sections if s in ("decode", "train")])
-        report["reference"] = {k: ref.get(k) for k in ("threads", "torch", "load_s", "features_s", "wall_s")}
-
-    if "decode" in sections:
-        forced = ms_dir is None                 # seeded random weights may stop anywhere: force full length
-        cfg = decode.SearchConfig(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
-                                  no_repeat_ngram_size=5, constraint_range=CONSTRAINT)
-        print("bench: decoding (ours) ...", flush=True)
-        # decoding runs in --dtype (as decode.Recognizer casts the model); training keeps fp32 weights + autocast
-        decode_model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
-        ours = bench_decode_ours(decode_model, feats, cfg, args.batch, args.repeat, device, dtype)
-        del decode_model
-        d = {"ours": {k: v for k, v in ours.items() if k != "tokens"}, "features_s_ours": feat_s,
-             "length_forced_with_min_len": forced}
-        d["ours"]["utterances_per_s"] = len(wavs) / ours["best_s"]
-        d["ours"]["rtf"] = ours["best_s"] / audio_s
-        if "decode" in ref:
-            r = ref["decode"]
-            d["reference"] = {k: v for k, v in r.items() if k != "tokens"}
-            d["reference"]["utterances_per_s"] = len(wavs) / r["best_s"]
-            d["reference"]["rtf"] = r["best_s"] / audio_s
-            d["features_s_reference"] = ref["features_s"]
-            d["identical_best_hypotheses"] = sum(a == b for a, b in zip(ours["tokens"], r["tokens"]))
-            report["decode_speedup_vs_reference"] = r["best_s"] / ours["best_s"]
-            d["speedup_in_cpu_time"] = r["cpu_best_s"] / ours["cpu_best_s"]
-        report["decode"] = d
-
-    if "train" in sections:
-        print("bench: training step (ours) ...", flush=True)
-        batch = train_batch([feats[i] for i in train_rows], train_ids, device)
-        # train.py's padding (the default): each row's subsampling runs at its own length. The decode section's
-        # modelscope_padding is for identical tokens; the same weights compute the same valid frames either way.
-        model.config.modelscope_padding = False
-        ours = bench_train_ours(model, batch, args.train_steps, device, dtype, args.compile)
-        ours["padding"] = "train.py default (per-row subsampling)"
-        tokens = int((batch["target"] != decode.PAD).sum())
-        flops = 3 * forward_flops(config, batch["fbank_lengths"].tolist(),
-                                  (batch["target"] != decode.PAD).sum(1).tolist())
-        # the roof in the compute dtype; on CPU fp32 (bf16 matmuls there are emulated on most CPUs, ~1 GFLOP/s)
-        peak = matmul_peak_flops(device, dtype if device.type == "cuda" else torch.float32)
-        ours["tokens"], ours["tokens_per_s"] = tokens, tokens / ours["step"]["best_s"]
-        ours["model_flops_per_step"] = flops
-        ours["matmul_peak_flops_measured"] = peak
-        ours["mfu"] = flops / ours["step"]["best_s"] / peak
-        t = {"ours": ours, "fbank_frames": batch["fbank_lengths"].tolist(),
-             "flops_note": "exact per-layer count of matmuls/convolutions at true lengths (bench.forward_flops), "
-                           "x3 for forward + backward; peak = measured square matmul in the compute dtype"}
-        if "train" in ref:
-            r = ref["train"]
-            r["tokens_per_s"] = r["tokens"] / r["forward_backward"]["best_s"]
-            t["reference"] = r
-            report["train_step_time_ratio_vs_reference"] = ours["step"]["best_s"] / r["forward_backward"]["best_s"]
-            t["forward_backward_ratio_vs_reference"] = (ours["forward_backward"]["best_s"]
-                                                        / r["forward_backward"]["best_s"])
-            t["step_ratio_in_cpu_time"] = ours["step"]["cpu_best_s"] / r["forward_backward"]["cpu_best_s"]
-        report["train"] = t
-
-    if "fbank" in sections:
-        print("bench: fbank ...", flush=True)
-        fb = bench_fbank(wavs, max(args.repeat, 3), args.threads, device)
-        knf = fb["kaldi_native_fbank_per_utterance"]
-        if knf is not None:
-            report["fbank_speed_ratio_vs_kaldi_native_fbank"] = (fb["ours_per_utterance_1_thread"]["frames_per_s"]
-                                                                 / knf["frames_per_s"])
-            fb[f"ratio_at_{args.threads}_threads"] = (fb[f"ours_per_utterance_{args.threads}_threads"]["frames_per_s"]
-                                                      / knf["frames_per_s"])
-        report["fbank"] = fb
-
-    report["load_average_end"] = load_average()
-    report["targets"] = targets(report, args)
-    print(format_table(report, args))
-    if args.json:
-        files.write_atomic(args.json, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
-        print(f"bench: wrote {args.json}")
-    return report
+# the report: targets and the table
 
 
 def targets(report, args):
     """The issue's targets, each with the value measured here and whether it was met (None: not measured here or
     not under the target's conditions)."""
-    on_cpu = report["device"] == "cpu"
-    out = {}
-    v = report["decode_speedup_vs_reference"]
-    out["decode >= 5x ModelScope (CPU, beam 5, batch 8)"] = {
-        "value": v, "met": None if v is None or not (on_cpu and args.beam == 5 and args.batch == 8) else v >= 5}
-    v = report["train_step_time_ratio_vs_reference"]
-    out["train step <= 0.8x reference fwd+bwd (base, CPU)"] = {
-        "value": v, "met": None if v is None or not (on_cpu and args.preset == "base") else v <= 0.8}
-    v = report["fbank_speed_ratio_vs_kaldi_native_fbank"]
-    out["fbank >= kaldi-native-fbank per utterance (CPU, 1 thread)"] = {"value": v,
-                                                                         "met": None if v is None else v >= 1}
-    gpu_run = (report["device"].startswith("cuda") and args.preset == "large" and args.dtype == "bfloat16"
-               and args.train_batch == 12 and "train" in report)
-    mfu = report["train"]["ours"]["mfu"] if "train" in report else None
-    mem = report["train"]["ours"]["memory"]["peak_mb"] if "train" in report else None
-    out["GPU MFU >= 35% (large, batch 12, bf16)"] = {"value": mfu, "met": mfu >= 0.35 if gpu_run else None}
-    on_gpu = report["device"].startswith("cuda")
-    out["GPU MFU >= 35% (large, batch 12, bf16)"]["value"] = mfu if on_gpu else None
-    out["GPU peak memory <= 20 GB (large, batch 12, bf16)"] = {
-        "value_gb": mem * 2**20 / 1e9 if on_gpu and mem is not None else None,
-        "met": mem * 2**20 / 1e9 <= 20 if gpu_run else None}
-    return out
+    def target(value, conditions, met, key="value"):
+        return {key: value, "met": None if value is None or not conditions else met(value)}
+
+    on_cpu, on_gpu = report["device"] == "cpu", report["device"].startswith("cuda")
+    gpu_run = on_gpu and args.preset == "large" and args.dtype == "bfloat16" and args.train_batch == 12
+    train_ours = report["train"]["ours"] if "train" in report else None
+    mfu = train_ours["mfu"] if on_gpu and train_ours else None
+    mem_gb = train_ours["memory"]["peak_mb"] * 2**20 / 1e9 if on_gpu and train_ours else None
+    return {
+        "decode >= 5x ModelScope (CPU, beam 5, batch 8)": target(
+            report["decode_speedup_vs_reference"], on_cpu and args.beam == 5 and args.batch == 8, lambda v: v >= 5),
+        "train step <= 0.8x reference fwd+bwd (base, CPU)": target(
+            report["train_step_time_ratio_vs_reference"], on_cpu and args.preset == "base", lambda v: v <= 0.8),
+        "fbank >= kaldi-native-fbank per utterance (CPU, 1 thread)": target(
+            report["fbank_speed_ratio_vs_kaldi_native_fbank"], True, lambda v: v >= 1),
+        "GPU MFU >= 35% (large, batch 12, bf16)": target(mfu, gpu_run, lambda v: v >= 0.35),
+        "GPU peak memory <= 20 GB (large, batch 12, bf16)": target(mem_gb, gpu_run, lambda v: v <= 20, "value_gb"),
+    }
 
 
 def _fmt(x, unit=""):
@@ -877,7 +672,7 @@ def get_args(argv=None):
     a = p.add_argument
     a("--preset", choices=("tiny", "base", "large"), default=None,
       help="model size (MMSpeech dimensions, vocab 51134); default tiny on CPU, large on CUDA")
-    a("--device", default=None, help="cpu | cuda | cuda:N (default cpu; the reference always runs on CPU)")
+    a("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu; the reference always runs on CPU)")
     a("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
       help="decode: model dtype; train: autocast dtype over fp32 weights (default float32 on CPU, bfloat16 on CUDA)")
     a("--batch", type=int, default=8, help="utterances per decoding batch, both sides (default 8)")
@@ -905,8 +700,6 @@ def get_args(argv=None):
     a("--json", default=None, help="write the full report (raw figures + the three ratios) to this JSON file")
     args = p.parse_args(argv)
 
-    if args.device is None:
-        args.device = "cpu"
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -947,6 +740,58 @@ def get_args(argv=None):
             p.error(f"--reference-dir: {args.reference_dir} has no _refenv.py (the MMSpeech reference tools)")
         args.skip_reference = args.reference_python is None
     return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+
+def main(argv=None):
+    args = get_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    torch.set_num_threads(args.threads)
+    Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+    ref_python = None if args.skip_reference else args.reference_python
+    sections = args.sections
+    report = {"preset": args.preset, "device": str(device), "dtype": args.dtype, "threads": torch.get_num_threads(),
+              "batch": args.batch, "train_batch": args.train_batch, "beam": args.beam, "max_len": args.max_len,
+              "n_wavs": args.n_wavs, "repeat": args.repeat, "train_steps": args.train_steps,
+              "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                          "python": platform.python_version(),
+                          "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+              "load_average_start": load_average(), "busy_processes_start": busy_processes(),
+              "reference_python": str(ref_python) if ref_python else None, **dict.fromkeys(RATIO_KEYS)}
+
+    wav_rows, report["wavs"] = prepare_wavs(args, ref_python)
+    wavs, texts = [p for p, _ in wav_rows], [t for _, t in wav_rows]
+    if "decode" in sections or "train" in sections:
+        ms_dir = modelscope_dir(args, ref_python) if ref_python else None
+        model, assets, report["weights"], report["model_build_s"] = build_model(args, ms_dir, device)
+        report["parameters"] = model.num_parameters()
+        cmvn = (assets or {}).get("fbank", {}).get("cmvn", "utterance")
+        feats, feat_s, report["audio_seconds"] = our_features(wavs, cmvn)
+        train_rows = [i % len(wavs) for i in range(args.train_batch)]
+        train_ids = token_ids([texts[i] for i in train_rows], assets)
+        ref = {}
+        if ref_python:
+            ref = run_reference(args, ref_python, ms_dir, wavs, train_rows, train_ids,
+                                [s for s in sections if s in ("decode", "train")])
+            report["reference"] = {k: ref.get(k) for k in ("threads", "torch", "load_s", "features_s", "wall_s")}
+        if "decode" in sections:
+            bench_decode(report, args, model, feats, feat_s, ref, ms_dir is None, device, dtype)
+        if "train" in sections:
+            bench_train(report, args, model, asr_batch([feats[i] for i in train_rows], train_ids), ref, device, dtype)
+    if "fbank" in sections:
+        bench_fbank(report, args, wavs, device)
+
+    report["load_average_end"] = load_average()
+    report["targets"] = targets(report, args)
+    print(format_table(report, args))
+    if args.json:
+        files.write_atomic(args.json, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        print(f"bench: wrote {args.json}")
+    return report
 
 
 if __name__ == "__main__":

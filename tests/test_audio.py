@@ -1,7 +1,7 @@
 """Tests for audio.py: wav reading, resampling, speed perturbation, Kaldi fbank, gain -n, CMVN, the full chain.
 
 References: kaldi-native-fbank (an independent C++ Kaldi fbank), tests/fixtures/ref_fbank.pt (ModelScope's own
-preprocessing, written by tests/fixtures/ref_fbank_make.py), the sox program (resampling, speed, gain -n; tests
+preprocessing, written by reference/ref_fbank_make.py), the sox program (resampling, speed, gain -n; tests
 skip without it), torchaudio (only where it imports). Measured differences are printed (pytest -s).
 """
 import math

@@ -1,5 +1,10 @@
-"""bench.py: the analytic FLOP count, the memory probe, and one quick run of our side (no reference venv needed)."""
+"""bench.py: the analytic FLOP count, the memory probe, the ASR batch, the reference-side scripts (compiled, not run:
+they need the reference venv) and one quick run of our side (no reference venv needed)."""
+import importlib.util
+import inspect
 import json
+import py_compile
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +16,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
+import decode  # noqa: E402
 import image  # noqa: E402
-
 
 
 @pytest.mark.parametrize("phones", [0, 23])
@@ -44,7 +49,7 @@ def test_peak_memory_sees_a_large_allocation():
     with bench.PeakMemory(torch.device("cpu")) as probe:
         x = torch.ones(40_000_000)                 # 160 MB, touched
         del x
-    report = probe.report("process peak RSS")
+    report = probe.report()
     if report["peak_mb"] is None:
         pytest.skip("/proc/self/clear_refs is not available here")
     assert report["growth_mb"] >= 140
@@ -83,3 +88,45 @@ def test_bad_flags_are_refused(capsys):
     assert "--sections" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.get_args(["--max-len", "0"])
+
+
+def test_asr_batch_is_the_hand_padded_modelscope_format_batch():
+    """data.collate's batch equals what both sides fed before (and the reference driver still builds by hand):
+    zero-padded fbank, BOS + ids / ids + EOS padded with PAD, in float32 and int64."""
+    feats = [torch.randn(7, 80), torch.randn(4, 80)]
+    batch = bench.asr_batch(feats, [[10, 11, 12], [20]])
+    fbank = torch.zeros(2, 7, 80)
+    fbank[0], fbank[1, :4] = feats[0], feats[1]
+    B, P, E = decode.BOS, decode.PAD, decode.EOS
+    assert batch["fbank"].dtype == torch.float32 and torch.equal(batch["fbank"], fbank)
+    assert batch["fbank_lengths"].tolist() == [7, 4]
+    assert batch["decoder_input"].tolist() == [[B, 10, 11, 12], [B, 20, P, P]]
+    assert batch["target"].tolist() == [[10, 11, 12, E], [20, E, P, P]]
+    assert batch["decoder_input"].dtype == batch["target"].dtype == torch.long
+    assert batch["phone_lengths"].tolist() == [0, 0] and not batch["text_present"].any()
+    assert bench.asr_batch(feats)["decoder_input"].tolist() == [[B], [B]]          # decoding: BOS alone
+
+
+def test_reference_driver_is_a_script_that_bench_runs(tmp_path):
+    driver = ROOT / "reference" / "bench_modelscope.py"
+    assert bench.REFERENCE_DRIVER == driver and driver.is_file()
+    py_compile.compile(str(driver), cfile=str(tmp_path / "driver.pyc"), doraise=True)
+    assert "REFERENCE_DRIVER" in inspect.getsource(bench.run_reference)
+    assert "def main(" in driver.read_text(encoding="utf-8")
+
+
+def test_reference_scripts_compile_and_write_the_fixtures(tmp_path):
+    """The scripts that made tests/fixtures live in reference/ and still point at tests/fixtures."""
+    scripts = sorted((ROOT / "reference").glob("*.py"))
+    assert {p.name for p in scripts} >= {"bench_modelscope.py", "ref_make_fixtures.py", "ref_fbank_make.py",
+                                         "ref_beam_toy_make.py"}
+    for i, script in enumerate(scripts):
+        py_compile.compile(str(script), cfile=str(tmp_path / f"{i}.pyc"), doraise=True)
+    subprocess.run(["bash", "-n", str(ROOT / "reference" / "ref_beam_make.sh")], check=True)
+    spec = importlib.util.spec_from_file_location("ref_fbank_make", ROOT / "reference" / "ref_fbank_make.py")
+    fbank_make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fbank_make)                  # imports torch only; main() is not run
+    assert fbank_make.REPO == ROOT and (fbank_make.REPO / "tests" / "fixtures" / "ms_tiny_a").is_dir()
+    assert 'FIXTURES = os.path.normpath(os.path.join(HERE, "..", "tests", "fixtures"))' in (
+        ROOT / "reference" / "ref_make_fixtures.py").read_text(encoding="utf-8")
+    assert 'cd "$(dirname "$0")/../tests/fixtures"' in (ROOT / "reference" / "ref_beam_make.sh").read_text()

@@ -22,7 +22,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 
 
 # ------------------------------------------------------------------------------------------------------------
-# a toy step model: second-order Markov table + per-input bias (see fixtures/ref_beam_toy_make.py)
+# a toy step model: second-order Markov table + per-input bias (see reference/ref_beam_toy_make.py)
 
 
 @dataclass
@@ -735,7 +735,7 @@ def test_real_model_constrained_outputs_strip_to_the_input(tiny):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# exactness against ModelScope: reference_decode.py outputs committed as fixtures (tests/fixtures/ref_beam_make.sh)
+# exactness against ModelScope: reference_decode.py outputs committed as fixtures (reference/ref_beam_make.sh)
 
 # ms_tiny_b has the bare BERT vocab.txt: ModelScope's tokenizer then appends <s> </s> <unk> <pad> at 996..999 and
 # decodes from BOS 996 to EOS 997 (../shared/reference/README.md "Reduced vocabulary"); weights.py keeps the rows.

@@ -1,5 +1,5 @@
 """image.py: parity with ModelScope's MMSpeech (committed reference dumps), batch invariance, the KV cache, dtypes,
-the IMAGE additions. Reference tensors: tests/fixtures/ref_ms_tiny_{a,b}.pt (made by tests/fixtures/ref_make_fixtures.py
+the IMAGE additions. Reference tensors: tests/fixtures/ref_ms_tiny_{a,b}.pt (made by reference/ref_make_fixtures.py
 from the committed ModelScope directories ms_tiny_a/ms_tiny_b and wavs; both embedding-flag settings)."""
 import dataclasses
 import os
