@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import decode  # noqa: E402
 import text  # noqa: E402
-from decode import BOS, EOS, PAD, SearchConfig, beam_search  # noqa: E402
+from decode import SearchConfig, beam_search  # noqa: E402
+from text import BOS, EOS, PAD  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
