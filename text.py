@@ -3,8 +3,8 @@
     python text.py phones --lexicon ../shared/reference/assets/text2phone_dict.txt   # pypinyin vs lexicon
 
 Decoder vocabulary (TextVocab): one token per character, so offsets in the text stay exact; ids 0-3 are the
-specials. Phones (MMSpeech): pinyin initials, tonal finals, codas n/ng as separate units; phone_dict.txt line n
-= id n+4 (lines counted from 0). Phonemizer turns a sentence into those units, one list per character, from a
+specials. Phones (MMSpeech): pinyin initials, tonal finals, codas n/ng as separate units; phone_dict.txt's first
+line is phone id 4. Phonemizer turns a sentence into those units, one list per character, from a
 checkpoint's lexicon and pypinyin. A bad dictionary or lexicon raises files.InputError naming file:line.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def read_phone_dict(path=ASSETS / "phone_dict.txt", expected_size: int | None = 
         phones.append(line.split()[0])
     if expected_size is not None and len(phones) != expected_size:
         raise files.InputError(f"{path}: {len(phones) - 4} phones + 4 specials = {len(phones)}, but config.json "
-                        f"phone_vocab_size is {expected_size}")
+                               f"phone_vocab_size is {expected_size}")
     return phones
 
 
