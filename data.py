@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 
 import audio
+import demo
 import files
 from text import (BOS, BRACKET_CHARS, BRACKETS, EOS, PAD, TO_FULLWIDTH, TYPE_OF_CLOSE, TYPE_OF_OPEN, TYPES, UNK,
                   Phonemizer, TextVocab, read_phone_dict)
@@ -241,7 +242,6 @@ def load_split(dataset: str, data_dir, split: str, audio_dir=None, errors: str =
     if errors not in ("raise", "collect"):
         raise ValueError(f"errors must be 'raise' or 'collect', not {errors!r}")
     if data_dir is None and dataset == "demo":
-        import demo
         data_dir = demo.ensure_demo_corpus()
     if data_dir is None:
         raise DataError(f"dataset {dataset!r} needs a data directory")
