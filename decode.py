@@ -30,11 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import files
+from text import BOS, CLOSE_OF, EOS, OPEN_OF, PAD, TO_FULLWIDTH, TYPES, UNK
 
-BOS, PAD, EOS, UNK = 0, 1, 2, 3
-TYPES = ("PER", "LOC", "ORG")
-OPEN = {"PER": "[", "LOC": "(", "ORG": "<"}
-CLOSE = {"PER": "]", "LOC": ")", "ORG": ">"}
 MAX_DEPTH = 4            # constrained decoding: deepest bracket nesting allowed (CNERTA needs 3)
 MAX_AUDIO_SECONDS = 60.0  # longer wavs are refused (the encoder's attention is quadratic in frames)
 
@@ -379,19 +376,18 @@ def spans_from_constrained(tokens, char_ids, open_ids, close_ids, text=None):
     the bracketed string written with the input's own characters, literal bracket characters made full width)."""
     open_type = {open_ids[t]: t for t in TYPES}
     close_type = {close_ids[t]: t for t in TYPES}
-    fullwidth = str.maketrans("[]()<>", "［］（）＜＞")
     pos, stack, spans, out = 0, [], [], []
     for tok in tokens:
         if pos < len(char_ids) and tok == char_ids[pos]:
-            out.append(text[pos].translate(fullwidth) if text is not None else "")
+            out.append(text[pos].translate(TO_FULLWIDTH) if text is not None else "")
             pos += 1
         elif tok in open_type:
             stack.append((open_type[tok], pos))
-            out.append(OPEN[open_type[tok]])
+            out.append(OPEN_OF[open_type[tok]])
         elif tok in close_type and stack and stack[-1][0] == close_type[tok]:
             t, s = stack.pop()
             spans.append((s, pos, t))
-            out.append(CLOSE[t])
+            out.append(CLOSE_OF[t])
         else:
             return spans, False, "".join(out)
     return spans, pos == len(char_ids) and not stack, "".join(out)
@@ -695,8 +691,8 @@ class Recognizer:
         if not 1 <= self.search.max_len <= capacity:
             raise files.InputError(f"max_len {self.search.max_len} must be in [1, {capacity}] (decoder positions)")
         self.capacity = capacity
-        self.open_ids = {t: self.vocab.char_id(OPEN[t]) for t in TYPES}
-        self.close_ids = {t: self.vocab.char_id(CLOSE[t]) for t in TYPES}
+        self.open_ids = {t: self.vocab.char_id(OPEN_OF[t]) for t in TYPES}
+        self.close_ids = {t: self.vocab.char_id(CLOSE_OF[t]) for t in TYPES}
         self.brackets_known = UNK not in set(self.open_ids.values()) | set(self.close_ids.values())
 
     # -- features -------------------------------------------------------------------------------------------

@@ -50,8 +50,8 @@ import decode
 import files
 import image
 import weights
+from text import PAD
 
-PAD = 1
 TASKS = ("TNER", "SNER", "MNER")
 
 # Presets applied under explicit flags. Paper = fine-tuning MMSpeech; demo = tiny model from scratch on CPU.

@@ -22,15 +22,14 @@ import re
 
 import torch
 
-import data
 import files
+import text
 from image import IMAGE, Config
 
 CHECKPOINT_FORMAT = "image-checkpoint"
 CHECKPOINT_VERSION = 1
-SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]          # ids 0..3 in the decoder vocabulary and the phone table
 BERT_VOCAB_LINES = 21128                              # bert-base-chinese vocab.txt
-MASK_ID = len(SPECIALS) + BERT_VOCAB_LINES            # 21132 '<mask>', then 21133 '<blank>', 21134.. '<audio_i>'
+MASK_ID = len(text.SPECIALS) + BERT_VOCAB_LINES       # 21132 '<mask>', then 21133 '<blank>', 21134.. '<audio_i>'
 
 # Tensors of the ModelScope state dict that MMSpeech (and IMAGE) never use: image-side OFA tables, the pretraining
 # projection / mask embedding, and a LayerNorm that is built but never called (MMSPEECH.md sections 3.2-3.3, 4).
@@ -273,19 +272,7 @@ def read_modelscope_weights(path: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Assets: vocabulary, phones, lexicon, fbank settings, decoding defaults
-
-def read_lines(path: str) -> list:
-    return _data_call(data.read_lines, path)
-
-
-def _data_call(fn, *args):
-    """data.py's readers, their errors reported as ConversionError (the converter's one error type)."""
-    try:
-        return fn(*args)
-    except data.DataError as e:
-        raise ConversionError(str(e)) from None
-
+# Assets: vocabulary, fbank settings, decoding defaults (the phone dictionary and lexicon: text.py's readers)
 
 def canonical_token(i: int) -> str:
     """Token of id i >= 21132 in MMSpeech's vocabulary: <mask>, <blank>, then <audio_0> ..."""
@@ -297,17 +284,17 @@ def read_vocab(path: str, vocab_size: int) -> list:
 
     Ids as MMSPEECH.md section 6: specials 0..3, BERT lines from 4, then <mask>, <blank>, <audio_i> up to vocab_size.
     """
-    lines = read_lines(path)
-    if lines[:4] == SPECIALS:
+    lines = files.read_lines(path)
+    if lines[:4] == list(text.SPECIALS):
         tokens = list(lines)
     elif lines and lines[0] == "[PAD]":
-        tokens = SPECIALS + lines
+        tokens = list(text.SPECIALS) + lines
     else:
         first = lines[0] if lines else "(empty file)"
         raise ConversionError(f"{path}: first line is {first!r}; expected '<s>' (fairseq layout with the specials "
                               "<s> <pad> </s> <unk>) or '[PAD]' (the bare bert-base-chinese vocab)")
     for i, token in enumerate(tokens[4:], start=4):
-        if token in SPECIALS:
+        if token in text.SPECIALS:
             raise ConversionError(f"{path}: special token {token!r} appears again as id {i}")
         if i >= MASK_ID and token != canonical_token(i):
             raise ConversionError(f"{path}: id {i} is {token!r}, expected {canonical_token(i)!r}")
@@ -319,16 +306,6 @@ def read_vocab(path: str, vocab_size: int) -> list:
                                   f"{vocab_size} needs the full {BERT_VOCAB_LINES}-line BERT vocabulary")
         tokens += [canonical_token(i) for i in range(len(tokens), vocab_size)]
     return tokens
-
-
-def read_phone_dict(path: str, phone_vocab_size: int) -> list:
-    """phone_dict.txt -> phone per id (line n -> id n + 3), its size checked against config.json."""
-    return _data_call(data.read_phone_dict, path, phone_vocab_size)
-
-
-def read_lexicon(path: str, phones: list) -> dict:
-    """text2phone_dict.txt -> {word: 'phones'} (first entry wins), every phone checked against phone_dict.txt."""
-    return _data_call(data.read_lexicon, path, phones)
 
 
 def _transforms(cfg: dict, split: str, is_train: bool, path: str) -> list:
@@ -428,13 +405,18 @@ def convert(model_dir: str, dtype: torch.dtype = torch.float32, **config_overrid
     config = config_from_modelscope(ms_config, notes, **config_overrides)
     state = read_modelscope_weights(path("pytorch_model.bin"))
     model_state, unused = convert_state_dict(state, config, dtype)
-    phones = read_phone_dict(path("phone_dict.txt"), config.phone_vocab_size)
     lexicon_path = path("text2phone_dict.txt", required=False)
     configuration_path = path("configuration.json", required=False)
+    try:  # the text readers' errors (file:line: why) as the converter's one error type
+        phones = text.read_phone_dict(path("phone_dict.txt"), config.phone_vocab_size)
+        vocab = read_vocab(path("vocab.txt"), config.vocab_size)
+        lexicon = text.read_lexicon(lexicon_path, phones) if lexicon_path else {}
+    except files.InputError as e:
+        raise ConversionError(str(e)) from None
     assets = {
-        "vocab": read_vocab(path("vocab.txt"), config.vocab_size),
+        "vocab": vocab,
         "phones": phones,
-        "lexicon": read_lexicon(lexicon_path, phones) if lexicon_path else {},
+        "lexicon": lexicon,
         "fbank": read_fbank_config(path("fbank_config.yaml")),
         "decoding": read_decoding_defaults(configuration_path),
     }

@@ -1,4 +1,4 @@
-"""Tests for data.py: linearization, official rules, loaders, phones, model inputs, batching, stats CLI."""
+"""Tests for data.py: linearization, official rules, loaders, model inputs, batching, stats CLI, analyses."""
 import collections
 import io
 import json
@@ -18,12 +18,11 @@ import data  # noqa: E402
 import files  # noqa: E402
 from data import Entity, Sample  # noqa: E402
 from test_audio import fbank_excess  # noqa: E402
+from text import BOS, EOS, PAD, SPECIALS, TYPES, UNK  # noqa: E402
 
 SHARED = ROOT / ".." / "shared"
 CNERTA = SHARED / "data" / "cnerta"
 AISHELL_NER = SHARED / "data" / "aishell_ner"
-REF_LEXICON = SHARED / "reference" / "assets" / "text2phone_dict.txt"
-FIXTURE = ROOT / "tests" / "fixtures"
 need_cnerta = pytest.mark.skipif(not (CNERTA / "valid.json").is_file(), reason="../shared/data/cnerta absent")
 need_aishell = pytest.mark.skipif(not (AISHELL_NER / "dev.bio.txt").is_file(), reason="../shared/data/aishell_ner absent")
 
@@ -71,7 +70,7 @@ def random_nested(rng, n):
                 pos += 1
                 continue
             end = rng.randint(pos + 1, hi)
-            for t in rng.sample(data.TYPES, rng.choice([1, 1, 1, 2])):
+            for t in rng.sample(TYPES, rng.choice([1, 1, 1, 2])):
                 ents.add(E(pos, end, t))
             fill(pos, end, depth + 1)
             pos = end
@@ -250,78 +249,8 @@ def test_literal_brackets_in_a_sentence_become_full_width(tmp_path):
     assert data.linearize(samples[0].text, samples[0].entities) == "a（[b]"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# vocabulary, phones
-
-def test_readers_on_fixture_checkpoint_files(tmp_path):
+def test_read_lines_keeps_u2028(tmp_path):
     assert data.read_lines(write(tmp_path / "v.txt", "中\n\u2028\n国\n")) == ["中", "\u2028", "国"]  # U+2028: a token
-    phones = data.read_phone_dict(FIXTURE / "ms_tiny_a" / "phone_dict.txt")
-    assert len(phones) == 141 and phones[4] == "a1" and phones[124] == "<mask>" and phones[125] == "#2"
-    assert phones == data.read_phone_dict()  # the committed copy equals the checkpoint's
-    lexicon = data.read_lexicon(FIXTURE / "ms_tiny_a" / "text2phone_dict.txt")
-    assert lexicon["一"] == "y ao1"  # first entry wins, as in MMSpeech
-    with pytest.raises(data.DataError, match="lex.txt:2"):
-        data.read_lexicon(write(tmp_path / "lex.txt", "中\tzh o1 ng\n坏行\n"))
-
-
-def test_text_vocab():
-    v = data.TextVocab(["<s>", "<pad>", "</s>", "<unk>", "[PAD]", "[", "]", "a", "中", "##b", "<mask>"])
-    assert v.encode("[A中ｂ") == [5, 7, 8, 3] and v.encode("[Ａ") == [5, 7]  # lower case, NFKC, else UNK
-    assert v.decode([0, 5, 7, 3, 9, 4, 10, 8, 2, 1]) == "[ab中" and v.decode([7, 3], unk="?") == "a?"
-    built = data.TextVocab.build([Sample("1", "北京b", []), Sample("2", "京a", [])])
-    assert built.tokens == list(data.SPECIALS) + list("[]()<>") + ["a", "b", "京", "北"]
-
-
-@pytest.mark.parametrize("ini, fin, units", [
-    ("", "v3", ["y", "u3"]), ("", "van2", ["y", "ua2", "n"]), ("", "ve4", ["y", "ue4"]), ("", "vn2", ["y", "u2", "n"]),
-    ("", "i1", ["y", "i1"]), ("", "ing1", ["y", "i1", "ng"]), ("", "ian3", ["y", "a3", "n"]), ("", "iou3", ["y", "ou3"]),
-    ("", "iong4", ["y", "o4", "ng"]), ("", "u3", ["w", "u3"]), ("", "uen4", ["w", "e4", "n"]), ("", "uang2", ["w", "a2", "ng"]),
-    ("q", "v4", ["q", "v4"]), ("x", "ve2", ["x", "ue2"]), ("q", "van2", ["q", "ua2", "n"]), ("l", "ve4", ["l", "ue4"]),
-    ("n", "v3", ["n", "v3"]), ("x", "iong2", ["x", "i2", "o2", "ng"]), ("d", "uei4", ["d", "ui4"]),
-    ("zh", "uen3", ["zh", "u3", "n"]), ("d", "ong1", ["d", "o1", "ng"]), ("", "er4", ["er4"]), ("d", "e5", ["d", "e5"]),
-])
-def test_pinyin_units_follow_the_lexicon_spelling(ini, fin, units):
-    assert data.pinyin_units(ini, fin) == units
-
-
-def test_phonemizer_lexicon_words_are_cut_per_character():
-    lexicon = {"别扭": "b ie4 n iu5", "别": "b ie2", "扭": "n iu3", "西安": "x i1 a1 n", "熊猫": "x i2 o2 ng m ao1",
-               "一": "y ao1"}
-    p = data.Phonemizer(data.read_phone_dict(), lexicon)
-    assert p.units("别扭") == [["b", "ie4"], ["n", "iu5"]]  # not 'b ie4 n' + 'iu5': no bare i/u/v syllable
-    assert p.units("西安熊猫") == [["x", "i1"], ["a1", "n"], ["x", "i2", "o2", "ng"], ["m", "ao1"]]
-    assert p.units("一个7A!") == [["y", "ao1"], ["g", "e4"], ["q", "i1"], ["<unk>"], ["<unk>"]]  # pypinyin, digits
-    units, which = p("别扭的")
-    assert units == ["b", "ie4", "n", "iu5", "d", "e5"] and which == [0, 0, 1, 1, 2, 2]
-    assert p.pronounce("别!") == "b ie2"
-
-
-def test_phonemizer_readings_of_one_character():
-    p = data.Phonemizer(data.read_phone_dict())
-    assert p.readings("长") == [["zh", "a3", "ng"], ["ch", "a2", "ng"]]      # its usual reading first
-    assert p.readings("了")[0] == ["l", "e5"] and ["l", "iao3"] in p.readings("了")
-    assert len(p.readings("行")) == 4                                       # capped at `limit`
-    assert p.readings("A") == [] and p.readings("!") == []
-    lexicon = {"长": "ch a2 ng"}                                           # a lexicon's reading comes first
-    assert data.Phonemizer(data.read_phone_dict(), lexicon).readings("长")[0] == ["ch", "a2", "ng"]
-
-
-def test_every_fixture_lexicon_word_is_cut_into_its_characters():
-    lexicon = data.read_lexicon(FIXTURE / "ms_tiny_a" / "text2phone_dict.txt")
-    p = data.Phonemizer(data.read_phone_dict(), lexicon)
-    words = [w for w in lexicon if len(w) > 1]
-    assert words and all(p._split_word(w) is not None and len(p._split_word(w)) == len(w) for w in words)
-
-
-def test_phone_agreement_floor_on_fixture_lexicon():
-    result = data.phone_agreement(FIXTURE / "ms_tiny_a" / "text2phone_dict.txt")
-    assert result["words"] > 500 and result["rate_first_entry"] >= 0.90, result
-
-
-@pytest.mark.skipif(not REF_LEXICON.is_file(), reason="../shared/reference/assets/text2phone_dict.txt absent")
-def test_phone_agreement_floor_on_full_lexicon():
-    result = data.phone_agreement(REF_LEXICON, stride=25)  # the full lexicon: `python data.py phones`, 94.3 %
-    assert result["words"] > 2000 and result["rate_first_entry"] >= 0.90, result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +277,7 @@ def featurizer(corpus):
 
 def test_assets_for_scratch(corpus):
     assets = data.assets_for_scratch(corpus)
-    assert assets["vocab"][:10] == list(data.SPECIALS) + list("[]()<>")
+    assert assets["vocab"][:10] == list(SPECIALS) + list("[]()<>")
     assert len(assets["phones"]) == 141 and assets["lexicon"] == {}
     assert assets["decoding"]["constraint_range"] == [4, len(assets["vocab"])]
     assert assets["fbank"] == {"num_mel_bins": 80, "cmvn": "utterance"}
@@ -356,16 +285,16 @@ def test_assets_for_scratch(corpus):
 
 def test_inputs_per_task(corpus, featurizer):
     s = corpus[1]
-    want_target = featurizer.vocab.encode("<<搜狐>科技>报道") + [data.EOS]
+    want_target = featurizer.vocab.encode("<<搜狐>科技>报道") + [EOS]
     rows = {t: featurizer.inputs(s, t) for t in data.TASKS + (data.NEITHER,)}
     for task, x in rows.items():
         assert x["fbank"].shape[1] == 80 and x["fbank_lengths"] == x["fbank"].shape[0]
         assert bool(x["speech_present"]) == (task in ("SNER", "MNER"))
         assert bool(x["text_present"]) == (task in ("TNER", "MNER"))
-        assert x["decoder_input"][0] == data.BOS and torch.equal(x["decoder_input"][1:], x["target"][:-1])
+        assert x["decoder_input"][0] == BOS and torch.equal(x["decoder_input"][1:], x["target"][:-1])
         if task != data.NEITHER:
             assert x["target"].tolist() == want_target
-    assert rows[data.NEITHER]["target"].tolist() == [data.UNK] * 50 + [data.EOS]
+    assert rows[data.NEITHER]["target"].tolist() == [UNK] * 50 + [EOS]
     pseudo = rows["SNER"]
     assert pseudo["phones"].tolist() == [featurizer.phone_id["#2"]] * 40 and pseudo["phone_chars"].tolist() == [3] * 40
     text = rows["TNER"]  # one phone run per character, each phone carrying its character's id
@@ -402,8 +331,8 @@ def test_collate_pads_and_stacks(corpus, featurizer):
     assert b["speech_present"].tolist() == [True, True, False] and b["text_present"].tolist() == [True, False, True]
     for i, r in enumerate(rows):
         n, m, k = len(r["fbank"]), len(r["phones"]), len(r["target"])
-        assert (b["fbank"][i, n:] == 0).all() and (b["phones"][i, m:] == data.PAD).all()
-        assert (b["target"][i, k:] == data.PAD).all() and b["phone_lengths"][i] == m
+        assert (b["fbank"][i, n:] == 0).all() and (b["phones"][i, m:] == PAD).all()
+        assert (b["target"][i, k:] == PAD).all() and b["phone_lengths"][i] == m
 
 
 def fake_samples(n, with_audio, wav):
@@ -661,44 +590,13 @@ def test_entity_swap_keeps_nested_entities_and_shifts_offsets():
 # ---------------------------------------------------------------------------------------------------------------
 # issue #14: valid input that used to crash, non-UTF-8 files, spans past the end
 
-NO_READING = "𠮷兙瓧嗧"  # Han characters pypinyin has no reading for (Extension B, then three of the basic block)
-
-
-def check_phones_per_character(p, text, inventory):
-    units, which = p(text)
-    per_char = p.units(text)
-    assert len(per_char) == len(text) and all(per_char), "every character gets one or more phones"
-    assert all(u in inventory for us in per_char for u in us)
-    assert units == [u for us in per_char for u in us]
-    assert which == [i for i, us in enumerate(per_char) for _ in us]  # the character map follows the units
-
-
-def test_han_characters_without_a_pinyin_reading_get_the_unknown_phone():
-    phones = data.read_phone_dict()
-    p = data.Phonemizer(phones)
-    assert p.units("𠮷野家在北京") == [["<unk>"], ["y", "e3"], ["j", "ia1"], ["z", "ai4"], ["b", "ei3"], ["j", "i1", "ng"]]
-    for ch in NO_READING:
-        assert p.units(ch) == [["<unk>"]] and p.readings(ch) == [] and p.pronounce(f"北{ch}京") == "b ei3 j i1 ng"
-    check_phones_per_character(p, "北" + NO_READING + "京野家", set(phones))
-    lexicon = {"北京": "b ei3 j i1 ng"}  # with a lexicon the other characters still go to pypinyin
-    assert data.Phonemizer(phones, lexicon).units("北京𠮷野") == [["b", "ei3"], ["j", "i1", "ng"], ["<unk>"], ["y", "e3"]]
-
-
-def test_every_han_character_gets_valid_phones():
-    """All of CJK basic and Extension A, every 8th character of Extension B, each block as one run."""
-    phones = data.read_phone_dict()
-    p = data.Phonemizer(phones)
-    for first, last, step in ((0x4E00, 0x9FFF, 1), (0x3400, 0x4DBF, 1), (0x20000, 0x2A6DF, 8)):
-        check_phones_per_character(p, "".join(chr(c) for c in range(first, last + 1, step)), set(phones))
-
-
 def test_featurizer_builds_text_inputs_for_characters_without_a_reading(corpus, featurizer):
     s = Sample("x", "𠮷野家在北京", [E(4, 6, "LOC")])
     x = featurizer.inputs(s, "TNER")
     unk = featurizer.phone_id["<unk>"]
-    assert x["phones"][0] == unk and x["phone_chars"][0] == data.UNK  # 𠮷 is outside the corpus vocabulary too
+    assert x["phones"][0] == unk and x["phone_chars"][0] == UNK  # 𠮷 is outside the corpus vocabulary too
     assert len(x["phones"]) == 12 and x["phone_lengths"] == 12  # 1 + 2 + 2 + 2 + 2 + 3
-    assert x["target"].tolist() == featurizer.vocab.encode("𠮷野家在(北京)") + [data.EOS]
+    assert x["target"].tolist() == featurizer.vocab.encode("𠮷野家在(北京)") + [EOS]
 
 
 @pytest.mark.parametrize("dataset, good, bad, column", [
@@ -721,17 +619,7 @@ def test_corpus_files_must_be_utf8_and_may_start_with_a_bom(tmp_path, dataset, g
     assert issubclass(data.DataError, files.InputError)  # entry points print it without a traceback
 
 
-def test_dictionaries_and_json_lines_must_be_utf8(tmp_path):
-    phone_dict = tmp_path / "phone_dict.txt"
-    phone_dict.write_bytes(b"a1 1\nb\xe9 1\n")
-    with pytest.raises(data.DataError, match=re.escape(f"{phone_dict}:2: not UTF-8 (byte 0xe9 at column 2)")):
-        data.read_phone_dict(phone_dict)
-    lexicon = tmp_path / "lex.txt"
-    lexicon.write_bytes("\ufeff中\tzh o1 ng\n".encode() + "国\tg uo2\n".encode("utf-16"))
-    with pytest.raises(data.DataError, match=re.escape(f"{lexicon}:2: not UTF-8 (byte 0xff at column 1)")):
-        data.read_lexicon(lexicon)
-    lexicon.write_bytes("\ufeff中\tzh o1 ng\n".encode())
-    assert data.read_lexicon(lexicon) == {"中": "zh o1 ng"}  # the BOM is not part of the first word
+def test_json_lines_must_be_utf8(tmp_path):
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_bytes('\ufeff{"text": "甲\u2028乙"}\n\n{"text": "丙"}\n'.encode())  # BOM; U+2028 is no line end
     assert list(data.json_lines(jsonl)) == [(1, {"text": "甲\u2028乙"}), (3, {"text": "丙"})]

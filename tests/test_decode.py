@@ -14,8 +14,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import decode  # noqa: E402
-from decode import BOS, EOS, PAD, SearchConfig, beam_search  # noqa: E402
+import text  # noqa: E402
+from decode import SearchConfig, beam_search  # noqa: E402
 from numerics import excess, fp32_tol, model_terms  # noqa: E402
+from text import BOS, EOS, PAD  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 
@@ -855,7 +857,7 @@ def test_official_keys_pairing_rules():
 
 def test_evaluators_sner_text_multiset_vs_official_pinyin_set():
     import data
-    pron = data.Phonemizer(data.read_phone_dict()).pronounce
+    pron = text.Phonemizer(text.read_phone_dict()).pronounce
     golds = [data.Sample("1", "张三和张三去了北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "PER"),
                                                     data.Entity(7, 9, "LOC")])]
     preds = [result("[章三]和[张三]去了(北京)", "章三和张三去了北京", [(0, 2, "PER"), (3, 5, "PER"), (7, 9, "LOC")])]
@@ -967,7 +969,7 @@ def test_cli_eval_on_a_dataset_split(tiny_ckpt, tmp_path, capsys):
         assert sc["ours"]["gold"] == (11 if task == "TNER" else 9)
         mine = [p for p in predictions if p["task"] == task]
         g = [s for s in golds if task == "TNER" or s.audio]
-        again = decode.score_predictions(task, g, mine, data.Phonemizer(data.read_phone_dict()).pronounce)
+        again = decode.score_predictions(task, g, mine, text.Phonemizer(text.read_phone_dict()).pronounce)
         assert again["ours"] == sc["ours"] and again["official"] == sc["official"]
         if task != "SNER":  # data.py breakdown lines the records up with the gold samples by id
             bd = data.breakdown_file(preds, "cnerta", corpus, "test", task)

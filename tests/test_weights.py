@@ -14,6 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import text  # noqa: E402
 import weights  # noqa: E402
 from image import IMAGE, Config  # noqa: E402
 from weights import ConversionError  # noqa: E402
@@ -143,19 +144,12 @@ def test_assets(ckpts):
                              "normalize_scores": True, "unk_penalty": 0.0, "temperature": 1.0}
 
 
-def test_lexicon_first_entry_wins(tmp_path):
-    path = tmp_path / "t2p.txt"
-    path.write_text("一\ty i1\n一\ty i2\n一下\ty i2 x ia4\n", encoding="utf-8")
-    phones = weights.SPECIALS + ["y", "i1", "i2", "x", "ia4"]
-    assert weights.read_lexicon(str(path), phones) == {"一": "y i1", "一下": "y i2 x ia4"}
-
-
 @pytest.mark.parametrize("layout", ["fairseq", "bert"])
 def test_full_size_vocab_ids(tmp_path, layout):
     """21,128 BERT lines (one of them U+2028), bare or with the fairseq specials: ids as MMSPEECH.md section 6."""
     bert = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "\u2028", "##\u2028"]
     bert += [f"tok{i}" for i in range(weights.BERT_VOCAB_LINES - len(bert))]
-    lines = (weights.SPECIALS + bert + ["<mask>"]) if layout == "fairseq" else bert
+    lines = (list(text.SPECIALS) + bert + ["<mask>"]) if layout == "fairseq" else bert
     path = tmp_path / "vocab.txt"
     path.write_bytes("".join(t + "\n" for t in lines).encode("utf-8"))
     vocab = weights.read_vocab(str(path), 51134)
