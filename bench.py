@@ -59,6 +59,7 @@ import files
 import image
 import train
 import weights
+from text import BOS, EOS, PAD, UNK
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_REFERENCE_DIR = ROOT.parent / "shared" / "reference"
@@ -323,7 +324,7 @@ def build_model(args, ms_dir, device):
 
 
 def token_ids(texts, assets, n_default=16):
-    """Decoder ids of each text (one per character, as data.TextVocab); deterministic stand-ins without a vocab."""
+    """Decoder ids of each text (one per character, as text.TextVocab); deterministic stand-ins without a vocab."""
     index = {}
     if assets is not None:
         for i, tok in enumerate(assets["vocab"][4:], 4):
@@ -332,7 +333,7 @@ def token_ids(texts, assets, n_default=16):
     for k, text in enumerate(texts):
         text = text or ""
         if assets is not None and text:
-            out.append([index.get(ch, decode.UNK) for ch in text])
+            out.append([index.get(ch, UNK) for ch in text])
         else:
             g = torch.Generator().manual_seed(k)
             n = len(text) or n_default
@@ -357,8 +358,8 @@ def asr_batch(feats, ids=None):
     empty = torch.zeros(0, dtype=torch.long)
     return data.collate([{"fbank": f, "fbank_lengths": torch.tensor(f.shape[0]), "speech_present": torch.tensor(True),
                           "phones": empty, "phone_chars": empty, "phone_lengths": torch.tensor(0),
-                          "text_present": torch.tensor(False), "decoder_input": torch.tensor([decode.BOS] + r),
-                          "target": torch.tensor(r + [decode.EOS])}
+                          "text_present": torch.tensor(False), "decoder_input": torch.tensor([BOS] + r),
+                          "target": torch.tensor(r + [EOS])}
                          for f, r in zip(feats, ids or [[] for _ in feats])])
 
 
@@ -415,7 +416,7 @@ def bench_decode(report, args, model, feats, feat_s, ref, forced, device, dtype)
         for _ in range(args.repeat):
             with runs.timed():
                 hyps = run(cfg)
-    tokens = [h[0].tokens + [decode.EOS] for h in hyps]
+    tokens = [h[0].tokens + [EOS] for h in hyps]
     audio_s, best_s = report["audio_seconds"], min(runs.wall)
     d = {"ours": {**runs.report(), "memory": mem.report(), "mean_output_tokens": statistics.mean(map(len, tokens)),
                   "utterances_per_s": len(feats) / best_s, "rtf": best_s / audio_s},
@@ -445,13 +446,13 @@ def bench_train(report, args, model, batch, ref, device, dtype):
     _, autocast, scaler = train.resolve_precision(precision, device)
     run_model = torch.compile(model) if args.compile else model
     optimizer = train.make_optimizer(model, TRAIN_RECIPE, device)
-    tokens = (batch["target"] != decode.PAD).sum()
+    tokens = (batch["target"] != PAD).sum()
 
     def forward_backward():
         with autocast:
             logits = run_model(batch["fbank"], batch["fbank_lengths"], batch["decoder_input"])     # (B, L, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch["target"].flatten(),
-                                   ignore_index=decode.PAD, reduction="sum")
+                                   ignore_index=PAD, reduction="sum")
         scaler.scale(loss / tokens).backward()
 
     def full_step():
@@ -481,7 +482,7 @@ def bench_train(report, args, model, batch, ref, device, dtype):
     step_s = min(step_runs.wall)
     n_tokens = int(tokens)
     flops = 3 * forward_flops(model.config, batch["fbank_lengths"].tolist(),
-                              (batch["target"] != decode.PAD).sum(1).tolist())
+                              (batch["target"] != PAD).sum(1).tolist())
     # the roof in the compute dtype; on CPU fp32 (bf16 matmuls there are emulated on most CPUs, ~1 GFLOP/s)
     peak = matmul_peak_flops(device, dtype if device.type == "cuda" else torch.float32)
     ours = {"step": step_runs.report(), "forward_backward": fb_runs.report(),
