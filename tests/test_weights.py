@@ -113,7 +113,7 @@ def test_convert_fixture_directories(ckpts):
     assert not b["config"]["scale_embedding"] and not b["config"]["entangle_position_embedding"]
     assert (b["config"]["d_model"], b["config"]["encoder_layers"], b["config"]["decoder_heads"]) == (48, 7, 3)
     for ckpt in (a, b):
-        assert ckpt["format"] == "image-checkpoint" and ckpt["version"] == 1
+        assert ckpt["format"] == "image-checkpoint" and ckpt["version"] == weights.CHECKPOINT_VERSION == 2
         assert all(v.dtype == torch.float32 for v in ckpt["model"].values())        # fp16 files cast to fp32
         assert not ckpt["model"]["encoder.modality_embed.weight"].any()
         assert "encoder.mask_emb" in ckpt["source"]["unused"]
