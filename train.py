@@ -279,12 +279,12 @@ def load_last(path):
     """OUT/last.pt for --resume; a missing, unreadable or wrong kind of file is an InputError naming it."""
     if not path.is_file():
         raise files.InputError(f"--resume: no checkpoint {path}" + (" (a folder)" if path.is_dir() else ""))
-    ckpt = weights.read_checkpoint(str(path), "--resume checkpoint")
-    missing = [k for k in RESUME_KEYS if k not in ckpt]
+    ckpt = weights.load_torch_file(str(path), "--resume checkpoint")
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise files.InputError(f"{path}: not a last.pt written by train.py (no {', '.join(missing)}; best.pt keeps "
                                "only the model, --resume needs the run's last.pt)")
-    return ckpt
+    return weights.migrate(ckpt, str(path))
 
 
 def to_device(batch, device):

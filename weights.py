@@ -29,6 +29,7 @@ from image import IMAGE, Config
 
 CHECKPOINT_FORMAT = "image-checkpoint"
 CHECKPOINT_VERSION = 2                                # 1: pseudo text length only in source.args
+FORMAT_KEYS = ("format", "version", "config", "model", "assets", "source")   # see make_checkpoint
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]          # ids 0..3 in the decoder vocabulary and the phone table
 BERT_VOCAB_LINES = 21128                              # bert-base-chinese vocab.txt
 MASK_ID = len(SPECIALS) + BERT_VOCAB_LINES            # 21132 '<mask>', then 21133 '<blank>', 21134.. '<audio_i>'
@@ -462,7 +463,7 @@ def make_checkpoint(config: Config, model_state: dict, assets: dict, source: dic
         source   where the weights came from (ModelScope conversion or train.py with its arguments); read by people
     training_state adds train.py's fields beside these (best.pt: best_f1; last.pt: optimizer, scaler, scheduler,
     step, epoch, batch_in_epoch, best_f1, rng, world_size, micro_batch, seed, loss)."""
-    clash = sorted(set(training_state) & {"format", "version", "config", "model", "assets", "source"})
+    clash = sorted(set(training_state) & set(FORMAT_KEYS))
     if clash:
         raise ValueError(f"make_checkpoint: training state may not replace the format's keys {clash}")
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(config),
@@ -477,28 +478,31 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
 
 
 def read_checkpoint(path: str, what: str = "checkpoint") -> dict:
-    """Our checkpoint file -> its dict in the current format (older versions migrated); another kind of file or a
-    version this code does not know is a ConversionError naming the path."""
-    ckpt = load_torch_file(path, what)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ConversionError(f"{path}: not an {CHECKPOINT_FORMAT} file (a ModelScope directory? convert it with "
-                              "`python weights.py MODELSCOPE_DIR OUT.pt`)")
-    return migrate(ckpt, path)
+    """Our checkpoint file -> its dict in the current format (older versions migrated); another kind of file, a
+    missing key or a version this code does not know is a ConversionError naming the path."""
+    return migrate(load_torch_file(path, what), path)
 
 
-def migrate(ckpt: dict, path: str) -> dict:
-    """A checkpoint dict of an older version -> the same in the current one (a new dict; tensors shared).
+def migrate(ckpt, path: str) -> dict:
+    """A loaded checkpoint of any version -> the same in the current one (a new dict; tensors shared), after checking
+    that it is one of ours.
 
     Version 1 -> 2: the pseudo text length was only train.py's argument source.args.pseudo_len; it becomes
     assets.pseudo_text_len (converted checkpoints have neither)."""
-    if ckpt.get("version") == 1:
-        pseudo_len = ((ckpt.get("source") or {}).get("args") or {}).get("pseudo_len")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConversionError(f"{path}: not an {CHECKPOINT_FORMAT} file (a ModelScope directory? convert it with "
+                              "`python weights.py MODELSCOPE_DIR OUT.pt`)")
+    missing = [k for k in FORMAT_KEYS if k not in ckpt]
+    if missing:
+        raise ConversionError(f"{path}: an incomplete {CHECKPOINT_FORMAT} file (no {', '.join(missing)})")
+    if ckpt["version"] == 1:
+        pseudo_len = ((ckpt["source"] or {}).get("args") or {}).get("pseudo_len")
         assets = dict(ckpt["assets"])
         if pseudo_len is not None:
             assets["pseudo_text_len"] = pseudo_len
         ckpt = {**ckpt, "version": 2, "assets": assets}
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ConversionError(f"{path}: checkpoint version {ckpt.get('version')!r}, this code reads "
+    if ckpt["version"] != CHECKPOINT_VERSION:
+        raise ConversionError(f"{path}: checkpoint version {ckpt['version']!r}, this code reads "
                               f"{CHECKPOINT_VERSION} and older")
     return ckpt
 

@@ -436,3 +436,10 @@ def test_model_from_checkpoint_keys_are_strict_except_the_modality_ablation(ckpt
     extra = {**ckpt, "model": {**ckpt["model"], "encoder.stray": torch.zeros(1)}}
     with pytest.raises(ConversionError, match="encoder.stray"):
         weights.model_from_checkpoint(extra, "cpu", "x.pt", use_modality_embedding=False)
+
+
+def test_incomplete_checkpoints_are_refused_by_name(tmp_path):
+    raw = torch.load(os.path.join(PRE_LAYOUT, "best.pt"), map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in raw.items() if k not in ("assets", "source")}, tmp_path / "cut.pt")
+    with pytest.raises(ConversionError, match="cut.pt: an incomplete image-checkpoint file \\(no assets, source\\)"):
+        weights.read_checkpoint(str(tmp_path / "cut.pt"))
