@@ -27,7 +27,6 @@ import torch
 from files import InputError
 
 SAMPLE_RATE = 16000
-PSEUDO_SPEECH_SAMPLES = 10000           # an absent speech input is the features of this many zero samples
 NUM_MEL_BINS = 80
 LOG_FLOOR = torch.finfo(torch.float32).eps   # Kaldi floors mel energies at float32 epsilon before the log
 CMVN_MODES = ("utterance", "none")
@@ -387,7 +386,7 @@ def cmvn_from_config(config):
 def speech_features(x, cmvn="utterance", speed=1.0):
     """The whole MMSpeech chain for x (N,) float in [-1, 1] at 16 kHz. Returns fbank (T, 80) float32.
 
-    Pseudo speech (absent modality) is speech_features(torch.zeros(PSEUDO_SPEECH_SAMPLES), cmvn).
+    Pseudo speech (absent modality) is speech_features(torch.zeros(data.PSEUDO_SPEECH_SAMPLES), cmvn).
     """
     if cmvn not in CMVN_MODES:
         raise ValueError(f"speech_features: cmvn must be one of {CMVN_MODES}, got {cmvn!r}")

@@ -311,10 +311,7 @@ def build_model(args, ms_dir, device):
     if ms_dir is not None:
         ckpt = weights.convert(str(ms_dir))
         # modelscope_padding: the same padding as ModelScope, so batched outputs are the same tokens (same work)
-        config = image.Config(**{**ckpt["config"], "modelscope_padding": True})
-        with torch.device("meta"):
-            model = image.IMAGE(config)
-        model.load_state_dict(ckpt["model"], strict=True, assign=True)
+        model = weights.model_from_checkpoint(ckpt, device, str(ms_dir), modelscope_padding=True)
         assets, what = ckpt["assets"], f"converted {ms_dir.name} (make_modelscope_dir.py --seed 0)"
     else:
         torch.manual_seed(0)

@@ -392,7 +392,7 @@ def attach_audio(samples, audio_dir) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Model inputs of one sample for one modality (keys and shapes: CONTRACT.md "One batch", without B)
 
-PSEUDO_SPEECH_SAMPLES = 10_000  # 0.625 s of zeros at 16 kHz
+PSEUDO_SPEECH_SAMPLES = 10_000  # an absent speech input is the features of 0.625 s of zeros at 16 kHz
 
 
 def _speech_features(path, speed: float, cmvn: str) -> torch.Tensor:

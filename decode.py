@@ -660,10 +660,9 @@ class Recognizer:
                  pool_chars=True, ctc_weight=None, ctc_candidates=None, entity_bias=0.0):
         import data
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        ckpt = {}
         if isinstance(model, (str, os.PathLike)):
             overrides = {"modelscope_padding": True} if modelscope_padding else {}
-            model, assets, ckpt = load_model(str(model), device, **overrides)
+            model, assets, _ = load_model(str(model), device, **overrides)
         elif isinstance(model, tuple):
             model, assets = model[0], model[1]
         if assets is None:
@@ -672,10 +671,10 @@ class Recognizer:
         self.device, self.assets, self.asr, self.constrain = device, assets, asr, constrain
         self.pool_chars = pool_chars
         self.entity_bias = finite_bias(entity_bias)   # checked here too: a bad value fails before any decoding
-        if featurizer is None:      # the pseudo text must be as long as in training (train.py --pseudo-len)
-            trained = ((ckpt.get("source") or {}).get("args") or {}).get("pseudo_len")
-            pseudo_text_len = pseudo_text_len or assets.get("pseudo_text_len") or trained or 40
-            featurizer = data.Featurizer(assets, pseudo_text_len=pseudo_text_len)
+        if featurizer is None:      # the pseudo text as long as in training (the checkpoint's assets say how long)
+            pseudo_text_len = pseudo_text_len or assets.get("pseudo_text_len")
+            featurizer = (data.Featurizer(assets, pseudo_text_len=pseudo_text_len) if pseudo_text_len
+                          else data.Featurizer(assets))   # a converted MMSpeech: the Featurizer's default
         self.featurizer = featurizer
         self.vocab = self.featurizer.vocab
         self.search = search or SearchConfig.from_assets(assets, beam=1 if greedy else beam, max_len=max_len,

@@ -284,7 +284,7 @@ def load_last(path):
     if missing:
         raise files.InputError(f"{path}: not a last.pt written by train.py (no {', '.join(missing)}; best.pt keeps "
                                "only the model, --resume needs the run's last.pt)")
-    return ckpt
+    return weights.migrate(ckpt, str(path))
 
 
 def to_device(batch, device):
@@ -409,10 +409,10 @@ def build_model(args, train, resume_ckpt, log):
     if args.mask_pseudo:
         overrides["mask_pseudo"] = True
     if resume_ckpt is not None:
-        config, assets, state = image.Config(**resume_ckpt["config"]), resume_ckpt["assets"], resume_ckpt["model"]
+        model, assets = weights.model_from_checkpoint(resume_ckpt, "cpu", "last.pt"), resume_ckpt["assets"]
     elif args.init is not None:
-        model, assets, _ = decode.load_model(args.init, "cpu")  # = weights.load_checkpoint
-        config, state = dataclasses.replace(model.config, **overrides), model.state_dict()
+        ckpt = weights.read_checkpoint(args.init, "--init checkpoint")
+        model, assets = weights.model_from_checkpoint(ckpt, "cpu", args.init, **overrides), ckpt["assets"]
         log(f"initialised from {args.init}")
     else:
         assets = data.assets_for_scratch(train)
@@ -421,18 +421,11 @@ def build_model(args, train, resume_ckpt, log):
                                                            "phone_vocab_size": len(assets["phones"]), **overrides})
         except ValueError as e:
             raise files.InputError(f"--model {args.model}: {e}") from None
-        state = None
+        model = image.IMAGE(config)
         changed = f" with {args.model}" if args.model else ""
         log(f"training a {args.preset} model{changed} from scratch (vocabulary {len(assets['vocab'])} from the "
             "training text)")
-    model = image.IMAGE(config)
-    if state is not None:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # only the modality-absence embedding may come or go (ablation on a checkpoint trained with it)
-        stray = [k for k in missing + unexpected if "modality" not in k]
-        if stray:
-            raise files.InputError(f"{args.init if resume_ckpt is None else 'last.pt'}: checkpoint does not fit "
-                                   f"the model: missing {missing}, unexpected {unexpected}")
+    model = model.float().train()  # float32 master weights whatever the file stores
     return model, assets
 
 
@@ -552,6 +545,7 @@ def train(args):
     if args.decode_ctc_weight is None:
         args.decode_ctc_weight = 0.5 if args.ctc_weight else 0.0
     assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": args.decode_ctc_weight}
+    assets["pseudo_text_len"] = args.pseudo_len  # part of the checkpoint: decoding needs the same pseudo text
     featurizer = data.Featurizer(assets, pseudo_text_len=args.pseudo_len, cache_dir=args.feature_cache)
     loader = data.make_loader(train_samples, featurizer, micro_batch, train=True, task_mix=args.mix,
                               tasks=train_tasks, seed=args.seed, rank=rank, world_size=world, speeds=args.speeds)
@@ -602,21 +596,20 @@ def train(args):
             dist.all_gather_object(states, rng_state())
         if not master:
             return
-        ckpt = {"format": "image-checkpoint", "version": 1, "config": dataclasses.asdict(raw_model.config),
-                "model": raw_model.state_dict(), "assets": assets,
-                "source": {"trainer": "train.py", "args": {k: v if isinstance(v, (int, float, bool, str, type(None)))
-                                                           else str(v) for k, v in vars(args).items()},
-                           "step": step}}
+        source = {"trainer": "train.py", "step": step,
+                  "args": {k: v if isinstance(v, (int, float, bool, str, type(None))) else str(v)
+                           for k, v in vars(args).items()}}
         if kind == "best":
-            with files.atomic_path(out / "best.pt") as tmp:
-                torch.save({**ckpt, "best_f1": best_f1}, tmp)
+            ckpt = weights.make_checkpoint(raw_model.config, raw_model.state_dict(), assets, source, best_f1=best_f1)
+            weights.save_checkpoint(ckpt, str(out / "best.pt"))
             return
-        ckpt.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler.is_enabled() else {},
-                    scheduler={"kind": args.schedule, "warmup_steps": warmup_steps, "total_steps": total_steps},
-                    step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, best_f1=best_f1, rng=states,
-                    world_size=world, micro_batch=micro_batch, seed=args.seed, loss=last_loss)
-        with files.atomic_path(out / "last.pt") as tmp:
-            torch.save(ckpt, tmp)
+        ckpt = weights.make_checkpoint(
+            raw_model.config, raw_model.state_dict(), assets, source, optimizer=optimizer.state_dict(),
+            scaler=scaler.state_dict() if scaler.is_enabled() else {},
+            scheduler={"kind": args.schedule, "warmup_steps": warmup_steps, "total_steps": total_steps},
+            step=step, epoch=epoch, batch_in_epoch=batch_in_epoch, best_f1=best_f1, rng=states, world_size=world,
+            micro_batch=micro_batch, seed=args.seed, loss=last_loss)
+        weights.save_checkpoint(ckpt, str(out / "last.pt"))
 
     def run_eval(split, samples, tag):
         scores = {}

@@ -1,12 +1,13 @@
-"""ModelScope MMSpeech directory -> one IMAGE checkpoint; and the one-call loader of our checkpoints.
+"""ModelScope MMSpeech directory -> one IMAGE checkpoint; and THE checkpoint format (make_checkpoint, save, read and
+migrate older versions, model_from_checkpoint: every model built from a checkpoint is built there).
 
     python weights.py MODELSCOPE_DIR OUT.pt                # e.g. damo/ofa_mmspeech_pretrain_large_zh
     model, assets, ckpt = weights.load_checkpoint("OUT.pt", device="cuda")
 
 The ModelScope directory holds config.json, pytorch_model.bin, vocab.txt, phone_dict.txt, fbank_config.yaml and
 usually configuration.json and text2phone_dict.txt. Our checkpoint (torch.save of a dict, loadable with
-weights_only=True; format in ../notes/CONTRACT.md) carries the config, the weights under our names and every asset the
-data pipeline needs (vocabulary, phones, lexicon, fbank/CMVN settings, decoding defaults), so decode.py and train.py
+weights_only=True; keys in make_checkpoint) carries the config, the weights under our names and every asset the
+data pipeline needs (vocabulary, phones, lexicon, fbank/CMVN settings, decoding defaults, pseudo text length), so decode.py and train.py
 need nothing else.
 
 Conversion is explicit: modelscope_key_map() names every ModelScope tensor we use; the image-side tables MMSpeech never
@@ -27,7 +28,8 @@ import text
 from image import IMAGE, Config
 
 CHECKPOINT_FORMAT = "image-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2                                # 1: pseudo text length only in source.args
+FORMAT_KEYS = ("format", "version", "config", "model", "assets", "source")   # see make_checkpoint
 BERT_VOCAB_LINES = 21128                              # bert-base-chinese vocab.txt
 MASK_ID = len(text.SPECIALS) + BERT_VOCAB_LINES       # 21132 '<mask>', then 21133 '<blank>', 21134.. '<audio_i>'
 
@@ -45,6 +47,7 @@ UNUSED_PATTERNS = [
 # int64 buffers ModelScope recomputes in __init__ (we compute the buckets on the fly); may be absent from the file.
 BUFFERS = {"decoder.token_rp_bucket", "decoder.image_rp_bucket", "decoder.image_position_idx"}
 TIED_HEAD = "decoder.output_projection.weight"        # the LM head, tied to decoder.embed_tokens.weight
+MODALITY_EMBEDDING = "encoder.modality_embed.weight"  # IMAGE's addition to MMSpeech
 
 # MMSpeechConfig class defaults for the config.json fields we read (save_pretrained may omit default-valued fields).
 MODELSCOPE_DEFAULTS = dict(
@@ -218,7 +221,7 @@ def convert_state_dict(state: dict, config: Config, dtype: torch.dtype = torch.f
         raise ConversionError(f"pytorch_model.bin: {TIED_HEAD} differs from decoder.embed_tokens.weight, but "
                               "share_decoder_input_output_embed is true (an untied head is not supported)")
     if config.use_modality_embedding:     # IMAGE's addition, zero: the converted model computes exactly MMSpeech
-        ours["encoder.modality_embed.weight"] = torch.zeros(shapes["encoder.modality_embed.weight"], dtype=dtype)
+        ours[MODALITY_EMBEDDING] = torch.zeros(shapes[MODALITY_EMBEDDING], dtype=dtype)
     assert set(ours) == set(shapes), f"key map incomplete: {sorted(set(shapes) ^ set(ours))}"
     return ours, sorted(k for k in state if is_unused(k))
 
@@ -431,9 +434,22 @@ def convert(model_dir: str, dtype: torch.dtype = torch.float32, **config_overrid
     return make_checkpoint(config, model_state, assets, source)
 
 
-def make_checkpoint(config: Config, model_state: dict, assets: dict, source: dict) -> dict:
+def make_checkpoint(config: Config, model_state: dict, assets: dict, source: dict, **training_state) -> dict:
+    """The checkpoint format (version CHECKPOINT_VERSION), the one writer of it:
+
+        format   "image-checkpoint"     version  CHECKPOINT_VERSION
+        config   dataclasses.asdict(image.Config)
+        model    {name: tensor}, our parameter names (no recomputed buffers; the tied LM head under its own name)
+        assets   vocab, phones, lexicon, fbank, decoding (search defaults) and, for a model trained by train.py,
+                 pseudo_text_len (the length of the pseudo text that stands for an absent text; decode needs the same)
+        source   where the weights came from (ModelScope conversion or train.py with its arguments); read by people
+    training_state adds train.py's fields beside these (best.pt: best_f1; last.pt: optimizer, scaler, scheduler,
+    step, epoch, batch_in_epoch, best_f1, rng, world_size, micro_batch, seed, loss)."""
+    clash = sorted(set(training_state) & set(FORMAT_KEYS))
+    if clash:
+        raise ValueError(f"make_checkpoint: training state may not replace the format's keys {clash}")
     return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": dataclasses.asdict(config),
-            "model": model_state, "assets": assets, "source": source}
+            "model": model_state, "assets": assets, "source": source, **training_state}
 
 
 def save_checkpoint(ckpt: dict, path: str) -> None:
@@ -443,30 +459,67 @@ def save_checkpoint(ckpt: dict, path: str) -> None:
         torch.save(ckpt, tmp)
 
 
-def load_checkpoint(path: str, device="cpu", **config_overrides) -> tuple:
-    """Our checkpoint -> (model in eval mode on device, assets, the checkpoint dict).
+def read_checkpoint(path: str, what: str = "checkpoint") -> dict:
+    """Our checkpoint file -> its dict in the current format (older versions migrated); another kind of file, a
+    missing key or a version this code does not know is a ConversionError naming the path."""
+    return migrate(load_torch_file(path, what), path)
 
-    config_overrides replace Config fields for this run (e.g. modelscope_padding=True, mask_pseudo=True).
-    """
-    ckpt = load_torch_file(path, "checkpoint")
+
+def migrate(ckpt, path: str) -> dict:
+    """A loaded checkpoint of any version -> the same in the current one (a new dict; tensors shared), after checking
+    that it is one of ours.
+
+    Version 1 -> 2: the pseudo text length was only train.py's argument source.args.pseudo_len; it becomes
+    assets.pseudo_text_len (converted checkpoints have neither)."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ConversionError(f"{path}: not an {CHECKPOINT_FORMAT} file (a ModelScope directory? convert it with "
                               "`python weights.py MODELSCOPE_DIR OUT.pt`)")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise ConversionError(f"{path}: checkpoint version {ckpt.get('version')!r}, this code reads "
-                              f"{CHECKPOINT_VERSION}")
+    missing = [k for k in FORMAT_KEYS if k not in ckpt]
+    if missing:
+        raise ConversionError(f"{path}: an incomplete {CHECKPOINT_FORMAT} file (no {', '.join(missing)})")
+    if ckpt["version"] == 1:
+        pseudo_len = ((ckpt["source"] or {}).get("args") or {}).get("pseudo_len")
+        assets = dict(ckpt["assets"])
+        if pseudo_len is not None:
+            assets["pseudo_text_len"] = pseudo_len
+        ckpt = {**ckpt, "version": 2, "assets": assets}
+    if ckpt["version"] != CHECKPOINT_VERSION:
+        raise ConversionError(f"{path}: checkpoint version {ckpt['version']!r}, this code reads "
+                              f"{CHECKPOINT_VERSION} and older")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device="cpu", where: str = "checkpoint", **config_overrides) -> IMAGE:
+    """The model of a checkpoint dict (current version), in eval mode on device; the tensors are the checkpoint's
+    own (built on the meta device, then load_state_dict(assign=True): no random init, no copy; dtype as stored).
+
+    config_overrides replace Config fields (e.g. modelscope_padding=True, mask_pseudo=True, dropout=0.0);
+    use_modality_embedding=False drops a stored modality embedding (the ablation). Every other weight must fit
+    the config exactly; `where` names the checkpoint in errors."""
     fields = {f.name for f in dataclasses.fields(Config)}
     unknown = sorted(set(ckpt["config"]) - fields) + sorted(set(config_overrides) - fields)
     if unknown:
-        raise ConversionError(f"{path}: unknown config field(s) {unknown}")
+        raise ConversionError(f"{where}: unknown config field(s) {unknown}")
     config = Config(**{**ckpt["config"], **config_overrides})
+    state = ckpt["model"]
+    if config_overrides.get("use_modality_embedding") is False:
+        state = {k: v for k, v in state.items() if k != MODALITY_EMBEDDING}
     with torch.device("meta"):
         model = IMAGE(config)
     try:
-        model.load_state_dict(ckpt["model"], strict=True, assign=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise ConversionError(f"{path}: weights do not fit the config: {e}") from None
-    return model.to(device).eval(), ckpt["assets"], ckpt
+        raise ConversionError(f"{where}: weights do not fit the config: {e}") from None
+    return model.to(device).eval()
+
+
+def load_checkpoint(path: str, device="cpu", **config_overrides) -> tuple:
+    """Our checkpoint file -> (model in eval mode on device, assets, the checkpoint dict in the current version).
+
+    config_overrides replace Config fields for this run (e.g. modelscope_padding=True, mask_pseudo=True).
+    """
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt, device, path, **config_overrides), ckpt["assets"], ckpt
 
 
 def main(argv=None):

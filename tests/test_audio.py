@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import audio  # noqa: E402
+import data  # noqa: E402
 import files  # noqa: E402
 from numerics import EPS, excess, fp32_tol  # noqa: E402
 
@@ -336,8 +337,8 @@ def test_chain_tolerance_catches_a_planted_preemphasis_bug(reference):
 
 def test_pseudo_speech_matches_reference(reference):
     pseudo = reference["pseudo"]
-    assert pseudo["samples"] == audio.PSEUDO_SPEECH_SAMPLES and pseudo["waveform_max"] == 0.0
-    zeros = torch.zeros(audio.PSEUDO_SPEECH_SAMPLES)
+    assert pseudo["samples"] == data.PSEUDO_SPEECH_SAMPLES and pseudo["waveform_max"] == 0.0
+    zeros = torch.zeros(data.PSEUDO_SPEECH_SAMPLES)
     assert torch.equal(audio.speech_features(zeros, cmvn="none"), pseudo["fbank_raw"])   # log(eps) everywhere
     ours = audio.speech_features(zeros, cmvn="utterance")
     # CMVN of a constant is float32 rounding noise / sqrt(1e-10): not 0 in the reference, and reproduced exactly

@@ -1067,3 +1067,18 @@ def test_jsonl_input_bom_relative_wavs_and_ids(tmp_path):
     path.write_bytes(("\ufeff" + "\n".join(lines) + "\n").encode())  # a BOM: Windows editors write one
     reqs = decode.read_jsonl_requests(str(path))
     assert [(r.text, r.wav, r.id) for r in reqs] == [("甲", None, "1"), (None, wav, "7"), ("乙", wav, "4")]
+
+
+def test_recognizer_takes_the_pseudo_text_length_from_the_checkpoint_format():
+    """A version 1 best.pt (tests/fixtures/pre_layout, train.py --pseudo-len 7) decodes with the migrated length."""
+    path = FIXTURES / "pre_layout" / "best.pt"
+    rec = decode.Recognizer(path, device="cpu")
+    assert rec.featurizer.pseudo_text_len == 7
+    wave = torch.randn(16000, generator=torch.Generator().manual_seed(0)) * 0.05
+    for result in rec.recognize(texts=["张伟在北京工作"]) + rec.recognize(waveforms=[wave], sample_rate=16000):
+        assert result["task"] in ("TNER", "SNER") and isinstance(result["output"], str)
+    assert decode.Recognizer(path, device="cpu", pseudo_text_len=9).featurizer.pseudo_text_len == 9  # the caller's
+    model, assets, _ = decode.load_model(str(path))
+    assert decode.Recognizer((model, {**assets, "pseudo_text_len": 5})).featurizer.pseudo_text_len == 5
+    without = {k: v for k, v in assets.items() if k != "pseudo_text_len"}                # a converted MMSpeech
+    assert decode.Recognizer((model, without)).featurizer.pseudo_text_len == 40          # the Featurizer's default

@@ -445,3 +445,21 @@ def test_start_up_removes_temp_files_of_dead_runs_only(tmp_path, capsys):
     assert re.search(r"train\.py: \S*train\.json: no sentences in the train split", capsys.readouterr().err)
     # the refused run keeps the earlier run's metrics (only a run that starts replaces them)
     assert sorted(p.name for p in out.iterdir()) == sorted([busy.name, "last.pt", "metrics.jsonl"])
+
+
+def test_resume_from_a_version_1_last_pt_writes_the_current_format(corpus, tmp_path, capsys):
+    """tests/fixtures/pre_layout/last.pt (train.py before the format change, --pseudo-len 7) resumes for one step;
+    the new best.pt/last.pt have the keys the old ones had, version 2 and the pseudo text length in the assets."""
+    fixture = ROOT / "tests" / "fixtures" / "pre_layout"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes((fixture / "last.pt").read_bytes())            # a copy: the fixture stays as is
+    train.main(base_args(corpus, out, "--pseudo-len", "7", "--max-steps", "2", "--batch-size", "4", "--eval-limit",
+                         "1", "--resume"))
+    assert "resumed from" in capsys.readouterr().out
+    for name in ("last.pt", "best.pt"):
+        old, new = load(fixture / name), load(out / name)
+        assert set(new) == set(old) and new["format"] == old["format"]
+        assert (old["version"], new["version"]) == (1, 2)
+        assert new["assets"]["pseudo_text_len"] == 7 and new["config"] == old["config"]
+    assert new["source"]["step"] == 2 and load(out / "last.pt")["step"] == 2

@@ -114,7 +114,7 @@ def test_convert_fixture_directories(ckpts):
     assert not b["config"]["scale_embedding"] and not b["config"]["entangle_position_embedding"]
     assert (b["config"]["d_model"], b["config"]["encoder_layers"], b["config"]["decoder_heads"]) == (48, 7, 3)
     for ckpt in (a, b):
-        assert ckpt["format"] == "image-checkpoint" and ckpt["version"] == 1
+        assert ckpt["format"] == "image-checkpoint" and ckpt["version"] == weights.CHECKPOINT_VERSION == 2
         assert all(v.dtype == torch.float32 for v in ckpt["model"].values())        # fp16 files cast to fp32
         assert not ckpt["model"]["encoder.modality_embed.weight"].any()
         assert "encoder.mask_emb" in ckpt["source"]["unused"]
@@ -359,3 +359,81 @@ def test_a_signal_during_a_checkpoint_write_leaves_no_temp_file(tmp_path, sig):
     assert [p.name for p in tmp_path.iterdir() if p.name != "big.pt"] == []
     if out.exists():                     # the previous complete write, never a torn one
         assert torch.load(out, weights_only=True)["padding"].shape == (8 * 2**20,)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checkpoint format: versions, migration, round trip
+
+PRE_LAYOUT = os.path.join(FIXTURES, "pre_layout")   # version 1 files from train.py, --pseudo-len 7 (README there)
+
+
+def test_version_1_checkpoints_are_migrated_on_load():
+    for name in ("best.pt", "last.pt"):
+        path = os.path.join(PRE_LAYOUT, name)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        assert raw["version"] == 1 and "pseudo_text_len" not in raw["assets"]     # the fixture is what it says
+        ckpt = weights.read_checkpoint(path)
+        assert ckpt["version"] == weights.CHECKPOINT_VERSION == 2
+        assert ckpt["assets"]["pseudo_text_len"] == 7 == raw["source"]["args"]["pseudo_len"]
+        assert set(ckpt) == set(raw) and ckpt["source"] == raw["source"]           # nothing else changes
+        assert all(ckpt["assets"][k] == raw["assets"][k] for k in raw["assets"])
+    assert "optimizer" in ckpt and ckpt["step"] == 1                              # last.pt keeps its training state
+    model, assets, ckpt = weights.load_checkpoint(os.path.join(PRE_LAYOUT, "best.pt"))
+    assert assets["pseudo_text_len"] == 7 and not model.training
+    assert all(torch.equal(t, ckpt["model"][k]) for k, t in model.state_dict().items())
+
+
+def test_unknown_versions_are_refused(tmp_path):
+    raw = torch.load(os.path.join(PRE_LAYOUT, "best.pt"), map_location="cpu", weights_only=True)
+    for version in (0, 3, None):
+        torch.save({**raw, "version": version}, tmp_path / "v.pt")
+        with pytest.raises(ConversionError, match=f"v.pt: checkpoint version {version!r}, this code reads 2"):
+            weights.read_checkpoint(str(tmp_path / "v.pt"))
+
+
+def test_converted_version_1_checkpoint_gets_no_pseudo_length(ckpts):
+    old = {**ckpts["ms_tiny_a"], "version": 1}                                    # no train.py arguments
+    ckpt = weights.migrate(old, "a.pt")
+    assert ckpt["version"] == 2 and "pseudo_text_len" not in ckpt["assets"] and old["version"] == 1
+
+
+def test_make_save_read_round_trip_keeps_everything(tmp_path):
+    torch.manual_seed(0)
+    config = Config.tiny(vocab_size=40, d_model=16, encoder_layers=2, text_join_layer=1, decoder_layers=1,
+                         encoder_heads=2, decoder_heads=2, encoder_ffn=32, decoder_ffn=32, pos_conv_groups=8)
+    model = IMAGE(config)
+    assets = {"vocab": [f"t{i}" for i in range(40)], "phones": ["p"], "lexicon": {"张": ["zh", "ang1"]},
+              "fbank": {"cmvn": "utterance"}, "decoding": {"beam": 3}, "pseudo_text_len": 11}
+    source = {"trainer": "test", "args": {"pseudo_len": 99}}   # the format's field wins over train.py's argument
+    made = weights.make_checkpoint(config, model.state_dict(), assets, source, step=5, rng=[torch.arange(3)])
+    weights.save_checkpoint(made, str(tmp_path / "c.pt"))
+    back = weights.read_checkpoint(str(tmp_path / "c.pt"))
+    assert set(back) == {"format", "version", "config", "model", "assets", "source", "step", "rng"}
+    assert back["version"] == 2 and back["config"] == made["config"] and back["assets"] == assets
+    assert back["source"] == source and back["step"] == 5 and torch.equal(back["rng"][0], torch.arange(3))
+    rebuilt = weights.model_from_checkpoint(back, "cpu", dropout=0.0)
+    assert rebuilt.config == Config(**{**made["config"], "dropout": 0.0}) and not rebuilt.training
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match=r"replace the format's keys \['format', 'version'\]"):
+        weights.make_checkpoint(config, model.state_dict(), assets, source, version=3, format="x")
+
+
+def test_model_from_checkpoint_keys_are_strict_except_the_modality_ablation(ckpts):
+    ckpt = ckpts["ms_tiny_a"]
+    plain = weights.model_from_checkpoint(ckpt, use_modality_embedding=False)
+    assert plain.encoder.modality_embed is None
+    assert set(plain.state_dict()) == set(ckpt["model"]) - {weights.MODALITY_EMBEDDING}
+    short = {**ckpt, "model": {k: v for k, v in ckpt["model"].items() if k != weights.MODALITY_EMBEDDING}}
+    with pytest.raises(ConversionError, match="(?s)x.pt: weights do not fit the config.*Missing.*modality_embed"):
+        weights.model_from_checkpoint(short, "cpu", "x.pt")
+    extra = {**ckpt, "model": {**ckpt["model"], "encoder.stray": torch.zeros(1)}}
+    with pytest.raises(ConversionError, match="encoder.stray"):
+        weights.model_from_checkpoint(extra, "cpu", "x.pt", use_modality_embedding=False)
+
+
+def test_incomplete_checkpoints_are_refused_by_name(tmp_path):
+    raw = torch.load(os.path.join(PRE_LAYOUT, "best.pt"), map_location="cpu", weights_only=True)
+    torch.save({k: v for k, v in raw.items() if k not in ("assets", "source")}, tmp_path / "cut.pt")
+    with pytest.raises(ConversionError, match="cut.pt: an incomplete image-checkpoint file \\(no assets, source\\)"):
+        weights.read_checkpoint(str(tmp_path / "cut.pt"))
