@@ -359,3 +359,10 @@ def test_a_signal_during_a_checkpoint_write_leaves_no_temp_file(tmp_path, sig):
     assert [p.name for p in tmp_path.iterdir() if p.name != "big.pt"] == []
     if out.exists():                     # the previous complete write, never a torn one
         assert torch.load(out, weights_only=True)["padding"].shape == (8 * 2**20,)
+
+
+def test_fbank_config_takes_the_test_transforms_first(tmp_path):
+    """fairseq's lookup: the test split's list, even an empty one, wins over '_eval' and '*'."""
+    path = tmp_path / "fbank_config.yaml"
+    path.write_text("transforms:\n  test: []\n  '*': [utterance_cmvn]\n", encoding="utf-8")
+    assert weights.read_fbank_config(str(path))["cmvn"] == "none"
