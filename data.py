@@ -482,20 +482,40 @@ class Featurizer:
         return self._pseudo
 
     def inputs(self, sample: Sample, task: str, speed: float = 1.0) -> dict:
+        """The row of a corpus sample under task (training): its target is the bracketed sentence + EOS."""
         if task not in TASKS + (NEITHER,):
             raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or {NEITHER})")
-        has_speech, has_text = task in ("SNER", "MNER"), task in ("TNER", "MNER")
+        has_speech = task in ("SNER", "MNER")
         if has_speech and sample.audio is None:
             raise ValueError(f"{task} needs audio, but sample {sample.id} has none")
-        fbank = self.speech(sample.audio, speed) if has_speech else self.pseudo_speech()  # (T, 80)
-        phones, phone_chars = self.text(sample.text) if has_text else self.pseudo_text()  # (P,), (P,)
+        fbank = self.speech(sample.audio, speed) if has_speech else None
         target = self.target(sample) if task != NEITHER else [UNK] * self.neither_len + [EOS]
-        target = torch.tensor(target, dtype=torch.long)  # (L,)
-        return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]),
-                "speech_present": torch.tensor(has_speech),
-                "phones": phones, "phone_chars": phone_chars, "phone_lengths": torch.tensor(len(phones)),
-                "text_present": torch.tensor(has_text),
-                "decoder_input": torch.cat([torch.tensor([BOS]), target[:-1]]), "target": target}
+        return self.row(task, fbank, sample.text, target)
+
+    def row(self, task: str, fbank=None, text=None, target=(EOS,)) -> dict:
+        """The row of one input under task: fbank (T, 80) is read for SNER/MNER, text for TNER/MNER, pseudo inputs
+        stand in for the rest (NEITHER: both). target: token ids ending with EOS (decoding: EOS alone)."""
+        has_speech, has_text = task in ("SNER", "MNER"), task in ("TNER", "MNER")
+        fbank = fbank if has_speech else self.pseudo_speech()  # (T, 80)
+        phones, phone_chars = self.text(text) if has_text else self.pseudo_text()  # (P,), (P,)
+        return make_row(fbank, phones, phone_chars, has_speech, has_text, target)
+
+
+def make_row(fbank, phones, phone_chars, speech_present: bool, text_present: bool, target) -> dict:
+    """The unbatched model inputs of one row. target: token ids ending with EOS; decoder_input = BOS + target[:-1]
+    (teacher forcing; decoding starts from BOS alone, target [EOS])."""
+    target = torch.as_tensor(target, dtype=torch.long)  # (L,)
+    return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]),
+            "speech_present": torch.tensor(speech_present),
+            "phones": phones, "phone_chars": phone_chars, "phone_lengths": torch.tensor(len(phones)),
+            "text_present": torch.tensor(text_present),
+            "decoder_input": torch.cat([torch.tensor([BOS]), target[:-1]]), "target": target}
+
+
+def asr_row(fbank, ids=()) -> dict:
+    """A row of MMSpeech's own task, ASR: speech only, no text stream; target ids + EOS (decoding: ids empty)."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return make_row(fbank, empty, empty, True, False, [*ids, EOS])
 
 
 def _atomic_save(obj, path: Path) -> None:
