@@ -394,7 +394,7 @@ def test_ctc_targets_and_loss(corpus):
     model, assets = train.build_model(args, samples, None, lambda *a: None)
     featurizer = data.Featurizer(assets)
     rows = [(0, "TNER", 1.0), (1, "SNER", 1.0), (2, "MNER", 1.0)]
-    batch = train.PlanBatches(samples, featurizer, model.config.phone_dict_size - 3)[(0, rows)]
+    batch = data.BatchBuilder(samples, featurizer, model.config.phone_dict_size - 3)[(0, rows)]
     assert batch["ctc_lengths"][0] == 0 and batch["ctc_lengths"][1] > 0
     for row in (1, 2):
         phones = featurizer.text(samples[row].text)[0]
@@ -403,27 +403,6 @@ def test_ctc_targets_and_loss(corpus):
         ce = train.Objective(model)(batch)
         both = train.Objective(model, ctc_weight=0.5)(batch)
     assert math.isfinite(both.item()) and both > ce
-
-
-def test_entity_swap_changes_text_rows_only_and_is_redrawn_per_epoch():
-    samples = [data.Sample("a", "张三去北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "a.wav"),
-               data.Sample("b", "李四在上海", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "b.wav"),
-               data.Sample("c", "王小明到广州市", [data.Entity(0, 3, "PER"), data.Entity(4, 7, "LOC")], "c.wav")]
-    assets = data.assets_for_scratch(samples)
-    featurizer = data.Featurizer(assets)
-    plain = train.PlanBatches(samples, featurizer)
-    swapped = train.PlanBatches(samples, featurizer, entity_swap=data.EntitySwap(samples, 1.0, seed=3))
-    targets = lambda batches, epoch, task: [featurizer.vocab.decode(t) for t in
-                                            batches[(epoch, [(i, task, 1.0) for i in range(3)])]["target"]]
-    assert all(swapped.sample(0, i, task) is samples[i] for i in range(3) for task in ("SNER", "MNER"))  # speech
-    assert targets(plain, 0, "TNER") == ["[张三]去(北京)", "[李四]在(上海)", "[王小明]到(广州市)"]
-    epochs = [targets(swapped, e, "TNER") for e in range(6)]
-    assert epochs[0] == targets(swapped, 0, "TNER")                    # deterministic in (epoch, sample)
-    assert len({tuple(e) for e in epochs}) > 1                          # and redrawn every epoch
-    names, places = {"[张三]", "[李四]", "[王小明]"}, {"(北京)", "(上海)", "(广州市)"}
-    for row in (t for e in epochs for t in e):
-        person, place = re.fullmatch(r"(\[.+?\])(去|在|到)(\(.+?\))", row).group(1, 3)
-        assert person in names and place in places, row
 
 
 def test_start_up_removes_temp_files_of_dead_runs_only(tmp_path, capsys):
