@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import data
 import decode
+import demo
 import files
 import image
 import weights
@@ -319,11 +320,6 @@ class Objective(nn.Module):
         return loss
 
 
-def loss_sum_and_tokens(objective, batch):
-    """-> (summed loss of the micro-batch, its number of target tokens)."""
-    return objective(batch), (batch["target"] != PAD).sum()
-
-
 def format_table(metrics, tasks):
     lines = [f"{'task':6s} {'P':>7s} {'R':>7s} {'F1':>7s}"]
     for t in tasks:
@@ -341,7 +337,6 @@ def load_corpus(args, master, barrier):
     """-> train, dev, test sample lists (test None unless --eval-test). The demo corpus is built once (rank 0)."""
     data_dir = args.data_dir
     if args.dataset == "demo" and data_dir is None:
-        import demo
         if master:
             demo.ensure_demo_corpus(progress=True)
         barrier()
@@ -623,7 +618,7 @@ def train(args):
                 sync = i == len(micro) - 1
                 with (objective.no_sync() if ddp and not sync else nullcontext()):
                     with autocast:
-                        loss_sum, _ = loss_sum_and_tokens(objective, b)
+                        loss_sum = objective(b)
                     scaler.scale(loss_sum * world / tokens).backward()  # DDP averages over ranks
                 step_loss += loss_sum.detach()
             if ddp:

@@ -209,13 +209,11 @@ def test_a_few_steps_lower_the_loss(corpus):
 
     def mean_loss():
         with torch.no_grad():
-            return sum(train.loss_sum_and_tokens(objective, b)[0].item() / (b["target"] != 1).sum().item()
-                       for b in batches)
+            return sum(objective(b).item() / (b["target"] != 1).sum().item() for b in batches)
     before = mean_loss()
     for _ in range(6):
         for b in batches:
-            loss, tokens = train.loss_sum_and_tokens(objective, b)
-            (loss / tokens).backward()
+            (objective(b) / (b["target"] != 1).sum()).backward()
             optimizer.step()
             optimizer.zero_grad()
     after = mean_loss()
@@ -353,11 +351,10 @@ def test_model_overrides_and_a_dev_split_from_another_format(tmp_path, capsys):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
-    def nan_loss(model, batch):
-        loss, tokens = real(model, batch)
-        return loss * float("nan"), tokens
-    real = train.loss_sum_and_tokens
-    monkeypatch.setattr(train, "loss_sum_and_tokens", nan_loss)
+    def nan_loss(objective, batch):
+        return real(objective, batch) * float("nan")
+    real = train.Objective.forward
+    monkeypatch.setattr(train.Objective, "forward", nan_loss)
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(SystemExit, match="non-finite"):
         train.main(base_args(corpus, tmp_path / "out", "--max-bad-steps", "3", "--batch-size", "4"))
 
@@ -375,8 +372,8 @@ def test_mixed_precision_step_on_cpu(corpus, dtype):
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
     with autocast:
-        loss, tokens = train.loss_sum_and_tokens(train.Objective(model), batch)
-    scaler.scale(loss / tokens).backward()
+        loss = train.Objective(model)(batch)
+    scaler.scale(loss / (batch["target"] != 1).sum()).backward()
     scaler.unscale_(optimizer)
     scaler.step(optimizer)
     scaler.update()
