@@ -627,20 +627,6 @@ class BatchBuilder(torch.utils.data.Dataset):
         return batch
 
 
-class _Entries(torch.utils.data.Sampler):
-    """The plan entries of the epoch being iterated (set by Loader.batches): one DataLoader serves every epoch, so
-    persistent workers keep their feature caches."""
-
-    def __init__(self):
-        self.entries = []
-
-    def __iter__(self):
-        return iter(self.entries)
-
-    def __len__(self):
-        return len(self.entries)
-
-
 class Loader:
     """The one batching path (see make_loader): batch_plan() decides the batches of an epoch, (sample index, task,
     speed) per row; batches() builds them (BatchBuilder) in a DataLoader. Iterating the loader = batches()."""
@@ -661,7 +647,9 @@ class Loader:
         self.target_len = [len(linearize(s.text, s.entities)) + 1 for s in samples]
         self.frames = [_wav_frames(s.audio) if s.audio else 0 for s in samples]
         self.builder = BatchBuilder(samples, featurizer, ctc_classes, entity_swap)
-        self._entries = _Entries()
+        # the sampler: the plan entries of the epoch being iterated, refilled in place by batches(), so that one
+        # DataLoader serves every epoch and persistent workers keep their feature caches
+        self._entries = []
         self._loader = torch.utils.data.DataLoader(self.builder, sampler=self._entries, batch_size=None,
                                                    num_workers=num_workers, persistent_workers=num_workers > 0)
 
@@ -671,7 +659,7 @@ class Loader:
     def batches(self, start: int = 0):
         """Iterator over the collated batches of this epoch from batch `start` on (a resumed run skips the finished
         ones). Starting it draws the DataLoader's base seed from torch's global RNG, as any DataLoader does."""
-        self._entries.entries = [(self.epoch, rows) for rows in self.batch_plan()[start:]]
+        self._entries[:] = [(self.epoch, rows) for rows in self.batch_plan()[start:]]
         return iter(self._loader)
 
     def __iter__(self):
