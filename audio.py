@@ -371,18 +371,6 @@ def utterance_cmvn(feats):
     return torch.from_numpy(out).to(feats.device)
 
 
-def cmvn_from_config(config):
-    """CMVN mode from a parsed fairseq/ModelScope fbank_config.yaml, looked up as the test split does:
-    transforms['test'], else '_eval', else '*'. Returns "utterance" or "none"."""
-    transforms = (config or {}).get("transforms") or {}
-    names = next((transforms[k] for k in ("test", "_eval", "*") if k in transforms), []) or []
-    unsupported = [n for n in names if n != "utterance_cmvn"]
-    if unsupported:
-        raise ValueError(f"fbank config: unsupported test-time feature transforms {unsupported} "
-                         f"(only utterance_cmvn is implemented)")
-    return "utterance" if names else "none"
-
-
 def speech_features(x, cmvn="utterance", speed=1.0):
     """The whole MMSpeech chain for x (N,) float in [-1, 1] at 16 kHz. Returns fbank (T, 80) float32.
 

@@ -59,7 +59,7 @@ import files
 import image
 import train
 import weights
-from text import BOS, EOS, PAD, UNK
+from text import EOS, PAD, UNK
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_REFERENCE_DIR = ROOT.parent / "shared" / "reference"
@@ -352,12 +352,7 @@ def our_features(wavs, cmvn):
 def asr_batch(feats, ids=None):
     """data.collate's batch for MMSpeech's own task, ASR (speech only, no text stream), which both sides run:
     fbank (B, T, 80) zero-padded; decoder_input BOS + ids and target ids + EOS, PAD-padded (B, L)."""
-    empty = torch.zeros(0, dtype=torch.long)
-    return data.collate([{"fbank": f, "fbank_lengths": torch.tensor(f.shape[0]), "speech_present": torch.tensor(True),
-                          "phones": empty, "phone_chars": empty, "phone_lengths": torch.tensor(0),
-                          "text_present": torch.tensor(False), "decoder_input": torch.tensor([BOS] + r),
-                          "target": torch.tensor(r + [EOS])}
-                         for f, r in zip(feats, ids or [[] for _ in feats])])
+    return data.collate([data.asr_row(f, r) for f, r in zip(feats, ids or [[] for _ in feats])])
 
 
 # ----------------------------------------------------------------------------------------------------------

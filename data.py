@@ -482,20 +482,40 @@ class Featurizer:
         return self._pseudo
 
     def inputs(self, sample: Sample, task: str, speed: float = 1.0) -> dict:
+        """The row of a corpus sample under task (training): its target is the bracketed sentence + EOS."""
         if task not in TASKS + (NEITHER,):
             raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or {NEITHER})")
-        has_speech, has_text = task in ("SNER", "MNER"), task in ("TNER", "MNER")
+        has_speech = task in ("SNER", "MNER")
         if has_speech and sample.audio is None:
             raise ValueError(f"{task} needs audio, but sample {sample.id} has none")
-        fbank = self.speech(sample.audio, speed) if has_speech else self.pseudo_speech()  # (T, 80)
-        phones, phone_chars = self.text(sample.text) if has_text else self.pseudo_text()  # (P,), (P,)
+        fbank = self.speech(sample.audio, speed) if has_speech else None
         target = self.target(sample) if task != NEITHER else [UNK] * self.neither_len + [EOS]
-        target = torch.tensor(target, dtype=torch.long)  # (L,)
-        return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]),
-                "speech_present": torch.tensor(has_speech),
-                "phones": phones, "phone_chars": phone_chars, "phone_lengths": torch.tensor(len(phones)),
-                "text_present": torch.tensor(has_text),
-                "decoder_input": torch.cat([torch.tensor([BOS]), target[:-1]]), "target": target}
+        return self.row(task, fbank, sample.text, target)
+
+    def row(self, task: str, fbank=None, text=None, target=(EOS,)) -> dict:
+        """The row of one input under task: fbank (T, 80) is read for SNER/MNER, text for TNER/MNER, pseudo inputs
+        stand in for the rest (NEITHER: both). target: token ids ending with EOS (decoding: EOS alone)."""
+        has_speech, has_text = task in ("SNER", "MNER"), task in ("TNER", "MNER")
+        fbank = fbank if has_speech else self.pseudo_speech()  # (T, 80)
+        phones, phone_chars = self.text(text) if has_text else self.pseudo_text()  # (P,), (P,)
+        return make_row(fbank, phones, phone_chars, has_speech, has_text, target)
+
+
+def make_row(fbank, phones, phone_chars, speech_present: bool, text_present: bool, target) -> dict:
+    """The unbatched model inputs of one row. target: token ids ending with EOS; decoder_input = BOS + target[:-1]
+    (teacher forcing; decoding starts from BOS alone, target [EOS])."""
+    target = torch.as_tensor(target, dtype=torch.long)  # (L,)
+    return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]),
+            "speech_present": torch.tensor(speech_present),
+            "phones": phones, "phone_chars": phone_chars, "phone_lengths": torch.tensor(len(phones)),
+            "text_present": torch.tensor(text_present),
+            "decoder_input": torch.cat([torch.tensor([BOS]), target[:-1]]), "target": target}
+
+
+def asr_row(fbank, ids=()) -> dict:
+    """A row of MMSpeech's own task, ASR: speech only, no text stream; target ids + EOS (decoding: ids empty)."""
+    empty = torch.zeros(0, dtype=torch.long)
+    return make_row(fbank, empty, empty, True, False, [*ids, EOS])
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -505,7 +525,8 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Batching
+# 6. Batching, one path: make_loader -> Loader. Its plan decides the batches of an epoch (samples, tasks, speeds,
+# length buckets, rank shards); BatchBuilder builds each (features, collate, CTC phone targets, entity swaps).
 
 
 def collate(items: list[dict]) -> dict:
@@ -535,38 +556,83 @@ def _wav_frames(path) -> int:
 PSEUDO_FRAMES = 1 + (PSEUDO_SPEECH_SAMPLES - 400) // 160
 
 
-class _Items(torch.utils.data.Dataset):
-    """Map-style dataset indexed by plan items (sample index, task, speed): the plan travels with the indices,
-    so DataLoader workers (persistent across epochs) need no update when the epoch changes."""
+class EntitySwap:
+    """Mention replacement for text-only training rows (Dai & Adel 2020, "An Analysis of Simple Data Augmentation
+    for Named Entity Recognition"): each flat entity (one that overlaps no other entity of its sentence) is, with
+    probability p, replaced by a flat mention of the same type drawn from the training samples. Offsets after it
+    shift; the audio is dropped, since the text no longer matches it. Deterministic in (seed, key): a resumed run
+    redraws the same sentences."""
 
-    def __init__(self, samples, featurizer):
-        self.samples, self.featurizer = samples, featurizer
+    def __init__(self, samples, p: float, seed: int = 0):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"entity swap probability must be in [0, 1], got {p}")
+        self.p, self.seed = p, seed
+        pool = collections.defaultdict(set)
+        for s in samples:
+            for e in self.flat(s.entities):
+                pool[e.type].add(s.text[e.start:e.end])
+        self.pool = {t: sorted(m) for t, m in pool.items()}  # sorted: the draws do not depend on set order
 
-    def __getitem__(self, item):
-        i, task, speed = item
-        return self.featurizer.inputs(self.samples[i], task, speed)
+    @staticmethod
+    def flat(entities) -> list[Entity]:
+        return [e for e in entities if not any(o != e and o.start < e.end and e.start < o.end for o in entities)]
 
-    def __len__(self):
-        return len(self.samples)
+    def __call__(self, sample: Sample, key) -> Sample:
+        rng = random.Random(f"{self.seed}:{key}")
+        swaps = {e: rng.choice(self.pool[e.type]) for e in self.flat(sample.entities) if rng.random() < self.p}
+        if not swaps:
+            return sample
+        text, moved, shift, last = [], {}, 0, 0  # moved: old entity -> new entity
+        for e in sorted(set(sample.entities), key=lambda e: (e.start, -e.end)):  # a listed-twice entity moves once
+            if e in swaps:  # flat: nothing else starts inside it, so the text before it is final
+                text += [sample.text[last:e.start], swaps[e]]
+                moved[e] = Entity(e.start + shift, e.start + shift + len(swaps[e]), e.type)
+                shift += len(swaps[e]) - (e.end - e.start)
+                last = e.end
+            else:
+                moved[e] = Entity(e.start + shift, e.end + shift, e.type)
+        text.append(sample.text[last:])
+        return Sample(sample.id, "".join(text), [moved[e] for e in sample.entities], None)  # file order kept
 
 
-class _PlanSampler:
-    def __init__(self, loader):
-        self.loader = loader
+class BatchBuilder(torch.utils.data.Dataset):
+    """Collated batch of one plan entry (epoch, [(sample index, task, speed), ...]) of a Loader.
 
-    def __iter__(self):
-        return iter(self.loader.batch_plan())
+    Built per entry, not per sample, so a resumed run skips finished batches without computing their features.
+    With ctc_classes > 0 the batch also has CTC phone targets: ctc_phones (B, P) padded with PAD, ctc_lengths (B,),
+    0 for rows without real speech. With entity_swap (an EntitySwap) TNER rows get their entities replaced, drawn
+    afresh for every (epoch, sample)."""
 
-    def __len__(self):
-        return len(self.loader.batch_plan())
+    def __init__(self, samples, featurizer, ctc_classes=0, entity_swap=None):
+        self.samples, self.featurizer, self.ctc_classes = samples, featurizer, ctc_classes
+        self.entity_swap = entity_swap
+
+    def sample(self, epoch, i, task):
+        if self.entity_swap is None or task != "TNER":
+            return self.samples[i]
+        return self.entity_swap(self.samples[i], f"{epoch}:{i}")
+
+    def __getitem__(self, entry):
+        epoch, rows = entry
+        batch = collate([self.featurizer.inputs(self.sample(epoch, i, task), task, speed) for i, task, speed in rows])
+        if self.ctc_classes:
+            # CTC class = phone id - 3 (class 0 = phone row 3 = blank); other phone ids have no class
+            targets = [self.featurizer.text(self.samples[i].text)[0] - 3 if task in ("SNER", "MNER")
+                       else torch.zeros(0, dtype=torch.long) for i, task, _ in rows]
+            targets = [t[(t >= 1) & (t < self.ctc_classes)] for t in targets]
+            batch["ctc_lengths"] = torch.tensor([len(t) for t in targets])  # (B,)
+            batch["ctc_phones"] = torch.full((len(rows), max(1, max(map(len, targets)))), PAD, dtype=torch.long)
+            for row, t in enumerate(targets):
+                batch["ctc_phones"][row, :len(t)] = t
+        return batch
 
 
 class Loader:
-    """Length-bucketed batches with each sample's task redrawn every epoch (see make_loader). Iterate for batch
-    dicts; batch_plan() lists (sample index, task, speed) of every batch of this epoch and rank, in order."""
+    """The one batching path (see make_loader): batch_plan() decides the batches of an epoch, (sample index, task,
+    speed) per row; batches() builds them (BatchBuilder) in a DataLoader. Iterating the loader = batches()."""
 
     def __init__(self, samples, featurizer, batch_size, train, task_mix, tasks, seed, num_workers, rank,
-                 world_size, speeds, bucket_pool):
+                 world_size, speeds, bucket_pool, ctc_classes, entity_swap):
         bad = [t for t in tasks if t not in TASKS]
         if bad or not tasks:
             raise ValueError(f"tasks {tasks!r}: choose from {', '.join(TASKS)}")
@@ -580,24 +646,27 @@ class Loader:
         self.bucket_pool, self.epoch, self._plan = bucket_pool, 0, None
         self.target_len = [len(linearize(s.text, s.entities)) + 1 for s in samples]
         self.frames = [_wav_frames(s.audio) if s.audio else 0 for s in samples]
-        with_audio = sum(s.audio is not None for s in samples)
-        self.report = {"samples": len(samples), "with_audio": with_audio, "without_audio": len(samples) - with_audio,
-                       "unusable": 0 if "TNER" in self.tasks else len(samples) - with_audio}
-        self._loader = torch.utils.data.DataLoader(
-            _Items(samples, featurizer), batch_sampler=_PlanSampler(self), collate_fn=collate,
-            num_workers=num_workers, persistent_workers=num_workers > 0)
+        self.builder = BatchBuilder(samples, featurizer, ctc_classes, entity_swap)
+        # the sampler: the plan entries of the epoch being iterated, refilled in place by batches(), so that one
+        # DataLoader serves every epoch and persistent workers keep their feature caches
+        self._entries = []
+        self._loader = torch.utils.data.DataLoader(self.builder, sampler=self._entries, batch_size=None,
+                                                   num_workers=num_workers, persistent_workers=num_workers > 0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self):
+    def batches(self, start: int = 0):
+        """Iterator over the collated batches of this epoch from batch `start` on (a resumed run skips the finished
+        ones). Starting it draws the DataLoader's base seed from torch's global RNG, as any DataLoader does."""
+        self._entries[:] = [(self.epoch, rows) for rows in self.batch_plan()[start:]]
         return iter(self._loader)
+
+    def __iter__(self):
+        return self.batches()
 
     def __len__(self):
         return len(self.batch_plan())
-
-    def batch_indices(self) -> list[list[int]]:
-        return [[i for i, _, _ in b] for b in self.batch_plan()]
 
     def batch_plan(self) -> list[list[tuple[int, str, float]]]:
         if self._plan is None or self._plan[0] != self.epoch:
@@ -651,53 +720,15 @@ class Loader:
 
 def make_loader(samples, featurizer: Featurizer, batch_size: int, train: bool, task_mix: str = "uniform",
                 tasks=TASKS, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                speeds=(0.9, 1.0, 1.1), bucket_pool: int = 100) -> Loader:
-    """Batches of collated inputs. train: tasks and speed perturbation (speeds, for real speech) redrawn per
-    epoch (call set_epoch), batches of similar length (sorted within pools of bucket_pool batches) in shuffled
-    order; with world_size > 1 every rank gets the same number of full batches (samples repeat to fill).
-    Not train: every sample for every task in `tasks` it can do (SNER/MNER need audio), speed 1.0, sorted by
-    length; use batch_plan() to map rows back to samples."""
+                speeds=(0.9, 1.0, 1.1), bucket_pool: int = 100, ctc_classes: int = 0,
+                entity_swap: EntitySwap | None = None) -> Loader:
+    """Batches of collated inputs (train.py's and every test's). train: tasks and speed perturbation (speeds, for
+    real speech) redrawn per epoch (call set_epoch), batches of similar length (sorted within pools of bucket_pool
+    batches) in shuffled order; with world_size > 1 every rank gets the same number of full batches (samples repeat
+    to fill). Not train: every sample for every task in `tasks` it can do (SNER/MNER need audio), speed 1.0, sorted
+    by length; use batch_plan() to map rows back to samples. ctc_classes, entity_swap: see BatchBuilder."""
     return Loader(samples, featurizer, batch_size, train, task_mix, tasks, seed, num_workers, rank, world_size,
-                  speeds, bucket_pool)
-
-
-class EntitySwap:
-    """Mention replacement for text-only training rows (Dai & Adel 2020, "An Analysis of Simple Data Augmentation
-    for Named Entity Recognition"): each flat entity (one that overlaps no other entity of its sentence) is, with
-    probability p, replaced by a flat mention of the same type drawn from the training samples. Offsets after it
-    shift; the audio is dropped, since the text no longer matches it. Deterministic in (seed, key): a resumed run
-    redraws the same sentences."""
-
-    def __init__(self, samples, p: float, seed: int = 0):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"entity swap probability must be in [0, 1], got {p}")
-        self.p, self.seed = p, seed
-        pool = collections.defaultdict(set)
-        for s in samples:
-            for e in self.flat(s.entities):
-                pool[e.type].add(s.text[e.start:e.end])
-        self.pool = {t: sorted(m) for t, m in pool.items()}  # sorted: the draws do not depend on set order
-
-    @staticmethod
-    def flat(entities) -> list[Entity]:
-        return [e for e in entities if not any(o != e and o.start < e.end and e.start < o.end for o in entities)]
-
-    def __call__(self, sample: Sample, key) -> Sample:
-        rng = random.Random(f"{self.seed}:{key}")
-        swaps = {e: rng.choice(self.pool[e.type]) for e in self.flat(sample.entities) if rng.random() < self.p}
-        if not swaps:
-            return sample
-        text, moved, shift, last = [], {}, 0, 0  # moved: old entity -> new entity
-        for e in sorted(set(sample.entities), key=lambda e: (e.start, -e.end)):  # a listed-twice entity moves once
-            if e in swaps:  # flat: nothing else starts inside it, so the text before it is final
-                text += [sample.text[last:e.start], swaps[e]]
-                moved[e] = Entity(e.start + shift, e.start + shift + len(swaps[e]), e.type)
-                shift += len(swaps[e]) - (e.end - e.start)
-                last = e.end
-            else:
-                moved[e] = Entity(e.start + shift, e.end + shift, e.type)
-        text.append(sample.text[last:])
-        return Sample(sample.id, "".join(text), [moved[e] for e in sample.entities], None)  # file order kept
+                  speeds, bucket_pool, ctc_classes, entity_swap)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import audio
+import data
 import files
 from text import BOS, CLOSE_OF, EOS, OPEN_OF, PAD, TO_FULLWIDTH, TYPES, UNK
 
@@ -605,12 +607,11 @@ def official_keys(task, bracketed, phones_of=None):
 
 @dataclass
 class Request:
-    """One thing to recognise: text and/or speech (a wav path or a 16 kHz waveform). gold: a data.Sample (eval)."""
+    """One thing to recognise: text and/or speech (a wav path or a 16 kHz waveform)."""
     text: Optional[str] = None
     wav: Optional[str] = None
     waveform: Optional[torch.Tensor] = None
     id: str = ""
-    gold: object = None
 
     @property
     def has_speech(self):
@@ -658,7 +659,6 @@ class Recognizer:
                  constrain=True, asr=False, no_repeat_ngram_size=None, max_audio_seconds=MAX_AUDIO_SECONDS,
                  featurizer=None, modelscope_padding=False, search=None, nbest=1, pseudo_text_len=None,
                  pool_chars=True, ctc_weight=None, ctc_candidates=None, entity_bias=0.0):
-        import data
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if isinstance(model, (str, os.PathLike)):
             overrides = {"modelscope_padding": True} if modelscope_padding else {}
@@ -698,7 +698,6 @@ class Recognizer:
 
     def _speech(self, req):
         """-> (fbank (T, 80), warnings). Wav files go through the featurizer (cached); waveforms are 16 kHz."""
-        import audio
         where = req.wav or f"waveform {req.id}".strip()
         if req.waveform is not None:
             x = req.waveform
@@ -722,29 +721,14 @@ class Recognizer:
         return fbank, [f"{where}: the audio is silent (peak below {audio.SILENCE_DBFS:g} dBFS)"] if silent else []
 
     def _row(self, req, task):
-        """-> (unbatched model inputs, warnings) for one request under `task` (pseudo input for what is absent)."""
-        warn = []
-        if task in ("SNER", "MNER"):
-            fbank, warn = self._speech(req)
-        else:
-            fbank = self.featurizer.pseudo_speech()
+        """-> (unbatched model inputs, warnings) for one request under `task` (pseudo input for what is absent;
+        asr: speech only); the decoder starts from BOS."""
+        fbank, warn = self._speech(req) if task in ("SNER", "MNER") else (self.featurizer.pseudo_speech(), [])
         if self.asr:
-            empty = torch.zeros(0, dtype=torch.long)
-            return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]), "phones": empty,
-                    "phone_chars": empty, "phone_lengths": torch.tensor(0), "speech_present": torch.tensor(True),
-                    "text_present": torch.tensor(False), "decoder_input": torch.tensor([BOS]),
-                    "target": torch.tensor([EOS])}, warn
-        if task in ("TNER", "MNER"):
-            phones, phone_chars = self.featurizer.text(req.text)
-        else:
-            phones, phone_chars = self.featurizer.pseudo_text()
-        return {"fbank": fbank, "fbank_lengths": torch.tensor(fbank.shape[0]),
-                "speech_present": torch.tensor(task != "TNER"), "phones": phones, "phone_chars": phone_chars,
-                "phone_lengths": torch.tensor(len(phones)), "text_present": torch.tensor(task != "SNER"),
-                "decoder_input": torch.tensor([BOS]), "target": torch.tensor([EOS])}, warn
+            return data.asr_row(fbank), warn
+        return self.featurizer.row(task, fbank, req.text), warn
 
     def _encode(self, rows):
-        import data
         batch = data.collate(rows)
         dtype = next(self.model.parameters()).dtype
         fbank = batch["fbank"].to(self.device, dtype)
@@ -807,7 +791,6 @@ class Recognizer:
                                self.search.ctc_candidates)
 
     def _result(self, req, task, hyps, warn, constrained):
-        import data
         hyp = hyps[0]
         res = {"id": req.id, "task": "ASR" if self.asr else task}
         if req.text is not None:
@@ -887,7 +870,6 @@ class Recognizer:
     def recognize(self, texts=None, waveforms=None, sample_rate=16000, task=None, wavs=None, batch_size=8):
         """texts: list of str; waveforms: list of 1-D tensors/arrays at sample_rate; wavs: list of paths.
         Give texts alone (TNER), speech alone (SNER) or both, aligned (MNER)."""
-        import audio
         speech = wavs if wavs is not None else waveforms
         n = len(texts) if texts is not None else len(speech or [])
         if texts is not None and speech is not None and len(speech) != len(texts):
@@ -978,7 +960,7 @@ def evaluate(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), be
     for task in tasks:
         golds = [s for s in samples if task == "TNER" or s.audio is not None]
         reqs = [Request(text=s.text if task != "SNER" else None, wav=s.audio if task != "TNER" else None,
-                        id=s.id, gold=s) for s in golds]
+                        id=s.id) for s in golds]
         results = recognizer.run(reqs, batch_size=batch_size, progress=progress, task=task)
         if predictions is not None:
             predictions[task] = results
@@ -1034,7 +1016,6 @@ def read_jsonl_requests(path):
     """{"text"?, "wav"?, "id"?} per line: text a non-blank string, wav the path of a file (a relative one is taken
     relative to the jsonl file's folder), id a string or an integer (default: the line number). Anything else,
     unknown keys included (a typo would otherwise drop an input silently), is files.InputError 'FILE:LINE: why'."""
-    import data
     reqs, base = [], os.path.dirname(os.path.abspath(path))
     for lineno, obj in data.json_lines(path):
         where = f"{path}:{lineno}"

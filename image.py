@@ -372,10 +372,6 @@ class Encoded:
     def index_select(self, index: Tensor) -> "Encoded":
         return Encoded(*(t.index_select(0, index) for t in (self.hidden, self.padding_mask, self.position)))
 
-    def expand(self, n: int) -> "Encoded":
-        """Repeat every row n times, copies adjacent (rows b * n ... b * n + n - 1 = source b)."""
-        return self.index_select(torch.arange(self.hidden.size(0), device=self.hidden.device).repeat_interleave(n))
-
 
 class Encoder(nn.Module):
     def __init__(self, c: Config):

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 import data
 import decode
+import demo
 import files
 import image
 import weights
@@ -319,11 +320,6 @@ class Objective(nn.Module):
         return loss
 
 
-def loss_sum_and_tokens(objective, batch):
-    """-> (summed loss of the micro-batch, its number of target tokens)."""
-    return objective(batch), (batch["target"] != PAD).sum()
-
-
 def format_table(metrics, tasks):
     lines = [f"{'task':6s} {'P':>7s} {'R':>7s} {'F1':>7s}"]
     for t in tasks:
@@ -341,7 +337,6 @@ def load_corpus(args, master, barrier):
     """-> train, dev, test sample lists (test None unless --eval-test). The demo corpus is built once (rank 0)."""
     data_dir = args.data_dir
     if args.dataset == "demo" and data_dir is None:
-        import demo
         if master:
             demo.ensure_demo_corpus(progress=True)
         barrier()
@@ -442,52 +437,6 @@ def evaluate(model, samples, featurizer, assets, tasks, args, device, autocast):
             for t, s in scores.items()}
 
 
-class PlanBatches(torch.utils.data.Dataset):
-    """Collated batch of one entry of data.Loader's plan: (epoch, a list of (sample index, task, speed)).
-
-    data.make_loader decides the plan (tasks, speeds, length buckets, rank shards); building the batches here lets a
-    resumed run skip finished batches without computing their features, and adds the CTC phone targets
-    (ctc_phones (B, P) padded with PAD, ctc_lengths (B,), 0 for rows without real speech). With entity_swap (a
-    data.EntitySwap) TNER rows get their entities replaced, drawn afresh for every (epoch, sample)."""
-
-    def __init__(self, samples, featurizer, ctc_classes=0, entity_swap=None):
-        self.samples, self.featurizer, self.ctc_classes = samples, featurizer, ctc_classes
-        self.entity_swap = entity_swap
-
-    def sample(self, epoch, i, task):
-        if self.entity_swap is None or task != "TNER":
-            return self.samples[i]
-        return self.entity_swap(self.samples[i], f"{epoch}:{i}")
-
-    def __getitem__(self, entry):
-        epoch, rows = entry
-        batch = data.collate([self.featurizer.inputs(self.sample(epoch, i, task), task, speed)
-                              for i, task, speed in rows])
-        if self.ctc_classes:
-            # CTC class = phone id - 3 (class 0 = phone row 3 = blank); other phone ids have no class
-            targets = [self.featurizer.text(self.samples[i].text)[0] - 3 if task in ("SNER", "MNER")
-                       else torch.zeros(0, dtype=torch.long) for i, task, _ in rows]
-            targets = [t[(t >= 1) & (t < self.ctc_classes)] for t in targets]
-            batch["ctc_lengths"] = torch.tensor([len(t) for t in targets])  # (B,)
-            batch["ctc_phones"] = torch.full((len(rows), max(1, max(map(len, targets)))), PAD, dtype=torch.long)
-            for row, t in enumerate(targets):
-                batch["ctc_phones"][row, :len(t)] = t
-        return batch
-
-
-class PlanSampler(torch.utils.data.Sampler):
-    """Yields this epoch's plan entries (set by the loop), so persistent DataLoader workers keep their caches."""
-
-    def __init__(self):
-        self.plan = []
-
-    def __iter__(self):
-        return iter(self.plan)
-
-    def __len__(self):
-        return len(self.plan)
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -547,13 +496,11 @@ def train(args):
     assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": args.decode_ctc_weight}
     assets["pseudo_text_len"] = args.pseudo_len  # part of the checkpoint: decoding needs the same pseudo text
     featurizer = data.Featurizer(assets, pseudo_text_len=args.pseudo_len, cache_dir=args.feature_cache)
-    loader = data.make_loader(train_samples, featurizer, micro_batch, train=True, task_mix=args.mix,
-                              tasks=train_tasks, seed=args.seed, rank=rank, world_size=world, speeds=args.speeds)
-    sampler = PlanSampler()
-    batch_loader = torch.utils.data.DataLoader(
-        PlanBatches(train_samples, featurizer, model.config.phone_dict_size - 3 if args.ctc_weight else 0,
-                    data.EntitySwap(train_samples, args.entity_swap, args.seed) if args.entity_swap else None),
-        sampler=sampler, batch_size=None, num_workers=args.workers, persistent_workers=args.workers > 0)
+    loader = data.make_loader(
+        train_samples, featurizer, micro_batch, train=True, task_mix=args.mix, tasks=train_tasks, seed=args.seed,
+        num_workers=args.workers, rank=rank, world_size=world, speeds=args.speeds,
+        ctc_classes=model.config.phone_dict_size - 3 if args.ctc_weight else 0,
+        entity_swap=data.EntitySwap(train_samples, args.entity_swap, args.seed) if args.entity_swap else None)
     steps_per_epoch = math.ceil(len(loader) / args.grad_accum)
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
@@ -644,8 +591,7 @@ def train(args):
         # are restored: the continuation is bit-identical to an uninterrupted run.
         seed_everything(epoch_seed(epoch))
         loader.set_epoch(epoch)
-        sampler.plan = [(epoch, rows) for rows in loader.batch_plan()[batch_in_epoch:]]
-        batches = iter(batch_loader)
+        batches = loader.batches(start=batch_in_epoch)
         if resume_ckpt is not None:
             set_rng_state(resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world else resume_ckpt["rng"][0])
             resume_ckpt = None
@@ -665,7 +611,7 @@ def train(args):
                 sync = i == len(micro) - 1
                 with (objective.no_sync() if ddp and not sync else nullcontext()):
                     with autocast:
-                        loss_sum, _ = loss_sum_and_tokens(objective, b)
+                        loss_sum = objective(b)
                     scaler.scale(loss_sum * world / tokens).backward()  # DDP averages over ranks
                 step_loss += loss_sum.detach()
             if ddp:

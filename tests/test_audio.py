@@ -355,16 +355,6 @@ def test_utterance_cmvn_normalises_and_checks_shape():
         audio.utterance_cmvn(torch.zeros(0, 80))
 
 
-def test_cmvn_from_config():
-    yaml = pytest.importorskip("yaml", reason="pyyaml missing")
-    assert audio.cmvn_from_config(yaml.safe_load((FIXTURES / "ms_tiny_a/fbank_config.yaml").read_text())) == \
-        "utterance"
-    assert audio.cmvn_from_config(yaml.safe_load((FIXTURES / "ms_tiny_b/fbank_config.yaml").read_text())) == "none"
-    assert audio.cmvn_from_config({"transforms": {"test": [], "*": ["utterance_cmvn"]}}) == "none"
-    with pytest.raises(ValueError, match="global_cmvn"):
-        audio.cmvn_from_config({"transforms": {"_eval": ["global_cmvn"]}})
-
-
 def test_speech_features_bad_inputs():
     with pytest.raises(ValueError, match="cmvn"):
         audio.speech_features(torch.zeros(16000), cmvn="global")

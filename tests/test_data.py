@@ -387,8 +387,8 @@ def test_distributed_ranks_get_equal_full_batches(tmp_path, featurizer):
     assert len({len(p) for p in plans}) == 1 and all(len(b) == 4 for p in plans for b in p)
     assert {i for p in plans for b in p for i, _, _ in b} == set(range(50))
     eval_plans = [data.make_loader(samples, featurizer, 4, train=False, tasks=("TNER",), rank=r, world_size=3)
-                  .batch_indices() for r in range(3)]
-    assert sorted(i for p in eval_plans for b in p for i in b) == list(range(50))  # eval: each sample once
+                  .batch_plan() for r in range(3)]
+    assert sorted(i for p in eval_plans for b in p for i, _, _ in b) == list(range(50))  # eval: each sample once
 
 
 def test_eval_loader_covers_every_task_it_can(corpus, featurizer):
@@ -413,6 +413,27 @@ def test_workers_give_the_same_batches(corpus):
         for a, b in zip(plain, workers, strict=True):
             assert all(torch.equal(a[k], b[k]) for k in a if k != "fbank")      # the same path: identical
             assert fbank_excess(b["fbank"], a["fbank"]) <= 1
+
+
+def test_entity_swap_changes_text_rows_only_and_is_redrawn_per_epoch():
+    samples = [data.Sample("a", "张三去北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "a.wav"),
+               data.Sample("b", "李四在上海", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "b.wav"),
+               data.Sample("c", "王小明到广州市", [data.Entity(0, 3, "PER"), data.Entity(4, 7, "LOC")], "c.wav")]
+    assets = data.assets_for_scratch(samples)
+    featurizer = data.Featurizer(assets)
+    plain = data.BatchBuilder(samples, featurizer)
+    swapped = data.BatchBuilder(samples, featurizer, entity_swap=data.EntitySwap(samples, 1.0, seed=3))
+    targets = lambda batches, epoch, task: [featurizer.vocab.decode(t) for t in
+                                            batches[(epoch, [(i, task, 1.0) for i in range(3)])]["target"]]
+    assert all(swapped.sample(0, i, task) is samples[i] for i in range(3) for task in ("SNER", "MNER"))  # speech
+    assert targets(plain, 0, "TNER") == ["[张三]去(北京)", "[李四]在(上海)", "[王小明]到(广州市)"]
+    epochs = [targets(swapped, e, "TNER") for e in range(6)]
+    assert epochs[0] == targets(swapped, 0, "TNER")                    # deterministic in (epoch, sample)
+    assert len({tuple(e) for e in epochs}) > 1                          # and redrawn every epoch
+    names, places = {"[张三]", "[李四]", "[王小明]"}, {"(北京)", "(上海)", "(广州市)"}
+    for row in (t for e in epochs for t in e):
+        person, place = re.fullmatch(r"(\[.+?\])(去|在|到)(\(.+?\))", row).group(1, 3)
+        assert person in names and place in places, row
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -209,13 +209,11 @@ def test_a_few_steps_lower_the_loss(corpus):
 
     def mean_loss():
         with torch.no_grad():
-            return sum(train.loss_sum_and_tokens(objective, b)[0].item() / (b["target"] != 1).sum().item()
-                       for b in batches)
+            return sum(objective(b).item() / (b["target"] != 1).sum().item() for b in batches)
     before = mean_loss()
     for _ in range(6):
         for b in batches:
-            loss, tokens = train.loss_sum_and_tokens(objective, b)
-            (loss / tokens).backward()
+            (objective(b) / (b["target"] != 1).sum()).backward()
             optimizer.step()
             optimizer.zero_grad()
     after = mean_loss()
@@ -353,11 +351,10 @@ def test_model_overrides_and_a_dev_split_from_another_format(tmp_path, capsys):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(corpus, tmp_path, monkeypatch):
-    def nan_loss(model, batch):
-        loss, tokens = real(model, batch)
-        return loss * float("nan"), tokens
-    real = train.loss_sum_and_tokens
-    monkeypatch.setattr(train, "loss_sum_and_tokens", nan_loss)
+    def nan_loss(objective, batch):
+        return real(objective, batch) * float("nan")
+    real = train.Objective.forward
+    monkeypatch.setattr(train.Objective, "forward", nan_loss)
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(SystemExit, match="non-finite"):
         train.main(base_args(corpus, tmp_path / "out", "--max-bad-steps", "3", "--batch-size", "4"))
 
@@ -375,8 +372,8 @@ def test_mixed_precision_step_on_cpu(corpus, dtype):
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
     with autocast:
-        loss, tokens = train.loss_sum_and_tokens(train.Objective(model), batch)
-    scaler.scale(loss / tokens).backward()
+        loss = train.Objective(model)(batch)
+    scaler.scale(loss / (batch["target"] != 1).sum()).backward()
     scaler.unscale_(optimizer)
     scaler.step(optimizer)
     scaler.update()
@@ -394,7 +391,7 @@ def test_ctc_targets_and_loss(corpus):
     model, assets = train.build_model(args, samples, None, lambda *a: None)
     featurizer = data.Featurizer(assets)
     rows = [(0, "TNER", 1.0), (1, "SNER", 1.0), (2, "MNER", 1.0)]
-    batch = train.PlanBatches(samples, featurizer, model.config.phone_dict_size - 3)[(0, rows)]
+    batch = data.BatchBuilder(samples, featurizer, model.config.phone_dict_size - 3)[(0, rows)]
     assert batch["ctc_lengths"][0] == 0 and batch["ctc_lengths"][1] > 0
     for row in (1, 2):
         phones = featurizer.text(samples[row].text)[0]
@@ -403,27 +400,6 @@ def test_ctc_targets_and_loss(corpus):
         ce = train.Objective(model)(batch)
         both = train.Objective(model, ctc_weight=0.5)(batch)
     assert math.isfinite(both.item()) and both > ce
-
-
-def test_entity_swap_changes_text_rows_only_and_is_redrawn_per_epoch():
-    samples = [data.Sample("a", "张三去北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "a.wav"),
-               data.Sample("b", "李四在上海", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "b.wav"),
-               data.Sample("c", "王小明到广州市", [data.Entity(0, 3, "PER"), data.Entity(4, 7, "LOC")], "c.wav")]
-    assets = data.assets_for_scratch(samples)
-    featurizer = data.Featurizer(assets)
-    plain = train.PlanBatches(samples, featurizer)
-    swapped = train.PlanBatches(samples, featurizer, entity_swap=data.EntitySwap(samples, 1.0, seed=3))
-    targets = lambda batches, epoch, task: [featurizer.vocab.decode(t) for t in
-                                            batches[(epoch, [(i, task, 1.0) for i in range(3)])]["target"]]
-    assert all(swapped.sample(0, i, task) is samples[i] for i in range(3) for task in ("SNER", "MNER"))  # speech
-    assert targets(plain, 0, "TNER") == ["[张三]去(北京)", "[李四]在(上海)", "[王小明]到(广州市)"]
-    epochs = [targets(swapped, e, "TNER") for e in range(6)]
-    assert epochs[0] == targets(swapped, 0, "TNER")                    # deterministic in (epoch, sample)
-    assert len({tuple(e) for e in epochs}) > 1                          # and redrawn every epoch
-    names, places = {"[张三]", "[李四]", "[王小明]"}, {"(北京)", "(上海)", "(广州市)"}
-    for row in (t for e in epochs for t in e):
-        person, place = re.fullmatch(r"(\[.+?\])(去|在|到)(\(.+?\))", row).group(1, 3)
-        assert person in names and place in places, row
 
 
 def test_start_up_removes_temp_files_of_dead_runs_only(tmp_path, capsys):
