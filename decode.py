@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import data
 import evaluate
 import files
 from text import BOS, CLOSE_OF, EOS, OPEN_OF, PAD, TO_FULLWIDTH, TYPES, UNK
@@ -751,7 +752,6 @@ class Recognizer:
                                self.search.ctc_candidates)
 
     def _result(self, req, task, hyps, warn, constrained):
-        import data
         hyp = hyps[0]
         res = {"id": req.id, "task": "ASR" if self.asr else task}
         if req.text is not None:
@@ -940,7 +940,6 @@ def read_jsonl_requests(path):
     """{"text"?, "wav"?, "id"?} per line: text a non-blank string, wav the path of a file (a relative one is taken
     relative to the jsonl file's folder), id a string or an integer (default: the line number). Anything else,
     unknown keys included (a typo would otherwise drop an input silently), is files.InputError 'FILE:LINE: why'."""
-    import data
     reqs, base = [], os.path.dirname(os.path.abspath(path))
     for lineno, obj in data.json_lines(path):
         where = f"{path}:{lineno}"
@@ -1108,7 +1107,6 @@ def _emit(args, results):
 
 
 def _main_dataset(args, rec, progress, t0):
-    import data
     samples = data.load_split(args.dataset, args.data_dir, args.split, audio_dir=args.audio_dir)
     if args.limit:
         samples = samples[: args.limit]
