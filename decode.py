@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+import audio
 import data
 import evaluate
 import files
@@ -602,7 +603,6 @@ class Recognizer:
                  constrain=True, asr=False, no_repeat_ngram_size=None, max_audio_seconds=MAX_AUDIO_SECONDS,
                  featurizer=None, modelscope_padding=False, search=None, nbest=1, pseudo_text_len=None,
                  pool_chars=True, ctc_weight=None, ctc_candidates=None, entity_bias=0.0):
-        import data
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         ckpt = {}
         if isinstance(model, (str, os.PathLike)):
@@ -643,7 +643,6 @@ class Recognizer:
 
     def _speech(self, req):
         """-> (fbank (T, 80), warnings). Wav files go through the featurizer (cached); waveforms are 16 kHz."""
-        import audio
         where = req.wav or f"waveform {req.id}".strip()
         if req.waveform is not None:
             x = req.waveform
@@ -689,7 +688,6 @@ class Recognizer:
                 "decoder_input": torch.tensor([BOS]), "target": torch.tensor([EOS])}, warn
 
     def _encode(self, rows):
-        import data
         batch = data.collate(rows)
         dtype = next(self.model.parameters()).dtype
         fbank = batch["fbank"].to(self.device, dtype)
@@ -831,7 +829,6 @@ class Recognizer:
     def recognize(self, texts=None, waveforms=None, sample_rate=16000, task=None, wavs=None, batch_size=8):
         """texts: list of str; waveforms: list of 1-D tensors/arrays at sample_rate; wavs: list of paths.
         Give texts alone (TNER), speech alone (SNER) or both, aligned (MNER)."""
-        import audio
         speech = wavs if wavs is not None else waveforms
         n = len(texts) if texts is not None else len(speech or [])
         if texts is not None and speech is not None and len(speech) != len(texts):
