@@ -5,12 +5,9 @@ speech, the path of its wav. For a modality (TNER text only, SNER speech only, M
 into the tensors of one batch row; make_loader draws the modality of every sample each epoch and batches them.
 
     python data.py stats --dataset cnerta --data-dir ../shared/data/cnerta --split dev   # inspect a corpus
-    python data.py gazetteer --train-dataset image4imner --train-dir D --dataset cnerta --data-dir D  # baseline
-    python data.py breakdown --predictions preds.jsonl --dataset cnerta --data-dir D     # decode.py errors
 
-Sections: 1 samples | 2 linearization (ours) | 3 the official code's rules | 4 loaders | 5 model inputs
-| 6 batching | 7 assets for models trained from scratch | 8 analyses (gazetteer baseline, error breakdown)
-| 9 command line. The vocabulary, special ids, brackets and phones are text.py's.
+Sections: 1 samples | 2 linearization (ours) | 3 the official code's rules | 4 loaders | 5 model inputs | 6 batching
+| 7 assets for scratch models | 8 command line. Vocabulary, specials, brackets, phones: text.py; scoring: evaluate.py.
 """
 from __future__ import annotations
 
@@ -68,6 +65,17 @@ def read_lines(path) -> list[str]:
         return files.read_lines(path)
     except files.InputError as e:
         raise DataError(str(e)) from None
+
+
+def json_lines(path):
+    """-> (line number, parsed object) for every non-blank line of a JSON-lines file; a bad line says where."""
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
 
 
 def entity_problem(text: str, start: int, end: int, kind: str) -> str | None:
@@ -748,203 +756,7 @@ def assets_for_scratch(samples) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. Analyses: a gazetteer baseline and an error breakdown (P/R/F1 by type, nesting and seen/unseen)
-
-
-class Gazetteer:
-    """Every string annotated as an entity in a training split, and a tagger that marks its occurrences in text.
-
-    tag(text) finds every occurrence of every known string of at least `min_chars` characters. Nesting is
-    always allowed: a known string inside a longer tagged one is tagged too. crossing='keep' (default) also keeps
-    matches that overlap without nesting; crossing='longest' drops the shorter of two such matches, the later at
-    equal length (the rule of `nest`). types='majority' gives a string the type it was annotated with most often
-    (ties: the type seen first), types='all' one entity per type it was seen with.
-
-    The defaults reproduce the issue's CNERTA dev numbers from image4imner train, P/R/F1 77.8 / 52.1 / 62.4
-    ("longest matches, nested allowed"): they need crossing matches kept, since dropping them leaves 3,909
-    predictions and P 78.4 (R 52.1, F1 62.6). types='all' gives 70.2 / 52.6 / 60.1. Single characters are off
-    by default: abbreviations like 美, 京, 中 are LOCs in training and would be tagged everywhere (P 28)."""
-
-    def __init__(self, samples, min_chars: int = 2, crossing: str = "keep", types: str = "majority"):
-        if crossing not in ("keep", "longest") or types not in ("majority", "all") or min_chars < 1:
-            raise ValueError(f"bad gazetteer rule: crossing={crossing!r} (keep|longest), types={types!r} "
-                             f"(majority|all), min_chars={min_chars} (>= 1)")
-        self.min_chars, self.crossing, self.types = min_chars, crossing, types
-        self.counts = collections.defaultdict(collections.Counter)  # string -> type -> times; first seen first
-        for s in samples:
-            for e in s.entities:
-                self.counts[s.text[e.start:e.end]][e.type] += 1
-        self.longest = max(map(len, self.counts), default=0)
-        self.seen = {(string, t) for string, c in self.counts.items() for t in c}  # for breakdown()
-
-    def tag(self, text: str) -> list[Entity]:
-        found = []
-        for i in range(len(text)):
-            for j in range(i + self.min_chars, min(len(text), i + self.longest) + 1):
-                c = self.counts.get(text[i:j])
-                if c:
-                    kinds = list(c) if self.types == "all" else [c.most_common(1)[0][0]]
-                    found += [Entity(i, j, t) for t in kinds]
-        return sorted(found) if self.crossing == "keep" else nest(found)[0]
-
-
-def _is_nested(e: Entity, entities) -> bool:
-    """e contains, or lies inside, another entity of the same set (a same-span entity of another type counts)."""
-    return any(o != e and (o.start <= e.start and e.end <= o.end or e.start <= o.start and o.end <= e.end)
-               for o in entities if o.start is not None)
-
-
-def breakdown(samples, predictions, seen=None) -> dict:
-    """Score predicted entities against gold samples with our evaluator (decode.Scorer: exact (start, end, type),
-    micro, multisets) and break the result down by class. predictions: one list of Entity per sample, in the same
-    order (start None: a predicted span that could not be placed in the text; it never matches).
-
-    -> {"sentences", "p", "r", "f1", "tp", "pred", "gold", "per_type": {...}, "nesting": {...}, "seen": {...},
-    "errors": {"missed": {...}, "wrong": {...}}}.
-    Classes: nesting = nested (contains or lies inside another entity of the same side of the same sentence) or
-    flat (crossing counts as flat; "unaligned" for predictions without a position); seen = the (string, type)
-    is in `seen` (a training split's entities; table left out when seen is None). Per class: recall over the
-    gold entities of the class (gold, found, r) and precision over the predicted ones (pred, correct, p). A gold
-    and its matching prediction can fall in different nesting classes, so no F1 per class.
-    errors: every missed gold entity and every wrong prediction by what the other side has there: the same span
-    with another type (wrong_type), a span of another extent overlapping it (overlap: a boundary error), or
-    nothing (no_overlap; also unaligned predictions)."""
-    import decode  # our evaluator lives there; imported here because decode imports data
-    if len(samples) != len(predictions):
-        raise ValueError(f"{len(samples)} samples but {len(predictions)} prediction lists")
-    scorer, counts = decode.Scorer(), collections.Counter()  # counts: (table, class, field) -> n
-
-    def keys(s, ents):
-        return decode.our_keys("TNER", s.text, [(e.start, e.end, e.type) for e in ents])
-
-    for s, pred in zip(samples, predictions):
-        scorer.add(keys(s, pred), keys(s, s.entities))
-        for mine, other, total, hits in ((s.entities, pred, "gold", "found"), (pred, s.entities, "pred", "correct")):
-            left = collections.Counter(other)  # multiset matching, as the scorer's
-            for e in mine:
-                hit = left[e] > 0
-                left[e] -= hit
-                placed = e.start is not None
-                classes = {"nesting": ("nested" if _is_nested(e, mine) else "flat") if placed else "unaligned"}
-                if seen is not None:
-                    classes["seen"] = "seen" if placed and (s.text[e.start:e.end], e.type) in seen else "unseen"
-                for table, cls in classes.items():
-                    counts[table, cls, total] += 1
-                    counts[table, cls, hits] += hit
-                if not hit:
-                    counts["errors", "missed" if total == "gold" else "wrong", _error_kind(e, other)] += 1
-    out = {"sentences": len(samples), **scorer.result()}
-    order = {"nesting": ("nested", "flat", "unaligned"), "seen": ("seen", "unseen")}
-    for table in ("nesting", "seen") if seen is not None else ("nesting",):
-        out[table] = {}
-        for cls in order[table]:
-            n = {f: counts[table, cls, f] for f in ("gold", "found", "pred", "correct")}
-            if cls != "unaligned" or n["pred"]:
-                out[table][cls] = {**n, "r": 100.0 * n["found"] / n["gold"] if n["gold"] else 0.0,
-                                   "p": 100.0 * n["correct"] / n["pred"] if n["pred"] else 0.0}
-    out["errors"] = {side: {kind: counts["errors", side, kind] for kind in ERROR_KINDS} for side in ("missed", "wrong")}
-    return out
-
-
-ERROR_KINDS = ("wrong_type", "overlap", "no_overlap")
-
-
-def _error_kind(e, others) -> str:
-    """What the other side has where an unmatched entity e lies (see breakdown)."""
-    if e.start is None:
-        return "no_overlap"
-    placed = [o for o in others if o.start is not None]
-    if any((o.start, o.end) == (e.start, e.end) and o.type != e.type for o in placed):
-        return "wrong_type"
-    if any(o.start < e.end and e.start < o.end and (o.start, o.end) != (e.start, e.end) for o in placed):
-        return "overlap"
-    return "no_overlap"
-
-
-def format_breakdown(res: dict) -> str:
-    """The breakdown() dict as a table (percent)."""
-    lines = [f"{'':<10} {'P':>6} {'R':>6} {'F1':>6} {'gold':>6} {'pred':>6} {'tp':>6}"]
-    for name, m in [("all", res), *res["per_type"].items()]:
-        lines.append(f"{name:<10} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f} {m['gold']:6d} {m['pred']:6d} "
-                     f"{m['tp']:6d}")
-    for table in ("nesting", "seen"):
-        if table in res:
-            lines += ["", f"{table:<10} {'R':>6} {'gold':>6} {'found':>6}   {'P':>6} {'pred':>6} {'correct':>7}"]
-        for cls, m in res.get(table, {}).items():
-            lines.append(f"{cls:<10} {m['r']:6.2f} {m['gold']:6d} {m['found']:6d}   {m['p']:6.2f} {m['pred']:6d} "
-                         f"{m['correct']:7d}")
-    if "errors" in res:
-        lines += ["", f"{'errors':<15}" + "".join(f"{k:>12}" for k in ERROR_KINDS)]
-        for side, label in (("missed", "missed gold"), ("wrong", "wrong pred")):
-            lines.append(f"{label:<15}" + "".join(f"{res['errors'][side][k]:12d}" for k in ERROR_KINDS))
-    return "\n".join(lines)
-
-
-def gazetteer(train_dataset, train_dir, train_split, dataset, data_dir, split, **rule) -> dict:
-    """Gazetteer baseline (see Gazetteer; rule: min_chars, crossing, types): build it from the training split, tag
-    the evaluation split, score with breakdown() (seen/unseen against the same training split)."""
-    train = load_split(train_dataset, train_dir, train_split, errors="collect", verbose=False)
-    gaz = Gazetteer(train, **rule)
-    samples = load_split(dataset, data_dir, split, errors="collect", verbose=False)
-    return {"train": {"dataset": train_dataset, "split": SPLITS[train_split], "file": train.report["file"],
-                      "strings": len(gaz.counts)},
-            "eval": {"dataset": dataset, "split": SPLITS[split], "file": samples.report["file"]},
-            "rule": {"min_chars": gaz.min_chars, "crossing": gaz.crossing, "types": gaz.types},
-            **breakdown(samples, [gaz.tag(s.text) for s in samples], gaz.seen)}
-
-
-def json_lines(path):
-    """-> (line number, parsed object) for every non-blank line of a JSON-lines file; a bad line says where."""
-    for lineno, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-
-
-def read_predictions(path, task: str) -> dict[str, dict]:
-    """decode.py result records (JSON lines; --predictions or --out) of one task -> {sample id: record}."""
-    records, tasks = {}, collections.Counter()
-    for lineno, r in json_lines(path):
-        if not isinstance(r, dict) or not {"id", "task", "entities"} <= set(r):
-            raise DataError(f"{path}:{lineno}: not a decode.py record (needs id, task, entities)")
-        tasks[r["task"]] += 1
-        if r["task"] != task:
-            continue
-        if r["id"] in records:
-            raise DataError(f"{path}:{lineno}: a second {task} record for id {r['id']!r}")
-        records[r["id"]] = r
-    if not records:
-        raise DataError(f"{path}: no {task} records (tasks in the file: {dict(tasks) or 'none'})")
-    return records
-
-
-def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dataset=None, train_dir=None,
-                   train_split="train") -> dict:
-    """breakdown() of a decode.py predictions file against the gold split, lined up by sample id. Gold samples
-    without a record (decode.py --limit, or no audio for MNER) are left out and counted."""
-    records = read_predictions(predictions, task)
-    samples = load_split(dataset, data_dir, split, errors="collect", verbose=False)
-    by_id = {s.id: s for s in samples}
-    for i, r in records.items():
-        s = by_id.get(i)
-        if s is None:
-            raise DataError(f"{predictions}: id {i!r} is not in {dataset} {SPLITS[split]} ({samples.report['file']})")
-        if r.get("input_text", s.text) != s.text:
-            raise DataError(f"{predictions}: id {i!r}: input text {r['input_text']!r} is not the gold {s.text!r}")
-    golds = [s for s in samples if s.id in records]
-    preds = [[Entity(e["start"], e["end"], e["type"]) for e in records[s.id]["entities"]] for s in golds]
-    seen = None
-    if train_dataset is not None:
-        seen = Gazetteer(load_split(train_dataset, train_dir, train_split, errors="collect", verbose=False)).seen
-    return {"predictions": str(predictions), "task": task, "dataset": dataset, "split": SPLITS[split],
-            "sentences_without_prediction": len(samples) - len(golds), **breakdown(golds, preds, seen)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 9. Command line
+# 8. Command line
 
 
 def depth_histogram(samples) -> dict[str, int]:
@@ -1007,59 +819,12 @@ def main(argv=None):
     st.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
     st.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (dev = valid)")
     st.add_argument("--audio-dir", default=None, help="wav folder (AISHELL-1 wav/ or flat); default DATA_DIR/wav")
-
-    def add_split_args(q, train_required):  # gazetteer and breakdown
-        q.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format of the gold split")
-        q.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
-        q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
-        q.add_argument("--train-dataset", required=train_required, choices=DATASETS,
-                       help="corpus format of the training split (its entities: the gazetteer, seen vs unseen)")
-        q.add_argument("--train-dir", default=None, help="folder with the training annotation files")
-        q.add_argument("--train-split", default="train", choices=sorted(SPLITS),
-                       help="training split (default train)")
-        q.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
-
-    gz = sub.add_parser("gazetteer", help="baseline: tag every string seen as an entity in a training split, "
-                                          "score it (P/R/F1 per type, nesting, seen vs unseen)")
-    add_split_args(gz, train_required=True)
-    gz.add_argument("--min-chars", type=int, default=2, help="shortest string tagged (default 2: single "
-                                                            "characters like 美 would be tagged everywhere)")
-    gz.add_argument("--crossing", choices=("keep", "longest"), default="keep",
-                    help="matches that overlap without nesting: keep all (default, the issue's rule), or keep "
-                         "the longest (the earlier at equal length); nested matches are always kept")
-    gz.add_argument("--types", choices=("majority", "all"), default="majority",
-                    help="a string seen with several types: its most frequent type (ties: first seen), or all")
-    bd = sub.add_parser("breakdown", help="error analysis of a decode.py predictions file: P/R/F1 per type, "
-                                          "recall/precision by nesting and (with --train-*) seen vs unseen")
-    bd.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
-    bd.add_argument("--task", default="TNER", choices=("TNER", "MNER"),
-                    help="whose records to score (default TNER; SNER spans have no offsets into the gold text)")
-    add_split_args(bd, train_required=False)
     args = p.parse_args(argv)
-    if args.command == "breakdown" and args.train_dir is not None and args.train_dataset is None:
-        p.error("--train-dir needs --train-dataset")
     try:
-        if args.command == "stats":
-            result = stats(args.dataset, args.data_dir, args.split, args.audio_dir)
-        elif args.command == "gazetteer":
-            result = gazetteer(args.train_dataset, args.train_dir, args.train_split, args.dataset, args.data_dir,
-                               args.split, min_chars=args.min_chars, crossing=args.crossing, types=args.types)
-        else:
-            result = breakdown_file(args.predictions, args.dataset, args.data_dir, args.split, args.task,
-                                    args.train_dataset, args.train_dir, args.train_split)
+        result = stats(args.dataset, args.data_dir, args.split, args.audio_dir)
     except (FileNotFoundError, ValueError) as e:  # DataError too: 'file:line: why'
         raise SystemExit(f"data.py {args.command}: {e}")
-    if args.command == "stats" or args.json:
-        print(json.dumps(result, ensure_ascii=False))
-        return
-    if args.command == "gazetteer":
-        print(f"gazetteer: {result['train']['strings']} strings from {result['train']['dataset']} "
-              f"{result['train']['split']}, rule {result['rule']}; {result['eval']['dataset']} "
-              f"{result['eval']['split']}, {result['sentences']} sentences")
-    else:
-        print(f"{result['predictions']}: {result['task']} on {result['dataset']} {result['split']}, "
-              f"{result['sentences']} sentences ({result['sentences_without_prediction']} without a prediction)")
-    print(format_breakdown(result))
+    print(json.dumps(result, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """
-Decode with a trained IMAGE model: beam search, constrained bracket decoding, entities, evaluation, CLI.
+Decode with a trained IMAGE model: beam search, constrained bracket decoding, entities, CLI.
 
   python decode.py --ckpt best.pt --text "末阳市文联主席张三"              # TNER
   python decode.py --ckpt best.pt --wav a.wav                            # SNER
@@ -13,7 +13,8 @@ token, over the explicit KV cache of image.py: encode once, decode one token per
 live sentences, drop sentences as soon as they have `beam` finished hypotheses. Python API: Recognizer.
 TNER/MNER: the output is the input text with brackets inserted (BracketConstraint; the known character is scored
 with the whole character mass). SNER: optionally joint CTC/attention scoring with the phone CTC head
-(CTCPrefixScorer, --ctc-weight).
+(CTCPrefixScorer, --ctc-weight). --eval runs a split through the model (evaluate_split) and scores it with
+evaluate.py's two evaluators and CER.
 """
 import argparse
 import dataclasses
@@ -22,7 +23,6 @@ import math
 import os
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import audio
 import data
+import evaluate
 import files
 from text import BOS, CLOSE_OF, EOS, OPEN_OF, PAD, TO_FULLWIDTH, TYPES, UNK
 
@@ -516,18 +517,7 @@ class CTCPrefixScorer:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# entities: alignment to the input text, our evaluator, the official evaluator, CER
-
-
-def edit_distance(a, b):
-    """Levenshtein distance between two sequences (CER numerator)."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, y in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
-        prev = cur
-    return prev[-1]
+# entities: alignment of a free output to the input text
 
 
 def align_offsets(output_text, input_text):
@@ -552,53 +542,6 @@ def map_spans(spans, output_text, input_text):
         a, b = m[s], m[e - 1]
         out.append((a, b + 1, t) if a is not None and b is not None and a <= b else (None, None, t))
     return out
-
-
-def _prf(tp, n_pred, n_gold):
-    p = 100.0 * tp / n_pred if n_pred else 0.0
-    r = 100.0 * tp / n_gold if n_gold else 0.0
-    return {"p": p, "r": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "tp": tp, "pred": n_pred, "gold": n_gold}
-
-
-class Scorer:
-    """Micro P/R/F1 (percent), overall and per type, over per-sentence multisets of entity keys (type first)."""
-
-    def __init__(self):
-        self.counts = Counter()                                    # (type or "all", "tp"/"pred"/"gold") -> n
-
-    def add(self, pred_keys, gold_keys):
-        pred, gold = Counter(pred_keys), Counter(gold_keys)
-        hit = pred & gold
-        for name, bag in (("pred", pred), ("gold", gold), ("tp", hit)):
-            for key, n in bag.items():
-                self.counts[(key[0], name)] += n
-                self.counts[("all", name)] += n
-
-    def result(self):
-        types = sorted({t for t, _ in self.counts} - {"all"})
-        res = _prf(self.counts[("all", "tp")], self.counts[("all", "pred")], self.counts[("all", "gold")])
-        res["per_type"] = {t: _prf(self.counts[(t, "tp")], self.counts[(t, "pred")], self.counts[(t, "gold")])
-                           for t in types}
-        return res
-
-
-def our_keys(task, text, spans):
-    """Our scoring keys. TNER/MNER: (type, start, end) in input coordinates (unalignable spans never match);
-    SNER: (type, entity text), position-free, a multiset."""
-    if task == "SNER":
-        return [(t, text[s:e]) for s, e, t in spans]
-    return [(t, s, e) if s is not None else (t, "unaligned", i) for i, (s, e, t) in enumerate(spans)]
-
-
-def official_keys(task, bracketed, phones_of=None):
-    """The official evaluator's keys for one string (IMAGE.md 1.7), a set: (type, start, end) in the string's own
-    bracket-free text, or (type, pronunciation) for SNER. data.parse_official pairs brackets as the official code
-    does, with its bug: an entity ending at the last character is never found (gold and prediction alike)."""
-    import data
-    raw, ents = data.parse_official(bracketed.replace(" ", ""))
-    if task == "SNER":
-        return sorted({(e.type, phones_of(raw[e.start:e.end])) for e in ents})
-    return sorted({(e.type, e.start, e.end) for e in ents})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -916,37 +859,16 @@ def _progress(total, enabled):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# evaluation
+# a split through the model, scored by evaluate.py
 
 
-def score_predictions(task, golds, results, phones_of=None):
-    """golds: data.Sample list; results: Recognizer results in the same order.
-    -> {"ours": P/R/F1 (+ per type), "official": P/R/F1 (+ per type), "cer": percent, "sentences": n}."""
-    import data
-    ours, official = Scorer(), Scorer()
-    edits = chars = 0
-    for gold, res in zip(golds, results):
-        gold_spans = [(e.start, e.end, e.type) for e in gold.entities]
-        pred_spans = [(e["start"], e["end"], e["type"]) for e in res["entities"]]
-        if task == "SNER":                                       # entity texts of the transcription
-            ours.add([(e["type"], e["text"]) for e in res["entities"]], our_keys(task, gold.text, gold_spans))
-        else:
-            ours.add(our_keys(task, gold.text, pred_spans), our_keys(task, gold.text, gold_spans))
-        gold_string = data.linearize_official(gold.text, gold.entities)
-        official.add(official_keys(task, res["output"], phones_of), official_keys(task, gold_string, phones_of))
-        edits += edit_distance(res["text"], gold.text)
-        chars += len(gold.text)
-    return {"ours": ours.result(), "official": official.result(),
-            "cer": 100.0 * edits / chars if chars else 0.0, "sentences": len(golds)}
-
-
-def evaluate(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), beam=None, batch_size=32,
-             evaluator="ours", device=None, assets=None, greedy=False, constrain=True, max_len=None,
-             progress=False, recognizer=None, predictions=None):
-    """Decode `samples` for each task and score them. -> {task: {"p", "r", "f1" (percent, by `evaluator`),
-    "ours", "official", "cer", "sentences"}}. SNER/MNER use only samples with audio. predictions: optional dict
-    that receives {task: [result, ...]}. assets: the checkpoint's assets (decoding settings); without them the
-    search uses beam 5, max_len 128, no n-gram block."""
+def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), beam=None, batch_size=32,
+                   evaluator="ours", device=None, assets=None, greedy=False, constrain=True, max_len=None,
+                   progress=False, recognizer=None, predictions=None):
+    """Decode `samples` for each task and score them (evaluate.score_predictions). -> {task: {"p", "r", "f1"
+    (percent, by `evaluator`), "ours", "official", "cer", "sentences"}}. SNER/MNER use only samples with audio.
+    predictions: optional dict that receives {task: [result, ...]}. assets: the checkpoint's assets (decoding
+    settings); without them the search uses beam 5, max_len 128, no n-gram block."""
     if evaluator not in ("ours", "official"):
         raise ValueError(f"evaluator must be 'ours' or 'official', not {evaluator!r}")
     if recognizer is None:
@@ -964,7 +886,7 @@ def evaluate(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), be
         results = recognizer.run(reqs, batch_size=batch_size, progress=progress, task=task)
         if predictions is not None:
             predictions[task] = results
-        sc = score_predictions(task, golds, results, phones_of)
+        sc = evaluate.score_predictions(task, golds, results, phones_of)
         main = sc[evaluator]
         scores[task] = {"p": main["p"], "r": main["r"], "f1": main["f1"], **sc}
     return scores
@@ -983,23 +905,6 @@ def format_result(res):
         lines.append(f"  {e['type']:<4} {where:>9}  {e['text']}")
     for w in res.get("warnings", []):
         lines.append(f"  warning: {w}")
-    return "\n".join(lines)
-
-
-def format_scores(scores):
-    """Table of P/R/F1 per task and evaluator, then per type."""
-    lines = [f"{'task':<5} {'evaluator':<9} {'P':>6} {'R':>6} {'F1':>6} {'gold':>6} {'pred':>6}   CER"]
-    for task, sc in scores.items():
-        for name in ("ours", "official"):
-            m = sc[name]
-            cer = f"{sc['cer']:6.2f}" if name == "ours" else ""
-            lines.append(f"{task:<5} {name:<9} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f} {m['gold']:6d} "
-                         f"{m['pred']:6d} {cer}")
-    lines.append("")
-    lines.append(f"{'task':<5} {'type':<9} {'P':>6} {'R':>6} {'F1':>6}   (ours)")
-    for task, sc in scores.items():
-        for t, m in sc["ours"]["per_type"].items():
-            lines.append(f"{task:<5} {t:<9} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f}")
     return "\n".join(lines)
 
 
@@ -1183,7 +1088,6 @@ def _emit(args, results):
 
 
 def _main_dataset(args, rec, progress, t0):
-    import data
     samples = data.load_split(args.dataset, args.data_dir, args.split, audio_dir=args.audio_dir)
     if args.limit:
         samples = samples[: args.limit]
@@ -1204,7 +1108,7 @@ def _main_dataset(args, rec, progress, t0):
         _emit(args, results)
         return
     preds = {}
-    scores = evaluate(None, samples, tasks=tasks, batch_size=args.batch_size, evaluator=args.evaluator,
+    scores = evaluate_split(None, samples, tasks=tasks, batch_size=args.batch_size, evaluator=args.evaluator,
                       progress=progress, recognizer=rec, predictions=preds)
     report = {"dataset": args.dataset, "split": args.split, "ckpt": args.ckpt, "sentences": len(samples),
               "search": dataclasses.asdict(rec.search), "constrained": rec.constrain,
@@ -1219,7 +1123,7 @@ def _main_dataset(args, rec, progress, t0):
     if args.predictions:
         files.write_atomic(args.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                      for task in tasks for r in preds[task]))
-    print(format_scores(scores), file=sys.stderr if not sys.stdout.isatty() or args.json else sys.stdout)
+    print(evaluate.format_scores(scores), file=sys.stderr if not sys.stdout.isatty() or args.json else sys.stdout)
 
 
 if __name__ == "__main__":

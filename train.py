@@ -51,6 +51,7 @@ import demo
 import files
 import image
 import weights
+from evaluate import format_table
 from text import PAD
 
 TASKS = ("TNER", "SNER", "MNER")
@@ -320,15 +321,6 @@ class Objective(nn.Module):
         return loss
 
 
-def format_table(metrics, tasks):
-    lines = [f"{'task':6s} {'P':>7s} {'R':>7s} {'F1':>7s}"]
-    for t in tasks:
-        if t in metrics:
-            m = metrics[t]
-            lines.append(f"{t:6s} {m['p']:7.2f} {m['r']:7.2f} {m['f1']:7.2f}")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # adapters to the other files (data.py, image.py, weights.py, decode.py, demo.py)
 
@@ -359,7 +351,7 @@ def load_corpus(args, master, barrier):
 
 def corpus_tasks(train, dev, requested, log):
     """-> (training tasks or None, evaluation tasks). Without audio: TNER only (said once). With audio for part of
-    the corpus, SNER/MNER train and score on those sentences only (data.make_loader, decode.evaluate)."""
+    the corpus, SNER/MNER train and score on those sentences only (data.make_loader, decode.evaluate_split)."""
     with_audio = sum(s.audio is not None for s in train)
     if with_audio == 0:
         log("note: this corpus has no audio -> training and evaluating TNER only")
@@ -425,12 +417,12 @@ def build_model(args, train, resume_ckpt, log):
 
 
 def evaluate(model, samples, featurizer, assets, tasks, args, device, autocast):
-    """Dev/test scores -> {task: {"p", "r", "f1"}} (percent), decode.py's batched search and evaluator."""
+    """Dev/test scores -> {task: {"p", "r", "f1"}} (percent): decode.py's batched search, evaluate.py's scorers."""
     model.eval()
     with torch.no_grad(), autocast:
-        scores = decode.evaluate(model, samples, featurizer, tasks=tasks, beam=args.beam, greedy=args.beam == 1,
-                                 batch_size=args.eval_batch_size, evaluator=args.evaluator, device=device,
-                                 assets=assets)
+        scores = decode.evaluate_split(model, samples, featurizer, tasks=tasks, beam=args.beam,
+                                       greedy=args.beam == 1, batch_size=args.eval_batch_size,
+                                       evaluator=args.evaluator, device=device, assets=assets)
     model.train()
     other = "official" if args.evaluator == "ours" else "ours"
     return {t: {"p": s["p"], "r": s["r"], "f1": s["f1"], f"f1_{other}": s[other]["f1"], "cer": s["cer"]}

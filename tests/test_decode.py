@@ -1,4 +1,4 @@
-"""decode.py: beam search (fairseq semantics), constrained bracket decoding, evaluators, reference parity, CLI."""
+"""decode.py: beam search (fairseq semantics), constrained bracket decoding, reference parity, CLI, evaluate_split."""
 import dataclasses
 import itertools
 import json
@@ -13,10 +13,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import decode  # noqa: E402
+import evaluate  # noqa: E402
 import text  # noqa: E402
 from decode import SearchConfig, beam_search  # noqa: E402
 from numerics import excess, fp32_tol, model_terms  # noqa: E402
+from test_evaluate import result  # noqa: E402
 from text import BOS, EOS, PAD  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -818,63 +821,13 @@ def test_default_padding_gives_each_wav_its_batch_of_one_result(converted):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# evaluators
-
-
-def result(output, text, spans):
-    return {"output": output, "text": text,
-            "entities": [{"type": t, "start": s, "end": e, "text": text[s:e] if s is not None else None}
-                         for s, e, t in spans]}
-
-
-def test_evaluators_tner_last_character_and_nested_entities():
-    import data
-    golds = [data.Sample("1", "郭涛去了合肥", [data.Entity(0, 2, "PER"), data.Entity(4, 6, "LOC")]),
-             data.Sample("2", "搜狐科技公司", [data.Entity(0, 4, "ORG"), data.Entity(0, 2, "ORG")])]
-    preds = [result("[郭涛]去了[合肥]", "郭涛去了合肥", [(0, 2, "PER"), (4, 6, "PER")]),   # wrong type at the end
-             result("<<搜狐>科技>公司", "搜狐科技公司", [(0, 4, "ORG"), (0, 2, "ORG")])]  # nested, same type
-    sc = decode.score_predictions("TNER", golds, preds)
-    ours, official = sc["ours"], sc["official"]
-    assert (ours["tp"], ours["pred"], ours["gold"]) == (3, 4, 4) and ours["f1"] == pytest.approx(75.0)
-    assert ours["per_type"]["PER"]["p"] == pytest.approx(50.0) and ours["per_type"]["PER"]["r"] == 100.0
-    assert ours["per_type"]["LOC"]["r"] == 0.0 and ours["per_type"]["ORG"]["f1"] == pytest.approx(100.0)
-    # the official parser never sees an entity that ends at the last character, on either side: 3/3/3.
-    # Its gold string for 搜狐科技 is the lossy '<搜狐>科技>公司' and still yields both ORG spans.
-    assert data.linearize_official(golds[1].text, golds[1].entities) == "<搜狐>科技>公司"
-    assert (official["tp"], official["pred"], official["gold"]) == (3, 3, 3) and official["f1"] == 100.0
-    assert sc["cer"] == 0.0
-
-
-def test_official_keys_pairing_rules():
-    assert decode.official_keys("TNER", "[张[三]李四") == [("PER", 0, 2), ("PER", 1, 2)]   # nearest pairing, union
-    assert decode.official_keys("TNER", "[张三") == [] and decode.official_keys("TNER", "张三]") == []
-    assert decode.official_keys("TNER", "(<北京)大学>x") == [("LOC", 0, 2), ("ORG", 0, 4)]
-    assert decode.official_keys("TNER", "去(合肥)") == []                                   # last character
-    assert decode.official_keys("TNER", "去 (合肥) 了") == [("LOC", 1, 3)]                  # spaces removed
-    assert decode.our_keys("TNER", "去合肥了", [(1, 3, "LOC"), (None, None, "PER")]) == [
-        ("LOC", 1, 3), ("PER", "unaligned", 1)]
-
-
-def test_evaluators_sner_text_multiset_vs_official_pinyin_set():
-    import data
-    pron = text.Phonemizer(text.read_phone_dict()).pronounce
-    golds = [data.Sample("1", "张三和张三去了北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "PER"),
-                                                    data.Entity(7, 9, "LOC")])]
-    preds = [result("[章三]和[张三]去了(北京)", "章三和张三去了北京", [(0, 2, "PER"), (3, 5, "PER"), (7, 9, "LOC")])]
-    sc = decode.score_predictions("SNER", golds, preds, phones_of=pron)
-    # ours: (type, text) multisets: 章三 is wrong, one 张三 and 北京 are right
-    assert (sc["ours"]["tp"], sc["ours"]["pred"], sc["ours"]["gold"]) == (2, 3, 3)
-    # official: (type, pinyin) sets: 章三 sounds like 张三, the two collapse to one, 北京 (last char) is lost
-    assert pron("章三") == pron("张三")
-    assert (sc["official"]["tp"], sc["official"]["pred"], sc["official"]["gold"]) == (1, 1, 1)
-    assert sc["cer"] == pytest.approx(100 / 9)
+# alignment of a free output to the input
 
 
 def test_alignment_of_free_output_to_the_input():
     assert decode.map_spans([(0, 2, "LOC"), (2, 3, "PER"), (3, 5, "ORG")], "北京x大学", "北京大学") == [
         (0, 2, "LOC"), (None, None, "PER"), (2, 4, "ORG")]
     assert decode.map_spans([(0, 2, "PER")], "章三来了", "张三来了") == [(0, 2, "PER")]   # substitution keeps place
-    assert decode.edit_distance("kitten", "sitting") == 3 and decode.edit_distance("", "ab") == 2
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -933,12 +886,10 @@ def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
     assert token["output"] == rec.recognize(texts=[text])[0]["output"]
 
 
-def test_terminal_table_and_scores_table():
+def test_terminal_table():
     res = result("[张三]来了", "张三来了", [(0, 2, "PER")]) | {"task": "TNER", "warnings": ["w"]}
     table = decode.format_result(res)
     assert "[张三]来了" in table and "PER" in table and "0-2" in table and "warning: w" in table
-    sc = {"TNER": decode.score_predictions("TNER", [], [])}
-    assert "official" in decode.format_scores(sc)
 
 
 def cnerta_corpus(root):
@@ -960,7 +911,6 @@ def test_cli_eval_on_a_dataset_split(tiny_ckpt, tmp_path, capsys):
     report = json.loads(out.read_text())
     predictions = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [p["task"] for p in predictions] == ["TNER"] * 5 + ["SNER"] * 4 + ["MNER"] * 4
-    import data
     golds = data.load_split("cnerta", corpus, "test", audio_dir=FIXTURES / "wavs", verbose=False)
     for task in ("TNER", "SNER", "MNER"):
         sc = report["scores"][task]
@@ -969,10 +919,10 @@ def test_cli_eval_on_a_dataset_split(tiny_ckpt, tmp_path, capsys):
         assert sc["ours"]["gold"] == (11 if task == "TNER" else 9)
         mine = [p for p in predictions if p["task"] == task]
         g = [s for s in golds if task == "TNER" or s.audio]
-        again = decode.score_predictions(task, g, mine, text.Phonemizer(text.read_phone_dict()).pronounce)
+        again = evaluate.score_predictions(task, g, mine, text.Phonemizer(text.read_phone_dict()).pronounce)
         assert again["ours"] == sc["ours"] and again["official"] == sc["official"]
-        if task != "SNER":  # data.py breakdown lines the records up with the gold samples by id
-            bd = data.breakdown_file(preds, "cnerta", corpus, "test", task)
+        if task != "SNER":  # evaluate.py breakdown lines the records up with the gold samples by id
+            bd = evaluate.breakdown_file(preds, "cnerta", corpus, "test", task)
             assert {k: bd[k] for k in sc["ours"]} == sc["ours"] and bd["sentences"] == sc["sentences"]
     assert report["scores"]["TNER"]["cer"] == 0.0            # constrained: the text is the input
     assert "official" in capsys.readouterr().err              # the table
@@ -1005,13 +955,13 @@ def test_guards_give_clear_messages(tiny_ckpt, tmp_path, capsys):
     assert any("silent" in w for w in res["warnings"])
 
 
-def test_evaluate_api_as_train_calls_it(tiny):
-    """train.py: decode.evaluate(model, samples, featurizer, tasks=..., beam=..., batch_size=..., evaluator=...)."""
-    import data
+def test_evaluate_split_as_train_calls_it(tiny):
+    """train.py: decode.evaluate_split(model, samples, featurizer, tasks=..., beam=..., batch_size=...,
+    evaluator=...)."""
     model, assets = tiny
     golds = gold_samples()[:2]
-    scores = decode.evaluate(model, golds, data.Featurizer(assets), tasks=("TNER", "MNER"), beam=2, batch_size=2,
-                             evaluator="official", device="cpu", max_len=16)
+    scores = decode.evaluate_split(model, golds, data.Featurizer(assets), tasks=("TNER", "MNER"), beam=2,
+                                   batch_size=2, evaluator="official", device="cpu", max_len=16)
     for task in ("TNER", "MNER"):
         sc = scores[task]
         assert (sc["p"], sc["r"], sc["f1"]) == (sc["official"]["p"], sc["official"]["r"], sc["official"]["f1"])

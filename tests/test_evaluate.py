@@ -1,0 +1,203 @@
+"""Tests for evaluate.py: our evaluator and the official one, CER, score tables, error breakdown, gazetteer."""
+import io
+import json
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import text  # noqa: E402
+from data import Sample  # noqa: E402
+from test_data import CNERTA, E, need_cnerta, write  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# scorers: ours, the official one, CER
+
+def result(output, text, spans):
+    return {"output": output, "text": text,
+            "entities": [{"type": t, "start": s, "end": e, "text": text[s:e] if s is not None else None}
+                         for s, e, t in spans]}
+
+
+def test_evaluators_tner_last_character_and_nested_entities():
+    golds = [data.Sample("1", "郭涛去了合肥", [data.Entity(0, 2, "PER"), data.Entity(4, 6, "LOC")]),
+             data.Sample("2", "搜狐科技公司", [data.Entity(0, 4, "ORG"), data.Entity(0, 2, "ORG")])]
+    preds = [result("[郭涛]去了[合肥]", "郭涛去了合肥", [(0, 2, "PER"), (4, 6, "PER")]),   # wrong type at the end
+             result("<<搜狐>科技>公司", "搜狐科技公司", [(0, 4, "ORG"), (0, 2, "ORG")])]  # nested, same type
+    sc = evaluate.score_predictions("TNER", golds, preds)
+    ours, official = sc["ours"], sc["official"]
+    assert (ours["tp"], ours["pred"], ours["gold"]) == (3, 4, 4) and ours["f1"] == pytest.approx(75.0)
+    assert ours["per_type"]["PER"]["p"] == pytest.approx(50.0) and ours["per_type"]["PER"]["r"] == 100.0
+    assert ours["per_type"]["LOC"]["r"] == 0.0 and ours["per_type"]["ORG"]["f1"] == pytest.approx(100.0)
+    # the official parser never sees an entity that ends at the last character, on either side: 3/3/3.
+    # Its gold string for 搜狐科技 is the lossy '<搜狐>科技>公司' and still yields both ORG spans.
+    assert data.linearize_official(golds[1].text, golds[1].entities) == "<搜狐>科技>公司"
+    assert (official["tp"], official["pred"], official["gold"]) == (3, 3, 3) and official["f1"] == 100.0
+    assert sc["cer"] == 0.0
+
+
+def test_official_keys_pairing_rules():
+    assert evaluate.official_keys("TNER", "[张[三]李四") == [("PER", 0, 2), ("PER", 1, 2)]   # nearest pairing, union
+    assert evaluate.official_keys("TNER", "[张三") == [] and evaluate.official_keys("TNER", "张三]") == []
+    assert evaluate.official_keys("TNER", "(<北京)大学>x") == [("LOC", 0, 2), ("ORG", 0, 4)]
+    assert evaluate.official_keys("TNER", "去(合肥)") == []                                   # last character
+    assert evaluate.official_keys("TNER", "去 (合肥) 了") == [("LOC", 1, 3)]                  # spaces removed
+    assert evaluate.our_keys("TNER", "去合肥了", [(1, 3, "LOC"), (None, None, "PER")]) == [
+        ("LOC", 1, 3), ("PER", "unaligned", 1)]
+
+
+def test_evaluators_sner_text_multiset_vs_official_pinyin_set():
+    pron = text.Phonemizer(text.read_phone_dict()).pronounce
+    golds = [data.Sample("1", "张三和张三去了北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "PER"),
+                                                    data.Entity(7, 9, "LOC")])]
+    preds = [result("[章三]和[张三]去了(北京)", "章三和张三去了北京", [(0, 2, "PER"), (3, 5, "PER"), (7, 9, "LOC")])]
+    sc = evaluate.score_predictions("SNER", golds, preds, phones_of=pron)
+    # ours: (type, text) multisets: 章三 is wrong, one 张三 and 北京 are right
+    assert (sc["ours"]["tp"], sc["ours"]["pred"], sc["ours"]["gold"]) == (2, 3, 3)
+    # official: (type, pinyin) sets: 章三 sounds like 张三, the two collapse to one, 北京 (last char) is lost
+    assert pron("章三") == pron("张三")
+    assert (sc["official"]["tp"], sc["official"]["pred"], sc["official"]["gold"]) == (1, 1, 1)
+    assert sc["cer"] == pytest.approx(100 / 9)
+
+
+def test_edit_distance():
+    assert evaluate.edit_distance("kitten", "sitting") == 3 and evaluate.edit_distance("", "ab") == 2
+
+
+def test_scores_table():
+    sc = {"TNER": evaluate.score_predictions("TNER", [], [])}
+    assert "official" in evaluate.format_scores(sc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# analyses: gazetteer baseline, breakdown of predictions
+
+TRAIN_BRACKETED = "T1 <(北京)大学>在(北京)\nT2 [张三]去了(上海)\nT3 <上海>队\nT4 (京)\n"
+DEV_LINES = [  # 北京大学 ORG contains 北京 LOC; 京: seen but one character; 李四 and 张三丰: unseen
+    {"sentence": "北京大学的张三在京", "audio": "D1",
+     "entity": [[0, 4, "北京大学", "ORG"], [0, 2, "北京", "LOC"], [5, 7, "张三", "PER"], [8, 9, "京", "LOC"]]},
+    {"sentence": "李四在上海", "audio": "D2", "entity": [[0, 2, "李四", "PER"], [3, 5, "上海", "LOC"]]},
+    {"sentence": "张三丰", "audio": "D3", "entity": [[0, 3, "张三丰", "PER"]]},
+]
+
+
+@pytest.fixture
+def tiny_split(tmp_path):
+    write(tmp_path / "train.txt", TRAIN_BRACKETED)
+    write(tmp_path / "valid.json", "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in DEV_LINES))
+    return tmp_path
+
+
+def run_main(argv):
+    out = io.StringIO()
+    with redirect_stdout(out):
+        evaluate.main(argv)
+    return out.getvalue()
+
+
+def test_gazetteer_rules():
+    train = [Sample("a", "abcd", [E(0, 3, "ORG"), E(2, 4, "LOC")]), Sample("b", "ab", [E(0, 2, "PER")]),
+             Sample("c", "ab", [E(0, 2, "LOC")]), Sample("d", "ab", [E(0, 2, "LOC")]), Sample("e", "x", [E(0, 1, "PER")])]
+    gaz = evaluate.Gazetteer(train)
+    assert gaz.tag("abcdx") == [E(0, 2, "LOC"), E(0, 3, "ORG"), E(2, 4, "LOC")]  # nested and crossing kept, no "x"
+    assert evaluate.Gazetteer(train, crossing="longest").tag("abcd") == [E(0, 2, "LOC"), E(0, 3, "ORG")]
+    assert evaluate.Gazetteer(train, types="all", min_chars=1).tag("abx") == [E(0, 2, "LOC"), E(0, 2, "PER"), E(2, 3, "PER")]
+    tie = evaluate.Gazetteer([Sample("a", "ab", [E(0, 2, "ORG")]), Sample("b", "ab", [E(0, 2, "LOC")])])
+    assert tie.tag("ab") == [E(0, 2, "ORG")]  # a tie goes to the type seen first
+    assert ("ab", "PER") in gaz.seen and ("ab", "ORG") not in gaz.seen and ("x", "PER") in gaz.seen
+    with pytest.raises(ValueError, match="crossing"):
+        evaluate.Gazetteer(train, crossing="leftmost")
+
+
+def test_gazetteer_cli_scores_and_breaks_down(tiny_split):
+    d = str(tiny_split)
+    r = json.loads(run_main(["gazetteer", "--train-dataset", "image4imner", "--train-dir", d, "--dataset", "cnerta",
+                             "--data-dir", d, "--json"]))
+    # tags 北京大学 ORG, 北京 LOC (nested), 张三 PER, 上海 LOC (LOC and ORG once each: LOC seen first), 张三 in 张三丰
+    assert (r["tp"], r["pred"], r["gold"]) == (4, 5, 7) and r["train"]["strings"] == 5
+    assert r["p"] == pytest.approx(80.0) and r["r"] == pytest.approx(400 / 7) and r["f1"] == pytest.approx(800 / 12)
+    assert {t: (m["tp"], m["pred"], m["gold"]) for t, m in r["per_type"].items()} == {
+        "LOC": (2, 2, 3), "ORG": (1, 1, 1), "PER": (1, 2, 3)}
+    assert r["nesting"] == {"nested": {"gold": 2, "found": 2, "pred": 2, "correct": 2, "r": 100.0, "p": 100.0},
+                            "flat": {"gold": 5, "found": 2, "pred": 3, "correct": 2, "r": 40.0, "p": pytest.approx(200 / 3)}}
+    assert r["seen"]["seen"] == {"gold": 5, "found": 4, "pred": 5, "correct": 4, "r": 80.0, "p": 80.0}
+    assert r["seen"]["unseen"] == {"gold": 2, "found": 0, "pred": 0, "correct": 0, "r": 0.0, "p": 0.0}
+    table = run_main(["gazetteer", "--train-dataset", "image4imner", "--train-dir", d, "--dataset", "cnerta",
+                      "--data-dir", d, "--min-chars", "1"])
+    # 京 is tagged alone (right) and inside 北京 (wrong)
+    assert "all         71.43  71.43  71.43      7      7      5" in table and "unseen" in table
+
+
+def record(sid, text, ents, task="TNER"):
+    return {"id": sid, "task": task, "input_text": text, "output": "", "text": text,
+            "entities": [{"type": t, "text": None if s is None else text[s:e], "start": s, "end": e} for s, e, t in ents]}
+
+
+def test_breakdown_of_a_predictions_file(tiny_split):
+    d, preds = str(tiny_split), tiny_split / "preds.jsonl"
+    records = [record("D1", "北京大学的张三在京", [(0, 4, "ORG"), (5, 7, "PER")]),
+               record("D2", "李四在上海", [(0, 2, "PER"), (None, None, "LOC")]),  # unconstrained output, not placed
+               record("D3", "张三丰", [(0, 3, "PER"), (0, 1, "LOC")]),
+               record("D1", "北京大学的张三在京", [], task="MNER")]  # another task: ignored
+    write(preds, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in records))
+    args = ["breakdown", "--predictions", str(preds), "--dataset", "cnerta", "--data-dir", d, "--json"]
+    r = json.loads(run_main(args + ["--train-dataset", "image4imner", "--train-dir", d]))
+    assert (r["tp"], r["pred"], r["gold"], r["sentences"]) == (4, 6, 7, 3)
+    assert r["f1"] == pytest.approx(800 / 13)
+    # 北京大学 is nested in the gold set but flat among the predictions (北京 was missed)
+    assert {c: (m["gold"], m["found"], m["pred"], m["correct"]) for c, m in r["nesting"].items()} == {
+        "nested": (2, 1, 2, 1), "flat": (5, 3, 3, 3), "unaligned": (0, 0, 1, 0)}
+    assert {c: (m["gold"], m["found"], m["pred"], m["correct"]) for c, m in r["seen"].items()} == {
+        "seen": (5, 2, 2, 2), "unseen": (2, 2, 4, 2)}
+    # missed: 北京 inside the predicted 北京大学, 京 and 上海 with nothing there; wrong: 张 inside 张三丰, the
+    # unaligned LOC
+    assert r["errors"] == {"missed": {"wrong_type": 0, "overlap": 1, "no_overlap": 2},
+                           "wrong": {"wrong_type": 0, "overlap": 1, "no_overlap": 1}}
+    mner = json.loads(run_main(args + ["--task", "MNER"]))
+    assert (mner["sentences"], mner["sentences_without_prediction"], mner["gold"], mner["pred"]) == (1, 2, 4, 0)
+    assert "seen" not in mner
+    assert "nested" in run_main(args[:-1])  # the table
+
+
+def test_breakdown_sorts_errors_into_type_boundary_and_elsewhere():
+    gold = [Sample("s", "张三在北京", [E(0, 2, "PER"), E(3, 5, "LOC")]), Sample("t", "上海", [E(0, 2, "LOC")])]
+    preds = [[E(0, 2, "LOC"), E(3, 4, "LOC"), E(1, 2, "PER")], [E(0, 2, "LOC")]]
+    r = evaluate.breakdown(gold, preds)
+    assert (r["tp"], r["pred"], r["gold"]) == (1, 4, 3)
+    # 张三 PER predicted as LOC (the type); 北京 predicted as 北 (a boundary); 三 PER overlaps 张三 only
+    assert r["errors"] == {"missed": {"wrong_type": 1, "overlap": 1, "no_overlap": 0},
+                           "wrong": {"wrong_type": 1, "overlap": 2, "no_overlap": 0}}
+    assert "wrong_type" in evaluate.format_breakdown(r)
+
+
+@pytest.mark.parametrize("lines, why", [
+    ([record("D9", "李四在上海", [])], "id 'D9' is not in cnerta dev"),
+    ([record("D2", "李四在北京", [])], "is not the gold"),
+    ([record("D2", "李四在上海", [], task="SNER")], "no TNER records"),
+    ([{"id": "D2"}], "preds.jsonl:1: not a decode.py record"),
+    ([record("D2", "李四在上海", [])] * 2, "a second TNER record"),
+])
+def test_breakdown_errors_are_clear(tiny_split, capsys, lines, why):
+    d, preds = str(tiny_split), tiny_split / "preds.jsonl"
+    write(preds, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["breakdown", "--predictions", str(preds), "--dataset", "cnerta", "--data-dir", d])
+    assert why in str(e.value.code)
+
+
+@need_cnerta
+def test_gazetteer_on_cnerta_dev_reproduces_the_issue():
+    """The issue: 'A gazetteer that tags every string seen as an entity in that training text (longest matches,
+    nested allowed) scores P/R/F1 77.8 / 52.1 / 62.4 on CNERTA dev.' Dropping crossing matches gives 78.4."""
+    if not (CNERTA / "image4imner_train_bracketed.txt").is_file():
+        pytest.skip("../shared/data/cnerta/image4imner_train_bracketed.txt absent")
+    r = evaluate.gazetteer("image4imner", CNERTA, "train", "cnerta", CNERTA, "dev")
+    assert (r["tp"], r["pred"], r["gold"], r["train"]["strings"]) == (3069, 3946, 5889, 6578)
+    assert [round(r[k], 1) for k in ("p", "r", "f1")] == [77.8, 52.1, 62.4]
+    assert r["seen"]["unseen"]["found"] == 0 and r["seen"]["seen"]["gold"] == 3540
