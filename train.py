@@ -431,9 +431,10 @@ def build_model(args, train, resume_ckpt, log):
 
 def evaluate(model, samples, featurizer, assets, tasks, args, device, autocast):
     """Dev/test scores -> {task: {"p", "r", "f1"}} (percent), decode.py's batched search and evaluator."""
+    options = decode.DecodeOptions(beam=args.beam)   # the other settings: assets["decoding"] (ctc_weight, ...)
     model.eval()
     with torch.no_grad(), autocast:
-        scores = decode.evaluate(model, samples, featurizer, tasks=tasks, beam=args.beam, greedy=args.beam == 1,
+        scores = decode.evaluate(model, samples, featurizer, tasks=tasks, options=options,
                                  batch_size=args.eval_batch_size, evaluator=args.evaluator, device=device,
                                  assets=assets)
     model.train()
