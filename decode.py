@@ -10,7 +10,8 @@ Decode with a trained IMAGE model: beam search, constrained bracket decoding, en
 
 The search is fairseq's SequenceGenerator + BeamSearch (what ModelScope's MMSpeech pipeline runs), token for
 token, over the explicit KV cache of image.py: encode once, decode one token per step for all live beams of all
-live sentences, drop sentences as soon as they have `beam` finished hypotheses. Python API: Recognizer.
+live sentences, drop sentences as soon as they have `beam` finished hypotheses. Python API: Recognizer
+(how it decodes: DecodeOptions; unset search settings come from the checkpoint).
 TNER/MNER: the output is the input text with brackets inserted (BracketConstraint; the known character is scored
 with the whole character mass). SNER: optionally joint CTC/attention scoring with the phone CTC head
 (CTCPrefixScorer, --ctc-weight).
