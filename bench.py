@@ -387,8 +387,8 @@ def bench_decode(report, args, model, feats, feat_s, ref, forced, device, dtype)
     ModelScope's figures (ref["decode"]) when it ran. The batches are padded and moved to the device before the clock
     starts, as the reference collates its own. forced: min_len = max_len (random weights may stop anywhere)."""
     print("bench: decoding (ours) ...", flush=True)
-    cfg = decode.SearchConfig(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
-                              no_repeat_ngram_size=5, constraint_range=CONSTRAINT)
+    cfg = decode.DecodeOptions(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
+                               no_repeat_ngram_size=5, constraint_range=CONSTRAINT)
     # decoding runs in --dtype (as decode.Recognizer casts the model); training keeps fp32 weights + autocast
     model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     batches = [asr_batch(feats[i: i + args.batch]) for i in range(0, len(feats), args.batch)]

@@ -10,7 +10,8 @@ Decode with a trained IMAGE model: beam search, constrained bracket decoding, en
 
 The search is fairseq's SequenceGenerator + BeamSearch (what ModelScope's MMSpeech pipeline runs), token for
 token, over the explicit KV cache of image.py: encode once, decode one token per step for all live beams of all
-live sentences, drop sentences as soon as they have `beam` finished hypotheses. Python API: Recognizer.
+live sentences, drop sentences as soon as they have `beam` finished hypotheses. Python API: Recognizer
+(how it decodes: DecodeOptions; unset search settings come from the checkpoint).
 TNER/MNER: the output is the input text with brackets inserted (BracketConstraint; the known character is scored
 with the whole character mass). SNER: optionally joint CTC/attention scoring with the phone CTC head
 (CTCPrefixScorer, --ctc-weight). --eval runs a split through the model (evaluate_split) and scores it with
@@ -43,30 +44,77 @@ MAX_AUDIO_SECONDS = 60.0  # longer wavs are refused (the encoder's attention is 
 # search settings and results
 
 
-@dataclass
-class SearchConfig:
-    """fairseq SequenceGenerator settings; MMSpeech's come from the checkpoint's assets["decoding"]."""
-    beam: int = 5
-    max_len: int = 128                      # max_len_b (max_len_a is 0): at step max_len only EOS is allowed
-    min_len: int = 1                        # EOS is barred while step < min_len
-    no_repeat_ngram_size: int = 5           # 0 = off
-    constraint_range: Optional[tuple] = (4, 21134)   # logits[4:start] and logits[end:] = -inf before log_softmax
-    len_penalty: float = 1.0                # final score = sum(logprobs) / len**len_penalty (len includes EOS)
-    ctc_weight: float = 0.0                 # SNER: joint CTC/attention weight (0 = decoder only, as fairseq)
-    ctc_candidates: int = 10                # SNER joint decoding: characters per row the CTC scores each step
-    bos: int = BOS                          # special ids: 0/1/2 in our vocabularies; only a ModelScope directory
-    pad: int = PAD                          # with the bare BERT vocab.txt puts them elsewhere (parity tests)
-    eos: int = EOS
+# search settings built into the code: what an option left unset (None) gets when the checkpoint has no value
+SEARCH_DEFAULTS = dict(beam=5, max_len=128, min_len=1, no_repeat_ngram_size=5, constraint_range=None,
+                       len_penalty=1.0, ctc_weight=0.0)
 
-    @classmethod
-    def from_assets(cls, assets, **overrides):
-        d = dict((assets or {}).get("decoding") or {})
-        known = dict(beam=d.get("beam", 5), max_len=d.get("max_len_b", d.get("max_len", 128)),
-                     min_len=d.get("min_len", 1), no_repeat_ngram_size=d.get("no_repeat_ngram_size", 5),
-                     constraint_range=tuple(d["constraint_range"]) if d.get("constraint_range") else None,
-                     len_penalty=d.get("len_penalty", 1.0), ctc_weight=d.get("ctc_weight", 0.0))
-        known.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**known)
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Every decoding knob: the beam search's settings (fairseq SequenceGenerator's) and what the Recognizer decodes.
+
+    A search setting left None takes the checkpoint's assets["decoding"] value, else SEARCH_DEFAULTS (resolve());
+    explicit values win. beam_search reads the search fields, Recognizer the others.
+    """
+    # search
+    beam: Optional[int] = None                  # beam width; 1 = greedy
+    max_len: Optional[int] = None               # max_len_b (max_len_a is 0): at step max_len only EOS is allowed
+    min_len: Optional[int] = None               # EOS is barred while step < min_len
+    no_repeat_ngram_size: Optional[int] = None  # ban repeating an n-gram of this size (0 = off)
+    constraint_range: Optional[tuple] = None    # (start, end): logits[4:start], logits[end:] = -inf before log_softmax
+    len_penalty: Optional[float] = None         # final score = sum(logprobs) / len**len_penalty (len includes EOS)
+    ctc_weight: Optional[float] = None          # SNER: joint CTC/attention weight (0 = decoder only, as fairseq)
+    ctc_candidates: int = 10                    # SNER joint decoding: characters per row the CTC scores each step
+    bos: int = BOS                              # special ids: 0/1/2 in our vocabularies; only a ModelScope directory
+    pad: int = PAD                              # with the bare BERT vocab.txt puts them elsewhere (parity tests)
+    eos: int = EOS
+    # what to decode
+    asr: bool = False                           # plain MMSpeech recognition (no text stream); results carry tokens
+    constrain: bool = True                      # TNER/MNER: the input text with brackets inserted (BracketConstraint)
+    pool_chars: bool = True                     # constrained: the known character scores the whole character mass
+    entity_bias: float = 0.0                    # constrained: added to every opening bracket's log-probability
+    nbest: int = 1                              # results also list the best nbest hypotheses (at most beam)
+    # inputs
+    pseudo_text_len: Optional[int] = None       # SNER pseudo text length (None: the checkpoint's, else Featurizer's)
+    max_audio_seconds: float = MAX_AUDIO_SECONDS  # longer audio is refused
+    modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)
+
+    def resolve(self, assets=None, capacity=None):
+        """-> these options with every unset search setting (and pseudo_text_len) taken from the checkpoint's
+        assets, else SEARCH_DEFAULTS; checked, max_len against `capacity` (the decoder's positions) when given."""
+        saved = dict((assets or {}).get("decoding") or {})
+        if "max_len_b" in saved:                                 # fairseq's name
+            saved["max_len"] = saved["max_len_b"]
+        saved["constraint_range"] = tuple(saved["constraint_range"]) if saved.get("constraint_range") else None
+        unset = {name: saved.get(name, default) for name, default in SEARCH_DEFAULTS.items()
+                 if getattr(self, name) is None}
+        if self.pseudo_text_len is None:
+            unset["pseudo_text_len"] = (assets or {}).get("pseudo_text_len")
+        options = dataclasses.replace(self, **unset)
+        options.check()
+        if options.nbest > options.beam:
+            raise files.InputError(f"nbest {options.nbest} must be between 1 and the beam size {options.beam}")
+        if capacity is not None and options.max_len > capacity:
+            raise files.InputError(f"max_len {options.max_len} must be in [1, {capacity}] (decoder positions)")
+        return options
+
+    def check(self, flags=None):
+        """InputError for a value out of range (unset ones pass); flags: {field: CLI flag} names the flag."""
+        name = lambda field: (flags or {}).get(field, field)      # noqa: E731
+        for field in ("beam", "max_len", "nbest", "ctc_candidates", "pseudo_text_len"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise files.InputError(f"{name(field)} must be >= 1, got {value}")
+        if self.ctc_weight is not None and not 0 <= self.ctc_weight < math.inf:   # NaN fails it too
+            raise files.InputError(f"{name('ctc_weight')} must be >= 0, got {self.ctc_weight}")
+        if not math.isfinite(self.entity_bias):
+            raise files.InputError(f"{name('entity_bias')} must be a finite number, got {self.entity_bias}")
+        if self.entity_bias and (self.asr or not self.constrain):
+            raise files.InputError(f"{name('entity_bias')} biases the constrained search: not with {name('asr')} "
+                                   f"or unconstrained ({name('constrain')})")
+        if not 0 < self.max_audio_seconds < math.inf:
+            raise files.InputError(f"{name('max_audio_seconds')} must be a positive number, got "
+                                   f"{self.max_audio_seconds}")
 
 
 @dataclass
@@ -98,7 +146,7 @@ def _block_repeated_ngrams(lprobs, tokens, step, n):
     lprobs[rows, windows[rows, cols, n - 1]] = -math.inf
 
 
-def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None, scorer=None):
+def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, scorer=None):
     """Beam search for every input of `enc`. -> list (one per input) of up to `beam` Hypothesis, best first.
 
     model: new_cache(enc, max_len) / decode_step(tokens (N,), cache, vocab_limit) -> (N, V) logits, V cut to
@@ -110,7 +158,9 @@ def beam_search(model, enc, cfg: SearchConfig, constraint=None, max_lens=None, s
         log-probs after every mask; select(rows, new_tokens).
     max_lens: optional per-input max lengths (default cfg.max_len). An input's result never depends on the other
         inputs of the batch (fairseq uses one max_len per batch; identical when all are equal).
+    cfg: the search fields of DecodeOptions; unset ones take SEARCH_DEFAULTS.
     """
+    cfg = cfg.resolve()
     beam = cfg.beam
     batch = enc.hidden.size(0)
     dev = enc.hidden.device
@@ -591,48 +641,35 @@ def parse_device(name):
 class Recognizer:
     """Python API: recognise entities in texts and/or waveforms with a trained model.
 
-        rec = Recognizer("best.pt")                             # or Recognizer((model, assets))
+        rec = Recognizer("best.pt")                   # or Recognizer((model, assets)), Recognizer("best.pt", beam=3)
         rec.recognize(texts=["末阳市文联主席张三"])               # TNER
         rec.recognize(waveforms=[wav_tensor], sample_rate=16000)  # SNER; both lists -> MNER
     Each result: {"task", "output" (bracketed), "text" (plain), "entities": [{type, text, start, end}], "score"}.
-    asr=True: plain MMSpeech recognition (no text stream, no modality embedding); results carry "tokens".
+    How it decodes: one DecodeOptions (beam, constrain, asr, nbest, ...; see there), resolved against the checkpoint.
     """
 
-    def __init__(self, model, assets=None, device=None, dtype=None, beam=None, max_len=None, greedy=False,
-                 constrain=True, asr=False, no_repeat_ngram_size=None, max_audio_seconds=MAX_AUDIO_SECONDS,
-                 featurizer=None, modelscope_padding=False, search=None, nbest=1, pseudo_text_len=None,
-                 pool_chars=True, ctc_weight=None, ctc_candidates=None, entity_bias=0.0):
+    def __init__(self, model, options=None, device=None, dtype=None, featurizer=None, **overrides):
+        """model: a checkpoint path or (model, assets); options: DecodeOptions, its unset search settings from the
+        checkpoint; overrides: DecodeOptions fields (Recognizer("best.pt", beam=3)) that replace those of options."""
+        options = dataclasses.replace(options or DecodeOptions(), **overrides)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        assets = None
         if isinstance(model, (str, os.PathLike)):
-            overrides = {"modelscope_padding": True} if modelscope_padding else {}
-            model, assets, _ = load_model(str(model), device, **overrides)
+            loading = {"modelscope_padding": True} if options.modelscope_padding else {}
+            model, assets, _ = load_model(str(model), device, **loading)
         elif isinstance(model, tuple):
             model, assets = model[0], model[1]
         if assets is None:
             raise ValueError("Recognizer needs the checkpoint's assets (vocabulary, phones, fbank settings)")
         self.model = model.to(device=device, dtype=dtype or next(model.parameters()).dtype).eval()
-        self.device, self.assets, self.asr, self.constrain = device, assets, asr, constrain
-        self.pool_chars = pool_chars
-        self.entity_bias = finite_bias(entity_bias)   # checked here too: a bad value fails before any decoding
+        self.capacity = self.model.decoder.max_len - 2           # positions for BOS + max_len + EOS step
+        self.options = options.resolve(assets, self.capacity)
+        self.device, self.assets = device, assets
         if featurizer is None:      # the pseudo text as long as in training (the checkpoint's assets say how long)
-            pseudo_text_len = pseudo_text_len or assets.get("pseudo_text_len")
-            featurizer = (data.Featurizer(assets, pseudo_text_len=pseudo_text_len) if pseudo_text_len
-                          else data.Featurizer(assets))   # a converted MMSpeech: the Featurizer's default
+            featurizer = (data.Featurizer(assets, pseudo_text_len=self.options.pseudo_text_len)
+                          if self.options.pseudo_text_len else data.Featurizer(assets))   # else the default
         self.featurizer = featurizer
         self.vocab = self.featurizer.vocab
-        self.search = search or SearchConfig.from_assets(assets, beam=1 if greedy else beam, max_len=max_len,
-                                                         no_repeat_ngram_size=no_repeat_ngram_size,
-                                                         ctc_weight=ctc_weight, ctc_candidates=ctc_candidates)
-        if self.search.ctc_weight < 0 or self.search.ctc_candidates < 1:
-            raise files.InputError(f"ctc_weight must be >= 0 and ctc_candidates >= 1 (got "
-                                   f"{self.search.ctc_weight}, {self.search.ctc_candidates})")
-        self.max_audio_seconds, self.nbest = max_audio_seconds, nbest
-        if not 1 <= nbest <= self.search.beam:
-            raise files.InputError(f"nbest {nbest} must be between 1 and the beam size {self.search.beam}")
-        capacity = self.model.decoder.max_len - 2                 # positions for BOS + max_len + EOS step
-        if not 1 <= self.search.max_len <= capacity:
-            raise files.InputError(f"max_len {self.search.max_len} must be in [1, {capacity}] (decoder positions)")
-        self.capacity = capacity
         self.open_ids = {t: self.vocab.char_id(OPEN_OF[t]) for t in TYPES}
         self.close_ids = {t: self.vocab.char_id(CLOSE_OF[t]) for t in TYPES}
         self.brackets_known = UNK not in set(self.open_ids.values()) | set(self.close_ids.values())
@@ -649,9 +686,10 @@ class Recognizer:
             seconds = x.shape[0] / audio.SAMPLE_RATE
         else:
             seconds = audio.wav_info(req.wav).seconds
-        if seconds > self.max_audio_seconds:
-            raise files.InputError(f"{where}: {seconds:.1f} s of audio is over the {self.max_audio_seconds:g} s limit "
-                             f"(--max-audio-seconds); split it into utterances")
+        limit = self.options.max_audio_seconds
+        if seconds > limit:
+            raise files.InputError(f"{where}: {seconds:.1f} s of audio is over the {limit:g} s limit "
+                                   f"(--max-audio-seconds); split it into utterances")
         if seconds < 0.085:                                    # < 7 fbank frames: nothing left after subsampling
             raise files.InputError(f"{where}: {seconds * 1000:.0f} ms of audio is too short to recognise")
         # silence is judged on the raw samples: gain -n lifts dither to full scale and CMVN leaves rounding noise
@@ -667,7 +705,7 @@ class Recognizer:
         """-> (unbatched model inputs, warnings) for one request under `task` (pseudo input for what is absent;
         asr: speech only); the decoder starts from BOS."""
         fbank, warn = self._speech(req) if task in ("SNER", "MNER") else (self.featurizer.pseudo_speech(), [])
-        if self.asr:
+        if self.options.asr:
             return data.asr_row(fbank), warn
         return self.featurizer.row(task, fbank, req.text), warn
 
@@ -676,7 +714,7 @@ class Recognizer:
         dtype = next(self.model.parameters()).dtype
         fbank = batch["fbank"].to(self.device, dtype)
         lengths = batch["fbank_lengths"].to(self.device)
-        if self.asr:                                             # plain MMSpeech: no text stream, no modality flag
+        if self.options.asr:                                     # plain MMSpeech: no text stream, no modality flag
             return self.model.encode(fbank, lengths)
         dev = lambda k: batch[k].to(self.device)                 # noqa: E731
         return self.model.encode(fbank, lengths, dev("phones"), dev("phone_chars"), dev("phone_lengths"),
@@ -701,17 +739,18 @@ class Recognizer:
             warns.append(warn)
         with torch.no_grad():
             enc = self._encode(rows)
-            constrained = task in ("TNER", "MNER") and self.constrain and not self.asr
+            constrained = task in ("TNER", "MNER") and self.options.constrain and not self.options.asr
             constraint, max_lens = None, None
             if constrained:
                 if not self.brackets_known:
                     raise ValueError("the vocabulary has no bracket tokens [ ] ( ) < >: use --no-constrain")
                 char_ids = [self.vocab.encode(r.text) for r in reqs]
-                constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids, pool_chars=self.pool_chars,
-                                               entity_bias=self.entity_bias)
-                max_lens = [min(self.capacity, max(self.search.max_len, 2 * len(ids))) for ids in char_ids]
-            scorer = self._ctc_scorer(enc, rows) if task == "SNER" and self.search.ctc_weight > 0 else None
-            hyps = beam_search(self.model, enc, self.search, constraint=constraint, max_lens=max_lens,
+                constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids,
+                                               pool_chars=self.options.pool_chars,
+                                               entity_bias=self.options.entity_bias)
+                max_lens = [min(self.capacity, max(self.options.max_len, 2 * len(ids))) for ids in char_ids]
+            scorer = self._ctc_scorer(enc, rows) if task == "SNER" and self.options.ctc_weight > 0 else None
+            hyps = beam_search(self.model, enc, self.options, constraint=constraint, max_lens=max_lens,
                                scorer=scorer)
         return [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
 
@@ -730,12 +769,12 @@ class Recognizer:
             return [r for r in ids if r and all(1 <= c < classes for c in r)]
 
         brackets = [*self.open_ids.values(), *self.close_ids.values()]
-        return CTCPrefixScorer(logp, frames, readings, brackets, self.search.ctc_weight,
-                               self.search.ctc_candidates)
+        return CTCPrefixScorer(logp, frames, readings, brackets, self.options.ctc_weight,
+                               self.options.ctc_candidates)
 
     def _result(self, req, task, hyps, warn, constrained):
         hyp = hyps[0]
-        res = {"id": req.id, "task": "ASR" if self.asr else task}
+        res = {"id": req.id, "task": "ASR" if self.options.asr else task}
         if req.text is not None:
             res["input_text"] = req.text
         if req.wav is not None:
@@ -745,8 +784,8 @@ class Recognizer:
             unknown = sorted({c for c in req.text if self.vocab.char_id(c) == UNK})
             if unknown:
                 warn.append(f"characters outside the vocabulary (read as <unk>): {''.join(unknown)}")
-        if not hyp.finished or len(hyp.tokens) >= self.search.max_len and not constrained:
-            warn.append(f"output reached max_len {self.search.max_len} without ending (raise --max-len)")
+        if not hyp.finished or len(hyp.tokens) >= self.options.max_len and not constrained:
+            warn.append(f"output reached max_len {self.options.max_len} without ending (raise --max-len)")
         if constrained:
             text = req.text
             spans, complete, output = spans_from_constrained(hyp.tokens, self.vocab.encode(text), self.open_ids,
@@ -757,26 +796,26 @@ class Recognizer:
             output = self.vocab.decode(hyp.tokens, unk="\ufffd")
             plain, ents = data.parse(output)
             spans = [(e.start, e.end, e.type) for e in ents]
-            if task in ("TNER", "MNER") and not self.asr:       # offsets into the input text
+            if task in ("TNER", "MNER") and not self.options.asr:   # offsets into the input text
                 spans = map_spans(spans, plain, req.text)
                 text = req.text
             else:
                 text = plain
         res["output"] = output
         res["text"] = text
-        if not self.asr:
+        if not self.options.asr:
             res["entities"] = [{"type": t, "text": text[s:e] if s is not None else None, "start": s, "end": e}
                                for s, e, t in sorted(spans, key=lambda x: (x[0] is None, x[0] or 0, -(x[1] or 0)))]
         res["score"] = hyp.score
-        if self.asr:
+        if self.options.asr:
             res["tokens"] = hyp.tokens
             res["positional_scores"] = hyp.positional_scores
-        if self.nbest > 1:
+        if self.options.nbest > 1:
             ids = self.vocab.encode(req.text) if constrained else None
             render = (lambda t: spans_from_constrained(t, ids, self.open_ids, self.close_ids, req.text)[2]) \
                 if constrained else (lambda t: self.vocab.decode(t, unk="\ufffd"))
             res["nbest"] = [{"tokens": h.tokens, "score": h.score, "output": render(h.tokens)}
-                            for h in hyps[: self.nbest]]
+                            for h in hyps[: self.options.nbest]]
         if warn:
             res["warnings"] = warn
         return res
@@ -793,7 +832,7 @@ class Recognizer:
                 raise files.InputError(f"input {req.id or i}: task {t} needs speech (wav)")
             if t in ("TNER", "MNER") and req.text is None:
                 raise files.InputError(f"input {req.id or i}: task {t} needs text")
-            if self.asr and not req.has_speech:
+            if self.options.asr and not req.has_speech:
                 raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
             groups.setdefault(t, []).append(i)
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
@@ -862,21 +901,20 @@ def _progress(total, enabled):
 # a split through the model, scored by evaluate.py
 
 
-def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), beam=None, batch_size=32,
-                   evaluator="ours", device=None, assets=None, greedy=False, constrain=True, max_len=None,
-                   progress=False, recognizer=None, predictions=None):
+def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), options=None, batch_size=32,
+                   evaluator="ours", device=None, assets=None, progress=False, recognizer=None, predictions=None):
     """Decode `samples` for each task and score them (evaluate.score_predictions). -> {task: {"p", "r", "f1"
     (percent, by `evaluator`), "ours", "official", "cer", "sentences"}}. SNER/MNER use only samples with audio.
-    predictions: optional dict that receives {task: [result, ...]}. assets: the checkpoint's assets (decoding
-    settings); without them the search uses beam 5, max_len 128, no n-gram block."""
+    predictions: optional dict that receives {task: [result, ...]}. options: DecodeOptions, its unset search
+    settings from assets (the checkpoint's); without assets beam 5, max_len 128, no n-gram block."""
     if evaluator not in ("ours", "official"):
         raise ValueError(f"evaluator must be 'ours' or 'official', not {evaluator!r}")
     if recognizer is None:
         if assets is None:
             assets = {"vocab": featurizer.vocab.tokens, "decoding": {"no_repeat_ngram_size": 0}}
         device = device or next(model.parameters()).device
-        recognizer = Recognizer((model, assets), device=device, dtype=next(model.parameters()).dtype, beam=beam,
-                                greedy=greedy, constrain=constrain, max_len=max_len, featurizer=featurizer)
+        recognizer = Recognizer((model, assets), options, device=device, dtype=next(model.parameters()).dtype,
+                                featurizer=featurizer)
     phones_of = recognizer.featurizer.phonemizer.pronounce
     scores = {}
     for task in tasks:
@@ -956,6 +994,14 @@ def read_jsonl_requests(path):
     return reqs
 
 
+# the flag that sets each DecodeOptions field (error messages name it)
+OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size": "--no-repeat-ngram",
+                "ctc_weight": "--ctc-weight", "ctc_candidates": "--ctc-candidates", "asr": "--asr",
+                "constrain": "--no-constrain", "pool_chars": "--char-score", "entity_bias": "--entity-bias",
+                "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
+                "modelscope_padding": "--modelscope-padding"}
+
+
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -1012,24 +1058,24 @@ def get_args(argv=None):
         p.error("--eval needs --dataset (gold entities)")
     if args.text and args.wav and len(args.text) != len(args.wav):
         p.error(f"--text has {len(args.text)} items but --wav {len(args.wav)}: MNER pairs them in order")
-    if args.entity_bias and (args.no_constrain or args.asr):
-        p.error("--entity-bias biases the constrained search: not with --no-constrain or --asr")
     if args.asr and (args.text or args.eval):
         p.error("--asr decodes speech only (no --text, no --eval)")
-    if args.batch_size < 1 or (args.beam is not None and args.beam < 1):
-        p.error("--batch-size and --beam must be >= 1")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.task and len(args.task) > 1 and not args.dataset:
         p.error("--task takes one task unless --dataset is given")
     if args.threads < 0:
         p.error(f"--threads must be >= 0 (0 = torch default), got {args.threads}")
-    for flag in ("pseudo_len", "max_len", "nbest", "ctc_candidates"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if not 0 < args.max_audio_seconds < math.inf:  # NaN fails it too
-        p.error(f"--max-audio-seconds must be a positive number, got {args.max_audio_seconds}")
-    if not math.isfinite(args.entity_bias) or (args.ctc_weight is not None and not 0 <= args.ctc_weight < math.inf):
-        p.error(f"--entity-bias must be finite and --ctc-weight >= 0 (got {args.entity_bias}, {args.ctc_weight})")
+    args.options = DecodeOptions(
+        beam=1 if args.greedy else args.beam, max_len=args.max_len, no_repeat_ngram_size=args.no_repeat_ngram,
+        ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, asr=args.asr,
+        constrain=not args.no_constrain, pool_chars=args.char_score == "pooled", entity_bias=args.entity_bias,
+        nbest=args.nbest, pseudo_text_len=args.pseudo_len, max_audio_seconds=args.max_audio_seconds,
+        modelscope_padding=args.modelscope_padding)
+    try:
+        args.options.check(OPTION_FLAGS)
+    except files.InputError as e:
+        p.error(str(e))
     if args.device is not None:
         try:
             args.device = parse_device(args.device)
@@ -1058,12 +1104,7 @@ def _main(args):
                 raise files.InputError(f"{flag} {path}: is a directory, expected a file")
             if not os.path.isfile(path):
                 raise files.InputError(f"{flag} {path}: not found")
-    rec = Recognizer(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype), beam=args.beam,
-                     max_len=args.max_len, greedy=args.greedy, constrain=not args.no_constrain, asr=args.asr,
-                     no_repeat_ngram_size=args.no_repeat_ngram, max_audio_seconds=args.max_audio_seconds,
-                     modelscope_padding=args.modelscope_padding, nbest=args.nbest,
-                     pseudo_text_len=args.pseudo_len, pool_chars=args.char_score == "pooled",
-                     ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, entity_bias=args.entity_bias)
+    rec = Recognizer(args.ckpt, args.options, device=args.device, dtype=getattr(torch, args.dtype))
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))
     if args.dataset:
         return _main_dataset(args, rec, progress, t0)
@@ -1111,9 +1152,7 @@ def _main_dataset(args, rec, progress, t0):
     scores = evaluate_split(None, samples, tasks=tasks, batch_size=args.batch_size, evaluator=args.evaluator,
                       progress=progress, recognizer=rec, predictions=preds)
     report = {"dataset": args.dataset, "split": args.split, "ckpt": args.ckpt, "sentences": len(samples),
-              "search": dataclasses.asdict(rec.search), "constrained": rec.constrain,
-              "char_score": "pooled" if rec.pool_chars else "token", "entity_bias": rec.entity_bias,
-              "scores": scores,
+              "options": dataclasses.asdict(rec.options), "scores": scores,
               "seconds": round(time.time() - t0, 1)}
     text = json.dumps(report, ensure_ascii=False, indent=1) + "\n"
     if args.out:

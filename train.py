@@ -417,12 +417,13 @@ def build_model(args, train, resume_ckpt, log):
 
 
 def evaluate(model, samples, featurizer, assets, tasks, args, device, autocast):
-    """Dev/test scores -> {task: {"p", "r", "f1"}} (percent): decode.py's batched search, evaluate.py's scorers."""
+    """Dev/test scores -> {task: {"p", "r", "f1"}} (percent), decode.py's batched search and evaluator."""
+    options = decode.DecodeOptions(beam=args.beam)   # the other settings: assets["decoding"] (ctc_weight, ...)
     model.eval()
     with torch.no_grad(), autocast:
-        scores = decode.evaluate_split(model, samples, featurizer, tasks=tasks, beam=args.beam,
-                                       greedy=args.beam == 1, batch_size=args.eval_batch_size,
-                                       evaluator=args.evaluator, device=device, assets=assets)
+        scores = decode.evaluate_split(model, samples, featurizer, tasks=tasks, options=options,
+                                       batch_size=args.eval_batch_size, evaluator=args.evaluator,
+                                       device=device, assets=assets)
     model.train()
     other = "official" if args.evaluator == "ours" else "ours"
     return {t: {"p": s["p"], "r": s["r"], "f1": s["f1"], f"f1_{other}": s[other]["f1"], "cer": s["cer"]}

@@ -409,7 +409,7 @@ def test_decoder_warns_on_silence_and_not_on_speech(tmp_path):
 
     featurizer = types.SimpleNamespace(cmvn="utterance",
                                        speech=lambda path: audio.speech_features(audio.load_audio(path)))
-    recognizer = types.SimpleNamespace(max_audio_seconds=60.0, featurizer=featurizer)
+    recognizer = types.SimpleNamespace(options=decode.DecodeOptions(max_audio_seconds=60.0), featurizer=featurizer)
 
     def warnings(**request):
         return decode.Recognizer._speech(recognizer, decode.Request(**request))[1]

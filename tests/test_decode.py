@@ -16,8 +16,9 @@ sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import decode  # noqa: E402
 import evaluate  # noqa: E402
+import files  # noqa: E402
 import text  # noqa: E402
-from decode import SearchConfig, beam_search  # noqa: E402
+from decode import DecodeOptions, beam_search  # noqa: E402
 from numerics import excess, fp32_tol, model_terms  # noqa: E402
 from test_evaluate import result  # noqa: E402
 from text import BOS, EOS, PAD  # noqa: E402
@@ -114,6 +115,7 @@ def hyps_as_lists(results):
 
 
 def slow_search(toy, bias, cfg, max_len, allowed_fn=None, pooled_char_fn=None, joint_fn=None):
+    cfg = cfg.resolve()              # unset settings: SEARCH_DEFAULTS, as beam_search reads them
     V = toy.A.size(0)
     beam = cfg.beam
     beams = [([BOS], [])]            # (tokens with BOS, cumulative scores per generated token)
@@ -183,7 +185,7 @@ def test_beam_search_equals_modelscope_sequence_generator():
     for rec in ref["records"]:
         c = rec["config"]
         T = lambda k: torch.tensor(rec[k], dtype=torch.float32)  # noqa: E731
-        cfg = SearchConfig(beam=c["beam"], max_len=c["max_len"], min_len=c["min_len"],
+        cfg = DecodeOptions(beam=c["beam"], max_len=c["max_len"], min_len=c["min_len"],
                            no_repeat_ngram_size=c["no_repeat_ngram_size"], len_penalty=c["len_penalty"],
                            constraint_range=tuple(c["constraint_range"]) if c["constraint_range"] else None)
         results = beam_search(Toy(T("A"), T("B"), T("P")), ToyEncoded(T("E")[:, None, :]), cfg)
@@ -203,7 +205,7 @@ def test_beam_fixture_tolerance_catches_planted_bugs():
     for rec in ref["records"][:2]:
         c = rec["config"]
         T = lambda k: torch.tensor(rec[k], dtype=torch.float32) * 1.001  # noqa: E731
-        cfg = SearchConfig(beam=c["beam"], max_len=c["max_len"], min_len=c["min_len"],
+        cfg = DecodeOptions(beam=c["beam"], max_len=c["max_len"], min_len=c["min_len"],
                            no_repeat_ngram_size=c["no_repeat_ngram_size"], len_penalty=c["len_penalty"] + 0.01,
                            constraint_range=tuple(c["constraint_range"]) if c["constraint_range"] else None)
         best = beam_search(Toy(T("A"), T("B"), T("P")), ToyEncoded(T("E")[:, None, :]), cfg)
@@ -223,7 +225,7 @@ def test_beam_fixture_tolerance_catches_planted_bugs():
 def test_beam_search_equals_slow_reference_and_batch_composition(seed, beam, max_len, min_len, ngram, crange, lp,
                                                                  eos_boost):
     toy, enc = random_toy(seed, eos_boost=eos_boost)
-    cfg = SearchConfig(beam=beam, max_len=max_len, min_len=min_len, no_repeat_ngram_size=ngram,
+    cfg = DecodeOptions(beam=beam, max_len=max_len, min_len=min_len, no_repeat_ngram_size=ngram,
                        constraint_range=crange, len_penalty=lp)
     batched = beam_search(toy, enc, cfg)
     for i, hyps in enumerate(batched):
@@ -243,7 +245,7 @@ def test_beam_search_equals_slow_reference_and_batch_composition(seed, beam, max
 
 def test_per_input_max_len_is_independent_of_the_batch():
     toy, enc = random_toy(5, eos_boost=-1.0)                   # rarely ends: lengths hit max_len
-    cfg = SearchConfig(beam=3, max_len=99, no_repeat_ngram_size=3, constraint_range=None)
+    cfg = DecodeOptions(beam=3, max_len=99, no_repeat_ngram_size=3, constraint_range=None)
     lens = [4, 9, 6, 12, 7]
     batched = beam_search(toy, enc, cfg, max_lens=lens)
     for i, hyps in enumerate(batched):
@@ -255,7 +257,7 @@ def test_per_input_max_len_is_independent_of_the_batch():
 
 def test_finished_sentences_leave_the_batch_and_step_zero_uses_one_row():
     toy, enc = random_toy(21, eos_boost=4.0, batch=5)
-    cfg = SearchConfig(beam=4, max_len=30, no_repeat_ngram_size=0, constraint_range=None)
+    cfg = DecodeOptions(beam=4, max_len=30, no_repeat_ngram_size=0, constraint_range=None)
     results = beam_search(toy, enc, cfg)
     rows = toy.last_cache.rows_seen
     assert rows[0] == 5                                        # step 0: one row per input (beam 0 only)
@@ -274,7 +276,7 @@ def test_finished_sentences_leave_the_batch_and_step_zero_uses_one_row():
 
 def test_greedy_is_beam_one_argmax():
     toy, enc = random_toy(8, eos_boost=1.0)
-    cfg = SearchConfig(beam=1, max_len=20, no_repeat_ngram_size=0, constraint_range=None)
+    cfg = DecodeOptions(beam=1, max_len=20, no_repeat_ngram_size=0, constraint_range=None)
     for i, hyps in enumerate(beam_search(toy, enc, cfg)):
         toks = [BOS]
         for step in range(21):
@@ -383,7 +385,7 @@ def next_text_char(text):
 def test_constrained_beam_search_outputs_valid_and_matches_slow_reference(pool_chars):
     toy, enc = random_toy(31, batch=4, eos_boost=0.0, loops=0.0)
     texts = [[4, 5, 6, 7], [5, 5, 5], [7], [4, 6, 4, 6, 4, 6]]
-    cfg = SearchConfig(beam=4, max_len=99, no_repeat_ngram_size=3, constraint_range=None)
+    cfg = DecodeOptions(beam=4, max_len=99, no_repeat_ngram_size=3, constraint_range=None)
     max_lens = [len(t) + 4 for t in texts]
     constraint = decode.BracketConstraint(texts, TOY_OPEN, TOY_CLOSE, pool_chars=pool_chars)
     results = beam_search(toy, enc, cfg, constraint=constraint, max_lens=max_lens)
@@ -422,7 +424,7 @@ def test_pooled_characters_keep_homophone_doubt_out_of_the_brackets():
     probs[TOY_OPEN["PER"]] = 0.3
     model = FixedLogits(probs.log())
     enc = ToyEncoded(torch.zeros(1, 1, 14))
-    cfg = SearchConfig(beam=1, max_len=99, no_repeat_ngram_size=0, constraint_range=None)
+    cfg = DecodeOptions(beam=1, max_len=99, no_repeat_ngram_size=0, constraint_range=None)
     text = [4, 5, 6]
     pooled = beam_search(model, enc, cfg, decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE), max_lens=[9])
     by_token = beam_search(model, enc, cfg, decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False),
@@ -441,7 +443,7 @@ def test_entity_bias_moves_the_bracket_or_character_decision_by_exactly_its_size
     probs[4:8] = 0.7 / 4
     probs[TOY_OPEN["PER"]] = 0.3
     model, enc = FixedLogits(probs.log()), ToyEncoded(torch.zeros(1, 1, 14))
-    cfg = SearchConfig(beam=1, max_len=99, no_repeat_ngram_size=0, constraint_range=None)
+    cfg = DecodeOptions(beam=1, max_len=99, no_repeat_ngram_size=0, constraint_range=None)
     text, margin = [4, 5, 6], math.log(0.7 / 0.3)
 
     def first_steps(bias):
@@ -544,7 +546,7 @@ def test_joint_ctc_beam_search_matches_slow_reference():
     torch.manual_seed(1)
     logp = (torch.randn(3, 5, 3) * 2).log_softmax(-1)
     frames = torch.tensor([5, 4, 5])
-    cfg = SearchConfig(beam=3, max_len=5, no_repeat_ngram_size=0, constraint_range=None)
+    cfg = DecodeOptions(beam=3, max_len=5, no_repeat_ngram_size=0, constraint_range=None)
     scorer = decode.CTCPrefixScorer(logp, frames, lambda tok: TOY_READINGS.get(tok, []),
                                     list(TOY_OPEN.values()) + list(TOY_CLOSE.values()), 0.7, 3)
     results = beam_search(toy, enc, cfg, scorer=scorer)
@@ -570,7 +572,7 @@ def test_joint_ctc_follows_the_audio_when_the_decoder_doubts():
     logp = torch.full((1, 3, 3), 1e-4).log()
     logp[0, :, 0], logp[0, 1, 2] = math.log(0.6), math.log(0.99)
     logp = logp.log_softmax(-1)
-    cfg = SearchConfig(beam=2, max_len=1, no_repeat_ngram_size=0, constraint_range=None)
+    cfg = DecodeOptions(beam=2, max_len=1, no_repeat_ngram_size=0, constraint_range=None)
     silent = list(TOY_OPEN.values()) + list(TOY_CLOSE.values())
     joint = beam_search(model, enc, cfg, scorer=decode.CTCPrefixScorer(
         logp, torch.tensor([3]), lambda tok: TOY_READINGS.get(tok, []), silent, 0.5, 4))
@@ -678,7 +680,7 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
     fz = rec.featurizer
     rows = [rec._row(decode.Request(waveform=noise(s, k)), "SNER")[0] for k, s in enumerate((0.9, 1.6))]
     enc = rec._encode(rows)
-    cfg = dataclasses.replace(rec.search, max_len=12)
+    cfg = dataclasses.replace(rec.options, max_len=12)
     with torch.no_grad():
         hyps = beam_search(model, enc, cfg)
         for b, nbest in enumerate(hyps):
@@ -797,9 +799,9 @@ def test_asr_cli_tokens_equal_modelscope_reference_decode(converted, bs, capsys)
 def test_asr_tokens_equal_reference_second_model(converted, bs, modelscope_padding):
     """ms_tiny_b: no CMVN, no embedding scale, no entangled positions, 48-wide, 7+1 layers, max-length outputs
     with n-gram blocking at work; the bare-BERT vocabulary moves ModelScope's special ids (see MS_SPECIALS)."""
-    cfg = SearchConfig(beam=5, max_len=32, min_len=1, no_repeat_ngram_size=5, constraint_range=(4, 1000),
+    cfg = DecodeOptions(beam=5, max_len=32, min_len=1, no_repeat_ngram_size=5, constraint_range=(4, 1000),
                        **MS_SPECIALS["b"])
-    rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, search=cfg, nbest=5,
+    rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, options=cfg, nbest=5,
                             modelscope_padding=modelscope_padding)
     ours = rec.recognize(wavs=WAVS, batch_size=bs)
     for o, r in zip(ours, read_reference("b", bs)):
@@ -812,9 +814,9 @@ def test_asr_tokens_equal_reference_second_model(converted, bs, modelscope_paddi
 
 def test_default_padding_gives_each_wav_its_batch_of_one_result(converted):
     """Our default model: a batch of 4 decodes each wav exactly as the reference does one at a time."""
-    cfg = SearchConfig(beam=5, max_len=32, min_len=1, no_repeat_ngram_size=5, constraint_range=(4, 1000),
+    cfg = DecodeOptions(beam=5, max_len=32, min_len=1, no_repeat_ngram_size=5, constraint_range=(4, 1000),
                        **MS_SPECIALS["b"])
-    rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, search=cfg)
+    rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, options=cfg)
     for o, r in zip(rec.recognize(wavs=WAVS, batch_size=4), read_reference("b", 1)):
         assert o["tokens"] + [cfg.eos] == r["tokens"]
         assert excess(o["score"], r["score"], reference_score_tol(converted, "b", r)) <= 1
@@ -857,6 +859,35 @@ def run_cli(argv, capsys):
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
+def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt, capsys):
+    """One rule for every caller: an explicit option wins, an unset one takes assets["decoding"], else the default.
+    Before, Recognizer took 21 keywords and an explicit SearchConfig ignored the checkpoint's ctc_weight."""
+    model, assets = tiny
+    saved = {**assets, "decoding": {**assets["decoding"], "ctc_weight": 0.5, "beam": 4}, "pseudo_text_len": 7}
+    opts = decode.DecodeOptions(beam=2, nbest=2).resolve(saved)
+    assert (opts.beam, opts.nbest, opts.ctc_weight, opts.max_len, opts.pseudo_text_len) == (2, 2, 0.5, 24, 7)
+    assert decode.DecodeOptions().resolve() == decode.DecodeOptions(**decode.SEARCH_DEFAULTS)
+    rec = decode.Recognizer((model, saved), decode.DecodeOptions(beam=3), device="cpu", ctc_candidates=4)
+    assert (rec.options.beam, rec.options.ctc_weight, rec.options.ctc_candidates) == (3, 0.5, 4)
+    assert decode.Recognizer((model, saved), device="cpu").options.beam == 4
+    with pytest.raises(TypeError, match="bem"):                    # a misspelt keyword is not silently dropped
+        decode.Recognizer(tiny, device="cpu", bem=3)
+    with pytest.raises(files.InputError, match="nbest 5 must be between 1 and the beam size 4"):
+        decode.Recognizer((model, saved), device="cpu", nbest=5)   # checked against the checkpoint's beam
+    too_long = model.decoder.max_len - 1                           # BOS + max_len + the EOS step do not fit
+    with pytest.raises(files.InputError, match=f"max_len {too_long} must be in \\[1, {too_long - 1}\\]"):
+        decode.Recognizer(tiny, device="cpu", max_len=too_long)
+    with pytest.raises(files.InputError, match="entity_bias"):
+        decode.Recognizer(tiny, device="cpu", entity_bias=1.0, constrain=False)
+    for flags, words in ((["--nbest", "0"], "--nbest must be >= 1"), (["--ctc-weight", "nan"], "--ctc-weight"),
+                         (["--entity-bias", "1", "--no-constrain"], "--entity-bias biases")):
+        with pytest.raises(SystemExit):
+            decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京", *flags])
+        assert words in capsys.readouterr().err
+    args = decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京", "--greedy", "--char-score", "token"])
+    assert args.options == decode.DecodeOptions(beam=1, pool_chars=False, ctc_candidates=10)
+
+
 def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
     text, wav = "张伟在北京大学读书", str(WAVS[0])
     for argv, task in ((["--text", text], "TNER"), (["--wav", wav], "SNER"), (["--text", text, "--wav", wav], "MNER")):
@@ -874,7 +905,7 @@ def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["task"] for g in got] == ["TNER", "SNER", "MNER"] and got[2]["id"] == "m"
     assert got[1]["wav"] == str(tmp_path / "a.wav")
-    api = decode.Recognizer(tiny_ckpt, device="cpu", greedy=True).recognize(texts=["郭涛的公司搬到了合肥"])
+    api = decode.Recognizer(tiny_ckpt, device="cpu", beam=1).recognize(texts=["郭涛的公司搬到了合肥"])
     assert api[0]["output"] == got[0]["output"]               # CLI and Python API agree
     # joint CTC decoding and token character scores reach the search from the command line
     (joint,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "3", "--wav", wav, "--ctc-weight", "0.5",
@@ -956,12 +987,13 @@ def test_guards_give_clear_messages(tiny_ckpt, tmp_path, capsys):
 
 
 def test_evaluate_split_as_train_calls_it(tiny):
-    """train.py: decode.evaluate_split(model, samples, featurizer, tasks=..., beam=..., batch_size=...,
+    """train.py: decode.evaluate_split(model, samples, featurizer, tasks=..., options=..., batch_size=...,
     evaluator=...)."""
     model, assets = tiny
     golds = gold_samples()[:2]
-    scores = decode.evaluate_split(model, golds, data.Featurizer(assets), tasks=("TNER", "MNER"), beam=2,
-                                   batch_size=2, evaluator="official", device="cpu", max_len=16)
+    scores = decode.evaluate_split(model, golds, data.Featurizer(assets), tasks=("TNER", "MNER"),
+                                   options=decode.DecodeOptions(beam=2, max_len=16), batch_size=2,
+                                   evaluator="official", device="cpu")
     for task in ("TNER", "MNER"):
         sc = scores[task]
         assert (sc["p"], sc["r"], sc["f1"]) == (sc["official"]["p"], sc["official"]["r"], sc["official"]["f1"])
