@@ -54,9 +54,9 @@ import torch.nn.functional as F
 
 import audio
 import data
-import decode
 import files
 import image
+import search
 import train
 import weights
 from text import EOS, PAD, UNK
@@ -387,18 +387,18 @@ def bench_decode(report, args, model, feats, feat_s, ref, forced, device, dtype)
     ModelScope's figures (ref["decode"]) when it ran. The batches are padded and moved to the device before the clock
     starts, as the reference collates its own. forced: min_len = max_len (random weights may stop anywhere)."""
     print("bench: decoding (ours) ...", flush=True)
-    cfg = decode.DecodeOptions(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
+    cfg = search.DecodeOptions(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
                                no_repeat_ngram_size=5, constraint_range=CONSTRAINT)
     # decoding runs in --dtype (as decode.Recognizer casts the model); training keeps fp32 weights + autocast
     model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     batches = [asr_batch(feats[i: i + args.batch]) for i in range(0, len(feats), args.batch)]
     batches = [(b["fbank"].to(device, dtype), b["fbank_lengths"].to(device)) for b in batches]
 
-    def run(search):
+    def run(options):
         hyps = []
         with torch.no_grad():
             for fbank, lengths in batches:
-                hyps += decode.beam_search(model, model.encode(fbank, lengths), search)
+                hyps += search.beam_search(model, model.encode(fbank, lengths), options)
         sync(device)
         return hyps
 

@@ -50,6 +50,7 @@ import decode
 import demo
 import files
 import image
+import search
 import weights
 from evaluate import format_table
 from text import PAD
@@ -418,7 +419,7 @@ def build_model(args, train, resume_ckpt, log):
 
 def evaluate(model, samples, featurizer, assets, tasks, args, device, autocast):
     """Dev/test scores -> {task: {"p", "r", "f1"}} (percent), decode.py's batched search and evaluator."""
-    options = decode.DecodeOptions(beam=args.beam)   # the other settings: assets["decoding"] (ctc_weight, ...)
+    options = search.DecodeOptions(beam=args.beam)   # the other settings: assets["decoding"] (ctc_weight, ...)
     model.eval()
     with torch.no_grad(), autocast:
         scores = decode.evaluate_split(model, samples, featurizer, tasks=tasks, options=options,

@@ -405,11 +405,13 @@ def test_decoder_warns_on_silence_and_not_on_speech(tmp_path):
     """Recognizer._speech with a stand-in recogniser (no model needed): the warning used to test the fbank's std
     after CMVN, which is rounding noise (about 4e-12), never exactly 0."""
     import types
+
     import decode
+    import search
 
     featurizer = types.SimpleNamespace(cmvn="utterance",
                                        speech=lambda path: audio.speech_features(audio.load_audio(path)))
-    recognizer = types.SimpleNamespace(options=decode.DecodeOptions(max_audio_seconds=60.0), featurizer=featurizer)
+    recognizer = types.SimpleNamespace(options=search.DecodeOptions(max_audio_seconds=60.0), featurizer=featurizer)
 
     def warnings(**request):
         return decode.Recognizer._speech(recognizer, decode.Request(**request))[1]

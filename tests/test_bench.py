@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
-import decode  # noqa: E402
+import text  # noqa: E402
 import image  # noqa: E402
 
 
@@ -97,7 +97,7 @@ def test_asr_batch_is_the_hand_padded_modelscope_format_batch():
     batch = bench.asr_batch(feats, [[10, 11, 12], [20]])
     fbank = torch.zeros(2, 7, 80)
     fbank[0], fbank[1, :4] = feats[0], feats[1]
-    B, P, E = decode.BOS, decode.PAD, decode.EOS
+    B, P, E = text.BOS, text.PAD, text.EOS
     assert batch["fbank"].dtype == torch.float32 and torch.equal(batch["fbank"], fbank)
     assert batch["fbank_lengths"].tolist() == [7, 4]
     assert batch["decoder_input"].tolist() == [[B, 10, 11, 12], [B, 20, P, P]]

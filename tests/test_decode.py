@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import decode  # noqa: E402
+import search  # noqa: E402
 import evaluate  # noqa: E402
 import files  # noqa: E402
 import text  # noqa: E402
-from decode import DecodeOptions, beam_search  # noqa: E402
+from search import DecodeOptions, beam_search  # noqa: E402
 from numerics import excess, fp32_tol, model_terms  # noqa: E402
 from test_evaluate import result  # noqa: E402
 from text import BOS, EOS, PAD  # noqa: E402
@@ -321,7 +322,7 @@ def valid_bracketing(seq, text, max_depth):
 
 def constrained_outputs(text, max_len, max_depth):
     """Every sequence the constraint lets through (DFS over its masks); also asserts there is no dead end."""
-    c = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, max_depth=max_depth)
+    c = search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, max_depth=max_depth)
     found = []
 
     def walk(rows, prefix):
@@ -357,7 +358,7 @@ def test_constraint_same_type_same_start_needs_distinct_ends():
     outs = constrained_outputs([4, 5], 8, 4)
     assert (10, 10, 4, 13, 5, 13) in outs
     assert (10, 10, 4, 5, 13, 13) not in outs
-    c = decode.BracketConstraint([[4, 5]], TOY_OPEN, TOY_CLOSE)
+    c = search.BracketConstraint([[4, 5]], TOY_OPEN, TOY_CLOSE)
     c.start()
     for tok in (10, 10, 4):
         c.advance([tok])
@@ -365,10 +366,10 @@ def test_constraint_same_type_same_start_needs_distinct_ends():
     assert allowed == [TOY_CLOSE["ORG"]]                         # "b" would leave two ORG(0, 2): must close now
 
 
-def replay_allowed(text, max_depth=decode.MAX_DEPTH):
+def replay_allowed(text, max_depth=search.MAX_DEPTH):
     """allowed_fn for slow_search: a fresh constraint replayed over the hypothesis (no reorder involved)."""
     def allowed(prefix, step, max_len):
-        c = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, max_depth=max_depth)
+        c = search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, max_depth=max_depth)
         c.start()
         for tok in prefix:
             c.advance([tok])
@@ -387,14 +388,14 @@ def test_constrained_beam_search_outputs_valid_and_matches_slow_reference(pool_c
     texts = [[4, 5, 6, 7], [5, 5, 5], [7], [4, 6, 4, 6, 4, 6]]
     cfg = DecodeOptions(beam=4, max_len=99, no_repeat_ngram_size=3, constraint_range=None)
     max_lens = [len(t) + 4 for t in texts]
-    constraint = decode.BracketConstraint(texts, TOY_OPEN, TOY_CLOSE, pool_chars=pool_chars)
+    constraint = search.BracketConstraint(texts, TOY_OPEN, TOY_CLOSE, pool_chars=pool_chars)
     results = beam_search(toy, enc, cfg, constraint=constraint, max_lens=max_lens)
     for i, (hyps, text) in enumerate(zip(results, texts)):
         assert len(hyps) == 4
         for h in hyps:
-            assert h.finished and valid_bracketing(h.tokens, text, decode.MAX_DEPTH), h.tokens
+            assert h.finished and valid_bracketing(h.tokens, text, search.MAX_DEPTH), h.tokens
             assert len(h.tokens) <= max_lens[i]
-            spans, complete, _ = decode.spans_from_constrained(h.tokens, text, TOY_OPEN, TOY_CLOSE)
+            spans, complete, _ = search.spans_from_constrained(h.tokens, text, TOY_OPEN, TOY_CLOSE)
             assert complete
         slow = slow_search(toy, enc.hidden[i, 0], cfg, max_lens[i], allowed_fn=replay_allowed(text),
                            pooled_char_fn=next_text_char(text) if pool_chars else None)
@@ -426,8 +427,8 @@ def test_pooled_characters_keep_homophone_doubt_out_of_the_brackets():
     enc = ToyEncoded(torch.zeros(1, 1, 14))
     cfg = DecodeOptions(beam=1, max_len=99, no_repeat_ngram_size=0, constraint_range=None)
     text = [4, 5, 6]
-    pooled = beam_search(model, enc, cfg, decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE), max_lens=[9])
-    by_token = beam_search(model, enc, cfg, decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False),
+    pooled = beam_search(model, enc, cfg, search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE), max_lens=[9])
+    by_token = beam_search(model, enc, cfg, search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False),
                            max_lens=[9])
     assert pooled[0][0].tokens == text
     assert TOY_OPEN["PER"] in by_token[0][0].tokens
@@ -447,7 +448,7 @@ def test_entity_bias_moves_the_bracket_or_character_decision_by_exactly_its_size
     text, margin = [4, 5, 6], math.log(0.7 / 0.3)
 
     def first_steps(bias):
-        c = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, entity_bias=bias)
+        c = search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, entity_bias=bias)
         return beam_search(model, enc, cfg, c, max_lens=[9])[0][0]
 
     assert first_steps(0.0).tokens == text
@@ -457,10 +458,10 @@ def test_entity_bias_moves_the_bracket_or_character_decision_by_exactly_its_size
     # pooled log_softmax as above, plus the bias: values of size |log 0.175|
     assert excess(above.positional_scores[0], math.log(0.3) + margin + 0.01, fp32_tol(math.log(0.7 / 4), 14)) <= 1
     # token scoring tags with no bias (see above); a negative bias as large as the margin removes it
-    by_token = decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False, entity_bias=-5.0)
+    by_token = search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False, entity_bias=-5.0)
     assert beam_search(model, enc, cfg, by_token, max_lens=[9])[0][0].tokens == text
     with pytest.raises(ValueError, match="entity_bias"):
-        decode.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, entity_bias=float("nan"))
+        search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, entity_bias=float("nan"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -493,7 +494,7 @@ def test_ctc_prefix_and_full_scores_equal_brute_force():
     torch.manual_seed(0)
     logp = torch.randn(2, 5, 3).log_softmax(-1)
     frames = torch.tensor([5, 4])
-    sc = decode.CTCPrefixScorer(logp, frames, lambda tok: [], [], 0.5, 4)
+    sc = search.CTCPrefixScorer(logp, frames, lambda tok: [], [], 0.5, 4)
     for b in range(2):
         for phones in [(1,), (2,), (1, 1), (1, 2), (2, 1, 2), (1, 1, 1)]:
             sc.start()
@@ -547,7 +548,7 @@ def test_joint_ctc_beam_search_matches_slow_reference():
     logp = (torch.randn(3, 5, 3) * 2).log_softmax(-1)
     frames = torch.tensor([5, 4, 5])
     cfg = DecodeOptions(beam=3, max_len=5, no_repeat_ngram_size=0, constraint_range=None)
-    scorer = decode.CTCPrefixScorer(logp, frames, lambda tok: TOY_READINGS.get(tok, []),
+    scorer = search.CTCPrefixScorer(logp, frames, lambda tok: TOY_READINGS.get(tok, []),
                                     list(TOY_OPEN.values()) + list(TOY_CLOSE.values()), 0.7, 3)
     results = beam_search(toy, enc, cfg, scorer=scorer)
     for i, hyps in enumerate(results):
@@ -574,7 +575,7 @@ def test_joint_ctc_follows_the_audio_when_the_decoder_doubts():
     logp = logp.log_softmax(-1)
     cfg = DecodeOptions(beam=2, max_len=1, no_repeat_ngram_size=0, constraint_range=None)
     silent = list(TOY_OPEN.values()) + list(TOY_CLOSE.values())
-    joint = beam_search(model, enc, cfg, scorer=decode.CTCPrefixScorer(
+    joint = beam_search(model, enc, cfg, scorer=search.CTCPrefixScorer(
         logp, torch.tensor([3]), lambda tok: TOY_READINGS.get(tok, []), silent, 0.5, 4))
     assert beam_search(model, enc, cfg)[0][0].tokens == [4]
     assert joint[0][0].tokens == [5]
@@ -585,7 +586,7 @@ def test_constraint_text_char_that_is_a_bracket_symbol_is_read_as_the_char():
     outs = constrained_outputs(text, 8, 4)
     assert tuple(text) in outs
     for o in outs:
-        spans, complete, _ = decode.spans_from_constrained(list(o), text, TOY_OPEN, TOY_CLOSE)
+        spans, complete, _ = search.spans_from_constrained(list(o), text, TOY_OPEN, TOY_CLOSE)
         assert complete
         stripped = [t for t in o if t not in (8, 10, 11, 13)]
         assert [t for t in stripped if t in (4, 5)] == [4, 5] and stripped.count(9) >= 1
@@ -699,11 +700,11 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
     enc = rec._encode(rows)
     ids = fz.vocab.encode(text)
     with torch.no_grad():
-        nbest = beam_search(model, enc, cfg, decode.BracketConstraint([ids], rec.open_ids, rec.close_ids),
+        nbest = beam_search(model, enc, cfg, search.BracketConstraint([ids], rec.open_ids, rec.close_ids),
                             max_lens=[24])[0]
         for h in nbest:
             logits = model.decode(torch.tensor([[BOS] + h.tokens]), enc)[0].float()
-            c = decode.BracketConstraint([ids], rec.open_ids, rec.close_ids)
+            c = search.BracketConstraint([ids], rec.open_ids, rec.close_ids)
             c.start()
             ref = []
             brackets = set(rec.open_ids.values()) | set(rec.close_ids.values())
@@ -717,7 +718,7 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
                 ref.append(float(torch.log_softmax(row.masked_fill(~allowed, -math.inf), -1)[tok]))
                 c.advance([tok])
             assert excess(h.positional_scores, ref, model_score_tol(model.config, logits, ref, logits.size(-1))) <= 1
-            rendered = decode.spans_from_constrained(h.tokens, ids, rec.open_ids, rec.close_ids, text)[2]
+            rendered = search.spans_from_constrained(h.tokens, ids, rec.open_ids, rec.close_ids, text)[2]
             assert data.parse(rendered)[0] == text
 
 
@@ -864,10 +865,10 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
     Before, Recognizer took 21 keywords and an explicit SearchConfig ignored the checkpoint's ctc_weight."""
     model, assets = tiny
     saved = {**assets, "decoding": {**assets["decoding"], "ctc_weight": 0.5, "beam": 4}, "pseudo_text_len": 7}
-    opts = decode.DecodeOptions(beam=2, nbest=2).resolve(saved)
+    opts = search.DecodeOptions(beam=2, nbest=2).resolve(saved)
     assert (opts.beam, opts.nbest, opts.ctc_weight, opts.max_len, opts.pseudo_text_len) == (2, 2, 0.5, 24, 7)
-    assert decode.DecodeOptions().resolve() == decode.DecodeOptions(**decode.SEARCH_DEFAULTS)
-    rec = decode.Recognizer((model, saved), decode.DecodeOptions(beam=3), device="cpu", ctc_candidates=4)
+    assert search.DecodeOptions().resolve() == search.DecodeOptions(**search.SEARCH_DEFAULTS)
+    rec = decode.Recognizer((model, saved), search.DecodeOptions(beam=3), device="cpu", ctc_candidates=4)
     assert (rec.options.beam, rec.options.ctc_weight, rec.options.ctc_candidates) == (3, 0.5, 4)
     assert decode.Recognizer((model, saved), device="cpu").options.beam == 4
     with pytest.raises(TypeError, match="bem"):                    # a misspelt keyword is not silently dropped
@@ -885,7 +886,7 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
             decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京", *flags])
         assert words in capsys.readouterr().err
     args = decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京", "--greedy", "--char-score", "token"])
-    assert args.options == decode.DecodeOptions(beam=1, pool_chars=False, ctc_candidates=10)
+    assert args.options == search.DecodeOptions(beam=1, pool_chars=False, ctc_candidates=10)
 
 
 def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
@@ -992,7 +993,7 @@ def test_evaluate_split_as_train_calls_it(tiny):
     model, assets = tiny
     golds = gold_samples()[:2]
     scores = decode.evaluate_split(model, golds, data.Featurizer(assets), tasks=("TNER", "MNER"),
-                                   options=decode.DecodeOptions(beam=2, max_len=16), batch_size=2,
+                                   options=search.DecodeOptions(beam=2, max_len=16), batch_size=2,
                                    evaluator="official", device="cpu")
     for task in ("TNER", "MNER"):
         sc = scores[task]
