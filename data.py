@@ -4,14 +4,12 @@ A sample is a sentence, its entity spans (start, end exclusive, type; nesting al
 speech, the path of its wav. For a modality (TNER text only, SNER speech only, MNER both) the Featurizer turns it
 into the tensors of one batch row; make_loader draws the modality of every sample each epoch and batches them.
 
-    python data.py stats --dataset cnerta --data-dir ../shared/data/cnerta --split dev   # inspect a corpus
-
 Sections: 1 samples | 2 linearization (ours) | 3 the official code's rules | 4 loaders | 5 model inputs | 6 batching
-| 7 assets for scratch models | 8 command line. Vocabulary, specials, brackets, phones: text.py; scoring: evaluate.py.
+| 7 assets for scratch models. Vocabulary, specials, brackets, phones: text.py; scoring and corpus statistics
+(python evaluate.py stats): evaluate.py.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import hashlib
@@ -398,7 +396,7 @@ def attach_audio(samples, audio_dir) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Model inputs of one sample for one modality (keys and shapes: CONTRACT.md "One batch", without B)
+# 5. Model inputs of one sample for one modality (make_row: the keys and shapes of one batch row)
 
 PSEUDO_SPEECH_SAMPLES = 10_000  # an absent speech input is the features of 0.625 s of zeros at 16 kHz
 
@@ -477,7 +475,9 @@ class Featurizer:
             if feats.dim() != 2 or feats.shape[1] != self.num_mel_bins:
                 raise DataError(f"{path}: features of shape {tuple(feats.shape)}, expected (T, {self.num_mel_bins})")
             if file is not None:
-                _atomic_save(feats, file)
+                file.parent.mkdir(parents=True, exist_ok=True)
+                with files.atomic_path(file) as tmp:
+                    torch.save(feats, tmp)
         if self.memory_cache > 0:
             self._lru[key] = feats
             while len(self._lru) > self.memory_cache:
@@ -524,12 +524,6 @@ def asr_row(fbank, ids=()) -> dict:
     """A row of MMSpeech's own task, ASR: speech only, no text stream; target ids + EOS (decoding: ids empty)."""
     empty = torch.zeros(0, dtype=torch.long)
     return make_row(fbank, empty, empty, True, False, [*ids, EOS])
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with files.atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -740,7 +734,7 @@ def make_loader(samples, featurizer: Featurizer, batch_size: int, train: bool, t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Assets for a model trained from scratch (the checkpoint's "assets", CONTRACT.md)
+# 7. Assets for a model trained from scratch (the checkpoint's "assets", weights.py)
 
 
 def assets_for_scratch(samples) -> dict:
@@ -753,79 +747,3 @@ def assets_for_scratch(samples) -> dict:
             "fbank": {"num_mel_bins": 80, "cmvn": "utterance"},
             "decoding": {"beam": 5, "max_len_b": 128, "min_len": 1, "no_repeat_ngram_size": 0,
                          "constraint_range": [4, len(vocab)], "len_penalty": 1.0}}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 8. Command line
-
-
-def depth_histogram(samples) -> dict[str, int]:
-    """Sentences by their deepest nesting: 0 = no entity, 1 = flat, 2 = an entity inside another, ..."""
-    hist = collections.Counter()
-    for s in samples:
-        ents = set(s.entities)
-        hist[max((sum(o.start <= e.start and e.end <= o.end for o in ents) for e in ents), default=0)] += 1
-    return {str(k): hist[k] for k in sorted(hist)}
-
-
-def round_trip(samples) -> dict:
-    """Unique gold entities recovered by ours (linearize -> parse) and by the official rule (linearize_official
-    -> parse_official, with and without its last-character bug)."""
-    gold = ours = official = official_fixed = 0
-    for s in samples:
-        g = set(s.entities)
-        gold += len(g)
-        ours += len(g & set(parse(linearize(s.text, s.entities))[1]))
-        bracketed = linearize_official(s.text, s.entities)
-        official += len(g & set(parse_official(bracketed)[1]))
-        official_fixed += len(g & set(parse_official(bracketed, last_char_bug=False)[1]))
-    return {"entities": gold, "ours_recovered": ours, "official_rule_kept": official,
-            "official_rule_kept_without_last_char_bug": official_fixed}
-
-
-def stats(dataset, data_dir, split, audio_dir=None) -> dict:
-    samples = load_split(dataset, data_dir, split, audio_dir=audio_dir, errors="collect", verbose=False)
-    r = samples.report
-    nested = [nest(s.entities) for s in samples]
-    types = collections.Counter(e.type for s in samples for e in set(s.entities))
-    out = {"dataset": dataset, "split": SPLITS[split], "file": r["file"], "sentences": len(samples),
-           "entities": {**{t: types[t] for t in TYPES}, "total": sum(types.values())},
-           "duplicate_spans": sum(n[2] for n in nested), "nesting_depth": depth_histogram(samples),
-           "crossing_spans": sum(len(n[1]) for n in nested), "round_trip": round_trip(samples),
-           "audio": {k: r[k] for k in ("audio_dir", "audio_found", "audio_missing")},
-           "brackets_made_fullwidth": r["brackets_made_fullwidth"],
-           "malformed": {"count": r["malformed_count"], "first": r["malformed"]}}
-    if dataset == "image4imner":  # what the lossy format lost, where the split's JSON lies beside it
-        json_file = Path(r["file"]).parent / ("valid.json" if SPLITS[split] == "dev" else f"{SPLITS[split]}.json")
-        if json_file.is_file():
-            gold = {s.id: set(s.entities) for s in load_split("cnerta", json_file.parent, split, verbose=False)}
-            lines = dict(parts for parts in (line.split(maxsplit=1) for line in read_lines(r["file"]))
-                         if len(parts) == 2)
-            both = [s for s in samples if s.id in gold]
-            out["vs_json"] = {
-                "file": str(json_file), "sentences_matched": len(both),
-                "json_entities": sum(len(gold[s.id]) for s in both),
-                "in_file_official_parser": sum(len(gold[s.id] & set(parse_official(lines[s.id].strip())[1]))
-                                               for s in both),
-                "in_file_without_last_char_bug": sum(len(gold[s.id] & set(s.entities)) for s in both)}
-    return out
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    st = sub.add_parser("stats", help="print one JSON object describing a corpus split")
-    st.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format")
-    st.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
-    st.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (dev = valid)")
-    st.add_argument("--audio-dir", default=None, help="wav folder (AISHELL-1 wav/ or flat); default DATA_DIR/wav")
-    args = p.parse_args(argv)
-    try:
-        result = stats(args.dataset, args.data_dir, args.split, args.audio_dir)
-    except (FileNotFoundError, ValueError) as e:  # DataError too: 'file:line: why'
-        raise SystemExit(f"data.py {args.command}: {e}")
-    print(json.dumps(result, ensure_ascii=False))
-
-
-if __name__ == "__main__":
-    main()

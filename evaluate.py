@@ -1,5 +1,6 @@
 """evaluate.py: scores of entity predictions (our evaluator and the official one, CER), error analyses, tables.
 
+    python evaluate.py stats --dataset cnerta --data-dir ../shared/data/cnerta --split dev   # a corpus at a glance
     python evaluate.py breakdown --predictions preds.jsonl --dataset cnerta --data-dir D     # decode.py errors
     python evaluate.py gazetteer --train-dataset image4imner --train-dir D --dataset cnerta --data-dir D  # baseline
 
@@ -10,7 +11,8 @@ character bug included) and compares sets, (type, pronunciation) for SNER. CER: 
 to the gold text over the gold characters. The analyses break predictions down by type, nesting, seen/unseen and
 kind of error, and score a gazetteer baseline.
 
-Sections: 1 scorers and score tables | 2 analyses (error breakdown, gazetteer baseline) | 3 command line.
+Sections: 1 scorers and score tables | 2 analyses (error breakdown, gazetteer baseline) | 3 corpus statistics |
+4 command line.
 Nothing here runs a model: decode.py does, and calls these.
 """
 from __future__ import annotations
@@ -19,8 +21,11 @@ import argparse
 import collections
 import json
 
-from data import (DATASETS, SPLITS, DataError, Entity, json_lines, linearize_official, load_split, nest,
-                  parse_official)
+from pathlib import Path
+
+from data import (DATASETS, SPLITS, DataError, Entity, json_lines, linearize, linearize_official, load_split, nest,
+                  parse, parse_official, read_lines)
+from text import TYPES
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -316,7 +321,63 @@ def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Command line
+# 3. A corpus split at a glance (python evaluate.py stats)
+
+
+def depth_histogram(samples) -> dict[str, int]:
+    """Sentences by their deepest nesting: 0 = no entity, 1 = flat, 2 = an entity inside another, ..."""
+    hist = collections.Counter()
+    for s in samples:
+        ents = set(s.entities)
+        hist[max((sum(o.start <= e.start and e.end <= o.end for o in ents) for e in ents), default=0)] += 1
+    return {str(k): hist[k] for k in sorted(hist)}
+
+
+def round_trip(samples) -> dict:
+    """Unique gold entities recovered by ours (linearize -> parse) and by the official rule (linearize_official
+    -> parse_official, with and without its last-character bug)."""
+    gold = ours = official = official_fixed = 0
+    for s in samples:
+        g = set(s.entities)
+        gold += len(g)
+        ours += len(g & set(parse(linearize(s.text, s.entities))[1]))
+        bracketed = linearize_official(s.text, s.entities)
+        official += len(g & set(parse_official(bracketed)[1]))
+        official_fixed += len(g & set(parse_official(bracketed, last_char_bug=False)[1]))
+    return {"entities": gold, "ours_recovered": ours, "official_rule_kept": official,
+            "official_rule_kept_without_last_char_bug": official_fixed}
+
+
+def stats(dataset, data_dir, split, audio_dir=None) -> dict:
+    samples = load_split(dataset, data_dir, split, audio_dir=audio_dir, errors="collect", verbose=False)
+    r = samples.report
+    nested = [nest(s.entities) for s in samples]
+    types = collections.Counter(e.type for s in samples for e in set(s.entities))
+    out = {"dataset": dataset, "split": SPLITS[split], "file": r["file"], "sentences": len(samples),
+           "entities": {**{t: types[t] for t in TYPES}, "total": sum(types.values())},
+           "duplicate_spans": sum(n[2] for n in nested), "nesting_depth": depth_histogram(samples),
+           "crossing_spans": sum(len(n[1]) for n in nested), "round_trip": round_trip(samples),
+           "audio": {k: r[k] for k in ("audio_dir", "audio_found", "audio_missing")},
+           "brackets_made_fullwidth": r["brackets_made_fullwidth"],
+           "malformed": {"count": r["malformed_count"], "first": r["malformed"]}}
+    if dataset == "image4imner":  # what the lossy format lost, where the split's JSON lies beside it
+        json_file = Path(r["file"]).parent / ("valid.json" if SPLITS[split] == "dev" else f"{SPLITS[split]}.json")
+        if json_file.is_file():
+            gold = {s.id: set(s.entities) for s in load_split("cnerta", json_file.parent, split, verbose=False)}
+            lines = dict(parts for parts in (line.split(maxsplit=1) for line in read_lines(r["file"]))
+                         if len(parts) == 2)
+            both = [s for s in samples if s.id in gold]
+            out["vs_json"] = {
+                "file": str(json_file), "sentences_matched": len(both),
+                "json_entities": sum(len(gold[s.id]) for s in both),
+                "in_file_official_parser": sum(len(gold[s.id] & set(parse_official(lines[s.id].strip())[1]))
+                                               for s in both),
+                "in_file_without_last_char_bug": sum(len(gold[s.id] & set(s.entities)) for s in both)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Command line
 
 
 def main(argv=None):
@@ -350,10 +411,19 @@ def main(argv=None):
     bd.add_argument("--task", default="TNER", choices=("TNER", "MNER"),
                     help="whose records to score (default TNER; SNER spans have no offsets into the gold text)")
     add_split_args(bd, train_required=False)
+    st = sub.add_parser("stats", help="print one JSON object describing a corpus split: sentences, entities per "
+                                      "type, nesting depth, crossing spans, linearization round trip, audio found")
+    st.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format")
+    st.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
+    st.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (dev = valid)")
+    st.add_argument("--audio-dir", default=None, help="wav folder (AISHELL-1 wav/ or flat); default DATA_DIR/wav")
     args = p.parse_args(argv)
     if args.command == "breakdown" and args.train_dir is not None and args.train_dataset is None:
         p.error("--train-dir needs --train-dataset")
     try:
+        if args.command == "stats":
+            print(json.dumps(stats(args.dataset, args.data_dir, args.split, args.audio_dir), ensure_ascii=False))
+            return
         if args.command == "gazetteer":
             result = gazetteer(args.train_dataset, args.train_dir, args.train_split, args.dataset, args.data_dir,
                                args.split, min_chars=args.min_chars, crossing=args.crossing, types=args.types)

@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import evaluate  # noqa: E402
 import files  # noqa: E402
 from data import Entity, Sample  # noqa: E402
 from test_audio import fbank_excess  # noqa: E402
@@ -123,7 +124,7 @@ def test_real_dev_round_trip_and_official_file_byte_for_byte():
     assert gold == recovered == 5889  # every entity of valid.json survives our round trip
     lines = "".join(f"{s.id} {data.linearize_official(s.text, s.entities)}\n" for s in samples)
     assert lines == (CNERTA / "image4imner_valid_bracketed.txt").read_text(encoding="utf-8")
-    rt = data.round_trip(samples)  # IMAGE.md §1.6: the official parser recovers 5,611 (5,829 without the bug)
+    rt = evaluate.round_trip(samples)  # IMAGE.md §1.6: the official parser recovers 5,611 (5,829 without the bug)
     assert (rt["official_rule_kept"], rt["official_rule_kept_without_last_char_bug"]) == (5611, 5829)
 
 
@@ -133,7 +134,7 @@ def test_aishell_ner_dev_transcripts_agree_with_bio_file():
     bio = data.load_split("msra", AISHELL_NER, "dev")  # dev.bio.txt: char-per-line BIO
     assert len(trans) == len(bio) == 14326
     assert [(s.text, sorted(s.entities)) for s in trans] == [(s.text, sorted(s.entities)) for s in bio]
-    assert data.round_trip(trans)["ours_recovered"] == sum(len(s.entities) for s in trans) == 7221
+    assert evaluate.round_trip(trans)["ours_recovered"] == sum(len(s.entities) for s in trans) == 7221
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -445,7 +446,7 @@ def test_stats_cli(tmp_path):
     write_wav(tmp_path / "wav" / "dev" / "S0003" / "BAC009S0003W0002.wav")
     out = io.StringIO()
     with redirect_stdout(out):
-        data.main(["stats", "--dataset", "cnerta", "--data-dir", str(tmp_path), "--split", "dev"])
+        evaluate.main(["stats", "--dataset", "cnerta", "--data-dir", str(tmp_path), "--split", "dev"])
     s = json.loads(out.getvalue())
     assert s["sentences"] == 3 and s["entities"] == {"PER": 1, "LOC": 2, "ORG": 3, "total": 6}
     assert s["nesting_depth"] == {"1": 2, "2": 1} and s["crossing_spans"] == 1
