@@ -86,12 +86,6 @@ class Request:
         return "TNER" if self.text is not None else "SNER"
 
 
-def load_model(path, device="cpu", **config_overrides):
-    """-> (model, assets, ckpt) from our checkpoint format (weights.load_checkpoint; a missing file, a folder or
-    another kind of file is a weights.ConversionError, an InputError)."""
-    return weights.load_checkpoint(path, device, **config_overrides)
-
-
 def parse_device(name):
     """--device of decode.py and train.py -> torch.device; a bad name or an absent GPU is an InputError."""
     try:
@@ -125,7 +119,7 @@ class Recognizer:
         assets = None
         if isinstance(model, (str, os.PathLike)):
             loading = {"modelscope_padding": True} if options.modelscope_padding else {}
-            model, assets, _ = load_model(str(model), device, **loading)
+            model, assets, _ = weights.load_checkpoint(str(model), device, **loading)
         elif isinstance(model, tuple):
             model, assets = model[0], model[1]
         if assets is None:

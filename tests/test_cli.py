@@ -168,7 +168,7 @@ def test_a_bug_keeps_its_traceback(place, monkeypatch, tmp_path):
     monkeypatch.setattr(data, "load_split", boom)
     with pytest.raises(RuntimeError, match="injected bug"):
         train.main(train_argv(str(place / "corpus"), str(tmp_path / "r"))[1:])
-    monkeypatch.setattr(decode, "load_model", boom)
+    monkeypatch.setattr(weights, "load_checkpoint", boom)
     with pytest.raises(RuntimeError, match="injected bug"):
         decode.main(["--ckpt", str(place / "model.pt"), "--text", "北京"])
     script = ("import sys, data, train\n"

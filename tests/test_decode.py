@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import decode  # noqa: E402
-import search  # noqa: E402
 import evaluate  # noqa: E402
 import files  # noqa: E402
+import search  # noqa: E402
 import text  # noqa: E402
+import weights  # noqa: E402
 from search import DecodeOptions, beam_search  # noqa: E402
 from numerics import excess, fp32_tol, model_terms  # noqa: E402
 from test_evaluate import result  # noqa: E402
@@ -1061,7 +1062,7 @@ def test_recognizer_takes_the_pseudo_text_length_from_the_checkpoint_format():
     for result in rec.recognize(texts=["张伟在北京工作"]) + rec.recognize(waveforms=[wave], sample_rate=16000):
         assert result["task"] in ("TNER", "SNER") and isinstance(result["output"], str)
     assert decode.Recognizer(path, device="cpu", pseudo_text_len=9).featurizer.pseudo_text_len == 9  # the caller's
-    model, assets, _ = decode.load_model(str(path))
+    model, assets, _ = weights.load_checkpoint(str(path))
     assert decode.Recognizer((model, {**assets, "pseudo_text_len": 5})).featurizer.pseudo_text_len == 5
     without = {k: v for k, v in assets.items() if k != "pseudo_text_len"}                # a converted MMSpeech
     assert decode.Recognizer((model, without)).featurizer.pseudo_text_len == 40          # the Featurizer's default

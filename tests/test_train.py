@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import train  # noqa: E402
+import weights  # noqa: E402
 from numerics import EPS, K, excess, fp32_tol, model_terms  # noqa: E402
 
 PER = ["张伟", "李娜", "王芳", "刘洋", "陈静", "赵磊"]
@@ -260,8 +261,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(corpus, tmp_path):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # our checkpoint format, loadable by decode.py, no compile/DDP prefixes
     assert a["format"] == "image-checkpoint" and not any(k.startswith(("_orig_mod.", "module.")) for k in a["model"])
-    import decode
-    model, assets, _ = decode.load_model(str(straight / "best.pt"))
+    model, assets, _ = weights.load_checkpoint(str(straight / "best.pt"))
     assert assets["vocab"] == a["assets"]["vocab"]
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["split"] == "dev" and set(data.TASKS) <= set(metrics[-1])
