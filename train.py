@@ -70,66 +70,101 @@ DEMO = dict(preset="tiny", model="subsample_channels=16", tasks="TNER,SNER,SNER,
 RECIPES = {"paper": PAPER, "official": OFFICIAL, "demo": DEMO}
 
 
+def setting(default=dataclasses.MISSING, factory=dataclasses.MISSING, **flag):
+    """A TrainConfig field and its command-line flag: flag = argparse keywords (help, type, choices, action)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata=flag)
+
+
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig:
-    """Every training setting, as get_args resolves it from the flags and the recipes (the fields without a
-    default are PAPER's keys, --dataset and --out); the flags' help says more about each."""
+    """Every training setting, as get_args resolves it from the flags given and the recipes (the fields without a
+    default are PAPER's keys, --dataset and --out). Each field's help is its flag's help."""
     # data
-    dataset: str                        # corpus format (data.DATASETS); demo = generated
-    data_dir: str | None = None         # corpus folder (demo: the generated cache)
-    audio_dir: str | None = None        # folder of <utterance id>.wav; None -> DATA_DIR/wav
-    dev_dataset: str | None = None      # read dev/test in this format instead
-    train_size: int = 0                 # random training subset of N sentences (0 = all)
-    tasks: tuple                        # training tasks; one named twice is dealt twice as often
-    mix: str                            # uniform | coin (the official code's coin flips)
-    pseudo_len: int                     # pseudo phone input length for absent text
-    speeds: tuple                       # speed perturbation factors of training speech
-    entity_swap: float = 0.0            # probability of swapping an entity of a TNER row (data.EntitySwap)
-    feature_cache: str | None = None    # disk cache folder of fbank features
-    workers: int = 0                    # DataLoader workers per rank
+    dataset: str = setting(required=True, choices=data.DATASETS, help="corpus format (data.load_split); demo = "
+        "generated")
+    data_dir: str | None = setting(None, help="folder with the corpus annotation files (demo: the generated cache "
+        "folder)")
+    audio_dir: str | None = setting(None, help="folder searched for <utterance id>.wav (AISHELL-1 wav/; default "
+        "DATA_DIR/wav); no audio -> TNER only")
+    dev_dataset: str | None = setting(None, choices=data.DATASETS, help="read dev/test from this corpus format "
+        "instead (same --data-dir), e.g. train on image4imner's lossy text and score on cnerta's valid.json")
+    train_size: int = setting(0, type=int, help="train on a random subset of N sentences (Figure 3, with --seed)")
+    tasks: tuple = setting(help="training tasks, comma-separated: a subset is the Table 3 ablation; a task named "
+        "twice is dealt twice as often (demo TNER,SNER,SNER,MNER = 1:2:1, speech is what a model from scratch "
+        "learns slowest; default TNER,SNER,MNER)")
+    mix: str = setting(choices=["uniform", "coin"], help="task mix: uniform = MNER:SNER:TNER 1:1:1 redrawn every "
+        "epoch (default); coin = the official code's two coin flips (25 %% each, 25 %% neither)")
+    pseudo_len: int = setting(type=int, help="pseudo phone input length for absent text (default 40)")
+    speeds: tuple = setting(help="speed perturbation factors of real training speech, comma-separated (default "
+        "0.9,1.0,1.1; demo 1.0)")
+    entity_swap: float = setting(0.0, type=float, help="probability that an entity of a text-only (TNER) training "
+        "row is replaced by a training mention of the same type (data.EntitySwap; flat entities only; 0 = off)")
+    feature_cache: str | None = setting(None, help="folder for a disk cache of fbank features, shared by workers "
+        "and runs")
+    workers: int = setting(0, type=int, help="DataLoader worker processes per rank (persistent; 0 = in the loop)")
     # model
-    init: str | None = None             # start from this checkpoint
-    preset: str                         # model size from scratch: tiny | base | large
-    model: dict = dataclasses.field(default_factory=dict)   # image.Config fields over the preset (from scratch)
-    dropout: float | None = None        # override the model config's dropout
-    no_modality_embedding: bool = False  # ablation: no modality-absence feature
-    mask_pseudo: bool = False           # ablation: key-pad pseudo inputs
-    ctc_weight: float                   # weight of the auxiliary CTC phone loss
-    decode_ctc_weight: float | None = None   # SNER search's CTC weight; None -> 0.5 if ctc_weight else 0
-    official: bool = False              # --official given (the official recipe)
+    init: str | None = setting(None, help="start from this checkpoint in our format (e.g. a converted MMSpeech)")
+    preset: str = setting(choices=["tiny", "base", "large"], help="model size when training from scratch (no "
+        "--init): default large, demo tiny")
+    model: dict = setting(factory=dict, help="from scratch only: Config fields over the preset, comma-separated "
+        "KEY=VALUE, e.g. 'd_model=256,encoder_layers=8,text_join_layer=2' (see image.Config; demo "
+        "'subsample_channels=16')")
+    dropout: float | None = setting(None, type=float, help="override the model config's dropout (demo 0)")
+    no_modality_embedding: bool = setting(False, action="store_true", help="ablation (Table 3): no modality-absence "
+        "feature")
+    mask_pseudo: bool = setting(False, action="store_true", help="ablation (Table 3): key-pad pseudo inputs instead "
+        "of attending")
+    ctc_weight: float = setting(type=float, help="weight of an auxiliary CTC phone loss on the speech frames "
+        "(default 0 = the paper; MMSpeech's own fine-tuning uses 1.0; demo 0.5: from scratch the decoder otherwise "
+        "learns to ignore the speech)")
+    decode_ctc_weight: float | None = setting(None, type=float, help="SNER search: joint CTC/attention weight of "
+        "the phone CTC head (decode.py --ctc-weight), for evaluation and saved as the checkpoint's default (default "
+        "0.5 when --ctc-weight > 0, else 0 = decoder only)")
+    official: bool = setting(False, action="store_true", help="the official code's settings: lr 2e-5, coin mix, "
+        "pseudo length 50, beam 3 (--recipe official)")
+    recipe: str = setting("paper", choices=list(RECIPES), help="named settings applied under explicit flags "
+        "(default: demo for --dataset demo, official for --official, else paper); the run prints what the recipe "
+        "changed")
     # optimisation
-    epochs: int
-    batch_size: int                     # global batch of one optimizer step
-    grad_accum: int = 1                 # micro-batches per optimizer step and rank
-    lr: float                           # peak learning rate
-    weight_decay: float = 0.01          # AdamW weight decay, ndim >= 2 only
-    beta2: float = 0.999                # AdamW beta2
-    warmup: float                       # warm-up: fraction of the steps if < 1, else steps
-    schedule: str                       # after warm-up: constant | linear (decay to 0)
-    clip: float = 1.0                   # gradient-norm clipping threshold; 0 = off
-    max_steps: int = 0                  # stop after N optimizer steps (0 = --epochs decides)
-    max_minutes: float                  # training time budget (0 = none)
-    max_bad_steps: int = 20             # stop after N non-finite losses in a row
-    seed: int = 42                      # model init, data order, tasks, dropout, --train-size
+    epochs: int = setting(type=int, help="training epochs (default 50; demo 14, cut by --max-minutes)")
+    batch_size: int = setting(type=int, help="global batch of one optimizer step (default 12; demo 16)")
+    grad_accum: int = setting(1, type=int, help="micro-batches accumulated per optimizer step and rank")
+    lr: float = setting(type=float, help="peak learning rate (default 1e-5; --official 2e-5; demo 2e-3)")
+    weight_decay: float = setting(0.01, type=float, help="AdamW weight decay, on parameters with ndim >= 2 only")
+    beta2: float = setting(0.999, type=float, help="AdamW beta2")
+    warmup: float = setting(type=float, help="linear warm-up: fraction of the steps if < 1, else steps (default "
+        "0.1; demo 200 steps)")
+    schedule: str = setting(choices=["constant", "linear"], help="after warm-up: constant (default) or linear decay "
+        "to 0 (demo)")
+    clip: float = setting(1.0, type=float, help="gradient-norm clipping threshold; 0 disables")
+    max_steps: int = setting(0, type=int, help="stop after this many optimizer steps (0: --epochs decides)")
+    max_minutes: float = setting(type=float, help="stop training after this many minutes since start, then evaluate "
+        "(0 = no limit; demo 13)")
+    max_bad_steps: int = setting(20, type=int, help="stop after this many non-finite losses in a row")
+    seed: int = setting(42, type=int, help="random seed: model init, data order, tasks, dropout, --train-size")
     # precision / speed
-    device: torch.device | None = None  # None -> the LOCAL_RANK GPU if there is one, else cpu
-    dtype: str                          # autocast: auto | fp32 | bf16 | fp16
-    compile: bool = False               # torch.compile the training forward
+    device: torch.device | None = setting(None, help="cpu | cuda | cuda:N (default: the LOCAL_RANK GPU if there is "
+        "one, else cpu)")
+    dtype: str = setting(choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; auto = bf16 on GPUs that "
+        "support it, fp16 with a gradient scaler on older GPUs, fp32 on CPU")
+    compile: bool = setting(False, action="store_true", help="torch.compile the training forward (GPU; the first "
+        "batches of each new shape recompile). Checkpoints never carry compile prefixes")
     # evaluation
-    eval_every: str                     # 'N' steps, 'Ne' epochs, '0' = only at the end
-    eval_limit: int                     # first N dev sentences only (0 = all)
-    eval_batch_size: int = 32           # sentences per evaluation batch
-    beam: int                           # evaluation beam (1 = greedy)
-    greedy: bool = False                # --greedy given (beam 1)
-    evaluator: str = "ours"             # scorer that selects best.pt: ours | official
-    eval_test: bool                     # evaluate best.pt on the test split at the end
+    eval_every: str = setting(help="dev evaluation every N steps ('500') or N epochs ('1e', default); 0 = only at "
+        "the end (demo)")
+    eval_limit: int = setting(type=int, help="evaluate on the first N dev sentences only (0 = all; demo 100)")
+    eval_batch_size: int = setting(32, type=int, help="sentences per evaluation batch")
+    beam: int = setting(type=int, help="beam size of the evaluation search (default 5; --official 3)")
+    greedy: bool = setting(False, action="store_true", help="evaluate with greedy search (= --beam 1)")
+    evaluator: str = setting("ours", choices=["ours", "official"], help="entity scorer whose P/R/F1 select best.pt "
+        "(decode.py); the other one's F1 is logged too")
+    eval_test: bool = setting(action="store_true", help="evaluate best.pt on the test split at the end (demo: on)")
     # output
-    out: str                            # output folder
-    resume: bool = False                # continue exactly from OUT/last.pt
-    save_every: int = 0                 # also write last.pt every N steps (0 = at evaluations)
-    log_every: int = 10                 # progress-bar refresh, in steps
+    out: str = setting(help="output folder (default runs/<dataset>)")
+    resume: bool = setting(False, action="store_true", help="continue exactly from OUT/last.pt")
+    save_every: int = setting(0, type=int, help="also write last.pt every N optimizer steps (0 = at evaluations)")
+    log_every: int = setting(10, type=int, help="progress-bar loss/lr/throughput refresh, in steps")
     # resolved by get_args
-    recipe: str = "paper"               # the recipes applied over paper, e.g. "demo" or "official+demo"
     recipe_changes: dict = dataclasses.field(default_factory=dict)  # key -> (recipe value, paper value) applied
     eval_unit: str = "epoch"            # eval_every parsed: "step" or "epoch" ...
     eval_n: int = 1                     # ... and N (0 = only at the end)
@@ -139,85 +174,9 @@ def get_args(argv=None) -> TrainConfig:
     # every default lives in TrainConfig or a recipe: parse_args returns only the flags given
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
-    a = p.add_argument
-    # data
-    a("--dataset", required=True, choices=data.DATASETS, help="corpus format (data.load_split); demo = generated")
-    a("--data-dir", help="folder with the corpus annotation files (demo: the generated cache folder)")
-    a("--audio-dir", help="folder searched for <utterance id>.wav (AISHELL-1 wav/; default "
-      "DATA_DIR/wav); no audio -> TNER only")
-    a("--dev-dataset", choices=data.DATASETS, help="read dev/test from this corpus format instead "
-      "(same --data-dir), e.g. train on image4imner's lossy text and score on cnerta's valid.json")
-    a("--train-size", type=int, help="train on a random subset of N sentences (Figure 3, with --seed)")
-    a("--tasks", help="training tasks, comma-separated: a subset is the Table 3 ablation; a task named "
-      "twice is dealt twice as often (demo TNER,SNER,SNER,MNER = 1:2:1, speech is what a model from scratch "
-      "learns slowest; default TNER,SNER,MNER)")
-    a("--mix", choices=["uniform", "coin"], help="task mix: uniform = MNER:SNER:TNER 1:1:1 redrawn "
-      "every epoch (default); coin = the official code's two coin flips (25 %% each, 25 %% neither)")
-    a("--pseudo-len", type=int, help="pseudo phone input length for absent text (default 40)")
-    a("--speeds", help="speed perturbation factors of real training speech, comma-separated "
-      "(default 0.9,1.0,1.1; demo 1.0)")
-    a("--entity-swap", type=float, help="probability that an entity of a text-only (TNER) training "
-      "row is replaced by a training mention of the same type (data.EntitySwap; flat entities only; 0 = off)")
-    a("--feature-cache", help="folder for a disk cache of fbank features, shared by workers and runs")
-    a("--workers", type=int, help="DataLoader worker processes per rank (persistent; 0 = in the loop)")
-    # model
-    a("--init", help="start from this checkpoint in our format (e.g. a converted MMSpeech)")
-    a("--preset", choices=["tiny", "base", "large"],
-      help="model size when training from scratch (no --init): default large, demo tiny")
-    a("--model", help="from scratch only: Config fields over the preset, comma-separated KEY=VALUE, "
-      "e.g. 'd_model=256,encoder_layers=8,text_join_layer=2' (see image.Config; demo "
-      "'subsample_channels=16')")
-    a("--dropout", type=float, help="override the model config's dropout (demo 0)")
-    a("--no-modality-embedding", action="store_true", help="ablation (Table 3): no modality-absence feature")
-    a("--mask-pseudo", action="store_true", help="ablation (Table 3): key-pad pseudo inputs instead of attending")
-    a("--ctc-weight", type=float, help="weight of an auxiliary CTC phone loss on the speech frames "
-      "(default 0 = the paper; MMSpeech's own fine-tuning uses 1.0; demo 0.5: from scratch the decoder otherwise "
-      "learns to ignore the speech)")
-    a("--decode-ctc-weight", type=float, help="SNER search: joint CTC/attention weight of the phone "
-      "CTC head (decode.py --ctc-weight), for evaluation and saved as the checkpoint's default (default 0.5 when "
-      "--ctc-weight > 0, else 0 = decoder only)")
-    a("--official", action="store_true", help="the official code's settings: lr 2e-5, coin mix, pseudo length 50, "
-      "beam 3 (--recipe official)")
-    a("--recipe", choices=list(RECIPES), help="named settings applied under explicit flags (default: demo for "
-      "--dataset demo, official for --official, else paper); the run prints what the recipe changed")
-    # optimisation
-    a("--epochs", type=int, help="training epochs (default 50; demo 14, cut by --max-minutes)")
-    a("--batch-size", type=int, help="global batch of one optimizer step (default 12; demo 16)")
-    a("--grad-accum", type=int, help="micro-batches accumulated per optimizer step and rank")
-    a("--lr", type=float, help="peak learning rate (default 1e-5; --official 2e-5; demo 2e-3)")
-    a("--weight-decay", type=float, help="AdamW weight decay, on parameters with ndim >= 2 only")
-    a("--beta2", type=float, help="AdamW beta2")
-    a("--warmup", type=float, help="linear warm-up: fraction of the steps if < 1, else steps "
-      "(default 0.1; demo 200 steps)")
-    a("--schedule", choices=["constant", "linear"], help="after warm-up: constant (default) or "
-      "linear decay to 0 (demo)")
-    a("--clip", type=float, help="gradient-norm clipping threshold; 0 disables")
-    a("--max-steps", type=int, help="stop after this many optimizer steps (0: --epochs decides)")
-    a("--max-minutes", type=float, help="stop training after this many minutes since start, then "
-      "evaluate (0 = no limit; demo 13)")
-    a("--max-bad-steps", type=int, help="stop after this many non-finite losses in a row")
-    a("--seed", type=int, help="random seed: model init, data order, tasks, dropout, --train-size")
-    # precision / speed
-    a("--device", help="cpu | cuda | cuda:N (default: the LOCAL_RANK GPU if there is one, else cpu)")
-    a("--dtype", choices=["auto", "fp32", "bf16", "fp16"], help="autocast dtype; auto = bf16 on GPUs "
-      "that support it, fp16 with a gradient scaler on older GPUs, fp32 on CPU")
-    a("--compile", action="store_true", help="torch.compile the training forward (GPU; the first batches of each "
-      "new shape recompile). Checkpoints never carry compile prefixes")
-    # evaluation
-    a("--eval-every", help="dev evaluation every N steps ('500') or N epochs ('1e', default); "
-      "0 = only at the end (demo)")
-    a("--eval-limit", type=int, help="evaluate on the first N dev sentences only (0 = all; demo 100)")
-    a("--eval-batch-size", type=int, help="sentences per evaluation batch")
-    a("--beam", type=int, help="beam size of the evaluation search (default 5; --official 3)")
-    a("--greedy", action="store_true", help="evaluate with greedy search (= --beam 1)")
-    a("--evaluator", choices=["ours", "official"], help="entity scorer whose P/R/F1 select best.pt "
-      "(decode.py); the other one's F1 is logged too")
-    a("--eval-test", action="store_true", help="evaluate best.pt on the test split at the end (demo: on)")
-    # output
-    a("--out", help="output folder (default runs/<dataset>)")
-    a("--resume", action="store_true", help="continue exactly from OUT/last.pt")
-    a("--save-every", type=int, help="also write last.pt every N optimizer steps (0 = at evaluations)")
-    a("--log-every", type=int, help="progress-bar loss/lr/throughput refresh, in steps")
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata:
+            p.add_argument("--" + field.name.replace("_", "-"), **field.metadata)
     given = vars(p.parse_args(argv))
 
     # recipes under explicit flags: explicit flag > demo > official > paper
@@ -284,12 +243,10 @@ def get_args(argv=None) -> TrainConfig:
 
 def recipe_line(cfg):
     """'recipe demo: lr 0.002 (paper 1e-05), epochs 14 (50), ...': what the applied recipe changed."""
-    if not cfg.recipe_changes:
-        return f"recipe {cfg.recipe}: no setting changed from the paper's"
     shown = lambda v: "unset" if v is None else v
     changes = [f"{key} {shown(value)} ({'paper ' if i == 0 else ''}{shown(paper)})"
-               for i, (key, value, paper) in enumerate((k, *v) for k, v in cfg.recipe_changes.items())]
-    return f"recipe {cfg.recipe}: " + ", ".join(changes)
+               for i, (key, (value, paper)) in enumerate(cfg.recipe_changes.items())]
+    return f"recipe {cfg.recipe}: " + (", ".join(changes) or "no setting changed from the paper's")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -506,12 +463,9 @@ def build_model(cfg, train, resume_ckpt, log):
 
 
 def train_step(objective, model, optimizer, scaler, micro, lr, clip, autocast=nullcontext(), world=1):
-    """One optimizer step over this rank's micro-batches (on the device) -> the step's loss, a float.
-
-    The loss is the sum of token losses over the global batch (every micro-batch, every rank) divided by its
-    number of target tokens, so accumulation and DDP (world > 1, objective wrapped in DDP; gradients synchronise
-    at the last micro-batch only) give the update of one big batch. A non-finite loss skips the update: every
-    rank sees the same all-reduced loss."""
+    """One optimizer step over this rank's micro-batches (on the device) -> the step's loss: token losses summed
+    over the global batch (every micro-batch, every rank; DDP when world > 1) / its number of target tokens, so
+    accumulation and DDP give the update of one big batch. A non-finite loss (the same on every rank) skips it."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     ddp = world > 1
@@ -560,15 +514,15 @@ class Run:
     total_steps: int
     warmup_steps: int
     t_start: float
+    master: bool = dataclasses.field(init=False)
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     best_f1: float = -1.0
     last_loss: float = float("nan")
 
-    @property
-    def master(self):
-        return self.rank == 0
+    def __post_init__(self):
+        self.master = self.rank == 0
 
     def resume(self, ckpt):
         """Optimizer, scaler and counters of a last.pt (the RNG states are restored at the loop's first batch)."""
@@ -674,9 +628,32 @@ def check_outputs(out):
         files.remove_stale_temps(out / name)  # of a killed run
 
 
-def epoch_seed(seed, epoch, rank):
-    """Seed of an epoch's data order and dropout on one rank."""
-    return seed * 1_000_003 + epoch * 1_009 + rank
+def eval_due(cfg, step, epoch, end_of_epoch):
+    """Dev evaluation after this step? Every N steps, or at the end of every N-th epoch (N = 0: only at the end)."""
+    if cfg.eval_unit == "step":
+        return cfg.eval_n and step % cfg.eval_n == 0
+    return cfg.eval_n and end_of_epoch and (epoch + 1) % cfg.eval_n == 0
+
+
+class Progress:
+    """Progress bar (rank 0) with the mean loss, lr and samples/s over the last log_every steps."""
+
+    def __init__(self, total_steps, step, master, log_every):
+        # redirected to a file: a line every 30 s, not every 0.1 s
+        self.bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train",
+                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
+        self.total_steps, self.master, self.log_every = total_steps, master, log_every
+        self.losses, self.t_window, self.samples = [], time.time(), 0
+
+    def update(self, step, loss, lr, samples):
+        self.losses.append(loss)
+        self.samples += samples
+        if self.master and (step % self.log_every == 0 or step == self.total_steps):
+            dt = time.time() - self.t_window
+            self.bar.set_postfix(loss=f"{sum(self.losses) / len(self.losses):.4f}", lr=f"{lr:.2e}",
+                                 samples_s=f"{self.samples / max(dt, 1e-9):.1f}")
+            self.losses, self.t_window, self.samples = [], time.time(), 0
+        self.bar.update(1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -753,18 +730,16 @@ def train(cfg):
                               ensure_ascii=False, default=str))
 
     # --- training loop ---
-    # redirected to a file: a line every 30 s, not every 0.1 s
-    bar = tqdm(total=total_steps, initial=run.step, disable=not master, dynamic_ncols=True, desc="train",
-               mininterval=0.1 if sys.stderr.isatty() else 30.0)
+    progress = Progress(total_steps, run.step, master, cfg.log_every)
     model.train()
-    evaluated_at, bad_steps, loss_window, t_window, n_window = -1, 0, [], time.time(), 0
+    evaluated_at, bad_steps = -1, 0
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     stop = run.step >= total_steps
     while not stop:
         # Data order and dropout of an epoch derive from (seed, epoch, rank). On resume the epoch's iterator is
         # rebuilt from the same seed, the finished batches are skipped, then the RNG states saved at that step
         # are restored: the continuation is bit-identical to an uninterrupted run.
-        seed_everything(epoch_seed(cfg.seed, run.epoch, rank))
+        seed_everything(cfg.seed * 1_000_003 + run.epoch * 1_009 + rank)
         loader.set_epoch(run.epoch)
         batches = loader.batches(start=run.batch_in_epoch)
         if resume_ckpt is not None:
@@ -785,22 +760,10 @@ def train(cfg):
             run.batch_in_epoch += len(micro)
             if bad_steps >= cfg.max_bad_steps:
                 raise SystemExit(f"stopping: {bad_steps} consecutive non-finite losses (lower --lr, try --dtype fp32)")
+            progress.update(run.step, loss, lr, sum(len(b["target"]) for b in micro) * world)
 
-            # progress
-            loss_window.append(loss)
-            n_window += sum(len(b["target"]) for b in micro) * world
-            if master and (run.step % cfg.log_every == 0 or run.step == total_steps):
-                dt = time.time() - t_window
-                bar.set_postfix(loss=f"{sum(loss_window) / len(loss_window):.4f}", lr=f"{lr:.2e}",
-                                samples_s=f"{n_window / max(dt, 1e-9):.1f}")
-                loss_window, t_window, n_window = [], time.time(), 0
-            bar.update(1)
-
-            end_of_epoch = run.batch_in_epoch >= len(loader)
             stop = run.step >= total_steps or run.stop_everywhere(time.time() - t_start > budget_s)
-            due = cfg.eval_n and (run.step % cfg.eval_n == 0 if cfg.eval_unit == "step" else
-                                  end_of_epoch and (run.epoch + 1) % cfg.eval_n == 0)
-            if due or stop:
+            if eval_due(cfg, run.step, run.epoch, end_of_epoch=run.batch_in_epoch >= len(loader)) or stop:
                 run.validate(dev_samples)
                 evaluated_at = run.step
             elif cfg.save_every and run.step % cfg.save_every == 0:
@@ -809,7 +772,7 @@ def train(cfg):
                 break
         if not stop:
             run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-    bar.close()
+    progress.bar.close()
 
     # --- final evaluation: best.pt on the test split ---
     if evaluated_at != run.step and run.step > 0:  # resumed after the end: make sure the final dev scores exist
