@@ -709,9 +709,10 @@ def train(cfg):
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     dtype_name, autocast, scaler = resolve_precision(cfg.dtype, device)
     model = model.to(device)
-    run = Run(cfg, out, rank, world, device, model, assets, featurizer, make_optimizer(model, cfg, device), scaler,
-              autocast, eval_tasks, micro_batch, len(loader), total_steps, t_start=t_start,
-              warmup_steps=round(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup))
+    run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, model=model, assets=assets,
+              featurizer=featurizer, optimizer=make_optimizer(model, cfg, device), scaler=scaler, autocast=autocast,
+              eval_tasks=eval_tasks, micro_batch=micro_batch, batches_per_epoch=len(loader), total_steps=total_steps,
+              warmup_steps=round(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup), t_start=t_start)
     objective = Objective(model, cfg.ctc_weight)
     if cfg.compile:
         objective = torch.compile(objective)
