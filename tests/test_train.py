@@ -124,6 +124,19 @@ def test_presets_and_explicit_flags():
     assert (mine.lr, mine.beam, mine.mix) == (3e-4, 2, "coin")  # explicit flags beat every preset
 
 
+def test_the_recipe_and_every_setting_it_changed_are_said():
+    line = train.recipe_line(train.get_args(["--dataset", "demo", "--lr", "1e-3"]))
+    assert line.startswith("recipe demo: tasks TNER,SNER,SNER,MNER (paper TNER,SNER,MNER), epochs 14 (50), ")
+    assert "dtype fp32 (auto)" in line and " lr " not in line   # an explicit flag is not the recipe's doing
+    chosen = train.get_args(["--dataset", "cnerta", "--data-dir", "x", "--recipe", "demo"])
+    implied = train.get_args(["--dataset", "demo", "--data-dir", "x"])
+    assert vars(chosen) == {**vars(implied), "dataset": "cnerta", "out": "runs/cnerta", "recipe": "demo"}
+    assert train.recipe_line(train.get_args(["--dataset", "demo", "--recipe", "paper"])) == \
+        "recipe paper: no setting changed from the paper's"
+    assert train.get_args(["--dataset", "cnerta", "--data-dir", "x", "--official"]).recipe_changes == \
+        {"lr": (2e-5, 1e-5), "mix": ("coin", "uniform"), "pseudo_len": (50, 40), "beam": (3, 5)}
+
+
 @pytest.mark.parametrize("argv", [["--dataset", "cnerta"],                      # no --data-dir
                                   ["--dataset", "demo", "--tasks", "TNER,XNER"],
                                   ["--dataset", "demo", "--batch-size", "0"],
@@ -357,6 +370,35 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(corpus, tmp_path, monke
     monkeypatch.setattr(train.Objective, "forward", nan_loss)
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(SystemExit, match="non-finite"):
         train.main(base_args(corpus, tmp_path / "out", "--max-bad-steps", "3", "--batch-size", "4"))
+
+
+def test_train_step_is_one_token_mean_update_and_skips_non_finite_losses(corpus, monkeypatch):
+    """train_step on its own: two micro-batches give the loss summed over both / their target tokens and one AdamW
+    update at the given lr; a non-finite loss leaves the weights and the optimizer untouched."""
+    args = train.get_args(base_args(corpus, "unused", "--dropout", "0"))
+    samples = data.load_split("cnerta", corpus, "train", verbose=False)[:4]
+    model, assets = train.build_model(args, samples, None, lambda *a: None)
+    featurizer = data.Featurizer(assets)
+    micro = [data.collate([featurizer.inputs(s, "TNER") for s in samples[i:i + 2]]) for i in (0, 2)]
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    _, _, scaler = train.resolve_precision("fp32", torch.device("cpu"))
+    objective = train.Objective(model)
+    with torch.no_grad():
+        expected = (sum(objective(b) for b in micro) / sum((b["target"] != 1).sum() for b in micro)).item()
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0)
+    assert excess(loss, expected, fp32_tol(expected, model_terms(model.config))) <= 1
+    assert all(g["lr"] == 1e-3 for g in optimizer.param_groups) and len(optimizer.state) > 0
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())   # zeroed for the next step
+
+    after_one = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in optimizer.state[next(model.parameters())].items()}
+    real = train.Objective.forward
+    monkeypatch.setattr(train.Objective, "forward", lambda self, batch: real(self, batch) * float("nan"))
+    assert math.isnan(train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0))
+    assert all(torch.equal(a, p) for a, p in zip(after_one, model.parameters()))
+    assert all(torch.equal(v, optimizer.state[next(model.parameters())][k]) for k, v in state.items())
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
