@@ -437,6 +437,8 @@ def test_incomplete_checkpoints_are_refused_by_name(tmp_path):
     torch.save({k: v for k, v in raw.items() if k not in ("assets", "source")}, tmp_path / "cut.pt")
     with pytest.raises(ConversionError, match="cut.pt: an incomplete image-checkpoint file \\(no assets, source\\)"):
         weights.read_checkpoint(str(tmp_path / "cut.pt"))
+
+
 def test_fbank_config_takes_the_test_transforms_first(tmp_path):
     """fairseq's lookup: the test split's list, even an empty one, wins over '_eval' and '*'."""
     path = tmp_path / "fbank_config.yaml"
