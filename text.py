@@ -19,11 +19,11 @@ import unicodedata
 from pathlib import Path
 
 import files
+from image import BOS, EOS, PAD, UNK  # the special ids: defined once, by the model that embeds them
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
-BOS, PAD, EOS, UNK = 0, 1, 2, 3  # ids in the decoder vocabulary and in the phone table
-SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
+SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # the tokens of ids BOS, PAD, EOS, UNK (0..3)
 TYPES = ("PER", "LOC", "ORG")
 BRACKETS = {"PER": "[]", "LOC": "()", "ORG": "<>"}  # entity type -> its open and close bracket
 OPEN_OF = {t: b[0] for t, b in BRACKETS.items()}

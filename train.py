@@ -18,7 +18,7 @@ of target tokens, so gradient accumulation and DDP give the same update as one b
 Named recipes (RECIPES) apply under explicit flags: explicit flag > demo > official > paper. --dataset demo
 applies the demo recipe (tiny model with narrow conv subsampling from scratch on CPU, lr 2e-3 with linear decay
 over 14 epochs, SNER dealt twice as often, CTC aid in training and in the SNER search, 13-minute training budget
-(on the 2-core development machine all 14 epochs fit in about 11 minutes), beam 5 on dev and test at the end);
+beam 5 on dev and test at the end);
 --official the official code's settings; --recipe NAME selects one. The run prints the recipe it applied and
 every setting that recipe changed from the paper's.
 
@@ -54,10 +54,10 @@ import files
 import image
 import search
 import weights
+from data import TASKS
 from evaluate import format_table
 from text import PAD
 
-TASKS = ("TNER", "SNER", "MNER")
 
 # Named recipes, in flag form, applied under explicit flags. Paper = fine-tuning MMSpeech; demo = tiny model
 # from scratch on CPU.
