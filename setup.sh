@@ -8,8 +8,10 @@
 # fails on a fresh image), Homebrew on macOS. Elsewhere install python3 (>= 3.9), espeak-ng and sox yourself:
 # only the demo corpus needs espeak-ng and sox (tests that need them skip without them).
 # The system Python is left alone (Debian 12 and Ubuntu 24.04 refuse pip there: "externally managed").
-# Knobs (environment): TORCH (default torch==2.13.0, the CPU build; on a GPU machine the CUDA build for your
-# driver, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124"), VENV (default .venv).
+# Knobs (environment): VENV (default .venv) and TORCH (default torch==2.13.0: the CPU wheel where the package index
+# serves one, as on this project's machines; PyPI's Linux wheel carries CUDA, so for a CPU-only install from the
+# internet set TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu", and on a GPU machine the
+# build for your driver, e.g. TORCH="torch --index-url https://download.pytorch.org/whl/cu124").
 set -euo pipefail
 cd "$(dirname "$0")"
 TORCH=${TORCH:-torch==2.13.0}
@@ -29,8 +31,9 @@ as_root() {
 }
 
 missing_system_packages() {  # Debian package names of what is not there yet
-  command -v python3 >/dev/null 2>&1 || { echo python3 python3-venv; return; }
-  python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
+  if ! command -v python3 >/dev/null 2>&1; then echo python3 python3-venv
+  elif ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then echo python3-venv
+  fi
   command -v espeak-ng >/dev/null 2>&1 || echo espeak-ng
   command -v sox >/dev/null 2>&1 || echo sox
 }
@@ -47,8 +50,8 @@ if [ -n "$missing" ]; then
     apt_install || { as_root apt-get update -q >/dev/null && apt_install; } \
       || { say "apt-get could not install: $missing (as root, or as a user whom sudo lets in, run: apt-get install $missing)"; exit 1; }
   elif command -v brew >/dev/null 2>&1; then
-    say "installing with Homebrew: $missing"
-    brew install $(echo "$missing" | sed 's/python3-venv//; s/python3/python/')
+    formulae=$(echo "$missing" | sed 's/python3-venv//; s/python3/python/' | xargs)
+    if [ -n "$formulae" ]; then say "installing with Homebrew: $formulae"; brew install $formulae; fi
   else
     say "install these first (no apt-get or brew here): $missing"; exit 1
   fi
