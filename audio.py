@@ -309,6 +309,12 @@ def _fbank_constants(num_mel_bins, sample_rate, low_freq, high_freq, device):
     return window.to(device), weights.to(device), fft_size
 
 
+def num_fbank_frames(samples: int, sample_rate: int = SAMPLE_RATE) -> int:
+    """Frames kaldi_fbank makes of `samples` samples: 25 ms windows every 10 ms, only whole windows (snip_edges)."""
+    frame_length, shift = int(sample_rate * 0.025), int(sample_rate * 0.010)
+    return max(0, 1 + (samples - frame_length) // shift)
+
+
 def kaldi_fbank(waveforms, lengths=None, num_mel_bins=NUM_MEL_BINS, sample_rate=SAMPLE_RATE,
                 low_freq=20.0, high_freq=0.0, preemphasis=0.97):
     """Kaldi log mel filterbank (torchaudio.compliance.kaldi.fbank defaults, dither 0), batched, CPU or GPU.

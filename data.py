@@ -71,9 +71,16 @@ def json_lines(path):
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+        if "\\u" in line:  # an escape may spell half of a surrogate pair, which is no text (and cannot be written)
+            try:
+                json.dumps(obj, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(f"{path}:{lineno}: a lone surrogate escape (\\u{ord(e.object[e.start]):04x}) "
+                                "is not text") from None
+        yield lineno, obj
 
 
 def entity_problem(text: str, start: int, end: int, kind: str) -> str | None:
@@ -551,11 +558,10 @@ def collate(items: list[dict]) -> dict:
 def _wav_frames(path) -> int:
     """fbank frames (25 ms window, 10 ms shift, snip_edges) of a wav at 16 kHz, from its header."""
     info = audio.wav_info(path)
-    n = info.frames * 16000 // info.sample_rate
-    return max(0, 1 + (n - 400) // 160)
+    return audio.num_fbank_frames(info.frames * audio.SAMPLE_RATE // info.sample_rate)
 
 
-PSEUDO_FRAMES = 1 + (PSEUDO_SPEECH_SAMPLES - 400) // 160
+PSEUDO_FRAMES = audio.num_fbank_frames(PSEUDO_SPEECH_SAMPLES)
 
 
 class EntitySwap:

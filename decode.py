@@ -471,10 +471,10 @@ def get_args(argv=None):
     a("--text", nargs="+", help="input sentence(s): TNER, or MNER together with --wav (paired in order)")
     a("--wav", nargs="+", help="input wav file(s): SNER, or MNER together with --text")
     a("--input", help="JSON lines file, one {\"text\"?, \"wav\"?, \"id\"?} per line (wav relative to the file)")
-    a("--dataset", help="decode a corpus split instead: cnerta | aishell_ner | demo | msra | image4imner")
+    a("--dataset", choices=data.DATASETS, help="decode a corpus split instead (data.load_split's formats)")
     a("--data-dir", help="folder of the dataset files (demo: built automatically when omitted)")
     a("--audio-dir", help="folder searched for the corpus wavs (default DATA_DIR/wav)")
-    a("--split", default="test", help="dataset split: train | dev | test (default test)")
+    a("--split", default="test", choices=sorted(data.SPLITS), help="dataset split (default test; dev = valid)")
     a("--limit", type=int, default=0, help="use only the first N sentences of the split (0 = all)")
     a("--task", nargs="+", choices=["TNER", "SNER", "MNER"],
       help="task(s): with --dataset which inputs to use (default all three); with --input/--text/--wav force one")
@@ -524,6 +524,8 @@ def get_args(argv=None):
         p.error("--asr decodes speech only (no --text, no --eval)")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit < 0:
+        p.error(f"--limit must be >= 0 (0 = all), got {args.limit}")
     if args.task and len(args.task) > 1 and not args.dataset:
         p.error("--task takes one task unless --dataset is given")
     if args.threads < 0:

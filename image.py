@@ -84,6 +84,14 @@ class Config:
         return cls(**overrides)
 
     def __post_init__(self):
+        sizes = ("vocab_size", "phone_vocab_size", "num_mel_bins", "d_model", "encoder_layers", "encoder_heads",
+                 "encoder_ffn", "decoder_layers", "decoder_heads", "decoder_ffn", "pos_conv_groups", "max_positions",
+                 "token_bucket_size")
+        bad = [f"{name}={getattr(self, name)!r}" for name in sizes
+               if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int)
+               or getattr(self, name) < 1]
+        if bad:
+            raise ValueError(f"Config: sizes must be positive integers, got {', '.join(bad)}")
         for name, heads in (("encoder_heads", self.encoder_heads), ("decoder_heads", self.decoder_heads)):
             if self.d_model % heads:
                 raise ValueError(f"Config: d_model {self.d_model} is not divisible by {name} {heads}")
@@ -368,9 +376,6 @@ class Encoded:
     hidden: Tensor          # (B, S, d)
     padding_mask: Tensor    # (B, S) bool, True = padded / not attended
     position: Tensor        # (B, S, d) conv positional embeddings (feed the decoder's cross-attention position bias)
-
-    def index_select(self, index: Tensor) -> "Encoded":
-        return Encoded(*(t.index_select(0, index) for t in (self.hidden, self.padding_mask, self.position)))
 
 
 class Encoder(nn.Module):

@@ -5,7 +5,7 @@
 #   bash setup.sh --test   the same plus requirements-test.txt
 #
 # System packages: apt-get on Debian/Ubuntu (as root, or through sudo; `apt-get update` is run when an install
-# fails on a fresh image), Homebrew on macOS. Elsewhere install python3 (>= 3.9), espeak-ng and sox yourself:
+# fails on a fresh image), Homebrew on macOS. Elsewhere install python3 (>= 3.10), espeak-ng and sox yourself:
 # only the demo corpus needs espeak-ng and sox (tests that need them skip without them).
 # The system Python is left alone (Debian 12 and Ubuntu 24.04 refuse pip there: "externally managed").
 # Knobs (environment): VENV (default .venv) and TORCH (default torch==2.13.0: the CPU wheel where the package index
@@ -57,7 +57,7 @@ if [ -n "$missing" ]; then
   fi
 fi
 
-python3 -c 'import sys; sys.exit(sys.version_info < (3, 9))' || { say "python3 is older than 3.9"; exit 1; }
+python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' || { say "python3 is older than 3.10 (train.py uses keyword-only dataclasses)"; exit 1; }
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 say "installing Python packages into $VENV ($TORCH)"
 "$VENV/bin/python" -m pip install -q $TORCH

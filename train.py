@@ -221,9 +221,13 @@ def get_args(argv=None) -> TrainConfig:
             weights.check_checkpoint_path(s["init"], "--init")
         except files.InputError as e:
             p.error(str(e))
-    for name in ("epochs", "batch_size", "grad_accum", "beam", "pseudo_len"):
+    for name in ("epochs", "batch_size", "grad_accum", "beam", "pseudo_len", "eval_batch_size", "log_every"):
         if s.get(name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
+    if s.get("workers", 0) < 0:
+        p.error(f"--workers must be >= 0, got {s['workers']}")
+    if not 0 <= s.get("beta2", 0.999) < 1:   # NaN fails it too
+        p.error(f"--beta2 must be in [0, 1), got {s['beta2']}")
     if not (0 < s["lr"] < math.inf and 0 <= s["warmup"] < math.inf):  # NaN fails both comparisons
         p.error(f"--lr must be > 0 and --warmup >= 0, both finite (got {s['lr']}, {s['warmup']})")
     try:

@@ -22,6 +22,7 @@ import pickle
 import re
 
 import torch
+import yaml
 
 import files
 import text
@@ -330,12 +331,17 @@ def _transforms(cfg: dict, split: str, is_train: bool, path: str) -> list:
 def read_fbank_config(path: str) -> dict:
     """fbank_config.yaml -> {'num_mel_bins', 'sample_rate', 'cmvn' ('utterance' | 'none'), 'train_cmvn',
     'specaugment' (dict or None, training only)}; unsupported transforms are errors."""
-    import yaml
     try:
-        with open(path, encoding="utf-8") as f:
-            cfg = yaml.safe_load(f) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConversionError(f"{path}: cannot read ({e})") from None
+        cfg = yaml.safe_load(files.read_text(path)) or {}
+    except files.InputError as e:
+        raise ConversionError(str(e)) from None
+    except yaml.YAMLError as e:
+        raise ConversionError(f"{path}: not YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: expected a YAML mapping, got {type(cfg).__name__}")
+    for key in ("transforms", "feature_transforms"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise ConversionError(f"{path}: {key} must be a mapping of split -> list of transforms")
 
     def cmvn_of(names, split):
         rest = [n for n in names if n not in ("utterance_cmvn", "specaugment")]
@@ -352,7 +358,10 @@ def read_fbank_config(path: str) -> dict:
     if mels != 80 or cfg.get("input_channels", 1) != 1:
         raise ConversionError(f"{path}: input_feat_per_channel={mels}, input_channels={cfg.get('input_channels')}: "
                               "MMSpeech uses 80 mel bins, 1 channel")
-    return {"num_mel_bins": 80, "sample_rate": int(cfg.get("use_sample_rate", 16000)),
+    rate = cfg.get("use_sample_rate", 16000)
+    if isinstance(rate, bool) or not isinstance(rate, int) or rate <= 0:
+        raise ConversionError(f"{path}: use_sample_rate={rate!r} is not a sample rate in Hz")
+    return {"num_mel_bins": 80, "sample_rate": rate,
             "cmvn": cmvn_of(test, "test"), "train_cmvn": cmvn_of(train, "train"),
             "specaugment": cfg.get("specaugment") if "specaugment" in train else None}
 

@@ -44,6 +44,9 @@ def place(tmp_path_factory):
     first = sorted((root / "bad_wav" / "wav").glob("Ttrain*.wav"))[0]
     first.write_bytes(first.read_bytes()[:30])  # header cut short
     (root / "in_bad.jsonl").write_text('{"text": 123}\n', encoding="utf-8")
+    (root / "in_surrogate.jsonl").write_text('{"text": "a\\ud800"}\n', encoding="utf-8")  # decodes, not printable
+    shutil.copytree(MS_TINY, root / "ms_yaml")
+    (root / "ms_yaml" / "fbank_config.yaml").write_text("- utterance_cmvn\n", encoding="utf-8")
     weights.save_checkpoint(weights.convert(str(MS_TINY)), str(root / "model.pt"))
     (root / "file.txt").write_text("a regular file\n")
     (root / "text.pt").write_text("not a checkpoint\n")
@@ -100,6 +103,10 @@ CASES = [
     ("decode --wav not a wav", decode_argv("--wav", "{d}/file.txt"), ["file.txt"]),
     ("decode --input value of the wrong type", decode_argv("--input", "{d}/in_bad.jsonl"),
      ["in_bad.jsonl:1", "text"]),
+    ("decode --input lone surrogate", decode_argv("--input", "{d}/in_surrogate.jsonl"),
+     ["in_surrogate.jsonl:1", "surrogate"]),
+    ("weights fbank_config.yaml a list", ["weights.py", "{d}/ms_yaml", "{d}/w.pt"],
+     ["fbank_config.yaml", "YAML mapping"]),
     ("train best.pt as last.pt", train_argv("{d}/corpus", "{d}/run_best", "--resume"),
      ["run_best/last.pt", "not a last.pt", "optimizer"]),
     # D. folders and foreign files as inputs
@@ -122,6 +129,15 @@ CASES = [
     ("train --device gpu0", train_argv("{d}/corpus", "{d}/r", "--device", "gpu0"), ["--device", "gpu0"]),
     ("train --pseudo-len 0", train_argv("{d}/corpus", "{d}/r", "--pseudo-len", "0"), ["--pseudo-len"]),
     ("train --tasks ,,", train_argv("{d}/corpus", "{d}/r", "--tasks", ",,"), ["--tasks", "no task"]),
+    ("train --eval-batch-size 0", train_argv("{d}/corpus", "{d}/r", "--eval-batch-size", "0"), ["--eval-batch-size"]),
+    ("train --log-every 0", train_argv("{d}/corpus", "{d}/r", "--log-every", "0"), ["--log-every"]),
+    ("train --workers -1", train_argv("{d}/corpus", "{d}/r", "--workers", "-1"), ["--workers"]),
+    ("train --beta2 2", train_argv("{d}/corpus", "{d}/r", "--beta2", "2"), ["--beta2"]),
+    ("decode --dataset unknown", decode_argv("--dataset", "nope"), ["--dataset", "nope"]),
+    ("decode --split unknown", decode_argv("--dataset", "cnerta", "--data-dir", "{d}/corpus", "--split", "nope"),
+     ["--split", "nope"]),
+    ("decode --limit -1", decode_argv("--dataset", "cnerta", "--data-dir", "{d}/corpus", "--limit", "-1"),
+     ["--limit"]),
     ("decode --threads -1", decode_argv("--text", "北京", "--threads", "-1"), ["--threads"]),
     ("decode --device gpu0", decode_argv("--text", "北京", "--device", "gpu0"), ["--device", "gpu0"]),
     ("decode --pseudo-len -3", decode_argv("--text", "北京", "--pseudo-len", "-3"), ["--pseudo-len"]),

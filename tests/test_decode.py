@@ -28,7 +28,6 @@ from text import BOS, EOS, PAD  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
-
 # ------------------------------------------------------------------------------------------------------------
 # a toy step model: second-order Markov table + per-input bias (see reference/ref_beam_toy_make.py)
 
@@ -179,6 +178,11 @@ def slow_search(toy, bias, cfg, max_len, allowed_fn=None, pooled_char_fn=None, j
 
 # ------------------------------------------------------------------------------------------------------------
 # beam search
+
+
+def select_rows(enc, index):
+    """The encoder output of the rows in index (B',): what a slow reference decodes from."""
+    return type(enc)(*(t.index_select(0, index) for t in (enc.hidden, enc.padding_mask, enc.position)))
 
 
 def test_beam_search_equals_modelscope_sequence_generator():
@@ -688,7 +692,7 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
         for b, nbest in enumerate(hyps):
             for h in nbest:
                 seq = torch.tensor([[BOS] + h.tokens])
-                logits = model.decode(seq, enc.index_select(torch.tensor([b])))[0].float()
+                logits = model.decode(seq, select_rows(enc, torch.tensor([b])))[0].float()
                 logits[:, cfg.constraint_range[1]:] = -math.inf
                 lp = torch.log_softmax(logits, -1)
                 ref = lp.gather(1, torch.tensor(h.tokens + [EOS])[:, None])[:, 0]

@@ -201,3 +201,14 @@ def test_gazetteer_on_cnerta_dev_reproduces_the_issue():
     assert (r["tp"], r["pred"], r["gold"], r["train"]["strings"]) == (3069, 3946, 5889, 6578)
     assert [round(r[k], 1) for k in ("p", "r", "f1")] == [77.8, 52.1, 62.4]
     assert r["seen"]["unseen"]["found"] == 0 and r["seen"]["seen"]["gold"] == 3540
+
+
+@pytest.mark.parametrize("entity", [{"type": "PER", "start": "a", "end": 2}, {"type": "GPE", "start": 0, "end": 2},
+                                    {"type": "PER", "end": 2}, "张三", {"type": "PER", "start": True, "end": 2}])
+def test_malformed_prediction_entities_name_file_and_line(tmp_path, entity):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"id": "a", "task": "TNER", "entities": []}) + "\n"
+                    + json.dumps({"id": "b", "task": "TNER", "entities": [entity]}, ensure_ascii=False) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(evaluate.DataError, match=r"p\.jsonl:2: entity .* is not \{type"):
+        evaluate.read_predictions(path, "TNER")
