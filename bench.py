@@ -53,6 +53,7 @@ import torch.nn.functional as F
 
 import audio
 import data
+import devices
 import files
 import image
 import search
@@ -435,7 +436,7 @@ def bench_train(report, args, model, batch, ref, device, dtype):
     model.config.modelscope_padding = False
     model.train()
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    _, autocast, scaler = train.resolve_precision(precision, device)
+    _, autocast, scaler = devices.resolve_precision(precision, device)
     run_model = torch.compile(model) if args.compile else model
     optimizer = train.make_optimizer(model, TRAIN_RECIPE, device)
     tokens = (batch["target"] != PAD).sum()

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import audio
 import data
+import devices
 import evaluate
 import files
 import weights
@@ -84,21 +85,6 @@ class Request:
         if self.text is not None and self.has_speech:
             return "MNER"
         return "TNER" if self.text is not None else "SNER"
-
-
-def parse_device(name):
-    """--device of decode.py and train.py -> torch.device; a bad name or an absent GPU is an InputError."""
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise files.InputError(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise files.InputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise files.InputError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise files.InputError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return device
 
 
 class Recognizer:
@@ -542,7 +528,7 @@ def get_args(argv=None):
         p.error(str(e))
     if args.device is not None:
         try:
-            args.device = parse_device(args.device)
+            args.device = devices.parse_device(args.device)
         except files.InputError as e:
             p.error(str(e))
     return args

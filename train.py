@@ -39,7 +39,6 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -50,6 +49,7 @@ from tqdm import tqdm
 import data
 import decode
 import demo
+import devices
 import files
 import image
 import search
@@ -141,7 +141,8 @@ class TrainConfig:
     max_steps: int = setting(0, type=int, help="stop after this many optimizer steps (0: --epochs decides)")
     max_minutes: float = setting(type=float, help="stop training after this many minutes since start, then evaluate "
         "(0 = no limit; demo 13)")
-    max_bad_steps: int = setting(20, type=int, help="stop after this many non-finite losses in a row")
+    max_bad_steps: int = setting(20, type=int, help="stop after this many skipped steps in a row (non-finite loss or "
+        "gradients)")
     seed: int = setting(42, type=int, help="random seed: model init, data order, tasks, dropout, --train-size")
     # precision / speed
     device: torch.device | None = setting(None, help="cpu | cuda | cuda:N (default: the LOCAL_RANK GPU if there is "
@@ -204,7 +205,7 @@ def get_args(argv=None) -> TrainConfig:
     s["tasks"] = tasks
     if s.get("device") is not None:
         try:
-            s["device"] = decode.parse_device(s["device"])
+            s["device"] = devices.parse_device(s["device"])
         except files.InputError as e:
             p.error(str(e))
     if s["dataset"] != "demo" and s.get("data_dir") is None:
@@ -279,37 +280,7 @@ def make_optimizer(model, cfg, device):
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def resolve_precision(name, device):
-    """-> (name, autocast context, GradScaler)."""
-    if name == "auto":
-        name = "fp32" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
-    return name, autocast, scaler
 
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def append_jsonl(record, path):
@@ -468,9 +439,11 @@ def build_model(cfg, train, resume_ckpt, log):
 
 
 def train_step(objective, model, optimizer, scaler, micro, lr, clip, autocast=nullcontext(), world=1):
-    """One optimizer step over this rank's micro-batches (on the device) -> the step's loss: token losses summed
-    over the global batch (every micro-batch, every rank; DDP when world > 1) / its number of target tokens, so
-    accumulation and DDP give the update of one big batch. A non-finite loss (the same on every rank) skips it."""
+    """One optimizer step over this rank's micro-batches (on the device) -> (loss, skipped). loss: token losses
+    summed over the global batch (every micro-batch, every rank; DDP when world > 1) / its number of target tokens,
+    so accumulation and DDP give the update of one big batch. skipped: no update, because the loss or the gradient
+    norm is not finite (the same on every rank: gradients are all-reduced). With fp16's GradScaler an overflow is
+    the scaler's business (it skips the step and lowers its scale), so it does not count as skipped."""
     for g in optimizer.param_groups:
         g["lr"] = lr
     ddp = world > 1
@@ -488,14 +461,18 @@ def train_step(objective, model, optimizer, scaler, micro, lr, clip, autocast=nu
     if ddp:
         dist.all_reduce(step_loss)
     step_loss = (step_loss / tokens).item()
-    if math.isfinite(step_loss):
-        if clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
+    skipped = not math.isfinite(step_loss)
+    if not skipped:
+        scaler.unscale_(optimizer)                               # a no-op without fp16's scaler
+        # the norm is needed anyway: a finite loss can still give inf/NaN gradients (bf16/fp32), and clipping would
+        # then scale every gradient by NaN; clip 0 measures without clipping (x * 1.0 leaves the gradients as they are)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+        skipped = not scaler.is_enabled() and not math.isfinite(norm)
+        if not skipped:
+            scaler.step(optimizer)
+            scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss
+    return step_loss, skipped
 
 
 @dataclasses.dataclass
@@ -541,10 +518,10 @@ class Run:
     def checkpoint(self, kind):
         """last.pt: everything --resume needs; best.pt: model + assets only. RNG states of every rank, so every
         rank calls checkpoint("last") (a collective under DDP)."""
-        states = [rng_state()]
+        states = [devices.rng_state(self.device)]
         if self.world > 1 and kind == "last":
             states = [None] * self.world
-            dist.all_gather_object(states, rng_state())
+            dist.all_gather_object(states, devices.rng_state(self.device))
         if not self.master:
             return
         source = {"trainer": "train.py", "step": self.step,
@@ -612,12 +589,9 @@ def mean_f1(scores):
 
 
 def start_distributed(device):
-    """-> (device, rank, world size). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain "cuda" = this rank's GPU."""
+    """-> (device, rank, world size). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+    device = devices.resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:  # long timeout: rank 0 evaluates alone while the others wait at a barrier
@@ -686,7 +660,7 @@ def train(cfg):
     resume_ckpt = load_last(out / "last.pt") if cfg.resume else None
 
     # --- data and model ---
-    seed_everything(cfg.seed)  # model init identical on every rank
+    devices.seed_everything(cfg.seed)  # model init identical on every rank
     train_samples, dev_samples, test_samples = load_corpus(cfg, master, dist.barrier if ddp else (lambda: None))
     train_tasks, eval_tasks = corpus_tasks(train_samples, dev_samples, cfg.tasks, log)
     if train_tasks is None:
@@ -712,7 +686,7 @@ def train(cfg):
         entity_swap=data.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None)
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
-    dtype_name, autocast, scaler = resolve_precision(cfg.dtype, device)
+    dtype_name, autocast, scaler = devices.resolve_precision(cfg.dtype, device)
     model = model.to(device)
     run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, model=model, assets=assets,
               featurizer=featurizer, optimizer=make_optimizer(model, cfg, device), scaler=scaler, autocast=autocast,
@@ -745,27 +719,29 @@ def train(cfg):
         # Data order and dropout of an epoch derive from (seed, epoch, rank). On resume the epoch's iterator is
         # rebuilt from the same seed, the finished batches are skipped, then the RNG states saved at that step
         # are restored: the continuation is bit-identical to an uninterrupted run.
-        seed_everything(cfg.seed * 1_000_003 + run.epoch * 1_009 + rank)
+        devices.seed_everything(cfg.seed * 1_000_003 + run.epoch * 1_009 + rank)
         loader.set_epoch(run.epoch)
         batches = loader.batches(start=run.batch_in_epoch)
         if resume_ckpt is not None:
-            set_rng_state(resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world else resume_ckpt["rng"][0])
+            devices.set_rng_state(resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world else resume_ckpt["rng"][0],
+                          device)
             resume_ckpt = None
         while True:
             micro = [to_device(b, device) for _, b in zip(range(cfg.grad_accum), batches)]
             if not micro:
                 break
             lr = lr_at(run.step, total_steps, run.warmup_steps, cfg.lr, cfg.schedule)
-            loss = run.last_loss = train_step(objective, model, run.optimizer, scaler, micro, lr, cfg.clip,
-                                              autocast, world)
-            bad_steps = 0 if math.isfinite(loss) else bad_steps + 1
-            if bad_steps and master:  # the update was skipped
-                warnings.warn(f"step {run.step}: non-finite loss {loss}, update skipped "
+            loss, skipped = train_step(objective, model, run.optimizer, scaler, micro, lr, cfg.clip, autocast, world)
+            run.last_loss = loss
+            bad_steps = bad_steps + 1 if skipped else 0
+            if bad_steps and master:
+                warnings.warn(f"step {run.step}: non-finite loss ({loss}) or gradients, update skipped "
                               f"({bad_steps}/{cfg.max_bad_steps} in a row)")
             run.step += 1
             run.batch_in_epoch += len(micro)
             if bad_steps >= cfg.max_bad_steps:
-                raise SystemExit(f"stopping: {bad_steps} consecutive non-finite losses (lower --lr, try --dtype fp32)")
+                raise SystemExit(f"stopping: {bad_steps} consecutive non-finite losses or gradients (lower --lr, try "
+                                 "--dtype fp32)")
             progress.update(run.step, loss, lr, sum(len(b["target"]) for b in micro) * world)
 
             stop = run.step >= total_steps or run.stop_everywhere(time.time() - t_start > budget_s)

@@ -7,7 +7,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest rung first. A module may import modules of lower rungs only (not of its own rung).
 LADDER = [
     ("files",),                    # input errors, output checks, atomic writes
-    ("image", "audio", "demo"),    # the model | wav, resampling, fbank | the demo corpus
+    ("image", "audio", "demo", "devices"),  # the model | wav, resampling, fbank | the demo corpus | device,
+                                            # precision and RNG choices
     ("text",),                     # special ids, bracket tables, vocabulary, phones
     ("data", "weights", "search"),  # samples, linearization, features, batches | converter, checkpoint format |
                                     # DecodeOptions, beam search, bracket constraint, joint CTC scorer

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
+import devices  # noqa: E402
 import train  # noqa: E402
 import weights  # noqa: E402
 from numerics import EPS, K, excess, fp32_tol, model_terms  # noqa: E402
@@ -381,12 +382,13 @@ def test_train_step_is_one_token_mean_update_and_skips_non_finite_losses(corpus,
     featurizer = data.Featurizer(assets)
     micro = [data.collate([featurizer.inputs(s, "TNER") for s in samples[i:i + 2]]) for i in (0, 2)]
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
-    _, _, scaler = train.resolve_precision("fp32", torch.device("cpu"))
+    _, _, scaler = devices.resolve_precision("fp32", torch.device("cpu"))
     objective = train.Objective(model)
     with torch.no_grad():
         expected = (sum(objective(b) for b in micro) / sum((b["target"] != 1).sum() for b in micro)).item()
     before = [p.detach().clone() for p in model.parameters()]
-    loss = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0)
+    loss, skipped = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0)
+    assert not skipped
     assert excess(loss, expected, fp32_tol(expected, model_terms(model.config))) <= 1
     assert all(g["lr"] == 1e-3 for g in optimizer.param_groups) and len(optimizer.state) > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
@@ -396,9 +398,22 @@ def test_train_step_is_one_token_mean_update_and_skips_non_finite_losses(corpus,
     state = {k: v.clone() for k, v in optimizer.state[next(model.parameters())].items()}
     real = train.Objective.forward
     monkeypatch.setattr(train.Objective, "forward", lambda self, batch: real(self, batch) * float("nan"))
-    assert math.isnan(train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0))
+    loss, skipped = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0)
+    assert math.isnan(loss) and skipped
     assert all(torch.equal(a, p) for a, p in zip(after_one, model.parameters()))
     assert all(torch.equal(v, optimizer.state[next(model.parameters())][k]) for k, v in state.items())
+
+    # a finite loss with a non-finite gradient (bf16/fp32 have no scaler to catch it): skipped the same way, for
+    # clipping (which would scale every gradient by NaN) and without it
+    monkeypatch.setattr(train.Objective, "forward", real)
+    poison = next(model.parameters())
+    hook = poison.register_hook(lambda grad: grad * float("inf"))
+    for clip in (1.0, 0.0):
+        loss, skipped = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=clip)
+        assert math.isfinite(loss) and skipped, clip
+        assert all(torch.equal(a, p) for a, p in zip(after_one, model.parameters()))
+        assert all(torch.equal(v, optimizer.state[poison][k]) for k, v in state.items())
+    hook.remove()
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -407,9 +422,9 @@ def test_mixed_precision_step_on_cpu(corpus, dtype):
     args = train.get_args(base_args(corpus, "unused", "--dropout", "0"))
     samples = data.load_split("cnerta", corpus, "train", verbose=False)[:4]
     model, assets = train.build_model(args, samples, None, lambda *a: None)
-    name, autocast, scaler = train.resolve_precision(dtype, torch.device("cpu"))
+    name, autocast, scaler = devices.resolve_precision(dtype, torch.device("cpu"))
     assert name == dtype and scaler.is_enabled() == (dtype == "fp16")
-    assert train.resolve_precision("auto", torch.device("cpu"))[0] == "fp32"
+    assert devices.resolve_precision("auto", torch.device("cpu"))[0] == "fp32"
     batch = data.collate([data.Featurizer(assets).inputs(s, "TNER") for s in samples])
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]

@@ -1,0 +1,94 @@
+"""devices.py: where a run computes and how it draws random numbers: device, precision and RNG state choices.
+
+Plain functions, with the machine's facts passed in where a test on a CPU must stand in for a GPU (CUDA present,
+native bf16, the number of GPUs): resolve_device, choose_precision, rng_state / set_rng_state take them as arguments.
+"""
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+import files
+
+
+def parse_device(name):
+    """--device of decode.py and train.py -> torch.device; a bad name or an absent GPU is an InputError."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise files.InputError(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise files.InputError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise files.InputError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise files.InputError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def resolve_device(requested, local_rank, cuda_available):
+    """--device (None, cpu, cuda, cuda:N) -> the device of this rank: default its GPU if there is one, else the CPU;
+    a plain "cuda" means this rank's GPU, cuda:LOCAL_RANK (set_device and DDP's device_ids need an index)."""
+    device = torch.device(requested) if requested is not None else torch.device("cuda" if cuda_available else "cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def choose_precision(name, device_type, bf16_native):
+    """--dtype -> fp32 | bf16 | fp16. auto: fp32 off CUDA; bf16 where the GPU computes it natively (Ampere and
+    later); fp16 with a gradient scaler on GPUs that would only emulate bf16 (V100, T4, 20-series): slow."""
+    if name != "auto":
+        return name
+    return "fp32" if device_type != "cuda" else ("bf16" if bf16_native else "fp16")
+
+
+def native_bf16(device):
+    """Whether this CUDA device computes bf16 itself (torch.cuda.is_bf16_supported() also counts emulation)."""
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.3: no such argument; bf16 tensor cores arrived with compute capability 8.0
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(name, device):
+    """-> (name, autocast context, GradScaler)."""
+    name = choose_precision(name, device.type, native_bf16(device))
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    scaler = torch.amp.GradScaler(device.type, enabled=name == "fp16")
+    return name, autocast, scaler
+
+
+def rng_state(device, cuda=torch.cuda):
+    """This rank's random streams: python, numpy, torch's CPU one and its own GPU's (only this rank's device, not
+    every visible one: a run saved on an 8-GPU node may resume on one GPU). cuda: stands in for torch.cuda in tests."""
+    np_state = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+            "torch": torch.get_rng_state(),
+            "cuda": cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device, cuda=torch.cuda):
+    """Restores rng_state(device). Checkpoints written before kept a list of every visible GPU's state: this
+    device's entry is used when it exists. On a machine without that GPU the GPU stream is left as seeded."""
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    gpu = state.get("cuda")
+    if isinstance(gpu, list):
+        index = device.index or 0
+        gpu = gpu[index] if device.type == "cuda" and index < len(gpu) else None
+    if gpu is not None and device.type == "cuda" and (device.index or 0) < cuda.device_count():
+        cuda.set_rng_state(gpu, device)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

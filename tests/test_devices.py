@@ -1,0 +1,76 @@
+"""devices.py: device, precision and RNG-state choices, with the CUDA facts passed in (no GPU needed)."""
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import devices  # noqa: E402
+import files  # noqa: E402
+
+
+@pytest.mark.parametrize("requested, local_rank, cuda, expected", [
+    (None, 0, False, "cpu"), (None, 3, True, "cuda:3"), ("cuda", 2, True, "cuda:2"),   # plain cuda: this rank's GPU
+    ("cuda:1", 3, True, "cuda:1"), ("cpu", 1, True, "cpu"), (torch.device("cuda"), 1, True, "cuda:1")])
+def test_a_plain_cuda_device_is_this_ranks_gpu(requested, local_rank, cuda, expected):
+    device = devices.resolve_device(requested, local_rank, cuda)
+    assert device == torch.device(expected) and (device.type != "cuda" or device.index is not None)
+
+
+@pytest.mark.parametrize("name, device_type, native, expected", [
+    ("auto", "cpu", False, "fp32"), ("auto", "cuda", True, "bf16"),
+    ("auto", "cuda", False, "fp16"),        # V100, T4, 20-series: bf16 only emulated -> fp16 with a scaler
+    ("bf16", "cuda", False, "bf16"), ("fp32", "cuda", True, "fp32")])
+def test_auto_precision_needs_native_bf16(name, device_type, native, expected):
+    assert devices.choose_precision(name, device_type, native) == expected
+
+
+def test_bad_device_names_are_input_errors():
+    for name in ("gpu0", "mps"):
+        with pytest.raises(files.InputError, match=name):
+            devices.parse_device(name)
+
+
+class FakeCuda:
+    """torch.cuda as far as rng_state/set_rng_state use it, with `count` GPUs."""
+
+    def __init__(self, count):
+        self.count, self.restored = count, []
+
+    def device_count(self):
+        return self.count
+
+    def get_rng_state(self, device):
+        return torch.full((4,), device.index, dtype=torch.uint8)
+
+    def set_rng_state(self, state, device):
+        if (device.index or 0) >= self.count:
+            raise RuntimeError("no such device")            # what torch does for a GPU that is not there
+        self.restored.append((device.index, state.tolist()))
+
+
+def test_rng_state_holds_this_ranks_gpu_only_and_restores_on_fewer_gpus():
+    node = FakeCuda(8)
+    state = devices.rng_state(torch.device("cuda", 5), node)
+    assert state["cuda"].tolist() == [5] * 4                   # rank 5's own stream, not all eight
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)
+    one_gpu = FakeCuda(1)
+    devices.set_rng_state({**devices.rng_state(torch.device("cuda", 0), one_gpu), "cuda": state["cuda"]},
+                          torch.device("cuda", 0), one_gpu)   # resumed on a one-GPU machine as rank 0
+    assert one_gpu.restored == [(0, [5] * 4)]
+    # the checkpoints of before: every visible GPU's state in a list; a rank takes its own entry, if there is one
+    old = {**state, "cuda": [torch.full((4,), i, dtype=torch.uint8) for i in range(8)]}
+    devices.set_rng_state(old, torch.device("cuda", 0), one_gpu)
+    assert one_gpu.restored[-1] == (0, [0] * 4)
+    devices.set_rng_state({**old, "cuda": old["cuda"][:1]}, torch.device("cuda", 3), FakeCuda(8))  # no entry: kept
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    saved = devices.rng_state(torch.device("cpu"))
+    assert saved["cuda"] is None
+    random.random(), np.random.rand(), torch.rand(1)
+    devices.set_rng_state(saved, torch.device("cpu"))
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
