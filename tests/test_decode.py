@@ -23,6 +23,7 @@ import weights  # noqa: E402
 from search import DecodeOptions, beam_search  # noqa: E402
 from numerics import excess, fp32_tol, model_terms  # noqa: E402
 from test_evaluate import result  # noqa: E402
+from test_image import select_rows  # noqa: E402
 from text import BOS, EOS, PAD  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -178,11 +179,6 @@ def slow_search(toy, bias, cfg, max_len, allowed_fn=None, pooled_char_fn=None, j
 
 # ------------------------------------------------------------------------------------------------------------
 # beam search
-
-
-def select_rows(enc, index):
-    """The encoder output of the rows in index (B',): what a slow reference decodes from."""
-    return type(enc)(*(t.index_select(0, index) for t in (enc.hidden, enc.padding_mask, enc.position)))
 
 
 def test_beam_search_equals_modelscope_sequence_generator():
