@@ -250,13 +250,20 @@ def speed_perturb(x, factor, sample_rate=SAMPLE_RATE):
     """sox `speed factor` + `rate sample_rate`: play x (..., N) as if recorded at factor x the rate (pitch and
     tempo change). The length becomes round(N / factor), as sox's; factor 1.0 returns x itself.
     """
+    if factor == 1.0:
+        return x
+    return resample(x, round(factor * sample_rate), sample_rate)[..., : perturbed_length(x.shape[-1], factor,
+                                                                                         sample_rate)]
+
+
+def perturbed_length(n: int, factor: float, sample_rate=SAMPLE_RATE) -> int:
+    """Samples of n samples after speed_perturb(factor): round(n / factor) at the resampler's rational factor."""
     if factor <= 0:
         raise ValueError(f"speed_perturb: factor must be positive, got {factor}")
     if factor == 1.0:
-        return x
+        return n
     orig = round(factor * sample_rate)
-    n = x.shape[-1]
-    return resample(x, orig, sample_rate)[..., : (2 * n * sample_rate + orig) // (2 * orig)]
+    return (2 * n * sample_rate + orig) // (2 * orig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

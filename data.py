@@ -555,10 +555,10 @@ def collate(items: list[dict]) -> dict:
                                   "phone_lengths", "text_present", "decoder_input", "target")}
 
 
-def _wav_frames(path) -> int:
-    """fbank frames (25 ms window, 10 ms shift, snip_edges) of a wav at 16 kHz, from its header."""
+def _wav_samples(path) -> int:
+    """Samples of a wav once at 16 kHz, from its header."""
     info = audio.wav_info(path)
-    return audio.num_fbank_frames(info.frames * audio.SAMPLE_RATE // info.sample_rate)
+    return info.frames * audio.SAMPLE_RATE // info.sample_rate
 
 
 PSEUDO_FRAMES = audio.num_fbank_frames(PSEUDO_SPEECH_SAMPLES)
@@ -636,39 +636,50 @@ class BatchBuilder(torch.utils.data.Dataset):
 
 
 class Loader:
-    """The one batching path (see make_loader): batch_plan() decides the batches of an epoch, (sample index, task,
-    speed) per row; batches() builds them (BatchBuilder) in a DataLoader. Iterating the loader = batches()."""
+    """The one batching path (see make_loader). An epoch is a list of steps; a step is one global batch (the rows
+    of one optimizer step on all ranks together), (sample index, task, speed) per row. batch_plan() decides the
+    steps, rank_steps() this rank's share of each step split into micro-batches, batches() builds them
+    (BatchBuilder) in a DataLoader. Iterating the loader = batches(): one list of collated micro-batches a step."""
 
     def __init__(self, samples, featurizer, batch_size, train, task_mix, tasks, seed, num_workers, rank,
-                 world_size, speeds, bucket_pool, ctc_classes, entity_swap):
+                 world_size, speeds, bucket_pool, ctc_classes, entity_swap, grad_accum=1, max_frames=0,
+                 pin_memory=False):
         bad = [t for t in tasks if t not in TASKS]
         if bad or not tasks:
             raise ValueError(f"tasks {tasks!r}: choose from {', '.join(TASKS)}")
         if task_mix not in ("uniform", "coin") or (train and task_mix == "coin" and set(tasks) != set(TASKS)):
             raise ValueError(f"task_mix {task_mix!r}: 'uniform' (any tasks) or 'coin' (all three tasks)")
-        if batch_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"batch_size {batch_size}, rank {rank}, world_size {world_size}")
+        if batch_size < 1 or not 0 <= rank < world_size or grad_accum < 1 or max_frames < 0:
+            raise ValueError(f"batch_size {batch_size}, rank {rank}, world_size {world_size}, grad_accum "
+                             f"{grad_accum}, max_frames {max_frames}")
+        if train and batch_size < world_size:
+            raise ValueError(f"a global batch of {batch_size} rows cannot give each of {world_size} ranks a row")
         self.samples, self.featurizer, self.batch_size, self.train = samples, featurizer, batch_size, train
         self.task_mix, self.tasks, self.seed, self.rank, self.world_size = task_mix, tuple(tasks), seed, rank, world_size
+        self.grad_accum, self.max_frames = grad_accum, max_frames
         self.speeds = tuple(speeds) if train else (1.0,)
         self.bucket_pool, self.epoch, self._plan = bucket_pool, 0, None
         self.target_len = [len(linearize(s.text, s.entities)) + 1 for s in samples]
-        self.frames = [_wav_frames(s.audio) if s.audio else 0 for s in samples]
+        self.wav_samples = [_wav_samples(s.audio) if s.audio else 0 for s in samples]
         self.builder = BatchBuilder(samples, featurizer, ctc_classes, entity_swap)
-        # the sampler: the plan entries of the epoch being iterated, refilled in place by batches(), so that one
+        # the sampler: the micro-batches of the epoch being iterated, refilled in place by batches(), so that one
         # DataLoader serves every epoch and persistent workers keep their feature caches
         self._entries = []
         self._loader = torch.utils.data.DataLoader(self.builder, sampler=self._entries, batch_size=None,
-                                                   num_workers=num_workers, persistent_workers=num_workers > 0)
+                                                   num_workers=num_workers, persistent_workers=num_workers > 0,
+                                                   pin_memory=pin_memory)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def batches(self, start: int = 0):
-        """Iterator over the collated batches of this epoch from batch `start` on (a resumed run skips the finished
-        ones). Starting it draws the DataLoader's base seed from torch's global RNG, as any DataLoader does."""
-        self._entries[:] = [(self.epoch, rows) for rows in self.batch_plan()[start:]]
-        return iter(self._loader)
+        """Iterator over this epoch's steps from step `start` on (a resumed run skips the finished ones): for each,
+        the list of this rank's collated micro-batches. Starting it draws the DataLoader's base seed from torch's
+        global RNG, as any DataLoader does."""
+        steps = self.rank_steps()[start:]
+        self._entries[:] = [(self.epoch, rows) for micro in steps for rows in micro]
+        built = iter(self._loader)  # now, not at the first step: a resumed run restores its RNG state after this
+        return ([next(built) for _ in micro] for micro in steps)
 
     def __iter__(self):
         return self.batches()
@@ -677,14 +688,49 @@ class Loader:
         return len(self.batch_plan())
 
     def batch_plan(self) -> list[list[tuple[int, str, float]]]:
+        """The steps of this epoch. Training: every rank's global batches, batch_size rows each, the same for any
+        world size, --grad-accum and frame budget (so a run resumes on other hardware with the same data). Not
+        training: this rank's batches."""
         if self._plan is None or self._plan[0] != self.epoch:
             self._plan = (self.epoch, self._make_plan(random.Random(f"{self.seed}:{self.epoch}")))
         return self._plan[1]
 
-    def _length(self, item) -> float:
+    def rank_steps(self) -> list[list[list[tuple[int, str, float]]]]:
+        """This rank's share of every step, split into micro-batches: [step][micro-batch][row]. A step's rows (sorted
+        by length) go to the ranks in world_size contiguous parts, each rank's into grad_accum: so 2 ranks x 1 and
+        1 rank x 2 micro-batches sum the very same micro-batches (with a row count that divides evenly)."""
+        if not self.train:
+            return [self.split(rows, 1) for rows in self.batch_plan()]
+        return [self.split(near_equal_parts(rows, self.world_size)[self.rank], self.grad_accum)
+                for rows in self.batch_plan()]
+
+    def split(self, rows, parts) -> list[list[tuple[int, str, float]]]:
+        """Rows of one rank and step, in order -> micro-batches: `parts` near-equal contiguous parts, each cut further
+        where its padded fbank frames (rows x the longest row's frames) would exceed max_frames (0 = no budget). A
+        row over the budget is a micro-batch alone."""
+        out = []
+        for part in near_equal_parts(rows, parts):
+            micro, longest = [], 0.0
+            for item in part:
+                frames = max(longest, self.frames(item))
+                if micro and self.max_frames and (len(micro) + 1) * frames > self.max_frames:
+                    out.append(micro)
+                    micro, frames = [], self.frames(item)
+                micro.append(item)
+                longest = frames
+            out += [micro] if micro else []
+        return out
+
+    def frames(self, item) -> int:
+        """fbank frames of a row (speech at its speed, or the pseudo speech)."""
         i, task, speed = item
-        frames = self.frames[i] / speed if task in ("SNER", "MNER") else PSEUDO_FRAMES
-        return frames + (self.target_len[i] if task != NEITHER else self.featurizer.neither_len + 1)
+        if task not in ("SNER", "MNER"):
+            return PSEUDO_FRAMES
+        return audio.num_fbank_frames(audio.perturbed_length(self.wav_samples[i], speed))
+
+    def _length(self, item) -> float:
+        i, task, _ = item
+        return self.frames(item) + (self.target_len[i] if task != NEITHER else self.featurizer.neither_len + 1)
 
     def _draw(self, rng) -> list[tuple[int, str, float]]:
         """Tasks of this epoch. uniform: among samples with audio a seeded permutation deals the tasks in turn
@@ -715,28 +761,43 @@ class Loader:
             items.sort(key=self._length)
             return [items[b: b + bs] for b in range(0, len(items), bs)][self.rank:: self.world_size]
         rng.shuffle(items)
-        if self.world_size > 1 and items:  # wrap around so every rank gets as many full batches
-            total = -(-len(items) // (bs * self.world_size)) * bs * self.world_size
-            items = (items * (total // len(items) + 1))[:total]
+        if items and len(items) % bs:  # every step takes batch_size rows: the last one wraps to the epoch's start
+            items += items[: bs - len(items) % bs]
         batches, pool = [], bs * self.bucket_pool
         for p in range(0, len(items), pool):  # sort within pools of bucket_pool batches: similar lengths together
             chunk = sorted(items[p: p + pool], key=self._length)
             batches += [chunk[b: b + bs] for b in range(0, len(chunk), bs)]
         rng.shuffle(batches)
-        return batches[self.rank:: self.world_size]
+        return batches
+
+
+def near_equal_parts(rows: list, n: int) -> list[list]:
+    """rows in n contiguous parts whose sizes differ by at most one, the longer ones first (some empty if n > rows)."""
+    base, extra = divmod(len(rows), n)
+    parts, at = [], 0
+    for k in range(n):
+        size = base + (k < extra)
+        parts.append(rows[at: at + size])
+        at += size
+    return parts
 
 
 def make_loader(samples, featurizer: Featurizer, batch_size: int, train: bool, task_mix: str = "uniform",
                 tasks=TASKS, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                 speeds=(0.9, 1.0, 1.1), bucket_pool: int = 100, ctc_classes: int = 0,
-                entity_swap: EntitySwap | None = None) -> Loader:
-    """Batches of collated inputs (train.py's and every test's). train: tasks and speed perturbation (speeds, for
-    real speech) redrawn per epoch (call set_epoch), batches of similar length (sorted within pools of bucket_pool
-    batches) in shuffled order; with world_size > 1 every rank gets the same number of full batches (samples repeat
-    to fill). Not train: every sample for every task in `tasks` it can do (SNER/MNER need audio), speed 1.0, sorted
-    by length; use batch_plan() to map rows back to samples. ctc_classes, entity_swap: see BatchBuilder."""
+                entity_swap: EntitySwap | None = None, grad_accum: int = 1, max_frames: int = 0,
+                pin_memory: bool = False) -> Loader:
+    """Batches of collated inputs (train.py's and every test's). train: batch_size is the global batch of one
+    optimizer step, tasks and speed perturbation (speeds, for real speech) redrawn per epoch (call set_epoch),
+    steps of similar length (sorted within pools of bucket_pool steps) in shuffled order, the last step of an epoch
+    filled up with its first rows; rank r of world_size takes the r-th of world_size contiguous near-equal parts of
+    each step's rows (sorted by length; with a remainder the first ranks one row more), split into grad_accum
+    micro-batches and further by max_frames (padded fbank frames per micro-batch; 0 = no budget). Not train: every
+    sample for every task in `tasks` it can do (SNER/MNER need audio), speed 1.0, sorted by length, batches of
+    batch_size dealt to the ranks in turn; use batch_plan() to map rows back to samples. ctc_classes, entity_swap:
+    see BatchBuilder. pin_memory: page-locked batches, so that copies to a GPU are asynchronous."""
     return Loader(samples, featurizer, batch_size, train, task_mix, tasks, seed, num_workers, rank, world_size,
-                  speeds, bucket_pool, ctc_classes, entity_swap)
+                  speeds, bucket_pool, ctc_classes, entity_swap, grad_accum, max_frames, pin_memory)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ constant (or linear decay), global batch 12, 50 epochs, clipping at 1.0, teacher
 bracketed target, tasks MNER:SNER:TNER 1:1:1 redrawn every epoch (data.make_loader). The loss of one optimizer
 step is the sum of token losses over the whole global batch (all micro-batches, all ranks) divided by its number
 of target tokens, so gradient accumulation and DDP give the same update as one big batch (train_step).
---batch-size is that global batch; each rank's micro-batch is batch_size / (world_size * grad_accum).
+--batch-size is that global batch, the same rows on any number of ranks: each rank takes a near-equal contiguous part
+of each step, split into --grad-accum micro-batches and further by --max-frames (data.make_loader).
 
 Named recipes (RECIPES) apply under explicit flags: explicit flag > demo > official > paper. --dataset demo
 applies the demo recipe (tiny model with narrow conv subsampling from scratch on CPU, lr 2e-3 with linear decay
@@ -100,9 +101,11 @@ class TrainConfig:
         "0.9,1.0,1.1; demo 1.0)")
     entity_swap: float = setting(0.0, type=float, help="probability that an entity of a text-only (TNER) training "
         "row is replaced by a training mention of the same type (data.EntitySwap; flat entities only; 0 = off)")
-    feature_cache: str | None = setting(None, help="folder for a disk cache of fbank features, shared by workers "
-        "and runs")
-    workers: int = setting(0, type=int, help="DataLoader worker processes per rank (persistent; 0 = in the loop)")
+    feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
+        "runs; auto = ~/.cache/image/fbank on a GPU (features are not recomputed every epoch), none on a CPU; "
+        "'none' = off")
+    workers: int | None = setting(None, type=int, help="DataLoader worker processes per rank (persistent; 0 = in "
+        "the loop; default: on a GPU up to 4 per rank as the CPU cores allow, on a CPU 0)")
     # model
     init: str | None = setting(None, help="start from this checkpoint in our format (e.g. a converted MMSpeech)")
     preset: str = setting(choices=["tiny", "base", "large"], help="model size when training from scratch (no "
@@ -129,7 +132,12 @@ class TrainConfig:
     # optimisation
     epochs: int = setting(type=int, help="training epochs (default 50; demo 14, cut by --max-minutes)")
     batch_size: int = setting(type=int, help="global batch of one optimizer step (default 12; demo 16)")
-    grad_accum: int = setting(1, type=int, help="micro-batches accumulated per optimizer step and rank")
+    grad_accum: int = setting(1, type=int, help="micro-batches accumulated per optimizer step and rank (at least: "
+        "--max-frames may split further)")
+    max_frames: int = setting(0, type=int, help="memory budget of one micro-batch in padded fbank frames (rows x "
+        "the longest row's frames; 100 frames = 1 s): a step's rows are split into more accumulated micro-batches "
+        "where they exceed it; the step, its task mix and its loss are unchanged (0 = no budget; see bench.py "
+        "memory for a value that fits a GPU)")
     lr: float = setting(type=float, help="peak learning rate (default 1e-5; --official 2e-5; demo 2e-3)")
     weight_decay: float = setting(0.01, type=float, help="AdamW weight decay, on parameters with ndim >= 2 only")
     beta2: float = setting(0.999, type=float, help="AdamW beta2")
@@ -225,8 +233,9 @@ def get_args(argv=None) -> TrainConfig:
     for name in ("epochs", "batch_size", "grad_accum", "beam", "pseudo_len", "eval_batch_size", "log_every"):
         if s.get(name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
-    if s.get("workers", 0) < 0:
-        p.error(f"--workers must be >= 0, got {s['workers']}")
+    for name in ("workers", "max_frames"):
+        if (s.get(name) or 0) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {s[name]}")
     if not 0 <= s.get("beta2", 0.999) < 1:   # NaN fails it too
         p.error(f"--beta2 must be in [0, 1), got {s['beta2']}")
     if not (0 < s["lr"] < math.inf and 0 <= s["warmup"] < math.inf):  # NaN fails both comparisons
@@ -291,19 +300,38 @@ def append_jsonl(record, path):
 
 
 # what --resume needs beyond the model: best.pt has none of it
-RESUME_KEYS = ("optimizer", "step", "epoch", "batch_in_epoch", "best_f1", "rng", "world_size", "micro_batch")
+RESUME_KEYS = ("optimizer", "step", "epoch", "best_f1", "rng", "world_size")
+# the settings that decide an epoch's steps (data.Loader.batch_plan): a resumed run must have the same
+PLAN_KEYS = ("batch_size", "seed", "tasks", "mix", "speeds", "train_size")
 
 
-def load_last(path):
-    """OUT/last.pt for --resume; a missing, unreadable or wrong kind of file is an InputError naming it."""
+def load_last(path, cfg):
+    """OUT/last.pt for --resume; a missing, unreadable or wrong kind of file, or one trained with other PLAN_KEYS
+    settings (its steps would be other rows), is an InputError naming it. A last.pt of a train.py before
+    global-batch plans (batch_in_epoch: this rank's micro-batches) gets step_in_epoch."""
     if not path.is_file():
         raise files.InputError(f"--resume: no checkpoint {path}" + (" (a folder)" if path.is_dir() else ""))
     ckpt = weights.load_torch_file(str(path), "--resume checkpoint")
     missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise files.InputError(f"{path}: not a last.pt written by train.py (no {', '.join(missing)}; best.pt keeps "
-                               "only the model, --resume needs the run's last.pt)")
-    return weights.migrate(ckpt, str(path))
+    if missing or not ("step_in_epoch" in ckpt or "batch_in_epoch" in ckpt):
+        raise files.InputError(f"{path}: not a last.pt written by train.py (no {', '.join(missing or ['step_in_epoch'])}"
+                               "; best.pt keeps only the model, --resume needs the run's last.pt)")
+    ckpt = weights.migrate(ckpt, str(path))
+    plan = ckpt.get("plan") or {}
+    changed = [f"--{k.replace('_', '-')} {plan[k]} (now {v})" for k, v in plan_settings(cfg).items()
+               if k in plan and plan[k] != v]
+    if changed:
+        raise files.InputError(f"--resume: {path} was trained with " + ", ".join(changed) + ": its steps would "
+                               "be other rows; resume with the run's settings, or start afresh in another --out")
+    if "step_in_epoch" not in ckpt:
+        accum = int(((ckpt["source"] or {}).get("args") or {}).get("grad_accum", 1))
+        ckpt = {**ckpt, "step_in_epoch": ckpt["batch_in_epoch"] // accum}
+    return ckpt
+
+
+def plan_settings(cfg):
+    """PLAN_KEYS of a run, as last.pt stores them."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items() if k in PLAN_KEYS}
 
 
 def to_device(batch, device):
@@ -491,29 +519,40 @@ class Run:
     scaler: torch.amp.GradScaler
     autocast: object
     eval_tasks: tuple
-    micro_batch: int
-    batches_per_epoch: int              # micro-batches of one epoch on this rank
+    steps_per_epoch: int
     total_steps: int
     warmup_steps: int
     t_start: float
     master: bool = dataclasses.field(init=False)
     step: int = 0
     epoch: int = 0
-    batch_in_epoch: int = 0
+    step_in_epoch: int = 0
     best_f1: float = -1.0
     last_loss: float = float("nan")
 
     def __post_init__(self):
         self.master = self.rank == 0
 
+    def split(self):
+        """How this run splits a step: on other values a resumed run sums the same gradients in another order."""
+        return {"world_size": self.world, "grad_accum": self.cfg.grad_accum, "max_frames": self.cfg.max_frames}
+
     def resume(self, ckpt):
-        """Optimizer, scaler and counters of a last.pt (the RNG states are restored at the loop's first batch)."""
+        """Optimizer, scaler and counters of a last.pt (the RNG states are restored at the loop's first step) ->
+        a note when the continuation is not bit-identical, else None."""
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"]
+        self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
         self.best_f1 = ckpt["best_f1"]
-        return ckpt["world_size"] == self.world and ckpt["micro_batch"] == self.micro_batch
+        if ckpt.get("plan") is None:
+            return ("note: last.pt was written by an older train.py whose batches differ: the run continues at the "
+                    "same step of the epoch, on other data than the interrupted run would have seen")
+        if ckpt["split"] != self.split():
+            return (f"note: the step is split otherwise than at saving ({ckpt['split']} -> {self.split()}): the same "
+                    "steps in the same order, but gradients summed in another order and, with dropout, other dropout "
+                    "masks, so not bit-identical to the uninterrupted run")
+        return None
 
     def checkpoint(self, kind):
         """last.pt: everything --resume needs; best.pt: model + assets only. RNG states of every rank, so every
@@ -536,8 +575,9 @@ class Run:
             self.model.config, self.model.state_dict(), self.assets, source, optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
             scheduler={"kind": self.cfg.schedule, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps},
-            step=self.step, epoch=self.epoch, batch_in_epoch=self.batch_in_epoch, best_f1=self.best_f1, rng=states,
-            world_size=self.world, micro_batch=self.micro_batch, seed=self.cfg.seed, loss=self.last_loss)
+            step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch, best_f1=self.best_f1, rng=states,
+            world_size=self.world, split=self.split(), plan=plan_settings(self.cfg), seed=self.cfg.seed,
+            loss=self.last_loss)
         weights.save_checkpoint(ckpt, str(self.out / "last.pt"))
 
     def evaluate(self, split, samples, tag):
@@ -553,11 +593,13 @@ class Run:
                                           options=options, batch_size=cfg.eval_batch_size, evaluator=cfg.evaluator,
                                           device=self.device, assets=self.assets)
         self.model.train()
+        if self.device.type == "cuda":  # the search's caches go back to the allocator before training resumes
+            torch.cuda.empty_cache()
         other = "official" if cfg.evaluator == "ours" else "ours"
         scores = {t: {"p": s["p"], "r": s["r"], "f1": s["f1"], f"f1_{other}": s[other]["f1"], "cer": s["cer"]}
                   for t, s in found.items()}
         record = {"split": split, **scores, "mean_f1": mean_f1(scores), "step": self.step,
-                  "epoch": round(self.epoch + self.batch_in_epoch / max(1, self.batches_per_epoch), 3),
+                  "epoch": round(self.epoch + self.step_in_epoch / max(1, self.steps_per_epoch), 3),
                   "checkpoint": tag, "minutes": round((time.time() - self.t_start) / 60, 2)}
         append_jsonl(record, self.out / "metrics.jsonl")
         tqdm.write(f"[{split} @ step {self.step}] " + "  ".join(f"{t} F1 {s['f1']:.2f}" for t, s in scores.items()))
@@ -597,6 +639,25 @@ def start_distributed(device):
     if world > 1:  # long timeout: rank 0 evaluates alone while the others wait at a barrier
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
     return device, rank, world
+
+
+def default_workers(device, ranks_on_this_machine):
+    """DataLoader workers per rank when --workers is not given: on a GPU up to 4, as the CPU cores allow (one core
+    stays with each rank's own loop), so that fbank and collation overlap the GPU's work; on a CPU 0 (the cores
+    already run the model)."""
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) // max(1, ranks_on_this_machine) - 1))
+
+
+def feature_cache_dir(name, device):
+    """--feature-cache -> folder or None: auto = a cache shared by runs on a GPU (where recomputing every row's
+    fbank every epoch would starve it), none on a CPU (the model, not fbank, takes the time)."""
+    if name == "none" or (name == "auto" and device.type != "cuda"):
+        return None
+    if name == "auto":
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "image" / "fbank"
+    return Path(name)
 
 
 def check_outputs(out):
@@ -650,14 +711,16 @@ def train(cfg):
     ddp, master = world > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
     log(recipe_line(cfg))
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise files.InputError(f"--batch-size {cfg.batch_size} must be divisible by world size {world} x "
-                               f"--grad-accum {cfg.grad_accum}")
-    micro_batch = cfg.batch_size // (world * cfg.grad_accum)
+    if cfg.batch_size < world:
+        raise files.InputError(f"--batch-size {cfg.batch_size} is the global batch: it needs a row for each of the "
+                               f"{world} ranks")
     out = Path(cfg.out)
+    feature_cache = feature_cache_dir(cfg.feature_cache, device)
     if master:
         check_outputs(out)
-    resume_ckpt = load_last(out / "last.pt") if cfg.resume else None
+        if feature_cache is not None:
+            files.check_output_dir(feature_cache, "--feature-cache")
+    resume_ckpt = load_last(out / "last.pt", cfg) if cfg.resume else None
 
     # --- data and model ---
     devices.seed_everything(cfg.seed)  # model init identical on every rank
@@ -678,31 +741,38 @@ def train(cfg):
         cfg.decode_ctc_weight = 0.5 if cfg.ctc_weight else 0.0
     assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": cfg.decode_ctc_weight}
     assets["pseudo_text_len"] = cfg.pseudo_len  # part of the checkpoint: decoding needs the same pseudo text
-    featurizer = data.Featurizer(assets, pseudo_text_len=cfg.pseudo_len, cache_dir=cfg.feature_cache)
+    featurizer = data.Featurizer(assets, pseudo_text_len=cfg.pseudo_len, cache_dir=feature_cache)
+    workers = cfg.workers if cfg.workers is not None else default_workers(device, int(os.environ.get(
+        "LOCAL_WORLD_SIZE", "1")))
     loader = data.make_loader(
-        train_samples, featurizer, micro_batch, train=True, task_mix=cfg.mix, tasks=train_tasks, seed=cfg.seed,
-        num_workers=cfg.workers, rank=rank, world_size=world, speeds=cfg.speeds,
+        train_samples, featurizer, cfg.batch_size, train=True, task_mix=cfg.mix, tasks=train_tasks, seed=cfg.seed,
+        num_workers=workers, rank=rank, world_size=world, speeds=cfg.speeds, grad_accum=cfg.grad_accum,
+        max_frames=cfg.max_frames, pin_memory=device.type == "cuda",
         ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
         entity_swap=data.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None)
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    steps_per_epoch = len(loader)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     dtype_name, autocast, scaler = devices.resolve_precision(cfg.dtype, device)
     model = model.to(device)
     run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, model=model, assets=assets,
               featurizer=featurizer, optimizer=make_optimizer(model, cfg, device), scaler=scaler, autocast=autocast,
-              eval_tasks=eval_tasks, micro_batch=micro_batch, batches_per_epoch=len(loader), total_steps=total_steps,
+              eval_tasks=eval_tasks, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
               warmup_steps=round(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup), t_start=t_start)
     objective = Objective(model, cfg.ctc_weight)
-    if cfg.compile:
+    if ddp:  # gradients live in DDP's buckets: no second copy of every gradient (2.4 GB on large)
+        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                        gradient_as_bucket_view=True)
+    if cfg.compile:  # after DDP, so that DDP's hooks stay outside the graph and its buckets overlap the backward
         objective = torch.compile(objective)
-    if ddp:
-        objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if resume_ckpt is not None:
-        if not run.resume(resume_ckpt):
-            log("warning: world size or micro-batch changed since the checkpoint: the run continues, not exactly")
-        log(f"resumed from {out / 'last.pt'} at step {run.step} (epoch {run.epoch}, batch {run.batch_in_epoch})")
+        note = run.resume(resume_ckpt)
+        if note:
+            log(note)
+        log(f"resumed from {out / 'last.pt'} at step {run.step} (epoch {run.epoch}, step {run.step_in_epoch} of "
+            f"{steps_per_epoch})")
     log("config:", json.dumps({**vars(cfg), "world_size": world, "device": str(device), "dtype": dtype_name,
-                               "micro_batch": micro_batch, "train_tasks": train_tasks, "eval_tasks": eval_tasks,
+                               "workers": workers, "feature_cache": feature_cache and str(feature_cache),
+                               "train_tasks": train_tasks, "eval_tasks": eval_tasks,
                                "train_sentences": len(train_samples), "dev_sentences": len(dev_samples),
                                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                                "warmup_steps": run.warmup_steps,
@@ -721,15 +791,13 @@ def train(cfg):
         # are restored: the continuation is bit-identical to an uninterrupted run.
         devices.seed_everything(cfg.seed * 1_000_003 + run.epoch * 1_009 + rank)
         loader.set_epoch(run.epoch)
-        batches = loader.batches(start=run.batch_in_epoch)
+        steps = loader.batches(start=run.step_in_epoch)
         if resume_ckpt is not None:
-            devices.set_rng_state(resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world else resume_ckpt["rng"][0],
-                          device)
+            saved = resume_ckpt["rng"]
+            devices.set_rng_state(saved[rank] if len(saved) == world else saved[0], device)
             resume_ckpt = None
-        while True:
-            micro = [to_device(b, device) for _, b in zip(range(cfg.grad_accum), batches)]
-            if not micro:
-                break
+        for micro in steps:
+            micro = [to_device(b, device) for b in micro]
             lr = lr_at(run.step, total_steps, run.warmup_steps, cfg.lr, cfg.schedule)
             loss, skipped = train_step(objective, model, run.optimizer, scaler, micro, lr, cfg.clip, autocast, world)
             run.last_loss = loss
@@ -738,14 +806,14 @@ def train(cfg):
                 warnings.warn(f"step {run.step}: non-finite loss ({loss}) or gradients, update skipped "
                               f"({bad_steps}/{cfg.max_bad_steps} in a row)")
             run.step += 1
-            run.batch_in_epoch += len(micro)
+            run.step_in_epoch += 1
             if bad_steps >= cfg.max_bad_steps:
                 raise SystemExit(f"stopping: {bad_steps} consecutive non-finite losses or gradients (lower --lr, try "
                                  "--dtype fp32)")
-            progress.update(run.step, loss, lr, sum(len(b["target"]) for b in micro) * world)
+            progress.update(run.step, loss, lr, cfg.batch_size)
 
             stop = run.step >= total_steps or run.stop_everywhere(time.time() - t_start > budget_s)
-            if eval_due(cfg, run.step, run.epoch, end_of_epoch=run.batch_in_epoch >= len(loader)) or stop:
+            if eval_due(cfg, run.step, run.epoch, end_of_epoch=run.step_in_epoch >= steps_per_epoch) or stop:
                 run.validate(dev_samples)
                 evaluated_at = run.step
             elif cfg.save_every and run.step % cfg.save_every == 0:
@@ -753,7 +821,7 @@ def train(cfg):
             if stop:
                 break
         if not stop:
-            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            run.epoch, run.step_in_epoch = run.epoch + 1, 0
     progress.bar.close()
 
     # --- final evaluation: best.pt on the test split ---

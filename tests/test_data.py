@@ -303,7 +303,10 @@ def test_inputs_per_task(corpus, featurizer):
     assert text["phones"].tolist() == [featurizer.phone_id[u] for u in units]
     assert text["phone_chars"].tolist() == [featurizer.vocab.encode(s.text)[i] for i in which]
     assert torch.equal(rows["TNER"]["fbank"], rows[data.NEITHER]["fbank"])  # the same pseudo speech
-    assert rows["SNER"]["fbank"].shape[0] == data._wav_frames(s.audio) and rows["TNER"]["fbank"].shape[0] == 61
+    assert rows["TNER"]["fbank"].shape[0] == 61
+    loader = data.make_loader([s], featurizer, 1, train=True, tasks=("SNER",))   # the frame budget's count: exact
+    for speed in (0.9, 1.0, 1.1):
+        assert loader.frames((0, "SNER", speed)) == featurizer.inputs(s, "SNER", speed)["fbank"].shape[0], speed
     with pytest.raises(ValueError, match="needs audio"):
         featurizer.inputs(corpus[10], "MNER")
     with pytest.raises(ValueError, match="pseudo phone '#1'"):
@@ -347,7 +350,8 @@ def test_uniform_mix_is_one_third_each_and_redrawn_per_epoch(tmp_path, featurize
     for epoch in range(2):
         loader.set_epoch(epoch)
         items = [it for b in loader.batch_plan() for it in b]
-        assert sorted(i for i, _, _ in items) == list(range(300))
+        assert sorted({i for i, _, _ in items}) == list(range(300))
+        assert len(items) == 304 and all(len(b) == 8 for b in loader.batch_plan())  # the last step fills up
         tasks = {i: t for i, t, _ in items}
         counts = collections.Counter(tasks[i] for i in range(240))
         assert sorted(counts.values()) == [80, 80, 80], counts
@@ -373,20 +377,61 @@ def test_bucketing_groups_similar_lengths(tmp_path, featurizer):
     wavs = [str(write_wav(tmp_path / f"{k}.wav", seconds=0.5 + 0.5 * k)) for k in range(8)]
     samples = [Sample(str(i), "中国", [], wavs[i % 8]) for i in range(400)]
     loader = data.make_loader(samples, featurizer, 8, train=True, tasks=("SNER",), speeds=(1.0,))
-    spread = lambda batches: sum(max(loader.frames[i] for i, _, _ in b) - min(loader.frames[i] for i, _, _ in b)
-                                 for b in batches) / len(batches)
+    spread = lambda batches: sum(max(map(loader.frames, b)) - min(map(loader.frames, b)) for b in batches) / len(batches)
     items = [it for b in loader.batch_plan() for it in b]
     random.Random(0).shuffle(items)
     unbucketed = [items[k: k + 8] for k in range(0, len(items), 8)]
     assert spread(loader.batch_plan()) < 0.2 * spread(unbucketed)
 
 
-def test_distributed_ranks_get_equal_full_batches(tmp_path, featurizer):
+def test_every_rank_and_split_takes_the_same_global_steps(tmp_path, featurizer):
+    """The steps of an epoch do not depend on the world size, --grad-accum or --max-frames; each step's rows are
+    dealt to the ranks (5 rows on 3 ranks: 2, 2, 1) and split into micro-batches, every row exactly once."""
     samples = fake_samples(50, 50, str(write_wav(tmp_path / "a.wav")))
-    plans = [data.make_loader(samples, featurizer, 4, train=True, seed=1, rank=r, world_size=3).batch_plan()
-             for r in range(3)]
-    assert len({len(p) for p in plans}) == 1 and all(len(b) == 4 for p in plans for b in p)
-    assert {i for p in plans for b in p for i, _, _ in b} == set(range(50))
+    make = lambda **kw: data.make_loader(samples, featurizer, 5, train=True, seed=1, **kw)
+    steps = make().batch_plan()
+    assert len(steps) == 10 and all(len(rows) == 5 for rows in steps)
+    for kw in ({"world_size": 3, "grad_accum": 2}, {"world_size": 2, "max_frames": 100}, {"grad_accum": 9}):
+        world = kw.get("world_size", 1)
+        loaders = [make(rank=r, **kw) for r in range(world)]
+        assert all(loader.batch_plan() == steps for loader in loaders)
+        shares = [loader.rank_steps() for loader in loaders]                  # [rank][step][micro-batch][row]
+        for k, rows in enumerate(steps):
+            dealt = [row for share in shares for micro in share[k] for row in micro]
+            assert sorted(dealt) == sorted(rows), kw                            # each row once, on one rank
+            sizes = [sum(map(len, share[k])) for share in shares]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+            assert all(micro for share in shares for micro in share[k])         # no empty micro-batch
+    with pytest.raises(ValueError, match="each of 6 ranks"):
+        make(world_size=6)
+    # 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches: the same micro-batches (4 rows a step divide evenly)
+    four = lambda **kw: data.make_loader(samples, featurizer, 4, train=True, seed=1, **kw)
+    ranks = [four(world_size=2, rank=r).rank_steps() for r in range(2)]
+    assert [ranks[0][k] + ranks[1][k] for k in range(len(ranks[0]))] == four(grad_accum=2).rank_steps()
+    assert data.near_equal_parts(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert data.near_equal_parts([1], 3) == [[1], [], []]
+
+
+def test_a_frame_budget_splits_a_step_into_more_micro_batches(tmp_path, featurizer):
+    """rows x longest row's frames <= max_frames in every micro-batch (a row longer than the budget alone);
+    without a budget, grad_accum parts of near-equal size."""
+    short, long = write_wav(tmp_path / "s.wav", seconds=1.0), write_wav(tmp_path / "l.wav", seconds=3.0)
+    samples = [Sample(str(i), "中国", [], str(short if i % 2 else long)) for i in range(24)]
+    plain = data.make_loader(samples, featurizer, 12, train=True, seed=2, grad_accum=3, tasks=("SNER",))
+    assert all([len(m) for m in micro] == [4, 4, 4] for micro in plain.rank_steps())
+    budget = 700                                                         # ~2.3 long rows at speed 0.9, ~7 short ones
+    capped = data.make_loader(samples, featurizer, 12, train=True, seed=2, max_frames=budget, tasks=("SNER",))
+    for rows, micro in zip(capped.batch_plan(), capped.rank_steps()):
+        assert [row for m in micro for row in m] == rows                 # the step's rows, in order
+        assert len(micro) > 1
+        assert all(len(m) == 1 or len(m) * max(map(capped.frames, m)) <= budget for m in micro)
+    batches = next(iter(capped))                                          # the collated micro-batches of step 0
+    assert [len(b["target"]) for b in batches] == [len(m) for m in capped.rank_steps()[0]]
+    assert all(b["fbank"].shape[0] * b["fbank"].shape[1] <= budget or len(b["target"]) == 1 for b in batches)
+
+
+def test_eval_batches_are_dealt_to_ranks_in_turn(tmp_path, featurizer):
+    samples = fake_samples(50, 50, str(write_wav(tmp_path / "a.wav")))
     eval_plans = [data.make_loader(samples, featurizer, 4, train=False, tasks=("TNER",), rank=r, world_size=3)
                   .batch_plan() for r in range(3)]
     assert sorted(i for p in eval_plans for b in p for i, _, _ in b) == list(range(50))  # eval: each sample once
@@ -397,7 +442,7 @@ def test_eval_loader_covers_every_task_it_can(corpus, featurizer):
     items = [it for b in loader.batch_plan() for it in b]
     assert collections.Counter(t for _, t, _ in items) == {"TNER": 12, "SNER": 9, "MNER": 9}
     assert all(s == 1.0 for _, _, s in items)
-    batches = list(loader)
+    batches = [micro for step in loader for micro in step]                 # one micro-batch a step
     assert len(batches) == len(loader) and sum(len(b["target"]) for b in batches) == 30
 
 
@@ -411,7 +456,7 @@ def test_workers_give_the_same_batches(corpus):
     plain, workers = make(0), make(2)
     for epoch in (0, 1):  # persistent workers follow set_epoch
         plain.set_epoch(epoch), workers.set_epoch(epoch)
-        for a, b in zip(plain, workers, strict=True):
+        for a, b in zip((m for step in plain for m in step), (m for step in workers for m in step), strict=True):
             assert all(torch.equal(a[k], b[k]) for k in a if k != "fbank")      # the same path: identical
             assert fbank_excess(b["fbank"], a["fbank"]) <= 1
 

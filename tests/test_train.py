@@ -180,7 +180,7 @@ def test_mix_ratio_uniform_is_one_third_each_and_redrawn_per_epoch(corpus):
     for epoch in range(3):
         loader.set_epoch(epoch)
         seen = {}  # sample index -> task, from the batches the model gets (presence flags)
-        for plan, batch in zip(loader.batch_plan(), loader):
+        for plan, (batch,) in zip(loader.batch_plan(), loader, strict=True):   # one micro-batch a step
             for (i, _, _), s, t in zip(plan, batch["speech_present"].tolist(), batch["text_present"].tolist()):
                 seen[i] = {(False, True): "TNER", (True, False): "SNER", (True, True): "MNER"}[(s, t)]
         assert sorted(seen) == list(range(len(samples)))  # every sample once per epoch
@@ -218,7 +218,7 @@ def test_a_few_steps_lower_the_loss(corpus):
     torch.manual_seed(0)
     model, assets = train.build_model(args, samples, None, lambda *a: None)
     loader = data.make_loader(samples, data.Featurizer(assets), 8, train=True, seed=0)
-    batches = [b for b, _ in zip(loader, range(2))]
+    batches = [b for (b,), _ in zip(loader, range(2))]                    # one micro-batch a step
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     objective = train.Objective(model)
 
@@ -260,7 +260,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(corpus, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     at_kill = load(killed / "last.pt")
-    assert 8 <= at_kill["step"] < 18 and at_kill["batch_in_epoch"] > 0, (at_kill["step"], at_kill["batch_in_epoch"])
+    assert 8 <= at_kill["step"] < 18 and at_kill["step_in_epoch"] > 0, (at_kill["step"], at_kill["step_in_epoch"])
     r = run(argv_for(killed) + ["--resume"])
     assert r.returncode == 0, r.stderr[-3000:]
     _, err = uninterrupted.communicate(timeout=300)
@@ -280,6 +280,34 @@ def test_resume_after_sigkill_reaches_the_same_weights(corpus, tmp_path):
     metrics = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["split"] == "dev" and set(data.TASKS) <= set(metrics[-1])
     assert all(0 <= metrics[-1][t]["f1"] <= 100 for t in data.TASKS)
+
+
+def test_resume_with_another_split_continues_on_the_same_steps(corpus, tmp_path, capsys, monkeypatch):
+    """2 steps, then --resume with --grad-accum 2 and a frame budget for step 3 = 3 steps straight: step 3 takes the
+    same rows (split into other micro-batches), and its loss, computed on the same weights (bit-identical after step
+    2), agrees within float32 rounding. Another --batch-size is refused before any data is read."""
+    steps, real_step = [], train.train_step
+
+    def recording_step(objective, model, optimizer, scaler, micro, *args):
+        steps.append((len(micro), sorted(tuple(row[row != 1].tolist()) for b in micro for row in b["target"])))
+        return real_step(objective, model, optimizer, scaler, micro, *args)
+    monkeypatch.setattr(train, "train_step", recording_step)
+    common = ("--batch-size", "4", "--dropout", "0", "--warmup", "0", "--eval-every", "0", "--eval-limit", "1",
+              "--tasks", "TNER,SNER,MNER")
+    train.main(base_args(corpus, tmp_path / "straight", *common, "--max-steps", "3"))
+    train.main(base_args(corpus, tmp_path / "split", *common, "--max-steps", "2"))
+    capsys.readouterr()
+    train.main(base_args(corpus, tmp_path / "split", *common, "--max-steps", "3", "--resume", "--grad-accum", "2",
+                         "--max-frames", "300"))
+    assert "the same steps in the same order" in capsys.readouterr().out
+    assert steps[:3] == steps[3:5] + [(steps[2][0], steps[5][1])]    # the same rows at every step ...
+    assert steps[2][0] == 1 and steps[5][0] >= 2                        # ... step 3 in more micro-batches
+    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "split" / "last.pt")
+    assert a["step"] == b["step"] == 3 and b["split"] == {"world_size": 1, "grad_accum": 2, "max_frames": 300}
+    assert excess(a["loss"], b["loss"], fp32_tol(a["loss"], model_terms(a["config"]))) <= 1
+    with pytest.raises(SystemExit):
+        train.main(base_args(corpus, tmp_path / "split", *common, "--resume", "--batch-size", "8"))
+    assert "trained with --batch-size 4 (now 8)" in capsys.readouterr().err
 
 
 def free_port():
@@ -303,7 +331,7 @@ def test_ddp_gloo_two_processes_equal_one_process(corpus, tmp_path):
     assert one.returncode == 0, err[-3000:]
     assert '"world_size": 2' in two.stdout
     a, b = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
-    assert b["world_size"] == 2 and a["micro_batch"] == b["micro_batch"] == 2
+    assert b["split"] == {"world_size": 2, "grad_accum": 1, "max_frames": 0} and a["split"]["grad_accum"] == 2
     # Other code paths (gradients all-reduced across ranks vs accumulated), so float32 rounding, not equality.
     # The loss is a model output: n = model_terms. An AdamW step moves a parameter by lr x a ratio of gradients
     # (m / sqrt(v)), whose rounding is relative: k * EPS * sqrt(2 n) for a backward pass; over the 2 steps at
@@ -482,17 +510,21 @@ def test_start_up_removes_temp_files_of_dead_runs_only(tmp_path, capsys):
 
 def test_resume_from_a_version_1_last_pt_writes_the_current_format(corpus, tmp_path, capsys):
     """tests/fixtures/pre_layout/last.pt (train.py before the format change, --pseudo-len 7) resumes for one step;
-    the new best.pt/last.pt have the keys the old ones had, version 2 and the pseudo text length in the assets."""
+    the new best.pt/last.pt have the keys the old ones had (last.pt: the step in the epoch, how steps were made and
+    split instead of this rank's micro-batch count), version 2 and the pseudo text length in the assets."""
     fixture = ROOT / "tests" / "fixtures" / "pre_layout"
     out = tmp_path / "run"
     out.mkdir()
     (out / "last.pt").write_bytes((fixture / "last.pt").read_bytes())            # a copy: the fixture stays as is
     train.main(base_args(corpus, out, "--pseudo-len", "7", "--max-steps", "2", "--batch-size", "4", "--eval-limit",
                          "1", "--resume"))
-    assert "resumed from" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "older train.py whose batches differ" in printed
     for name in ("last.pt", "best.pt"):
         old, new = load(fixture / name), load(out / name)
-        assert set(new) == set(old) and new["format"] == old["format"]
+        renamed = {"batch_in_epoch": "step_in_epoch", "micro_batch": "split"} if name == "last.pt" else {}
+        assert set(new) == {renamed.get(k, k) for k in old} | ({"plan"} if renamed else set())
+        assert new["format"] == old["format"]
         assert (old["version"], new["version"]) == (1, 2)
         assert new["assets"]["pseudo_text_len"] == 7 and new["config"] == old["config"]
     assert new["source"]["step"] == 2 and load(out / "last.pt")["step"] == 2
