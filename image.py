@@ -133,18 +133,21 @@ def padding_to_bias(padding: Tensor, dtype: torch.dtype) -> Tensor:
         padding, MASK_VALUE)[:, None, None, :]
 
 
-def relative_position_buckets(q_len: int, k_len: int, bucket_size: int, device=None) -> Tensor:
-    """OFA's token relative-position buckets, (q_len, k_len) long in [0, 2 * bucket_size - 1).
+def relative_bucket_table(max_len: int, bucket_size: int) -> Tensor:
+    """OFA's token relative-position bucket of every distance query - key in [-(max_len - 1), max_len - 1]:
+    (2 * max_len - 1,) long in [0, 2 * bucket_size - 1), entry rel + max_len - 1 for distance rel.
 
-    Exact for |query - key| <= bucket_size // 2, log-spaced beyond (up to REL_POS_MAX_DISTANCE); computed in float32 as
-    ModelScope's make_token_bucket_position does, so the indices are identical.
+    Exact for |rel| <= bucket_size // 2, log-spaced beyond (up to REL_POS_MAX_DISTANCE). Computed once, on the CPU
+    (whatever device the model is built on) and in float32 as ModelScope's make_token_bucket_position does, so the
+    indices are identical to its; another device's log could round one ceil up and index past the bias table, so
+    the indices are also clamped into it.
     """
-    rel = torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
+    rel = torch.arange(-(max_len - 1), max_len, device="cpu")
     mid = bucket_size // 2
     abs_rel = torch.where((rel < mid) & (rel > -mid), mid - 1, rel.abs())
     log_rel = torch.ceil(torch.log(abs_rel / mid) / math.log((REL_POS_MAX_DISTANCE - 1) / mid) * (mid - 1)) + mid
     bucket = torch.where(abs_rel <= mid, rel, log_rel.int() * torch.sign(rel))
-    return bucket.long() + bucket_size - 1
+    return (bucket.long() + bucket_size - 1).clamp(0, 2 * bucket_size - 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -556,6 +559,9 @@ class Decoder(nn.Module):
         self.self_pos_q, self.self_pos_k, self.cross_pos_q, self.cross_pos_k = (nn.Linear(d, d) for _ in range(4))
         self.rel_pos_bias = nn.ModuleList(embedding(2 * c.token_bucket_size - 1, heads)
                                           for _ in range(c.decoder_layers))
+        # (2 * max_len - 1,) bucket of every query - key distance; derived, so not in checkpoints (persistent=False)
+        self.register_buffer("rel_buckets", relative_bucket_table(self.max_len, c.token_bucket_size),
+                             persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
         self.final_norm = nn.LayerNorm(d)
         self.heads, self.head_dim = heads, d // heads
@@ -576,7 +582,8 @@ class Decoder(nn.Module):
         pos = self.pos_norm(self.embed_positions.weight[:length])                    # (L, d)
         absolute = (self.split(self.self_pos_q(pos)) * self.pos_scaling) @ self.split(self.self_pos_k(pos)).transpose(
             -1, -2)                                                                   # (H, L, L)
-        buckets = relative_position_buckets(length, length, self.config.token_bucket_size, pos.device)
+        rel = torch.arange(length, device=pos.device)
+        buckets = self.rel_buckets[rel[:, None] - rel[None, :] + self.max_len - 1]    # (L, L)
         relative = torch.stack([table(buckets) for table in self.rel_pos_bias])       # (layers, L, L, H)
         return absolute + relative.permute(0, 3, 1, 2)
 

@@ -2,6 +2,7 @@
 the IMAGE additions. Reference tensors: tests/fixtures/ref_ms_tiny_{a,b}.pt (made by reference/ref_make_fixtures.py
 from the committed ModelScope directories ms_tiny_a/ms_tiny_b and wavs; both embedding-flag settings)."""
 import dataclasses
+import math
 import os
 import sys
 
@@ -217,11 +218,54 @@ def test_modelscope_batching_changes_results(converted):
             assert excess(batched, single_ref, tol) <= 1
 
 
+def buckets_on_the_fly(q_len, k_len, bucket_size):
+    """The decoder's buckets as computed before the table (every call, on the device): the table's reference."""
+    rel = torch.arange(q_len)[:, None] - torch.arange(k_len)[None, :]
+    mid = bucket_size // 2
+    abs_rel = torch.where((rel < mid) & (rel > -mid), mid - 1, rel.abs())
+    log_rel = torch.ceil(torch.log(abs_rel / mid) / math.log((image.REL_POS_MAX_DISTANCE - 1) / mid) * (mid - 1)) + mid
+    return torch.where(abs_rel <= mid, rel, log_rel.int() * torch.sign(rel)).long() + bucket_size - 1
+
+
+def table_buckets(decoder, length):
+    """(length, length) buckets of the decoder's table, indexed as self_position_bias does."""
+    rel = torch.arange(length)
+    return decoder.rel_buckets[rel[:, None] - rel[None, :] + decoder.max_len - 1]
+
+
 def test_relative_position_buckets_match_modelscope():
     ref = torch.load(os.path.join(FIXTURES, "ref_ms_tiny_a.pt"), weights_only=True)["bucket_rows"]
-    ours = image.relative_position_buckets(1024, 1024, 256)
-    assert torch.equal(ours[ref["rows"]], ref["buckets"].long())
+    with torch.device("meta"):                                   # the table is computed on the CPU all the same
+        decoder = image.Decoder(Config.large())
+    ours = table_buckets(decoder, 1024)
+    assert decoder.max_len == 1024 and torch.equal(ours[ref["rows"]], ref["buckets"].long())
     assert ours.min() == 0 and ours.max() == 2 * 256 - 2
+    assert torch.equal(ours, buckets_on_the_fly(1024, 1024, 256))
+
+
+@pytest.mark.parametrize("max_positions,bucket_size", [(30, 16), (62, 256), (2000, 8)])
+def test_relative_bucket_table_equals_the_buckets_of_every_position_pair(max_positions, bucket_size):
+    """Every (query, key) pair up to the decoder's max_len (learned positions or the 1024 the scheme covers); the
+    table is a non-persistent buffer: not in checkpoints, moved by .to()."""
+    decoder = image.Decoder(Config.tiny(max_positions=max_positions, token_bucket_size=bucket_size))
+    n = decoder.max_len
+    assert n == min(max_positions + 2, 1024) and decoder.rel_buckets.shape == (2 * n - 1,)
+    assert torch.equal(table_buckets(decoder, n), buckets_on_the_fly(n, n, bucket_size))
+    assert "rel_buckets" not in decoder.state_dict()
+    assert decoder.to("meta").rel_buckets.is_meta
+
+
+def test_relative_bucket_table_is_clamped_into_the_bias_table(monkeypatch):
+    """A log that rounds up (as another device's may) must not push the longest distances past the bias table."""
+    log = torch.log
+    monkeypatch.setattr(torch, "log", lambda x: log(x) * (1 + 2 ** -20))
+    table = image.relative_bucket_table(1024, 256)
+    assert buckets_on_the_fly(1024, 1024, 256).max() == 2 * 256 - 1          # out of range without the clamp
+    assert table.min() == 0 and table.max() == 2 * 256 - 2
+    model = perturbed_tiny(token_bucket_size=256)
+    with torch.no_grad():
+        model.decoder.rel_buckets.copy_(table)
+        assert model.decoder.self_position_bias(1024).shape == (2, 4, 1024, 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
