@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -500,6 +501,82 @@ def test_half_precision(dtype):
         tol = fp32_tol(ref[i, :n], layers, dtype=dtype)
         assert excess(out[i, :n].float(), ref[i, :n], tol) <= 1
         assert excess(steps[i, :n].float(), out[i, :n].float(), tol) <= 1
+
+
+class BF16Copies(TorchDispatchMode):
+    """Counts autocast's float32 -> bfloat16 copies (aten._to_copy) of tensors that require grad (activations and
+    weights on the backward path: the matmul that reads a copy keeps it for the backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources = []                     # the copied tensors, kept alive so that no address is reused
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args else None
+        if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                and x.dtype == torch.float32 and x.requires_grad):
+            self.sources.append(x)
+        return func(*args, **kwargs)
+
+    def repeats(self) -> int:
+        """Copies made of a tensor that had been copied already."""
+        keys = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride()) for t in self.sources}
+        return len(self.sources) - len(keys)
+
+
+def bf16_run(fn):
+    """fn() under CPU bf16 autocast -> (its result, BF16Copies.repeats())."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), BF16Copies() as copies:
+        out = fn()
+    return out, copies.repeats()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_encoder_layer_casts_its_attention_input_once(packed, monkeypatch):
+    """Under autocast q, k and v share one bf16 copy of the normed input (autocast made three), with the same
+    forward result; outside autocast nothing changes. The input is float32, as LayerNorm's output under CUDA
+    autocast (on the CPU LayerNorm keeps bf16, so there a model's encoder layers get bf16 already)."""
+    torch.manual_seed(0)
+    layer = image.EncoderLayer(Config.tiny(dropout=0.0))
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    padding = image.lengths_to_padding(torch.tensor([9, 4]), 9)
+    pack = image.Packed(padding) if packed else None
+    inputs = (pack.pack(x) if packed else x, image.padding_to_bias(padding, torch.float32), pack)
+    new, repeats = bf16_run(lambda: layer(*inputs))
+    fp32 = layer(*inputs)
+    assert repeats == 0
+    new.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    monkeypatch.setattr(image, "autocast_input", lambda h: h)                 # as before: autocast casts per use
+    old, old_repeats = bf16_run(lambda: layer(*inputs))
+    assert old_repeats == 2 and torch.equal(new, old) and torch.equal(layer(*inputs), fp32)
+
+
+def test_decoder_casts_each_shared_input_once(monkeypatch):
+    """Teacher-forced decoding, a new cache and a step under autocast, from a float32 encoder output (as on CUDA):
+    every tensor that feeds several projections or layers is copied to bf16 once. Autocast alone repeats, with
+    D decoder layers: the self-attention input 2 per layer, the encoder output (keys and values of every layer)
+    2D - 1, the cross-attention mask D - 1, the position features (self q and k) 1 -> 5D - 1 in the forward; in
+    new_cache 2D - 1 + 1; a step 2D + D - 1 (the mask). The results are identical, and float32 outside autocast too."""
+    model = perturbed_tiny(decoder_layers=3)
+    layers = model.config.decoder_layers
+    batch, _ = random_inputs()
+    enc = model.encode(**{k: v for k, v in batch.items() if k != "decoder_input"})   # float32, requires grad
+    tokens = batch["decoder_input"]
+
+    def runs():
+        logits, forward = bf16_run(lambda: model.decode(tokens, enc))
+        cache, cached = bf16_run(lambda: model.new_cache(enc, 4))
+        step, stepped = bf16_run(lambda: model.decode_step(tokens[:, 0], cache))
+        return (logits, step, model.decode(tokens, enc)), (forward, cached, stepped)
+
+    new, new_repeats = runs()
+    monkeypatch.setattr(image, "autocast_input", lambda h: h)
+    old, old_repeats = runs()
+    assert new_repeats == (0, 0, 0) and old_repeats == (5 * layers - 1, 2 * layers, 3 * layers - 1)
+    assert new[0].dtype == torch.bfloat16 and new[2].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(new, old))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
