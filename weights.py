@@ -46,7 +46,7 @@ UNUSED_PATTERNS = [
     r"decoder\.image_rel_pos_table_list\.\d+\.weight",
     r"decoder\.code_layernorm_embedding\.(weight|bias)",
 ]
-# int64 buffers ModelScope recomputes in __init__ (we compute the buckets on the fly); may be absent from the file.
+# int64 buffers ModelScope recomputes in __init__ (so do we: image.Decoder.rel_buckets); may be absent from the file.
 BUFFERS = {"decoder.token_rp_bucket", "decoder.image_rp_bucket", "decoder.image_position_idx"}
 TIED_HEAD = "decoder.output_projection.weight"        # the LM head, tied to decoder.embed_tokens.weight
 MODALITY_EMBEDDING = "encoder.modality_embed.weight"  # IMAGE's addition to MMSpeech
