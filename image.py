@@ -133,22 +133,36 @@ def padding_to_bias(padding: Tensor, dtype: torch.dtype) -> Tensor:
         padding, MASK_VALUE)[:, None, None, :]
 
 
-def relative_position_buckets(q_len: int, k_len: int, bucket_size: int, device=None) -> Tensor:
-    """OFA's token relative-position buckets, (q_len, k_len) long in [0, 2 * bucket_size - 1).
+def relative_bucket_table(max_len: int, bucket_size: int) -> Tensor:
+    """OFA's token relative-position bucket of every distance query - key in [-(max_len - 1), max_len - 1]:
+    (2 * max_len - 1,) long in [0, 2 * bucket_size - 1), entry rel + max_len - 1 for distance rel.
 
-    Exact for |query - key| <= bucket_size // 2, log-spaced beyond (up to REL_POS_MAX_DISTANCE); computed in float32 as
-    ModelScope's make_token_bucket_position does, so the indices are identical.
+    Exact for |rel| <= bucket_size // 2, log-spaced beyond (up to REL_POS_MAX_DISTANCE). Computed once, on the CPU
+    (whatever device the model is built on) and in float32 as ModelScope's make_token_bucket_position does, so the
+    indices are identical to its; another device's log could round one ceil up and index past the bias table, so
+    the indices are also clamped into it.
     """
-    rel = torch.arange(q_len, device=device)[:, None] - torch.arange(k_len, device=device)[None, :]
+    rel = torch.arange(-(max_len - 1), max_len, device="cpu")
     mid = bucket_size // 2
     abs_rel = torch.where((rel < mid) & (rel > -mid), mid - 1, rel.abs())
     log_rel = torch.ceil(torch.log(abs_rel / mid) / math.log((REL_POS_MAX_DISTANCE - 1) / mid) * (mid - 1)) + mid
     bucket = torch.where(abs_rel <= mid, rel, log_rel.int() * torch.sign(rel))
-    return bucket.long() + bucket_size - 1
+    return (bucket.long() + bucket_size - 1).clamp(0, 2 * bucket_size - 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Building blocks
+
+def autocast_input(x: Tensor) -> Tensor:
+    """x in the autocast dtype when autocast is on for its device, else x itself (fp32 stays bit-identical).
+
+    For a tensor that feeds several projections: autocast casts a matmul's input once per call, so q, k and v
+    would each make (and keep for the backward) their own low-precision copy of it; cast once, they share one.
+    The forward is unchanged (the same rounding); in the backward their gradients add up in that dtype."""
+    if x.is_floating_point() and x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
 
 def embedding(num: int, dim: int, padding_idx: Optional[int] = None) -> nn.Embedding:
     """nn.Embedding without its own random init (IMAGE._init_weights initialises it). Building on the meta device
@@ -296,7 +310,7 @@ class EncoderLayer(nn.Module):
         """x (B, S, d), mask (B, 1, 1, S) -> (B, S, d). With packed, x is (N, d), the N unpadded positions only:
         the row-wise work (projections, FFN: ~95 % of the FLOPs) skips padding; attention runs on the padded
         layout (padded keys are masked, padded queries are dropped)."""
-        h = self.attn_norm(x)
+        h = autocast_input(self.attn_norm(x))                             # feeds q, k and v
         if packed is None:
             x = x + F.dropout(self.attn(h, mask), self.dropout, self.training)
         else:
@@ -351,7 +365,7 @@ class DecoderLayer(nn.Module):
         memory_kv: encoder keys/values 2 x (N / group, H, S, hd); cross_mask broadcastable to (N / group, H, T, S).
         kv_cache: None (full sequence) or this layer's preallocated (2, N, H, max_len, hd) self-attention cache.
         """
-        h = self.self_attn_norm(x)
+        h = autocast_input(self.self_attn_norm(x))                        # feeds q, k and v
         q, (k, v) = self.self_attn.query(h), self.self_attn.key_value(h)
         if kv_cache is not None:
             end = start + x.size(1)
@@ -556,6 +570,9 @@ class Decoder(nn.Module):
         self.self_pos_q, self.self_pos_k, self.cross_pos_q, self.cross_pos_k = (nn.Linear(d, d) for _ in range(4))
         self.rel_pos_bias = nn.ModuleList(embedding(2 * c.token_bucket_size - 1, heads)
                                           for _ in range(c.decoder_layers))
+        # (2 * max_len - 1,) bucket of every query - key distance; derived, so not in checkpoints (persistent=False)
+        self.register_buffer("rel_buckets", relative_bucket_table(self.max_len, c.token_bucket_size),
+                             persistent=False)
         self.layers = nn.ModuleList(DecoderLayer(c) for _ in range(c.decoder_layers))
         self.final_norm = nn.LayerNorm(d)
         self.heads, self.head_dim = heads, d // heads
@@ -573,10 +590,11 @@ class Decoder(nn.Module):
 
     def self_position_bias(self, length: int) -> Tensor:
         """(layers, H, L, L): learned absolute-position attention bias + each layer's bucketed relative bias."""
-        pos = self.pos_norm(self.embed_positions.weight[:length])                    # (L, d)
+        pos = autocast_input(self.pos_norm(self.embed_positions.weight[:length]))    # (L, d), feeds q and k
         absolute = (self.split(self.self_pos_q(pos)) * self.pos_scaling) @ self.split(self.self_pos_k(pos)).transpose(
             -1, -2)                                                                   # (H, L, L)
-        buckets = relative_position_buckets(length, length, self.config.token_bucket_size, pos.device)
+        rel = torch.arange(length, device=pos.device)
+        buckets = self.rel_buckets[rel[:, None] - rel[None, :] + self.max_len - 1]    # (L, L)
         relative = torch.stack([table(buckets) for table in self.rel_pos_bias])       # (layers, L, L, H)
         return absolute + relative.permute(0, 3, 1, 2)
 
@@ -604,10 +622,11 @@ class Decoder(nn.Module):
         x = self.embed(tokens, self.embed_positions.weight[:length])
         causal = torch.full((length, length), MASK_VALUE, device=x.device).triu(1)
         self_masks = self.self_position_bias(length) + causal                         # (layers, H, L, L)
-        cross_mask = (self.position_queries(length) @ self.position_keys(enc).transpose(-1, -2)
-                      + padding_to_bias(enc.padding_mask, x.dtype))                   # (B, H, L, S)
+        cross_mask = autocast_input(self.position_queries(length) @ self.position_keys(enc).transpose(-1, -2)
+                                    + padding_to_bias(enc.padding_mask, x.dtype))     # (B, H, L, S), every layer's
+        memory = autocast_input(enc.hidden)                                           # every layer's keys, values
         for layer, self_mask in zip(self.layers, self_masks):
-            memory_kv = layer.cross_attn.key_value(enc.hidden)
+            memory_kv = layer.cross_attn.key_value(memory)
             x = layer(x, self_mask, memory_kv, cross_mask)
         return self.logits(x)
 
@@ -616,7 +635,8 @@ class Decoder(nn.Module):
             raise ValueError(f"max_len {max_len} must be in [1, {self.max_len}]")
         b, s, _ = enc.hidden.shape
         dtype = enc.hidden.dtype
-        memory_kv = torch.stack([torch.stack(layer.cross_attn.key_value(enc.hidden)) for layer in self.layers])
+        memory = autocast_input(enc.hidden)                                           # every layer's keys, values
+        memory_kv = torch.stack([torch.stack(layer.cross_attn.key_value(memory)) for layer in self.layers])
         self_kv = torch.zeros(len(self.layers), 2, b, self.heads, max_len, self.head_dim, dtype=memory_kv.dtype,
                               device=enc.hidden.device)
         return Cache(self_kv, memory_kv, self.position_keys(enc), padding_to_bias(enc.padding_mask, dtype),
@@ -633,7 +653,8 @@ class Decoder(nn.Module):
             raise ValueError(f"{tokens.numel()} tokens for a cache of {cache.self_kv.size(2)} rows")
         x = self.embed(tokens.view(-1, 1), cache.positions[t:t + 1])                    # (N, 1, d)
         memory_kv, memory_pos, memory_mask, group = cache.memory_for_rows()
-        cross_mask = cache.pos_query[:, t:t + 1] @ memory_pos.transpose(-1, -2) + memory_mask   # (Bs, H, 1, S)
+        cross_mask = autocast_input(cache.pos_query[:, t:t + 1] @ memory_pos.transpose(-1, -2)
+                                    + memory_mask)                                        # (Bs, H, 1, S)
         for i, layer in enumerate(self.layers):
             self_mask = cache.self_bias[i, :, t:t + 1, :t + 1]                          # (H, 1, t + 1)
             x = layer(x, self_mask, memory_kv[i], cross_mask, kv_cache=cache.self_kv[i], start=t, group=group)

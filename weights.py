@@ -16,6 +16,7 @@ error that names it. Facts: ../shared/reference/MMSPEECH.md (sections 2, 4, 6, 1
 """
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import pickle
@@ -45,7 +46,7 @@ UNUSED_PATTERNS = [
     r"decoder\.image_rel_pos_table_list\.\d+\.weight",
     r"decoder\.code_layernorm_embedding\.(weight|bias)",
 ]
-# int64 buffers ModelScope recomputes in __init__ (we compute the buckets on the fly); may be absent from the file.
+# int64 buffers ModelScope recomputes in __init__ (so do we: image.Decoder.rel_buckets); may be absent from the file.
 BUFFERS = {"decoder.token_rp_bucket", "decoder.image_rp_bucket", "decoder.image_position_idx"}
 TIED_HEAD = "decoder.output_projection.weight"        # the LM head, tied to decoder.embed_tokens.weight
 MODALITY_EMBEDDING = "encoder.modality_embed.weight"  # IMAGE's addition to MMSpeech
@@ -227,9 +228,10 @@ def convert_state_dict(state: dict, config: Config, dtype: torch.dtype = torch.f
     return ours, sorted(k for k in state if is_unused(k))
 
 
-def check_checkpoint_path(path: str, what: str) -> None:
+def check_checkpoint_path(path: str, what: str) -> bool:
     """Cheap checks before torch.load: a folder (a ModelScope one: convert it first), a missing file and a file
-    that torch.save did not write are ConversionErrors naming `what` and the path."""
+    that torch.save did not write are ConversionErrors naming `what` and the path. -> whether the file is in
+    torch.save's zip format (its default since PyTorch 1.6; else the legacy pickle format)."""
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
             raise ConversionError(f"{what} {path}: is a ModelScope directory; convert it first with "
@@ -243,14 +245,22 @@ def check_checkpoint_path(path: str, what: str) -> None:
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
         raise ConversionError(f"{what} {path}: not a PyTorch checkpoint (a file written by torch.save starts with "
                               f"a zip or pickle header; this one starts with {head!r})")
+    return head.startswith(b"PK")
 
 
 def load_torch_file(path: str, what: str) -> dict:
     """torch.load(weights_only=True) after check_checkpoint_path; a file with pickled code or objects is refused
-    with a clear message."""
-    check_checkpoint_path(path, what)
+    with a clear message.
+
+    A zip-format file is memory-mapped (mmap=True): its tensors are pages of the file, read when first used and
+    shared by every process that maps it, so a rank loading last.pt (about 7 GB at large with AdamW) makes no
+    private copy of it (page cache only, which the kernel can reclaim). The mapping is private: writing to a loaded
+    tensor (a CPU training step) copies that page, the file never changes. Files are replaced by renaming
+    (save_checkpoint), never rewritten in place, so a mapped file cannot shrink under a running process. Legacy
+    (pickle-format) files cannot be mapped and are read whole."""
+    zip_format = check_checkpoint_path(path, what)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
     except pickle.UnpicklingError as e:
         detail = re.search(r"Unsupported global: ([^\n]*?)(?: was not|\n|$)", str(e))
         detail = detail.group(1).strip() if detail else "see torch.load(weights_only=True)"
@@ -500,7 +510,9 @@ def migrate(ckpt, path: str) -> dict:
 
 def model_from_checkpoint(ckpt: dict, device="cpu", where: str = "checkpoint", **config_overrides) -> IMAGE:
     """The model of a checkpoint dict (current version), in eval mode on device; the tensors are the checkpoint's
-    own (built on the meta device, then load_state_dict(assign=True): no random init, no copy; dtype as stored).
+    own (built on the meta device, then load_state_dict(assign=True): no random init, no copy; dtype as stored;
+    memory-mapped when read by read_checkpoint). Buffers derived in __init__ (the decoder's bucket table, not in
+    checkpoints) are computed on the CPU even then, and move to device with the weights.
 
     config_overrides replace Config fields (e.g. modelscope_padding=True, mask_pseudo=True, dropout=0.0);
     use_modality_embedding=False drops a stored modality embedding (the ablation). Every other weight must fit
@@ -519,6 +531,10 @@ def model_from_checkpoint(ckpt: dict, device="cpu", where: str = "checkpoint", *
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise ConversionError(f"{where}: weights do not fit the config: {e}") from None
+    empty = [name for name, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if empty:   # a tensor that __init__ derives without device="cpu" stays a meta tensor: no values
+        raise RuntimeError(f"model_from_checkpoint: {', '.join(empty)} left on the meta device (not in the checkpoint "
+                           "and not computed on the CPU in image.py's __init__)")
     return model.to(device).eval()
 
 

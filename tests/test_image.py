@@ -2,12 +2,14 @@
 the IMAGE additions. Reference tensors: tests/fixtures/ref_ms_tiny_{a,b}.pt (made by reference/ref_make_fixtures.py
 from the committed ModelScope directories ms_tiny_a/ms_tiny_b and wavs; both embedding-flag settings)."""
 import dataclasses
+import math
 import os
 import sys
 
 import pytest
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -217,11 +219,54 @@ def test_modelscope_batching_changes_results(converted):
             assert excess(batched, single_ref, tol) <= 1
 
 
+def buckets_on_the_fly(q_len, k_len, bucket_size):
+    """The decoder's buckets as computed before the table (every call, on the device): the table's reference."""
+    rel = torch.arange(q_len)[:, None] - torch.arange(k_len)[None, :]
+    mid = bucket_size // 2
+    abs_rel = torch.where((rel < mid) & (rel > -mid), mid - 1, rel.abs())
+    log_rel = torch.ceil(torch.log(abs_rel / mid) / math.log((image.REL_POS_MAX_DISTANCE - 1) / mid) * (mid - 1)) + mid
+    return torch.where(abs_rel <= mid, rel, log_rel.int() * torch.sign(rel)).long() + bucket_size - 1
+
+
+def table_buckets(decoder, length):
+    """(length, length) buckets of the decoder's table, indexed as self_position_bias does."""
+    rel = torch.arange(length)
+    return decoder.rel_buckets[rel[:, None] - rel[None, :] + decoder.max_len - 1]
+
+
 def test_relative_position_buckets_match_modelscope():
     ref = torch.load(os.path.join(FIXTURES, "ref_ms_tiny_a.pt"), weights_only=True)["bucket_rows"]
-    ours = image.relative_position_buckets(1024, 1024, 256)
-    assert torch.equal(ours[ref["rows"]], ref["buckets"].long())
+    with torch.device("meta"):                                   # the table is computed on the CPU all the same
+        decoder = image.Decoder(Config.large())
+    ours = table_buckets(decoder, 1024)
+    assert decoder.max_len == 1024 and torch.equal(ours[ref["rows"]], ref["buckets"].long())
     assert ours.min() == 0 and ours.max() == 2 * 256 - 2
+    assert torch.equal(ours, buckets_on_the_fly(1024, 1024, 256))
+
+
+@pytest.mark.parametrize("max_positions,bucket_size", [(30, 16), (62, 256), (2000, 8)])
+def test_relative_bucket_table_equals_the_buckets_of_every_position_pair(max_positions, bucket_size):
+    """Every (query, key) pair up to the decoder's max_len (learned positions or the 1024 the scheme covers); the
+    table is a non-persistent buffer: not in checkpoints, moved by .to()."""
+    decoder = image.Decoder(Config.tiny(max_positions=max_positions, token_bucket_size=bucket_size))
+    n = decoder.max_len
+    assert n == min(max_positions + 2, 1024) and decoder.rel_buckets.shape == (2 * n - 1,)
+    assert torch.equal(table_buckets(decoder, n), buckets_on_the_fly(n, n, bucket_size))
+    assert "rel_buckets" not in decoder.state_dict()
+    assert decoder.to("meta").rel_buckets.is_meta
+
+
+def test_relative_bucket_table_is_clamped_into_the_bias_table(monkeypatch):
+    """A log that rounds up (as another device's may) must not push the longest distances past the bias table."""
+    log = torch.log
+    monkeypatch.setattr(torch, "log", lambda x: log(x) * (1 + 2 ** -20))
+    table = image.relative_bucket_table(1024, 256)
+    assert buckets_on_the_fly(1024, 1024, 256).max() == 2 * 256 - 1          # out of range without the clamp
+    assert table.min() == 0 and table.max() == 2 * 256 - 2
+    model = perturbed_tiny(token_bucket_size=256)
+    with torch.no_grad():
+        model.decoder.rel_buckets.copy_(table)
+        assert model.decoder.self_position_bias(1024).shape == (2, 4, 1024, 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -456,6 +501,82 @@ def test_half_precision(dtype):
         tol = fp32_tol(ref[i, :n], layers, dtype=dtype)
         assert excess(out[i, :n].float(), ref[i, :n], tol) <= 1
         assert excess(steps[i, :n].float(), out[i, :n].float(), tol) <= 1
+
+
+class BF16Copies(TorchDispatchMode):
+    """Counts autocast's float32 -> bfloat16 copies (aten._to_copy) of tensors that require grad (activations and
+    weights on the backward path: the matmul that reads a copy keeps it for the backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources = []                     # the copied tensors, kept alive so that no address is reused
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args else None
+        if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                and x.dtype == torch.float32 and x.requires_grad):
+            self.sources.append(x)
+        return func(*args, **kwargs)
+
+    def repeats(self) -> int:
+        """Copies made of a tensor that had been copied already."""
+        keys = {(t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride()) for t in self.sources}
+        return len(self.sources) - len(keys)
+
+
+def bf16_run(fn):
+    """fn() under CPU bf16 autocast -> (its result, BF16Copies.repeats())."""
+    with torch.autocast("cpu", dtype=torch.bfloat16), BF16Copies() as copies:
+        out = fn()
+    return out, copies.repeats()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_encoder_layer_casts_its_attention_input_once(packed, monkeypatch):
+    """Under autocast q, k and v share one bf16 copy of the normed input (autocast made three), with the same
+    forward result; outside autocast nothing changes. The input is float32, as LayerNorm's output under CUDA
+    autocast (on the CPU LayerNorm keeps bf16, so there a model's encoder layers get bf16 already)."""
+    torch.manual_seed(0)
+    layer = image.EncoderLayer(Config.tiny(dropout=0.0))
+    x = torch.randn(2, 9, 64, requires_grad=True)
+    padding = image.lengths_to_padding(torch.tensor([9, 4]), 9)
+    pack = image.Packed(padding) if packed else None
+    inputs = (pack.pack(x) if packed else x, image.padding_to_bias(padding, torch.float32), pack)
+    new, repeats = bf16_run(lambda: layer(*inputs))
+    fp32 = layer(*inputs)
+    assert repeats == 0
+    new.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    monkeypatch.setattr(image, "autocast_input", lambda h: h)                 # as before: autocast casts per use
+    old, old_repeats = bf16_run(lambda: layer(*inputs))
+    assert old_repeats == 2 and torch.equal(new, old) and torch.equal(layer(*inputs), fp32)
+
+
+def test_decoder_casts_each_shared_input_once(monkeypatch):
+    """Teacher-forced decoding, a new cache and a step under autocast, from a float32 encoder output (as on CUDA):
+    every tensor that feeds several projections or layers is copied to bf16 once. Autocast alone repeats, with
+    D decoder layers: the self-attention input 2 per layer, the encoder output (keys and values of every layer)
+    2D - 1, the cross-attention mask D - 1, the position features (self q and k) 1 -> 5D - 1 in the forward; in
+    new_cache 2D - 1 + 1; a step 2D + D - 1 (the mask). The results are identical, and float32 outside autocast too."""
+    model = perturbed_tiny(decoder_layers=3)
+    layers = model.config.decoder_layers
+    batch, _ = random_inputs()
+    enc = model.encode(**{k: v for k, v in batch.items() if k != "decoder_input"})   # float32, requires grad
+    tokens = batch["decoder_input"]
+
+    def runs():
+        logits, forward = bf16_run(lambda: model.decode(tokens, enc))
+        cache, cached = bf16_run(lambda: model.new_cache(enc, 4))
+        step, stepped = bf16_run(lambda: model.decode_step(tokens[:, 0], cache))
+        return (logits, step, model.decode(tokens, enc)), (forward, cached, stepped)
+
+    new, new_repeats = runs()
+    monkeypatch.setattr(image, "autocast_input", lambda h: h)
+    old, old_repeats = runs()
+    assert new_repeats == (0, 0, 0) and old_repeats == (5 * layers - 1, 2 * layers, 3 * layers - 1)
+    assert new[0].dtype == torch.bfloat16 and new[2].dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(new, old))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

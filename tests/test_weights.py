@@ -1,5 +1,6 @@
 """weights.py: ModelScope directory -> our checkpoint (key map, shapes, flags, assets, error paths) and the loader.
 Full key lists of the reference base/large state dicts: tests/fixtures/keys_{base,large}.txt."""
+import itertools
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import image  # noqa: E402
 import text  # noqa: E402
 import weights  # noqa: E402
 from image import IMAGE, Config  # noqa: E402
@@ -444,3 +446,79 @@ def test_fbank_config_takes_the_test_transforms_first(tmp_path):
     path = tmp_path / "fbank_config.yaml"
     path.write_text("transforms:\n  test: []\n  '*': [utterance_cmvn]\n", encoding="utf-8")
     assert weights.read_fbank_config(str(path))["cmvn"] == "none"
+
+
+def saved_tiny_model(path, legacy=False):
+    """A tiny model with every table non-zero (the relative-position biases too), saved as our checkpoint."""
+    torch.manual_seed(0)
+    model = IMAGE(Config.tiny(dropout=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = weights.make_checkpoint(model.config, model.state_dict(), {}, {})
+    if legacy:
+        torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+    else:
+        weights.save_checkpoint(ckpt, str(path))
+
+
+def tiny_batch():
+    """A fixed batch with speech and text streams (model(**batch) takes it)."""
+    g = torch.Generator().manual_seed(1)
+    dec = torch.randint(4, 1000, (2, 6), generator=g)
+    dec[:, 0] = 0
+    return dict(fbank=torch.randn(2, 60, 80, generator=g), fbank_lengths=torch.tensor([60, 45]), decoder_input=dec,
+                phones=torch.randint(4, 141, (2, 5), generator=g),
+                phone_chars=torch.randint(4, 1000, (2, 5), generator=g), phone_lengths=torch.tensor([5, 3]),
+                speech_present=torch.tensor([True, True]), text_present=torch.tensor([True, False]))
+
+
+def model_outputs(model):
+    """Teacher-forced logits and two cached decoding steps of tiny_batch()."""
+    batch = tiny_batch()
+    dec = batch.pop("decoder_input")
+    with torch.no_grad():
+        enc = model.encode(**batch)
+        cache = model.new_cache(enc, 8)
+        steps = [model.decode_step(dec[:, t], cache) for t in range(2)]
+        return [model.decode(dec, enc), *steps]
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_mapped_meta_assigned_load_equals_an_ordinary_load(tmp_path, monkeypatch, legacy):
+    """read_checkpoint maps zip-format files (legacy ones are read whole); model_from_checkpoint builds on the meta
+    device and assigns the file's tensors. Same outputs, to the bit, as torch.load into a model built normally;
+    nothing on meta, the derived bucket table on the CPU; trainable, and training does not write into the file."""
+    path = tmp_path / "m.pt"
+    saved_tiny_model(path, legacy)
+    calls, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("mmap")) or load(*a, **k))
+    model, _, _ = weights.load_checkpoint(str(path))
+    assert calls == [not legacy]
+    raw = load(path, map_location="cpu", weights_only=True)
+    ordinary = IMAGE(Config(**raw["config"]))
+    ordinary.load_state_dict(raw["model"])
+    ordinary.eval()
+    for ours, theirs in zip(model_outputs(model), model_outputs(ordinary)):
+        assert torch.equal(ours, theirs)
+    tensors = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    assert "decoder.rel_buckets" in tensors and torch.equal(model.decoder.rel_buckets, ordinary.decoder.rel_buckets)
+    assert all(t.device == torch.device("cpu") and not t.is_meta for t in tensors.values())
+    assert all(p.requires_grad for p in model.parameters())
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(**tiny_batch()).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    optimizer.step()
+    assert not torch.equal(model.decoder.embed_tokens.weight, ordinary.decoder.embed_tokens.weight)
+    again = load(path, map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(again[k], v) for k, v in raw["model"].items())    # the file is unchanged
+
+
+def test_a_derived_tensor_left_on_meta_is_an_error(tmp_path, monkeypatch):
+    """A buffer that __init__ computes without device="cpu" would be an empty meta tensor after a meta build."""
+    path = tmp_path / "m.pt"
+    saved_tiny_model(path)
+    monkeypatch.setattr(image, "relative_bucket_table", lambda n, size: torch.zeros(2 * n - 1, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="decoder.rel_buckets left on the meta device"):
+        weights.load_checkpoint(str(path))
