@@ -390,7 +390,8 @@ MEMORY_NOTES = {
     "adamw": "AdamW exp_avg + exp_avg_sq fp32, a step per tensor", "autocast_copies": "half copies of Linear/conv "
     "weights + LM head", "inputs": "fbank (fp32) and id batches", "subsampling": "conv ReLU outputs, flatten",
     "encoder_stream": "input_proj, conv positions, dropout, final norm",
-    "encoder_layers": "LN inputs, q/k/v, attention out, FFN, masks", "cross_memory": "encoder k/v per decoder layer, position keys", "decoder_layers":
+    "encoder_layers": "LN inputs, q/k/v, attention out, FFN, masks",
+    "cross_memory": "encoder k/v per decoder layer, position keys", "decoder_layers":
     "decoder layers, embeddings, head input, attention biases", "logits": "fp32 log-probs (B, L, V)",
     "loss_backward": "2 fp32 (B, L, V) gradients in backward", "total_allocated": "= torch.cuda.max_memory_allocated",
     "cuda_context": "allowance, outside the allocator", "total_with_context": "what the card must hold"}
