@@ -9,7 +9,8 @@ LADDER = [
     ("files",),                    # input errors, output checks, atomic writes
     ("image", "audio", "demo", "devices"),  # the model | wav, resampling, fbank | the demo corpus | device,
                                             # precision and RNG choices
-    ("text",),                     # special ids, bracket tables, vocabulary, phones
+    ("text", "cost"),              # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a
+                                   # training step, from the config
     ("data", "weights", "search"),  # samples, linearization, features, batches | converter, checkpoint format |
                                     # DecodeOptions, beam search, bracket constraint, joint CTC scorer
     ("evaluate",),                 # scorers, breakdown, gazetteer
