@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -365,6 +366,51 @@ def test_constraint_same_type_same_start_needs_distinct_ends():
         c.advance([tok])
     allowed = c.mask(3, [8], 14)[0].nonzero().flatten().tolist()
     assert allowed == [TOY_CLOSE["ORG"]]                         # "b" would leave two ORG(0, 2): must close now
+
+
+class TensorsMade(TorchFunctionMode):
+    """Records (device type, numel) of every tensor a torch function returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.made.append((out.device.type, out.numel()))
+        return out
+
+
+def random_constraint_states(seed, texts, steps):
+    """A BracketConstraint walked `steps` steps by random allowed tokens, rows shuffled by random reorders."""
+    g = torch.Generator().manual_seed(seed)
+    c = search.BracketConstraint(texts, TOY_OPEN, TOY_CLOSE)
+    c.start()
+    c.reorder(torch.randint(len(texts), (3 * len(texts),), generator=g).tolist())   # beams of random inputs
+    for step in range(steps):
+        rows, toks = c.allowed_pairs(step, [99] * len(c.rows))
+        choice = [[t for r, t in zip(rows, toks) if r == row] for row in range(len(c.rows))]
+        c.advance([opts[int(torch.randint(len(opts), (1,), generator=g))] for opts in choice])
+        c.reorder(torch.randint(len(c.rows), (len(c.rows),), generator=g).tolist())
+    return c
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_constraint_mask_is_built_on_the_device_from_the_allowed_pairs(seed):
+    # the previous construction: an (N, V) host mask filled from the pairs, copied to the device by the search
+    texts = [[4, 5, 6, 7, 4], [5, 5], [7, 6, 5, 4, 4, 5, 6]]
+    c = random_constraint_states(seed, texts, steps=seed + 2)
+    step, row_max, vocab = seed + 2, [len(texts[row[0]]) + 3 + seed for row in c.rows], 14
+    before = torch.zeros(len(c.rows), vocab, dtype=torch.bool)
+    before[c.allowed_pairs(step, row_max)] = True
+    assert torch.equal(c.mask(step, row_max, vocab, torch.device("cpu")), before)
+    # on another device (meta stands in for a GPU): no host tensor of N x V, the mask is made there
+    wide = 21128                                               # MMSpeech's vocabulary
+    with TensorsMade() as record:
+        allowed = c.mask(step, row_max, wide, torch.device("meta"))
+    assert allowed.device.type == "meta" and allowed.shape == (len(c.rows), wide)
+    assert max(numel for kind, numel in record.made if kind == "cpu") <= 2 * len(c.rows) * 8   # the pairs only
 
 
 def replay_allowed(text, max_depth=search.MAX_DEPTH):
