@@ -1,4 +1,5 @@
 """decode.py: beam search (fairseq semantics), constrained bracket decoding, reference parity, CLI, evaluate_split."""
+import copy
 import dataclasses
 import itertools
 import json
@@ -16,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import decode  # noqa: E402
+import devices  # noqa: E402
 import evaluate  # noqa: E402
 import files  # noqa: E402
 import search  # noqa: E402
@@ -936,6 +938,26 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
     assert args.options == search.DecodeOptions(beam=1, pool_chars=False, ctc_candidates=10)
 
 
+def test_dtype_auto_is_fp32_on_cpu_and_half_on_a_gpu_except_in_the_parity_modes(tiny, tiny_ckpt, monkeypatch):
+    assert decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京"]).dtype == "auto"
+    model, assets = tiny
+    half = copy.deepcopy(model).to(torch.float16)                  # a checkpoint stored in fp16 decodes in fp32 on CPU
+    rec = decode.Recognizer((half, assets), device="cpu", dtype="auto")
+    assert {p.dtype for p in rec.model.parameters()} == {torch.float32}
+    # on a GPU (its facts passed in): (--dtype, options, native bf16) -> model dtype, exact fp32 (no TF32)
+    cuda = torch.device("cuda", 0)
+    for name, fields, native, dtype, exact in (
+            ("auto", {}, True, torch.bfloat16, False), ("auto", {}, False, torch.float16, False),
+            ("auto", {"asr": True}, True, torch.float32, True),
+            ("auto", {"modelscope_padding": True}, True, torch.float32, True),
+            ("fp32", {}, True, torch.float32, True), ("bf16", {"asr": True}, True, torch.bfloat16, False)):
+        tf32 = []
+        monkeypatch.setattr(devices, "native_bf16", lambda device: native)
+        monkeypatch.setattr(devices, "set_tf32", lambda device, exact_fp32=False: tf32.append((device, exact_fp32)))
+        assert decode.decode_dtype(name, cuda, DecodeOptions(**fields)) == dtype, (name, fields, native)
+        assert tf32 == [(cuda, exact)]
+
+
 def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
     text, wav = "张伟在北京大学读书", str(WAVS[0])
     for argv, task in ((["--text", text], "TNER"), (["--wav", wav], "SNER"), (["--text", text, "--wav", wav], "MNER")):
@@ -1004,6 +1026,7 @@ def test_cli_eval_on_a_dataset_split(tiny_ckpt, tmp_path, capsys):
             bd = evaluate.breakdown_file(preds, "cnerta", corpus, "test", task)
             assert {k: bd[k] for k in sc["ours"]} == sc["ours"] and bd["sentences"] == sc["sentences"]
     assert report["scores"]["TNER"]["cer"] == 0.0            # constrained: the text is the input
+    assert (report["device"], report["dtype"]) == ("cpu", "float32")   # what the scores were decoded in
     assert "official" in capsys.readouterr().err              # the table
 
 
