@@ -38,6 +38,9 @@ from search import (MAX_AUDIO_SECONDS, BracketConstraint, CTCPrefixScorer, Decod
 from text import CLOSE_OF, OPEN_OF, TYPES, UNK
 
 
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # --dtype names
+
+
 # ----------------------------------------------------------------------------------------------------------
 # entities: alignment of a free output to the input text
 
@@ -99,9 +102,13 @@ class Recognizer:
 
     def __init__(self, model, options=None, device=None, dtype=None, featurizer=None, **overrides):
         """model: a checkpoint path or (model, assets); options: DecodeOptions, its unset search settings from the
-        checkpoint; overrides: DecodeOptions fields (Recognizer("best.pt", beam=3)) that replace those of options."""
+        checkpoint; overrides: DecodeOptions fields (Recognizer("best.pt", beam=3)) that replace those of options.
+        dtype: None (the model's own), a torch.dtype, or a precision name as decode.py's --dtype (auto, fp32, bf16,
+        fp16) resolved for the device by decode_dtype, which also sets the process's TF32 switches."""
         options = dataclasses.replace(options or DecodeOptions(), **overrides)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = decode_dtype(dtype, device, options)
         assets = None
         if isinstance(model, (str, os.PathLike)):
             loading = {"modelscope_padding": True} if options.modelscope_padding else {}
@@ -320,6 +327,16 @@ class Recognizer:
 
 
 
+def decode_dtype(name, device, options):
+    """A precision name (--dtype) -> the torch dtype the model decodes in on `device`. The parity modes (--asr,
+    --modelscope-padding) reproduce ModelScope's fp32, so their auto is fp32 (devices.decode_precision). TF32 is
+    allowed on CUDA only when the model runs in bf16/fp16: fp32 decoding stays exact IEEE fp32, the reference."""
+    exact = options.asr or options.modelscope_padding
+    precision = devices.decode_precision(name, device.type, devices.native_bf16(device), exact_fp32=exact)
+    devices.set_tf32(device, exact_fp32=precision == "fp32")
+    return PRECISION_DTYPES[precision]
+
+
 def _length_hint(req):
     if req.waveform is not None:
         return req.waveform.shape[-1] / 160
@@ -490,7 +507,10 @@ def get_args(argv=None):
       help="reproduce ModelScope's batch-dependent encoder padding and keep the input order in batches (to match "
            "reference_decode.py batches of more than one wav; results then depend on the batch)")
     a("--device", help="cpu | cuda | cuda:N (default cuda when available)")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="model precision")
+    a("--dtype", choices=["auto", *PRECISION_DTYPES], default="auto",
+      help="model precision (default auto: fp32 on CPU and for the parity modes --asr and --modelscope-padding; "
+           "on a GPU bf16 where it is native (Ampere and later), else fp16). fp32 on a GPU keeps exact fp32 "
+           "matmuls (no TF32)")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     a("--pseudo-len", type=int, help="length of the pseudo text for SNER (default: as trained, else 40)")
     a("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS, help="refuse longer wavs (default 60)")
@@ -554,7 +574,7 @@ def _main(args):
                 raise files.InputError(f"{flag} {path}: is a directory, expected a file")
             if not os.path.isfile(path):
                 raise files.InputError(f"{flag} {path}: not found")
-    rec = Recognizer(args.ckpt, args.options, device=args.device, dtype=getattr(torch, args.dtype))
+    rec = Recognizer(args.ckpt, args.options, device=args.device, dtype=args.dtype)
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))
     if args.dataset:
         return _main_dataset(args, rec, progress, t0)
@@ -602,7 +622,8 @@ def _main_dataset(args, rec, progress, t0):
     scores = evaluate_split(None, samples, tasks=tasks, batch_size=args.batch_size, evaluator=args.evaluator,
                       progress=progress, recognizer=rec, predictions=preds)
     report = {"dataset": args.dataset, "split": args.split, "ckpt": args.ckpt, "sentences": len(samples),
-              "options": dataclasses.asdict(rec.options), "scores": scores,
+              "options": dataclasses.asdict(rec.options), "scores": scores, "device": str(rec.device),
+              "dtype": str(next(rec.model.parameters()).dtype).removeprefix("torch."),
               "seconds": round(time.time() - t0, 1)}
     text = json.dumps(report, ensure_ascii=False, indent=1) + "\n"
     if args.out:

@@ -1,7 +1,8 @@
 """devices.py: where a run computes and how it draws random numbers: device, precision and RNG state choices.
 
 Plain functions, with the machine's facts passed in where a test on a CPU must stand in for a GPU (CUDA present,
-native bf16, the number of GPUs): resolve_device, choose_precision, rng_state / set_rng_state take them as arguments.
+native bf16, the number of GPUs): resolve_device, choose_precision, decode_precision, tf32_allowed, rng_state /
+set_rng_state take them as arguments.
 """
 import random
 from contextlib import nullcontext
@@ -42,6 +43,34 @@ def choose_precision(name, device_type, bf16_native):
     if name != "auto":
         return name
     return "fp32" if device_type != "cuda" else ("bf16" if bf16_native else "fp16")
+
+
+def decode_precision(name, device_type, bf16_native, exact_fp32=False):
+    """decode.py --dtype -> fp32 | bf16 | fp16, the dtype the model is cast to for inference. auto: fp32 where exact
+    fp32 is wanted (the parity modes --asr and --modelscope-padding) and off CUDA, else as choose_precision (bf16
+    where native, fp16 elsewhere; inference needs no gradient scaler). An explicit name is used as given."""
+    return choose_precision("fp32" if name == "auto" and exact_fp32 else name, device_type, bf16_native)
+
+
+def tf32_allowed(device_type, exact_fp32=False):
+    """Whether fp32 matmuls and convolutions may run on TF32 tensor cores (a 10-bit mantissa for the products,
+    fp32 sums: ~1e-3 relative error per product, several times faster): on CUDA, unless exact fp32 is wanted."""
+    return device_type == "cuda" and not exact_fp32
+
+
+def set_tf32(device, exact_fp32=False):
+    """Sets this process's TF32 switches for fp32 matmuls and cuDNN convolutions by tf32_allowed. -> whether TF32
+    is on. Off CUDA nothing is touched (CPU matmuls keep their own precision setting)."""
+    if device.type != "cuda":
+        return False
+    allow = tf32_allowed(device.type, exact_fp32)
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):   # torch >= 2.9: mixing in allow_tf32 is an error
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if allow else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if allow else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+    return allow
 
 
 def native_bf16(device):

@@ -138,8 +138,8 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
 
     model: new_cache(enc, max_len) / decode_step(tokens (N,), cache, vocab_limit) -> (N, V) logits, V cut to
         vocab_limit when given / cache.reorder(index).
-    constraint: optional per-row token filter (BracketConstraint): start(); mask(step, row_max_lens) -> (N, V)
-        bool of allowed tokens, applied before log_softmax; rescore(logits) -> logits; bias(lprobs) -> lprobs
+    constraint: optional per-row token filter (BracketConstraint): start(); mask(step, row_max_lens, vocab,
+        device) -> (N, V) bool of allowed tokens on device, applied before log_softmax; rescore(logits) -> logits; bias(lprobs) -> lprobs
         after log_softmax; reorder(rows); advance(new_tokens).
     scorer: optional joint scorer (CTCPrefixScorer): start(); score(lprobs) -> (N, V) scores that replace the
         log-probs after every mask; select(rows, new_tokens).
@@ -155,7 +155,6 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
     if (max_lens < cfg.min_len).any():
         raise ValueError(f"min_len {cfg.min_len} is larger than max_len {max_lens.min().item()}")
     longest = int(max_lens.max())
-    max_lens_dev = max_lens.to(dev)
     cache = model.new_cache(enc, longest + 2)   # one row per input: beams are made by the first reorder
     if constraint is not None:
         constraint.start()
@@ -163,7 +162,9 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         scorer.start()
 
     # Row r belongs to live sentence r // width; width = 1 at step 0 (fairseq scores only beam 0 there).
-    live = torch.arange(batch, device=dev)                        # (A,) original index of each live sentence
+    # The bookkeeping of which sentences live and how long they may run stays on the host (max_lens, live): no
+    # device read is needed to decide what ends or what the constraint allows.
+    live = torch.arange(batch)                                    # (A,) original index of each live sentence, host
     width = 1
     tokens = torch.full((batch, longest + 2), cfg.pad, dtype=torch.long, device=dev)   # (N, longest+2)
     tokens[:, 0] = cfg.bos
@@ -178,9 +179,9 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         vocab = logits.size(-1)
         if cfg.constraint_range is not None:
             logits[:, 4:cfg.constraint_range[0]] = -math.inf
-        row_max = max_lens_dev[live].repeat_interleave(width)     # (N,)
+        row_max = max_lens[live].repeat_interleave(width)         # (N,) host
         if constraint is not None:                                # renormalise over what the brackets allow
-            allowed = constraint.mask(step, row_max.tolist(), vocab).to(dev)
+            allowed = constraint.mask(step, row_max.tolist(), vocab, dev)
             logits = constraint.rescore(logits).masked_fill(~allowed, -math.inf)
         lprobs = F.log_softmax(logits, dim=-1)                    # (N, V)
         if constraint is not None:
@@ -189,10 +190,10 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
             lprobs[:, cfg.eos] = -math.inf
         lprobs = lprobs.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
         lprobs[:, cfg.pad] = -math.inf
-        at_max = row_max <= step                                  # (N,) rows that may only end now
+        at_max = row_max <= step                                  # (N,) host: rows that may only end now
         if bool(at_max.any()):
             eos_col = lprobs[:, cfg.eos].clone()
-            lprobs[at_max] = -math.inf
+            lprobs.masked_fill_(at_max.to(dev)[:, None], -math.inf)
             lprobs[:, cfg.eos] = eos_col
         if cfg.no_repeat_ngram_size > 0 and not isinstance(constraint, BracketConstraint):   # copies: no block
             _block_repeated_ngrams(lprobs, tokens, step, cfg.no_repeat_ngram_size)
@@ -214,7 +215,7 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         is_eos[:, :beam] &= ~ignore
         done_now = _finalize(is_eos[:, :beam], cand_rows, cand_scores, tokens, scores, step, live, finalized,
                              max_lens, cfg)
-        at_end = (max_lens_dev[live] <= step).cpu()
+        at_end = max_lens[live] <= step                            # (A,) host
         for a in (at_end & ~done_now).nonzero().flatten().tolist():   # no finite EOS at max_len: keep the best
             sent = int(live[a])
             if not finalized[sent]:
@@ -225,25 +226,27 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
             break
 
         # each remaining sentence continues with its best `beam` non-EOS candidates, in candidate order
-        keep = keep.to(dev)
+        kept = keep.nonzero().flatten().to(dev)                    # (A',) index_select: no device read, unlike [bool]
         skip = is_eos.clone()
         skip[:, :beam] |= ignore
         order = skip.long() * k + torch.arange(k, device=dev)      # non-EOS first, then by rank
-        picked_key, picked = torch.topk(order[keep], beam, dim=1, largest=False)   # (A', beam)
+        picked_key, picked = torch.topk(order.index_select(0, kept), beam, dim=1, largest=False)   # (A', beam)
         ignore = picked_key >= k
-        rows = cand_rows[keep].gather(1, picked).flatten()        # (A'*beam,) source row of each new beam
+        rows = cand_rows.index_select(0, kept).gather(1, picked).flatten()   # (A'*beam,) source row of each beam
         tokens = tokens[rows]
-        tokens[:, step + 1] = cand_tokens[keep].gather(1, picked).flatten()
+        tokens[:, step + 1] = cand_tokens.index_select(0, kept).gather(1, picked).flatten()
         scores = scores[rows]
-        scores[:, step] = cand_scores[keep].gather(1, picked).flatten()
+        scores[:, step] = cand_scores.index_select(0, kept).gather(1, picked).flatten()
         live = live[keep]
         width = beam
         cache.reorder(rows)
+        if constraint is not None or scorer is not None:         # the host's state machines need the choice: one read
+            rows_list, new_tokens = torch.stack((rows, tokens[:, step + 1])).tolist()
         if constraint is not None:
-            constraint.reorder(rows.tolist())
-            constraint.advance(tokens[:, step + 1].tolist())
+            constraint.reorder(rows_list)
+            constraint.advance(new_tokens)
         if scorer is not None:
-            scorer.select(rows.tolist(), tokens[:, step + 1].tolist())
+            scorer.select(rows_list, new_tokens)
 
     for hyps in finalized:                                         # best first (stable for equal scores)
         hyps.sort(key=lambda h: -h.score)
@@ -314,6 +317,7 @@ class BracketConstraint:
         self.entity_bias = finite_bias(entity_bias)
         self.brackets = set(self.open_ids) | set(self.close_ids)
         self.structural = [BOS, PAD, EOS, *self.brackets]       # not characters: outside the pooled mass
+        self._structural_masks = {}                              # (vocab, device) -> (V,) bool, see rescore
         self.rows = []
 
     def start(self):
@@ -355,9 +359,9 @@ class BracketConstraint:
             out.append((EOS, None))
         return out
 
-    def mask(self, step, row_max_lens, vocab):
-        """(N, V) bool: tokens each row may emit at this step (and still end by its max_len)."""
-        allowed = torch.zeros(len(self.rows), vocab, dtype=torch.bool)
+    def allowed_pairs(self, step, row_max_lens):
+        """-> (rows, tokens): lists of the (row, token) pairs allowed at this step, those that still end by the
+        row's max_len. A handful per row: the search moves these, not an (N, V) mask, to the device."""
         rows_idx, cols = [], []
         for r, row in enumerate(self.rows):
             slots = row_max_lens[r] - 1 - step                   # tokens still possible after this one
@@ -369,28 +373,42 @@ class BracketConstraint:
                         continue
                 rows_idx.append(r)
                 cols.append(tok)
-        allowed[rows_idx, cols] = True
+        return rows_idx, cols
+
+    def mask(self, step, row_max_lens, vocab, device="cpu"):
+        """(N, V) bool on `device`: tokens each row may emit at this step (and still end by its max_len). Built
+        there from allowed_pairs: one (2, pairs) index copy per step instead of N x V bytes (MBs for MMSpeech)."""
+        index = torch.tensor(self.allowed_pairs(step, row_max_lens), dtype=torch.long).to(device)   # (2, pairs)
+        allowed = torch.zeros(len(self.rows), vocab, dtype=torch.bool, device=device)
+        allowed[index[0], index[1]] = True
         return allowed
+
+    def _structural_mask(self, vocab, device):
+        """(V,) bool of the structural ids, built once per (vocab, device) of a search, not every step."""
+        key = (vocab, str(device))
+        if key not in self._structural_masks:
+            structural = torch.zeros(vocab, dtype=torch.bool)
+            structural[self.structural] = True
+            self._structural_masks[key] = structural.to(device)
+        return self._structural_masks[key]
 
     def rescore(self, logits):
         """(N, V) logits -> (N, V), with pool_chars: each row's next input character gets the log of the summed
         exp-logits of all non-structural tokens (a literal bracket character in the text keeps its own)."""
         if not self.pool_chars:
             return logits
-        rows, chars = [], []
+        pairs = []                                               # (row, its next character)
         for r, (sent, pos, _, _) in enumerate(self.rows):
             ids = self.char_ids[sent]
             if pos < len(ids) and ids[pos] not in self.brackets:
-                rows.append(r)
-                chars.append(ids[pos])
-        if not rows:
+                pairs.append((r, ids[pos]))
+        if not pairs:
             return logits
-        structural = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
-        structural[self.structural] = True
+        structural = self._structural_mask(logits.size(-1), logits.device)
         mass = torch.logsumexp(logits.masked_fill(structural, -math.inf), dim=-1)   # (N,)
-        rows_t = torch.tensor(rows, device=logits.device)
+        rows, chars = torch.tensor(pairs, dtype=torch.long).to(logits.device).T   # (pairs,) each: one copy
         logits = logits.clone()
-        logits[rows_t, torch.tensor(chars, device=logits.device)] = mass[rows_t]
+        logits[rows, chars] = mass[rows]
         return logits
 
     def bias(self, lprobs):

@@ -1,4 +1,5 @@
 """decode.py: beam search (fairseq semantics), constrained bracket decoding, reference parity, CLI, evaluate_split."""
+import copy
 import dataclasses
 import itertools
 import json
@@ -10,11 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import decode  # noqa: E402
+import devices  # noqa: E402
 import evaluate  # noqa: E402
 import files  # noqa: E402
 import search  # noqa: E402
@@ -365,6 +368,51 @@ def test_constraint_same_type_same_start_needs_distinct_ends():
         c.advance([tok])
     allowed = c.mask(3, [8], 14)[0].nonzero().flatten().tolist()
     assert allowed == [TOY_CLOSE["ORG"]]                         # "b" would leave two ORG(0, 2): must close now
+
+
+class TensorsMade(TorchFunctionMode):
+    """Records (device type, numel) of every tensor a torch function returns inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.made.append((out.device.type, out.numel()))
+        return out
+
+
+def random_constraint_states(seed, texts, steps):
+    """A BracketConstraint walked `steps` steps by random allowed tokens, rows shuffled by random reorders."""
+    g = torch.Generator().manual_seed(seed)
+    c = search.BracketConstraint(texts, TOY_OPEN, TOY_CLOSE)
+    c.start()
+    c.reorder(torch.randint(len(texts), (3 * len(texts),), generator=g).tolist())   # beams of random inputs
+    for step in range(steps):
+        rows, toks = c.allowed_pairs(step, [99] * len(c.rows))
+        choice = [[t for r, t in zip(rows, toks) if r == row] for row in range(len(c.rows))]
+        c.advance([opts[int(torch.randint(len(opts), (1,), generator=g))] for opts in choice])
+        c.reorder(torch.randint(len(c.rows), (len(c.rows),), generator=g).tolist())
+    return c
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_constraint_mask_is_built_on_the_device_from_the_allowed_pairs(seed):
+    # the previous construction: an (N, V) host mask filled from the pairs, copied to the device by the search
+    texts = [[4, 5, 6, 7, 4], [5, 5], [7, 6, 5, 4, 4, 5, 6]]
+    c = random_constraint_states(seed, texts, steps=seed + 2)
+    step, row_max, vocab = seed + 2, [len(texts[row[0]]) + 3 + seed for row in c.rows], 14
+    before = torch.zeros(len(c.rows), vocab, dtype=torch.bool)
+    before[c.allowed_pairs(step, row_max)] = True
+    assert torch.equal(c.mask(step, row_max, vocab, torch.device("cpu")), before)
+    # on another device (meta stands in for a GPU): no host tensor of N x V, the mask is made there
+    wide = 21128                                               # MMSpeech's vocabulary
+    with TensorsMade() as record:
+        allowed = c.mask(step, row_max, wide, torch.device("meta"))
+    assert allowed.device.type == "meta" and allowed.shape == (len(c.rows), wide)
+    assert max(numel for kind, numel in record.made if kind == "cpu") <= 2 * len(c.rows) * 8   # the pairs only
 
 
 def replay_allowed(text, max_depth=search.MAX_DEPTH):
@@ -890,6 +938,26 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
     assert args.options == search.DecodeOptions(beam=1, pool_chars=False, ctc_candidates=10)
 
 
+def test_dtype_auto_is_fp32_on_cpu_and_half_on_a_gpu_except_in_the_parity_modes(tiny, tiny_ckpt, monkeypatch):
+    assert decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京"]).dtype == "auto"
+    model, assets = tiny
+    half = copy.deepcopy(model).to(torch.float16)                  # a checkpoint stored in fp16 decodes in fp32 on CPU
+    rec = decode.Recognizer((half, assets), device="cpu", dtype="auto")
+    assert {p.dtype for p in rec.model.parameters()} == {torch.float32}
+    # on a GPU (its facts passed in): (--dtype, options, native bf16) -> model dtype, exact fp32 (no TF32)
+    cuda = torch.device("cuda", 0)
+    for name, fields, native, dtype, exact in (
+            ("auto", {}, True, torch.bfloat16, False), ("auto", {}, False, torch.float16, False),
+            ("auto", {"asr": True}, True, torch.float32, True),
+            ("auto", {"modelscope_padding": True}, True, torch.float32, True),
+            ("fp32", {}, True, torch.float32, True), ("bf16", {"asr": True}, True, torch.bfloat16, False)):
+        tf32 = []
+        monkeypatch.setattr(devices, "native_bf16", lambda device: native)
+        monkeypatch.setattr(devices, "set_tf32", lambda device, exact_fp32=False: tf32.append((device, exact_fp32)))
+        assert decode.decode_dtype(name, cuda, DecodeOptions(**fields)) == dtype, (name, fields, native)
+        assert tf32 == [(cuda, exact)]
+
+
 def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
     text, wav = "张伟在北京大学读书", str(WAVS[0])
     for argv, task in ((["--text", text], "TNER"), (["--wav", wav], "SNER"), (["--text", text, "--wav", wav], "MNER")):
@@ -958,6 +1026,7 @@ def test_cli_eval_on_a_dataset_split(tiny_ckpt, tmp_path, capsys):
             bd = evaluate.breakdown_file(preds, "cnerta", corpus, "test", task)
             assert {k: bd[k] for k in sc["ours"]} == sc["ours"] and bd["sentences"] == sc["sentences"]
     assert report["scores"]["TNER"]["cer"] == 0.0            # constrained: the text is the input
+    assert (report["device"], report["dtype"]) == ("cpu", "float32")   # what the scores were decoded in
     assert "official" in capsys.readouterr().err              # the table
 
 

@@ -28,6 +28,38 @@ def test_auto_precision_needs_native_bf16(name, device_type, native, expected):
     assert devices.choose_precision(name, device_type, native) == expected
 
 
+@pytest.mark.parametrize("name, device_type, native, exact, expected", [
+    ("auto", "cpu", False, False, "fp32"), ("auto", "cuda", True, False, "bf16"),
+    ("auto", "cuda", False, False, "fp16"),
+    ("auto", "cuda", True, True, "fp32"),    # parity modes (--asr, --modelscope-padding): ModelScope's fp32
+    ("bf16", "cuda", True, True, "bf16"),    # an explicit --dtype is used as given
+    ("fp32", "cuda", True, False, "fp32")])
+def test_decode_precision_is_half_on_a_gpu_unless_exact_fp32_is_wanted(name, device_type, native, exact, expected):
+    assert devices.decode_precision(name, device_type, native, exact_fp32=exact) == expected
+
+
+@pytest.mark.parametrize("device_type, exact, expected", [("cuda", False, True), ("cuda", True, False),
+                                                          ("cpu", False, False)])
+def test_tf32_only_on_cuda_and_not_where_exact_fp32_is_wanted(device_type, exact, expected):
+    assert devices.tf32_allowed(device_type, exact_fp32=exact) is expected
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch < 2.9: allow_tf32 flags")
+def test_set_tf32_sets_the_cuda_switches_and_leaves_them_alone_off_cuda():
+    # the switches are process-wide flags, settable without a GPU; the test puts them back
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        assert devices.set_tf32(torch.device("cuda", 0)) is True
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert devices.set_tf32(torch.device("cpu"), exact_fp32=True) is False       # CPU: untouched
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert devices.set_tf32(torch.device("cuda", 0), exact_fp32=True) is False
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
 def test_bad_device_names_are_input_errors():
     for name in ("gpu0", "mps"):
         with pytest.raises(files.InputError, match=name):
