@@ -728,6 +728,11 @@ class Loader:
             return PSEUDO_FRAMES
         return audio.num_fbank_frames(audio.perturbed_length(self.wav_samples[i], speed))
 
+    def longest_frames(self) -> int:
+        """fbank frames of the longest row this loader can deal (real speech at the slowest speed, or pseudo)."""
+        slowest = min(self.speeds)
+        return max([PSEUDO_FRAMES] + [self.frames((i, "SNER", slowest)) for i, n in enumerate(self.wav_samples) if n])
+
     def _length(self, item) -> float:
         i, task, _ = item
         return self.frames(item) + (self.target_len[i] if task != NEITHER else self.featurizer.neither_len + 1)

@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cost
 import data
 import decode
 import demo
@@ -134,10 +135,10 @@ class TrainConfig:
     batch_size: int = setting(type=int, help="global batch of one optimizer step (default 12; demo 16)")
     grad_accum: int = setting(1, type=int, help="micro-batches accumulated per optimizer step and rank (at least: "
         "--max-frames may split further)")
-    max_frames: int = setting(0, type=int, help="memory budget of one micro-batch in padded fbank frames (rows x "
-        "the longest row's frames; 100 frames = 1 s): a step's rows are split into more accumulated micro-batches "
-        "where they exceed it; the step, its task mix and its loss are unchanged (0 = no budget; see bench.py "
-        "memory for a value that fits a GPU)")
+    max_frames: int | str = setting("auto", help="memory budget of one micro-batch in padded fbank frames (rows x the "
+        "longest row's frames; 100 frames = 1 s): a step's rows are split into more accumulated micro-batches where "
+        "they exceed it; the step, its task mix and its loss are unchanged. auto = on a GPU the budget cost.py "
+        "estimates to leave 3 GiB of its memory free (bench.py --memory shows the estimate), on a CPU none; 0 = none")
     lr: float = setting(type=float, help="peak learning rate (default 1e-5; --official 2e-5; demo 2e-3)")
     weight_decay: float = setting(0.01, type=float, help="AdamW weight decay, on parameters with ndim >= 2 only")
     beta2: float = setting(0.999, type=float, help="AdamW beta2")
@@ -233,9 +234,15 @@ def get_args(argv=None) -> TrainConfig:
     for name in ("epochs", "batch_size", "grad_accum", "beam", "pseudo_len", "eval_batch_size", "log_every"):
         if s.get(name, 1) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {s[name]}")
-    for name in ("workers", "max_frames"):
-        if (s.get(name) or 0) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {s[name]}")
+    if (s.get("workers") or 0) < 0:
+        p.error(f"--workers must be >= 0, got {s['workers']}")
+    if s.get("max_frames", "auto") != "auto":
+        try:
+            s["max_frames"] = int(s["max_frames"])
+        except ValueError:
+            s["max_frames"] = -1
+        if s["max_frames"] < 0:
+            p.error(f"--max-frames: expected auto or a number of frames >= 0, got {given['max_frames']!r}")
     if not 0 <= s.get("beta2", 0.999) < 1:   # NaN fails it too
         p.error(f"--beta2 must be in [0, 1), got {s['beta2']}")
     if not (0 < s["lr"] < math.inf and 0 <= s["warmup"] < math.inf):  # NaN fails both comparisons
@@ -650,6 +657,26 @@ def default_workers(device, ranks_on_this_machine):
     return max(0, min(4, (os.cpu_count() or 1) // max(1, ranks_on_this_machine) - 1))
 
 
+def auto_max_frames(card_bytes, config, precision, longest, rows, log):
+    """--max-frames auto: none on a CPU (card_bytes 0); on a GPU of card_bytes the budget whose estimated peak
+    (cost.py: this model and precision, rows of the corpus's longest, `longest` fbank frames) leaves 3 GiB free for
+    fragmentation, said with the estimate for `rows` such rows at once."""
+    if not card_bytes:
+        return 0
+    card_gib = card_bytes / cost.GiB
+    seconds = longest / 100  # fbank frames are 10 ms apart
+    frames, fit_rows = cost.suggest_max_frames(None, precision, seconds, card_gib, 3.0, config=config, frames=longest)
+    need = cost.memory_estimate(None, rows, seconds, precision, config=config, frames=longest)
+    need = need["total_with_context"] / cost.GiB
+    if frames == 0:
+        log(f"warning: cost.py estimates that this model does not fit the GPU's {card_gib:.1f} GiB even without "
+            "activations; training anyway (--max-frames 0)")
+    else:
+        log(f"--max-frames auto: {frames} frames ({fit_rows:.1f} rows of the longest, {seconds:.1f} s) per micro-batch "
+            f"on this {card_gib:.1f} GiB GPU; {rows} such rows at once would need ~{need:.1f} GiB (cost.py estimate)")
+    return frames
+
+
 def feature_cache_dir(name, device):
     """--feature-cache -> folder or None: auto = a cache shared by runs on a GPU (where recomputing every row's
     fbank every epoch would starve it), none on a CPU (the model, not fbank, takes the time)."""
@@ -744,15 +771,20 @@ def train(cfg):
     featurizer = data.Featurizer(assets, pseudo_text_len=cfg.pseudo_len, cache_dir=feature_cache)
     workers = cfg.workers if cfg.workers is not None else default_workers(device, int(os.environ.get(
         "LOCAL_WORLD_SIZE", "1")))
+    dtype_name, autocast, scaler = devices.resolve_precision(cfg.dtype, device)
+    devices.set_tf32(device)  # fp32 matmuls on a GPU in TF32 (training needs no IEEE-exact fp32)
     loader = data.make_loader(
         train_samples, featurizer, cfg.batch_size, train=True, task_mix=cfg.mix, tasks=train_tasks, seed=cfg.seed,
         num_workers=workers, rank=rank, world_size=world, speeds=cfg.speeds, grad_accum=cfg.grad_accum,
-        max_frames=cfg.max_frames, pin_memory=device.type == "cuda",
-        ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
+        pin_memory=device.type == "cuda", ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
         entity_swap=data.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None)
+    if cfg.max_frames == "auto":
+        rows = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)   # the largest micro-batch
+        card = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+        cfg.max_frames = auto_max_frames(card, model.config, dtype_name, loader.longest_frames(), rows, log)
+    loader.max_frames = cfg.max_frames
     steps_per_epoch = len(loader)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
-    dtype_name, autocast, scaler = devices.resolve_precision(cfg.dtype, device)
     model = model.to(device)
     run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, model=model, assets=assets,
               featurizer=featurizer, optimizer=make_optimizer(model, cfg, device), scaler=scaler, autocast=autocast,
@@ -828,7 +860,7 @@ def train(cfg):
     if evaluated_at != run.step and run.step > 0:  # resumed after the end: make sure the final dev scores exist
         run.evaluate("dev", dev_samples, "current")
     if cfg.eval_test and master:
-        best = torch.load(out / "best.pt", map_location="cpu", weights_only=True)
+        best = weights.load_torch_file(str(out / "best.pt"), "best.pt")   # mapped: no second copy in RAM
         model.load_state_dict(best["model"])
         scores = run.evaluate("test", test_samples, "best.pt")
         search = "greedy" if cfg.beam == 1 else f"beam {cfg.beam}"

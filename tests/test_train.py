@@ -18,8 +18,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import cost  # noqa: E402
 import data  # noqa: E402
 import devices  # noqa: E402
+import image  # noqa: E402
 import train  # noqa: E402
 import weights  # noqa: E402
 from numerics import EPS, K, excess, fp32_tol, model_terms  # noqa: E402
@@ -148,11 +150,18 @@ def test_the_recipe_and_every_setting_it_changed_are_said():
                                   ["--dataset", "demo", "--model", "width=128"],
                                   ["--dataset", "demo", "--model", "d_model=128", "--resume"],
                                   ["--dataset", "demo", "--decode-ctc-weight", "-1"],
-                                  ["--dataset", "demo", "--entity-swap", "1.5"]])
+                                  ["--dataset", "demo", "--entity-swap", "1.5"],
+                                  ["--dataset", "demo", "--max-frames", "-300"],
+                                  ["--dataset", "demo", "--max-frames", "lots"]])
 def test_bad_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         train.get_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+def test_max_frames_is_auto_or_a_number():
+    assert train.get_args(["--dataset", "demo"]).max_frames == "auto"
+    assert train.get_args(["--dataset", "demo", "--max-frames", "0"]).max_frames == 0
 
 
 def test_every_flag_has_help():
@@ -169,6 +178,19 @@ def test_every_flag_has_help():
     finally:
         argparse.ArgumentParser.add_argument = orig
     assert len(seen) > 40 and all(h for a, h in seen if a != ("-h", "--help")), [a for a, h in seen if not h]
+
+
+def test_max_frames_auto_fits_the_card_from_the_estimate():
+    """--max-frames auto with the GPU's memory passed in: large, bf16, rows of 20 s. A 24 GiB card gets a budget under
+    12 rows (the estimate says 12 need more than it holds), an 80 GiB card more than 12 rows, a CPU (0) none."""
+    large, said = image.Config.large(vocab_size=cost.FULL_VOCAB), []
+    rows_of = lambda frames: frames / 1998
+    on_4090 = train.auto_max_frames(24 * cost.GiB, large, "bf16", 1998, 12, said.append)
+    assert 8 < rows_of(on_4090) < 12 and "GiB" in said[0]
+    fits = cost.memory_estimate(None, rows_of(on_4090), 20.0, "bf16", config=large, frames=1998)
+    assert fits["total_with_context"] <= 21 * cost.GiB          # 3 GiB of the 24 left free
+    assert rows_of(train.auto_max_frames(80 * cost.GiB, large, "bf16", 1998, 12, said.append)) > 12
+    assert train.auto_max_frames(0, large, "bf16", 1998, 12, said.append) == 0 and len(said) == 2
 
 
 def test_mix_ratio_uniform_is_one_third_each_and_redrawn_per_epoch(corpus):
@@ -265,7 +287,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(corpus, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     _, err = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, err[-3000:]
-    assert f"resumed from" in r.stdout
+    assert "resumed from" in r.stdout
     a, b = load(straight / "last.pt"), load(killed / "last.pt")
     assert a["assets"]["decoding"]["ctc_weight"] == 0.5       # trained with CTC: SNER decodes jointly by default
     assert a["step"] == b["step"] == 18
