@@ -463,7 +463,7 @@ def make_checkpoint(config: Config, model_state: dict, assets: dict, source: dic
                  pseudo_text_len (the length of the pseudo text that stands for an absent text; decode needs the same)
         source   where the weights came from (ModelScope conversion or train.py with its arguments); read by people
     training_state adds train.py's fields beside these (best.pt: best_f1; last.pt: optimizer, scaler, scheduler,
-    step, epoch, batch_in_epoch, best_f1, rng, world_size, micro_batch, seed, loss)."""
+    step, epoch, step_in_epoch, best_f1, rng, world_size, split, plan, seed, loss)."""
     clash = sorted(set(training_state) & set(FORMAT_KEYS))
     if clash:
         raise ValueError(f"make_checkpoint: training state may not replace the format's keys {clash}")
