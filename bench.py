@@ -3,7 +3,7 @@ Speed benchmarks, ours against the reference, side by side in one run.
 
   python bench.py                                   # tiny on CPU: decode, train step, fbank
   python bench.py --preset base --json base.json    # the base preset, JSON report
-  python bench.py --preset large --device cuda --dtype bfloat16 --train-batch 12   # GPU: MFU, peak memory, RTF
+  python bench.py --preset large --device cuda --dtype bf16 --train-batch 12   # GPU: MFU, peak memory, RTF
   python bench.py --skip-reference --sections fbank # our side only / one section
   python bench.py --memory                          # estimated peak memory, large, 12 x 20 s, bf16; --max-frames
 
@@ -552,7 +552,7 @@ def targets(report, args):
         return {key: value, "met": None if value is None or not conditions else met(value)}
 
     on_cpu, on_gpu = report["device"] == "cpu", report["device"].startswith("cuda")
-    gpu_run = on_gpu and args.preset == "large" and args.dtype == "bfloat16" and args.train_batch == 12
+    gpu_run = on_gpu and args.preset == "large" and args.dtype == "bf16" and args.train_batch == 12
     train_ours = report["train"]["ours"] if "train" in report else None
     mfu = train_ours["mfu"] if on_gpu and train_ours else None
     mem_gb = train_ours["memory"]["peak_mb"] * 2**20 / 1e9 if on_gpu and train_ours else None
@@ -646,8 +646,8 @@ def get_args(argv=None):
     a("--preset", choices=("tiny", "base", "large"), default=None,
       help="model size (MMSpeech dimensions, vocab 51134); default tiny on CPU, large on CUDA")
     a("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu; the reference always runs on CPU)")
-    a("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-      help="decode: model dtype; train: autocast dtype over fp32 weights (default float32 on CPU, bfloat16 on CUDA)")
+    a("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+      help="decode: model dtype; train: autocast dtype over fp32 weights (default fp32 on CPU, bf16 on CUDA)")
     a("--batch", type=int, default=8, help="utterances per decoding batch, both sides (default 8)")
     a("--train-batch", type=int, default=None, help="utterances in the training batch (default 8; 12 on CUDA)")
     a("--beam", type=int, default=5, help="beam size, both sides (default 5)")
@@ -672,7 +672,7 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile our model for the training step")
     a("--json", default=None, help="write the full report (raw figures + the three ratios) to this JSON file")
     a("--memory", action="store_true", help="print the peak-memory estimate of a training step (cost.memory_estimate) for "
-      "--preset/--train-batch/--seconds/--dtype (default large, 12, 20 s, bfloat16) and the --max-frames that fits "
+      "--preset/--train-batch/--seconds/--dtype (default large, 12, 20 s, bf16) and the --max-frames that fits "
       "--card-gib; no benchmark runs")
     a("--seconds", type=float, default=20.0, help="--memory: utterance length, every row (default 20)")
     a("--max-frames", type=int, default=None, help="--memory: estimate a micro-batch of this many padded fbank "
@@ -694,7 +694,7 @@ def get_args(argv=None):
     on_gpu = device.type == "cuda"
     gpu_defaults = on_gpu or args.memory                  # --memory estimates a GPU training step
     args.preset = args.preset or ("large" if gpu_defaults else "tiny")
-    args.dtype = args.dtype or ("bfloat16" if gpu_defaults else "float32")
+    args.dtype = args.dtype or ("bf16" if gpu_defaults else "fp32")
     args.train_batch = args.train_batch or (12 if gpu_defaults else 8)
     if args.seconds <= 0 or (args.max_frames is not None and args.max_frames < 7) or (args.phones or 0) < 0:
         p.error("--seconds must be > 0, --max-frames >= 7 (one row of two 3x3 stride-2 convolutions), --phones >= 0")
@@ -738,7 +738,7 @@ def get_args(argv=None):
 
 def print_memory(args):
     """--memory: the estimate's table (GB and GiB) and the --max-frames suggested for --card-gib."""
-    precision = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[args.dtype]
+    precision = args.dtype
     kwargs = dict(phones=args.phones, device="cuda")
     frames_per_row = audio.num_fbank_frames(round(args.seconds * audio.SAMPLE_RATE))
     rows = args.train_batch if args.max_frames is None else args.max_frames / frames_per_row
@@ -759,7 +759,7 @@ def main(argv=None):
     if args.memory:
         return print_memory(args)
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     torch.set_num_threads(args.threads)
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     ref_python = None if args.skip_reference else args.reference_python
