@@ -159,6 +159,21 @@ def test_bad_flags_are_refused(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_gpu_feeding_defaults(monkeypatch, tmp_path):
+    """On a GPU: DataLoader workers (up to 4 a rank, one core left to each rank) and a disk feature cache shared by
+    runs; on a CPU neither (the model takes the time); explicit values win."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert train.default_workers(cuda, 1) == 4 and train.default_workers(cuda, 8) == 1
+    assert train.default_workers(cpu, 1) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert train.default_workers(cuda, 2) == 0                     # one core a rank: the loop keeps it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert train.feature_cache_dir("auto", cuda) == tmp_path / "image" / "fbank"
+    assert train.feature_cache_dir("auto", cpu) is None and train.feature_cache_dir("none", cuda) is None
+    assert train.feature_cache_dir("/x/feats", cpu) == Path("/x/feats")
+
+
 def test_max_frames_is_auto_or_a_number():
     assert train.get_args(["--dataset", "demo"]).max_frames == "auto"
     assert train.get_args(["--dataset", "demo", "--max-frames", "0"]).max_frames == 0
