@@ -112,7 +112,7 @@ class Config:
 # Lengths and masks
 
 def conv_output_lengths(fbank_lengths: Tensor) -> Tensor:
-    """True frame counts after the two 3x3 stride-2 convolutions (no padding)."""
+    """True frame counts after the two 3x3 stride-2 convolutions (no padding); a tensor of lengths or an int."""
     return ((fbank_lengths - 1) // 2 - 1) // 2
 
 
@@ -230,8 +230,10 @@ class Subsample(nn.Module):
         With lengths (B,), each row is convolved at its own length (at least 7 frames) and zero-padded to T': the
         valid frames are the same (no conv reads past a row's end) and no time goes into padding, which is half of
         a CPU training step's encoder time at the base preset. Without, the whole padded batch (ModelScope's way).
+        Under torch.compile always the whole batch: the per-row loop branches on the lengths' values (a graph per
+        row length), and the caller masks the padded frames either way.
         """
-        if lengths is None or bool((lengths >= fbank.size(1)).all()):
+        if lengths is None or torch.compiler.is_compiling() or bool((lengths >= fbank.size(1)).all()):
             return self._run(fbank)
         t_out = ((fbank.size(1) - 1) // 2 - 1) // 2
         rows = [self._run(fbank[i:i + 1, :max(int(n), 7)]) for i, n in enumerate(lengths.tolist())]
@@ -430,8 +432,9 @@ class Encoder(nn.Module):
 
     @staticmethod
     def _distinct_rows(fbank: Tensor, lengths: Tensor, present: Optional[Tensor]):
-        """-> (kept (U,), inverse (B,)) when two or more absent rows equal the first absent row, else None."""
-        if present is None:
+        """-> (kept (U,), inverse (B,)) when two or more absent rows equal the first absent row, else None.
+        None under torch.compile: the kept rows' count depends on the data (a graph break and a new shape)."""
+        if present is None or torch.compiler.is_compiling():
             return None
         absent = (~present).nonzero().flatten()
         if absent.numel() < 2:
@@ -485,8 +488,10 @@ class Encoder(nn.Module):
         if phones is not None and phones.size(1) > 0:
             text = self.text(phones, char_embeds, phone_lengths, text_present)
         # Padded positions are never read downstream (masked keys, dropped frames), so the layers skip them when
-        # they are worth skipping. ModelScope's padding mode keeps the padded layout (parity of every position).
-        pack = lambda pad: Packed(pad) if not self.config.modelscope_padding and pad.float().mean() > 0.05 else None
+        # they are worth skipping. ModelScope's padding mode keeps the padded layout (parity of every position), and
+        # so does torch.compile: the packed length is data-dependent (a graph break and a new shape per batch).
+        padded_layout = self.config.modelscope_padding or torch.compiler.is_compiling()
+        pack = lambda pad: Packed(pad) if not padded_layout and pad.float().mean() > 0.05 else None
         mask, packed = padding_to_bias(padding, x.dtype), pack(padding)
         x = packed.pack(x) if packed else x                               # (N, d) or (B, T', d)
         for i, layer in enumerate(self.layers):
@@ -728,7 +733,7 @@ class IMAGE(nn.Module):
     def speech_phone_log_probs(self, enc: Encoded, fbank_frames: int) -> tuple[Tensor, Tensor]:
         """CTC log-probs over the speech frames (the speech stream comes first in enc) of a batch whose padded
         fbank has fbank_frames frames. -> (B, T', phone_dict_size - 3) float32 (class 0 = blank), valid frames (B,)."""
-        n = int(conv_output_lengths(torch.tensor(fbank_frames)))
+        n = conv_output_lengths(fbank_frames)                           # int arithmetic: no tensor, no host sync
         frames = (~enc.padding_mask[:, :n]).sum(1)
         return self.phone_logits(enc)[:, :n].float().log_softmax(-1), frames
 
