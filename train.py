@@ -306,6 +306,9 @@ def append_jsonl(record, path):
     files.write_atomic(path, old + json.dumps(record, ensure_ascii=False) + "\n")
 
 
+# --compile: every length symbolic from the first batch, so bucketed lengths trace once (tests/test_compile.py)
+COMPILE_OPTIONS = dict(dynamic=True)
+
 # what --resume needs beyond the model: best.pt has none of it
 RESUME_KEYS = ("optimizer", "step", "epoch", "best_f1", "rng", "world_size")
 # the settings that decide an epoch's steps (data.Loader.batch_plan): a resumed run must have the same
@@ -364,12 +367,12 @@ class Objective(nn.Module):
         target = batch["target"]  # (B, L)
         loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=PAD, reduction="sum")
         if self.ctc_weight and "ctc_phones" in batch:
-            rows = batch["ctc_lengths"] > 0
-            if rows.any():
-                logp, frames = self.model.speech_phone_log_probs(enc, batch["fbank"].size(1))  # (B, T', C), (B,)
-                ctc = F.ctc_loss(logp[rows].transpose(0, 1), batch["ctc_phones"][rows], frames[rows],
-                                 batch["ctc_lengths"][rows], blank=0, reduction="sum", zero_infinity=True)
-                loss = loss + self.ctc_weight * ctc
+            # every row, then the rows without real speech (no CTC target) zeroed: shapes that do not depend on the
+            # data, so torch.compile keeps one graph
+            logp, frames = self.model.speech_phone_log_probs(enc, batch["fbank"].size(1))  # (B, T', C), (B,)
+            per_row = F.ctc_loss(logp.transpose(0, 1), batch["ctc_phones"], frames, batch["ctc_lengths"], blank=0,
+                                 reduction="none", zero_infinity=True)                     # (B,)
+            loss = loss + self.ctc_weight * torch.where(batch["ctc_lengths"] > 0, per_row, 0.0).sum()
         return loss
 
 
@@ -795,7 +798,7 @@ def train(cfg):
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
                         gradient_as_bucket_view=True)
     if cfg.compile:  # after DDP, so that DDP's hooks stay outside the graph and its buckets overlap the backward
-        objective = torch.compile(objective)
+        objective = torch.compile(objective, **COMPILE_OPTIONS)
     if resume_ckpt is not None:
         note = run.resume(resume_ckpt)
         if note:

@@ -16,7 +16,7 @@ import train  # noqa: E402
 from image import BOS, PAD  # noqa: E402
 from numerics import excess, fp32_tol, model_terms  # noqa: E402
 
-COMPILE_OPTIONS = dict(dynamic=True)   # what train.py passes: every length symbolic from the first batch
+COMPILE_OPTIONS = train.COMPILE_OPTIONS   # what train.py passes: every length symbolic from the first batch
 GRAPH_BREAKS = 0                       # per traced forward: the per-row, shared-row and packed paths are eager-only
 # (B, fbank frames T, phones P, decoder tokens L): warm-up first, then buckets that change every size
 SHAPES = [(3, 48, 6, 5), (4, 64, 9, 7), (2, 80, 5, 9), (5, 40, 11, 4)]
@@ -114,3 +114,36 @@ def test_ctc_log_probs_trace_in_one_graph(fresh_dynamo):
     valid = ~image.lengths_to_padding(frames, logp.size(1))              # (B, T'): CTC reads these frames only
     got, want = logp.detach()[valid], eager_logp.detach()[valid]
     assert excess(got, want, fp32_tol(want, model_terms(model.config))) <= 1
+
+
+def with_ctc_targets(batch, seed):
+    """CTC phone targets (classes >= 1) for the rows with real speech, none (length 0) for the pseudo-speech rows."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.where(batch["speech_present"], 3, 0)                     # (B,)
+    return {**batch, "ctc_lengths": lengths, "ctc_phones": torch.randint(1, 100, (len(lengths), 3), generator=g)}
+
+
+CTC_GRAPHS = 3   # the CTC loss's output shape depends on the data (aten._ctc_loss): a break, by design
+
+
+def test_ctc_objective_compiles_to_a_bounded_number_of_graphs_and_the_subset_loss(fresh_dynamo):
+    """--ctc-weight: the loss over every row with the rows without targets zeroed equals the CTC loss of those rows
+    alone (the earlier formulation, boolean-indexed), and compiles to CTC_GRAPHS graphs over every bucket."""
+    model = perturbed_tiny()
+    objective = train.Objective(model, ctc_weight=0.5)
+    graphs = CompileCounter()
+    compiled = torch.compile(objective, backend=graphs, **COMPILE_OPTIONS)
+    for i, shape in enumerate(SHAPES):
+        batch = with_ctc_targets(bucketed_batch(*shape, seed=i), seed=i)
+        loss = compiled(batch).detach()
+        with torch.no_grad():
+            ce = train.Objective(model)(batch)
+            enc = model.encode(*(batch[k] for k in ("fbank", "fbank_lengths", "phones", "phone_chars",
+                                                     "phone_lengths", "speech_present", "text_present")))
+            logp, frames = model.speech_phone_log_probs(enc, batch["fbank"].size(1))
+            rows = batch["ctc_lengths"] > 0
+            subset = torch.nn.functional.ctc_loss(logp[rows].transpose(0, 1), batch["ctc_phones"][rows], frames[rows],
+                                                  batch["ctc_lengths"][rows], blank=0, reduction="sum",
+                                                  zero_infinity=True)
+        assert subset > 0 and excess(loss, ce + 0.5 * subset, loss_tol(model, ce + 0.5 * subset, batch)) <= 1, i
+    assert graphs.frame_count <= CTC_GRAPHS
