@@ -17,7 +17,7 @@ Sections (--sections):
   fbank   frames/s of audio.kaldi_fbank against kaldi-native-fbank, per utterance on CPU (ours at 1 thread and
           at --threads), and ours batched on --device.
 
-Memory (--memory, no benchmark): cost.memory_estimate's parts of one training step's peak, from the config's shapes
+Memory (--memory, no benchmark): cost.py's estimate of one training step's peak, part by part, from the config's shapes
 (GB and GiB), and the train.py --max-frames that fits --card-gib with --margin-gib left. On CUDA the train section
 prints the estimate for its own batch beside torch.cuda.max_memory_allocated and max_memory_reserved.
 
@@ -156,10 +156,7 @@ class PeakMemory:
 
 
 def load_average():
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def busy_processes(limit=5):
@@ -454,7 +451,7 @@ def bench_train(report, args, model, batch, ref, device, dtype):
             "tokens_per_s": n_tokens / step_s, "model_flops_per_step": flops, "matmul_peak_flops_measured": peak,
             "mfu": flops / step_s / peak}
     if device.type == "cuda":       # the estimate for this batch's padded shapes, beside the measured peak
-        ours["cost.memory_estimate"] = cost.memory_estimate(
+        ours["memory_estimate"] = cost.memory_estimate(
             batch=batch["fbank"].size(0), frames=batch["fbank"].size(1), target_tokens=batch["decoder_input"].size(1),
             phones=0, precision=precision, device="cuda", config=model.config)
     t = {"ours": ours, "fbank_frames": batch["fbank_lengths"].tolist(),
@@ -616,8 +613,8 @@ def format_table(r, args):
             ref.get("memory", {}).get("peak_mb"))
         row("train", "memory growth in steps MB", mem.get("growth_mb"),
             None if not ref else ref["memory"]["peak_mb"] - (ref["memory"]["start_mb"] or 0))
-        if "cost.memory_estimate" in o:
-            est = o["cost.memory_estimate"]
+        if "memory_estimate" in o:
+            est = o["memory_estimate"]
             row("train", "peak reserved MB (CUDA)", mem["reserved_peak_mb"])
             row("train", "estimate MB (x = / allocated peak)", est["total_allocated"] / 2**20, None,
                 est["total_allocated"] / 2**20 / mem["peak_mb"])
@@ -671,7 +668,7 @@ def get_args(argv=None):
                                                       f"(default {DEFAULT_CACHE})")
     a("--compile", action="store_true", help="torch.compile our model for the training step")
     a("--json", default=None, help="write the full report (raw figures + the three ratios) to this JSON file")
-    a("--memory", action="store_true", help="print the peak-memory estimate of a training step (cost.memory_estimate) for "
+    a("--memory", action="store_true", help="print cost.py's peak-memory estimate of a training step for "
       "--preset/--train-batch/--seconds/--dtype (default large, 12, 20 s, bf16) and the --max-frames that fits "
       "--card-gib; no benchmark runs")
     a("--seconds", type=float, default=20.0, help="--memory: utterance length, every row (default 20)")
@@ -679,18 +676,14 @@ def get_args(argv=None):
       "frames (rows x longest row's frames, train.py --max-frames) of --seconds rows instead of --train-batch rows")
     a("--phones", type=int, default=None, help="--memory: text-stream positions per row (default: an MNER row's "
       "phones at 4 characters/s; 0 = speech only)")
-    a("--card-gib", type=float, default=24.0, help="--memory: GPU memory in GiB for the suggested --max-frames "
-      "(default 24)")
-    a("--margin-gib", type=float, default=3.0, help="--memory: GiB left free of --card-gib for fragmentation "
-      "(default 3)")
+    a("--card-gib", type=float, default=24.0, help="--memory: GiB of the GPU the --max-frames suggested (default 24)")
+    a("--margin-gib", type=float, default=3.0, help="--memory: GiB of --card-gib left for fragmentation (default 3)")
     args = p.parse_args(argv)
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device: not a device: {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: this torch has no CUDA device")
+    try:  # a bad name or an absent GPU: said now
+        device = devices.parse_device(args.device)
+    except files.InputError as e:
+        p.error(str(e))
     on_gpu = device.type == "cuda"
     gpu_defaults = on_gpu or args.memory                  # --memory estimates a GPU training step
     args.preset = args.preset or ("large" if gpu_defaults else "tiny")
@@ -738,16 +731,14 @@ def get_args(argv=None):
 
 def print_memory(args):
     """--memory: the estimate's table (GB and GiB) and the --max-frames suggested for --card-gib."""
-    precision = args.dtype
-    kwargs = dict(phones=args.phones, device="cuda")
     frames_per_row = audio.num_fbank_frames(round(args.seconds * audio.SAMPLE_RATE))
     rows = args.train_batch if args.max_frames is None else args.max_frames / frames_per_row
-    estimate = cost.memory_estimate(args.preset, rows, args.seconds, precision, **kwargs)
+    estimate = cost.memory_estimate(args.preset, rows, args.seconds, args.dtype, phones=args.phones)
     what = f"{rows:g} rows" if args.max_frames is None else f"--max-frames {args.max_frames} ({rows:.2f} rows)"
     print(cost.format_memory(estimate, f"bench: peak memory estimate of one training step, {args.preset}, {what} of "
-                                  f"{args.seconds:g} s, {precision} (GB = 1e9 bytes, GiB = 2**30 bytes)"))
-    frames, fit_rows = cost.suggest_max_frames(args.preset, precision, args.seconds, args.card_gib, args.margin_gib,
-                                          **kwargs)
+                                       f"{args.seconds:g} s, {args.dtype} (GB = 1e9 bytes, GiB = 2**30 bytes)"))
+    frames, fit_rows = cost.suggest_max_frames(args.preset, args.dtype, args.seconds, args.card_gib, args.margin_gib,
+                                               phones=args.phones)
     print(f"suggested --max-frames for a {args.card_gib:g} GiB card with {args.margin_gib:g} GiB margin: {frames} "
           f"({fit_rows:.1f} rows of {args.seconds:g} s)")
     return {"estimate": estimate, "suggested_max_frames": frames, "card_gib": args.card_gib,

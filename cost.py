@@ -205,6 +205,23 @@ def suggest_max_frames(preset, precision, seconds, card_gib=24.0, margin_gib=3.0
     return int(rows * fixed["shapes"]["frames"]), rows
 
 
+def auto_max_frames(card_bytes, config, precision, longest, rows):
+    """train.py --max-frames auto -> (frames, note): none on a CPU (card_bytes 0); on a GPU of card_bytes the budget
+    whose estimated peak (this model and precision, rows of the corpus's longest row, `longest` fbank frames)
+    leaves 3 GiB free for fragmentation; the note says so, with the estimate for `rows` such rows at once."""
+    if not card_bytes:
+        return 0, None
+    card_gib, seconds = card_bytes / GiB, longest / 100  # fbank frames are 10 ms apart
+    frames, fit_rows = suggest_max_frames(None, precision, seconds, card_gib, 3.0, config=config, frames=longest)
+    need = memory_estimate(None, rows, seconds, precision, config=config, frames=longest)["total_with_context"] / GiB
+    if frames == 0:
+        return 0, (f"warning: cost.py estimates that this model does not fit the GPU's {card_gib:.1f} GiB even "
+                   "without activations; training anyway (--max-frames 0)")
+    return frames, (f"--max-frames auto: {frames} frames ({fit_rows:.1f} rows of the longest, {seconds:.1f} s) per "
+                    f"micro-batch on this {card_gib:.1f} GiB GPU; {rows} such rows at once would need ~{need:.1f} GiB "
+                    "(cost.py estimate)")
+
+
 MEMORY_NOTES = {
     "weights": "fp32 master weights", "grads": "fp32 gradients (whole: accumulation keeps them)",
     "adamw": "AdamW exp_avg + exp_avg_sq fp32, a step per tensor", "autocast_copies": "half copies of Linear/conv "

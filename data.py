@@ -2,7 +2,7 @@
 
 A sample is a sentence, its entity spans (start, end exclusive, type; nesting allowed) and, when the corpus has
 speech, the path of its wav. For a modality (TNER text only, SNER speech only, MNER both) the Featurizer turns it
-into the tensors of one batch row; make_loader draws the modality of every sample each epoch and batches them.
+into the tensors of one batch row; Loader draws the modality of every sample each epoch and batches them.
 
 Sections: 1 samples | 2 linearization (ours) | 3 the official code's rules | 4 loaders | 5 model inputs | 6 batching
 | 7 assets for scratch models. Vocabulary, specials, brackets, phones: text.py; scoring and corpus statistics
@@ -29,7 +29,7 @@ import audio
 import demo
 import files
 from text import (BOS, BRACKET_CHARS, BRACKETS, EOS, PAD, TO_FULLWIDTH, TYPE_OF_CLOSE, TYPE_OF_OPEN, TYPES, UNK,
-                  Phonemizer, TextVocab, read_phone_dict)
+                  Phonemizer, TextVocab)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Samples
@@ -534,7 +534,7 @@ def asr_row(fbank, ids=()) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Batching, one path: make_loader -> Loader. Its plan decides the batches of an epoch (samples, tasks, speeds,
+# 6. Batching, one path: Loader. Its plan decides the batches of an epoch (samples, tasks, speeds,
 # length buckets, rank shards); BatchBuilder builds each (features, collate, CTC phone targets, entity swaps).
 
 
@@ -636,14 +636,23 @@ class BatchBuilder(torch.utils.data.Dataset):
 
 
 class Loader:
-    """The one batching path (see make_loader). An epoch is a list of steps; a step is one global batch (the rows
-    of one optimizer step on all ranks together), (sample index, task, speed) per row. batch_plan() decides the
-    steps, rank_steps() this rank's share of each step split into micro-batches, batches() builds them
-    (BatchBuilder) in a DataLoader. Iterating the loader = batches(): one list of collated micro-batches a step."""
+    """The one batching path (train.py's and every test's), iterated as one list of collated micro-batches a step.
 
-    def __init__(self, samples, featurizer, batch_size, train, task_mix, tasks, seed, num_workers, rank,
-                 world_size, speeds, bucket_pool, ctc_classes, entity_swap, grad_accum=1, max_frames=0,
-                 pin_memory=False):
+    train: an epoch is a list of steps of batch_size rows (the global batch of one optimizer step), a row being
+    (sample index, task, speed); tasks and speeds (for real speech) are redrawn per epoch (set_epoch); steps of
+    similar length (sorted within pools of bucket_pool steps) in shuffled order, the last one filled up with the
+    epoch's first rows; rank r takes the r-th of world_size contiguous near-equal parts of each step's rows (sorted
+    by length), split into grad_accum micro-batches and further by max_frames (padded fbank frames per micro-batch;
+    0 = no budget). Not train: every sample for every task in `tasks` it can do (SNER/MNER need audio), speed 1.0,
+    sorted by length, batches of batch_size dealt to the ranks in turn. batch_plan() decides the steps (map rows back
+    to samples with it), rank_steps() this rank's micro-batches, batches() builds them (BatchBuilder: ctc_classes,
+    entity_swap) in a DataLoader; pin_memory: page-locked batches, so that copies to a GPU are asynchronous."""
+
+    def __init__(self, samples, featurizer: Featurizer, batch_size: int, train: bool, task_mix: str = "uniform",
+                 tasks=TASKS, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 speeds=(0.9, 1.0, 1.1), bucket_pool: int = 100, ctc_classes: int = 0,
+                 entity_swap: EntitySwap | None = None, grad_accum: int = 1, max_frames: int = 0,
+                 pin_memory: bool = False):
         bad = [t for t in tasks if t not in TASKS]
         if bad or not tasks:
             raise ValueError(f"tasks {tasks!r}: choose from {', '.join(TASKS)}")
@@ -785,37 +794,3 @@ def near_equal_parts(rows: list, n: int) -> list[list]:
         parts.append(rows[at: at + size])
         at += size
     return parts
-
-
-def make_loader(samples, featurizer: Featurizer, batch_size: int, train: bool, task_mix: str = "uniform",
-                tasks=TASKS, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                speeds=(0.9, 1.0, 1.1), bucket_pool: int = 100, ctc_classes: int = 0,
-                entity_swap: EntitySwap | None = None, grad_accum: int = 1, max_frames: int = 0,
-                pin_memory: bool = False) -> Loader:
-    """Batches of collated inputs (train.py's and every test's). train: batch_size is the global batch of one
-    optimizer step, tasks and speed perturbation (speeds, for real speech) redrawn per epoch (call set_epoch),
-    steps of similar length (sorted within pools of bucket_pool steps) in shuffled order, the last step of an epoch
-    filled up with its first rows; rank r of world_size takes the r-th of world_size contiguous near-equal parts of
-    each step's rows (sorted by length; with a remainder the first ranks one row more), split into grad_accum
-    micro-batches and further by max_frames (padded fbank frames per micro-batch; 0 = no budget). Not train: every
-    sample for every task in `tasks` it can do (SNER/MNER need audio), speed 1.0, sorted by length, batches of
-    batch_size dealt to the ranks in turn; use batch_plan() to map rows back to samples. ctc_classes, entity_swap:
-    see BatchBuilder. pin_memory: page-locked batches, so that copies to a GPU are asynchronous."""
-    return Loader(samples, featurizer, batch_size, train, task_mix, tasks, seed, num_workers, rank, world_size,
-                  speeds, bucket_pool, ctc_classes, entity_swap, grad_accum, max_frames, pin_memory)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Assets for a model trained from scratch (the checkpoint's "assets", weights.py)
-
-
-def assets_for_scratch(samples) -> dict:
-    """Vocabulary from the training text (+ brackets), MMSpeech's phone inventory (assets/phone_dict.txt), no
-    lexicon (pypinyin), fbank settings, decoding defaults. no_repeat_ngram_size 0: the output copies the input,
-    and 47 of CNERTA's 4,440 dev targets repeat a 5-gram (19 of AISHELL-NER's 14,326: 年的百分之 ... 年的百分之),
-    which a 5-gram block would make unreachable."""
-    vocab = TextVocab.build(samples).tokens
-    return {"vocab": vocab, "phones": read_phone_dict(), "lexicon": {},
-            "fbank": {"num_mel_bins": 80, "cmvn": "utterance"},
-            "decoding": {"beam": 5, "max_len_b": 128, "min_len": 1, "no_repeat_ngram_size": 0,
-                         "constraint_range": [4, len(vocab)], "len_penalty": 1.0}}

@@ -4,11 +4,15 @@ Plain functions, with the machine's facts passed in where a test on a CPU must s
 native bf16, the number of GPUs): resolve_device, choose_precision, decode_precision, tf32_allowed, rng_state /
 set_rng_state take them as arguments.
 """
+import os
 import random
 from contextlib import nullcontext
+from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 import files
 
@@ -121,3 +125,37 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes and input pipeline of a run
+
+
+def start_distributed(device):
+    """-> (device, rank, world size). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:  # long timeout: rank 0 evaluates alone while the others wait at a barrier
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    return device, rank, world
+
+
+def default_workers(device, ranks_on_this_machine):
+    """DataLoader workers per rank when --workers is not given: on a GPU up to 4, as the CPU cores allow (one core
+    stays with each rank's own loop), so that fbank and collation overlap the GPU's work; on a CPU 0 (the cores
+    already run the model)."""
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) // max(1, ranks_on_this_machine) - 1))
+
+
+def feature_cache_dir(name, device):
+    """--feature-cache -> folder or None: auto = a cache shared by runs on a GPU (where recomputing every row's
+    fbank every epoch would starve it), none on a CPU (the model, not fbank, takes the time)."""
+    if name == "none" or (name == "auto" and device.type != "cuda"):
+        return None
+    if name == "auto":
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "image" / "fbank"
+    return Path(name)

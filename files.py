@@ -174,6 +174,12 @@ def write_atomic(path, data: str | bytes) -> None:
             tmp.write_bytes(data)
 
 
+def append_atomic(path, text: str) -> None:
+    """Appends text (UTF-8) to a small file by rewriting it atomically: a kill leaves the old or the new file."""
+    path = Path(path)
+    write_atomic(path, (path.read_text(encoding="utf-8") if path.exists() else "") + text)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Entry points
 

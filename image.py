@@ -18,7 +18,7 @@ Config.modelscope_padding=True reproduces ModelScope exactly. At batch size 1 th
 This module knows tensors only (no files): weights.py converts ModelScope checkpoints and loads ours.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -106,6 +106,29 @@ class Config:
         if not 0 < self.text_join_layer < self.encoder_layers:
             raise ValueError(f"Config: text_join_layer {self.text_join_layer} must be in [1, encoder_layers "
                              f"{self.encoder_layers})")
+
+
+def parse_config_overrides(text: str) -> dict:
+    """'d_model=256,encoder_layers=8' -> {'d_model': 256, 'encoder_layers': 8}, typed by Config's fields (train.py
+    --model)."""
+    types = {f.name: f.type for f in fields(Config)}
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        kind = types[key] if isinstance(types[key], str) else types[key].__name__
+        if kind == "bool":
+            if value.strip().lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"{item!r}: {key} takes true or false")
+            out[key] = value.strip().lower() in ("true", "1")
+        else:
+            try:
+                out[key] = {"int": int, "float": float}[kind](value)
+            except (KeyError, ValueError):
+                raise ValueError(f"{item!r}: {key} takes a {kind}") from None
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

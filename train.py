@@ -10,11 +10,11 @@ Train IMAGE: one model for text (TNER), speech (SNER) and text+speech (MNER) Chi
 Recipe (the paper's defaults, every one a flag): AdamW lr 1e-5, weight decay only on parameters with ndim >= 2
 (weight matrices, embeddings, conv kernels; never biases or norm gains), linear warm-up over 10 % of the steps then
 constant (or linear decay), global batch 12, 50 epochs, clipping at 1.0, teacher-forced cross-entropy on the
-bracketed target, tasks MNER:SNER:TNER 1:1:1 redrawn every epoch (data.make_loader). The loss of one optimizer
+bracketed target, tasks MNER:SNER:TNER 1:1:1 redrawn every epoch (data.Loader). The loss of one optimizer
 step is the sum of token losses over the whole global batch (all micro-batches, all ranks) divided by its number
 of target tokens, so gradient accumulation and DDP give the same update as one big batch (train_step).
 --batch-size is that global batch, the same rows on any number of ranks: each rank takes a near-equal contiguous part
-of each step, split into --grad-accum micro-batches and further by --max-frames (data.make_loader).
+of each step, split into --grad-accum micro-batches and further by --max-frames (data.Loader).
 
 Named recipes (RECIPES) apply under explicit flags: explicit flag > demo > official > paper. --dataset demo
 applies the demo recipe (tiny model with narrow conv subsampling from scratch on CPU, lr 2e-3 with linear decay
@@ -37,7 +37,6 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -220,7 +219,7 @@ def get_args(argv=None) -> TrainConfig:
     if s["dataset"] != "demo" and s.get("data_dir") is None:
         p.error(f"--data-dir is required for --dataset {s['dataset']}")
     try:
-        s["model"] = parse_model_overrides(s.get("model") or "")
+        s["model"] = image.parse_config_overrides(s.get("model") or "")
     except ValueError as e:
         p.error(f"--model: {e}")
     if s["model"] and "model" in given and (s.get("init") is not None or s.get("resume")):
@@ -294,16 +293,6 @@ def make_optimizer(model, cfg, device):
         return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"), **kwargs)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, **kwargs)
-
-
-
-
-
-def append_jsonl(record, path):
-    """Append one JSON line, rewriting the (small) file atomically."""
-    path = Path(path)
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    files.write_atomic(path, old + json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # --compile: every length symbolic from the first batch, so bucketed lengths trace once (tests/test_compile.py)
@@ -406,7 +395,7 @@ def load_corpus(cfg, master, barrier):
 
 def corpus_tasks(train, dev, requested, log):
     """-> (training tasks or None, evaluation tasks). Without audio: TNER only (said once). With audio for part of
-    the corpus, SNER/MNER train and score on those sentences only (data.make_loader, decode.evaluate_split)."""
+    the corpus, SNER/MNER train and score on those sentences only (data.Loader, decode.evaluate_split)."""
     with_audio = sum(s.audio is not None for s in train)
     if with_audio == 0:
         log("note: this corpus has no audio -> training and evaluating TNER only")
@@ -417,28 +406,6 @@ def corpus_tasks(train, dev, requested, log):
         log("note: no dev sentence has audio -> evaluating TNER only")
         return tuple(requested), ("TNER",)
     return tuple(requested), TASKS
-
-
-def parse_model_overrides(text: str) -> dict:
-    """'d_model=256,encoder_layers=8' -> {'d_model': 256, 'encoder_layers': 8}, typed by image.Config's fields."""
-    fields = {f.name: f.type for f in dataclasses.fields(image.Config)}
-    out = {}
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in fields:
-            raise ValueError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
-        kind = fields[key] if isinstance(fields[key], str) else fields[key].__name__
-        if kind == "bool":
-            if value.strip().lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"{item!r}: {key} takes true or false")
-            out[key] = value.strip().lower() in ("true", "1")
-        else:
-            try:
-                out[key] = {"int": int, "float": float}[kind](value)
-            except (KeyError, ValueError):
-                raise ValueError(f"{item!r}: {key} takes a {kind}") from None
-    return out
 
 
 def build_model(cfg, train, resume_ckpt, log):
@@ -457,7 +424,7 @@ def build_model(cfg, train, resume_ckpt, log):
         model, assets = weights.model_from_checkpoint(ckpt, "cpu", cfg.init, **overrides), ckpt["assets"]
         log(f"initialised from {cfg.init}")
     else:
-        assets = data.assets_for_scratch(train)
+        assets = weights.assets_for_scratch(train)
         try:
             config = getattr(image.Config, cfg.preset)(**{**cfg.model, "vocab_size": len(assets["vocab"]),
                                                            "phone_vocab_size": len(assets["phones"]), **overrides})
@@ -469,7 +436,6 @@ def build_model(cfg, train, resume_ckpt, log):
             "training text)")
     model = model.float().train()  # float32 master weights whatever the file stores
     return model, assets
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,7 +577,7 @@ class Run:
         record = {"split": split, **scores, "mean_f1": mean_f1(scores), "step": self.step,
                   "epoch": round(self.epoch + self.step_in_epoch / max(1, self.steps_per_epoch), 3),
                   "checkpoint": tag, "minutes": round((time.time() - self.t_start) / 60, 2)}
-        append_jsonl(record, self.out / "metrics.jsonl")
+        files.append_atomic(self.out / "metrics.jsonl", json.dumps(record, ensure_ascii=False) + "\n")
         tqdm.write(f"[{split} @ step {self.step}] " + "  ".join(f"{t} F1 {s['f1']:.2f}" for t, s in scores.items()))
         return scores
 
@@ -638,56 +604,6 @@ class Run:
 
 def mean_f1(scores):
     return sum(s["f1"] for s in scores.values()) / len(scores)
-
-
-def start_distributed(device):
-    """-> (device, rank, world size). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    device = devices.resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:  # long timeout: rank 0 evaluates alone while the others wait at a barrier
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
-    return device, rank, world
-
-
-def default_workers(device, ranks_on_this_machine):
-    """DataLoader workers per rank when --workers is not given: on a GPU up to 4, as the CPU cores allow (one core
-    stays with each rank's own loop), so that fbank and collation overlap the GPU's work; on a CPU 0 (the cores
-    already run the model)."""
-    if device.type != "cuda":
-        return 0
-    return max(0, min(4, (os.cpu_count() or 1) // max(1, ranks_on_this_machine) - 1))
-
-
-def auto_max_frames(card_bytes, config, precision, longest, rows, log):
-    """--max-frames auto: none on a CPU (card_bytes 0); on a GPU of card_bytes the budget whose estimated peak
-    (cost.py: this model and precision, rows of the corpus's longest, `longest` fbank frames) leaves 3 GiB free for
-    fragmentation, said with the estimate for `rows` such rows at once."""
-    if not card_bytes:
-        return 0
-    card_gib = card_bytes / cost.GiB
-    seconds = longest / 100  # fbank frames are 10 ms apart
-    frames, fit_rows = cost.suggest_max_frames(None, precision, seconds, card_gib, 3.0, config=config, frames=longest)
-    need = cost.memory_estimate(None, rows, seconds, precision, config=config, frames=longest)
-    need = need["total_with_context"] / cost.GiB
-    if frames == 0:
-        log(f"warning: cost.py estimates that this model does not fit the GPU's {card_gib:.1f} GiB even without "
-            "activations; training anyway (--max-frames 0)")
-    else:
-        log(f"--max-frames auto: {frames} frames ({fit_rows:.1f} rows of the longest, {seconds:.1f} s) per micro-batch "
-            f"on this {card_gib:.1f} GiB GPU; {rows} such rows at once would need ~{need:.1f} GiB (cost.py estimate)")
-    return frames
-
-
-def feature_cache_dir(name, device):
-    """--feature-cache -> folder or None: auto = a cache shared by runs on a GPU (where recomputing every row's
-    fbank every epoch would starve it), none on a CPU (the model, not fbank, takes the time)."""
-    if name == "none" or (name == "auto" and device.type != "cuda"):
-        return None
-    if name == "auto":
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "image" / "fbank"
-    return Path(name)
 
 
 def check_outputs(out):
@@ -737,7 +653,7 @@ def main(argv=None):
 
 def train(cfg):
     t_start = time.time()
-    device, rank, world = start_distributed(cfg.device)
+    device, rank, world = devices.start_distributed(cfg.device)
     ddp, master = world > 1, rank == 0
     log = print if master else (lambda *a, **k: None)
     log(recipe_line(cfg))
@@ -745,7 +661,7 @@ def train(cfg):
         raise files.InputError(f"--batch-size {cfg.batch_size} is the global batch: it needs a row for each of the "
                                f"{world} ranks")
     out = Path(cfg.out)
-    feature_cache = feature_cache_dir(cfg.feature_cache, device)
+    feature_cache = devices.feature_cache_dir(cfg.feature_cache, device)
     if master:
         check_outputs(out)
         if feature_cache is not None:
@@ -772,11 +688,11 @@ def train(cfg):
     assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": cfg.decode_ctc_weight}
     assets["pseudo_text_len"] = cfg.pseudo_len  # part of the checkpoint: decoding needs the same pseudo text
     featurizer = data.Featurizer(assets, pseudo_text_len=cfg.pseudo_len, cache_dir=feature_cache)
-    workers = cfg.workers if cfg.workers is not None else default_workers(device, int(os.environ.get(
+    workers = cfg.workers if cfg.workers is not None else devices.default_workers(device, int(os.environ.get(
         "LOCAL_WORLD_SIZE", "1")))
     dtype_name, autocast, scaler = devices.resolve_precision(cfg.dtype, device)
     devices.set_tf32(device)  # fp32 matmuls on a GPU in TF32 (training needs no IEEE-exact fp32)
-    loader = data.make_loader(
+    loader = data.Loader(
         train_samples, featurizer, cfg.batch_size, train=True, task_mix=cfg.mix, tasks=train_tasks, seed=cfg.seed,
         num_workers=workers, rank=rank, world_size=world, speeds=cfg.speeds, grad_accum=cfg.grad_accum,
         pin_memory=device.type == "cuda", ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
@@ -784,7 +700,9 @@ def train(cfg):
     if cfg.max_frames == "auto":
         rows = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)   # the largest micro-batch
         card = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-        cfg.max_frames = auto_max_frames(card, model.config, dtype_name, loader.longest_frames(), rows, log)
+        cfg.max_frames, note = cost.auto_max_frames(card, model.config, dtype_name, loader.longest_frames(), rows)
+        if note:
+            log(note)
     loader.max_frames = cfg.max_frames
     steps_per_epoch = len(loader)
     total_steps = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)

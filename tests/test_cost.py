@@ -134,3 +134,17 @@ def test_memory_estimate_matches_the_tensors_autograd_saves():
     predicted = sum(estimate[part] for part in ACTIVATIONS if part != "loss_backward")
     assert 0.95 < predicted / sum(saved.values()) < 1.05
     del loss
+
+
+def test_max_frames_auto_fits_the_card_from_the_estimate():
+    """train.py --max-frames auto with the GPU's memory passed in: large, bf16, rows of 20 s. A 24 GiB card gets a
+    budget under 12 rows (the estimate says 12 need more than it holds), an 80 GiB card more than 12 rows, a CPU
+    (0 bytes) none."""
+    large = image.Config.large(vocab_size=cost.FULL_VOCAB)
+    rows_of = lambda frames: frames / 1998
+    on_4090, note = cost.auto_max_frames(24 * cost.GiB, large, "bf16", 1998, 12)
+    assert 8 < rows_of(on_4090) < 12 and f"--max-frames auto: {on_4090} frames" in note
+    fits = cost.memory_estimate(None, rows_of(on_4090), 20.0, "bf16", config=large, frames=1998)
+    assert fits["total_with_context"] <= 21 * cost.GiB          # 3 GiB of the 24 left free
+    assert rows_of(cost.auto_max_frames(80 * cost.GiB, large, "bf16", 1998, 12)[0]) > 12
+    assert cost.auto_max_frames(0, large, "bf16", 1998, 12) == (0, None)

@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import weights  # noqa: E402
 import evaluate  # noqa: E402
 import files  # noqa: E402
 from data import Entity, Sample  # noqa: E402
@@ -273,11 +274,11 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def featurizer(corpus):
-    return data.Featurizer(data.assets_for_scratch(corpus))
+    return data.Featurizer(weights.assets_for_scratch(corpus))
 
 
 def test_assets_for_scratch(corpus):
-    assets = data.assets_for_scratch(corpus)
+    assets = weights.assets_for_scratch(corpus)
     assert assets["vocab"][:10] == list(SPECIALS) + list("[]()<>")
     assert len(assets["phones"]) == 141 and assets["lexicon"] == {}
     assert assets["decoding"]["constraint_range"] == [4, len(assets["vocab"])]
@@ -304,17 +305,17 @@ def test_inputs_per_task(corpus, featurizer):
     assert text["phone_chars"].tolist() == [featurizer.vocab.encode(s.text)[i] for i in which]
     assert torch.equal(rows["TNER"]["fbank"], rows[data.NEITHER]["fbank"])  # the same pseudo speech
     assert rows["TNER"]["fbank"].shape[0] == 61
-    loader = data.make_loader([s], featurizer, 1, train=True, tasks=("SNER",))   # the frame budget's count: exact
+    loader = data.Loader([s], featurizer, 1, train=True, tasks=("SNER",))   # the frame budget's count: exact
     for speed in (0.9, 1.0, 1.1):
         assert loader.frames((0, "SNER", speed)) == featurizer.inputs(s, "SNER", speed)["fbank"].shape[0], speed
     with pytest.raises(ValueError, match="needs audio"):
         featurizer.inputs(corpus[10], "MNER")
     with pytest.raises(ValueError, match="pseudo phone '#1'"):
-        data.Featurizer(data.assets_for_scratch(corpus), pseudo_phone="#1")
+        data.Featurizer(weights.assets_for_scratch(corpus), pseudo_phone="#1")
 
 
 def test_feature_cache_computes_once_per_utterance_and_speed(corpus, tmp_path):
-    assets = data.assets_for_scratch(corpus)
+    assets = weights.assets_for_scratch(corpus)
     f = data.Featurizer(assets, cache_dir=tmp_path / "cache")
     a = f.speech(corpus[0].audio, 1.0)
     assert f.speech(corpus[0].audio, 1.0) is a and f.computed == 1
@@ -345,7 +346,7 @@ def fake_samples(n, with_audio, wav):
 
 def test_uniform_mix_is_one_third_each_and_redrawn_per_epoch(tmp_path, featurizer):
     samples = fake_samples(300, 240, str(write_wav(tmp_path / "a.wav")))
-    loader = data.make_loader(samples, featurizer, 8, train=True, seed=3)
+    loader = data.Loader(samples, featurizer, 8, train=True, seed=3)
     plans = []
     for epoch in range(2):
         loader.set_epoch(epoch)
@@ -365,18 +366,18 @@ def test_uniform_mix_is_one_third_each_and_redrawn_per_epoch(tmp_path, featurize
 
 def test_coin_mix_quarters_including_neither(tmp_path, featurizer):
     samples = fake_samples(4000, 4000, str(write_wav(tmp_path / "a.wav")))
-    loader = data.make_loader(samples, featurizer, 16, train=True, task_mix="coin")
+    loader = data.Loader(samples, featurizer, 16, train=True, task_mix="coin")
     counts = collections.Counter(t for b in loader.batch_plan() for _, t, _ in b)
     assert set(counts) == {"TNER", "SNER", "MNER", data.NEITHER}
     assert all(abs(c / 4000 - 0.25) < 0.03 for c in counts.values()), counts
     with pytest.raises(ValueError, match="coin"):
-        data.make_loader(samples, featurizer, 16, train=True, task_mix="coin", tasks=("TNER",))
+        data.Loader(samples, featurizer, 16, train=True, task_mix="coin", tasks=("TNER",))
 
 
 def test_bucketing_groups_similar_lengths(tmp_path, featurizer):
     wavs = [str(write_wav(tmp_path / f"{k}.wav", seconds=0.5 + 0.5 * k)) for k in range(8)]
     samples = [Sample(str(i), "中国", [], wavs[i % 8]) for i in range(400)]
-    loader = data.make_loader(samples, featurizer, 8, train=True, tasks=("SNER",), speeds=(1.0,))
+    loader = data.Loader(samples, featurizer, 8, train=True, tasks=("SNER",), speeds=(1.0,))
     spread = lambda batches: sum(max(map(loader.frames, b)) - min(map(loader.frames, b)) for b in batches) / len(batches)
     items = [it for b in loader.batch_plan() for it in b]
     random.Random(0).shuffle(items)
@@ -388,7 +389,7 @@ def test_every_rank_and_split_takes_the_same_global_steps(tmp_path, featurizer):
     """The steps of an epoch do not depend on the world size, --grad-accum or --max-frames; each step's rows are
     dealt to the ranks (5 rows on 3 ranks: 2, 2, 1) and split into micro-batches, every row exactly once."""
     samples = fake_samples(50, 50, str(write_wav(tmp_path / "a.wav")))
-    make = lambda **kw: data.make_loader(samples, featurizer, 5, train=True, seed=1, **kw)
+    make = lambda **kw: data.Loader(samples, featurizer, 5, train=True, seed=1, **kw)
     steps = make().batch_plan()
     assert len(steps) == 10 and all(len(rows) == 5 for rows in steps)
     for kw in ({"world_size": 3, "grad_accum": 2}, {"world_size": 2, "max_frames": 100}, {"grad_accum": 9}):
@@ -405,7 +406,7 @@ def test_every_rank_and_split_takes_the_same_global_steps(tmp_path, featurizer):
     with pytest.raises(ValueError, match="each of 6 ranks"):
         make(world_size=6)
     # 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches: the same micro-batches (4 rows a step divide evenly)
-    four = lambda **kw: data.make_loader(samples, featurizer, 4, train=True, seed=1, **kw)
+    four = lambda **kw: data.Loader(samples, featurizer, 4, train=True, seed=1, **kw)
     ranks = [four(world_size=2, rank=r).rank_steps() for r in range(2)]
     assert [ranks[0][k] + ranks[1][k] for k in range(len(ranks[0]))] == four(grad_accum=2).rank_steps()
     assert data.near_equal_parts(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
@@ -417,10 +418,10 @@ def test_a_frame_budget_splits_a_step_into_more_micro_batches(tmp_path, featuriz
     without a budget, grad_accum parts of near-equal size."""
     short, long = write_wav(tmp_path / "s.wav", seconds=1.0), write_wav(tmp_path / "l.wav", seconds=3.0)
     samples = [Sample(str(i), "中国", [], str(short if i % 2 else long)) for i in range(24)]
-    plain = data.make_loader(samples, featurizer, 12, train=True, seed=2, grad_accum=3, tasks=("SNER",))
+    plain = data.Loader(samples, featurizer, 12, train=True, seed=2, grad_accum=3, tasks=("SNER",))
     assert all([len(m) for m in micro] == [4, 4, 4] for micro in plain.rank_steps())
     budget = 700                                                         # ~2.3 long rows at speed 0.9, ~7 short ones
-    capped = data.make_loader(samples, featurizer, 12, train=True, seed=2, max_frames=budget, tasks=("SNER",))
+    capped = data.Loader(samples, featurizer, 12, train=True, seed=2, max_frames=budget, tasks=("SNER",))
     for rows, micro in zip(capped.batch_plan(), capped.rank_steps()):
         assert [row for m in micro for row in m] == rows                 # the step's rows, in order
         assert len(micro) > 1
@@ -432,13 +433,13 @@ def test_a_frame_budget_splits_a_step_into_more_micro_batches(tmp_path, featuriz
 
 def test_eval_batches_are_dealt_to_ranks_in_turn(tmp_path, featurizer):
     samples = fake_samples(50, 50, str(write_wav(tmp_path / "a.wav")))
-    eval_plans = [data.make_loader(samples, featurizer, 4, train=False, tasks=("TNER",), rank=r, world_size=3)
+    eval_plans = [data.Loader(samples, featurizer, 4, train=False, tasks=("TNER",), rank=r, world_size=3)
                   .batch_plan() for r in range(3)]
     assert sorted(i for p in eval_plans for b in p for i, _, _ in b) == list(range(50))  # eval: each sample once
 
 
 def test_eval_loader_covers_every_task_it_can(corpus, featurizer):
-    loader = data.make_loader(corpus, featurizer, 5, train=False)
+    loader = data.Loader(corpus, featurizer, 5, train=False)
     items = [it for b in loader.batch_plan() for it in b]
     assert collections.Counter(t for _, t, _ in items) == {"TNER": 12, "SNER": 9, "MNER": 9}
     assert all(s == 1.0 for _, _, s in items)
@@ -450,9 +451,9 @@ def test_workers_give_the_same_batches(corpus):
     # fbank: workers run torch on 1 thread, so FFT and matmul sum in another order: within float32 rounding, by
     # tests/test_audio.py's rule (energies relative to the frame's loudest, n = 512). That rule reads the log
     # fbank, so CMVN is off here; it is numpy on one thread (the same in workers) and tested in test_audio.py.
-    assets = data.assets_for_scratch(corpus)
+    assets = weights.assets_for_scratch(corpus)
     raw = data.Featurizer({**assets, "fbank": {**assets["fbank"], "cmvn": "none"}})
-    make = lambda w: data.make_loader(corpus, raw, 4, train=True, seed=5, num_workers=w)
+    make = lambda w: data.Loader(corpus, raw, 4, train=True, seed=5, num_workers=w)
     plain, workers = make(0), make(2)
     for epoch in (0, 1):  # persistent workers follow set_epoch
         plain.set_epoch(epoch), workers.set_epoch(epoch)
@@ -465,7 +466,7 @@ def test_entity_swap_changes_text_rows_only_and_is_redrawn_per_epoch():
     samples = [data.Sample("a", "张三去北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "a.wav"),
                data.Sample("b", "李四在上海", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "b.wav"),
                data.Sample("c", "王小明到广州市", [data.Entity(0, 3, "PER"), data.Entity(4, 7, "LOC")], "c.wav")]
-    assets = data.assets_for_scratch(samples)
+    assets = weights.assets_for_scratch(samples)
     featurizer = data.Featurizer(assets)
     plain = data.BatchBuilder(samples, featurizer)
     swapped = data.BatchBuilder(samples, featurizer, entity_swap=data.EntitySwap(samples, 1.0, seed=3))

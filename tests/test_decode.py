@@ -664,7 +664,7 @@ def tiny():
     import data
     import image
     samples = gold_samples() + [data.Sample("x", "末阳市文联主席张三", [])]
-    assets = data.assets_for_scratch(samples)
+    assets = weights.assets_for_scratch(samples)
     assets["decoding"]["max_len_b"] = 24
     torch.manual_seed(0)
     model = image.IMAGE(image.Config.tiny(vocab_size=len(assets["vocab"]), dropout=0.0)).eval()

@@ -1,4 +1,5 @@
 """devices.py: device, precision and RNG-state choices, with the CUDA facts passed in (no GPU needed)."""
+import os
 import random
 import sys
 from pathlib import Path
@@ -106,3 +107,18 @@ def test_rng_state_holds_this_ranks_gpu_only_and_restores_on_fewer_gpus():
     random.random(), np.random.rand(), torch.rand(1)
     devices.set_rng_state(saved, torch.device("cpu"))
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+
+
+def test_gpu_feeding_defaults(monkeypatch, tmp_path):
+    """On a GPU: DataLoader workers (up to 4 a rank, one core left to each rank) and a disk feature cache shared by
+    runs; on a CPU neither (the model takes the time); explicit values win."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert devices.default_workers(cuda, 1) == 4 and devices.default_workers(cuda, 8) == 1
+    assert devices.default_workers(cpu, 1) == 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert devices.default_workers(cuda, 2) == 0                     # one core a rank: the loop keeps it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert devices.feature_cache_dir("auto", cuda) == tmp_path / "image" / "fbank"
+    assert devices.feature_cache_dir("auto", cpu) is None and devices.feature_cache_dir("none", cuda) is None
+    assert devices.feature_cache_dir("/x/feats", cpu) == Path("/x/feats")

@@ -18,10 +18,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import cost  # noqa: E402
 import data  # noqa: E402
 import devices  # noqa: E402
-import image  # noqa: E402
 import train  # noqa: E402
 import weights  # noqa: E402
 from numerics import EPS, K, excess, fp32_tol, model_terms  # noqa: E402
@@ -159,21 +157,6 @@ def test_bad_flags_are_refused(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
-def test_gpu_feeding_defaults(monkeypatch, tmp_path):
-    """On a GPU: DataLoader workers (up to 4 a rank, one core left to each rank) and a disk feature cache shared by
-    runs; on a CPU neither (the model takes the time); explicit values win."""
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert train.default_workers(cuda, 1) == 4 and train.default_workers(cuda, 8) == 1
-    assert train.default_workers(cpu, 1) == 0
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert train.default_workers(cuda, 2) == 0                     # one core a rank: the loop keeps it
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert train.feature_cache_dir("auto", cuda) == tmp_path / "image" / "fbank"
-    assert train.feature_cache_dir("auto", cpu) is None and train.feature_cache_dir("none", cuda) is None
-    assert train.feature_cache_dir("/x/feats", cpu) == Path("/x/feats")
-
-
 def test_max_frames_is_auto_or_a_number():
     assert train.get_args(["--dataset", "demo"]).max_frames == "auto"
     assert train.get_args(["--dataset", "demo", "--max-frames", "0"]).max_frames == 0
@@ -195,24 +178,11 @@ def test_every_flag_has_help():
     assert len(seen) > 40 and all(h for a, h in seen if a != ("-h", "--help")), [a for a, h in seen if not h]
 
 
-def test_max_frames_auto_fits_the_card_from_the_estimate():
-    """--max-frames auto with the GPU's memory passed in: large, bf16, rows of 20 s. A 24 GiB card gets a budget under
-    12 rows (the estimate says 12 need more than it holds), an 80 GiB card more than 12 rows, a CPU (0) none."""
-    large, said = image.Config.large(vocab_size=cost.FULL_VOCAB), []
-    rows_of = lambda frames: frames / 1998
-    on_4090 = train.auto_max_frames(24 * cost.GiB, large, "bf16", 1998, 12, said.append)
-    assert 8 < rows_of(on_4090) < 12 and "GiB" in said[0]
-    fits = cost.memory_estimate(None, rows_of(on_4090), 20.0, "bf16", config=large, frames=1998)
-    assert fits["total_with_context"] <= 21 * cost.GiB          # 3 GiB of the 24 left free
-    assert rows_of(train.auto_max_frames(80 * cost.GiB, large, "bf16", 1998, 12, said.append)) > 12
-    assert train.auto_max_frames(0, large, "bf16", 1998, 12, said.append) == 0 and len(said) == 2
-
-
 def test_mix_ratio_uniform_is_one_third_each_and_redrawn_per_epoch(corpus):
     samples = data.load_split("cnerta", corpus, "train", verbose=False)
     assert len(samples) % 3 == 0 and all(s.audio for s in samples)
-    featurizer = data.Featurizer(data.assets_for_scratch(samples))
-    loader = data.make_loader(samples, featurizer, 4, train=True, task_mix="uniform", seed=1)
+    featurizer = data.Featurizer(weights.assets_for_scratch(samples))
+    loader = data.Loader(samples, featurizer, 4, train=True, task_mix="uniform", seed=1)
     tasks_by_epoch = []
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -230,7 +200,7 @@ def test_mix_ratio_uniform_is_one_third_each_and_redrawn_per_epoch(corpus):
 def test_a_task_named_twice_is_dealt_twice_as_often(corpus):
     """The demo's --tasks TNER,SNER,SNER,MNER: every sample once per epoch, tasks 1:2:1 (up to one of rounding)."""
     samples = data.load_split("cnerta", corpus, "train", verbose=False)
-    loader = data.make_loader(samples, data.Featurizer(data.assets_for_scratch(samples)), 4, train=True,
+    loader = data.Loader(samples, data.Featurizer(weights.assets_for_scratch(samples)), 4, train=True,
                               task_mix="uniform", tasks=train.get_args(["--dataset", "demo"]).tasks, seed=3)
     loader.set_epoch(0)
     tasks = [task for batch in loader.batch_plan() for _, task, _ in batch]
@@ -242,8 +212,8 @@ def test_a_task_named_twice_is_dealt_twice_as_often(corpus):
 def test_mix_ratio_coin_is_a_quarter_each():
     wav = str(ROOT / "tests" / "fixtures" / "wavs" / "utt000.wav")
     samples = [data.Sample(f"u{i}", "张伟在北京", [], wav) for i in range(3000)]
-    featurizer = data.Featurizer(data.assets_for_scratch(samples))
-    loader = data.make_loader(samples, featurizer, 10, train=True, task_mix="coin", seed=0)
+    featurizer = data.Featurizer(weights.assets_for_scratch(samples))
+    loader = data.Loader(samples, featurizer, 10, train=True, task_mix="coin", seed=0)
     tasks = [t for b in loader.batch_plan() for _, t, _ in b]
     for task in data.TASKS + (data.NEITHER,):
         assert abs(tasks.count(task) / len(tasks) - 0.25) < 0.04, (task, tasks.count(task))
@@ -254,7 +224,7 @@ def test_a_few_steps_lower_the_loss(corpus):
     samples = data.load_split("cnerta", corpus, "train", verbose=False)
     torch.manual_seed(0)
     model, assets = train.build_model(args, samples, None, lambda *a: None)
-    loader = data.make_loader(samples, data.Featurizer(assets), 8, train=True, seed=0)
+    loader = data.Loader(samples, data.Featurizer(assets), 8, train=True, seed=0)
     batches = [b for (b,), _ in zip(loader, range(2))]                    # one micro-batch a step
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     objective = train.Objective(model)
