@@ -451,7 +451,10 @@ class Encoder(nn.Module):
             return self._speech(fbank, fbank_lengths, present)
         kept, inverse = rows  # (U,), (B,): compute the kept rows, row i of the batch is kept row inverse[i]
         x, padding, position = self._speech(fbank[kept], fbank_lengths[kept], present[kept])
-        return x[inverse], padding[inverse], position[inverse]
+        # index_select, not x[inverse]: the backward of advanced indexing (index_put_ accumulate) adds the copies'
+        # gradients with unordered atomic adds on CPU with > 1 thread (32768+ elements); index_add_ adds in row order
+        share = lambda t: t.index_select(0, inverse)
+        return share(x), share(padding), share(position)
 
     @staticmethod
     def _distinct_rows(fbank: Tensor, lengths: Tensor, present: Optional[Tensor]):
