@@ -331,8 +331,11 @@ def decode_dtype(name, device, options):
     """A precision name (--dtype) -> the torch dtype the model decodes in on `device`. The parity modes (--asr,
     --modelscope-padding) reproduce ModelScope's fp32, so their auto is fp32 (devices.decode_precision). TF32 is
     allowed on CUDA only when the model runs in bf16/fp16: fp32 decoding stays exact IEEE fp32, the reference."""
-    exact = options.asr or options.modelscope_padding
-    precision = devices.decode_precision(name, device.type, devices.native_bf16(device), exact_fp32=exact)
+    exact, native = options.asr or options.modelscope_padding, devices.native_bf16(device)
+    precision = devices.decode_precision(name, device.type, native, exact_fp32=exact)
+    warning = devices.precision_warning(precision, device.type, native)
+    if warning:
+        print(f"decode.py: {warning}", file=sys.stderr)
     devices.set_tf32(device, exact_fp32=precision == "fp32")
     return PRECISION_DTYPES[precision]
 

@@ -691,6 +691,9 @@ def train(cfg):
     workers = cfg.workers if cfg.workers is not None else devices.default_workers(device, int(os.environ.get(
         "LOCAL_WORLD_SIZE", "1")))
     dtype_name, autocast, scaler = devices.resolve_precision(cfg.dtype, device)
+    warning = devices.precision_warning(dtype_name, device.type, devices.native_bf16(device))
+    if warning:
+        log(warning)
     devices.set_tf32(device)  # fp32 matmuls on a GPU in TF32 (training needs no IEEE-exact fp32)
     loader = data.Loader(
         train_samples, featurizer, cfg.batch_size, train=True, task_mix=cfg.mix, tasks=train_tasks, seed=cfg.seed,

@@ -122,3 +122,12 @@ def test_gpu_feeding_defaults(monkeypatch, tmp_path):
     assert devices.feature_cache_dir("auto", cuda) == tmp_path / "image" / "fbank"
     assert devices.feature_cache_dir("auto", cpu) is None and devices.feature_cache_dir("none", cuda) is None
     assert devices.feature_cache_dir("/x/feats", cpu) == Path("/x/feats")
+
+
+@pytest.mark.parametrize("name, device_type, native, warned", [
+    ("bf16", "cpu", False, "AVX512-BF16"), ("bf16", "cpu", True, None), ("fp32", "cpu", False, None),
+    ("bf16", "cuda", False, "--dtype fp16"), ("bf16", "cuda", True, None), ("fp16", "cuda", False, None)])
+def test_bf16_where_it_is_only_emulated_is_said(name, device_type, native, warned):
+    warning = devices.precision_warning(name, device_type, native)
+    assert (warning is None) == (warned is None) and (warned is None or warned in warning)
+    assert isinstance(devices.native_bf16(torch.device("cpu")), bool)     # this CPU's fact, whichever it is
