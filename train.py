@@ -5,7 +5,7 @@ Train IMAGE: one model for text (TNER), speech (SNER) and text+speech (MNER) Chi
   python train.py --dataset cnerta --data-dir DIR --audio-dir AISHELL1/wav --init mmspeech_large.pt --out runs/x
   torchrun --nproc_per_node 4 train.py ...             # DDP; same updates as 1 process with --grad-accum x4
   OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 train.py ...   # CPU: one 1-thread process per core
-  python train.py ... --resume                         # continue OUT/last.pt exactly (bit-identical on CPU)
+  python train.py ... --resume                         # continue OUT/last.pt exactly (CPU: bit-identical, same threads)
 
 Recipe (the paper's defaults, every one a flag): AdamW lr 1e-5, weight decay only on parameters with ndim >= 2
 (weight matrices, embeddings, conv kernels; never biases or norm gains), linear warm-up over 10 % of the steps then
@@ -313,8 +313,9 @@ def load_last(path, cfg):
     ckpt = weights.load_torch_file(str(path), "--resume checkpoint")
     missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing or not ("step_in_epoch" in ckpt or "batch_in_epoch" in ckpt):
-        raise files.InputError(f"{path}: not a last.pt written by train.py (no {', '.join(missing or ['step_in_epoch'])}"
-                               "; best.pt keeps only the model, --resume needs the run's last.pt)")
+        missing = ", ".join(missing or ["step_in_epoch"])
+        raise files.InputError(f"{path}: not a last.pt written by train.py (no {missing}; best.pt keeps only the "
+                               "model, --resume needs the run's last.pt)")
     ckpt = weights.migrate(ckpt, str(path))
     plan = ckpt.get("plan") or {}
     changed = [f"--{k.replace('_', '-')} {plan[k]} (now {v})" for k, v in plan_settings(cfg).items()
