@@ -18,10 +18,9 @@ of each step, split into --grad-accum micro-batches and further by --max-frames 
 
 Named recipes (RECIPES) apply under explicit flags: explicit flag > demo > official > paper. --dataset demo
 applies the demo recipe (tiny model with narrow conv subsampling from scratch on CPU, lr 2e-3 with linear decay
-over 14 epochs, SNER dealt twice as often, CTC aid in training and in the SNER search, 13-minute training budget
-beam 5 on dev and test at the end);
---official the official code's settings; --recipe NAME selects one. The run prints the recipe it applied and
-every setting that recipe changed from the paper's.
+over 14 epochs, SNER dealt twice as often, CTC aid in training and in the SNER search, a 13-minute training
+budget, beam 5 on dev and test at the end); --official the official code's settings; --recipe NAME selects one.
+The run prints the recipe it applied and every setting that recipe changed from the paper's.
 
 Files in --out: last.pt (everything --resume needs), best.pt (best mean dev F1 over the evaluated tasks; model,
 config and assets only), metrics.jsonl (one JSON object per evaluation, the last one the final evaluation,

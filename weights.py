@@ -454,10 +454,11 @@ def convert(model_dir: str, dtype: torch.dtype = torch.float32, **config_overrid
 
 
 def assets_for_scratch(samples) -> dict:
-    """The assets of a model trained from scratch on samples (data.Sample): vocabulary from the training text (+ brackets), MMSpeech's phone inventory (assets/phone_dict.txt), no
-    lexicon (pypinyin), fbank settings, decoding defaults. no_repeat_ngram_size 0: the output copies the input,
-    and 47 of CNERTA's 4,440 dev targets repeat a 5-gram (19 of AISHELL-NER's 14,326: 年的百分之 ... 年的百分之),
-    which a 5-gram block would make unreachable."""
+    """The assets of a model trained from scratch on samples (data.Sample): vocabulary from the training text
+    (+ brackets), MMSpeech's phone inventory (assets/phone_dict.txt), no lexicon (pypinyin), fbank settings,
+    decoding defaults. no_repeat_ngram_size 0: the output copies the input, and 47 of CNERTA's 4,440 dev targets
+    repeat a 5-gram (19 of AISHELL-NER's 14,326: 年的百分之 ... 年的百分之), which a 5-gram block would make
+    unreachable."""
     vocab = text.TextVocab.build(samples).tokens
     return {"vocab": vocab, "phones": text.read_phone_dict(), "lexicon": {},
             "fbank": {"num_mel_bins": 80, "cmvn": "utterance"},
