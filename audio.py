@@ -30,6 +30,7 @@ SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
 LOG_FLOOR = torch.finfo(torch.float32).eps   # Kaldi floors mel energies at float32 epsilon before the log
 CMVN_MODES = ("utterance", "none")
+FEATURES_VERSION = 1   # part of the disk feature cache's key (data.Featurizer): raise it when speech_features changes
 
 # Resampler design: cutoff at ROLLOFF x the lower Nyquist, sinc truncated after SINC_ZEROS zero crossings on
 # each side, Kaiser window with KAISER_BETA (about 90 dB side lobes). See tests/test_audio.py for the measured
@@ -250,10 +251,8 @@ def speed_perturb(x, factor, sample_rate=SAMPLE_RATE):
     """sox `speed factor` + `rate sample_rate`: play x (..., N) as if recorded at factor x the rate (pitch and
     tempo change). The length becomes round(N / factor), as sox's; factor 1.0 returns x itself.
     """
-    if factor == 1.0:
-        return x
-    return resample(x, round(factor * sample_rate), sample_rate)[..., : perturbed_length(x.shape[-1], factor,
-                                                                                         sample_rate)]
+    n = perturbed_length(x.shape[-1], factor, sample_rate)   # refuses factor <= 0
+    return x if factor == 1.0 else resample(x, round(factor * sample_rate), sample_rate)[..., :n]
 
 
 def perturbed_length(n: int, factor: float, sample_rate=SAMPLE_RATE) -> int:

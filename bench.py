@@ -455,7 +455,7 @@ def bench_train(report, args, model, batch, ref, device, dtype):
             batch=batch["fbank"].size(0), frames=batch["fbank"].size(1), target_tokens=batch["decoder_input"].size(1),
             phones=0, precision=precision, device="cuda", config=model.config)
     t = {"ours": ours, "fbank_frames": batch["fbank_lengths"].tolist(),
-         "flops_note": "exact per-layer count of matmuls/convolutions at true lengths (bench.forward_flops), "
+         "flops_note": "exact per-layer count of matmuls/convolutions at true lengths (cost.forward_flops), "
                        "x3 for forward + backward; peak = measured square matmul in the compute dtype"}
     if "train" in ref:
         r, fb_s = ref["train"], min(fb_runs.wall)

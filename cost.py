@@ -4,8 +4,9 @@ What one training step costs, from the model config alone: FLOPs (for MFU) and p
   forward_flops(config, fbank_lengths, target_lengths)   exact matmul/convolution FLOPs of one forward
   memory_estimate(preset, batch, seconds, precision)     peak bytes of one training step, part by part
   suggest_max_frames(...)                                the train.py --max-frames that fits a card
+  auto_max_frames(...)                                   train.py's --max-frames auto, from this GPU's free memory
 
-bench.py reports them beside what it measures; train.py picks --max-frames auto on a GPU with suggest_max_frames.
+bench.py reports them beside what it measures; train.py picks --max-frames auto on a GPU with auto_max_frames.
 GB = 1e9 bytes, GiB = 2**30 bytes: every figure says which.
 """
 import torch
@@ -206,9 +207,10 @@ def suggest_max_frames(preset, precision, seconds, card_gib=24.0, margin_gib=3.0
 
 
 def auto_max_frames(card_bytes, config, precision, longest, rows):
-    """train.py --max-frames auto -> (frames, note): none on a CPU (card_bytes 0); on a GPU of card_bytes the budget
-    whose estimated peak (this model and precision, rows of the corpus's longest row, `longest` fbank frames)
-    leaves 3 GiB free for fragmentation; the note says so, with the estimate for `rows` such rows at once."""
+    """train.py --max-frames auto -> (frames, note): none on a CPU (card_bytes 0); on a GPU with card_bytes usable
+    (devices.gpu_bytes: this process's share, what other processes leave) the budget whose estimated peak (this
+    model and precision, rows of the corpus's longest row, `longest` fbank frames) leaves 3 GiB free for
+    fragmentation; the note says so, with the estimate for `rows` such rows at once."""
     if not card_bytes:
         return 0, None
     card_gib, seconds = card_bytes / GiB, longest / 100  # fbank frames are 10 ms apart
@@ -218,8 +220,8 @@ def auto_max_frames(card_bytes, config, precision, longest, rows):
         return 0, (f"warning: cost.py estimates that this model does not fit the GPU's {card_gib:.1f} GiB even "
                    "without activations; training anyway (--max-frames 0)")
     return frames, (f"--max-frames auto: {frames} frames ({fit_rows:.1f} rows of the longest, {seconds:.1f} s) per "
-                    f"micro-batch on this {card_gib:.1f} GiB GPU; {rows} such rows at once would need ~{need:.1f} GiB "
-                    "(cost.py estimate)")
+                    f"micro-batch on the {card_gib:.1f} GiB of GPU memory this process may use; {rows} such rows at "
+                    f"once would need ~{need:.1f} GiB (cost.py estimate)")
 
 
 MEMORY_NOTES = {

@@ -4,8 +4,8 @@ A sample is a sentence, its entity spans (start, end exclusive, type; nesting al
 speech, the path of its wav. For a modality (TNER text only, SNER speech only, MNER both) the Featurizer turns it
 into the tensors of one batch row; Loader draws the modality of every sample each epoch and batches them.
 
-Sections: 1 samples | 2 linearization (ours) | 3 the official code's rules | 4 loaders | 5 model inputs | 6 batching
-| 7 assets for scratch models. Vocabulary, specials, brackets, phones: text.py; scoring and corpus statistics
+Sections: 1 samples | 2 linearization (ours) | 3 the official code's rules | 4 loaders | 5 model inputs | 6 batching.
+Vocabulary, specials, brackets, phones: text.py; a scratch model's assets: weights.py; scoring and corpus statistics
 (python evaluate.py stats): evaluate.py.
 """
 from __future__ import annotations
@@ -469,7 +469,7 @@ class Featurizer:
         if self.cache_dir is not None:
             st = os.stat(path)
             name = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{float(speed)}|{self.cmvn}|"
-                                f"{self.num_mel_bins}".encode()).hexdigest()
+                                f"{self.num_mel_bins}|{audio.FEATURES_VERSION}".encode()).hexdigest()
             file = self.cache_dir / name[:2] / f"{name}.pt"
             if file.is_file():
                 try:
@@ -664,7 +664,8 @@ class Loader:
         if train and batch_size < world_size:
             raise ValueError(f"a global batch of {batch_size} rows cannot give each of {world_size} ranks a row")
         self.samples, self.featurizer, self.batch_size, self.train = samples, featurizer, batch_size, train
-        self.task_mix, self.tasks, self.seed, self.rank, self.world_size = task_mix, tuple(tasks), seed, rank, world_size
+        self.task_mix, self.tasks, self.seed = task_mix, tuple(tasks), seed
+        self.rank, self.world_size = rank, world_size
         self.grad_accum, self.max_frames = grad_accum, max_frames
         self.speeds = tuple(speeds) if train else (1.0,)
         self.bucket_pool, self.epoch, self._plan = bucket_pool, 0, None
@@ -776,7 +777,7 @@ class Loader:
             return [items[b: b + bs] for b in range(0, len(items), bs)][self.rank:: self.world_size]
         rng.shuffle(items)
         if items and len(items) % bs:  # every step takes batch_size rows: the last one wraps to the epoch's start
-            items += items[: bs - len(items) % bs]
+            items += (items * -(-bs // len(items)))[: bs - len(items) % bs]   # (around again if it is that short)
         batches, pool = [], bs * self.bucket_pool
         for p in range(0, len(items), pool):  # sort within pools of bucket_pool batches: similar lengths together
             chunk = sorted(items[p: p + pool], key=self._length)

@@ -158,13 +158,29 @@ def start_distributed(device):
     return device, rank, world
 
 
+def usable_gpu_bytes(total, free, fraction=1.0, allocated=0):
+    """GPU memory this process may fill: its share of the card (torch.cuda.set_per_process_memory_fraction), and no
+    more than what other processes leave free (free excludes what this process already holds)."""
+    return min(total * fraction, free + allocated)
+
+
+def gpu_bytes(device):
+    """usable_gpu_bytes of this process's GPU; 0 on a CPU."""
+    if device.type != "cuda":
+        return 0
+    free, total = torch.cuda.mem_get_info(device)
+    return usable_gpu_bytes(total, free, torch.cuda.get_per_process_memory_fraction(device),
+                            torch.cuda.memory_reserved(device))
+
+
 def default_workers(device, ranks_on_this_machine):
     """DataLoader workers per rank when --workers is not given: on a GPU up to 4, as the CPU cores allow (one core
     stays with each rank's own loop), so that fbank and collation overlap the GPU's work; on a CPU 0 (the cores
     already run the model)."""
     if device.type != "cuda":
         return 0
-    return max(0, min(4, (os.cpu_count() or 1) // max(1, ranks_on_this_machine) - 1))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cores // max(1, ranks_on_this_machine) - 1))
 
 
 def feature_cache_dir(name, device):

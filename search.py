@@ -139,8 +139,8 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
     model: new_cache(enc, max_len) / decode_step(tokens (N,), cache, vocab_limit) -> (N, V) logits, V cut to
         vocab_limit when given / cache.reorder(index).
     constraint: optional per-row token filter (BracketConstraint): start(); mask(step, row_max_lens, vocab,
-        device) -> (N, V) bool of allowed tokens on device, applied before log_softmax; rescore(logits) -> logits; bias(lprobs) -> lprobs
-        after log_softmax; reorder(rows); advance(new_tokens).
+        device) -> (N, V) bool of allowed tokens on device, applied before log_softmax; rescore(logits) -> logits;
+        bias(lprobs) -> lprobs after log_softmax; reorder(rows); advance(new_tokens).
     scorer: optional joint scorer (CTCPrefixScorer): start(); score(lprobs) -> (N, V) scores that replace the
         log-probs after every mask; select(rows, new_tokens).
     max_lens: optional per-input max lengths (default cfg.max_len). An input's result never depends on the other

@@ -101,8 +101,8 @@ class TrainConfig:
     entity_swap: float = setting(0.0, type=float, help="probability that an entity of a text-only (TNER) training "
         "row is replaced by a training mention of the same type (data.EntitySwap; flat entities only; 0 = off)")
     feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
-        "runs; auto = ~/.cache/image/fbank on a GPU (features are not recomputed every epoch), none on a CPU; "
-        "'none' = off")
+        "runs; auto = $XDG_CACHE_HOME/image/fbank (~/.cache/image/fbank) on a GPU (features are not recomputed "
+        "every epoch), none on a CPU; 'none' = off")
     workers: int | None = setting(None, type=int, help="DataLoader worker processes per rank (persistent; 0 = in "
         "the loop; default: on a GPU up to 4 per rank as the CPU cores allow, on a CPU 0)")
     # model
@@ -297,35 +297,8 @@ def make_optimizer(model, cfg, device):
 # --compile: every length symbolic from the first batch, so bucketed lengths trace once (tests/test_compile.py)
 COMPILE_OPTIONS = dict(dynamic=True)
 
-# what --resume needs beyond the model: best.pt has none of it
-RESUME_KEYS = ("optimizer", "step", "epoch", "best_f1", "rng", "world_size")
 # the settings that decide an epoch's steps (data.Loader.batch_plan): a resumed run must have the same
 PLAN_KEYS = ("batch_size", "seed", "tasks", "mix", "speeds", "train_size")
-
-
-def load_last(path, cfg):
-    """OUT/last.pt for --resume; a missing, unreadable or wrong kind of file, or one trained with other PLAN_KEYS
-    settings (its steps would be other rows), is an InputError naming it. A last.pt of a train.py before
-    global-batch plans (batch_in_epoch: this rank's micro-batches) gets step_in_epoch."""
-    if not path.is_file():
-        raise files.InputError(f"--resume: no checkpoint {path}" + (" (a folder)" if path.is_dir() else ""))
-    ckpt = weights.load_torch_file(str(path), "--resume checkpoint")
-    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing or not ("step_in_epoch" in ckpt or "batch_in_epoch" in ckpt):
-        missing = ", ".join(missing or ["step_in_epoch"])
-        raise files.InputError(f"{path}: not a last.pt written by train.py (no {missing}; best.pt keeps only the "
-                               "model, --resume needs the run's last.pt)")
-    ckpt = weights.migrate(ckpt, str(path))
-    plan = ckpt.get("plan") or {}
-    changed = [f"--{k.replace('_', '-')} {plan[k]} (now {v})" for k, v in plan_settings(cfg).items()
-               if k in plan and plan[k] != v]
-    if changed:
-        raise files.InputError(f"--resume: {path} was trained with " + ", ".join(changed) + ": its steps would "
-                               "be other rows; resume with the run's settings, or start afresh in another --out")
-    if "step_in_epoch" not in ckpt:
-        accum = int(((ckpt["source"] or {}).get("args") or {}).get("grad_accum", 1))
-        ckpt = {**ckpt, "step_in_epoch": ckpt["batch_in_epoch"] // accum}
-    return ckpt
 
 
 def plan_settings(cfg):
@@ -475,7 +448,9 @@ def train_step(objective, model, optimizer, scaler, micro, lr, clip, autocast=nu
         if not skipped:
             scaler.step(optimizer)
             scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # under DDP the gradients stay views of its all-reduce buckets (set to None, the next micro-batches would
+    # accumulate into fresh tensors beside the buckets: a second copy of every gradient)
+    optimizer.zero_grad(set_to_none=not ddp)
     return step_loss, skipped
 
 
@@ -502,6 +477,7 @@ class Run:
     master: bool = dataclasses.field(init=False)
     step: int = 0
     epoch: int = 0
+    plan: dict = dataclasses.field(default_factory=dict)   # PLAN_KEYS as asked for (before any fallback)
     step_in_epoch: int = 0
     best_f1: float = -1.0
     last_loss: float = float("nan")
@@ -509,26 +485,36 @@ class Run:
     def __post_init__(self):
         self.master = self.rank == 0
 
-    def split(self):
+    def step_split(self):
         """How this run splits a step: on other values a resumed run sums the same gradients in another order."""
         return {"world_size": self.world, "grad_accum": self.cfg.grad_accum, "max_frames": self.cfg.max_frames}
 
+    def schedule(self):
+        return {"kind": self.cfg.schedule, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
     def resume(self, ckpt):
         """Optimizer, scaler and counters of a last.pt (the RNG states are restored at the loop's first step) ->
-        a note when the continuation is not bit-identical, else None."""
+        a note when the continuation is not the uninterrupted run's, else None."""
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.step_in_epoch = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
         self.best_f1 = ckpt["best_f1"]
+        notes = []
         if ckpt.get("plan") is None:
-            return ("note: last.pt was written by an older train.py whose batches differ: the run continues at the "
-                    "same step of the epoch, on other data than the interrupted run would have seen")
-        if ckpt["split"] != self.split():
-            return (f"note: the step is split otherwise than at saving ({ckpt['split']} -> {self.split()}): the same "
-                    "steps in the same order, but gradients summed in another order and, with dropout, other dropout "
-                    "masks, so not bit-identical to the uninterrupted run")
-        return None
+            notes.append("note: last.pt was written by an older train.py whose batches differ: the run continues at "
+                         "the same step of the epoch, on other data than the interrupted run would have seen")
+        elif ckpt["split"] != self.step_split():
+            notes.append(f"note: the step is split otherwise than at saving ({ckpt['split']} -> {self.step_split()}): "
+                         "the same steps in the same order, but gradients summed in another order and, with dropout, "
+                         "other dropout masks, so not bit-identical to the uninterrupted run")
+        now = self.schedule()
+        saved = ckpt.get("scheduler") or now
+        if (saved["kind"], saved["warmup_steps"]) != (now["kind"], now["warmup_steps"]) or (
+                now["kind"] == "linear" and saved["total_steps"] != now["total_steps"]):
+            notes.append(f"note: the learning-rate schedule differs from the interrupted run's ({saved} -> {now}: "
+                         "--epochs, --max-steps, --warmup or --schedule changed): the next steps get other rates")
+        return "\n".join(notes) or None
 
     def checkpoint(self, kind):
         """last.pt: everything --resume needs; best.pt: model + assets only. RNG states of every rank, so every
@@ -550,9 +536,9 @@ class Run:
         ckpt = weights.make_checkpoint(
             self.model.config, self.model.state_dict(), self.assets, source, optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            scheduler={"kind": self.cfg.schedule, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps},
+            scheduler=self.schedule(),
             step=self.step, epoch=self.epoch, step_in_epoch=self.step_in_epoch, best_f1=self.best_f1, rng=states,
-            world_size=self.world, split=self.split(), plan=plan_settings(self.cfg), seed=self.cfg.seed,
+            world_size=self.world, split=self.step_split(), plan=self.plan, seed=self.cfg.seed,
             loss=self.last_loss)
         weights.save_checkpoint(ckpt, str(self.out / "last.pt"))
 
@@ -666,7 +652,8 @@ def train(cfg):
         check_outputs(out)
         if feature_cache is not None:
             files.check_output_dir(feature_cache, "--feature-cache")
-    resume_ckpt = load_last(out / "last.pt", cfg) if cfg.resume else None
+    plan = plan_settings(cfg)  # as asked for: a run whose --mix falls back to uniform resumes with the same flags
+    resume_ckpt = weights.read_last_checkpoint(out / "last.pt", plan) if cfg.resume else None
 
     # --- data and model ---
     devices.seed_everything(cfg.seed)  # model init identical on every rank
@@ -702,8 +689,8 @@ def train(cfg):
         entity_swap=data.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None)
     if cfg.max_frames == "auto":
         rows = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)   # the largest micro-batch
-        card = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
-        cfg.max_frames, note = cost.auto_max_frames(card, model.config, dtype_name, loader.longest_frames(), rows)
+        cfg.max_frames, note = cost.auto_max_frames(devices.gpu_bytes(device), model.config, dtype_name,
+                                                    loader.longest_frames(), rows)
         if note:
             log(note)
     loader.max_frames = cfg.max_frames
@@ -712,12 +699,12 @@ def train(cfg):
     model = model.to(device)
     run = Run(cfg=cfg, out=out, rank=rank, world=world, device=device, model=model, assets=assets,
               featurizer=featurizer, optimizer=make_optimizer(model, cfg, device), scaler=scaler, autocast=autocast,
-              eval_tasks=eval_tasks, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+              eval_tasks=eval_tasks, steps_per_epoch=steps_per_epoch, total_steps=total_steps, plan=plan,
               warmup_steps=round(cfg.warmup * total_steps) if cfg.warmup < 1 else int(cfg.warmup), t_start=t_start)
     objective = Objective(model, cfg.ctc_weight)
     if ddp:  # gradients live in DDP's buckets: no second copy of every gradient (2.4 GB on large)
         objective = DDP(objective, device_ids=[device.index] if device.type == "cuda" else None,
-                        gradient_as_bucket_view=True)
+                        gradient_as_bucket_view=True, broadcast_buffers=False)   # the one buffer is a constant
     if cfg.compile:  # after DDP, so that DDP's hooks stay outside the graph and its buckets overlap the backward
         objective = torch.compile(objective, **COMPILE_OPTIONS)
     if resume_ckpt is not None:

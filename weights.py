@@ -21,6 +21,7 @@ import json
 import os
 import pickle
 import re
+from pathlib import Path
 
 import torch
 import yaml
@@ -518,6 +519,36 @@ def migrate(ckpt, path: str) -> dict:
     if ckpt["version"] != CHECKPOINT_VERSION:
         raise ConversionError(f"{path}: checkpoint version {ckpt['version']!r}, this code reads "
                               f"{CHECKPOINT_VERSION} and older")
+    return ckpt
+
+
+# what train.py --resume needs beyond the model: best.pt has none of it
+RESUME_KEYS = ("optimizer", "step", "epoch", "best_f1", "rng", "world_size")
+
+
+def read_last_checkpoint(path, plan: dict) -> dict:
+    """train.py's OUT/last.pt for --resume, in the current format. A missing, unreadable or wrong kind of file, or one
+    trained with other plan settings (`plan`: train.py's PLAN_KEYS; its steps would be other rows), is an InputError
+    naming it. A last.pt of a train.py before global-batch plans (batch_in_epoch: this rank's micro-batches) gets
+    step_in_epoch."""
+    path = Path(path)
+    if not path.is_file():
+        raise files.InputError(f"--resume: no checkpoint {path}" + (" (a folder)" if path.is_dir() else ""))
+    ckpt = load_torch_file(str(path), "--resume checkpoint")
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing or not ("step_in_epoch" in ckpt or "batch_in_epoch" in ckpt):
+        missing = ", ".join(missing or ["step_in_epoch"])
+        raise files.InputError(f"{path}: not a last.pt written by train.py (no {missing}; best.pt keeps only the "
+                               "model, --resume needs the run's last.pt)")
+    ckpt = migrate(ckpt, str(path))
+    saved = ckpt.get("plan") or {}
+    changed = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in plan.items() if k in saved and saved[k] != v]
+    if changed:
+        raise files.InputError(f"--resume: {path} was trained with " + ", ".join(changed) + ": its steps would "
+                               "be other rows; resume with the run's settings, or start afresh in another --out")
+    if "step_in_epoch" not in ckpt:
+        accum = int(((ckpt["source"] or {}).get("args") or {}).get("grad_accum", 1))
+        ckpt = {**ckpt, "step_in_epoch": ckpt["batch_in_epoch"] // accum}
     return ckpt
 
 

@@ -174,7 +174,7 @@ def test_speed_perturb_length_and_identity():
         assert audio.speed_perturb(x, factor).shape == (round(len(x) / factor),)
     frames = {f: audio.speech_features(x.clamp(-1, 1), speed=f).shape[0] for f in (0.9, 1.0, 1.1)}
     assert abs(frames[0.9] - frames[1.0] / 0.9) <= 2 and abs(frames[1.1] - frames[1.0] / 1.1) <= 2
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="speed_perturb: factor must be positive"):
         audio.speed_perturb(x, 0)
 
 

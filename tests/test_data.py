@@ -413,6 +413,14 @@ def test_every_rank_and_split_takes_the_same_global_steps(tmp_path, featurizer):
     assert data.near_equal_parts([1], 3) == [[1], [], []]
 
 
+def test_a_corpus_smaller_than_the_batch_still_fills_every_step(tmp_path, featurizer):
+    """5 samples, global batch 12 on 12 ranks: the one step goes around the epoch again to 12 rows, one a rank."""
+    samples = fake_samples(5, 5, str(write_wav(tmp_path / "a.wav")))
+    loaders = [data.Loader(samples, featurizer, 12, train=True, seed=1, rank=r, world_size=12) for r in range(12)]
+    assert [len(rows) for rows in loaders[0].batch_plan()] == [12]
+    assert all([len(micro) for micro in loader.rank_steps()[0]] == [1] for loader in loaders)
+
+
 def test_a_frame_budget_splits_a_step_into_more_micro_batches(tmp_path, featurizer):
     """rows x longest row's frames <= max_frames in every micro-batch (a row longer than the budget alone);
     without a budget, grad_accum parts of near-equal size."""

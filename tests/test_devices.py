@@ -113,10 +113,11 @@ def test_gpu_feeding_defaults(monkeypatch, tmp_path):
     """On a GPU: DataLoader workers (up to 4 a rank, one core left to each rank) and a disk feature cache shared by
     runs; on a CPU neither (the model takes the time); explicit values win."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))   # the cores this process may use
     assert devices.default_workers(cuda, 1) == 4 and devices.default_workers(cuda, 8) == 1
     assert devices.default_workers(cpu, 1) == 0
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)                           # the machine's: not ours
     assert devices.default_workers(cuda, 2) == 0                     # one core a rank: the loop keeps it
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert devices.feature_cache_dir("auto", cuda) == tmp_path / "image" / "fbank"
@@ -131,3 +132,11 @@ def test_bf16_where_it_is_only_emulated_is_said(name, device_type, native, warne
     warning = devices.precision_warning(name, device_type, native)
     assert (warning is None) == (warned is None) and (warned is None or warned in warning)
     assert isinstance(devices.native_bf16(torch.device("cpu")), bool)     # this CPU's fact, whichever it is
+
+
+def test_usable_gpu_memory_is_this_process_share_and_what_others_leave():
+    gib = 2**30
+    assert devices.usable_gpu_bytes(141 * gib, 140 * gib, fraction=24 / 141) == 24 * gib   # a 24 GiB share of an H200
+    assert devices.usable_gpu_bytes(24 * gib, 10 * gib, allocated=2 * gib) == 12 * gib     # another process holds 14
+    assert devices.usable_gpu_bytes(24 * gib, 23 * gib) == 23 * gib
+    assert devices.gpu_bytes(torch.device("cpu")) == 0

@@ -317,6 +317,19 @@ def test_resume_with_another_split_continues_on_the_same_steps(corpus, tmp_path,
     assert "trained with --batch-size 4 (now 8)" in capsys.readouterr().err
 
 
+def test_resume_after_a_fallback_mix_and_with_another_schedule(corpus, tmp_path, capsys):
+    """--mix coin with two tasks falls back to uniform; --resume with the same flags continues (the checkpoint keeps
+    the flags as asked for). A longer linear schedule on resume is said: the next steps get other rates."""
+    args = ("--mix", "coin", "--tasks", "TNER,SNER", "--batch-size", "4", "--eval-limit", "1", "--schedule", "linear",
+            "--warmup", "0")
+    train.main(base_args(corpus, tmp_path / "run", *args, "--max-steps", "1"))
+    capsys.readouterr()
+    train.main(base_args(corpus, tmp_path / "run", *args, "--max-steps", "2", "--resume"))
+    out = capsys.readouterr().out
+    assert "coin mix needs all three tasks" in out and "resumed from" in out
+    assert "the learning-rate schedule differs" in out and load(tmp_path / "run" / "last.pt")["step"] == 2
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
