@@ -13,7 +13,7 @@ LADDER = [
                                    # training step, from the config
     ("data", "weights", "search"),  # samples, linearization, features, batches | converter, checkpoint format |
                                     # DecodeOptions, beam search, bracket constraint, joint CTC scorer
-    ("evaluate",),                 # scorers, breakdown, gazetteer
+    ("evaluate", "align"),         # scorers, breakdown, gazetteer | CTC forced alignment: characters in time
     ("decode",),                   # inputs -> rows -> search -> entities; Recognizer, CLI
     ("train",),
     ("bench",),
