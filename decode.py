@@ -27,13 +27,14 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
+import align
 import audio
 import data
 import devices
 import evaluate
 import files
 import weights
-from search import (MAX_AUDIO_SECONDS, BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search,
+from search import (MAX_AUDIO_SECONDS, TIMESTAMPS, BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search,
                     spans_from_constrained)
 from text import CLOSE_OF, OPEN_OF, TYPES, UNK
 
@@ -205,28 +206,53 @@ class Recognizer:
                                                pool_chars=self.options.pool_chars,
                                                entity_bias=self.options.entity_bias)
                 max_lens = [min(self.capacity, max(self.options.max_len, 2 * len(ids))) for ids in char_ids]
-            scorer = self._ctc_scorer(enc, rows) if task == "SNER" and self.options.ctc_weight > 0 else None
+            timed = task in ("SNER", "MNER") and self.options.timestamps != "none" and not self.options.asr
+            ctc = None
+            if timed or (task == "SNER" and self.options.ctc_weight > 0):
+                ctc = self.model.speech_phone_log_probs(enc, max(r["fbank"].size(0) for r in rows))   # (B, T', C)
+            scorer = self._ctc_scorer(*ctc) if task == "SNER" and self.options.ctc_weight > 0 else None
             hyps = beam_search(self.model, enc, self.options, constraint=constraint, max_lens=max_lens,
                                scorer=scorer)
-        return [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
+        results = [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
+        if timed:
+            self._add_times(results, *ctc)
+        return results
 
-    def _ctc_scorer(self, enc, rows):
+    def _readings(self, piece, classes):
+        """Every reading of a character (or word piece) as CTC classes (phone id - 3, as in training); [] if none."""
+        phonemizer, phone_id = self.featurizer.phonemizer, self.featurizer.phone_id
+        piece = piece.removeprefix("##")                         # MMSpeech's vocabulary has BERT word pieces
+        said = phonemizer.readings(piece) if len(piece) == 1 else [[u for us in phonemizer.units(piece) for u in us]]
+        ids = [[phone_id.get(u, UNK) - 3 for u in units] for units in said]
+        return [r for r in ids if r and all(1 <= c < classes for c in r)]
+
+    def _ctc_scorer(self, logp, frames):
         """Joint CTC/attention scorer for an SNER batch: the model's phone CTC over its speech frames."""
-        logp, frames = self.model.speech_phone_log_probs(enc, max(r["fbank"].size(0) for r in rows))
-        classes = logp.size(-1)
-        phone_id, vocab = self.featurizer.phone_id, self.vocab
-
-        def readings(token):                                     # CTC class = phone id - 3, as in training
-            piece = vocab.tokens[token].removeprefix("##")       # MMSpeech's vocabulary has BERT word pieces
-            phonemizer = self.featurizer.phonemizer
-            said = phonemizer.readings(piece) if len(piece) == 1 else \
-                [[u for us in phonemizer.units(piece) for u in us]]
-            ids = [[phone_id.get(u, UNK) - 3 for u in units] for units in said]
-            return [r for r in ids if r and all(1 <= c < classes for c in r)]
-
         brackets = [*self.open_ids.values(), *self.close_ids.values()]
-        return CTCPrefixScorer(logp, frames, readings, brackets, self.options.ctc_weight,
-                               self.options.ctc_candidates)
+        return CTCPrefixScorer(logp, frames, lambda token: self._readings(self.vocab.tokens[token], logp.size(-1)),
+                               brackets, self.options.ctc_weight, self.options.ctc_candidates)
+
+    def _add_times(self, results, logp, frames):
+        """Entity times (start_s, end_s, in the recording's time) from a forced alignment of each result's text
+        (MNER: the given text; SNER: the transcription) against the phone CTC head (align.py); with --timestamps
+        chars every character's too. Characters without a reading (digits, punctuation, Latin) take no frames:
+        an entity made only of them has no time."""
+        readings = [[self._readings(c, logp.size(-1)) for c in res["text"]] for res in results]
+        graphs = [align.ReadingGraph.build([r for r in rs if r] or [[(1,)]]) for rs in readings]
+        paths, scores = align.viterbi(logp, frames, graphs)
+        for res, rs, graph, path, score, n in zip(results, readings, graphs, paths, scores.tolist(), frames.tolist()):
+            said = [i for i, r in enumerate(rs) if r]            # characters in the alignment, in order
+            times = [None] * len(rs)
+            if said and score > -float("inf"):
+                for i, t in zip(said, align.char_times(graph.char_frames(path), n)):
+                    times[i] = t
+            elif said:
+                res.setdefault("warnings", []).append("the text has more phones than the audio has frames: no times")
+            for e in res["entities"]:
+                inside = [times[i] for i in range(e["start"] or 0, e["end"] or 0) if times[i] is not None]
+                e["start_s"], e["end_s"] = (inside[0][0], inside[-1][1]) if inside else (None, None)
+            if self.options.timestamps == "chars":
+                res["char_times"] = [[c, *(t or (None, None))] for c, t in zip(res["text"], times)]
 
     def _result(self, req, task, hyps, warn, constrained):
         hyp = hyps[0]
@@ -378,6 +404,8 @@ def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER
     if evaluator not in ("ours", "official"):
         raise ValueError(f"evaluator must be 'ours' or 'official', not {evaluator!r}")
     if recognizer is None:
+        if predictions is None:                                  # scores only: no forced alignment for times
+            options = dataclasses.replace(options or DecodeOptions(), timestamps="none")
         if assets is None:
             assets = {"vocab": featurizer.vocab.tokens, "decoding": {"no_repeat_ngram_size": 0}}
         device = device or next(model.parameters()).device
@@ -408,7 +436,8 @@ def format_result(res):
     lines = [head, f"  output: {res['output']}"]
     for e in res.get("entities", []):
         where = f"{e['start']}-{e['end']}" if e["start"] is not None else "unaligned"
-        lines.append(f"  {e['type']:<4} {where:>9}  {e['text']}")
+        when = f"  {e['start_s']:.2f}-{e['end_s']:.2f} s" if e.get("start_s") is not None else ""
+        lines.append(f"  {e['type']:<4} {where:>9}  {e['text']}{when}")
     for w in res.get("warnings", []):
         lines.append(f"  warning: {w}")
     return "\n".join(lines)
@@ -467,6 +496,7 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "ctc_weight": "--ctc-weight", "ctc_candidates": "--ctc-candidates", "asr": "--asr",
                 "constrain": "--no-constrain", "pool_chars": "--char-score", "entity_bias": "--entity-bias",
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
+                "timestamps": "--timestamps",
                 "modelscope_padding": "--modelscope-padding"}
 
 
@@ -492,6 +522,9 @@ def get_args(argv=None):
     a("--max-len", type=int, help="maximum output tokens (default: the checkpoint's max_len_b, 128)")
     a("--no-repeat-ngram", type=int, help="block repeated n-grams of this size (default: the checkpoint's; 0 = off)")
     a("--nbest", type=int, default=1, help="also list the best N hypotheses (tokens, score, output) per input")
+    a("--timestamps", choices=TIMESTAMPS, default="entities", help="SNER/MNER: entity times (start_s, end_s) from a "
+      "forced alignment of the text against the phone CTC head (default entities); chars: every character's too "
+      "(char_times); none: off")
     a("--no-constrain", action="store_true", help="TNER/MNER: free generation instead of the input text + brackets")
     a("--ctc-weight", type=float, default=None, help="SNER: joint CTC/attention decoding, score = decoder log-prob + "
       "W x CTC log-prob of the characters' phones (MMSpeech's phone CTC head); default: the checkpoint's (0.5 for "
@@ -544,6 +577,7 @@ def get_args(argv=None):
         ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, asr=args.asr,
         constrain=not args.no_constrain, pool_chars=args.char_score == "pooled", entity_bias=args.entity_bias,
         nbest=args.nbest, pseudo_text_len=args.pseudo_len, max_audio_seconds=args.max_audio_seconds,
+        timestamps=args.timestamps,
         modelscope_padding=args.modelscope_padding)
     try:
         args.options.check(OPTION_FLAGS)

@@ -36,6 +36,9 @@ SEARCH_DEFAULTS = dict(beam=5, max_len=128, min_len=1, no_repeat_ngram_size=5, c
                        len_penalty=1.0, ctc_weight=0.0)
 
 
+TIMESTAMPS = ("entities", "chars", "none")
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
     """Every decoding knob: the beam search's settings (fairseq SequenceGenerator's) and what the Recognizer decodes.
@@ -61,6 +64,8 @@ class DecodeOptions:
     pool_chars: bool = True                     # constrained: the known character scores the whole character mass
     entity_bias: float = 0.0                    # constrained: added to every opening bracket's log-probability
     nbest: int = 1                              # results also list the best nbest hypotheses (at most beam)
+    timestamps: str = "entities"                # SNER/MNER: times from the phone CTC head (align.py): entities,
+                                                # chars (every character's too) or none
     # inputs
     pseudo_text_len: Optional[int] = None       # SNER pseudo text length (None: the checkpoint's, else Featurizer's)
     max_audio_seconds: float = MAX_AUDIO_SECONDS  # longer audio is refused
@@ -99,6 +104,9 @@ class DecodeOptions:
         if self.entity_bias and (self.asr or not self.constrain):
             raise files.InputError(f"{name('entity_bias')} biases the constrained search: not with {name('asr')} "
                                    f"or unconstrained ({name('constrain')})")
+        if self.timestamps not in TIMESTAMPS:
+            raise files.InputError(f"{name('timestamps')} must be one of {', '.join(TIMESTAMPS)}, got "
+                                   f"{self.timestamps!r}")
         if not 0 < self.max_audio_seconds < math.inf:
             raise files.InputError(f"{name('max_audio_seconds')} must be a positive number, got "
                                    f"{self.max_audio_seconds}")

@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import align  # noqa: E402
 import data  # noqa: E402
 import decode  # noqa: E402
 import devices  # noqa: E402
@@ -1135,3 +1136,52 @@ def test_recognizer_takes_the_pseudo_text_length_from_the_checkpoint_format():
     assert decode.Recognizer((model, {**assets, "pseudo_text_len": 5})).featurizer.pseudo_text_len == 5
     without = {k: v for k, v in assets.items() if k != "pseudo_text_len"}                # a converted MMSpeech
     assert decode.Recognizer((model, without)).featurizer.pseudo_text_len == 40          # the Featurizer's default
+
+
+def test_entity_times_come_from_the_aligned_phones(tiny):
+    """A synthetic CTC head that fires each character's phones at known frames: the entity times are those of the
+    frame -> time rule (align.char_times) for those frames, characters without a reading take none, a text with
+    more phones than frames gets no times and a warning; --timestamps chars lists every character's times."""
+    rec = decode.Recognizer(tiny, device="cpu", timestamps="chars")
+    text = "张三在北京,好"                               # the comma has no reading: no frames, no time
+    classes = tiny[0].config.phone_dict_size - 3
+    phones = [(rec._readings(c, classes) or [()])[0] for c in text]
+    logp = torch.full((1, 60, classes), -20.0)
+    logp[0, :, 0] = 0.0                                   # blank everywhere ...
+    spans, t = [], 2
+    for p in phones:                                      # ... but each phone of each character fires once
+        if p:
+            spans.append((t, t + len(p) - 1, 0))
+            for j, c in enumerate(p):
+                logp[0, t + j, c], logp[0, t + j, 0] = 0.0, -20.0
+            t += len(p) + 3
+    results = [{"text": text, "entities": [{"type": "PER", "start": 0, "end": 2}, {"type": "LOC", "start": 3, "end": 5},
+                                           {"type": "ORG", "start": 5, "end": 6}]}]
+    rec._add_times(results, logp, torch.tensor([60]))
+    expected = align.char_times(spans, 60)                # the characters with a reading, in order
+    per, loc, comma = results[0]["entities"]
+    assert (per["start_s"], per["end_s"]) == (expected[0][0], expected[1][1])
+    assert (loc["start_s"], loc["end_s"]) == (expected[3][0], expected[4][1])
+    assert (comma["start_s"], comma["end_s"]) == (None, None)
+    times = results[0]["char_times"]
+    assert [c for c, _, _ in times] == list(text) and times[5][1:] == [None, None]
+    assert [tuple(x[1:]) for x in times if x[1] is not None] == expected
+    short = [{"text": text, "entities": [{"type": "PER", "start": 0, "end": 2}]}]
+    rec._add_times(short, logp[:, :4], torch.tensor([4]))
+    assert short[0]["entities"][0]["start_s"] is None and "more phones than the audio" in short[0]["warnings"][0]
+
+
+def test_speech_results_carry_entity_times_unless_turned_off(tiny):
+    """MNER through the whole Recognizer (an entity bias makes the random model bracket): every entity has a time
+    inside the audio; --timestamps none leaves them out; a bad value is refused."""
+    wave, text = noise(1.5, 3), "张三在北京"
+    run = lambda **kw: decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=8.0, **kw).recognize(
+        texts=[text], waveforms=[wave])[0]
+    timed, off = run(), run(timestamps="none")
+    assert timed["entities"] and timed["entities"] == [{**e, "start_s": t["start_s"], "end_s": t["end_s"]}
+                                                       for e, t in zip(off["entities"], timed["entities"])]
+    for e in timed["entities"]:
+        assert 0 <= e["start_s"] < e["end_s"] <= 1.5 + align.FRAME_SPAN_S
+    assert all("start_s" not in e for e in off["entities"])
+    with pytest.raises(files.InputError, match="timestamps"):
+        decode.Recognizer(tiny, device="cpu", timestamps="words")
