@@ -552,6 +552,9 @@ def get_args(argv=None):
     a("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS, help="refuse longer wavs (default 60)")
     a("--out", help="write JSON here (predictions as JSON lines; with --eval the scores) instead of stdout")
     a("--json", action="store_true", help="JSON lines on stdout even on a terminal (default: a table there)")
+    a("--labels", metavar="FOLDER", help="SNER/MNER: also write an Audacity label track per recording, "
+      "FOLDER/<wav name>.txt (start<TAB>end<TAB>TYPE text per entity: File > Import > Labels shows the entities "
+      "on the recording's timeline)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None,
       help="progress bar on stderr (default: on for --input/--dataset when stderr is a terminal)")
     args = p.parse_args(argv)
@@ -564,6 +567,9 @@ def get_args(argv=None):
         p.error(f"--text has {len(args.text)} items but --wav {len(args.wav)}: MNER pairs them in order")
     if args.asr and (args.text or args.eval):
         p.error("--asr decodes speech only (no --text, no --eval)")
+    if args.labels is not None and (args.dataset or args.asr or args.timestamps == "none"):
+        p.error("--labels writes entity times of --wav/--input recordings (not with --dataset, --asr or "
+                "--timestamps none)")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit < 0:
@@ -605,6 +611,8 @@ def _main(args):
     for flag, path in (("--out", args.out), ("--predictions", args.predictions)):
         if path is not None:
             files.check_output_file(path, flag)
+    if args.labels is not None:
+        files.check_output_dir(args.labels, "--labels")
     for flag, paths in (("--input", [args.input] if args.input else []), ("--wav", args.wav or [])):
         for path in paths:
             if os.path.isdir(path):
@@ -625,7 +633,19 @@ def _main(args):
     print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
 
 
+def label_track(res):
+    """An Audacity label track of one result: a line per entity with a time, start<TAB>end<TAB>TYPE text."""
+    return "".join(f"{e['start_s']:.3f}\t{e['end_s']:.3f}\t{e['type']} {e['text']}\n"
+                   for e in res.get("entities", []) if e.get("start_s") is not None)
+
+
 def _emit(args, results):
+    if args.labels is not None:
+        names = [os.path.splitext(os.path.basename(r["wav"]))[0] for r in results if r.get("wav")]
+        for res in (r for r in results if r.get("wav")):
+            name = os.path.splitext(os.path.basename(res["wav"]))[0]
+            name = name if names.count(name) == 1 else f"{name}.{res['id']}"   # the same file name twice: by id
+            files.write_atomic(os.path.join(args.labels, name + ".txt"), label_track(res))
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.out:
         files.write_atomic(args.out, lines)

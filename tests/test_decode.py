@@ -1185,3 +1185,22 @@ def test_speech_results_carry_entity_times_unless_turned_off(tiny):
     assert all("start_s" not in e for e in off["entities"])
     with pytest.raises(files.InputError, match="timestamps"):
         decode.Recognizer(tiny, device="cpu", timestamps="words")
+
+
+def test_cli_writes_an_audacity_label_track_per_recording(tiny_ckpt, tmp_path, capsys):
+    """--labels FOLDER: FOLDER/<wav name>.txt, a line start<TAB>end<TAB>TYPE text per timed entity, the same
+    entities and times as the JSON; refused with --dataset, --asr or --timestamps none."""
+    shutil.copy(WAVS[0], tmp_path / "call.wav")
+    (res,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "2", "--entity-bias", "8", "--wav",
+                      str(tmp_path / "call.wav"), "--text", "张伟在北京大学读书", "--labels", str(tmp_path / "labels")],
+                     capsys)
+    track = (tmp_path / "labels" / "call.txt").read_text(encoding="utf-8").splitlines()
+    assert res["entities"] and len(track) == len(res["entities"])
+    for line, e in zip(track, res["entities"]):
+        start, end, label = line.split("\t")
+        assert (float(start), float(end), label) == (round(e["start_s"], 3), round(e["end_s"], 3),
+                                                     f"{e['type']} {e['text']}")
+    for extra in (["--asr"], ["--timestamps", "none"]):
+        with pytest.raises(SystemExit):
+            decode.get_args(["--ckpt", tiny_ckpt, "--wav", str(WAVS[0]), "--labels", str(tmp_path), *extra])
+        assert "--labels" in capsys.readouterr().err
