@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from files import InputError
+from files import InputError, write_atomic
 
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
@@ -178,6 +178,53 @@ def _samples_to_float(data, bits, is_float):
     else:
         ints = raw.view("<i2" if bits == 16 else "<i4")
     return torch.from_numpy(ints.astype(np.float32) / np.float32(2.0 ** (bits - 1)))
+
+
+REDACT_FILLS = ("beep", "silence")
+BEEP_HZ, BEEP_LEVEL = 1000.0, 0.1   # the beep: a 1 kHz sine at -20 dBFS
+
+
+def _float_to_samples(x, bits, is_float):
+    """float (n,) in [-1, 1] -> little-endian sample bytes of the format (_samples_to_float's inverse)."""
+    x = np.asarray(x, dtype=np.float64)
+    if is_float:
+        return x.astype("<f4" if bits == 32 else "<f8").tobytes()
+    ints = np.round(x * (2.0 ** (bits - 1) - 1)).astype(np.int64)
+    if bits == 8:
+        return (ints + 128).astype(np.uint8).tobytes()
+    if bits == 24:
+        return (ints.astype("<i4").view(np.uint8).reshape(-1, 4)[:, :3]).tobytes()
+    return ints.astype("<i2" if bits == 16 else "<i4").tobytes()
+
+
+def redact_wav(src, dst, intervals, fill="beep"):
+    """Write dst: the wav src with every (start_s, end_s) interval replaced by a beep or silence, in every channel.
+    The rest of the file (header, other chunks, every other sample) is copied byte for byte, so the recording keeps
+    its duration, rate, channels and sample format. -> the replaced intervals as (first, end) sample frames,
+    merged and clipped to the recording. Written atomically."""
+    if fill not in REDACT_FILLS:
+        raise ValueError(f"fill must be one of {', '.join(REDACT_FILLS)}, got {fill!r}")
+    src = Path(src)
+    info = wav_info(src)
+    raw = bytearray(src.read_bytes())
+    block = info.channels * info.bits // 8                        # bytes of one sample frame (all channels)
+    spans = sorted((max(0, math.floor(a * info.sample_rate)), min(info.frames, math.ceil(b * info.sample_rate)))
+                   for a, b in intervals)
+    merged = []
+    for a, b in spans:
+        if a >= b:
+            continue
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    for a, b in merged:
+        t = np.arange(a, b) / info.sample_rate
+        wave = BEEP_LEVEL * np.sin(2 * np.pi * BEEP_HZ * t) if fill == "beep" else np.zeros(b - a)
+        frames = _float_to_samples(np.repeat(wave, info.channels), info.bits, info.is_float)   # interleaved
+        raw[info.data_offset + a * block: info.data_offset + b * block] = frames
+    write_atomic(dst, bytes(raw))
+    return merged
 
 
 def is_silent(samples):

@@ -555,6 +555,13 @@ def get_args(argv=None):
     a("--labels", metavar="FOLDER", help="SNER/MNER: also write an Audacity label track per recording, "
       "FOLDER/<wav name>.txt (start<TAB>end<TAB>TYPE text per entity: File > Import > Labels shows the entities "
       "on the recording's timeline)")
+    a("--redact", metavar="OUT.wav", help="one --wav: write the recording with its entities replaced (same duration, "
+      "rate, channels and sample format; every other sample unchanged) and OUT.wav.json saying what was replaced")
+    a("--redact-types", default="PER,LOC,ORG", help="--redact: the entity types to replace (default PER,LOC,ORG)")
+    a("--redact-with", choices=audio.REDACT_FILLS, default="beep", help="--redact: a 1 kHz beep at -20 dBFS "
+      "(default) or silence")
+    a("--pad-ms", type=float, default=100.0, help="--redact: also replace this much audio before and after each "
+      "entity (default 100)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None,
       help="progress bar on stderr (default: on for --input/--dataset when stderr is a terminal)")
     args = p.parse_args(argv)
@@ -567,6 +574,14 @@ def get_args(argv=None):
         p.error(f"--text has {len(args.text)} items but --wav {len(args.wav)}: MNER pairs them in order")
     if args.asr and (args.text or args.eval):
         p.error("--asr decodes speech only (no --text, no --eval)")
+    if args.redact is not None:
+        types = [t.strip().upper() for t in args.redact_types.split(",") if t.strip()]
+        if not types or any(t not in TYPES for t in types):
+            p.error(f"--redact-types {args.redact_types!r}: expected some of {','.join(TYPES)}")
+        args.redact_types = types
+        if not args.wav or len(args.wav) != 1 or args.asr or args.timestamps == "none" or args.pad_ms < 0:
+            p.error("--redact takes exactly one --wav (with or without --text), entity times (not --asr or "
+                    "--timestamps none) and --pad-ms >= 0")
     if args.labels is not None and (args.dataset or args.asr or args.timestamps == "none"):
         p.error("--labels writes entity times of --wav/--input recordings (not with --dataset, --asr or "
                 "--timestamps none)")
@@ -613,6 +628,9 @@ def _main(args):
             files.check_output_file(path, flag)
     if args.labels is not None:
         files.check_output_dir(args.labels, "--labels")
+    if args.redact is not None:
+        for path in (args.redact, args.redact + ".json"):
+            files.check_output_file(path, "--redact")
     for flag, paths in (("--input", [args.input] if args.input else []), ("--wav", args.wav or [])):
         for path in paths:
             if os.path.isdir(path):
@@ -629,6 +647,8 @@ def _main(args):
         reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None, id=str(i))
                 for i in range(len(args.text or args.wav))]
     results = rec.run(reqs, batch_size=args.batch_size, progress=progress, task=args.task[0] if args.task else None)
+    if args.redact is not None:
+        redact(results[0], args.redact, args.redact_types, args.redact_with, args.pad_ms)
     _emit(args, results)
     print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
 
@@ -637,6 +657,31 @@ def label_track(res):
     """An Audacity label track of one result: a line per entity with a time, start<TAB>end<TAB>TYPE text."""
     return "".join(f"{e['start_s']:.3f}\t{e['end_s']:.3f}\t{e['type']} {e['text']}\n"
                    for e in res.get("entities", []) if e.get("start_s") is not None)
+
+
+def redact(res, out, types, fill, pad_ms):
+    """Write `out`: res's recording with its entities of `types` replaced (audio.redact_wav), and out + ".json": what
+    was replaced and why. Fail closed: an entity without a time (its characters have no reading, or the text did
+    not fit the audio) replaces the whole stretch between the timed entities before and after it."""
+    duration, pad = audio.wav_info(res["wav"]).seconds, pad_ms / 1000
+    timed = [e for e in res["entities"] if e.get("start_s") is not None]
+    replaced = []
+    for e in res["entities"]:
+        if e["type"] not in types:
+            continue
+        if e.get("start_s") is not None:
+            start, end, why = e["start_s"], e["end_s"], "aligned"
+        else:                                   # from the timed entity before its characters to the one after
+            before = [t["end_s"] for t in timed if e["start"] is not None and t["end"] <= e["start"]]
+            after = [t["start_s"] for t in timed if e["end"] is not None and t["start"] >= e["end"]]
+            start, end = max(before, default=0.0), min(after, default=duration)
+            why = "no time: the stretch between the located neighbours (fail closed)"
+        replaced.append({"type": e["type"], "text": e["text"], "from_s": round(max(0.0, start - pad), 3),
+                         "to_s": round(min(duration, end + pad), 3), "why": why})
+    audio.redact_wav(res["wav"], out, [(r["from_s"], r["to_s"]) for r in replaced], fill)
+    sidecar = {"source": res["wav"], "output": out, "fill": fill, "pad_ms": pad_ms, "types": types,
+               "replaced": replaced}
+    files.write_atomic(out + ".json", json.dumps(sidecar, ensure_ascii=False, indent=1) + "\n")
 
 
 def _emit(args, results):

@@ -534,3 +534,36 @@ def test_read_errors_are_input_errors_naming_the_path(tmp_path):
         for read in (audio.wav_info, audio.read_wav):
             with pytest.raises(files.InputError, match=f"{tmp_path / name}: {problem}"):
                 read(tmp_path / name)
+
+
+@needs_sox
+@pytest.mark.parametrize("fill", audio.REDACT_FILLS)
+def test_redaction_keeps_the_recording_and_replaces_only_the_intervals(tmp_path, fill):
+    """8-bit unsigned, 16/24/32-bit integer and 32/64-bit float, mono and stereo, as sox writes them: the redacted
+    file has the input's header and length, every sample outside the (merged) intervals unchanged byte for byte,
+    and silence (exact zeros) or the beep (to one step of the format) inside."""
+    formats = [("-b", "8", "-e", "unsigned-integer"), ("-b", "16"), ("-b", "24"), ("-b", "32"),
+               ("-e", "floating-point", "-b", "32"), ("-e", "floating-point", "-b", "64")]
+    for opts in formats:
+        for channels in (1, 2):
+            src = sox_wav(tmp_path / "in.wav", *opts, "-c", channels, "--", "synth", "0.5", "sine", "440", "vol", "0.5")
+            dst = tmp_path / "out.wav"
+            replaced = audio.redact_wav(src, dst, [(0.1, 0.2), (0.15, 0.25), (0.4, 9.0)], fill)
+            assert replaced == [(1600, 4000), (6400, 8000)], opts
+            info = audio.wav_info(src)
+            assert audio.wav_info(dst) == info and dst.stat().st_size == src.stat().st_size
+            a, b = src.read_bytes(), dst.read_bytes()
+            block = info.channels * info.bits // 8
+            inside = lambda i: any(info.data_offset + s * block <= i < info.data_offset + e * block
+                                   for s, e in replaced)
+            assert all(x == y for i, (x, y) in enumerate(zip(a, b)) if not inside(i)), opts
+            got = audio.read_wav(dst)[0].double()
+            want = torch.zeros(8000, dtype=torch.float64)
+            if fill == "beep":
+                t = torch.arange(8000, dtype=torch.float64) / 16000
+                want = audio.BEEP_LEVEL * torch.sin(2 * math.pi * audio.BEEP_HZ * t)
+            step = 0.0 if info.is_float else 2.0 ** (1 - info.bits)     # one quantisation step of the format
+            for s, e in replaced:
+                assert float((got[s:e] - want[s:e]).abs().max()) <= step + 1e-7, (opts, channels)
+    with pytest.raises(ValueError, match="beep, silence"):
+        audio.redact_wav(src, dst, [], "noise")

@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import align  # noqa: E402
+import audio  # noqa: E402
 import data  # noqa: E402
 import decode  # noqa: E402
 import devices  # noqa: E402
@@ -1204,3 +1205,42 @@ def test_cli_writes_an_audacity_label_track_per_recording(tiny_ckpt, tmp_path, c
         with pytest.raises(SystemExit):
             decode.get_args(["--ckpt", tiny_ckpt, "--wav", str(WAVS[0]), "--labels", str(tmp_path), *extra])
         assert "--labels" in capsys.readouterr().err
+
+
+def test_cli_redacts_the_entities_of_one_recording(tiny_ckpt, tmp_path, capsys):
+    """--redact OUT.wav: the recording's format kept (audio.redact_wav), each entity of the chosen types replaced
+    from its start - pad to its end + pad, and OUT.wav.json says what; refused without exactly one --wav."""
+    shutil.copy(WAVS[0], tmp_path / "call.wav")
+    out = str(tmp_path / "redacted.wav")
+    (res,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "2", "--entity-bias", "8", "--wav",
+                      str(tmp_path / "call.wav"), "--text", "张伟在北京大学读书", "--redact", out, "--pad-ms", "50",
+                      "--redact-with", "silence"], capsys)
+    side = json.loads(Path(out + ".json").read_text(encoding="utf-8"))
+    assert res["entities"] and len(side["replaced"]) == len(res["entities"])
+    duration = audio.wav_info(out).seconds
+    for r, e in zip(side["replaced"], res["entities"]):
+        assert r["why"] == "aligned" and (r["type"], r["text"]) == (e["type"], e["text"])
+        assert r["from_s"] == round(max(0.0, e["start_s"] - 0.05), 3) and r["to_s"] == round(min(duration, e["end_s"]
+                                                                                                  + 0.05), 3)
+    assert audio.wav_info(out) == audio.wav_info(tmp_path / "call.wav")
+    samples = audio.read_wav(out)[0]
+    for r in side["replaced"]:
+        first, end = math.ceil(r["from_s"] * 16000), math.floor(r["to_s"] * 16000)
+        assert float(samples[first:end].abs().max()) == 0.0           # silence where an entity was
+    for extra in (["--text", "北京"], ["--wav", str(WAVS[0]), str(WAVS[1])], ["--wav", str(WAVS[0]), "--asr"]):
+        with pytest.raises(SystemExit):
+            decode.get_args(["--ckpt", tiny_ckpt, "--redact", out, *extra])
+        assert "--redact" in capsys.readouterr().err
+
+
+def test_redaction_fails_closed_for_an_entity_without_a_time(tmp_path):
+    """An entity with no time (no reading, or no alignment) replaces the stretch between the timed entities before
+    and after its characters, and the sidecar says so."""
+    wav = write_wav(tmp_path / "a.wav", noise(2.0, 5))
+    res = {"wav": wav, "text": "张三和123和北京", "entities": [
+        {"type": "PER", "text": "张三", "start": 0, "end": 2, "start_s": 0.2, "end_s": 0.5},
+        {"type": "ORG", "text": "123", "start": 3, "end": 6, "start_s": None, "end_s": None},
+        {"type": "LOC", "text": "北京", "start": 7, "end": 9, "start_s": 1.4, "end_s": 1.8}]}
+    decode.redact(res, str(tmp_path / "b.wav"), ["ORG"], "beep", 0.0)
+    (r,) = json.loads((tmp_path / "b.wav.json").read_text(encoding="utf-8"))["replaced"]
+    assert (r["from_s"], r["to_s"]) == (0.5, 1.4) and "fail closed" in r["why"]
