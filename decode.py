@@ -130,6 +130,7 @@ class Recognizer:
         self.open_ids = {t: self.vocab.char_id(OPEN_OF[t]) for t in TYPES}
         self.close_ids = {t: self.vocab.char_id(CLOSE_OF[t]) for t in TYPES}
         self.brackets_known = UNK not in set(self.open_ids.values()) | set(self.close_ids.values())
+        self._reading_cache = {}                                 # (character, CTC classes) -> its readings
 
     # -- features -------------------------------------------------------------------------------------------
 
@@ -219,7 +220,14 @@ class Recognizer:
         return results
 
     def _readings(self, piece, classes):
-        """Every reading of a character (or word piece) as CTC classes (phone id - 3, as in training); [] if none."""
+        """Every reading of a character (or word piece) as CTC classes (phone id - 3, as in training); [] if none.
+        Cached: pypinyin is slow, and every SNER/MNER result asks again for the same characters."""
+        key = (piece, classes)
+        if key not in self._reading_cache:
+            self._reading_cache[key] = self._find_readings(piece, classes)
+        return self._reading_cache[key]
+
+    def _find_readings(self, piece, classes):
         phonemizer, phone_id = self.featurizer.phonemizer, self.featurizer.phone_id
         piece = piece.removeprefix("##")                         # MMSpeech's vocabulary has BERT word pieces
         said = phonemizer.readings(piece) if len(piece) == 1 else [[u for us in phonemizer.units(piece) for u in us]]
@@ -686,9 +694,9 @@ def redact(res, out, types, fill, pad_ms):
 
 def _emit(args, results):
     if args.labels is not None:
-        names = [os.path.splitext(os.path.basename(r["wav"]))[0] for r in results if r.get("wav")]
-        for res in (r for r in results if r.get("wav")):
-            name = os.path.splitext(os.path.basename(res["wav"]))[0]
+        speech = [r for r in results if r.get("wav")]
+        names = [os.path.splitext(os.path.basename(r["wav"]))[0] for r in speech]
+        for res, name in zip(speech, names):
             name = name if names.count(name) == 1 else f"{name}.{res['id']}"   # the same file name twice: by id
             files.write_atomic(os.path.join(args.labels, name + ".txt"), label_track(res))
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
