@@ -51,6 +51,7 @@ class Sample:
     text: str
     entities: list[Entity] = field(default_factory=list)  # file order (the official rule depends on it)
     audio: str | None = None
+    times: list[tuple[float, float]] | None = None  # gold (start_s, end_s) of each entity's speech, where recorded
 
 
 class DataError(files.InputError):
@@ -310,9 +311,20 @@ def _read_cnerta(lines, dataset, split):
                 if problem:
                     raise ValueError(f"entity {item!r}: {problem}")
                 entities.append(Entity(start, end, kind))
-            yield lineno, Sample(str(d.get("audio") or f"{dataset}-{split}-{lineno}"), text, entities)
+            yield lineno, Sample(str(d.get("audio") or f"{dataset}-{split}-{lineno}"), text, entities,
+                                 times=_entity_times(d, len(entities)))
         except (ValueError, TypeError) as e:
             yield lineno, e
+
+
+def _entity_times(d, n):
+    """The optional "entity_times": [[start_s, end_s], ...], one per entity (the demo corpus records them)."""
+    times = d.get("entity_times")
+    if times is not None and not (isinstance(times, list) and len(times) == n and all(
+            isinstance(t, list) and len(t) == 2 and all(isinstance(x, (int, float)) for x in t) and 0 <= t[0] < t[1]
+            for t in times)):
+        raise ValueError(f'"entity_times" must be one [start_s, end_s] per entity ({n}), 0 <= start_s < end_s')
+    return None if times is None else [(float(a), float(b)) for a, b in times]
 
 
 def _read_bracketed(lines, dataset, split):
@@ -555,12 +567,6 @@ def collate(items: list[dict]) -> dict:
                                   "phone_lengths", "text_present", "decoder_input", "target")}
 
 
-def _wav_samples(path) -> int:
-    """Samples of a wav once at 16 kHz, from its header."""
-    info = audio.wav_info(path)
-    return info.frames * audio.SAMPLE_RATE // info.sample_rate
-
-
 PSEUDO_FRAMES = audio.num_fbank_frames(PSEUDO_SPEECH_SAMPLES)
 
 
@@ -670,7 +676,7 @@ class Loader:
         self.speeds = tuple(speeds) if train else (1.0,)
         self.bucket_pool, self.epoch, self._plan = bucket_pool, 0, None
         self.target_len = [len(linearize(s.text, s.entities)) + 1 for s in samples]
-        self.wav_samples = [_wav_samples(s.audio) if s.audio else 0 for s in samples]
+        self.wav_samples = [audio.wav_info(s.audio).samples_16k if s.audio else 0 for s in samples]
         self.builder = BatchBuilder(samples, featurizer, ctc_classes, entity_swap)
         # the sampler: the micro-batches of the epoch being iterated, refilled in place by batches(), so that one
         # DataLoader serves every epoch and persistent workers keep their feature caches
@@ -789,9 +795,5 @@ class Loader:
 def near_equal_parts(rows: list, n: int) -> list[list]:
     """rows in n contiguous parts whose sizes differ by at most one, the longer ones first (some empty if n > rows)."""
     base, extra = divmod(len(rows), n)
-    parts, at = [], 0
-    for k in range(n):
-        size = base + (k < extra)
-        parts.append(rows[at: at + size])
-        at += size
-    return parts
+    ends = list(itertools.accumulate(base + (k < extra) for k in range(n)))      # each part's end
+    return [rows[end - base - (k < extra): end] for k, end in enumerate(ends)]

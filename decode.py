@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import time
@@ -35,7 +36,7 @@ import evaluate
 import files
 import weights
 from search import (MAX_AUDIO_SECONDS, TIMESTAMPS, BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search,
-                    spans_from_constrained)
+                    entity_log_confidence, spans_from_constrained)
 from text import CLOSE_OF, OPEN_OF, TYPES, UNK
 
 
@@ -217,6 +218,7 @@ class Recognizer:
         results = [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
         if timed:
             self._add_times(results, *ctc)
+        self._finish_confidence(results, task)
         return results
 
     def _readings(self, piece, classes):
@@ -244,21 +246,30 @@ class Recognizer:
         """Entity times (start_s, end_s, in the recording's time) from a forced alignment of each result's text
         (MNER: the given text; SNER: the transcription) against the phone CTC head (align.py); with --timestamps
         chars every character's too. Characters without a reading (digits, punctuation, Latin) take no frames:
-        an entity made only of them has no time."""
+        an entity made only of them has no time. align_confidence: the geometric mean posterior the head gives the
+        entity's phones on the frames they take (align.char_log_posteriors)."""
         readings = [[self._readings(c, logp.size(-1)) for c in res["text"]] for res in results]
         graphs = [align.ReadingGraph.build([r for r in rs if r] or [[(1,)]]) for rs in readings]
         paths, scores = align.viterbi(logp, frames, graphs)
-        for res, rs, graph, path, score, n in zip(results, readings, graphs, paths, scores.tolist(), frames.tolist()):
+        for row, (res, rs, graph, path, score, n) in enumerate(zip(results, readings, graphs, paths, scores.tolist(),
+                                                                    frames.tolist())):
             said = [i for i, r in enumerate(rs) if r]            # characters in the alignment, in order
             times = [None] * len(rs)
             if said and score > -float("inf"):
-                for i, t in zip(said, align.char_times(graph.char_frames(path), n)):
+                offset_s = self.options.time_offset_ms / 1000
+                for i, t in zip(said, align.char_times(graph.char_frames(path), n, offset_s)):
                     times[i] = t
             elif said:
                 res.setdefault("warnings", []).append("the text has more phones than the audio has frames: no times")
+            posteriors = [[] for _ in rs]                        # per character: its phones' log-probs
+            if said and score > -float("inf"):
+                for i, lps in zip(said, align.char_log_posteriors(graph, path, logp[row])):
+                    posteriors[i] = lps
             for e in res["entities"]:
                 inside = [times[i] for i in range(e["start"] or 0, e["end"] or 0) if times[i] is not None]
                 e["start_s"], e["end_s"] = (inside[0][0], inside[-1][1]) if inside else (None, None)
+                lps = [lp for i in range(e["start"] or 0, e["end"] or 0) for lp in posteriors[i]]
+                e["align_confidence"] = round(math.exp(sum(lps) / len(lps)), 4) if inside and lps else None
             if self.options.timestamps == "chars":
                 res["char_times"] = [[c, *(t or (None, None))] for c, t in zip(res["text"], times)]
 
@@ -277,15 +288,23 @@ class Recognizer:
         if not hyp.finished or len(hyp.tokens) >= self.options.max_len and not constrained:
             warn.append(f"output reached max_len {self.options.max_len} without ending (raise --max-len)")
         if constrained:
-            text = req.text
-            spans, complete, output = spans_from_constrained(hyp.tokens, self.vocab.encode(text), self.open_ids,
-                                                             self.close_ids, text)
+            text, char_ids = req.text, self.vocab.encode(req.text)
+            spans, complete, output = spans_from_constrained(hyp.tokens, char_ids, self.open_ids, self.close_ids, text)
             if not complete:                                     # cannot happen unless the search was cut short
                 spans, output, warn = [], text, warn + ["constrained search did not finish; no entities"]
+            log_conf = entity_log_confidence(hyp.tokens, hyp.positional_scores, self.open_ids, self.close_ids,
+                                             lambda tok: 1, char_ids, self.options.entity_bias)
+            confidences = [log_conf.get(span) for span in spans]
         else:
             output = self.vocab.decode(hyp.tokens, unk="\ufffd")
             plain, ents = data.parse(output)
             spans = [(e.start, e.end, e.type) for e in ents]
+            # SNER's joint CTC scores of characters are no probabilities: its brackets only (_finish_confidence
+            # adds how surely the head hears the entity there)
+            log_conf = entity_log_confidence(hyp.tokens, hyp.positional_scores, self.open_ids, self.close_ids,
+                                             lambda tok: len(self.vocab.decode([tok], unk="\ufffd")),
+                                             inside=task != "SNER")
+            confidences = [log_conf.get(span) for span in spans]           # keyed in the output's own offsets
             if task in ("TNER", "MNER") and not self.options.asr:   # offsets into the input text
                 spans = map_spans(spans, plain, req.text)
                 text = req.text
@@ -294,8 +313,10 @@ class Recognizer:
         res["output"] = output
         res["text"] = text
         if not self.options.asr:
-            res["entities"] = [{"type": t, "text": text[s:e] if s is not None else None, "start": s, "end": e}
-                               for s, e, t in sorted(spans, key=lambda x: (x[0] is None, x[0] or 0, -(x[1] or 0)))]
+            res["entities"] = [{"type": t, "text": text[s:e] if s is not None else None, "start": s, "end": e,
+                                "log_confidence": lc}
+                               for (s, e, t), lc in sorted(zip(spans, confidences), key=lambda x: (
+                                   x[0][0] is None, x[0][0] or 0, -(x[0][1] or 0)))]
         res["score"] = hyp.score
         if self.options.asr:
             res["tokens"] = hyp.tokens
@@ -309,6 +330,34 @@ class Recognizer:
         if warn:
             res["warnings"] = warn
         return res
+
+    def heard_phones(self, wavs, batch_size=8):
+        """What the phone CTC head hears in each wav (SNER rows; greedy: best class per frame, repeats merged,
+        blanks dropped) as CTC classes: the check of the head that entity times rely on (evaluate_split)."""
+        heard = []
+        for k in range(0, len(wavs), batch_size):
+            rows = [self._row(Request(wav=w), "SNER")[0] for w in wavs[k: k + batch_size]]
+            with torch.no_grad():
+                logp, frames = self.model.speech_phone_log_probs(self._encode(rows),
+                                                                 max(r["fbank"].size(0) for r in rows))
+            for best, n in zip(logp.argmax(-1).tolist(), frames.tolist()):
+                heard.append([c for i, c in enumerate(best[:n]) if c != align.BLANK and (i == 0 or best[i - 1] != c)])
+        return heard
+
+    def _finish_confidence(self, results, task):
+        """Each entity's confidence in [0, 1], exp(log-confidence / T) (None when the search gave no per-token
+        scores: a hypothesis cut off at max_len); SNER: times its align_confidence where it has one (the joint CTC
+        scores of its characters are no probabilities; the head's posteriors of its phones say whether it was
+        heard). Then --min-confidence drops those below."""
+        for res in results:
+            for e in res.get("entities", []):
+                lc = e.pop("log_confidence")
+                if lc is not None and task == "SNER" and e.get("align_confidence") is not None:
+                    lc += math.log(max(e["align_confidence"], 1e-6))
+                e["confidence"] = None if lc is None else round(math.exp(lc / self.options.confidence_temperature), 4)
+            if "entities" in res:
+                res["entities"] = [e for e in res["entities"]
+                                   if e["confidence"] is None or e["confidence"] >= self.options.min_confidence]
 
     # -- public ---------------------------------------------------------------------------------------------
 
@@ -404,9 +453,11 @@ def _progress(total, enabled):
 
 
 def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), options=None, batch_size=32,
-                   evaluator="ours", device=None, assets=None, progress=False, recognizer=None, predictions=None):
+                   evaluator="ours", device=None, assets=None, progress=False, recognizer=None, predictions=None,
+                   head_check=False):
     """Decode `samples` for each task and score them (evaluate.score_predictions). -> {task: {"p", "r", "f1"
     (percent, by `evaluator`), "ours", "official", "cer", "sentences"}}. SNER/MNER use only samples with audio.
+    head_check: SNER also scores the phone CTC head ("head_per", percent; a warning above HEAD_PER_WARN).
     predictions: optional dict that receives {task: [result, ...]}. options: DecodeOptions, its unset search
     settings from assets (the checkpoint's); without assets beam 5, max_len 128, no n-gram block."""
     if evaluator not in ("ours", "official"):
@@ -431,6 +482,16 @@ def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER
         sc = evaluate.score_predictions(task, golds, results, phones_of)
         main = sc[evaluator]
         scores[task] = {"p": main["p"], "r": main["r"], "f1": main["f1"], **sc}
+        if head_check and task == "SNER" and golds:
+            classes = recognizer.model.config.phone_dict_size - 3
+            said = [[c for c in (recognizer.featurizer.text(s.text)[0] - 3).tolist() if 1 <= c < classes]
+                    for s in golds]                              # the CTC targets of training (data.BatchBuilder)
+            per = evaluate.phone_error_rate(recognizer.heard_phones([s.audio for s in golds], batch_size), said)
+            scores[task]["head_per"] = per
+            if per > evaluate.HEAD_PER_WARN:
+                print(f"warning: the phone CTC head misses {per:.0f} % of the phones of this split (> "
+                      f"{evaluate.HEAD_PER_WARN:g} %): entity times and redaction rely on it; fine-tune with "
+                      f"--ctc-weight > 0 (train.py)", file=sys.stderr)
     return scores
 
 
@@ -504,7 +565,8 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "ctc_weight": "--ctc-weight", "ctc_candidates": "--ctc-candidates", "asr": "--asr",
                 "constrain": "--no-constrain", "pool_chars": "--char-score", "entity_bias": "--entity-bias",
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
-                "timestamps": "--timestamps",
+                "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
+                "confidence_temperature": "--confidence-temperature",
                 "modelscope_padding": "--modelscope-padding"}
 
 
@@ -533,6 +595,8 @@ def get_args(argv=None):
     a("--timestamps", choices=TIMESTAMPS, default="entities", help="SNER/MNER: entity times (start_s, end_s) from a "
       "forced alignment of the text against the phone CTC head (default entities); chars: every character's too "
       "(char_times); none: off")
+    a("--time-offset-ms", type=float, default=15.0, help="add this to every time (default 15: the constant fitted on "
+      "the demo corpus's dev split, align.py)")
     a("--no-constrain", action="store_true", help="TNER/MNER: free generation instead of the input text + brackets")
     a("--ctc-weight", type=float, default=None, help="SNER: joint CTC/attention decoding, score = decoder log-prob + "
       "W x CTC log-prob of the characters' phones (MMSpeech's phone CTC head); default: the checkpoint's (0.5 for "
@@ -570,6 +634,14 @@ def get_args(argv=None):
       "(default) or silence")
     a("--pad-ms", type=float, default=100.0, help="--redact: also replace this much audio before and after each "
       "entity (default 100)")
+    a("--min-align-confidence", type=float, default=audio.MIN_ALIGN_CONFIDENCE, help="--redact: an entity aligned "
+      "less surely than this (its align_confidence) replaces the whole stretch between its located neighbours "
+      f"(fail closed; default {audio.MIN_ALIGN_CONFIDENCE})")
+    a("--min-confidence", type=float, default=0.0, help="drop entities whose confidence is below this (default 0: "
+      "keep all). Confidence: the probability of writing the entity as it stands (its brackets there and no "
+      "bracket inside; SNER: its brackets times its align_confidence), to the power 1 / --confidence-temperature")
+    a("--confidence-temperature", type=float, default=1.0, help="entity confidence = exp(log-confidence / T); fit "
+      "T on dev predictions with `python evaluate.py confidence` (default 1)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None,
       help="progress bar on stderr (default: on for --input/--dataset when stderr is a terminal)")
     args = p.parse_args(argv)
@@ -587,9 +659,10 @@ def get_args(argv=None):
         if not types or any(t not in TYPES for t in types):
             p.error(f"--redact-types {args.redact_types!r}: expected some of {','.join(TYPES)}")
         args.redact_types = types
-        if not args.wav or len(args.wav) != 1 or args.asr or args.timestamps == "none" or args.pad_ms < 0:
+        if not args.wav or len(args.wav) != 1 or args.asr or args.timestamps == "none" or args.pad_ms < 0 \
+                or not 0 <= args.min_align_confidence <= 1:
             p.error("--redact takes exactly one --wav (with or without --text), entity times (not --asr or "
-                    "--timestamps none) and --pad-ms >= 0")
+                    "--timestamps none), --pad-ms >= 0 and --min-align-confidence in [0, 1]")
     if args.labels is not None and (args.dataset or args.asr or args.timestamps == "none"):
         p.error("--labels writes entity times of --wav/--input recordings (not with --dataset, --asr or "
                 "--timestamps none)")
@@ -606,8 +679,8 @@ def get_args(argv=None):
         ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, asr=args.asr,
         constrain=not args.no_constrain, pool_chars=args.char_score == "pooled", entity_bias=args.entity_bias,
         nbest=args.nbest, pseudo_text_len=args.pseudo_len, max_audio_seconds=args.max_audio_seconds,
-        timestamps=args.timestamps,
-        modelscope_padding=args.modelscope_padding)
+        timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,
+        confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding)
     try:
         args.options.check(OPTION_FLAGS)
     except files.InputError as e:
@@ -656,7 +729,8 @@ def _main(args):
                 for i in range(len(args.text or args.wav))]
     results = rec.run(reqs, batch_size=args.batch_size, progress=progress, task=args.task[0] if args.task else None)
     if args.redact is not None:
-        redact(results[0], args.redact, args.redact_types, args.redact_with, args.pad_ms)
+        audio.redact(results[0]["wav"], results[0]["entities"], args.redact, args.redact_types, args.redact_with,
+                     args.pad_ms, args.min_align_confidence)
     _emit(args, results)
     print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
 
@@ -665,31 +739,6 @@ def label_track(res):
     """An Audacity label track of one result: a line per entity with a time, start<TAB>end<TAB>TYPE text."""
     return "".join(f"{e['start_s']:.3f}\t{e['end_s']:.3f}\t{e['type']} {e['text']}\n"
                    for e in res.get("entities", []) if e.get("start_s") is not None)
-
-
-def redact(res, out, types, fill, pad_ms):
-    """Write `out`: res's recording with its entities of `types` replaced (audio.redact_wav), and out + ".json": what
-    was replaced and why. Fail closed: an entity without a time (its characters have no reading, or the text did
-    not fit the audio) replaces the whole stretch between the timed entities before and after it."""
-    duration, pad = audio.wav_info(res["wav"]).seconds, pad_ms / 1000
-    timed = [e for e in res["entities"] if e.get("start_s") is not None]
-    replaced = []
-    for e in res["entities"]:
-        if e["type"] not in types:
-            continue
-        if e.get("start_s") is not None:
-            start, end, why = e["start_s"], e["end_s"], "aligned"
-        else:                                   # from the timed entity before its characters to the one after
-            before = [t["end_s"] for t in timed if e["start"] is not None and t["end"] <= e["start"]]
-            after = [t["start_s"] for t in timed if e["end"] is not None and t["start"] >= e["end"]]
-            start, end = max(before, default=0.0), min(after, default=duration)
-            why = "no time: the stretch between the located neighbours (fail closed)"
-        replaced.append({"type": e["type"], "text": e["text"], "from_s": round(max(0.0, start - pad), 3),
-                         "to_s": round(min(duration, end + pad), 3), "why": why})
-    audio.redact_wav(res["wav"], out, [(r["from_s"], r["to_s"]) for r in replaced], fill)
-    sidecar = {"source": res["wav"], "output": out, "fill": fill, "pad_ms": pad_ms, "types": types,
-               "replaced": replaced}
-    files.write_atomic(out + ".json", json.dumps(sidecar, ensure_ascii=False, indent=1) + "\n")
 
 
 def _emit(args, results):
@@ -730,7 +779,8 @@ def _main_dataset(args, rec, progress, t0):
         return
     preds = {}
     scores = evaluate_split(None, samples, tasks=tasks, batch_size=args.batch_size, evaluator=args.evaluator,
-                      progress=progress, recognizer=rec, predictions=preds)
+                            progress=progress, recognizer=rec, predictions=preds,
+                            head_check=rec.options.timestamps != "none" and not rec.options.asr)
     report = {"dataset": args.dataset, "split": args.split, "ckpt": args.ckpt, "sentences": len(samples),
               "options": dataclasses.asdict(rec.options), "scores": scores, "device": str(rec.device),
               "dtype": str(next(rec.model.parameters()).dtype).removeprefix("torch."),

@@ -7,23 +7,32 @@ data. Generated, never downloaded; deterministic for a seed (same JSON and byte-
     python demo.py --out /tmp/demo --n-train 200 --n-dev 20 --n-test 20 --no-audio
 
     from demo import ensure_demo_corpus
-    root = ensure_demo_corpus()             # -> ~/.cache/image/demo-v1-seed0 (or $IMAGE_CACHE/demo-v1-seed0)
+    root = ensure_demo_corpus()             # -> ~/.cache/image/demo-v2-seed0 (or $IMAGE_CACHE/demo-v2-seed0)
 
 Layout written (AISHELL-style utterance ids DEMO01SxxxxWyyyy: speaker = id[6:11], as in BAC009S0002W0122):
     train.json valid.json test.json     one JSON object a line: {"sentence", "audio": utt id,
-                                        "entity": [[start, end_exclusive, text, TYPE], ...], "speaker_info": F|M}
+                                        "entity": [[start, end_exclusive, text, TYPE], ...],
+                                        "entity_times": [[start_s, end_s], ...] (one per entity; with audio),
+                                        "speaker_info": F|M}
     wav/{train,dev,test}/Sxxxx/ID.wav   16 kHz mono 16-bit PCM (absent with audio=False)
     index.jsonl                         per utterance: split, speaker, voice, rate, pitch, pinyin, wav, samples
     meta.json                           seed, counts, entity statistics, tool versions, generation time, sha256s
-Speech: pypinyin TONE3 syllables (neutral tone 5) -> espeak-ng voice cmn-latn-pinyin(+variant) at 22.05 kHz ->
+Speech: pypinyin TONE3 syllables (neutral tone 5) -> libespeak-ng voice cmn-latn-pinyin(+variant) at 22.05 kHz ->
 sox without dither (-D -R: bit-exact repeatable) -> gain -1 dB (the resampler overshoots otherwise) -> 16 kHz.
+Gold entity times (demo-v2): espeak-ng reports the sample where each syllable (= character) starts; an entity's
+speech runs from the first to the last non-silent sample (>= -40 dB of the utterance's peak) of its characters'
+stretches. The audio is the espeak-ng command's, byte for byte, so no marks or pauses are added: 4,799 of demo-v1's
+4,800 wavs come out identical, and the one that does not (the first) is what today's espeak-ng command makes too.
 Eight virtual speakers (an espeak variant, a base rate and pitch each) are shared by all splits; every utterance
 jitters rate and pitch a little.
 """
 import argparse
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import os
+import pickle
 import platform
 import random
 import re
@@ -33,10 +42,12 @@ import sys
 import tempfile
 import time
 import wave
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-VERSION = "demo-v1"        # bump when the generator changes what it writes (the cache folder is named after it)
+VERSION = "demo-v2"        # bump when the generator changes what it writes (the cache folder is named after it)
+DRAWS = "demo-v1"          # seeds the random draws: v2 (+ gold times) has v1's sentences, voices and wavs
 DEFAULT_COUNTS = dict(n_train=4000, n_dev=400, n_test=400)
 SPLITS = (("train", "train.json", "train"), ("dev", "valid.json", "dev"), ("test", "test.json", "test"))  # (split, json, wav dir)
 
@@ -137,7 +148,7 @@ class Pools:
     may draw from, so the test set has entities the model never saw in training."""
 
     def __init__(self, seed, holdout=0.12):
-        rng = random.Random(f"{VERSION}/{seed}/holdout")
+        rng = random.Random(f"{DRAWS}/{seed}/holdout")
         self.seen, self.held = {}, {}
         for name, words in [("surname", SURNAMES), ("given", GIVEN), ("province", PROVINCES), ("city", CITIES),
                             ("district", DISTRICTS), ("scenic", SCENIC), ("country", COUNTRIES),
@@ -296,7 +307,7 @@ def make_sentences(seed, n_train, n_dev, n_test, min_chars=8, max_chars=20):
     seen, train_chars, out = set(), set(), {}
     utt_count = [0] * len(SPEAKERS)
     for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
-        rng = random.Random(f"{VERSION}/{seed}/{split}")
+        rng = random.Random(f"{DRAWS}/{seed}/{split}")
         records = []
         while len(records) < n:
             for attempt in range(1000):
@@ -325,11 +336,10 @@ def make_sentences(seed, n_train, n_dev, n_test, min_chars=8, max_chars=20):
 # ---------------------------------------------------------------------------------------------------------------
 # Speech synthesis
 def check_tools():
-    for tool in ("espeak-ng", "sox"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"demo corpus: `{tool}` not found on PATH; it synthesises the demo speech. Install "
-                               f"it with `apt-get install espeak-ng sox` (Debian/Ubuntu), or build a text-only "
-                               f"corpus (audio=False / python demo.py --no-audio)")
+    if shutil.which("sox") is None or espeak_library() is None:
+        raise RuntimeError("demo corpus: espeak-ng (its library libespeak-ng) or `sox` not found; they synthesise "
+                           "the demo speech. Install them with `apt-get install espeak-ng sox` (Debian/Ubuntu), or "
+                           "build a text-only corpus (audio=False / python demo.py --no-audio)")
     try:
         import pypinyin  # noqa: F401
     except ImportError as e:
@@ -344,32 +354,152 @@ def tool_versions():
         except (OSError, IndexError):
             return None
     import pypinyin
-    return {"espeak-ng": first_line(["espeak-ng", "--version"]), "sox": first_line(["sox", "--version"]),
+    return {"espeak-ng": Espeak.instance().version, "sox": first_line(["sox", "--version"]),
             "pypinyin": pypinyin.__version__, "python": platform.python_version()}
 
 
 def to_pinyin(text):
+    """One TONE3 syllable per character (the gold times need the 1:1 map)."""
     from pypinyin import Style, lazy_pinyin
     syllables = lazy_pinyin(text, style=Style.TONE3, neutral_tone_with_five=True)
     bad = [s for s in syllables if not re.fullmatch(r"[a-z]+[1-5]", s)]
-    if bad:
-        raise ValueError(f"demo: pypinyin gave no pinyin for {bad} in {text!r}")
+    if bad or len(syllables) != len(text):
+        raise ValueError(f"demo: pypinyin gave no one-syllable-per-character pinyin for {text!r}: {syllables}")
     return " ".join(syllables)
 
 
+def espeak_library():
+    return ctypes.util.find_library("espeak-ng")
+
+
+class _EspeakEvent(ctypes.Structure):  # espeak_EVENT of espeak-ng's speak_lib.h
+    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+
+
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
+                                   ctypes.POINTER(_EspeakEvent))
+
+
+class Espeak:
+    """libespeak-ng through ctypes: the espeak-ng command's own synthesis (same flags: byte-identical samples, checked
+    against `espeak-ng --stdout`) plus the sample position where each word starts. The library keeps global state
+    (one per process: Espeak.instance()), and a synthesis leaves some behind (the next one of the same text comes out
+    a few samples longer), so speak() runs each one in a forked child of a process that never synthesised."""
+    EVENT_LIST_END, EVENT_WORD, EVENT_END = 0, 1, 5
+    SYNCHRONOUS, RATE, PITCH = 2, 1, 3                          # AUDIO_OUTPUT_SYNCHRONOUS, espeakRATE, espeakPITCH
+    COMMAND_FLAGS = 0x0000 | 0x0100 | 0x1000                    # espeakCHARS_AUTO | espeakPHONEMES | espeakENDPAUSE
+    _instance = None
+
+    @classmethod
+    def instance(cls):
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def __init__(self):
+        path = espeak_library()
+        if path is None:
+            raise RuntimeError("demo: libespeak-ng not found (apt-get install espeak-ng)")
+        self.lib = ctypes.CDLL(path)
+        self.lib.espeak_Info.restype = ctypes.c_char_p
+        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        self.sample_rate = self.lib.espeak_Initialize(self.SYNCHRONOUS, 0, None, 0)
+        if self.sample_rate <= 0:
+            raise RuntimeError(f"demo: espeak_Initialize failed ({self.sample_rate}) with {path}")
+        self.version = "eSpeak NG " + self.lib.espeak_Info(None).decode()
+        self._chunks, self._words, self._end = [], [], None
+        self._callback = _SYNTH_CALLBACK(self._collect)         # kept referenced: the library holds the pointer
+        self.lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, samples, n, events):
+        if n > 0:
+            self._chunks.append(ctypes.string_at(samples, 2 * n))
+        i = 0
+        while events[i].type != self.EVENT_LIST_END:
+            if events[i].type == self.EVENT_WORD:
+                self._words.append(events[i].sample)
+            elif events[i].type == self.EVENT_END:
+                self._end = events[i].sample
+            i += 1
+        return 0
+
+    def speak(self, text, voice, rate, pitch):
+        """-> (16-bit mono PCM bytes at self.sample_rate, [sample where each space-separated word starts])."""
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                            # child: speak once, send the result, exit at once
+            os.close(read_end)
+            try:
+                result = ("ok", self._speak_here(text, voice, rate, pitch))
+            except BaseException as e:                          # noqa: BLE001 (reported to the parent)
+                result = ("error", str(e))
+            with os.fdopen(write_end, "wb") as f:
+                pickle.dump(result, f)
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as f:
+            data = f.read()
+        os.waitpid(pid, 0)
+        status, result = pickle.loads(data) if data else ("error", f"espeak-ng died on {text!r}")
+        if status != "ok":
+            raise RuntimeError(result)
+        return result
+
+    def _speak_here(self, text, voice, rate, pitch):
+        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise RuntimeError(f"demo: espeak-ng has no voice {voice!r}")
+        self.lib.espeak_SetParameter(self.RATE, rate, 0)
+        self.lib.espeak_SetParameter(self.PITCH, pitch, 0)
+        self._chunks, self._words, self._end = [], [], None
+        data = text.encode()
+        err = self.lib.espeak_Synth(ctypes.create_string_buffer(data), len(data) + 1, 0, 1, 0, self.COMMAND_FLAGS,
+                                    None, None)
+        if err != 0 or self.lib.espeak_Synchronize() != 0 or self._end is None:
+            raise RuntimeError(f"demo: espeak-ng failed ({err}) on {text!r} with voice {voice}")
+        return b"".join(self._chunks), self._words
+
+
+SILENCE_DB = -40     # gold times: a sample is speech when |x| >= peak * 10^(SILENCE_DB / 20) (peak of its utterance)
+
+
+def speech_bounds(pcm, word_starts, sample_rate):
+    """Per word: (first, last + 1 non-silent sample) / sample_rate in seconds, searched between its own start
+    event and the next word's (the last word: up to the end of the audio)."""
+    import numpy as np
+    x = np.abs(np.frombuffer(pcm, dtype=np.int16).astype(np.int32))
+    loud = np.flatnonzero(x >= x.max() * 10 ** (SILENCE_DB / 20))                   # (L,) sample indices
+    ends = list(word_starts[1:]) + [len(x)]
+    lo, hi = np.searchsorted(loud, word_starts), np.searchsorted(loud, ends) - 1      # (W,) into loud
+    if (lo > hi).any():
+        w = int(np.flatnonzero(lo > hi)[0])
+        raise RuntimeError(f"demo: word {w} of an utterance is silent from sample {word_starts[w]} to {ends[w]}")
+    return [(int(loud[a]) / sample_rate, (int(loud[b]) + 1) / sample_rate) for a, b in zip(lo, hi)]
+
+
+def entity_times(entities, word_seconds):
+    """[[start_s, end_s]] per entity [start, end, text, TYPE]: from its first character's first speech sample to its
+    last character's last (characters = pinyin words, one each)."""
+    return [[round(word_seconds[s][0], 4), round(word_seconds[e - 1][1], 4)] for s, e, _, _ in entities]
+
+
 def synthesize(pinyin, variant, rate, pitch, path):
-    """espeak-ng (22.05 kHz) | sox -> 16 kHz mono 16-bit wav at path; returns its number of samples."""
-    cmd = ["espeak-ng", "-v", f"cmn-latn-pinyin+{variant}", "-s", str(rate), "-p", str(pitch), "--stdout", pinyin]
-    speech = subprocess.run(cmd, capture_output=True)
-    if speech.returncode != 0 or not speech.stdout:
-        raise RuntimeError(f"demo: `{' '.join(cmd)}` failed ({speech.returncode}): {speech.stderr.decode()}")
-    cmd = ["sox", "-D", "-R", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer",
-           str(path), "gain", "-1", "rate", "16000"]
-    conv = subprocess.run(cmd, input=speech.stdout, capture_output=True)
+    """libespeak-ng (22.05 kHz) | sox -> 16 kHz mono 16-bit wav at path; returns (its number of samples,
+    [(speech start_s, end_s)] per pinyin syllable). sox's rate is linear-phase (no delay), so times carry over."""
+    espeak = Espeak.instance()
+    pcm, words = espeak.speak(pinyin, f"cmn-latn-pinyin+{variant}", rate, pitch)
+    if len(words) != len(pinyin.split()):
+        raise RuntimeError(f"demo: espeak-ng reported {len(words)} words for {len(pinyin.split())} syllables "
+                           f"in {pinyin!r}")
+    cmd = ["sox", "-D", "-R", "-t", "raw", "-r", str(espeak.sample_rate), "-e", "signed-integer", "-b", "16", "-c",
+           "1", "-", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer", str(path), "gain", "-1", "rate",
+           "16000"]
+    conv = subprocess.run(cmd, input=pcm, capture_output=True)
     if conv.returncode != 0:
         raise RuntimeError(f"demo: `{' '.join(cmd)}` failed ({conv.returncode}): {conv.stderr.decode()}")
     with wave.open(str(path)) as w:
-        return w.getnframes()
+        return w.getnframes(), speech_bounds(pcm, words, espeak.sample_rate)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -392,10 +522,7 @@ def build(out, seed, n_train, n_dev, n_test, audio=True, progress=True, workers=
     data = make_sentences(seed, n_train, n_dev, n_test)
     index, jobs = [], []
     for split, json_name, wav_dir in SPLITS:
-        lines = []
         for r in data[split]:
-            lines.append(json.dumps({k: r[k] for k in ("sentence", "audio", "entity", "speaker_info")},
-                                    ensure_ascii=False))
             wav = f"wav/{wav_dir}/{r['audio'][6:11]}/{r['audio']}.wav"
             index.append(dict(id=r["audio"], split=split, speaker=r["audio"][6:11], gender=r["speaker_info"],
                               voice=f"cmn-latn-pinyin+{r['voice']}", rate=r["rate"], pitch=r["pitch"],
@@ -403,21 +530,29 @@ def build(out, seed, n_train, n_dev, n_test, audio=True, progress=True, workers=
             if audio:
                 index[-1]["pinyin"] = to_pinyin(r["sentence"])
                 jobs.append((index[-1]["pinyin"], r["voice"], r["rate"], r["pitch"], out / wav))
-        (out / json_name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     seconds = {}
     if audio:
         for d in {j[4].parent for j in jobs}:
             d.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
-        pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)  # threads: each job is 2 processes
+        # processes, as libespeak-ng has one state per process; spawned, since they fork (the caller may hold
+        # torch's threads, which a fork would copy in an unknown state)
+        pool = ProcessPoolExecutor(workers or os.cpu_count() or 1, multiprocessing.get_context("spawn"))
         try:
-            n_samples = pool.map(lambda j: synthesize(*j), jobs)
-            for rec, n in zip(index, tqdm(n_samples, total=len(jobs), desc="demo speech", unit="utt",
-                                          disable=not progress)):
+            results = pool.map(synthesize, *zip(*jobs), chunksize=8)
+            records = [r for split, _, _ in SPLITS for r in data[split]]
+            for rec, r, (n, word_seconds) in zip(index, records, tqdm(results, total=len(jobs), desc="demo speech",
+                                                                       unit="utt", disable=not progress)):
                 rec["samples"] = n
+                r["entity_times"] = entity_times(r["entity"], word_seconds)
                 seconds[rec["split"]] = seconds.get(rec["split"], 0) + n / 16000
         finally:
             pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C, do not synthesise the rest first
+    keys = ("sentence", "audio", "entity", "entity_times", "speaker_info") if audio else \
+        ("sentence", "audio", "entity", "speaker_info")
+    for split, json_name, _ in SPLITS:
+        (out / json_name).write_text("".join(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n"
+                                             for r in data[split]), encoding="utf-8")
     with open(out / "index.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in index)
     stats = {}

@@ -3,6 +3,8 @@
     python evaluate.py stats --dataset cnerta --data-dir ../shared/data/cnerta --split dev   # a corpus at a glance
     python evaluate.py breakdown --predictions preds.jsonl --dataset cnerta --data-dir D     # decode.py errors
     python evaluate.py gazetteer --train-dataset image4imner --train-dir D --dataset cnerta --data-dir D  # baseline
+    python evaluate.py times --predictions p.jsonl --task MNER --dataset demo --split test     # entity times
+    python evaluate.py confidence --predictions p.jsonl --task TNER --dataset cnerta --data-dir D  # calibration
 
 Two evaluators score every prediction (decode.py --eval, train.py's dev and test scores via decode.evaluate_split,
 which runs the model): ours counts every entity, exact (type, start, end) in the input text, or (type, entity text)
@@ -12,7 +14,7 @@ to the gold text over the gold characters. The analyses break predictions down b
 kind of error, and score a gazetteer baseline.
 
 Sections: 1 scorers and score tables | 2 analyses (error breakdown, gazetteer baseline) | 3 corpus statistics |
-4 command line.
+5 entity times and confidence (localization, redaction coverage, calibration) | 4 command line.
 Nothing here runs a model: decode.py does, and calls these.
 """
 from __future__ import annotations
@@ -20,11 +22,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 
 from pathlib import Path
 
-from data import (DATASETS, SPLITS, DataError, Entity, json_lines, linearize, linearize_official, load_split, nest,
-                  parse, parse_official, read_lines)
+import audio
+from data import (DATASETS, SPLITS, DataError, Entity, Sample, json_lines, linearize, linearize_official, load_split,
+                  nest, parse, parse_official, read_lines)
 from text import TYPES
 
 
@@ -89,6 +93,15 @@ def edit_distance(a, b):
     return prev[-1]
 
 
+HEAD_PER_WARN = 50.0   # percent: a phone CTC head that misses more gives entity times that cannot be trusted
+
+
+def phone_error_rate(heard, said) -> float:
+    """Percent: edit distance of the phones heard to the phones said, over the phones said (CER's rule)."""
+    total = sum(len(s) for s in said)
+    return 100.0 * sum(edit_distance(h, s) for h, s in zip(heard, said)) / total if total else 0.0
+
+
 def score_predictions(task, golds, results, phones_of=None):
     """golds: data.Sample list; results: decode.Recognizer results in the same order.
     -> {"ours": P/R/F1 (+ per type), "official": P/R/F1 (+ per type), "cer": percent, "sentences": n}."""
@@ -123,6 +136,9 @@ def format_scores(scores):
     for task, sc in scores.items():
         for t, m in sc["ours"]["per_type"].items():
             lines.append(f"{task:<5} {t:<9} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f}")
+    if any("head_per" in sc for sc in scores.values()):
+        lines += ["", "phone error rate of the phone CTC head (SNER audio; entity times rely on it): "
+                  f"{scores['SNER']['head_per']:.2f} %"]
     return "\n".join(lines)
 
 
@@ -387,6 +403,187 @@ def stats(dataset, data_dir, split, audio_dir=None) -> dict:
 # 4. Command line
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Entities in time and confidence (#17): localization against gold times, redaction coverage, calibration
+
+FRAME_S = 0.010     # frame-F1 frames (SLUE's named-entity localization: 10 ms)
+
+
+def _frames(intervals) -> set[int]:
+    """The 10 ms frames whose centre lies inside any (start_s, end_s) interval."""
+    out = set()
+    for a, b in intervals:
+        out.update(range(math.ceil(a / FRAME_S - 0.5), math.ceil(b / FRAME_S - 0.5)))
+    return out
+
+
+def _right(task, gold: Sample, entities) -> list[tuple[int, dict]]:
+    """(gold index, predicted entity) of the entities recognised right: TNER/MNER the same (type, start, end);
+    SNER the same (type, text), paired one-to-one in order."""
+    free = list(enumerate(gold.entities))
+    pairs = []
+    for e in entities:
+        for k, (i, g) in enumerate(free):
+            if g.type == e["type"] and ((gold.text[g.start:g.end] == e["text"]) if task == "SNER"
+                                        else (g.start, g.end) == (e["start"], e["end"])):
+                pairs.append((i, e))
+                del free[k]
+                break
+    return pairs
+
+
+def _overlapping(task, gold: Sample, i, entities) -> bool:
+    """Gold entity i found with its type and an overlapping span (MNER: characters; SNER: time)."""
+    g, (a, b) = gold.entities[i], gold.times[i]
+    if task == "SNER":
+        return any(e["type"] == g.type and e.get("start_s") is not None and e["start_s"] < b and a < e["end_s"]
+                   for e in entities)
+    return any(e["type"] == g.type and e["start"] is not None and e["start"] < g.end and g.start < e["end"]
+               for e in entities)
+
+
+def _quantiles(values) -> dict:
+    if not values:
+        return {"n": 0}
+    v = sorted(values)
+    at = lambda q: v[min(len(v) - 1, int(q * len(v)))]          # noqa: E731 (nearest rank)
+    return {"n": len(v), "median": at(0.5), "p90": at(0.9), "mean": sum(v) / len(v)}
+
+
+def localization(task, pairs, offset_s=0.0, pad_s=0.0, min_align_confidence=audio.MIN_ALIGN_CONFIDENCE) -> dict:
+    """pairs: (gold Sample with times, decode.py result with entity times). -> frame P/R/F1 (percent; overall and
+    per type), start/end errors in ms of the entities recognised right (|error| quantiles; signed: the offset
+    to fit on dev), redaction coverage (audio.redaction_plan, all types): of the entities recognised right (type
+    and overlapping span), of every gold entity, and of the audio outside every entity. offset_s shifts every
+    predicted time (a constant fitted on dev)."""
+    tp, n_pred, n_gold = collections.Counter(), collections.Counter(), collections.Counter()
+    errors = {"start": [], "end": [], "start_signed": [], "end_signed": []}
+    cover = collections.Counter()
+    untimed = 0
+    for gold, res in pairs:
+        ents = [dict(e, start_s=e["start_s"] + offset_s, end_s=e["end_s"] + offset_s)
+                if e.get("start_s") is not None else e for e in res["entities"]]
+        untimed += sum(e.get("start_s") is None for e in ents)
+        for t in TYPES:
+            p = _frames((e["start_s"], e["end_s"]) for e in ents if e["type"] == t and e.get("start_s") is not None)
+            g = _frames(iv for e, iv in zip(gold.entities, gold.times) if e.type == t)
+            for key in (t, "all"):
+                tp[key] += len(p & g)
+                n_pred[key] += len(p)
+                n_gold[key] += len(g)
+        for i, e in _right(task, gold, ents):
+            if e.get("start_s") is not None:
+                for side, pred, ref in (("start", e["start_s"], gold.times[i][0]),
+                                        ("end", e["end_s"], gold.times[i][1])):
+                    errors[side].append(abs(pred - ref) * 1000)
+                    errors[side + "_signed"].append((pred - ref) * 1000)
+        duration = audio.wav_info(res["wav"]).seconds
+        replaced = _frames((r["from_s"], r["to_s"]) for r in audio.redaction_plan(ents, duration, TYPES, pad_s,
+                                                                            min_align_confidence))
+        every = _frames(gold.times)
+        for i, iv in enumerate(gold.times):
+            f = _frames([iv])
+            cover["all", "gold"] += len(f)
+            cover["all", "replaced"] += len(f & replaced)
+            if _overlapping(task, gold, i, ents):
+                cover["right", "gold"] += len(f)
+                cover["right", "replaced"] += len(f & replaced)
+        outside = set(range(math.ceil(duration / FRAME_S - 0.5))) - every
+        cover["outside", "gold"] += len(outside)
+        cover["outside", "replaced"] += len(outside & replaced)
+    frame = {k: _prf(tp[k], n_pred[k], n_gold[k]) for k in ("all", *TYPES)}
+    return {"task": task, "sentences": len(pairs), "offset_ms": offset_s * 1000, "frame_f1": frame,
+            "errors_ms": {k: _quantiles(v) for k, v in errors.items()}, "entities_without_time": untimed,
+            "redaction": {"pad_ms": pad_s * 1000, "min_align_confidence": min_align_confidence,
+                          **{k: cover[k, "replaced"] / cover[k, "gold"] if cover[k, "gold"] else None
+                             for k in ("right", "all", "outside")}}}
+
+
+def expected_calibration_error(conf, correct, bins=10) -> float:
+    """ECE over `bins` equal-width confidence bins: sum over bins of |accuracy - mean confidence| x bin share."""
+    total, err = len(conf), 0.0
+    for b in range(bins):
+        inside = [(c, y) for c, y in zip(conf, correct)
+                  if b / bins <= c < (b + 1) / bins or (b == bins - 1 and c == 1)]
+        if inside:
+            err += abs(sum(y for _, y in inside) - sum(c for c, _ in inside)) / total
+    return err
+
+
+def auroc(conf, correct) -> float | None:
+    """Area under the ROC curve of confidence for right vs wrong: P(a right one scores above a wrong one), ties
+    half (Mann-Whitney over average ranks). None without both kinds."""
+    n_pos = sum(correct)
+    n_neg = len(correct) - n_pos
+    if not n_pos or not n_neg:
+        return None
+    order = sorted(range(len(conf)), key=lambda i: conf[i])
+    ranks, i = [0.0] * len(conf), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and conf[order[j + 1]] == conf[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return (sum(r for r, y in zip(ranks, correct) if y) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def fit_temperature(log_conf, correct) -> float:
+    """T minimising the log loss of exp(log_conf / T) against right (1) / wrong (0), on a log grid 0.05-20."""
+    def loss(t):
+        total = 0.0
+        for lc, y in zip(log_conf, correct):
+            p = min(max(math.exp(lc / t), 1e-7), 1 - 1e-7)
+            total -= math.log(p) if y else math.log(1 - p)
+        return total
+    return min((0.05 * 400 ** (k / 200) for k in range(201)), key=loss)
+
+
+def confidence_records(task, pairs) -> tuple[list[float], list[int]]:
+    """Every predicted entity with a confidence: (log-confidence at T = 1 as decode.py wrote it, 1 if right)."""
+    log_conf, correct = [], []
+    for gold, res in pairs:
+        right = {id(e) for _, e in _right(task, gold, res["entities"])}
+        for e in res["entities"]:
+            if e.get("confidence") is not None:
+                log_conf.append(math.log(max(e["confidence"], 1e-6)))
+                correct.append(int(id(e) in right))
+    return log_conf, correct
+
+
+def calibration(task, pairs, temperature=1.0, bins=10) -> dict:
+    """ECE and AUROC of the entity confidences as written (decoded at `temperature`), and 2-fold: a temperature
+    fitted on the even-numbered sentences, scored on the odd ones, and the other way round."""
+    def scores(part, t_fit=1.0):
+        lc, y = confidence_records(task, part)
+        conf = [math.exp(v / t_fit) for v in lc]
+        return {"entities": len(y), "accuracy": sum(y) / len(y) if y else None, "mean_confidence":
+                sum(conf) / len(conf) if conf else None, "ece": expected_calibration_error(conf, y, bins),
+                "auroc": auroc(conf, y)}
+    folds = []
+    for fit, held in ((pairs[0::2], pairs[1::2]), (pairs[1::2], pairs[0::2])):
+        t = fit_temperature(*confidence_records(task, fit))
+        folds.append({"temperature": t, "effective_temperature": t * temperature, **scores(held, t)})
+    mean = {k: sum(f[k] for f in folds) / 2 for k in ("ece", "auroc") if all(f[k] is not None for f in folds)}
+    return {"task": task, "sentences": len(pairs), "decoded_at_temperature": temperature,
+            "as_written": scores(pairs),
+            "two_fold": folds, "two_fold_mean": mean,
+            "temperature_all": fit_temperature(*confidence_records(task, pairs)) * temperature}
+
+
+def prediction_pairs(predictions, dataset, data_dir, split, task, need_times=False) -> list[tuple[Sample, dict]]:
+    """(gold sample, decode.py record) for every record of `task` in a predictions file, by sample id."""
+    golds = {s.id: s for s in load_split(dataset, data_dir, split, errors="raise")}
+    records = read_predictions(predictions, task)
+    missing = sorted(set(records) - set(golds))
+    if missing:
+        raise DataError(f"{predictions}: {len(missing)} {task} ids not in {dataset} {split}, e.g. {missing[0]!r}")
+    if need_times and any(golds[i].times is None for i in records):
+        raise DataError(f"{dataset} {split} records no gold entity times (\"entity_times\"; the demo corpus has them)")
+    return [(golds[i], records[i]) for i in sorted(records)]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -424,7 +621,41 @@ def main(argv=None):
     st.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
     st.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (dev = valid)")
     st.add_argument("--audio-dir", default=None, help="wav folder (AISHELL-1 wav/ or flat); default DATA_DIR/wav")
+    for name, what in (("times", "entity times of a decode.py predictions file (SNER/MNER, --timestamps) against "
+                                  "the gold times of the corpus (the demo records them): frame-F1 on 10 ms frames, "
+                                  "start/end errors, redaction coverage"),
+                       ("confidence", "calibration of the entity confidences of a decode.py predictions file: ECE "
+                                      "(10 bins) and AUROC, as written and with a temperature fitted 2-fold")):
+        q = sub.add_parser(name, help=what)
+        q.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
+        q.add_argument("--task", required=True, choices=("TNER", "SNER", "MNER"), help="whose records to score")
+        q.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format of the gold split")
+        q.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
+        q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
+    tm, cf = sub.choices["times"], sub.choices["confidence"]
+    tm.add_argument("--offset-ms", type=float, default=0.0, help="add this to every predicted time (a constant "
+                    "fitted on dev: the median signed error there; default 0)")
+    tm.add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around each entity (default 0)")
+    tm.add_argument("--min-align-confidence", type=float, default=audio.MIN_ALIGN_CONFIDENCE,
+                    help=f"redaction fails closed below this (default {audio.MIN_ALIGN_CONFIDENCE}, as decode.py)")
+    cf.add_argument("--temperature", type=float, default=1.0, help="the --confidence-temperature the predictions "
+                    "were decoded with (default 1)")
     args = p.parse_args(argv)
+    if args.command in ("times", "confidence"):
+        try:
+            pairs = prediction_pairs(args.predictions, args.dataset, args.data_dir, args.split, args.task,
+                                     need_times=args.command == "times")
+            if args.command == "times":
+                if args.task == "TNER":
+                    raise DataError("times: TNER has no audio (choose SNER or MNER)")
+                result = localization(args.task, pairs, args.offset_ms / 1000, args.pad_ms / 1000,
+                                      args.min_align_confidence)
+            else:
+                result = calibration(args.task, pairs, args.temperature)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"evaluate.py {args.command}: {e}")
+        print(json.dumps(result, ensure_ascii=False, indent=1))
+        return
     if args.command == "breakdown" and args.train_dir is not None and args.train_dataset is None:
         p.error("--train-dir needs --train-dataset")
     try:

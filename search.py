@@ -66,6 +66,9 @@ class DecodeOptions:
     nbest: int = 1                              # results also list the best nbest hypotheses (at most beam)
     timestamps: str = "entities"                # SNER/MNER: times from the phone CTC head (align.py): entities,
                                                 # chars (every character's too) or none
+    time_offset_ms: float = 15.0                # added to every time (align.char_times; fitted on demo dev)
+    confidence_temperature: float = 1.0         # entity confidence = exp(log-confidence / T) (entity_log_confidence)
+    min_confidence: float = 0.0                 # results drop entities whose confidence is below
     # inputs
     pseudo_text_len: Optional[int] = None       # SNER pseudo text length (None: the checkpoint's, else Featurizer's)
     max_audio_seconds: float = MAX_AUDIO_SECONDS  # longer audio is refused
@@ -107,6 +110,13 @@ class DecodeOptions:
         if self.timestamps not in TIMESTAMPS:
             raise files.InputError(f"{name('timestamps')} must be one of {', '.join(TIMESTAMPS)}, got "
                                    f"{self.timestamps!r}")
+        if not math.isfinite(self.time_offset_ms):
+            raise files.InputError(f"{name('time_offset_ms')} must be a finite number, got {self.time_offset_ms}")
+        if not 0 < self.confidence_temperature < math.inf:
+            raise files.InputError(f"{name('confidence_temperature')} must be a positive number, got "
+                                   f"{self.confidence_temperature}")
+        if not 0 <= self.min_confidence <= 1:
+            raise files.InputError(f"{name('min_confidence')} must be in [0, 1], got {self.min_confidence}")
         if not 0 < self.max_audio_seconds < math.inf:
             raise files.InputError(f"{name('max_audio_seconds')} must be a positive number, got "
                                    f"{self.max_audio_seconds}")
@@ -457,6 +467,38 @@ def spans_from_constrained(tokens, char_ids, open_ids, close_ids, text=None):
         else:
             return spans, False, "".join(out)
     return spans, pos == len(char_ids) and not stack, "".join(out)
+
+
+def entity_log_confidence(tokens, positional_scores, open_ids, close_ids, width, char_ids=None, entity_bias=0.0,
+                          inside=True):
+    """How sure the search was of each entity of one hypothesis: the log-probability of writing it as it stands,
+    its opening bracket there, each token inside it that is not a bracket (SNER: the entity's characters;
+    constrained: going on without a bracket at that character), and its closing bracket there, each against every
+    other token at that step (the search's per-token log-probs; constrained: renormalised over what the brackets
+    allow, the opening bias taken off; inside=False: the brackets only). -> {(start, end, type): log-confidence
+    <= 0} in the hypothesis's character offsets. width(token): characters a non-bracket token writes; char_ids
+    (constrained): the input's ids, a token equal to the next one being that character first (a literal bracket in
+    the text), as spans_from_constrained replays it. Brackets pair as data.parse pairs them: a close with the
+    innermost open of its type; an entity written twice keeps its best."""
+    open_type = {open_ids[t]: t for t in TYPES}
+    close_type = {close_ids[t]: t for t in TYPES}
+    pos, stack, found, inside_sum = 0, [], {}, 0.0       # summed log-probs of the non-bracket tokens so far
+    for tok, lp in zip(tokens, positional_scores):
+        if char_ids is not None and pos < len(char_ids) and tok == char_ids[pos]:
+            pos, inside_sum = pos + 1, inside_sum + lp
+        elif tok in open_type:
+            stack.append((open_type[tok], pos, lp - entity_bias, inside_sum))
+        elif tok in close_type:
+            depth = next((d for d in range(len(stack) - 1, -1, -1) if stack[d][0] == close_type[tok]), None)
+            if depth is not None:
+                kind, start, lp_open, inside_before = stack.pop(depth)
+                if start < pos:
+                    key = (start, pos, kind)
+                    within = inside_sum - inside_before if inside else 0.0
+                    found[key] = max(found.get(key, -math.inf), min(0.0, lp_open + within + lp))
+        else:
+            pos, inside_sum = pos + width(tok), inside_sum + lp
+    return found
 
 
 # ----------------------------------------------------------------------------------------------------------

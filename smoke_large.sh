@@ -19,7 +19,7 @@ REF=${REF:-$REPO/../shared/reference}                       # MMSpeech reference
 MS_DIR=${MS_DIR:-$OUT/ms_large}                             # the random-weight ModelScope directory
 CKPT=${CKPT:-$OUT/large.pt}                                 # converted checkpoint (our format)
 RUN=${RUN:-$OUT/run}                                        # train.py --out
-DEMO_DIR=${DEMO_DIR:-${IMAGE_CACHE:-$HOME/.cache/image}/demo-v1-seed0}   # demo corpus (train.py builds it)
+DEMO_DIR=${DEMO_DIR:-${IMAGE_CACHE:-$HOME/.cache/image}/demo-v2-seed0}   # demo corpus (train.py builds it)
 # train.py --dtype: bf16 (the GPU run's autocast) where the CPU computes it natively (AVX512-BF16/AMX); elsewhere
 # torch falls back to a scalar bf16 gemm (measured 68x slower than fp32 on an AVX2 EPYC: one step did not finish in
 # 11 min, fp32 takes 1 min), so fp32 there.

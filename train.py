@@ -553,13 +553,13 @@ class Run:
         with torch.no_grad(), self.autocast:
             found = decode.evaluate_split(self.model, samples, self.featurizer, tasks=self.eval_tasks,
                                           options=options, batch_size=cfg.eval_batch_size, evaluator=cfg.evaluator,
-                                          device=self.device, assets=self.assets)
+                                          device=self.device, assets=self.assets, head_check=True)
         self.model.train()
         if self.device.type == "cuda":  # the search's caches go back to the allocator before training resumes
             torch.cuda.empty_cache()
         other = "official" if cfg.evaluator == "ours" else "ours"
-        scores = {t: {"p": s["p"], "r": s["r"], "f1": s["f1"], f"f1_{other}": s[other]["f1"], "cer": s["cer"]}
-                  for t, s in found.items()}
+        scores = {t: {"p": s["p"], "r": s["r"], "f1": s["f1"], f"f1_{other}": s[other]["f1"], "cer": s["cer"],
+                      **{k: s[k] for k in ("head_per",) if k in s}} for t, s in found.items()}
         record = {"split": split, **scores, "mean_f1": mean_f1(scores), "step": self.step,
                   "epoch": round(self.epoch + self.step_in_epoch / max(1, self.steps_per_epoch), 3),
                   "checkpoint": tag, "minutes": round((time.time() - self.t_start) / 60, 2)}

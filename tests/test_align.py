@@ -86,3 +86,35 @@ def test_frame_to_time_rule():
     assert times[1] == (round((centre(3) + centre(7)) / 2, 4), round((centre(7) + centre(8)) / 2, 4))
     assert times[2][1] == round(centre(10) + 0.02, 4)
     assert align.char_times([(0, 19, 0)], frames=20) == [(0.0225, round(centre(19) + 0.02, 4))]
+
+
+def test_char_log_posteriors_are_the_path_phones_per_character():
+    """Per character: the log-probs of the path's phone labels on the frames the character's phones take (blank
+    frames belong to no character), so the alignment confidence is their geometric mean."""
+    torch.manual_seed(0)
+    log_probs = torch.randn(7, 4).log_softmax(-1)
+    readings = [[(1, 2)], [(3,), (2,)]]
+    graph = align.ReadingGraph.build(readings)
+    (path,), _ = align.viterbi(log_probs[None], torch.tensor([7]), [graph])
+    got = align.char_log_posteriors(graph, path, log_probs)
+    want = [[], []]
+    for t, s in enumerate(path.tolist()):
+        if graph.char[s] >= 0:
+            want[graph.char[s]].append(float(log_probs[t, graph.labels[s]]))
+    assert got == want and all(got) and sum(map(len, got)) <= 7
+    sure = torch.full((7, 4), -20.0)
+    for t, label in enumerate([1, 2, 0, 3, 0, 0, 0]):         # a head certain of 1 2 _ 3: confidence 1
+        sure[t, label] = 0.0
+    (path,), _ = align.viterbi(sure[None], torch.tensor([7]), [graph])
+    assert [math.exp(sum(v) / len(v)) for v in align.char_log_posteriors(graph, path, sure)] == [1.0, 1.0]
+
+
+def test_a_time_offset_shifts_every_time_within_the_audio():
+    """char_times(..., offset_s): every start and end moves by the offset, clipped to [0, the audio the frames see]."""
+    spans = [(0, 0, 0), (3, 4, 0), (9, 9, 0)]
+    plain, later, earlier = (align.char_times(spans, 10, o) for o in (0.0, 0.015, -0.03))
+    end = 9 * align.FRAME_S + align.FRAME_SPAN_S
+    for (s0, e0), (s1, e1), (s2, e2) in zip(plain, later, earlier):
+        assert s1 == pytest.approx(min(end, s0 + 0.015)) and e1 == pytest.approx(min(end, e0 + 0.015))
+        assert s2 == pytest.approx(max(0.0, s0 - 0.03)) and e2 == pytest.approx(max(0.0, e0 - 0.03))
+    assert earlier[0][0] == 0.0 and plain[0][0] > 0

@@ -577,3 +577,17 @@ def test_json_lines_must_be_utf8(tmp_path):
     jsonl.write_bytes('{"text": "甲\u2028乙"}\n{"text" 1}\n'.encode())
     with pytest.raises(data.DataError, match=re.escape(f"{jsonl}:2: not JSON")):
         list(data.json_lines(jsonl))
+
+
+def test_cnerta_lines_may_carry_gold_entity_times(tmp_path):
+    """"entity_times" (one [start_s, end_s] per entity, as the demo corpus writes) reaches Sample.times; a wrong
+    count or a bad pair is an error naming file:line; without the key times is None."""
+    timed = dict(CNERTA_LINES[1], entity_times=[[0.1, 0.5], [0.9, 1.3]])
+    write(tmp_path / "test.json", json.dumps(timed, ensure_ascii=False) + "\n"
+          + json.dumps(CNERTA_LINES[0], ensure_ascii=False) + "\n")
+    a, b = data.load_split("cnerta", tmp_path, "test")
+    assert a.times == [(0.1, 0.5), (0.9, 1.3)] and b.times is None
+    for bad in ([[0.1, 0.5]], [[0.5, 0.1], [0.9, 1.3]], [[0.1, "x"], [0.9, 1.3]], {"a": 1}):
+        write(tmp_path / "test.json", json.dumps(dict(CNERTA_LINES[1], entity_times=bad), ensure_ascii=False) + "\n")
+        with pytest.raises(data.DataError, match=r"test.json:1: .*entity_times.* one \[start_s, end_s\] per entity"):
+            data.load_split("cnerta", tmp_path, "test")

@@ -1159,7 +1159,7 @@ def test_entity_times_come_from_the_aligned_phones(tiny):
     results = [{"text": text, "entities": [{"type": "PER", "start": 0, "end": 2}, {"type": "LOC", "start": 3, "end": 5},
                                            {"type": "ORG", "start": 5, "end": 6}]}]
     rec._add_times(results, logp, torch.tensor([60]))
-    expected = align.char_times(spans, 60)                # the characters with a reading, in order
+    expected = align.char_times(spans, 60, 0.015)         # the characters with a reading, in order (+15 ms)
     per, loc, comma = results[0]["entities"]
     assert (per["start_s"], per["end_s"]) == (expected[0][0], expected[1][1])
     assert (loc["start_s"], loc["end_s"]) == (expected[3][0], expected[4][1])
@@ -1174,15 +1174,17 @@ def test_entity_times_come_from_the_aligned_phones(tiny):
 
 def test_speech_results_carry_entity_times_unless_turned_off(tiny):
     """MNER through the whole Recognizer (an entity bias makes the random model bracket): every entity has a time
-    inside the audio; --timestamps none leaves them out; a bad value is refused."""
+    inside the audio and an alignment confidence in [0, 1]; --timestamps none leaves them out; a bad value is
+    refused."""
     wave, text = noise(1.5, 3), "张三在北京"
     run = lambda **kw: decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=8.0, **kw).recognize(
         texts=[text], waveforms=[wave])[0]
     timed, off = run(), run(timestamps="none")
-    assert timed["entities"] and timed["entities"] == [{**e, "start_s": t["start_s"], "end_s": t["end_s"]}
-                                                       for e, t in zip(off["entities"], timed["entities"])]
+    assert timed["entities"] and timed["entities"] == [
+        {**e, "start_s": t["start_s"], "end_s": t["end_s"], "align_confidence": t["align_confidence"]}
+        for e, t in zip(off["entities"], timed["entities"])]
     for e in timed["entities"]:
-        assert 0 <= e["start_s"] < e["end_s"] <= 1.5 + align.FRAME_SPAN_S
+        assert 0 <= e["start_s"] < e["end_s"] <= 1.5 + align.FRAME_SPAN_S and 0 <= e["align_confidence"] <= 1
     assert all("start_s" not in e for e in off["entities"])
     with pytest.raises(files.InputError, match="timestamps"):
         decode.Recognizer(tiny, device="cpu", timestamps="words")
@@ -1214,7 +1216,7 @@ def test_cli_redacts_the_entities_of_one_recording(tiny_ckpt, tmp_path, capsys):
     out = str(tmp_path / "redacted.wav")
     (res,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "2", "--entity-bias", "8", "--wav",
                       str(tmp_path / "call.wav"), "--text", "张伟在北京大学读书", "--redact", out, "--pad-ms", "50",
-                      "--redact-with", "silence"], capsys)
+                      "--redact-with", "silence", "--min-align-confidence", "0"], capsys)   # random head: unsure
     side = json.loads(Path(out + ".json").read_text(encoding="utf-8"))
     assert res["entities"] and len(side["replaced"]) == len(res["entities"])
     duration = audio.wav_info(out).seconds
@@ -1238,9 +1240,78 @@ def test_redaction_fails_closed_for_an_entity_without_a_time(tmp_path):
     and after its characters, and the sidecar says so."""
     wav = write_wav(tmp_path / "a.wav", noise(2.0, 5))
     res = {"wav": wav, "text": "张三和123和北京", "entities": [
-        {"type": "PER", "text": "张三", "start": 0, "end": 2, "start_s": 0.2, "end_s": 0.5},
-        {"type": "ORG", "text": "123", "start": 3, "end": 6, "start_s": None, "end_s": None},
-        {"type": "LOC", "text": "北京", "start": 7, "end": 9, "start_s": 1.4, "end_s": 1.8}]}
-    decode.redact(res, str(tmp_path / "b.wav"), ["ORG"], "beep", 0.0)
+        {"type": "PER", "text": "张三", "start": 0, "end": 2, "start_s": 0.2, "end_s": 0.5, "align_confidence": 0.9},
+        {"type": "ORG", "text": "123", "start": 3, "end": 6, "start_s": None, "end_s": None, "align_confidence": None},
+        {"type": "LOC", "text": "北京", "start": 7, "end": 9, "start_s": 1.4, "end_s": 1.8, "align_confidence": 0.9}]}
+    audio.redact(res["wav"], res["entities"], str(tmp_path / "b.wav"), ["ORG"], "beep", 0.0)
     (r,) = json.loads((tmp_path / "b.wav.json").read_text(encoding="utf-8"))["replaced"]
-    assert (r["from_s"], r["to_s"]) == (0.5, 1.4) and "fail closed" in r["why"]
+    assert (r["from_s"], r["to_s"]) == (0.5, 1.4) and "no time" in r["why"] and "fail closed" in r["why"]
+
+
+def test_redaction_fails_closed_for_an_entity_aligned_unsurely():
+    """An entity whose alignment confidence is under the threshold takes the stretch between its located
+    neighbours (an unsure neighbour does not count as located); at or above it, its own interval."""
+    ents = [{"type": "PER", "text": "张三", "start": 0, "end": 2, "start_s": 0.2, "end_s": 0.5, "align_confidence": 0.8},
+            {"type": "ORG", "text": "文联", "start": 3, "end": 5, "start_s": 0.7, "end_s": 0.9, "align_confidence": 0.1},
+            {"type": "LOC", "text": "北京", "start": 6, "end": 8, "start_s": 1.0, "end_s": 1.2, "align_confidence": 0.2},
+            {"type": "PER", "text": "李四", "start": 9, "end": 11, "start_s": 1.5, "end_s": 1.8, "align_confidence": 0.3}]
+    plan = audio.redaction_plan(ents, 2.0, ["PER", "ORG", "LOC"], pad_s=0.0, min_align_confidence=0.3)
+    assert [(r["from_s"], r["to_s"]) for r in plan] == [(0.2, 0.5), (0.5, 1.5), (0.5, 1.5), (1.5, 1.8)]
+    assert [r["why"] == "aligned" for r in plan] == [True, False, False, True]
+    assert "alignment confidence 0.1 < 0.3" in plan[1]["why"]
+    everything = audio.redaction_plan(ents, 2.0, ["ORG"], pad_s=0.1, min_align_confidence=0.0)
+    assert [(r["from_s"], r["to_s"], r["why"]) for r in everything] == [(0.6, 1.0, "aligned")]
+
+
+def test_entity_confidence_is_a_probability_ordered_as_the_scores(tiny):
+    """Every entity of every task has a confidence in [0, 1] (exp of the log-probs of its two brackets from the
+    search); a higher temperature raises every one of them in the same order; --min-confidence drops the
+    entities below it and keeps the others unchanged."""
+    rec = decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0)
+    texts = ["张伟在北京大学读书", "李娜去了上海"]
+    base = rec.recognize(texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
+    ents = [e for r in base for e in r["entities"]]
+    assert ents and all(0.0 <= e["confidence"] <= 1.0 for e in ents)
+    warm = decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, confidence_temperature=3.0).recognize(
+        texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
+    warm_ents = [e for r in warm for e in r["entities"]]
+    assert [(e["start"], e["end"], e["type"]) for e in warm_ents] == [(e["start"], e["end"], e["type"]) for e in ents]
+    for a, b in zip(ents, warm_ents):       # both rounded to 4 decimals: b^3 within a's and b's rounding of a
+        a, b = a["confidence"], b["confidence"]
+        assert abs(b ** 3 - a) <= 5e-5 + 3 * b ** 2 * 5e-5 + 1e-7
+    cut = sorted(e["confidence"] for e in ents)[len(ents) // 2]
+    kept = decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, min_confidence=cut).recognize(
+        texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
+    assert [e for r in kept for e in r["entities"]] == [e for e in ents if e["confidence"] >= cut]
+    for bad in (dict(min_confidence=1.5), dict(confidence_temperature=0.0)):
+        with pytest.raises(files.InputError, match="confidence"):
+            decode.Recognizer(tiny, device="cpu", **bad)
+
+
+def test_entity_log_confidence_pairs_brackets_as_the_parser():
+    """log P(open) + log P(each non-bracket token inside) + log P(close) of each entity from the per-token scores
+    (inside=False: the brackets only): nested entities, a close that skips an open of another type (as data.parse
+    pairs it), an entity written twice keeps its best, the opening bias is taken off; constrained, a token equal to
+    the next input character is that character (a literal bracket)."""
+    o, c = {"PER": 90, "LOC": 91, "ORG": 92}, {"PER": 93, "LOC": 94, "ORG": 95}
+    # <(A)B>[[C]] : tokens 10, 11, 12 are characters; C is written as a PER twice
+    tokens = [92, 91, 10, 94, 11, 95, 90, 90, 12, 93, 93]
+    lp = [-0.1, -0.2, 0.0, -0.3, 0.0, -0.4, -1.0, -0.2, 0.0, -0.1, -0.5]
+    found = search.entity_log_confidence(tokens, lp, o, c, lambda t: 1)
+    assert found == pytest.approx({(0, 2, "ORG"): -0.5, (0, 1, "LOC"): -0.5, (2, 3, "PER"): -0.3})
+    crossing = search.entity_log_confidence([90, 10, 91, 11, 93, 94], [-1, 0, -2, 0, -3, -4], o, c, lambda t: 1)
+    assert crossing == {(0, 2, "PER"): -4, (1, 2, "LOC"): -6}
+    biased = search.entity_log_confidence([90, 10, 93], [0.5, 0.0, -0.2], o, c, lambda t: 1, entity_bias=1.0)
+    assert biased == pytest.approx({(0, 1, "PER"): -0.7})
+    # the input "x(y" constrained: the literal '(' (id 91) at position 1 is a character, then PER around y
+    literal = search.entity_log_confidence([10, 91, 90, 11, 93], [0.0, -0.1, -0.2, 0.0, -0.3], o, c, lambda t: 1,
+                                           char_ids=[10, 91, 11])
+    assert literal == pytest.approx({(2, 3, "PER"): -0.5})
+    pieces = search.entity_log_confidence([90, 10, 93, 11], [-0.1, 0.0, -0.1, 0.0], o, c, {10: 3, 11: 1}.get)
+    assert pieces == pytest.approx({(0, 3, "PER"): -0.2})                 # a word piece of 3 characters
+    # [(A)B]: the PER counts its non-bracket tokens A and B, not the LOC's brackets inside it
+    tokens, lp = [90, 91, 10, 94, 11, 93], [-0.1, -0.2, -0.3, -0.4, -0.5, -0.6]
+    assert search.entity_log_confidence(tokens, lp, o, c, lambda t: 1) == pytest.approx(
+        {(0, 2, "PER"): -0.1 - 0.3 - 0.5 - 0.6, (0, 1, "LOC"): -0.2 - 0.3 - 0.4})
+    assert search.entity_log_confidence(tokens, lp, o, c, lambda t: 1, inside=False) == pytest.approx(
+        {(0, 2, "PER"): -0.7, (0, 1, "LOC"): -0.6})

@@ -1,7 +1,9 @@
 """Demo corpus: format, offsets, nesting, splits, determinism, AISHELL wav layout, caching/atomicity, errors."""
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import wave
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
 
-HAVE_TOOLS = shutil.which("espeak-ng") is not None and shutil.which("sox") is not None
+HAVE_TOOLS = shutil.which("espeak-ng") is not None and shutil.which("sox") is not None and demo.espeak_library()
 try:
     import pypinyin  # noqa: F401
 except ImportError:
@@ -144,20 +146,16 @@ def test_missing_espeak_is_a_clear_error(monkeypatch, tmp_path):
 
 @needs_tools
 def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path):
-    calls = []
-
-    def failing(*args):
-        calls.append(args)
-        if len(calls) == 5:
-            raise RuntimeError("simulated crash")
-        return real(*args)
-
-    real = demo.synthesize
-    monkeypatch.setattr(demo, "synthesize", failing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        demo.ensure_demo_corpus(tmp_path / "c", progress=False, workers=1, **SMALL)
-    assert list(tmp_path.iterdir()) == []
-    assert len(calls) < 20  # the pending jobs were cancelled, not run first
+    """A synthesis that fails in a worker process (here a `sox` that exits with 3) stops the build with that error
+    and leaves no folder behind."""
+    fake = tmp_path / "bin" / "sox"
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    with pytest.raises(RuntimeError, match=r"`sox .*` failed \(3\)"):
+        demo.ensure_demo_corpus(tmp_path / "c", progress=False, workers=2, **SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == ["bin"]
 
 
 @needs_tools
@@ -182,3 +180,49 @@ def test_audio_corpus_layout_and_determinism(tmp_path):
     index = read_jsonl(a / "index.jsonl")
     assert len({(r["rate"], r["pitch"]) for r in index}) > 10
     assert all(re.fullmatch(r"([a-z]+[1-5] )*[a-z]+[1-5]", r["pinyin"]) for r in index)
+
+
+@needs_tools
+def test_gold_entity_times_match_the_speech(tmp_path):
+    """Every entity has [start_s, end_s] inside its recording; a nested entity lies inside its parent; an entity
+    that starts (ends) the sentence starts (ends) where the wav's first (last) sample at -40 dB of its peak is, to
+    the resampler's ringing (2 ms); the audio is the espeak-ng command's own, byte for byte."""
+    import numpy as np
+    root = demo.ensure_demo_corpus(tmp_path / "c", seed=1, progress=False, **SMALL)
+    index = {r["id"]: r for r in read_jsonl(root / "index.jsonl")}
+    checked_edges = 0
+    for _, json_name, _ in demo.SPLITS:
+        for line in read_jsonl(root / json_name):
+            meta = index[line["audio"]]
+            x = np.abs(wave_samples(root / meta["wav"]).astype(np.int32))
+            loud = np.flatnonzero(x >= x.max() * 10 ** (demo.SILENCE_DB / 20))
+            duration = len(x) / 16000
+            assert len(line["entity_times"]) == len(line["entity"])
+            for (s, e, _, _), (a, b) in zip(line["entity"], line["entity_times"]):
+                assert 0 <= a < b <= duration
+                if s == 0:
+                    assert abs(a - loud[0] / 16000) < 0.002
+                    checked_edges += 1
+                if e == len(line["sentence"]):
+                    assert abs(b - (loud[-1] + 1) / 16000) < 0.002
+                    checked_edges += 1
+            for (s1, e1, _, _), t1 in zip(line["entity"], line["entity_times"]):
+                for (s2, e2, _, _), t2 in zip(line["entity"], line["entity_times"]):
+                    if s2 <= s1 and e1 <= e2:
+                        assert t2[0] <= t1[0] and t1[1] <= t2[1]
+                    if e1 <= s2:                                   # earlier text, earlier speech
+                        assert t1[1] <= t2[0]
+    assert checked_edges >= 3
+    r = next(iter(index.values()))
+    speech = subprocess.run(["espeak-ng", "-v", r["voice"], "-s", str(r["rate"]), "-p", str(r["pitch"]), "--stdout",
+                             r["pinyin"]], capture_output=True, check=True).stdout
+    cli = subprocess.run(["sox", "-D", "-R", "-t", "wav", "-", "-r", "16000", "-c", "1", "-b", "16", "-e",
+                          "signed-integer", str(tmp_path / "cli.wav"), "gain", "-1", "rate", "16000"], input=speech,
+                         check=True)
+    assert cli.returncode == 0 and (tmp_path / "cli.wav").read_bytes() == (root / r["wav"]).read_bytes()
+
+
+def wave_samples(path):
+    import numpy as np
+    with wave.open(str(path)) as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)

@@ -1,6 +1,7 @@
 """Tests for evaluate.py: our evaluator and the official one, CER, score tables, error breakdown, gazetteer."""
 import io
 import json
+import math
 import sys
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -13,7 +14,7 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 import text  # noqa: E402
 from data import Sample  # noqa: E402
-from test_data import CNERTA, E, need_cnerta, write  # noqa: E402
+from test_data import CNERTA, E, need_cnerta, write, write_wav  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,3 +213,78 @@ def test_malformed_prediction_entities_name_file_and_line(tmp_path, entity):
                     encoding="utf-8")
     with pytest.raises(evaluate.DataError, match=r"p\.jsonl:2: entity .* is not \{type"):
         evaluate.read_predictions(path, "TNER")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# entity times and confidence (#17)
+
+def test_ece_and_auroc_on_hand_counted_cases():
+    """ECE: |accuracy - confidence| per 10 equal-width bins, weighted by share; AUROC: ties count half."""
+    conf, right = [0.95, 0.95, 0.15, 0.15], [1, 0, 0, 0]
+    assert evaluate.expected_calibration_error(conf, right) == pytest.approx(0.5 * 0.45 + 0.5 * 0.15)
+    assert evaluate.expected_calibration_error([1.0, 0.0], [1, 0]) == 0.0          # the ends fall in bins too
+    assert evaluate.auroc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 1.0
+    assert evaluate.auroc([0.9, 0.8, 0.3, 0.1], [0, 0, 1, 1]) == 0.0
+    assert evaluate.auroc([0.5, 0.5, 0.5], [1, 0, 1]) == 0.5
+    assert evaluate.auroc([0.9, 0.4, 0.6, 0.2], [1, 1, 0, 0]) == 0.75
+    assert evaluate.auroc([0.9], [1]) is None
+
+
+def test_a_fitted_temperature_recovers_the_one_that_made_the_data():
+    """Entities right with probability exp(lc / 2): the log-loss fit finds T near 2 and lowers the ECE."""
+    import random
+    rng = random.Random(0)
+    lcs = [-rng.random() * 3 for _ in range(4000)]
+    right = [int(rng.random() < math.exp(lc / 2)) for lc in lcs]
+    t = evaluate.fit_temperature(lcs, right)
+    assert 1.8 < t < 2.2
+    raw = evaluate.expected_calibration_error([math.exp(v) for v in lcs], right)
+    fitted = evaluate.expected_calibration_error([math.exp(v / t) for v in lcs], right)
+    assert fitted < 0.03 < raw
+
+
+def timed_sample(tmp_path, name, entities, times, seconds=2.0):
+    wav = write_wav(tmp_path / f"{name}.wav", seconds)
+    return Sample(name, "张三在北京大学读书", entities, str(wav), times)
+
+
+def test_localization_frame_f1_errors_and_redaction_coverage(tmp_path):
+    """Frame-F1 on 10 ms frames per type, start/end errors of the entities recognised right, and redaction
+    coverage (audio.redaction_plan with pad 0) of those, of every gold entity and of the audio outside them."""
+    gold = timed_sample(tmp_path, "u1", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")],
+                        [(0.10, 0.50), (1.00, 1.40)])
+    ents = [{"type": "PER", "text": "张三", "start": 0, "end": 2, "start_s": 0.12, "end_s": 0.46,
+             "align_confidence": 0.9},
+            {"type": "ORG", "text": "北京", "start": 3, "end": 5, "start_s": 1.00, "end_s": 1.40,
+             "align_confidence": 0.9}]
+    res = {"wav": gold.audio, "entities": ents}
+    out = evaluate.localization("MNER", [(gold, res)])
+    per = out["frame_f1"]["PER"]
+    assert (per["tp"], per["pred"], per["gold"]) == (34, 34, 40)
+    assert out["frame_f1"]["LOC"]["tp"] == 0 and out["frame_f1"]["ORG"]["pred"] == 40
+    assert (out["frame_f1"]["all"]["tp"], out["frame_f1"]["all"]["pred"], out["frame_f1"]["all"]["gold"]) == (34, 74, 80)
+    assert out["errors_ms"]["start"]["n"] == 1 and out["errors_ms"]["start"]["median"] == pytest.approx(20)
+    assert out["errors_ms"]["end_signed"]["median"] == pytest.approx(-40)
+    red = out["redaction"]
+    assert red["right"] == pytest.approx(34 / 40)             # the PER; the LOC was found as an ORG: not right
+    assert red["all"] == pytest.approx(74 / 80)              # the ORG's stretch covers the LOC's audio
+    assert red["outside"] == 0.0
+    shifted = evaluate.localization("MNER", [(gold, res)], offset_s=-0.02)
+    assert shifted["errors_ms"]["start"]["median"] == pytest.approx(0, abs=1e-9)
+    sner = evaluate.localization("SNER", [(gold, {"wav": gold.audio, "entities": [dict(ents[0], start=5, end=7)]})])
+    assert sner["errors_ms"]["start"]["n"] == 1              # SNER: the same (type, text) is right, anywhere
+
+
+def test_calibration_reports_as_written_and_two_fold(tmp_path):
+    """Right/wrong from the gold entities; the temperature fitted on one half is scored on the other."""
+    pairs = []
+    for i in range(8):
+        gold = Sample(f"s{i}", "张三在北京", [data.Entity(0, 2, "PER")])
+        pred = [{"type": "PER", "text": "张三", "start": 0, "end": 2, "confidence": 0.9},
+                {"type": "LOC", "text": "北京", "start": 3, "end": 5, "confidence": 0.6}]
+        pairs.append((gold, {"entities": pred}))
+    out = evaluate.calibration("TNER", pairs)
+    assert out["as_written"]["entities"] == 16 and out["as_written"]["accuracy"] == 0.5
+    assert out["as_written"]["auroc"] == 1.0
+    assert out["as_written"]["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
+    assert len(out["two_fold"]) == 2 and all(f["entities"] == 8 for f in out["two_fold"])
