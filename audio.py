@@ -208,6 +208,12 @@ def _float_to_samples(x, bits, is_float):
 MIN_ALIGN_CONFIDENCE = 0.02
 
 
+def label_track(entities):
+    """An Audacity label track (File > Import > Labels): start<TAB>end<TAB>TYPE text, a line per timed entity."""
+    return "".join(f"{e['start_s']:.3f}\t{e['end_s']:.3f}\t{e['type']} {e['text']}\n"
+                   for e in entities if e.get("start_s") is not None)
+
+
 def redaction_plan(entities, duration, types, pad_s=0.0, min_align_confidence=MIN_ALIGN_CONFIDENCE):
     """What redaction replaces: [{type, text, from_s, to_s, why}] for each entity of `types` (decode.py's entity
     dicts: type, text, start, end, start_s, end_s, align_confidence). Fail closed: an entity without a time, or

@@ -345,19 +345,19 @@ class Recognizer:
         return heard
 
     def _finish_confidence(self, results, task):
-        """Each entity's confidence in [0, 1], exp(log-confidence / T) (None when the search gave no per-token
-        scores: a hypothesis cut off at max_len); SNER: times its align_confidence where it has one (the joint CTC
-        scores of its characters are no probabilities; the head's posteriors of its phones say whether it was
-        heard). Then --min-confidence drops those below."""
+        """confidence = exp(log-confidence / T) (6 decimals; None without per-token scores, a hypothesis cut at
+        max_len). SNER: its brackets times its align_confidence (its characters' joint CTC scores are no
+        probabilities), None without one. Entities below --min-confidence move to "below_min_confidence"."""
         for res in results:
             for e in res.get("entities", []):
-                lc = e.pop("log_confidence")
-                if lc is not None and task == "SNER" and e.get("align_confidence") is not None:
-                    lc += math.log(max(e["align_confidence"], 1e-6))
-                e["confidence"] = None if lc is None else round(math.exp(lc / self.options.confidence_temperature), 4)
-            if "entities" in res:
-                res["entities"] = [e for e in res["entities"]
-                                   if e["confidence"] is None or e["confidence"] >= self.options.min_confidence]
+                lc, a = e.pop("log_confidence"), e.get("align_confidence")
+                lc = None if lc is None or (task == "SNER" and a is None) else \
+                    lc + (math.log(max(a, 1e-9)) if task == "SNER" else 0.0)
+                e["confidence"] = None if lc is None else round(math.exp(lc / self.options.confidence_temperature), 6)
+            below = [e for e in res.get("entities", []) if e["confidence"] is not None
+                     and e["confidence"] < self.options.min_confidence]
+            if below:
+                res["entities"], res["below_min_confidence"] = [e for e in res["entities"] if e not in below], below
 
     # -- public ---------------------------------------------------------------------------------------------
 
@@ -566,8 +566,7 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "constrain": "--no-constrain", "pool_chars": "--char-score", "entity_bias": "--entity-bias",
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
                 "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
-                "confidence_temperature": "--confidence-temperature",
-                "modelscope_padding": "--modelscope-padding"}
+                "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding"}
 
 
 def get_args(argv=None):
@@ -638,8 +637,9 @@ def get_args(argv=None):
       "less surely than this (its align_confidence) replaces the whole stretch between its located neighbours "
       f"(fail closed; default {audio.MIN_ALIGN_CONFIDENCE})")
     a("--min-confidence", type=float, default=0.0, help="drop entities whose confidence is below this (default 0: "
-      "keep all). Confidence: the probability of writing the entity as it stands (its brackets there and no "
-      "bracket inside; SNER: its brackets times its align_confidence), to the power 1 / --confidence-temperature")
+      "keep all; they are listed as below_min_confidence, and --redact still replaces them). Confidence: the "
+      "probability of writing the entity as it stands (its brackets there and no bracket inside; SNER: its brackets "
+      "times its align_confidence), to the power 1 / --confidence-temperature")
     a("--confidence-temperature", type=float, default=1.0, help="entity confidence = exp(log-confidence / T); fit "
       "T on dev predictions with `python evaluate.py confidence` (default 1)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -729,16 +729,11 @@ def _main(args):
                 for i in range(len(args.text or args.wav))]
     results = rec.run(reqs, batch_size=args.batch_size, progress=progress, task=args.task[0] if args.task else None)
     if args.redact is not None:
-        audio.redact(results[0]["wav"], results[0]["entities"], args.redact, args.redact_types, args.redact_with,
-                     args.pad_ms, args.min_align_confidence)
+        res = results[0]                        # entities under --min-confidence are replaced all the same
+        audio.redact(res["wav"], res["entities"] + res.get("below_min_confidence", []), args.redact,
+                     args.redact_types, args.redact_with, args.pad_ms, args.min_align_confidence)
     _emit(args, results)
     print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
-
-
-def label_track(res):
-    """An Audacity label track of one result: a line per entity with a time, start<TAB>end<TAB>TYPE text."""
-    return "".join(f"{e['start_s']:.3f}\t{e['end_s']:.3f}\t{e['type']} {e['text']}\n"
-                   for e in res.get("entities", []) if e.get("start_s") is not None)
 
 
 def _emit(args, results):
@@ -747,7 +742,7 @@ def _emit(args, results):
         names = [os.path.splitext(os.path.basename(r["wav"]))[0] for r in speech]
         for res, name in zip(speech, names):
             name = name if names.count(name) == 1 else f"{name}.{res['id']}"   # the same file name twice: by id
-            files.write_atomic(os.path.join(args.labels, name + ".txt"), label_track(res))
+            files.write_atomic(os.path.join(args.labels, name + ".txt"), audio.label_track(res.get("entities", [])))
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.out:
         files.write_atomic(args.out, lines)

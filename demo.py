@@ -405,6 +405,8 @@ class Espeak:
         self.lib = ctypes.CDLL(path)
         self.lib.espeak_Info.restype = ctypes.c_char_p
         self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        self.lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
+                                          ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         self.sample_rate = self.lib.espeak_Initialize(self.SYNCHRONOUS, 0, None, 0)
         if self.sample_rate <= 0:
             raise RuntimeError(f"demo: espeak_Initialize failed ({self.sample_rate}) with {path}")
@@ -428,21 +430,32 @@ class Espeak:
     def speak(self, text, voice, rate, pitch):
         """-> (16-bit mono PCM bytes at self.sample_rate, [sample where each space-separated word starts])."""
         read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:                                            # child: speak once, send the result, exit at once
+        try:
+            pid = os.fork()
+        except OSError:
             os.close(read_end)
+            os.close(write_end)
+            raise
+        if pid == 0:                              # child: speak once, send the result, never return into the caller
             try:
-                result = ("ok", self._speak_here(text, voice, rate, pitch))
-            except BaseException as e:                          # noqa: BLE001 (reported to the parent)
-                result = ("error", str(e))
-            with os.fdopen(write_end, "wb") as f:
-                pickle.dump(result, f)
-            os._exit(0)
+                os.close(read_end)
+                try:
+                    result = ("ok", self._speak_here(text, voice, rate, pitch))
+                except Exception as e:            # noqa: BLE001 (reported to the parent)
+                    result = ("error", str(e))
+                with os.fdopen(write_end, "wb") as f:
+                    pickle.dump(result, f)
+            finally:
+                os._exit(0)
         os.close(write_end)
-        with os.fdopen(read_end, "rb") as f:
-            data = f.read()
-        os.waitpid(pid, 0)
-        status, result = pickle.loads(data) if data else ("error", f"espeak-ng died on {text!r}")
+        try:
+            with os.fdopen(read_end, "rb") as f:
+                data = f.read()
+        finally:
+            _, wait_status = os.waitpid(pid, 0)
+        if not os.WIFEXITED(wait_status) or os.WEXITSTATUS(wait_status) != 0 or not data:
+            raise RuntimeError(f"demo: the espeak-ng child died (wait status {wait_status}) on {text!r} ({voice})")
+        status, result = pickle.loads(data)
         if status != "ok":
             raise RuntimeError(result)
         return result
@@ -498,8 +511,12 @@ def synthesize(pinyin, variant, rate, pitch, path):
     conv = subprocess.run(cmd, input=pcm, capture_output=True)
     if conv.returncode != 0:
         raise RuntimeError(f"demo: `{' '.join(cmd)}` failed ({conv.returncode}): {conv.stderr.decode()}")
+    try:
+        bounds = speech_bounds(pcm, words, espeak.sample_rate)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e} ({pinyin!r}, {path})") from None
     with wave.open(str(path)) as w:
-        return w.getnframes(), speech_bounds(pcm, words, espeak.sample_rate)
+        return w.getnframes(), bounds
 
 
 # ---------------------------------------------------------------------------------------------------------------

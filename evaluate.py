@@ -14,7 +14,7 @@ to the gold text over the gold characters. The analyses break predictions down b
 kind of error, and score a gazetteer baseline.
 
 Sections: 1 scorers and score tables | 2 analyses (error breakdown, gazetteer baseline) | 3 corpus statistics |
-5 entity times and confidence (localization, redaction coverage, calibration) | 4 command line.
+4 entity times and confidence (localization, redaction coverage, calibration) | 5 command line.
 Nothing here runs a model: decode.py does, and calls these.
 """
 from __future__ import annotations
@@ -400,20 +400,18 @@ def stats(dataset, data_dir, split, audio_dir=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Command line
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Entities in time and confidence (#17): localization against gold times, redaction coverage, calibration
+# 4. Entities in time and confidence (#17): localization against gold times, redaction coverage, calibration
 
 FRAME_S = 0.010     # frame-F1 frames (SLUE's named-entity localization: 10 ms)
 
 
 def _frames(intervals) -> set[int]:
-    """The 10 ms frames whose centre lies inside any (start_s, end_s) interval."""
+    """The 10 ms frames whose centre lies inside any [start_s, end_s) interval (in 0.1 ms integers: a boundary on
+    a centre is decided exactly, not by float rounding)."""
     out = set()
     for a, b in intervals:
-        out.update(range(math.ceil(a / FRAME_S - 0.5), math.ceil(b / FRAME_S - 0.5)))
+        a, b = round(a * 10000), round(b * 10000)                  # 0.1 ms; frame k's centre: 100 k + 50
+        out.update(range(-((50 - a) // 100), -((50 - b) // 100)))
     return out
 
 
@@ -452,8 +450,8 @@ def _quantiles(values) -> dict:
 
 def localization(task, pairs, offset_s=0.0, pad_s=0.0, min_align_confidence=audio.MIN_ALIGN_CONFIDENCE) -> dict:
     """pairs: (gold Sample with times, decode.py result with entity times). -> frame P/R/F1 (percent; overall and
-    per type), start/end errors in ms of the entities recognised right (|error| quantiles; signed: the offset
-    to fit on dev), redaction coverage (audio.redaction_plan, all types): of the entities recognised right (type
+    per type), start/end errors in ms of the entities recognised right (|error| quantiles; signed: predicted -
+    gold), redaction coverage (audio.redaction_plan, all types): of the entities recognised right (type
     and overlapping span), of every gold entity, and of the audio outside every entity. offset_s shifts every
     predicted time (a constant fitted on dev)."""
     tp, n_pred, n_gold = collections.Counter(), collections.Counter(), collections.Counter()
@@ -581,7 +579,16 @@ def prediction_pairs(predictions, dataset, data_dir, split, task, need_times=Fal
         raise DataError(f"{predictions}: {len(missing)} {task} ids not in {dataset} {split}, e.g. {missing[0]!r}")
     if need_times and any(golds[i].times is None for i in records):
         raise DataError(f"{dataset} {split} records no gold entity times (\"entity_times\"; the demo corpus has them)")
+    untimed = [i for i, r in records.items() if need_times and (not r.get("wav") or any(
+        e.get("start_s") is None and "align_confidence" not in e for e in r["entities"]))]
+    if untimed:
+        raise DataError(f"{predictions}: record {untimed[0]!r} has no wav or no entity times (decode.py with "
+                        "--timestamps entities)")
     return [(golds[i], records[i]) for i in sorted(records)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Command line
 
 
 def main(argv=None):
@@ -633,8 +640,8 @@ def main(argv=None):
         q.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
         q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
-    tm.add_argument("--offset-ms", type=float, default=0.0, help="add this to every predicted time (a constant "
-                    "fitted on dev: the median signed error there; default 0)")
+    tm.add_argument("--offset-ms", type=float, default=0.0, help="add this to every predicted time, to try a "
+                    "constant offset on dev (decode.py --time-offset-ms is already in the times; default 0)")
     tm.add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around each entity (default 0)")
     tm.add_argument("--min-align-confidence", type=float, default=audio.MIN_ALIGN_CONFIDENCE,
                     help=f"redaction fails closed below this (default {audio.MIN_ALIGN_CONFIDENCE}, as decode.py)")

@@ -1248,6 +1248,19 @@ def test_redaction_fails_closed_for_an_entity_without_a_time(tmp_path):
     assert (r["from_s"], r["to_s"]) == (0.5, 1.4) and "no time" in r["why"] and "fail closed" in r["why"]
 
 
+def test_redaction_replaces_entities_under_min_confidence_too(tiny_ckpt, tmp_path, capsys):
+    """--min-confidence keeps an unsure entity out of the entity list, not out of the redaction (fail closed)."""
+    shutil.copy(WAVS[0], tmp_path / "call.wav")
+    out = str(tmp_path / "redacted.wav")
+    (res,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "2", "--entity-bias", "8", "--wav",
+                      str(tmp_path / "call.wav"), "--text", "张伟在北京大学读书", "--redact", out,
+                      "--min-align-confidence", "0", "--min-confidence", "1"], capsys)
+    side = json.loads(Path(out + ".json").read_text(encoding="utf-8"))
+    assert res["entities"] == [] and res["below_min_confidence"]
+    assert [(r["type"], r["text"]) for r in side["replaced"]] == [(e["type"], e["text"])
+                                                                  for e in res["below_min_confidence"]]
+
+
 def test_redaction_fails_closed_for_an_entity_aligned_unsurely():
     """An entity whose alignment confidence is under the threshold takes the stretch between its located
     neighbours (an unsure neighbour does not count as located); at or above it, its own interval."""
@@ -1264,9 +1277,9 @@ def test_redaction_fails_closed_for_an_entity_aligned_unsurely():
 
 
 def test_entity_confidence_is_a_probability_ordered_as_the_scores(tiny):
-    """Every entity of every task has a confidence in [0, 1] (exp of the log-probs of its two brackets from the
-    search); a higher temperature raises every one of them in the same order; --min-confidence drops the
-    entities below it and keeps the others unchanged."""
+    """Every MNER entity has a confidence in [0, 1] (the probability of its brackets there and of no bracket at its
+    characters, from the search); a higher temperature raises every one of them in the same order;
+    --min-confidence moves the entities below it to below_min_confidence and keeps the others unchanged."""
     rec = decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0)
     texts = ["张伟在北京大学读书", "李娜去了上海"]
     base = rec.recognize(texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
@@ -1283,6 +1296,8 @@ def test_entity_confidence_is_a_probability_ordered_as_the_scores(tiny):
     kept = decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, min_confidence=cut).recognize(
         texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
     assert [e for r in kept for e in r["entities"]] == [e for e in ents if e["confidence"] >= cut]
+    assert [e for r in kept for e in r.get("below_min_confidence", [])] == [e for e in ents if e["confidence"] < cut]
+    assert any(e["confidence"] < cut for e in ents)
     for bad in (dict(min_confidence=1.5), dict(confidence_temperature=0.0)):
         with pytest.raises(files.InputError, match="confidence"):
             decode.Recognizer(tiny, device="cpu", **bad)

@@ -288,3 +288,26 @@ def test_calibration_reports_as_written_and_two_fold(tmp_path):
     assert out["as_written"]["auroc"] == 1.0
     assert out["as_written"]["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
     assert len(out["two_fold"]) == 2 and all(f["entities"] == 8 for f in out["two_fold"])
+
+
+def test_frames_decide_a_boundary_on_a_centre_exactly():
+    """[start, end): a frame whose centre is the start is in, one whose centre is the end is out, whatever float
+    rounding does to 0.135 / 0.01."""
+    assert sorted(evaluate._frames([(0.135, 0.155)])) == [13, 14]
+    assert sorted(evaluate._frames([(0.1, 0.13)])) == [10, 11, 12] and evaluate._frames([(0.2, 0.2)]) == set()
+
+
+def test_times_refuses_predictions_without_times(tmp_path):
+    """evaluate.py times: a split without gold times, or records decoded with --timestamps none, are refused
+    naming what is missing."""
+    gold = {"sentence": "张三在北京", "audio": "u1", "entity": [[0, 2, "张三", "PER"]], "entity_times": [[0.1, 0.4]]}
+    write(tmp_path / "valid.json", json.dumps(gold, ensure_ascii=False) + "\n")
+    rec = {"id": "u1", "task": "MNER", "wav": "u1.wav", "output": "[张三]在北京", "text": "张三在北京",
+           "entities": [{"type": "PER", "text": "张三", "start": 0, "end": 2, "confidence": 0.9}]}
+    write(tmp_path / "p.jsonl", json.dumps(rec, ensure_ascii=False) + "\n")
+    with pytest.raises(data.DataError, match="'u1' has no wav or no entity times"):
+        evaluate.prediction_pairs(tmp_path / "p.jsonl", "cnerta", tmp_path, "dev", "MNER", need_times=True)
+    write(tmp_path / "valid.json", json.dumps({k: v for k, v in gold.items() if k != "entity_times"},
+                                              ensure_ascii=False) + "\n")
+    with pytest.raises(data.DataError, match="no gold entity times"):
+        evaluate.prediction_pairs(tmp_path / "p.jsonl", "cnerta", tmp_path, "dev", "MNER", need_times=True)
