@@ -594,8 +594,8 @@ def get_args(argv=None):
     a("--timestamps", choices=TIMESTAMPS, default="entities", help="SNER/MNER: entity times (start_s, end_s) from a "
       "forced alignment of the text against the phone CTC head (default entities); chars: every character's too "
       "(char_times); none: off")
-    a("--time-offset-ms", type=float, default=15.0, help="add this to every time (default 15: the constant fitted on "
-      "the demo corpus's dev split, align.py)")
+    a("--time-offset-ms", type=float, default=-10.0, help="add this to every time (default -10: the constant fitted "
+      "on the demo corpus's dev split, align.py)")
     a("--no-constrain", action="store_true", help="TNER/MNER: free generation instead of the input text + brackets")
     a("--ctc-weight", type=float, default=None, help="SNER: joint CTC/attention decoding, score = decoder log-prob + "
       "W x CTC log-prob of the characters' phones (MMSpeech's phone CTC head); default: the checkpoint's (0.5 for "

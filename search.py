@@ -66,7 +66,7 @@ class DecodeOptions:
     nbest: int = 1                              # results also list the best nbest hypotheses (at most beam)
     timestamps: str = "entities"                # SNER/MNER: times from the phone CTC head (align.py): entities,
                                                 # chars (every character's too) or none
-    time_offset_ms: float = 15.0                # added to every time (align.char_times; fitted on demo dev)
+    time_offset_ms: float = -10.0               # added to every time (align.char_times; fitted on demo dev)
     confidence_temperature: float = 1.0         # entity confidence = exp(log-confidence / T) (entity_log_confidence)
     min_confidence: float = 0.0                 # results drop entities whose confidence is below
     # inputs

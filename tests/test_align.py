@@ -78,13 +78,14 @@ def test_bad_readings_are_refused():
 
 
 def test_frame_to_time_rule():
-    """Frame f is centred at 40 f + 42.5 ms; blank runs split at their middle; outer ends half a frame out."""
+    """Frame f is centred at 40 f + 42.5 ms; a character starts half a frame before its first frame's centre and
+    ends where the next starts (the blank run after its spikes is its own); the last ends half a frame out."""
     spans = [(2, 3, 0), (7, 7, 0), (8, 10, 1)]
     times = align.char_times(spans, frames=20)
     centre = lambda f: 0.04 * f + 0.0425
-    assert times[0] == (round(centre(2) - 0.02, 4), round((centre(3) + centre(7)) / 2, 4))
-    assert times[1] == (round((centre(3) + centre(7)) / 2, 4), round((centre(7) + centre(8)) / 2, 4))
-    assert times[2][1] == round(centre(10) + 0.02, 4)
+    assert times[0] == (round(centre(2) - 0.02, 4), round(centre(7) - 0.02, 4))
+    assert times[1] == (round(centre(7) - 0.02, 4), round(centre(8) - 0.02, 4))
+    assert times[2] == (round(centre(8) - 0.02, 4), round(centre(10) + 0.02, 4))
     assert align.char_times([(0, 19, 0)], frames=20) == [(0.0225, round(centre(19) + 0.02, 4))]
 
 

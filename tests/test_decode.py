@@ -1159,7 +1159,7 @@ def test_entity_times_come_from_the_aligned_phones(tiny):
     results = [{"text": text, "entities": [{"type": "PER", "start": 0, "end": 2}, {"type": "LOC", "start": 3, "end": 5},
                                            {"type": "ORG", "start": 5, "end": 6}]}]
     rec._add_times(results, logp, torch.tensor([60]))
-    expected = align.char_times(spans, 60, 0.015)         # the characters with a reading, in order (+15 ms)
+    expected = align.char_times(spans, 60, -0.01)         # the characters with a reading, in order (-10 ms)
     per, loc, comma = results[0]["entities"]
     assert (per["start_s"], per["end_s"]) == (expected[0][0], expected[1][1])
     assert (loc["start_s"], loc["end_s"]) == (expected[3][0], expected[4][1])
