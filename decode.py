@@ -254,17 +254,14 @@ class Recognizer:
         for row, (res, rs, graph, path, score, n) in enumerate(zip(results, readings, graphs, paths, scores.tolist(),
                                                                     frames.tolist())):
             said = [i for i, r in enumerate(rs) if r]            # characters in the alignment, in order
-            times = [None] * len(rs)
+            times, posteriors = [None] * len(rs), [[] for _ in rs]   # per character: (start_s, end_s), phone log-probs
             if said and score > -float("inf"):
                 offset_s = self.options.time_offset_ms / 1000
-                for i, t in zip(said, align.char_times(graph.char_frames(path), n, offset_s)):
-                    times[i] = t
+                for i, t, lps in zip(said, align.char_times(graph.char_frames(path), n, offset_s),
+                                     align.char_log_posteriors(graph, path, logp[row])):
+                    times[i], posteriors[i] = t, lps
             elif said:
                 res.setdefault("warnings", []).append("the text has more phones than the audio has frames: no times")
-            posteriors = [[] for _ in rs]                        # per character: its phones' log-probs
-            if said and score > -float("inf"):
-                for i, lps in zip(said, align.char_log_posteriors(graph, path, logp[row])):
-                    posteriors[i] = lps
             for e in res["entities"]:
                 inside = [times[i] for i in range(e["start"] or 0, e["end"] or 0) if times[i] is not None]
                 e["start_s"], e["end_s"] = (inside[0][0], inside[-1][1]) if inside else (None, None)
