@@ -271,12 +271,21 @@ def redact_wav(src, dst, intervals, fill="beep"):
         else:
             merged.append((a, b))
     for a, b in merged:
-        t = np.arange(a, b) / info.sample_rate
-        wave = BEEP_LEVEL * np.sin(2 * np.pi * BEEP_HZ * t) if fill == "beep" else np.zeros(b - a)
-        frames = _float_to_samples(np.repeat(wave, info.channels), info.bits, info.is_float)   # interleaved
+        frames = _float_to_samples(np.repeat(fill_wave(a, b, info.sample_rate, fill), info.channels), info.bits,
+                                   info.is_float)   # interleaved
         raw[info.data_offset + a * block: info.data_offset + b * block] = frames
     write_atomic(dst, bytes(raw))
     return merged
+
+
+def fill_wave(first, end, sample_rate, fill="beep"):
+    """What redaction writes over samples [first, end) of a recording at sample_rate: float64 (end - first,), a
+    beep in phase with the recording's clock, or silence."""
+    if fill not in REDACT_FILLS:
+        raise ValueError(f"fill must be one of {', '.join(REDACT_FILLS)}, got {fill!r}")
+    if fill == "silence":
+        return np.zeros(end - first)
+    return BEEP_LEVEL * np.sin(2 * np.pi * BEEP_HZ * np.arange(first, end) / sample_rate)
 
 
 def is_silent(samples):

@@ -508,14 +508,16 @@ class Featurizer:
             self._pseudo = _pseudo_speech_features(self.cmvn).float().contiguous()
         return self._pseudo
 
-    def inputs(self, sample: Sample, task: str, speed: float = 1.0) -> dict:
-        """The row of a corpus sample under task (training): its target is the bracketed sentence + EOS."""
+    def inputs(self, sample: Sample, task: str, speed: float = 1.0, wave=None) -> dict:
+        """The row of a corpus sample under task (training): its target is the bracketed sentence + EOS. wave: float
+        (N,) at 16 kHz heard instead of the sample's audio file (an augmented waveform: not cached)."""
         if task not in TASKS + (NEITHER,):
             raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)} (or {NEITHER})")
         has_speech = task in ("SNER", "MNER")
         if has_speech and sample.audio is None:
             raise ValueError(f"{task} needs audio, but sample {sample.id} has none")
-        fbank = self.speech(sample.audio, speed) if has_speech else None
+        fbank = None if not has_speech else self.speech(sample.audio, speed) if wave is None else \
+            audio.speech_features(wave, cmvn=self.cmvn, speed=speed).float().contiguous()
         target = self.target(sample) if task != NEITHER else [UNK] * self.neither_len + [EOS]
         return self.row(task, fbank, sample.text, target)
 
@@ -570,69 +572,35 @@ def collate(items: list[dict]) -> dict:
 PSEUDO_FRAMES = audio.num_fbank_frames(PSEUDO_SPEECH_SAMPLES)
 
 
-class EntitySwap:
-    """Mention replacement for text-only training rows (Dai & Adel 2020, "An Analysis of Simple Data Augmentation
-    for Named Entity Recognition"): each flat entity (one that overlaps no other entity of its sentence) is, with
-    probability p, replaced by a flat mention of the same type drawn from the training samples. Offsets after it
-    shift; the audio is dropped, since the text no longer matches it. Deterministic in (seed, key): a resumed run
-    redraws the same sentences."""
-
-    def __init__(self, samples, p: float, seed: int = 0):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"entity swap probability must be in [0, 1], got {p}")
-        self.p, self.seed = p, seed
-        pool = collections.defaultdict(set)
-        for s in samples:
-            for e in self.flat(s.entities):
-                pool[e.type].add(s.text[e.start:e.end])
-        self.pool = {t: sorted(m) for t, m in pool.items()}  # sorted: the draws do not depend on set order
-
-    @staticmethod
-    def flat(entities) -> list[Entity]:
-        return [e for e in entities if not any(o != e and o.start < e.end and e.start < o.end for o in entities)]
-
-    def __call__(self, sample: Sample, key) -> Sample:
-        rng = random.Random(f"{self.seed}:{key}")
-        swaps = {e: rng.choice(self.pool[e.type]) for e in self.flat(sample.entities) if rng.random() < self.p}
-        if not swaps:
-            return sample
-        text, moved, shift, last = [], {}, 0, 0  # moved: old entity -> new entity
-        for e in sorted(set(sample.entities), key=lambda e: (e.start, -e.end)):  # a listed-twice entity moves once
-            if e in swaps:  # flat: nothing else starts inside it, so the text before it is final
-                text += [sample.text[last:e.start], swaps[e]]
-                moved[e] = Entity(e.start + shift, e.start + shift + len(swaps[e]), e.type)
-                shift += len(swaps[e]) - (e.end - e.start)
-                last = e.end
-            else:
-                moved[e] = Entity(e.start + shift, e.end + shift, e.type)
-        text.append(sample.text[last:])
-        return Sample(sample.id, "".join(text), [moved[e] for e in sample.entities], None)  # file order kept
-
-
 class BatchBuilder(torch.utils.data.Dataset):
     """Collated batch of one plan entry (epoch, [(sample index, task, speed), ...]) of a Loader.
 
     Built per entry, not per sample, so a resumed run skips finished batches without computing their features.
     With ctc_classes > 0 the batch also has CTC phone targets: ctc_phones (B, P) padded with PAD, ctc_lengths (B,),
-    0 for rows without real speech. With entity_swap (an EntitySwap) TNER rows get their entities replaced, drawn
-    afresh for every (epoch, sample)."""
+    0 for rows without real speech. With entity_swap (augment.EntitySwap) TNER rows get their entities replaced, with
+    entity_gap (augment.EntityGap) SNER rows some entities bleeped out, drawn afresh for every (epoch, sample)."""
 
-    def __init__(self, samples, featurizer, ctc_classes=0, entity_swap=None):
+    def __init__(self, samples, featurizer, ctc_classes=0, entity_swap=None, entity_gap=None):
         self.samples, self.featurizer, self.ctc_classes = samples, featurizer, ctc_classes
-        self.entity_swap = entity_swap
+        self.entity_swap, self.entity_gap = entity_swap, entity_gap
 
     def sample(self, epoch, i, task):
-        if self.entity_swap is None or task != "TNER":
-            return self.samples[i]
-        return self.entity_swap(self.samples[i], f"{epoch}:{i}")
+        """-> (the row's Sample, its waveform or None = the sample's own audio file)."""
+        if self.entity_swap is not None and task == "TNER":
+            return self.entity_swap(self.samples[i], f"{epoch}:{i}"), None
+        if self.entity_gap is not None and task == "SNER":
+            return self.entity_gap(self.samples[i], f"{epoch}:{i}") or (self.samples[i], None)
+        return self.samples[i], None
 
     def __getitem__(self, entry):
         epoch, rows = entry
-        batch = collate([self.featurizer.inputs(self.sample(epoch, i, task), task, speed) for i, task, speed in rows])
+        drawn = [self.sample(epoch, i, task) for i, task, _ in rows]
+        batch = collate([self.featurizer.inputs(sample, task, speed, wave)
+                         for (sample, wave), (_, task, speed) in zip(drawn, rows)])
         if self.ctc_classes:
             # CTC class = phone id - 3 (class 0 = phone row 3 = blank); other phone ids have no class
-            targets = [self.featurizer.text(self.samples[i].text)[0] - 3 if task in ("SNER", "MNER")
-                       else torch.zeros(0, dtype=torch.long) for i, task, _ in rows]
+            targets = [self.featurizer.text(sample.text)[0] - 3 if task in ("SNER", "MNER")
+                       else torch.zeros(0, dtype=torch.long) for (sample, _), (_, task, _) in zip(drawn, rows)]
             targets = [t[(t >= 1) & (t < self.ctc_classes)] for t in targets]
             batch["ctc_lengths"] = torch.tensor([len(t) for t in targets])  # (B,)
             batch["ctc_phones"] = torch.full((len(rows), max(1, max(map(len, targets)))), PAD, dtype=torch.long)
@@ -657,7 +625,7 @@ class Loader:
     def __init__(self, samples, featurizer: Featurizer, batch_size: int, train: bool, task_mix: str = "uniform",
                  tasks=TASKS, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  speeds=(0.9, 1.0, 1.1), bucket_pool: int = 100, ctc_classes: int = 0,
-                 entity_swap: EntitySwap | None = None, grad_accum: int = 1, max_frames: int = 0,
+                 entity_swap=None, entity_gap=None, grad_accum: int = 1, max_frames: int = 0,
                  pin_memory: bool = False):
         bad = [t for t in tasks if t not in TASKS]
         if bad or not tasks:
@@ -677,7 +645,7 @@ class Loader:
         self.bucket_pool, self.epoch, self._plan = bucket_pool, 0, None
         self.target_len = [len(linearize(s.text, s.entities)) + 1 for s in samples]
         self.wav_samples = [audio.wav_info(s.audio).samples_16k if s.audio else 0 for s in samples]
-        self.builder = BatchBuilder(samples, featurizer, ctc_classes, entity_swap)
+        self.builder = BatchBuilder(samples, featurizer, ctc_classes, entity_swap, entity_gap)
         # the sampler: the micro-batches of the epoch being iterated, refilled in place by batches(), so that one
         # DataLoader serves every epoch and persistent workers keep their feature caches
         self._entries = []

@@ -45,6 +45,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import augment
 import cost
 import data
 import decode
@@ -67,7 +68,7 @@ PAPER = dict(tasks="TNER,SNER,MNER", lr=1e-5, epochs=50, batch_size=12, warmup=0
 OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAGE4IMNER train.py
 DEMO = dict(preset="tiny", model="subsample_channels=16", tasks="TNER,SNER,SNER,MNER", dropout=0.0, lr=2e-3,
             epochs=14, batch_size=16, warmup=200, schedule="linear", ctc_weight=0.5, speeds="1.0", beam=5,
-            eval_every="0", eval_limit=100, eval_test=True, max_minutes=13.0, dtype="fp32")
+            eval_every="0", eval_limit=100, eval_test=True, max_minutes=13.0, dtype="fp32", entity_gap=0.2)
 RECIPES = {"paper": PAPER, "official": OFFICIAL, "demo": DEMO}
 
 
@@ -99,7 +100,10 @@ class TrainConfig:
     speeds: tuple = setting(help="speed perturbation factors of real training speech, comma-separated (default "
         "0.9,1.0,1.1; demo 1.0)")
     entity_swap: float = setting(0.0, type=float, help="probability that an entity of a text-only (TNER) training "
-        "row is replaced by a training mention of the same type (data.EntitySwap; flat entities only; 0 = off)")
+        "row is replaced by a training mention of the same type (augment.EntitySwap; flat entities only; 0 = off)")
+    entity_gap: float = setting(0.0, type=float, help="probability that a speech-only (SNER) training row of a corpus "
+        "with gold entity times has entities bleeped or silenced in its audio and dropped from its target, so that "
+        "redacted recordings decode cleanly (augment.EntityGap; 0 = off; demo 0.2)")
     feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
         "runs; auto = $XDG_CACHE_HOME/image/fbank (~/.cache/image/fbank) on a GPU (features are not recomputed "
         "every epoch), none on a CPU; 'none' = off")
@@ -199,8 +203,9 @@ def get_args(argv=None) -> TrainConfig:
                            if key not in given and value != PAPER.get(key)}
     if s.get("greedy"):
         s["beam"] = 1
-    if not 0.0 <= s.get("entity_swap", 0.0) <= 1.0:
-        p.error(f"--entity-swap must be a probability in [0, 1] (got {s['entity_swap']})")
+    for name in ("entity_swap", "entity_gap"):
+        if not 0.0 <= s.get(name, 0.0) <= 1.0:
+            p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1] (got {s[name]})")
     if s.get("decode_ctc_weight") is not None and s["decode_ctc_weight"] < 0:
         p.error(f"--decode-ctc-weight must be >= 0 (got {s['decode_ctc_weight']})")
     # checks that argparse cannot do
@@ -686,7 +691,8 @@ def train(cfg):
         train_samples, featurizer, cfg.batch_size, train=True, task_mix=cfg.mix, tasks=train_tasks, seed=cfg.seed,
         num_workers=workers, rank=rank, world_size=world, speeds=cfg.speeds, grad_accum=cfg.grad_accum,
         pin_memory=device.type == "cuda", ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
-        entity_swap=data.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None)
+        entity_swap=augment.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None,
+        entity_gap=augment.EntityGap(cfg.entity_gap, cfg.seed) if cfg.entity_gap else None)
     if cfg.max_frames == "auto":
         rows = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)   # the largest micro-batch
         cfg.max_frames, note = cost.auto_max_frames(devices.gpu_bytes(device), model.config, dtype_name,

@@ -470,27 +470,6 @@ def test_workers_give_the_same_batches(corpus):
             assert fbank_excess(b["fbank"], a["fbank"]) <= 1
 
 
-def test_entity_swap_changes_text_rows_only_and_is_redrawn_per_epoch():
-    samples = [data.Sample("a", "张三去北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "a.wav"),
-               data.Sample("b", "李四在上海", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "LOC")], "b.wav"),
-               data.Sample("c", "王小明到广州市", [data.Entity(0, 3, "PER"), data.Entity(4, 7, "LOC")], "c.wav")]
-    assets = weights.assets_for_scratch(samples)
-    featurizer = data.Featurizer(assets)
-    plain = data.BatchBuilder(samples, featurizer)
-    swapped = data.BatchBuilder(samples, featurizer, entity_swap=data.EntitySwap(samples, 1.0, seed=3))
-    targets = lambda batches, epoch, task: [featurizer.vocab.decode(t) for t in
-                                            batches[(epoch, [(i, task, 1.0) for i in range(3)])]["target"]]
-    assert all(swapped.sample(0, i, task) is samples[i] for i in range(3) for task in ("SNER", "MNER"))  # speech
-    assert targets(plain, 0, "TNER") == ["[张三]去(北京)", "[李四]在(上海)", "[王小明]到(广州市)"]
-    epochs = [targets(swapped, e, "TNER") for e in range(6)]
-    assert epochs[0] == targets(swapped, 0, "TNER")                    # deterministic in (epoch, sample)
-    assert len({tuple(e) for e in epochs}) > 1                          # and redrawn every epoch
-    names, places = {"[张三]", "[李四]", "[王小明]"}, {"(北京)", "(上海)", "(广州市)"}
-    for row in (t for e in epochs for t in e):
-        person, place = re.fullmatch(r"(\[.+?\])(去|在|到)(\(.+?\))", row).group(1, 3)
-        assert person in names and place in places, row
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # stats CLI
 
@@ -507,32 +486,6 @@ def test_stats_cli(tmp_path):
     assert s["round_trip"]["ours_recovered"] == 5 and s["round_trip"]["official_rule_kept"] == 5
     assert s["audio"]["audio_found"] == 1 and s["audio"]["audio_missing"] == 2
     assert s["malformed"]["count"] == 1 and "valid.json:4:" in s["malformed"]["first"][0]
-
-
-def test_entity_swap_keeps_nested_entities_and_shifts_offsets():
-    pool = [data.Sample("p", "欧阳娜娜和王五", [data.Entity(0, 4, "PER"), data.Entity(5, 7, "PER")])]
-    # file order: the ORG comes before the LOC inside it; the flat PER sits between nested ones
-    s = data.Sample("s", "末阳市文联主席张三在北京", [data.Entity(0, 5, "ORG"), data.Entity(0, 3, "LOC"),
-                                                  data.Entity(7, 9, "PER"), data.Entity(10, 12, "LOC")])
-    swap = data.EntitySwap(pool + [s], 1.0, seed=0)
-    assert swap.pool == {"PER": ["张三", "欧阳娜娜", "王五"], "LOC": ["北京"]}  # nested ones are not mentions
-    seen = set()
-    for key in range(30):
-        out = swap(s, key)
-        seen.add(out.text)
-        assert out.audio is None and [e.type for e in out.entities] == ["ORG", "LOC", "PER", "LOC"]
-        assert data.linearize(out.text, out.entities).startswith("<(末阳市)文联>主席[")
-        person = out.text[out.entities[2].start:out.entities[2].end]
-        assert person in swap.pool["PER"] and out.text == f"末阳市文联主席{person}在北京"
-        assert out.text[out.entities[3].start:out.entities[3].end] == "北京"
-    assert len(seen) == 3                                                  # every PER mention gets drawn
-    twice = data.Sample("t", "张三在北京", [data.Entity(0, 2, "PER"), data.Entity(0, 2, "PER")])
-    out = swap(twice, 0)
-    person = out.text[:-3]
-    assert out.text.endswith("在北京") and person in swap.pool["PER"] and out.entities == [(0, len(person), "PER")] * 2
-    assert data.EntitySwap(pool + [s], 0.0)(s, 0) is s
-    with pytest.raises(ValueError, match="probability"):
-        data.EntitySwap(pool, 1.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
