@@ -14,6 +14,7 @@ Sections (--sections):
   train   one training step: ours = forward + backward + grad clip + AdamW step (as train.py: token-mean
           cross-entropy, fused AdamW); reference = ModelScope's MMSpeechModel forward + backward on the same batch
           (fbank + decoder ids). Step time, decoder tokens/s, peak memory, MFU against a measured matmul peak.
+  timestamps  what entity times add to SNER/MNER decoding (decode.Recognizer, --timestamps none vs entities).
   fbank   frames/s of audio.kaldi_fbank against kaldi-native-fbank, per utterance on CPU (ours at 1 thread and
           at --threads), and ours batched on --device.
 
@@ -39,13 +40,11 @@ fbank_speed_ratio_vs_kaldi_native_fbank (our frames/s / theirs), null when not m
 the load average and the busiest other processes.
 """
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -59,13 +58,15 @@ import torch.nn.functional as F
 import audio
 import cost
 import data
+import decode
 import devices
 import files
 import image
 import search
 import train
 import weights
-from text import EOS, PAD, UNK
+from measure import PeakMemory, Runs, busy_processes, load_average, matmul_peak_flops, sync
+from text import EOS, PAD, UNK, TextVocab, read_phone_dict
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_REFERENCE_DIR = ROOT.parent / "shared" / "reference"
@@ -74,123 +75,12 @@ DEFAULT_CACHE = Path.home() / ".cache" / "image" / "bench"
 FIXTURE_WAVS = ROOT / "tests" / "fixtures" / "wavs"
 REFERENCE_DRIVER = ROOT / "reference" / "bench_modelscope.py"   # ModelScope's side, run in the reference venv
 CONSTRAINT = (4, 21134)                 # MMSpeech's constraint_range (audio codes are never generated)
+SECTIONS = ("decode", "train", "fbank", "timestamps")
+CHARS_PER_SECOND = 4.5                  # speech in AISHELL-1 runs ~4-5 characters a second
 # the paper recipe's optimizer settings (lr, weight decay, beta2); dataset and out are required fields, unused here
 TRAIN_RECIPE = train.TrainConfig(**train.PAPER, dataset="cnerta", out="")
 RATIO_KEYS = ("decode_speedup_vs_reference", "train_step_time_ratio_vs_reference",
               "fbank_speed_ratio_vs_kaldi_native_fbank")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# measuring: clocks, memory, machine load
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Runs:
-    """Wall-clock and process CPU time of repeated runs. CPU time (all threads of this process) is reported beside
-    the wall clock because on a shared machine the wall clock also counts time other processes took."""
-
-    def __init__(self):
-        self.wall, self.cpu = [], []
-
-    @contextlib.contextmanager
-    def timed(self):
-        wall, cpu = time.perf_counter(), time.process_time()
-        yield
-        self.wall.append(time.perf_counter() - wall)
-        self.cpu.append(time.process_time() - cpu)
-
-    def report(self):
-        return {"best_s": min(self.wall), "median_s": statistics.median(self.wall),
-                "runs_s": [round(t, 4) for t in self.wall], "cpu_best_s": min(self.cpu)}
-
-
-def _proc_status_kb(field):
-    try:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-    except (OSError, AttributeError):
-        return None
-
-
-class PeakMemory:
-    """Peak memory inside a `with` block. CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident
-    set (VmHWM), reset at entry through /proc/self/clear_refs (Linux); None where that is not possible."""
-
-    def __init__(self, device):
-        self.device, self.peak_mb, self.start_mb, self.reserved_mb = device, None, None, None
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.start_mb = torch.cuda.memory_allocated(self.device) / 2**20
-        else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")                          # 5 = reset the peak RSS to the current RSS
-                self.start_mb = _proc_status_kb("VmRSS") / 1024
-            except (OSError, TypeError):
-                self.start_mb = None
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            sync(self.device)
-            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-            self.reserved_mb = torch.cuda.max_memory_reserved(self.device) / 2**20
-        elif self.start_mb is not None:
-            self.peak_mb = _proc_status_kb("VmHWM") / 1024
-        return False
-
-    def report(self):
-        if self.peak_mb is None:
-            return {"peak_mb": None, "kind": "unavailable"}
-        kind = "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "process peak RSS"
-        return {"peak_mb": round(self.peak_mb, 1), "start_mb": round(self.start_mb, 1),
-                "growth_mb": round(self.peak_mb - self.start_mb, 1), "kind": kind,
-                "reserved_peak_mb": None if self.reserved_mb is None else round(self.reserved_mb, 1)}
-
-
-def load_average():
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def busy_processes(limit=5):
-    """Other processes using CPU right now (ps), so a report says what it competed with."""
-    try:
-        out = subprocess.run(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"], capture_output=True, text=True,
-                             timeout=10).stdout.splitlines()[1:]
-    except (OSError, subprocess.SubprocessError):
-        return []
-    rows = []
-    for line in out:
-        pid, pcpu, etime, args = line.split(None, 3)
-        if int(pid) != os.getpid() and float(pcpu) >= 10.0 and not args.startswith("ps "):
-            rows.append(f"{pid} {pcpu}% {args[:100]}")
-    return rows[:limit]
-
-
-def matmul_peak_flops(device, dtype, seconds=1.0):
-    """Measured dense matmul throughput (FLOP/s) for square matrices in dtype: the roof MFU is reported against."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    iters, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        iters += 1
-        if iters % 5 == 0:
-            sync(device)
-            if time.perf_counter() - start >= seconds:
-                break
-    return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -538,6 +428,53 @@ def bench_fbank(report, args, wavs, device):
     report["fbank"] = out
 
 
+def bench_assets(model):
+    """Assets for random weights without a ModelScope directory: specials and brackets, CJK characters over the
+    constraint range (each with pinyin readings, so entity times align real phones), fillers up to the model's
+    vocabulary, MMSpeech's phone inventory."""
+    vocab = TextVocab.build([]).tokens
+    vocab += [chr(c) for c in range(0x4E00, 0x4E00 + CONSTRAINT[1] - len(vocab))]
+    vocab += [f"[unused{i}]" for i in range(model.config.vocab_size - len(vocab))]
+    return {"vocab": vocab, "phones": read_phone_dict(), "lexicon": {},
+            "fbank": {"num_mel_bins": 80, "cmvn": "utterance"}, "decoding": {}}
+
+
+def bench_timestamps(report, args, model, assets, wavs, texts, device, dtype):
+    """What entity times cost (#17: <= 10 % of SNER/MNER decoding, base preset, beam 5, batch 8): decode.Recognizer
+    over the wavs (reading, features, search, results) with --timestamps none against entities (the forced
+    alignment and the alignment confidence). SNER output is forced to CHARS_PER_SECOND x the mean duration (random
+    weights would run to --max-len, far more text than the audio holds); MNER copies each wav's own text."""
+    print("bench: timestamps (ours) ...", flush=True)
+    assets = assets or bench_assets(model)
+    seconds = [audio.wav_info(w).seconds for w in wavs]
+    forced = max(1, round(CHARS_PER_SECOND * statistics.mean(seconds)))
+    model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    d = {"sner_forced_chars": forced, "chars_per_second": CHARS_PER_SECOND}
+    for task in ("SNER", "MNER"):
+        given = task == "MNER" and all(texts)
+        if task == "MNER" and not given:
+            d[task] = "not measured: the wavs have no texts (a make_wavs.py index.jsonl gives them)"
+            continue
+        runs, warned = {}, {}
+        for stamps in ("none", "entities"):
+            options = search.DecodeOptions(beam=args.beam, max_len=forced if task == "SNER" else args.max_len,
+                                           min_len=forced if task == "SNER" else 1, constraint_range=CONSTRAINT,
+                                           no_repeat_ngram_size=5, timestamps=stamps)
+            runs[stamps] = (Runs(), decode.Recognizer((model, assets), options, device=device))
+        for _ in range(args.repeat + 1):                    # the first pass warms up; alternated, so load is shared
+            for stamps, (timer, rec) in runs.items():
+                with timer.timed():
+                    results = rec.recognize(texts=texts if given else None, wavs=wavs, batch_size=args.batch)
+                warned[stamps] = sum(any("no times" in w for w in r.get("warnings", [])) for r in results)
+        none, entities = (min(timer.wall[1:]) for timer, _ in runs.values())
+        d[task] = {"none_s": none, "entities_s": entities, "added": entities / none - 1,
+                   "runs_none_s": runs["none"][0].wall[1:], "runs_entities_s": runs["entities"][0].wall[1:],
+                   "results_without_times": warned["entities"]}
+    report["timestamps"] = d
+    added = [d[t]["added"] for t in ("SNER", "MNER") if isinstance(d.get(t), dict)]
+    report["timestamp_cost"] = max(added) if added else None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the report: targets and the table
 
@@ -560,6 +497,9 @@ def targets(report, args):
             report["train_step_time_ratio_vs_reference"], on_cpu and args.preset == "base", lambda v: v <= 0.8),
         "fbank >= kaldi-native-fbank per utterance (CPU, 1 thread)": target(
             report["fbank_speed_ratio_vs_kaldi_native_fbank"], True, lambda v: v >= 1),
+        "timestamps add <= 10% to SNER/MNER decoding (base, beam 5, batch 8)": target(
+            report.get("timestamp_cost"), args.preset == "base" and args.beam == 5 and args.batch == 8,
+            lambda v: v <= 0.10),
         "GPU MFU >= 35% (large, batch 12, bf16)": target(mfu, gpu_run, lambda v: v >= 0.35),
         "GPU peak memory <= 20 GB (large, batch 12, bf16)": target(mem_gb, gpu_run, lambda v: v <= 20, "value_gb"),
     }
@@ -629,6 +569,11 @@ def format_table(r, args):
                 f.get(f"ratio_at_{args.threads}_threads"))
         row("fbank", f"frames/s batched on {r['device']}", f[f"ours_batched_{torch.device(r['device']).type}"]
             ["frames_per_s"])
+    for task in ("SNER", "MNER"):
+        t = r.get("timestamps", {}).get(task)
+        if isinstance(t, dict):
+            row("stamps", f"{task} decode s, no times", t["none_s"])
+            row("stamps", f"{task} decode s, entity times", t["entities_s"], None, t["entities_s"] / t["none_s"])
     for name, t in r["targets"].items():
         value = t.get("value", t.get("value_gb"))
         lines.append(f"target   {name:58s} {_fmt(value):>10s}  "
@@ -655,7 +600,8 @@ def get_args(argv=None):
     a("--repeat", type=int, default=None, help="timed passes over the wavs (best is reported; default 3 for tiny, "
                                                "1 otherwise); fbank uses max(repeat, 3)")
     a("--train-steps", type=int, default=3, help="timed training steps after one warm-up step (default 3)")
-    a("--sections", default="decode,train,fbank", help="comma-separated subset of decode,train,fbank")
+    a("--sections", default="decode,train,fbank", help=f"comma-separated subset of {','.join(SECTIONS)} (default "
+      "decode,train,fbank)")
     a("--reference-python", default=None,
       help=f"python of the ModelScope reference venv (default {DEFAULT_REFERENCE_PYTHON} if it exists)")
     a("--reference-dir", default=str(DEFAULT_REFERENCE_DIR),
@@ -702,9 +648,9 @@ def get_args(argv=None):
     if args.max_len > 1000:
         p.error("--max-len must be <= 1000 (decoder positions)")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    bad = [s for s in args.sections if s not in ("decode", "train", "fbank")]
+    bad = [s for s in args.sections if s not in SECTIONS]
     if bad or not args.sections:
-        p.error(f"--sections: unknown {bad or args.sections}; choose from decode,train,fbank")
+        p.error(f"--sections: unknown {bad or args.sections}; choose from {','.join(SECTIONS)}")
     if args.wav_dir and not Path(args.wav_dir).is_dir():
         p.error(f"--wav-dir: no such folder: {args.wav_dir}")
     if not args.skip_reference and not args.memory:
@@ -766,7 +712,7 @@ def main(argv=None):
 
     wav_rows, report["wavs"] = prepare_wavs(args, ref_python)
     wavs, texts = [p for p, _ in wav_rows], [t for _, t in wav_rows]
-    if "decode" in sections or "train" in sections:
+    if {"decode", "train", "timestamps"} & set(sections):
         ms_dir = modelscope_dir(args, ref_python) if ref_python else None
         model, assets, report["weights"], report["model_build_s"] = build_model(args, ms_dir, device)
         report["parameters"] = model.num_parameters()
@@ -783,6 +729,8 @@ def main(argv=None):
             bench_decode(report, args, model, feats, feat_s, ref, ms_dir is None, device, dtype)
         if "train" in sections:
             bench_train(report, args, model, asr_batch([feats[i] for i in train_rows], train_ids), ref, device, dtype)
+        if "timestamps" in sections:
+            bench_timestamps(report, args, model, assets, wavs, texts, device, dtype)
     if "fbank" in sections:
         bench_fbank(report, args, wavs, device)
 

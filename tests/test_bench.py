@@ -55,6 +55,24 @@ def test_our_side_runs_and_writes_the_ratio_keys(tmp_path):
     assert set(saved["targets"]) == set(report["targets"])
 
 
+def test_timestamps_section_times_both_settings_on_aligned_text(tmp_path):
+    wavs = ROOT / "tests" / "fixtures" / "wavs"
+    report = bench.main(["--skip-reference", "--preset", "tiny", "--wav-dir", str(wavs), "--n-wavs", "2",
+                         "--batch", "2", "--beam", "2", "--repeat", "1", "--threads", "1", "--sections", "timestamps",
+                         "--cache-dir", str(tmp_path)])
+    t = report["timestamps"]
+    seconds = [s for _, _, s in bench.read_wav_index(wavs)][:2]
+    assert t["sner_forced_chars"] == round(4.5 * (2.95725 + 2.8994375) / 2) == 13 and seconds == [None, None]
+    for task in ("SNER", "MNER"):
+        assert t[task]["none_s"] > 0 and t[task]["entities_s"] > 0
+        assert t[task]["results_without_times"] == 0                 # the forced text fits the audio: aligned
+        assert len(t[task]["runs_none_s"]) == len(t[task]["runs_entities_s"]) == 1   # after one warm-up pass
+    assert report["timestamp_cost"] == max(t["SNER"]["added"], t["MNER"]["added"])
+    assert "decode" not in report and "train" not in report
+    assets = bench.bench_assets(bench.image.IMAGE(bench.image.Config.tiny(vocab_size=cost.FULL_VOCAB)))
+    assert len(assets["vocab"]) == cost.FULL_VOCAB and assets["vocab"][bench.CONSTRAINT[1] - 1] == chr(0x4E00 + 21134 - 10 - 1)
+
+
 def test_bad_flags_are_refused(capsys):
     with pytest.raises(SystemExit):
         bench.get_args(["--sections", "decode,speed"])

@@ -6,14 +6,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest rung first. A module may import modules of lower rungs only (not of its own rung).
 LADDER = [
-    ("files",),                    # input errors, output checks, atomic writes
+    ("files", "measure"),          # input errors, output checks, atomic writes | clocks, peak memory, machine load
     ("image", "audio", "demo", "devices"),  # the model | wav, resampling, fbank | the demo corpus | device,
                                             # precision and RNG choices
     ("text", "cost"),              # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a
                                    # training step, from the config
     ("data", "weights", "search"),  # samples, linearization, features, batches | converter, checkpoint format |
                                     # DecodeOptions, beam search, bracket constraint, joint CTC scorer
-    ("evaluate", "align"),         # scorers, breakdown, gazetteer | CTC forced alignment: characters in time
+    ("evaluate", "align", "augment"),  # scorers, breakdown, gazetteer | CTC forced alignment: characters in time |
+                                       # training-time augmentations (entity swaps, bleeped entities)
     ("decode",),                   # inputs -> rows -> search -> entities; Recognizer, CLI
     ("train",),
     ("bench",),
