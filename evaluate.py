@@ -538,6 +538,40 @@ def fit_temperature(log_conf, correct) -> float:
     return min((0.05 * 400 ** (k / 200) for k in range(201)), key=loss)
 
 
+def _logit(log_conf):
+    c = min(max(math.exp(log_conf), 1e-6), 1 - 1e-6)
+    return math.log(c / (1 - c))
+
+
+def platt(log_conf, a, b) -> float:
+    """Platt scaling of a confidence: sigmoid(a logit(c) + b), c = exp(log_conf)."""
+    z = a * _logit(log_conf) + b
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+
+
+def fit_platt(log_conf, correct, ridge=1e-3) -> tuple[float, float]:
+    """(a, b) minimising the log loss of platt(log_conf, a, b) against right (1) / wrong (0): logistic regression
+    on one feature by Newton's method (a small ridge keeps it defined when the two kinds separate)."""
+    a, b = 1.0, 0.0
+    xs = [_logit(v) for v in log_conf]
+    for _ in range(100):
+        ga = gb = haa = hab = hbb = 0.0
+        for x, y in zip(xs, correct):
+            p = platt(math.log(1 / (1 + math.exp(-x))), a, b)
+            w = p * (1 - p)
+            ga, gb = ga + (p - y) * x, gb + (p - y)
+            haa, hab, hbb = haa + w * x * x, hab + w * x, hbb + w
+        ga, haa, hbb = ga + ridge * (a - 1), haa + ridge, hbb + ridge
+        det = haa * hbb - hab * hab
+        if det <= 0:
+            break
+        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
+        a, b = a - da, b - db
+        if abs(da) + abs(db) < 1e-9:
+            break
+    return a, b
+
+
 def confidence_records(task, pairs) -> tuple[list[float], list[int]]:
     """Every predicted entity with a confidence: (log-confidence at T = 1 as decode.py wrote it, 1 if right)."""
     log_conf, correct = [], []
@@ -552,22 +586,27 @@ def confidence_records(task, pairs) -> tuple[list[float], list[int]]:
 
 def calibration(task, pairs, temperature=1.0, bins=10) -> dict:
     """ECE and AUROC of the entity confidences as written (decoded at `temperature`), and 2-fold: a temperature
-    fitted on the even-numbered sentences, scored on the odd ones, and the other way round."""
-    def scores(part, t_fit=1.0):
+    (or Platt's two parameters) fitted on the even-numbered sentences, scored on the odd ones, and the other way
+    round."""
+    def scores(part, t_fit=1.0, map_=None):
         lc, y = confidence_records(task, part)
-        conf = [math.exp(v / t_fit) for v in lc]
+        conf = [map_(v) if map_ else math.exp(v / t_fit) for v in lc]
         return {"entities": len(y), "accuracy": sum(y) / len(y) if y else None, "mean_confidence":
                 sum(conf) / len(conf) if conf else None, "ece": expected_calibration_error(conf, y, bins),
                 "auroc": auroc(conf, y)}
-    folds = []
+    folds, platt_folds = [], []
     for fit, held in ((pairs[0::2], pairs[1::2]), (pairs[1::2], pairs[0::2])):
         t = fit_temperature(*confidence_records(task, fit))
         folds.append({"temperature": t, "effective_temperature": t * temperature, **scores(held, t)})
-    mean = {k: sum(f[k] for f in folds) / 2 for k in ("ece", "auroc") if all(f[k] is not None for f in folds)}
+        a, b = fit_platt(*confidence_records(task, fit))
+        platt_folds.append({"a": a, "b": b, **scores(held, map_=lambda v: platt(v, a, b))})
+    mean = lambda fs: {k: sum(f[k] for f in fs) / 2 for k in ("ece", "auroc") if all(f[k] is not None for f in fs)}
     return {"task": task, "sentences": len(pairs), "decoded_at_temperature": temperature,
             "as_written": scores(pairs),
-            "two_fold": folds, "two_fold_mean": mean,
-            "temperature_all": fit_temperature(*confidence_records(task, pairs)) * temperature}
+            "two_fold": folds, "two_fold_mean": mean(folds),
+            "two_fold_platt": platt_folds, "two_fold_platt_mean": mean(platt_folds),
+            "temperature_all": fit_temperature(*confidence_records(task, pairs)) * temperature,
+            "platt_all": fit_platt(*confidence_records(task, pairs))}
 
 
 def prediction_pairs(predictions, dataset, data_dir, split, task, need_times=False) -> list[tuple[Sample, dict]]:
@@ -632,7 +671,7 @@ def main(argv=None):
                                   "the gold times of the corpus (the demo records them): frame-F1 on 10 ms frames, "
                                   "start/end errors, redaction coverage"),
                        ("confidence", "calibration of the entity confidences of a decode.py predictions file: ECE "
-                                      "(10 bins) and AUROC, as written and with a temperature fitted 2-fold")):
+                                      "(10 bins) and AUROC, as written and with a temperature or a Platt map fitted 2-fold")):
         q = sub.add_parser(name, help=what)
         q.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
         q.add_argument("--task", required=True, choices=("TNER", "SNER", "MNER"), help="whose records to score")

@@ -243,6 +243,24 @@ def test_a_fitted_temperature_recovers_the_one_that_made_the_data():
     assert fitted < 0.03 < raw
 
 
+def test_a_fitted_platt_map_recovers_the_one_that_made_the_data():
+    """Entities right with probability sigmoid(0.5 logit(c) - 1): an overconfident model that no temperature alone
+    calibrates (it needs the shift b). The Newton fit finds (a, b) near (0.5, -1) and lowers the ECE below what
+    the best temperature reaches."""
+    import random
+    rng = random.Random(1)
+    lcs = [math.log(0.05 + 0.9 * rng.random()) for _ in range(4000)]
+    right = [int(rng.random() < evaluate.platt(lc, 0.5, -1.0)) for lc in lcs]
+    a, b = evaluate.fit_platt(lcs, right)
+    assert abs(a - 0.5) < 0.1 and abs(b + 1.0) < 0.15
+    t = evaluate.fit_temperature(lcs, right)
+    by_t = evaluate.expected_calibration_error([math.exp(v / t) for v in lcs], right)
+    by_platt = evaluate.expected_calibration_error([evaluate.platt(v, a, b) for v in lcs], right)
+    assert by_platt < 0.03 < by_t
+    assert evaluate.platt(math.log(0.3), 1.0, 0.0) == pytest.approx(0.3)          # (1, 0) is the identity
+    assert evaluate.fit_platt([math.log(0.9), math.log(0.1)], [1, 0])[0] > 1       # separable: sharpened, finite
+
+
 def timed_sample(tmp_path, name, entities, times, seconds=2.0):
     wav = write_wav(tmp_path / f"{name}.wav", seconds)
     return Sample(name, "张三在北京大学读书", entities, str(wav), times)
@@ -288,6 +306,8 @@ def test_calibration_reports_as_written_and_two_fold(tmp_path):
     assert out["as_written"]["auroc"] == 1.0
     assert out["as_written"]["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
     assert len(out["two_fold"]) == 2 and all(f["entities"] == 8 for f in out["two_fold"])
+    assert len(out["two_fold_platt"]) == 2 and all(f["entities"] == 8 for f in out["two_fold_platt"])
+    assert out["two_fold_platt_mean"]["auroc"] == 1.0                 # a monotone map keeps the ranking
 
 
 def test_frames_decide_a_boundary_on_a_centre_exactly():
