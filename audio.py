@@ -260,21 +260,26 @@ def redact_wav(src, dst, intervals, fill="beep"):
     info = wav_info(src)
     raw = bytearray(src.read_bytes())
     block = info.channels * info.bits // 8                        # bytes of one sample frame (all channels)
-    spans = sorted((max(0, math.floor(a * info.sample_rate)), min(info.frames, math.ceil(b * info.sample_rate)))
-                   for a, b in intervals)
+    rate, frames = info.sample_rate, info.frames
+    merged = merge_intervals((max(0, math.floor(a * rate)), min(frames, math.ceil(b * rate))) for a, b in intervals)
+    for a, b in merged:
+        replacement = _float_to_samples(np.repeat(fill_wave(a, b, rate, fill), info.channels), info.bits,
+                                        info.is_float)   # interleaved
+        raw[info.data_offset + a * block: info.data_offset + b * block] = replacement
+    write_atomic(dst, bytes(raw))
+    return merged
+
+
+def merge_intervals(intervals):
+    """[(start, end)] -> sorted, overlapping and touching ones merged, empty ones dropped."""
     merged = []
-    for a, b in spans:
+    for a, b in sorted(intervals):
         if a >= b:
             continue
         if merged and a <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(merged[-1][1], b))
         else:
             merged.append((a, b))
-    for a, b in merged:
-        frames = _float_to_samples(np.repeat(fill_wave(a, b, info.sample_rate, fill), info.channels), info.bits,
-                                   info.is_float)   # interleaved
-        raw[info.data_offset + a * block: info.data_offset + b * block] = frames
-    write_atomic(dst, bytes(raw))
     return merged
 
 

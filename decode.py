@@ -16,7 +16,6 @@ and CER.
 """
 import argparse
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -37,37 +36,10 @@ import files
 import weights
 from search import (MAX_AUDIO_SECONDS, TIMESTAMPS, BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search,
                     entity_log_confidence, spans_from_constrained)
-from text import CLOSE_OF, OPEN_OF, TYPES, UNK
+from text import CLOSE_OF, OPEN_OF, TYPES, UNK, map_spans
 
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # --dtype names
-
-
-# ----------------------------------------------------------------------------------------------------------
-# entities: alignment of a free output to the input text
-
-
-def align_offsets(output_text, input_text):
-    """Map each character index of output_text to input_text (None where it has no counterpart)."""
-    mapping = [None] * len(output_text)
-    matcher = difflib.SequenceMatcher(None, output_text, input_text, autojunk=False)
-    for op, i1, i2, j1, j2 in matcher.get_opcodes():
-        if op == "equal" or (op == "replace" and i2 - i1 == j2 - j1):   # same-length substitution: position kept
-            for k in range(i2 - i1):
-                mapping[i1 + k] = j1 + k
-    return mapping
-
-
-def map_spans(spans, output_text, input_text):
-    """Spans [(start, end, type)] over output_text -> over input_text ((None, None, type) if not alignable)."""
-    if output_text == input_text:
-        return list(spans)
-    m = align_offsets(output_text, input_text)
-    out = []
-    for s, e, t in spans:
-        a, b = m[s], m[e - 1]
-        out.append((a, b + 1, t) if a is not None and b is not None and a <= b else (None, None, t))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -625,6 +597,8 @@ def get_args(argv=None):
       "on the recording's timeline)")
     a("--redact", metavar="OUT.wav", help="one --wav: write the recording with its entities replaced (same duration, "
       "rate, channels and sample format; every other sample unchanged) and OUT.wav.json saying what was replaced")
+    a("--redact-dir", metavar="FOLDER", help="as --redact, for every recording (--wav, --input, or --dataset with one "
+      "--task SNER or MNER): FOLDER/<wav name>.wav and .wav.json; `--dataset ... --audio-dir FOLDER` decodes them")
     a("--redact-types", default="PER,LOC,ORG", help="--redact: the entity types to replace (default PER,LOC,ORG)")
     a("--redact-with", choices=audio.REDACT_FILLS, default="beep", help="--redact: a 1 kHz beep at -20 dBFS "
       "(default) or silence")
@@ -651,15 +625,19 @@ def get_args(argv=None):
         p.error(f"--text has {len(args.text)} items but --wav {len(args.wav)}: MNER pairs them in order")
     if args.asr and (args.text or args.eval):
         p.error("--asr decodes speech only (no --text, no --eval)")
-    if args.redact is not None:
+    if args.redact is not None or args.redact_dir is not None:
         types = [t.strip().upper() for t in args.redact_types.split(",") if t.strip()]
         if not types or any(t not in TYPES for t in types):
             p.error(f"--redact-types {args.redact_types!r}: expected some of {','.join(TYPES)}")
         args.redact_types = types
-        if not args.wav or len(args.wav) != 1 or args.asr or args.timestamps == "none" or args.pad_ms < 0 \
-                or not 0 <= args.min_align_confidence <= 1:
-            p.error("--redact takes exactly one --wav (with or without --text), entity times (not --asr or "
-                    "--timestamps none), --pad-ms >= 0 and --min-align-confidence in [0, 1]")
+        if args.asr or args.timestamps == "none" or args.pad_ms < 0 or not 0 <= args.min_align_confidence <= 1:
+            p.error("--redact/--redact-dir need entity times (not --asr or --timestamps none), --pad-ms >= 0 and "
+                    "--min-align-confidence in [0, 1]")
+        if args.redact is not None and (not args.wav or len(args.wav) != 1 or args.redact_dir is not None):
+            p.error("--redact takes exactly one --wav (with or without --text); --redact-dir takes many")
+        if args.redact_dir is not None and args.dataset and (not args.task or len(args.task) != 1
+                                                             or args.task[0] == "TNER"):
+            p.error("--redact-dir with --dataset needs one --task, SNER or MNER")
     if args.labels is not None and (args.dataset or args.asr or args.timestamps == "none"):
         p.error("--labels writes entity times of --wav/--input recordings (not with --dataset, --asr or "
                 "--timestamps none)")
@@ -709,6 +687,8 @@ def _main(args):
     if args.redact is not None:
         for path in (args.redact, args.redact + ".json"):
             files.check_output_file(path, "--redact")
+    if args.redact_dir is not None:
+        files.check_output_dir(args.redact_dir, "--redact-dir")
     for flag, paths in (("--input", [args.input] if args.input else []), ("--wav", args.wav or [])):
         for path in paths:
             if os.path.isdir(path):
@@ -725,20 +705,30 @@ def _main(args):
         reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None, id=str(i))
                 for i in range(len(args.text or args.wav))]
     results = rec.run(reqs, batch_size=args.batch_size, progress=progress, task=args.task[0] if args.task else None)
-    if args.redact is not None:
-        res = results[0]                        # entities under --min-confidence are replaced all the same
-        audio.redact(res["wav"], res["entities"] + res.get("below_min_confidence", []), args.redact,
-                     args.redact_types, args.redact_with, args.pad_ms, args.min_align_confidence)
     _emit(args, results)
     print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
 
 
+def _by_file_name(results):
+    """[(result, its wav's file name without extension)] of the speech results; a name met twice gets .<id>."""
+    speech = [r for r in results if r.get("wav")]
+    names = [os.path.splitext(os.path.basename(r["wav"]))[0] for r in speech]
+    return [(r, n if names.count(n) == 1 else f"{n}.{r['id']}") for r, n in zip(speech, names)]
+
+
+def _redact(args, results):
+    """--redact / --redact-dir: each recording with its entities replaced (audio.redact) and its sidecar."""
+    for res, name in _by_file_name(results):   # entities under --min-confidence are replaced all the same
+        out = args.redact if args.redact is not None else os.path.join(args.redact_dir, name + ".wav")
+        audio.redact(res["wav"], res["entities"] + res.get("below_min_confidence", []), out, args.redact_types,
+                     args.redact_with, args.pad_ms, args.min_align_confidence)
+
+
 def _emit(args, results):
+    if args.redact is not None or args.redact_dir is not None:
+        _redact(args, results)
     if args.labels is not None:
-        speech = [r for r in results if r.get("wav")]
-        names = [os.path.splitext(os.path.basename(r["wav"]))[0] for r in speech]
-        for res, name in zip(speech, names):
-            name = name if names.count(name) == 1 else f"{name}.{res['id']}"   # the same file name twice: by id
+        for res, name in _by_file_name(results):
             files.write_atomic(os.path.join(args.labels, name + ".txt"), audio.label_track(res.get("entities", [])))
     lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     if args.out:
@@ -785,6 +775,8 @@ def _main_dataset(args, rec, progress, t0):
     if args.predictions:
         files.write_atomic(args.predictions, "".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                      for task in tasks for r in preds[task]))
+    if args.redact_dir is not None:
+        _redact(args, preds[tasks[0]])
     print(evaluate.format_scores(scores), file=sys.stderr if not sys.stdout.isatty() or args.json else sys.stdout)
 
 

@@ -609,6 +609,41 @@ def calibration(task, pairs, temperature=1.0, bins=10) -> dict:
             "platt_all": fit_platt(*confidence_records(task, pairs))}
 
 
+def playback(pairs, original_pairs) -> dict:
+    """Redacted recordings decoded again (SNER): pairs = (gold, record of a redacted recording), whose sidecar (the
+    record's wav + ".json", decode.py --redact-dir) says what was replaced; original_pairs = the records of the same
+    recordings unredacted. A gold entity counts as redacted when half its gold interval or more was replaced.
+    Reported: the redacted entities still found (same type and text), still heard (their text in the
+    transcription), and the CER of what should remain (the gold text without the redacted entities) beside the CER
+    of the original recordings against the whole gold text."""
+    original = {g.id: r for g, r in original_pairs}
+    counts = collections.Counter()
+    for gold, res in pairs:
+        if gold.times is None or gold.id not in original:
+            raise DataError(f"{gold.id}: no gold entity times, or no record of the original recording")
+        try:
+            with open(res["wav"] + ".json", encoding="utf-8") as f:
+                merged = audio.merge_intervals((r["from_s"], r["to_s"]) for r in json.load(f)["replaced"])
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{res['wav']}.json: not a redaction sidecar ({e})") from None
+        gone = [e for e, (a, b) in zip(gold.entities, gold.times)
+                if sum(max(0.0, min(b, y) - max(a, x)) for x, y in merged) >= (b - a) / 2 - 1e-9]   # float slack
+        cut = {k for e in gone for k in range(e.start, e.end)}
+        rest = "".join(c for k, c in enumerate(gold.text) if k not in cut)
+        found = {(e["type"], e["text"]) for e in res["entities"] + res.get("below_min_confidence", [])}
+        counts["redacted"] += len(gone)
+        counts["found"] += sum((e.type, gold.text[e.start:e.end]) in found for e in gone)
+        counts["heard"] += sum(gold.text[e.start:e.end] in res["text"] for e in gone)
+        counts["errors"] += edit_distance(res["text"], rest)
+        counts["chars"] += len(rest)
+        counts["original_errors"] += edit_distance(original[gold.id]["text"], gold.text)
+        counts["original_chars"] += len(gold.text)
+    cer = lambda errors, chars: 100 * counts[errors] / counts[chars] if counts[chars] else None
+    return {"sentences": len(pairs), "redacted_entities": counts["redacted"], "still_found": counts["found"],
+            "still_heard": counts["heard"], "cer_of_the_rest": cer("errors", "chars"),
+            "cer_original": cer("original_errors", "original_chars")}
+
+
 def prediction_pairs(predictions, dataset, data_dir, split, task, need_times=False) -> list[tuple[Sample, dict]]:
     """(gold sample, decode.py record) for every record of `task` in a predictions file, by sample id."""
     golds = {s.id: s for s in load_split(dataset, data_dir, split, errors="raise")}
@@ -671,7 +706,11 @@ def main(argv=None):
                                   "the gold times of the corpus (the demo records them): frame-F1 on 10 ms frames, "
                                   "start/end errors, redaction coverage"),
                        ("confidence", "calibration of the entity confidences of a decode.py predictions file: ECE "
-                                      "(10 bins) and AUROC, as written and with a temperature or a Platt map fitted 2-fold")):
+                                      "(10 bins) and AUROC, as written and with a temperature or a Platt map fitted "
+                                      "2-fold"),
+                       ("playback", "redacted recordings decoded again (--predictions of decode.py --dataset D "
+                                    "--audio-dir FOLDER --task SNER, FOLDER written by --redact-dir): redacted "
+                                    "entities still found or heard, and the CER of the rest against --original's")):
         q = sub.add_parser(name, help=what)
         q.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
         q.add_argument("--task", required=True, choices=("TNER", "SNER", "MNER"), help="whose records to score")
@@ -679,6 +718,8 @@ def main(argv=None):
         q.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
         q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
+    sub.choices["playback"].add_argument("--original", required=True, help="decode.py --predictions of the same "
+                                         "split and task on the original recordings")
     tm.add_argument("--offset-ms", type=float, default=0.0, help="add this to every predicted time, to try a "
                     "constant offset on dev (decode.py --time-offset-ms is already in the times; default 0)")
     tm.add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around each entity (default 0)")
@@ -687,11 +728,16 @@ def main(argv=None):
     cf.add_argument("--temperature", type=float, default=1.0, help="the --confidence-temperature the predictions "
                     "were decoded with (default 1)")
     args = p.parse_args(argv)
-    if args.command in ("times", "confidence"):
+    if args.command in ("times", "confidence", "playback"):
         try:
             pairs = prediction_pairs(args.predictions, args.dataset, args.data_dir, args.split, args.task,
                                      need_times=args.command == "times")
-            if args.command == "times":
+            if args.command == "playback":
+                if args.task != "SNER":
+                    raise DataError("playback: SNER only (a given text would say the redacted names)")
+                result = playback(pairs, prediction_pairs(args.original, args.dataset, args.data_dir, args.split,
+                                                          args.task))
+            elif args.command == "times":
                 if args.task == "TNER":
                     raise DataError("times: TNER has no audio (choose SNER or MNER)")
                 result = localization(args.task, pairs, args.offset_ms / 1000, args.pad_ms / 1000,

@@ -6,11 +6,13 @@ Decoder vocabulary (TextVocab): one token per character, so offsets in the text 
 specials. Phones (MMSpeech): pinyin initials, tonal finals, codas n/ng as separate units; phone_dict.txt's first
 line is phone id 4. Phonemizer turns a sentence into those units, one list per character, from a
 checkpoint's lexicon and pypinyin. A bad dictionary or lexicon raises files.InputError naming file:line.
+map_spans: entity offsets in a free output (an SNER transcription) mapped onto the input text (edit alignment).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import difflib
 import functools
 import itertools
 import json
@@ -323,3 +325,30 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offsets of a free output (an SNER transcription, unconstrained TNER) mapped onto the input text
+
+
+def align_offsets(output_text, input_text):
+    """Map each character index of output_text to input_text (None where it has no counterpart)."""
+    mapping = [None] * len(output_text)
+    matcher = difflib.SequenceMatcher(None, output_text, input_text, autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        if op == "equal" or (op == "replace" and i2 - i1 == j2 - j1):   # same-length substitution: position kept
+            for k in range(i2 - i1):
+                mapping[i1 + k] = j1 + k
+    return mapping
+
+
+def map_spans(spans, output_text, input_text):
+    """Spans [(start, end, type)] over output_text -> over input_text ((None, None, type) if not alignable)."""
+    if output_text == input_text:
+        return list(spans)
+    m = align_offsets(output_text, input_text)
+    out = []
+    for s, e, t in spans:
+        a, b = m[s], m[e - 1]
+        out.append((a, b + 1, t) if a is not None and b is not None and a <= b else (None, None, t))
+    return out

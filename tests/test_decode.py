@@ -875,16 +875,6 @@ def test_default_padding_gives_each_wav_its_batch_of_one_result(converted):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# alignment of a free output to the input
-
-
-def test_alignment_of_free_output_to_the_input():
-    assert decode.map_spans([(0, 2, "LOC"), (2, 3, "PER"), (3, 5, "ORG")], "北京x大学", "北京大学") == [
-        (0, 2, "LOC"), (None, None, "PER"), (2, 4, "ORG")]
-    assert decode.map_spans([(0, 2, "PER")], "章三来了", "张三来了") == [(0, 2, "PER")]   # substitution keeps place
-
-
-# ------------------------------------------------------------------------------------------------------------
 # command line, Python API, guards
 
 
@@ -1233,6 +1223,30 @@ def test_cli_redacts_the_entities_of_one_recording(tiny_ckpt, tmp_path, capsys):
         with pytest.raises(SystemExit):
             decode.get_args(["--ckpt", tiny_ckpt, "--redact", out, *extra])
         assert "--redact" in capsys.readouterr().err
+
+
+def test_cli_redacts_every_recording_into_a_folder(tiny_ckpt, tmp_path, capsys):
+    """--redact-dir FOLDER: FOLDER/<wav name>.wav and its sidecar for every recording, each as --redact writes it
+    alone; with --dataset only for one speech task."""
+    texts = ["张伟在北京大学读书", "郭涛的公司搬到了合肥"]
+    common = ["--ckpt", tiny_ckpt, "--json", "--beam", "2", "--entity-bias", "8", "--min-align-confidence", "0"]
+    results = run_cli([*common, "--wav", str(WAVS[0]), str(WAVS[1]), "--text", *texts,
+                       "--redact-dir", str(tmp_path / "red")], capsys)
+    for res, wav in zip(results, WAVS[:2]):
+        out = tmp_path / "red" / wav.name
+        assert audio.wav_info(out) == audio.wav_info(wav)
+        side = json.loads(Path(str(out) + ".json").read_text(encoding="utf-8"))
+        run_cli([*common, "--wav", str(wav), "--text", res["input_text"], "--redact", str(tmp_path / "one.wav")],
+                capsys)
+        alone = json.loads((tmp_path / "one.wav.json").read_text(encoding="utf-8"))
+        assert side["replaced"] == alone["replaced"] and side["source"] == str(wav)
+        assert (tmp_path / "one.wav").read_bytes() == out.read_bytes()
+    assert any(json.loads(Path(str(tmp_path / "red" / w.name) + ".json").read_text(encoding="utf-8"))["replaced"]
+               for w in WAVS[:2])
+    for extra in (["--dataset", "demo"], ["--dataset", "demo", "--task", "TNER"], ["--wav", str(WAVS[0]), "--asr"]):
+        with pytest.raises(SystemExit):
+            decode.get_args(["--ckpt", tiny_ckpt, "--redact-dir", str(tmp_path), *extra])
+        assert "--redact-dir" in capsys.readouterr().err
 
 
 def test_redaction_fails_closed_for_an_entity_without_a_time(tmp_path):

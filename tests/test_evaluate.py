@@ -310,6 +310,27 @@ def test_calibration_reports_as_written_and_two_fold(tmp_path):
     assert out["two_fold_platt_mean"]["auroc"] == 1.0                 # a monotone map keeps the ranking
 
 
+def test_playback_counts_leaks_and_the_cer_of_what_remains(tmp_path):
+    """A gold entity half replaced or more counts as redacted (overlapping replacements merged first); found =
+    the same (type, text) in the replayed record, heard = its text in the transcription; CER of the gold text
+    without the redacted entities, beside the original records' CER on the whole text."""
+    gold = Sample("u1", "张三在北京大学读书", [data.Entity(0, 2, "PER"), data.Entity(3, 7, "ORG"),
+                                            data.Entity(3, 5, "LOC")], "u1.wav", [(0.1, 0.5), (0.7, 1.5), (0.7, 1.1)])
+    wav = str(tmp_path / "u1.wav")
+    replaced = [{"from_s": 0.0, "to_s": 0.25}, {"from_s": 0.2, "to_s": 0.3},   # merged: 0.2 of the PER's 0.4 s
+                {"from_s": 0.7, "to_s": 1.0}]                                 # 0.3 of 0.8 s ORG, 0.3 of 0.4 s LOC
+    write(tmp_path / "u1.wav.json", json.dumps({"replaced": replaced}))
+    res = {"wav": wav, "text": "张三在大学读书", "entities": [{"type": "PER", "text": "张三"}]}
+    orig = {"wav": "orig.wav", "text": "张三在北京大学读书", "entities": []}
+    out = evaluate.playback([(gold, res)], [(gold, orig)])
+    assert out["redacted_entities"] == 2                 # PER (exactly half) and LOC, not the ORG (3/8)
+    assert out["still_found"] == 1 and out["still_heard"] == 1       # the PER; 北京 is gone
+    assert out["cer_of_the_rest"] == pytest.approx(100 * 2 / 5)      # "在大学读书" vs "张三在大学读书": 2 insertions
+    assert out["cer_original"] == 0.0
+    with pytest.raises(data.DataError, match="no record of the original"):
+        evaluate.playback([(gold, res)], [])
+
+
 def test_frames_decide_a_boundary_on_a_centre_exactly():
     """[start, end): a frame whose centre is the start is in, one whose centre is the end is out, whatever float
     rounding does to 0.135 / 0.01."""

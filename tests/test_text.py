@@ -152,3 +152,13 @@ def test_phones_cli(capsys):
     with pytest.raises(SystemExit) as e:
         text.main(["phones", "--lexicon", str(FIXTURE / "nope.txt")])
     assert e.value.code == 2 and capsys.readouterr().err == f"text.py: {FIXTURE / 'nope.txt'}: no such file\n"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# alignment of a free output to the input
+
+
+def test_alignment_of_free_output_to_the_input():
+    assert text.map_spans([(0, 2, "LOC"), (2, 3, "PER"), (3, 5, "ORG")], "北京x大学", "北京大学") == [
+        (0, 2, "LOC"), (None, None, "PER"), (2, 4, "ORG")]
+    assert text.map_spans([(0, 2, "PER")], "章三来了", "张三来了") == [(0, 2, "PER")]   # substitution keeps place
