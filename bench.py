@@ -14,7 +14,7 @@ Sections (--sections):
   train   one training step: ours = forward + backward + grad clip + AdamW step (as train.py: token-mean
           cross-entropy, fused AdamW); reference = ModelScope's MMSpeechModel forward + backward on the same batch
           (fbank + decoder ids). Step time, decoder tokens/s, peak memory, MFU against a measured matmul peak.
-  timestamps  what entity times add to SNER/MNER decoding (decode.Recognizer, --timestamps none vs entities).
+  timestamps  what entity times add to SNER/MNER decoding (recognize.Recognizer, --timestamps none vs entities).
   fbank   frames/s of audio.kaldi_fbank against kaldi-native-fbank, per utterance on CPU (ours at 1 thread and
           at --threads), and ours batched on --device.
 
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import audio
 import cost
 import data
-import decode
+import recognize
 import devices
 import files
 import image
@@ -246,7 +246,7 @@ def bench_decode(report, args, model, feats, feat_s, ref, forced, device, dtype)
     print("bench: decoding (ours) ...", flush=True)
     cfg = search.DecodeOptions(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
                                no_repeat_ngram_size=5, constraint_range=CONSTRAINT)
-    # decoding runs in --dtype (as decode.Recognizer casts the model); training keeps fp32 weights + autocast
+    # decoding runs in --dtype (as recognize.Recognizer casts the model); training keeps fp32 weights + autocast
     model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
     batches = [asr_batch(feats[i: i + args.batch]) for i in range(0, len(feats), args.batch)]
     batches = [(b["fbank"].to(device, dtype), b["fbank_lengths"].to(device)) for b in batches]
@@ -440,7 +440,7 @@ def bench_assets(model):
 
 
 def bench_timestamps(report, args, model, assets, wavs, texts, device, dtype):
-    """What entity times cost (#17: <= 10 % of SNER/MNER decoding, base preset, beam 5, batch 8): decode.Recognizer
+    """What entity times cost (#17: <= 10 % of SNER/MNER decoding, base preset, beam 5, batch 8): recognize.Recognizer
     over the wavs (reading, features, search, results) with --timestamps none against entities (the forced
     alignment and the alignment confidence). SNER output is forced to CHARS_PER_SECOND x the mean duration (random
     weights would run to --max-len, far more text than the audio holds); MNER copies each wav's own text."""
@@ -460,7 +460,7 @@ def bench_timestamps(report, args, model, assets, wavs, texts, device, dtype):
             options = search.DecodeOptions(beam=args.beam, max_len=forced if task == "SNER" else args.max_len,
                                            min_len=forced if task == "SNER" else 1, constraint_range=CONSTRAINT,
                                            no_repeat_ngram_size=5, timestamps=stamps)
-            runs[stamps] = (Runs(), decode.Recognizer((model, assets), options, device=device))
+            runs[stamps] = (Runs(), recognize.Recognizer((model, assets), options, device=device))
         for _ in range(args.repeat + 1):                    # the first pass warms up; alternated, so load is shared
             for stamps, (timer, rec) in runs.items():
                 with timer.timed():

@@ -103,7 +103,7 @@ def phone_error_rate(heard, said) -> float:
 
 
 def score_predictions(task, golds, results, phones_of=None):
-    """golds: data.Sample list; results: decode.Recognizer results in the same order.
+    """golds: data.Sample list; results: recognize.Recognizer results in the same order.
     -> {"ours": P/R/F1 (+ per type), "official": P/R/F1 (+ per type), "cer": percent, "sentences": n}."""
     ours, official = Scorer(), Scorer()
     edits = chars = 0

@@ -406,7 +406,7 @@ def test_decoder_warns_on_silence_and_not_on_speech(tmp_path):
     after CMVN, which is rounding noise (about 4e-12), never exactly 0."""
     import types
 
-    import decode
+    import recognize
     import search
 
     featurizer = types.SimpleNamespace(cmvn="utterance",
@@ -414,7 +414,7 @@ def test_decoder_warns_on_silence_and_not_on_speech(tmp_path):
     recognizer = types.SimpleNamespace(options=search.DecodeOptions(max_audio_seconds=60.0), featurizer=featurizer)
 
     def warnings(**request):
-        return decode.Recognizer._speech(recognizer, decode.Request(**request))[1]
+        return recognize.Recognizer._speech(recognizer, recognize.Request(**request))[1]
 
     for path in silence_wavs(tmp_path):
         assert any("silent" in w and path.name in w for w in warnings(wav=str(path))), path.name

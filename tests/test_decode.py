@@ -19,6 +19,7 @@ import align  # noqa: E402
 import audio  # noqa: E402
 import data  # noqa: E402
 import decode  # noqa: E402
+import recognize  # noqa: E402
 import devices  # noqa: E402
 import evaluate  # noqa: E402
 import files  # noqa: E402
@@ -691,13 +692,13 @@ def logits_on(rec, requests, task):
 
 
 def test_real_model_batch_times_beam_equals_one_at_a_time(tiny):
-    rec = decode.Recognizer(tiny, device="cpu", beam=4)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=4)
     texts = ["张伟在北京大学读书", "郭涛的公司搬到了合肥", "末阳市文联主席张三"]
     waves = [noise(1.3, 0), noise(0.6, 1), noise(2.1, 2)]
     for task, kwargs in (("TNER", {"texts": texts}), ("SNER", {"waveforms": waves}),
                          ("MNER", {"texts": texts, "waveforms": waves})):
         batched = rec.recognize(batch_size=3, **kwargs)
-        requests = [decode.Request(text=t, waveform=w) for t, w in zip(kwargs.get("texts", [None] * 3),
+        requests = [recognize.Request(text=t, waveform=w) for t, w in zip(kwargs.get("texts", [None] * 3),
                                                                        kwargs.get("waveforms", [None] * 3))]
         logits, vocab = logits_on(rec, requests, task), len(rec.vocab.tokens)
         for i, res in enumerate(batched):
@@ -708,29 +709,29 @@ def test_real_model_batch_times_beam_equals_one_at_a_time(tiny):
 
 
 def test_real_model_joint_ctc_batch_equals_one_at_a_time(tiny):
-    rec = decode.Recognizer(tiny, device="cpu", beam=3, ctc_weight=0.5, ctc_candidates=4)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=3, ctc_weight=0.5, ctc_candidates=4)
     waves = [noise(1.3, 0), noise(0.6, 1), noise(2.1, 2)]
     batched = rec.recognize(waveforms=waves, batch_size=3)
-    plain = decode.Recognizer(tiny, device="cpu", beam=3).recognize(waveforms=waves, batch_size=3)
+    plain = recognize.Recognizer(tiny, device="cpu", beam=3).recognize(waveforms=waves, batch_size=3)
     assert [r["output"] for r in batched] != [r["output"] for r in plain]
     # the CTC part adds ctc_weight x CTC log-probabilities, computed from the same encoder: of the logits' size
-    logits = logits_on(rec, [decode.Request(waveform=w) for w in waves], "SNER")
+    logits = logits_on(rec, [recognize.Request(waveform=w) for w in waves], "SNER")
     for i, res in enumerate(batched):
         alone = rec.recognize(waveforms=waves[i:i + 1], batch_size=1)[0]
         tol = model_score_tol(tiny[0].config, logits, [alone["score"]], len(rec.vocab.tokens))
         assert res["output"] == alone["output"] and excess(res["score"], alone["score"], tol) <= 1
         assert all(c in rec.vocab.tokens[4:] for c in res["output"])           # never BOS/PAD/UNK
     with pytest.raises(ValueError, match="ctc_weight"):
-        decode.Recognizer(tiny, device="cpu", ctc_weight=-1.0)
+        recognize.Recognizer(tiny, device="cpu", ctc_weight=-1.0)
 
 
 def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
     """Positional scores of the cached search = log_softmax of the full (uncached) decoder on the hypothesis."""
     import data
     model, assets = tiny
-    rec = decode.Recognizer(tiny, device="cpu", beam=3)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=3)
     fz = rec.featurizer
-    rows = [rec._row(decode.Request(waveform=noise(s, k)), "SNER")[0] for k, s in enumerate((0.9, 1.6))]
+    rows = [rec._row(recognize.Request(waveform=noise(s, k)), "SNER")[0] for k, s in enumerate((0.9, 1.6))]
     enc = rec._encode(rows)
     cfg = dataclasses.replace(rec.options, max_len=12)
     with torch.no_grad():
@@ -747,7 +748,7 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
                 assert excess(h.score, float(ref.sum()) / len(ref), tol) <= 1
     # constrained: the same with the bracket mask applied before log_softmax (renormalised over allowed tokens)
     text = "郭涛的公司搬到了合肥"
-    rows = [rec._row(decode.Request(text=text), "TNER")[0]]
+    rows = [rec._row(recognize.Request(text=text), "TNER")[0]]
     enc = rec._encode(rows)
     ids = fz.vocab.encode(text)
     with torch.no_grad():
@@ -775,7 +776,7 @@ def test_real_model_cached_scores_equal_teacher_forced_logits(tiny):
 
 def test_real_model_constrained_outputs_strip_to_the_input(tiny):
     import data
-    rec = decode.Recognizer(tiny, device="cpu", beam=5)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=5)
     texts = ["张伟在北京大学读书", "北京市气象台发布暴雨预警", "马超和朋友们去了青岛看海", "末阳市文联主席张三",
              "张三和李四", "a(b)c", "ＸＹＺ张"]               # brackets and characters outside the vocabulary
     for text, res in zip(texts, rec.recognize(texts=texts)):
@@ -787,7 +788,7 @@ def test_real_model_constrained_outputs_strip_to_the_input(tiny):
             assert text[e["start"]:e["end"]] == e["text"] and e["end"] > e["start"]
     unknown = rec.recognize(texts=["ＸＹＺ张"])[0]
     assert any("outside the vocabulary" in w for w in unknown["warnings"])
-    free = decode.Recognizer(tiny, device="cpu", beam=2, constrain=False).recognize(texts=texts[:2])
+    free = recognize.Recognizer(tiny, device="cpu", beam=2, constrain=False).recognize(texts=texts[:2])
     for res in free:                                          # unconstrained: offsets only where alignable
         for e in res["entities"]:
             assert e["start"] is None or res["text"][e["start"]:e["end"]] == e["text"]
@@ -853,7 +854,7 @@ def test_asr_tokens_equal_reference_second_model(converted, bs, modelscope_paddi
     with n-gram blocking at work; the bare-BERT vocabulary moves ModelScope's special ids (see MS_SPECIALS)."""
     cfg = DecodeOptions(beam=5, max_len=32, min_len=1, no_repeat_ngram_size=5, constraint_range=(4, 1000),
                        **MS_SPECIALS["b"])
-    rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, options=cfg, nbest=5,
+    rec = recognize.Recognizer(str(converted["b"]), device="cpu", asr=True, options=cfg, nbest=5,
                             modelscope_padding=modelscope_padding)
     ours = rec.recognize(wavs=WAVS, batch_size=bs)
     for o, r in zip(ours, read_reference("b", bs)):
@@ -868,7 +869,7 @@ def test_default_padding_gives_each_wav_its_batch_of_one_result(converted):
     """Our default model: a batch of 4 decodes each wav exactly as the reference does one at a time."""
     cfg = DecodeOptions(beam=5, max_len=32, min_len=1, no_repeat_ngram_size=5, constraint_range=(4, 1000),
                        **MS_SPECIALS["b"])
-    rec = decode.Recognizer(str(converted["b"]), device="cpu", asr=True, options=cfg)
+    rec = recognize.Recognizer(str(converted["b"]), device="cpu", asr=True, options=cfg)
     for o, r in zip(rec.recognize(wavs=WAVS, batch_size=4), read_reference("b", 1)):
         assert o["tokens"] + [cfg.eos] == r["tokens"]
         assert excess(o["score"], r["score"], reference_score_tol(converted, "b", r)) <= 1
@@ -909,18 +910,18 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
     opts = search.DecodeOptions(beam=2, nbest=2).resolve(saved)
     assert (opts.beam, opts.nbest, opts.ctc_weight, opts.max_len, opts.pseudo_text_len) == (2, 2, 0.5, 24, 7)
     assert search.DecodeOptions().resolve() == search.DecodeOptions(**search.SEARCH_DEFAULTS)
-    rec = decode.Recognizer((model, saved), search.DecodeOptions(beam=3), device="cpu", ctc_candidates=4)
+    rec = recognize.Recognizer((model, saved), search.DecodeOptions(beam=3), device="cpu", ctc_candidates=4)
     assert (rec.options.beam, rec.options.ctc_weight, rec.options.ctc_candidates) == (3, 0.5, 4)
-    assert decode.Recognizer((model, saved), device="cpu").options.beam == 4
+    assert recognize.Recognizer((model, saved), device="cpu").options.beam == 4
     with pytest.raises(TypeError, match="bem"):                    # a misspelt keyword is not silently dropped
-        decode.Recognizer(tiny, device="cpu", bem=3)
+        recognize.Recognizer(tiny, device="cpu", bem=3)
     with pytest.raises(files.InputError, match="nbest 5 must be between 1 and the beam size 4"):
-        decode.Recognizer((model, saved), device="cpu", nbest=5)   # checked against the checkpoint's beam
+        recognize.Recognizer((model, saved), device="cpu", nbest=5)   # checked against the checkpoint's beam
     too_long = model.decoder.max_len - 1                           # BOS + max_len + the EOS step do not fit
     with pytest.raises(files.InputError, match=f"max_len {too_long} must be in \\[1, {too_long - 1}\\]"):
-        decode.Recognizer(tiny, device="cpu", max_len=too_long)
+        recognize.Recognizer(tiny, device="cpu", max_len=too_long)
     with pytest.raises(files.InputError, match="entity_bias"):
-        decode.Recognizer(tiny, device="cpu", entity_bias=1.0, constrain=False)
+        recognize.Recognizer(tiny, device="cpu", entity_bias=1.0, constrain=False)
     for flags, words in ((["--nbest", "0"], "--nbest must be >= 1"), (["--ctc-weight", "nan"], "--ctc-weight"),
                          (["--entity-bias", "1", "--no-constrain"], "--entity-bias biases")):
         with pytest.raises(SystemExit):
@@ -934,7 +935,7 @@ def test_dtype_auto_is_fp32_on_cpu_and_half_on_a_gpu_except_in_the_parity_modes(
     assert decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京"]).dtype == "auto"
     model, assets = tiny
     half = copy.deepcopy(model).to(torch.float16)                  # a checkpoint stored in fp16 decodes in fp32 on CPU
-    rec = decode.Recognizer((half, assets), device="cpu", dtype="auto")
+    rec = recognize.Recognizer((half, assets), device="cpu", dtype="auto")
     assert {p.dtype for p in rec.model.parameters()} == {torch.float32}
     # on a GPU (its facts passed in): (--dtype, options, native bf16) -> model dtype, exact fp32 (no TF32)
     cuda = torch.device("cuda", 0)
@@ -946,7 +947,7 @@ def test_dtype_auto_is_fp32_on_cpu_and_half_on_a_gpu_except_in_the_parity_modes(
         tf32 = []
         monkeypatch.setattr(devices, "native_bf16", lambda device: native)
         monkeypatch.setattr(devices, "set_tf32", lambda device, exact_fp32=False: tf32.append((device, exact_fp32)))
-        assert decode.decode_dtype(name, cuda, DecodeOptions(**fields)) == dtype, (name, fields, native)
+        assert recognize.decode_dtype(name, cuda, DecodeOptions(**fields)) == dtype, (name, fields, native)
         assert tf32 == [(cuda, exact)]
 
 
@@ -967,15 +968,15 @@ def test_cli_text_wav_both_and_jsonl(tiny_ckpt, tmp_path, capsys):
     got = [json.loads(line) for line in out.read_text().splitlines()]
     assert [g["task"] for g in got] == ["TNER", "SNER", "MNER"] and got[2]["id"] == "m"
     assert got[1]["wav"] == str(tmp_path / "a.wav")
-    api = decode.Recognizer(tiny_ckpt, device="cpu", beam=1).recognize(texts=["郭涛的公司搬到了合肥"])
+    api = recognize.Recognizer(tiny_ckpt, device="cpu", beam=1).recognize(texts=["郭涛的公司搬到了合肥"])
     assert api[0]["output"] == got[0]["output"]               # CLI and Python API agree
     # joint CTC decoding and token character scores reach the search from the command line
     (joint,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "3", "--wav", wav, "--ctc-weight", "0.5",
                         "--ctc-candidates", "4"], capsys)
-    rec = decode.Recognizer(tiny_ckpt, device="cpu", beam=3, ctc_weight=0.5, ctc_candidates=4)
-    assert joint["output"] == rec.run([decode.Request(wav=wav)])[0]["output"]
+    rec = recognize.Recognizer(tiny_ckpt, device="cpu", beam=3, ctc_weight=0.5, ctc_candidates=4)
+    assert joint["output"] == rec.run([recognize.Request(wav=wav)])[0]["output"]
     (token,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "3", "--text", text, "--char-score", "token"], capsys)
-    rec = decode.Recognizer(tiny_ckpt, device="cpu", beam=3, pool_chars=False)
+    rec = recognize.Recognizer(tiny_ckpt, device="cpu", beam=3, pool_chars=False)
     assert token["output"] == rec.recognize(texts=[text])[0]["output"]
 
 
@@ -1069,7 +1070,7 @@ def test_evaluate_split_as_train_calls_it(tiny):
 
 def test_constrained_tner_keeps_han_characters_without_a_pinyin_reading(tiny):
     import data
-    rec = decode.Recognizer(tiny, device="cpu", beam=3)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=3)
     texts = ["𠮷野家在北京", "兙瓧嗧", "张三去了𠮷野家"]
     for text, res in zip(texts, rec.recognize(texts=texts)):
         assert res["text"] == text and data.parse(res["output"])[0] == text
@@ -1117,23 +1118,23 @@ def test_jsonl_input_bom_relative_wavs_and_ids(tmp_path):
 def test_recognizer_takes_the_pseudo_text_length_from_the_checkpoint_format():
     """A version 1 best.pt (tests/fixtures/pre_layout, train.py --pseudo-len 7) decodes with the migrated length."""
     path = FIXTURES / "pre_layout" / "best.pt"
-    rec = decode.Recognizer(path, device="cpu")
+    rec = recognize.Recognizer(path, device="cpu")
     assert rec.featurizer.pseudo_text_len == 7
     wave = torch.randn(16000, generator=torch.Generator().manual_seed(0)) * 0.05
     for result in rec.recognize(texts=["张伟在北京工作"]) + rec.recognize(waveforms=[wave], sample_rate=16000):
         assert result["task"] in ("TNER", "SNER") and isinstance(result["output"], str)
-    assert decode.Recognizer(path, device="cpu", pseudo_text_len=9).featurizer.pseudo_text_len == 9  # the caller's
+    assert recognize.Recognizer(path, device="cpu", pseudo_text_len=9).featurizer.pseudo_text_len == 9  # the caller's
     model, assets, _ = weights.load_checkpoint(str(path))
-    assert decode.Recognizer((model, {**assets, "pseudo_text_len": 5})).featurizer.pseudo_text_len == 5
+    assert recognize.Recognizer((model, {**assets, "pseudo_text_len": 5})).featurizer.pseudo_text_len == 5
     without = {k: v for k, v in assets.items() if k != "pseudo_text_len"}                # a converted MMSpeech
-    assert decode.Recognizer((model, without)).featurizer.pseudo_text_len == 40          # the Featurizer's default
+    assert recognize.Recognizer((model, without)).featurizer.pseudo_text_len == 40          # the Featurizer's default
 
 
 def test_entity_times_come_from_the_aligned_phones(tiny):
     """A synthetic CTC head that fires each character's phones at known frames: the entity times are those of the
     frame -> time rule (align.char_times) for those frames, characters without a reading take none, a text with
     more phones than frames gets no times and a warning; --timestamps chars lists every character's times."""
-    rec = decode.Recognizer(tiny, device="cpu", timestamps="chars")
+    rec = recognize.Recognizer(tiny, device="cpu", timestamps="chars")
     text = "张三在北京,好"                               # the comma has no reading: no frames, no time
     classes = tiny[0].config.phone_dict_size - 3
     phones = [(rec._readings(c, classes) or [()])[0] for c in text]
@@ -1167,7 +1168,7 @@ def test_speech_results_carry_entity_times_unless_turned_off(tiny):
     inside the audio and an alignment confidence in [0, 1]; --timestamps none leaves them out; a bad value is
     refused."""
     wave, text = noise(1.5, 3), "张三在北京"
-    run = lambda **kw: decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=8.0, **kw).recognize(
+    run = lambda **kw: recognize.Recognizer(tiny, device="cpu", beam=2, entity_bias=8.0, **kw).recognize(
         texts=[text], waveforms=[wave])[0]
     timed, off = run(), run(timestamps="none")
     assert timed["entities"] and timed["entities"] == [
@@ -1177,7 +1178,7 @@ def test_speech_results_carry_entity_times_unless_turned_off(tiny):
         assert 0 <= e["start_s"] < e["end_s"] <= 1.5 + align.FRAME_SPAN_S and 0 <= e["align_confidence"] <= 1
     assert all("start_s" not in e for e in off["entities"])
     with pytest.raises(files.InputError, match="timestamps"):
-        decode.Recognizer(tiny, device="cpu", timestamps="words")
+        recognize.Recognizer(tiny, device="cpu", timestamps="words")
 
 
 def test_cli_writes_an_audacity_label_track_per_recording(tiny_ckpt, tmp_path, capsys):
@@ -1294,12 +1295,12 @@ def test_entity_confidence_is_a_probability_ordered_as_the_scores(tiny):
     """Every MNER entity has a confidence in [0, 1] (the probability of its brackets there and of no bracket at its
     characters, from the search); a higher temperature raises every one of them in the same order;
     --min-confidence moves the entities below it to below_min_confidence and keeps the others unchanged."""
-    rec = decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0)
     texts = ["张伟在北京大学读书", "李娜去了上海"]
     base = rec.recognize(texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
     ents = [e for r in base for e in r["entities"]]
     assert ents and all(0.0 <= e["confidence"] <= 1.0 for e in ents)
-    warm = decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, confidence_temperature=3.0).recognize(
+    warm = recognize.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, confidence_temperature=3.0).recognize(
         texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
     warm_ents = [e for r in warm for e in r["entities"]]
     assert [(e["start"], e["end"], e["type"]) for e in warm_ents] == [(e["start"], e["end"], e["type"]) for e in ents]
@@ -1307,14 +1308,14 @@ def test_entity_confidence_is_a_probability_ordered_as_the_scores(tiny):
         a, b = a["confidence"], b["confidence"]
         assert abs(b ** 3 - a) <= 5e-5 + 3 * b ** 2 * 5e-5 + 1e-7
     cut = sorted(e["confidence"] for e in ents)[len(ents) // 2]
-    kept = decode.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, min_confidence=cut).recognize(
+    kept = recognize.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, min_confidence=cut).recognize(
         texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
     assert [e for r in kept for e in r["entities"]] == [e for e in ents if e["confidence"] >= cut]
     assert [e for r in kept for e in r.get("below_min_confidence", [])] == [e for e in ents if e["confidence"] < cut]
     assert any(e["confidence"] < cut for e in ents)
     for bad in (dict(min_confidence=1.5), dict(confidence_temperature=0.0)):
         with pytest.raises(files.InputError, match="confidence"):
-            decode.Recognizer(tiny, device="cpu", **bad)
+            recognize.Recognizer(tiny, device="cpu", **bad)
 
 
 def test_entity_log_confidence_pairs_brackets_as_the_parser():

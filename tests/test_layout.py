@@ -15,7 +15,8 @@ LADDER = [
                                     # DecodeOptions, beam search, bracket constraint, joint CTC scorer
     ("evaluate", "align", "augment"),  # scorers, breakdown, gazetteer | CTC forced alignment: characters in time |
                                        # training-time augmentations (entity swaps, bleeped entities)
-    ("decode",),                   # inputs -> rows -> search -> entities; Recognizer, CLI
+    ("recognize",),                # inputs -> rows -> search -> entities with confidences and times; Recognizer
+    ("decode",),                   # the command line: outputs, label tracks, redaction, --eval
     ("train",),
     ("bench",),
 ]

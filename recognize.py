@@ -1,0 +1,409 @@
+"""
+recognize.py: the Python API: texts and/or speech -> model rows -> search.py -> entities with confidences and times.
+
+    rec = Recognizer("best.pt")                                   # or Recognizer((model, assets), beam=3)
+    rec.recognize(texts=["末阳市文联主席张三"])                     # TNER
+    rec.recognize(wavs=["a.wav"])                                 # SNER; texts and wavs together: MNER
+
+Inputs (Request: text, wav path or waveform) become model rows (data.Featurizer), the rows are encoded in batches,
+search.py searches them (DecodeOptions, beam_search, BracketConstraint, CTCPrefixScorer), and the hypotheses become
+entities with offsets into the input text (TNER/MNER) or the transcription (SNER), each with a confidence and, from
+speech, its time (align.py). decode.py is the command line over it.
+"""
+import dataclasses
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+import align
+import audio
+import data
+import devices
+import files
+import weights
+from search import (BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search, entity_log_confidence,
+                    spans_from_constrained)
+from text import CLOSE_OF, OPEN_OF, TYPES, UNK, map_spans
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}   # --dtype names
+
+
+# ----------------------------------------------------------------------------------------------------------
+# from inputs to model rows
+
+
+@dataclass
+class Request:
+    """One thing to recognise: text and/or speech (a wav path or a 16 kHz waveform)."""
+    text: Optional[str] = None
+    wav: Optional[str] = None
+    waveform: Optional[torch.Tensor] = None
+    id: str = ""
+
+    @property
+    def has_speech(self):
+        return self.wav is not None or self.waveform is not None
+
+    def task(self):
+        if self.text is not None and self.has_speech:
+            return "MNER"
+        return "TNER" if self.text is not None else "SNER"
+
+
+class Recognizer:
+    """Python API: recognise entities in texts and/or waveforms with a trained model.
+
+        rec = Recognizer("best.pt")                   # or Recognizer((model, assets)), Recognizer("best.pt", beam=3)
+        rec.recognize(texts=["末阳市文联主席张三"])               # TNER
+        rec.recognize(waveforms=[wav_tensor], sample_rate=16000)  # SNER; both lists -> MNER
+    Each result: {"task", "output" (bracketed), "text" (plain), "entities": [{type, text, start, end}], "score"}.
+    How it decodes: one DecodeOptions (beam, constrain, asr, nbest, ...; see there), resolved against the checkpoint.
+    """
+
+    def __init__(self, model, options=None, device=None, dtype=None, featurizer=None, **overrides):
+        """model: a checkpoint path or (model, assets); options: DecodeOptions, its unset search settings from the
+        checkpoint; overrides: DecodeOptions fields (Recognizer("best.pt", beam=3)) that replace those of options.
+        dtype: None (the model's own), a torch.dtype, or a precision name as decode.py's --dtype (auto, fp32, bf16,
+        fp16) resolved for the device by decode_dtype, which also sets the process's TF32 switches."""
+        options = dataclasses.replace(options or DecodeOptions(), **overrides)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = decode_dtype(dtype, device, options)
+        assets = None
+        if isinstance(model, (str, os.PathLike)):
+            loading = {"modelscope_padding": True} if options.modelscope_padding else {}
+            model, assets, _ = weights.load_checkpoint(str(model), device, **loading)
+        elif isinstance(model, tuple):
+            model, assets = model[0], model[1]
+        if assets is None:
+            raise ValueError("Recognizer needs the checkpoint's assets (vocabulary, phones, fbank settings)")
+        self.model = model.to(device=device, dtype=dtype or next(model.parameters()).dtype).eval()
+        self.capacity = self.model.decoder.max_len - 2           # positions for BOS + max_len + EOS step
+        self.options = options.resolve(assets, self.capacity)
+        self.device, self.assets = device, assets
+        if featurizer is None:      # the pseudo text as long as in training (the checkpoint's assets say how long)
+            featurizer = (data.Featurizer(assets, pseudo_text_len=self.options.pseudo_text_len)
+                          if self.options.pseudo_text_len else data.Featurizer(assets))   # else the default
+        self.featurizer = featurizer
+        self.vocab = self.featurizer.vocab
+        self.open_ids = {t: self.vocab.char_id(OPEN_OF[t]) for t in TYPES}
+        self.close_ids = {t: self.vocab.char_id(CLOSE_OF[t]) for t in TYPES}
+        self.brackets_known = UNK not in set(self.open_ids.values()) | set(self.close_ids.values())
+        self._reading_cache = {}                                 # (character, CTC classes) -> its readings
+
+    # -- features -------------------------------------------------------------------------------------------
+
+    def _speech(self, req):
+        """-> (fbank (T, 80), warnings). Wav files go through the featurizer (cached); waveforms are 16 kHz."""
+        where = req.wav or f"waveform {req.id}".strip()
+        if req.waveform is not None:
+            x = req.waveform
+            if x.dim() != 1:
+                raise files.InputError(f"{where}: expected a mono waveform (N,), got shape {tuple(x.shape)}")
+            seconds = x.shape[0] / audio.SAMPLE_RATE
+        else:
+            seconds = audio.wav_info(req.wav).seconds
+        limit = self.options.max_audio_seconds
+        if seconds > limit:
+            raise files.InputError(f"{where}: {seconds:.1f} s of audio is over the {limit:g} s limit "
+                                   f"(--max-audio-seconds); split it into utterances")
+        if seconds < 0.085:                                    # < 7 fbank frames: nothing left after subsampling
+            raise files.InputError(f"{where}: {seconds * 1000:.0f} ms of audio is too short to recognise")
+        # silence is judged on the raw samples: gain -n lifts dither to full scale and CMVN leaves rounding noise
+        if req.waveform is not None:
+            fbank = audio.speech_features(x.float(), cmvn=self.featurizer.cmvn)
+            silent = audio.is_silent(x)
+        else:
+            fbank = self.featurizer.speech(req.wav)
+            silent = audio.is_silent(audio.read_wav(req.wav)[0])
+        return fbank, [f"{where}: the audio is silent (peak below {audio.SILENCE_DBFS:g} dBFS)"] if silent else []
+
+    def _row(self, req, task):
+        """-> (unbatched model inputs, warnings) for one request under `task` (pseudo input for what is absent;
+        asr: speech only); the decoder starts from BOS."""
+        fbank, warn = self._speech(req) if task in ("SNER", "MNER") else (self.featurizer.pseudo_speech(), [])
+        if self.options.asr:
+            return data.asr_row(fbank), warn
+        return self.featurizer.row(task, fbank, req.text), warn
+
+    def _encode(self, rows):
+        batch = data.collate(rows)
+        dtype = next(self.model.parameters()).dtype
+        fbank = batch["fbank"].to(self.device, dtype)
+        lengths = batch["fbank_lengths"].to(self.device)
+        if self.options.asr:                                     # plain MMSpeech: no text stream, no modality flag
+            return self.model.encode(fbank, lengths)
+        dev = lambda k: batch[k].to(self.device)                 # noqa: E731
+        return self.model.encode(fbank, lengths, dev("phones"), dev("phone_chars"), dev("phone_lengths"),
+                                 dev("speech_present"), dev("text_present"))
+
+    # -- one batch ------------------------------------------------------------------------------------------
+
+    def _check_text(self, req):
+        if not req.text or not req.text.strip():
+            raise files.InputError(f"input {req.id or ''}: empty text".replace("  ", " "))
+        if len(req.text) > self.capacity // 2:
+            raise files.InputError(f"input {req.id}: text of {len(req.text)} characters is longer than this "
+                                   f"decoder can bracket ({self.capacity // 2}); split it into sentences")
+
+    def _batch(self, reqs, task):
+        rows, warns = [], []
+        for req in reqs:
+            if task in ("TNER", "MNER"):
+                self._check_text(req)
+            row, warn = self._row(req, task)
+            rows.append(row)
+            warns.append(warn)
+        with torch.no_grad():
+            enc = self._encode(rows)
+            constrained = task in ("TNER", "MNER") and self.options.constrain and not self.options.asr
+            constraint, max_lens = None, None
+            if constrained:
+                if not self.brackets_known:
+                    raise ValueError("the vocabulary has no bracket tokens [ ] ( ) < >: use --no-constrain")
+                char_ids = [self.vocab.encode(r.text) for r in reqs]
+                constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids,
+                                               pool_chars=self.options.pool_chars,
+                                               entity_bias=self.options.entity_bias)
+                max_lens = [min(self.capacity, max(self.options.max_len, 2 * len(ids))) for ids in char_ids]
+            timed = task in ("SNER", "MNER") and self.options.timestamps != "none" and not self.options.asr
+            ctc = None
+            if timed or (task == "SNER" and self.options.ctc_weight > 0):
+                ctc = self.model.speech_phone_log_probs(enc, max(r["fbank"].size(0) for r in rows))   # (B, T', C)
+            scorer = self._ctc_scorer(*ctc) if task == "SNER" and self.options.ctc_weight > 0 else None
+            hyps = beam_search(self.model, enc, self.options, constraint=constraint, max_lens=max_lens,
+                               scorer=scorer)
+        results = [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
+        if timed:
+            self._add_times(results, *ctc)
+        self._finish_confidence(results, task)
+        return results
+
+    def _readings(self, piece, classes):
+        """Every reading of a character (or word piece) as CTC classes (phone id - 3, as in training); [] if none.
+        Cached: pypinyin is slow, and every SNER/MNER result asks again for the same characters."""
+        key = (piece, classes)
+        if key not in self._reading_cache:
+            self._reading_cache[key] = self._find_readings(piece, classes)
+        return self._reading_cache[key]
+
+    def _find_readings(self, piece, classes):
+        phonemizer, phone_id = self.featurizer.phonemizer, self.featurizer.phone_id
+        piece = piece.removeprefix("##")                         # MMSpeech's vocabulary has BERT word pieces
+        said = phonemizer.readings(piece) if len(piece) == 1 else [[u for us in phonemizer.units(piece) for u in us]]
+        ids = [[phone_id.get(u, UNK) - 3 for u in units] for units in said]
+        return [r for r in ids if r and all(1 <= c < classes for c in r)]
+
+    def _ctc_scorer(self, logp, frames):
+        """Joint CTC/attention scorer for an SNER batch: the model's phone CTC over its speech frames."""
+        brackets = [*self.open_ids.values(), *self.close_ids.values()]
+        return CTCPrefixScorer(logp, frames, lambda token: self._readings(self.vocab.tokens[token], logp.size(-1)),
+                               brackets, self.options.ctc_weight, self.options.ctc_candidates)
+
+    def _add_times(self, results, logp, frames):
+        """Entity times (start_s, end_s, in the recording's time) from a forced alignment of each result's text
+        (MNER: the given text; SNER: the transcription) against the phone CTC head (align.py); with --timestamps
+        chars every character's too. Characters without a reading (digits, punctuation, Latin) take no frames:
+        an entity made only of them has no time. align_confidence: the geometric mean posterior the head gives the
+        entity's phones on the frames they take (align.char_log_posteriors)."""
+        readings = [[self._readings(c, logp.size(-1)) for c in res["text"]] for res in results]
+        graphs = [align.ReadingGraph.build([r for r in rs if r] or [[(1,)]]) for rs in readings]
+        paths, scores = align.viterbi(logp, frames, graphs)
+        for row, (res, rs, graph, path, score, n) in enumerate(zip(results, readings, graphs, paths, scores.tolist(),
+                                                                    frames.tolist())):
+            said = [i for i, r in enumerate(rs) if r]            # characters in the alignment, in order
+            times, posteriors = [None] * len(rs), [[] for _ in rs]   # per character: (start_s, end_s), phone log-probs
+            if said and score > -float("inf"):
+                offset_s = self.options.time_offset_ms / 1000
+                for i, t, lps in zip(said, align.char_times(graph.char_frames(path), n, offset_s),
+                                     align.char_log_posteriors(graph, path, logp[row])):
+                    times[i], posteriors[i] = t, lps
+            elif said:
+                res.setdefault("warnings", []).append("the text has more phones than the audio has frames: no times")
+            for e in res["entities"]:
+                inside = [times[i] for i in range(e["start"] or 0, e["end"] or 0) if times[i] is not None]
+                e["start_s"], e["end_s"] = (inside[0][0], inside[-1][1]) if inside else (None, None)
+                lps = [lp for i in range(e["start"] or 0, e["end"] or 0) for lp in posteriors[i]]
+                e["align_confidence"] = round(math.exp(sum(lps) / len(lps)), 4) if inside and lps else None
+            if self.options.timestamps == "chars":
+                res["char_times"] = [[c, *(t or (None, None))] for c, t in zip(res["text"], times)]
+
+    def _result(self, req, task, hyps, warn, constrained):
+        hyp = hyps[0]
+        res = {"id": req.id, "task": "ASR" if self.options.asr else task}
+        if req.text is not None:
+            res["input_text"] = req.text
+        if req.wav is not None:
+            res["wav"] = req.wav
+        warn = list(warn)
+        if req.text is not None:
+            unknown = sorted({c for c in req.text if self.vocab.char_id(c) == UNK})
+            if unknown:
+                warn.append(f"characters outside the vocabulary (read as <unk>): {''.join(unknown)}")
+        if not hyp.finished or len(hyp.tokens) >= self.options.max_len and not constrained:
+            warn.append(f"output reached max_len {self.options.max_len} without ending (raise --max-len)")
+        if constrained:
+            text, char_ids = req.text, self.vocab.encode(req.text)
+            spans, complete, output = spans_from_constrained(hyp.tokens, char_ids, self.open_ids, self.close_ids, text)
+            if not complete:                                     # cannot happen unless the search was cut short
+                spans, output, warn = [], text, warn + ["constrained search did not finish; no entities"]
+            log_conf = entity_log_confidence(hyp.tokens, hyp.positional_scores, self.open_ids, self.close_ids,
+                                             lambda tok: 1, char_ids, self.options.entity_bias)
+            confidences = [log_conf.get(span) for span in spans]
+        else:
+            output = self.vocab.decode(hyp.tokens, unk="\ufffd")
+            plain, ents = data.parse(output)
+            spans = [(e.start, e.end, e.type) for e in ents]
+            # SNER's joint CTC scores of characters are no probabilities: its brackets only (_finish_confidence
+            # adds how surely the head hears the entity there)
+            log_conf = entity_log_confidence(hyp.tokens, hyp.positional_scores, self.open_ids, self.close_ids,
+                                             lambda tok: len(self.vocab.decode([tok], unk="\ufffd")),
+                                             inside=task != "SNER")
+            confidences = [log_conf.get(span) for span in spans]           # keyed in the output's own offsets
+            if task in ("TNER", "MNER") and not self.options.asr:   # offsets into the input text
+                spans = map_spans(spans, plain, req.text)
+                text = req.text
+            else:
+                text = plain
+        res["output"] = output
+        res["text"] = text
+        if not self.options.asr:
+            res["entities"] = [{"type": t, "text": text[s:e] if s is not None else None, "start": s, "end": e,
+                                "log_confidence": lc}
+                               for (s, e, t), lc in sorted(zip(spans, confidences), key=lambda x: (
+                                   x[0][0] is None, x[0][0] or 0, -(x[0][1] or 0)))]
+        res["score"] = hyp.score
+        if self.options.asr:
+            res["tokens"] = hyp.tokens
+            res["positional_scores"] = hyp.positional_scores
+        if self.options.nbest > 1:
+            ids = self.vocab.encode(req.text) if constrained else None
+            render = (lambda t: spans_from_constrained(t, ids, self.open_ids, self.close_ids, req.text)[2]) \
+                if constrained else (lambda t: self.vocab.decode(t, unk="\ufffd"))
+            res["nbest"] = [{"tokens": h.tokens, "score": h.score, "output": render(h.tokens)}
+                            for h in hyps[: self.options.nbest]]
+        if warn:
+            res["warnings"] = warn
+        return res
+
+    def heard_phones(self, wavs, batch_size=8):
+        """What the phone CTC head hears in each wav (SNER rows; greedy: best class per frame, repeats merged,
+        blanks dropped) as CTC classes: the check of the head that entity times rely on (evaluate_split)."""
+        heard = []
+        for k in range(0, len(wavs), batch_size):
+            rows = [self._row(Request(wav=w), "SNER")[0] for w in wavs[k: k + batch_size]]
+            with torch.no_grad():
+                logp, frames = self.model.speech_phone_log_probs(self._encode(rows),
+                                                                 max(r["fbank"].size(0) for r in rows))
+            for best, n in zip(logp.argmax(-1).tolist(), frames.tolist()):
+                heard.append([c for i, c in enumerate(best[:n]) if c != align.BLANK and (i == 0 or best[i - 1] != c)])
+        return heard
+
+    def _finish_confidence(self, results, task):
+        """confidence = exp(log-confidence / T) (6 decimals; None without per-token scores, a hypothesis cut at
+        max_len). SNER: its brackets times its align_confidence (its characters' joint CTC scores are no
+        probabilities), None without one. Entities below --min-confidence move to "below_min_confidence"."""
+        for res in results:
+            for e in res.get("entities", []):
+                lc, a = e.pop("log_confidence"), e.get("align_confidence")
+                lc = None if lc is None or (task == "SNER" and a is None) else \
+                    lc + (math.log(max(a, 1e-9)) if task == "SNER" else 0.0)
+                e["confidence"] = None if lc is None else round(math.exp(lc / self.options.confidence_temperature), 6)
+            below = [e for e in res.get("entities", []) if e["confidence"] is not None
+                     and e["confidence"] < self.options.min_confidence]
+            if below:
+                res["entities"], res["below_min_confidence"] = [e for e in res["entities"] if e not in below], below
+
+    # -- public ---------------------------------------------------------------------------------------------
+
+    def run(self, requests, batch_size=8, progress=False, task=None):
+        """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER."""
+        results = [None] * len(requests)
+        groups = {}
+        for i, req in enumerate(requests):
+            t = task or req.task()
+            if t in ("SNER", "MNER") and not req.has_speech:
+                raise files.InputError(f"input {req.id or i}: task {t} needs speech (wav)")
+            if t in ("TNER", "MNER") and req.text is None:
+                raise files.InputError(f"input {req.id or i}: task {t} needs text")
+            if self.options.asr and not req.has_speech:
+                raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
+            groups.setdefault(t, []).append(i)
+        # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
+        keep_order = getattr(self.model.config, "modelscope_padding", False)
+        bar = _progress(len(requests), progress)
+        for t, idx in groups.items():
+            if not keep_order:
+                idx = sorted(idx, key=lambda i: -_length_hint(requests[i]))
+            for k in range(0, len(idx), batch_size):
+                chunk = idx[k: k + batch_size]
+                for i, res in zip(chunk, self._batch([requests[i] for i in chunk], t)):
+                    results[i] = res
+                bar.update(len(chunk))
+        bar.close()
+        return results
+
+    def recognize(self, texts=None, waveforms=None, sample_rate=16000, task=None, wavs=None, batch_size=8):
+        """texts: list of str; waveforms: list of 1-D tensors/arrays at sample_rate; wavs: list of paths.
+        Give texts alone (TNER), speech alone (SNER) or both, aligned (MNER)."""
+        speech = wavs if wavs is not None else waveforms
+        n = len(texts) if texts is not None else len(speech or [])
+        if texts is not None and speech is not None and len(speech) != len(texts):
+            raise ValueError(f"{len(texts)} texts but {len(speech)} waveforms/wavs")
+        reqs = []
+        for i in range(n):
+            req = Request(text=texts[i] if texts is not None else None, id=str(i))
+            if wavs is not None:
+                req.wav = str(wavs[i])
+            elif waveforms is not None:
+                x = torch.as_tensor(waveforms[i], dtype=torch.float32)
+                req.waveform = audio.resample(x, sample_rate, audio.SAMPLE_RATE) if sample_rate != 16000 else x
+            reqs.append(req)
+        return self.run(reqs, batch_size=batch_size, task=task)
+
+
+
+
+
+def decode_dtype(name, device, options):
+    """A precision name (--dtype) -> the torch dtype the model decodes in on `device`. The parity modes (--asr,
+    --modelscope-padding) reproduce ModelScope's fp32, so their auto is fp32 (devices.decode_precision). TF32 is
+    allowed on CUDA only when the model runs in bf16/fp16: fp32 decoding stays exact IEEE fp32, the reference."""
+    exact, native = options.asr or options.modelscope_padding, devices.native_bf16(device)
+    precision = devices.decode_precision(name, device.type, native, exact_fp32=exact)
+    warning = devices.precision_warning(precision, device.type, native)
+    if warning:
+        print(f"decode.py: {warning}", file=sys.stderr)
+    devices.set_tf32(device, exact_fp32=precision == "fp32")
+    return PRECISION_DTYPES[precision]
+
+
+def _length_hint(req):
+    if req.waveform is not None:
+        return req.waveform.shape[-1] / 160
+    if req.wav is not None:
+        try:
+            return os.path.getsize(req.wav) / 320
+        except OSError:
+            return 0
+    return len(req.text or "")
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=total, unit="utt", file=sys.stderr, dynamic_ncols=True)
