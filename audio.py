@@ -155,17 +155,25 @@ def read_wav(path):
     Integer k of b bits maps to k / 2**(b-1) (16-bit: k / 32768, as librosa), 8-bit is unsigned, float is kept.
     Errors (missing, unreadable, not a wav, unsupported or broken header) raise files.InputError.
     """
+    return read_wav_frames(path, 0, None)
+
+
+def read_wav_frames(path, first, count=None):
+    """Sample frames [first, first + count) of a wav (count None: to the end), read from those bytes only: a long
+    recording is read a block at a time. Returns (mono float32 (n,), sample_rate), as read_wav."""
     path = Path(path)
     with _open_wav(path) as f:
         info = _parse_header(f, path, os.fstat(f.fileno()).st_size)
         if info.frames == 0:
             raise InputError(f"{path}: the wav holds no samples")
-        f.seek(info.data_offset)
-        data = f.read(info.frames * info.channels * info.bits // 8)
+        first = min(max(0, first), info.frames)
+        count = info.frames - first if count is None else min(max(0, count), info.frames - first)
+        f.seek(info.data_offset + first * info.channels * info.bits // 8)
+        data = f.read(count * info.channels * info.bits // 8)
     samples = _samples_to_float(data, info.bits, info.is_float)
     if info.is_float and not bool(torch.isfinite(samples).all()):
         raise InputError(f"{path}: float samples include NaN or infinity")
-    samples = samples.view(-1, info.channels)                       # (N, C)
+    samples = samples.view(-1, info.channels)                       # (n, C)
     mono = samples[:, 0] if info.channels == 1 else samples.mean(dim=1)
     return mono.contiguous(), info.sample_rate
 
@@ -304,6 +312,15 @@ def is_silent(samples):
 def load_audio(path, sample_rate=SAMPLE_RATE):
     """Read a wav, mix to mono, resample to `sample_rate`. Returns float32 (N,)."""
     samples, rate = read_wav(path)
+    return resample(samples, rate, sample_rate)
+
+
+def load_audio_span(path, start_s, end_s, sample_rate=SAMPLE_RATE):
+    """The stretch [start_s, end_s) of a wav as load_audio gives it, read and resampled on its own (at another rate
+    its first and last few samples differ from load_audio's by the resampler's edge). Returns float32 (n,)."""
+    rate = wav_info(path).sample_rate
+    first = math.floor(start_s * rate)
+    samples, _ = read_wav_frames(path, first, math.ceil(end_s * rate) - first)
     return resample(samples, rate, sample_rate)
 
 

@@ -567,3 +567,21 @@ def test_redaction_keeps_the_recording_and_replaces_only_the_intervals(tmp_path,
                 assert float((got[s:e] - want[s:e]).abs().max()) <= step + 1e-7, (opts, channels)
     with pytest.raises(ValueError, match="beep, silence"):
         audio.redact_wav(src, dst, [], "noise")
+
+
+def test_a_span_of_a_wav_is_read_from_its_bytes_alone(tmp_path):
+    """read_wav_frames reads frames [first, first + count) of any format (here 24-bit stereo) as read_wav's slice;
+    load_audio_span at 16 kHz is load_audio's slice exactly, at 44.1 kHz the same away from its edges."""
+    rng = np.random.default_rng(0)
+    stereo = rng.integers(-2 ** 23, 2 ** 23, size=(44100, 2))
+    path = write_wav(tmp_path / "s24.wav", stereo, 44100, width=3)
+    whole, rate = audio.read_wav(path)
+    part, rate2 = audio.read_wav_frames(path, 1000, 500)
+    assert rate == rate2 == 44100 and torch.equal(part, whole[1000:1500])
+    assert torch.equal(audio.read_wav_frames(path, 44000, 500)[0], whole[44000:])       # clipped at the end
+    mono16 = write_wav(tmp_path / "m16.wav", rng.integers(-3000, 3000, size=32000), 16000)
+    assert torch.equal(audio.load_audio_span(mono16, 0.5, 1.25), audio.load_audio(mono16)[8000:20000])
+    span = audio.load_audio_span(path, 0.25, 0.75)                                   # 44.1 kHz -> 16 kHz
+    full = audio.load_audio(path)[4000:12000]
+    assert span.shape == full.shape
+    assert torch.allclose(span[200:-200], full[200:-200], atol=1e-4)   # the resampler's edge is ~64 taps wide

