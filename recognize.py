@@ -25,9 +25,10 @@ import audio
 import data
 import devices
 import files
+import segment
 import weights
-from search import (BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search, entity_log_confidence,
-                    spans_from_constrained)
+from search import (MIN_PIECE_SECONDS, BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search,
+                    entity_log_confidence, spans_from_constrained)
 from text import CLOSE_OF, OPEN_OF, TYPES, UNK, map_spans
 
 
@@ -45,6 +46,7 @@ class Request:
     wav: Optional[str] = None
     waveform: Optional[torch.Tensor] = None
     id: str = ""
+    span: Optional[tuple] = None            # (start_s, end_s): only this stretch of the speech (a piece)
 
     @property
     def has_speech(self):
@@ -96,12 +98,22 @@ class Recognizer:
         self.close_ids = {t: self.vocab.char_id(CLOSE_OF[t]) for t in TYPES}
         self.brackets_known = UNK not in set(self.open_ids.values()) | set(self.close_ids.values())
         self._reading_cache = {}                                 # (character, CTC classes) -> its readings
+        self._vad = None                                         # the voice activity detector, made when needed
 
     # -- features -------------------------------------------------------------------------------------------
 
     def _speech(self, req):
         """-> (fbank (T, 80), warnings). Wav files go through the featurizer (cached); waveforms are 16 kHz."""
         where = req.wav or f"waveform {req.id}".strip()
+        if req.span is not None:                               # a piece of a long recording: read on its own
+            start, end = req.span
+            x = audio.load_audio_span(req.wav, start, end) if req.waveform is None else \
+                req.waveform[round(start * audio.SAMPLE_RATE): round(end * audio.SAMPLE_RATE)]
+            if x.shape[0] < 0.085 * audio.SAMPLE_RATE:            # < 7 fbank frames, as below
+                raise files.InputError(f"{where} {start:.2f}-{end:.2f} s: too short a piece to recognise")
+            silent = [f"{where}: the audio is silent (peak below {audio.SILENCE_DBFS:g} dBFS)"] if \
+                audio.is_silent(x) else []
+            return audio.speech_features(x.float(), cmvn=self.featurizer.cmvn), silent
         if req.waveform is not None:
             x = req.waveform
             if x.dim() != 1:
@@ -172,7 +184,9 @@ class Recognizer:
                                                pool_chars=self.options.pool_chars,
                                                entity_bias=self.options.entity_bias)
                 max_lens = [min(self.capacity, max(self.options.max_len, 2 * len(ids))) for ids in char_ids]
-            timed = task in ("SNER", "MNER") and self.options.timestamps != "none" and not self.options.asr
+            pieces = [r.span is not None for r in reqs]       # pieces always get times: stitching needs them
+            timed = task in ("SNER", "MNER") and not self.options.asr and (self.options.timestamps != "none"
+                                                                            or any(pieces))
             ctc = None
             if timed or (task == "SNER" and self.options.ctc_weight > 0):
                 ctc = self.model.speech_phone_log_probs(enc, max(r["fbank"].size(0) for r in rows))   # (B, T', C)
@@ -181,7 +195,7 @@ class Recognizer:
                                scorer=scorer)
         results = [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
         if timed:
-            self._add_times(results, *ctc)
+            self._add_times(results, *ctc, pieces)
         self._finish_confidence(results, task)
         return results
 
@@ -206,17 +220,20 @@ class Recognizer:
         return CTCPrefixScorer(logp, frames, lambda token: self._readings(self.vocab.tokens[token], logp.size(-1)),
                                brackets, self.options.ctc_weight, self.options.ctc_candidates)
 
-    def _add_times(self, results, logp, frames):
+    def _add_times(self, results, logp, frames, pieces=None):
         """Entity times (start_s, end_s, in the recording's time) from a forced alignment of each result's text
         (MNER: the given text; SNER: the transcription) against the phone CTC head (align.py); with --timestamps
         chars every character's too. Characters without a reading (digits, punctuation, Latin) take no frames:
         an entity made only of them has no time. align_confidence: the geometric mean posterior the head gives the
         entity's phones on the frames they take (align.char_log_posteriors)."""
+        pieces = pieces or [False] * len(results)               # piece results always keep char_times (stitching)
         readings = [[self._readings(c, logp.size(-1)) for c in res["text"]] for res in results]
         graphs = [align.ReadingGraph.build([r for r in rs if r] or [[(1,)]]) for rs in readings]
         paths, scores = align.viterbi(logp, frames, graphs)
         for row, (res, rs, graph, path, score, n) in enumerate(zip(results, readings, graphs, paths, scores.tolist(),
                                                                     frames.tolist())):
+            if self.options.timestamps == "none" and not pieces[row]:   # aligned only beside pieces in its batch
+                continue
             said = [i for i, r in enumerate(rs) if r]            # characters in the alignment, in order
             times, posteriors = [None] * len(rs), [[] for _ in rs]   # per character: (start_s, end_s), phone log-probs
             if said and score > -float("inf"):
@@ -231,7 +248,7 @@ class Recognizer:
                 e["start_s"], e["end_s"] = (inside[0][0], inside[-1][1]) if inside else (None, None)
                 lps = [lp for i in range(e["start"] or 0, e["end"] or 0) for lp in posteriors[i]]
                 e["align_confidence"] = round(math.exp(sum(lps) / len(lps)), 4) if inside and lps else None
-            if self.options.timestamps == "chars":
+            if self.options.timestamps == "chars" or pieces[row]:
                 res["char_times"] = [[c, *(t or (None, None))] for c, t in zip(res["text"], times)]
 
     def _result(self, req, task, hyps, warn, constrained):
@@ -323,9 +340,10 @@ class Recognizer:
     # -- public ---------------------------------------------------------------------------------------------
 
     def run(self, requests, batch_size=8, progress=False, task=None):
-        """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER."""
-        results = [None] * len(requests)
-        groups = {}
+        """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER.
+        A recording longer than max_piece_seconds is cut into pieces at pauses (segment.py), its pieces decoded in
+        the batches with everything else, and their results stitched into one (with "pieces")."""
+        items, plans = [], {}                                   # items: (request index, request or piece, task)
         for i, req in enumerate(requests):
             t = task or req.task()
             if t in ("SNER", "MNER") and not req.has_speech:
@@ -334,20 +352,58 @@ class Recognizer:
                 raise files.InputError(f"input {req.id or i}: task {t} needs text")
             if self.options.asr and not req.has_speech:
                 raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
-            groups.setdefault(t, []).append(i)
+            plans[i] = self._pieces(req, t)
+            items += [(i, req, t)] if plans[i] is None else \
+                [(i, dataclasses.replace(req, span=(p.start_s, p.end_s)), t) for p in plans[i]]
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
         keep_order = getattr(self.model.config, "modelscope_padding", False)
-        bar = _progress(len(requests), progress)
-        for t, idx in groups.items():
+        speech = all(req.has_speech for _, req, _ in items)
+        bar = _progress(sum(map(_seconds, (req for _, req, _ in items))) if speech else len(items), progress, speech)
+        decoded = [None] * len(items)
+        for t in dict.fromkeys(t for _, _, t in items):
+            idx = [j for j, item in enumerate(items) if item[2] == t]
             if not keep_order:
-                idx = sorted(idx, key=lambda i: -_length_hint(requests[i]))
+                idx = sorted(idx, key=lambda j: -_length_hint(items[j][1]))
             for k in range(0, len(idx), batch_size):
                 chunk = idx[k: k + batch_size]
-                for i, res in zip(chunk, self._batch([requests[i] for i in chunk], t)):
-                    results[i] = res
-                bar.update(len(chunk))
+                for j, res in zip(chunk, self._batch([items[j][1] for j in chunk], t)):
+                    decoded[j] = res
+                bar.update(sum(_seconds(items[j][1]) for j in chunk) if speech else len(chunk))
         bar.close()
-        return results
+        results = [[] for _ in requests]
+        for (i, _, _), res in zip(items, decoded):
+            results[i].append(res)
+        return [self._stitch(plans[i], parts) if plans[i] is not None else parts[0] for i, parts in enumerate(results)]
+
+    def _pieces(self, req, task):
+        """The pieces of a recording longer than max_piece_seconds or max_audio_seconds (segment.plan_pieces; of
+        at most the shorter of them), else None."""
+        if task == "TNER" or self.options.asr:
+            return None
+        seconds, longest = _seconds(req), min(self.options.max_piece_seconds, self.options.max_audio_seconds)
+        if seconds <= longest:
+            return None
+        if task == "MNER":
+            raise files.InputError(f"{req.wav or req.id}: {seconds:.1f} s is longer than --max-piece-seconds "
+                                   f"{self.options.max_piece_seconds:g}; with a transcript (MNER) such recordings "
+                                   "are not supported yet: decode it without the text (SNER)")
+        if longest < MIN_PIECE_SECONDS:
+            raise files.InputError(f"{req.wav or req.id}: {seconds:.1f} s of audio is over the {longest:g} s limit "
+                                   f"(--max-audio-seconds) and too short a piece to cut it into (at least "
+                                   f"{MIN_PIECE_SECONDS:g} s)")
+        if self._vad is None:
+            self._vad = segment.detector(self.options.vad)
+        probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
+        return segment.plan_pieces(probs, seconds, longest)
+
+    def _stitch(self, pieces, parts):
+        res = segment.stitch(pieces, parts)
+        if self.options.timestamps != "chars":
+            del res["char_times"]
+        if self.options.timestamps == "none":                   # the pieces were timed for the stitching only
+            for e in res["entities"] + res.get("below_min_confidence", []):
+                e.pop("start_s", None), e.pop("end_s", None)
+        return res
 
     def recognize(self, texts=None, waveforms=None, sample_rate=16000, task=None, wavs=None, batch_size=8):
         """texts: list of str; waveforms: list of 1-D tensors/arrays at sample_rate; wavs: list of paths.
@@ -384,7 +440,18 @@ def decode_dtype(name, device, options):
     return PRECISION_DTYPES[precision]
 
 
+def _seconds(req):
+    """Seconds of speech a request holds (its span's, for a piece); 0 without speech."""
+    if req.span is not None:
+        return req.span[1] - req.span[0]
+    if req.waveform is not None:
+        return req.waveform.shape[0] / audio.SAMPLE_RATE
+    return audio.wav_info(req.wav).seconds if req.wav is not None else 0.0
+
+
 def _length_hint(req):
+    if req.span is not None:
+        return (req.span[1] - req.span[0]) * 100
     if req.waveform is not None:
         return req.waveform.shape[-1] / 160
     if req.wav is not None:
@@ -403,7 +470,10 @@ class _NoBar:
         pass
 
 
-def _progress(total, enabled):
+def _progress(total, enabled, seconds=False):
+    """A progress bar on stderr: in audio seconds where every input has speech, else in inputs."""
     if not enabled:
         return _NoBar()
-    return tqdm(total=total, unit="utt", file=sys.stderr, dynamic_ncols=True)
+    return tqdm(total=round(total, 1) if seconds else total, unit="s audio" if seconds else "utt", file=sys.stderr,
+                dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}]"
+                if seconds else None)

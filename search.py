@@ -25,6 +25,8 @@ from text import BOS, CLOSE_OF, EOS, OPEN_OF, PAD, TO_FULLWIDTH, TYPES
 
 MAX_DEPTH = 4            # constrained decoding: deepest bracket nesting allowed (CNERTA needs 3)
 MAX_AUDIO_SECONDS = 60.0  # longer wavs are refused (the encoder's attention is quadratic in frames)
+MIN_PIECE_SECONDS = 4.0   # shortest --max-piece-seconds: room for speech, the pad and the overlap of a cut
+VADS = ("silero", "energy")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,7 +73,10 @@ class DecodeOptions:
     min_confidence: float = 0.0                 # results drop entities whose confidence is below
     # inputs
     pseudo_text_len: Optional[int] = None       # SNER pseudo text length (None: the checkpoint's, else Featurizer's)
-    max_audio_seconds: float = MAX_AUDIO_SECONDS  # longer audio is refused
+    max_audio_seconds: float = MAX_AUDIO_SECONDS  # longer audio is never decoded in one go:
+    max_piece_seconds: float = 20.0             # SNER recordings longer than this are cut at pauses (segment.py)
+                                                # into pieces of at most this and max_audio_seconds
+    vad: str = "silero"                         # voice activity detector of the cut: silero or energy
     modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)
 
     def resolve(self, assets=None, capacity=None):
@@ -120,6 +125,11 @@ class DecodeOptions:
         if not 0 < self.max_audio_seconds < math.inf:
             raise files.InputError(f"{name('max_audio_seconds')} must be a positive number, got "
                                    f"{self.max_audio_seconds}")
+        if not MIN_PIECE_SECONDS <= self.max_piece_seconds < math.inf:
+            raise files.InputError(f"{name('max_piece_seconds')} must be at least {MIN_PIECE_SECONDS:g}, got "
+                                   f"{self.max_piece_seconds}")
+        if self.vad not in VADS:
+            raise files.InputError(f"{name('vad')} must be one of {', '.join(VADS)}, got {self.vad!r}")
 
 
 @dataclass

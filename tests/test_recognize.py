@@ -1,0 +1,93 @@
+"""recognize.py on long recordings (#18): cut into pieces at pauses, decoded in batches, stitched into one result,
+read piece by piece (memory does not grow with the recording). The model is the tiny random one of test_decode.py:
+what it says is noise, but the same noise whether a piece is decoded alone or inside a long recording."""
+import sys
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import audio  # noqa: E402
+import recognize  # noqa: E402
+from test_decode import tiny  # noqa: E402,F401  (the fixture)
+from test_segment import speech_with_pauses  # noqa: E402
+
+
+def write_pcm(path, x):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.round(np.clip(np.asarray(x), -1, 1) * 32767).astype("<i2").tobytes())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def long_wav(tmp_path_factory):
+    """~30 s: the four fixture utterances, twice, between pauses of 0.3-1.5 s; their speech spans."""
+    x, spans = speech_with_pauses([1.5, 0.3, 1.0, 0.6, 1.2, 0.4, 0.8, 1.5])
+    return write_pcm(tmp_path_factory.mktemp("long") / "long.wav", x), spans, len(x) / 16000
+
+
+def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_wav):
+    path, spans, seconds = long_wav
+    rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=12, max_piece_seconds=8.0, vad="energy",
+                               timestamps="chars")
+    (res,) = rec.run([recognize.Request(wav=path, id="long")], batch_size=3)
+    pieces = [(p["start_s"], p["end_s"]) for p in res["pieces"]]
+    assert len(pieces) >= 4 and all(b - a <= 8.0 + 1e-9 for a, b in pieces)
+    for a, b in spans:                                                  # no utterance is cut
+        assert any(p <= a and b <= q for p, q in pieces)
+    alone = rec.run([recognize.Request(wav=path, id="long", span=p) for p in pieces], batch_size=1)
+    assert res["text"] == "".join(r["text"] for r in alone)             # pause cuts: the texts end to end
+    shift = np.cumsum([0] + [len(r["text"]) for r in alone])
+    expect = [(e["start"] + shift[k], e["end"] + shift[k], e["type"], round(e["start_s"] + pieces[k][0], 4), k)
+              for k, r in enumerate(alone) for e in r["entities"] if e["start_s"] is not None]
+    got = [(e["start"], e["end"], e["type"], e["start_s"], e["piece"]) for e in res["entities"]
+           if e["start_s"] is not None]
+    assert got == expect and len(res["char_times"]) == len(res["text"])
+    assert res["output"].replace("[", "").replace("]", "").replace("(", "").replace(")", "").replace(
+        "<", "").replace(">", "") == res["text"]
+
+
+def test_a_recording_up_to_the_piece_length_decodes_whole_as_before(tiny):
+    wav = str(ROOT / "tests" / "fixtures" / "wavs" / "utt002.wav")
+    rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=12, max_piece_seconds=5.0, vad="energy")
+    before = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=12)
+    (res,), (old,) = rec.run([recognize.Request(wav=wav)]), before.run([recognize.Request(wav=wav)])
+    assert res == old and "pieces" not in res
+
+
+def test_long_recordings_with_a_transcript_are_refused_for_now(tiny, long_wav):
+    rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy")
+    with pytest.raises(recognize.files.InputError, match="MNER"):
+        rec.run([recognize.Request(wav=long_wav[0], text="张三")])
+    with pytest.raises(recognize.files.InputError, match="max.piece.seconds"):
+        recognize.Recognizer(tiny, device="cpu", max_piece_seconds=2.0)
+
+
+def test_a_long_recording_is_read_a_block_or_a_piece_at_a_time(tiny, tmp_path, monkeypatch):
+    """Memory follows the block and piece sizes, not the recording: a 6-minute recording (written a block at a
+    time) is never read whole, every read is at most a 30 s VAD block or a piece, and each part is read about
+    twice (once for voice activity, once for its piece)."""
+    base, _ = speech_with_pauses([0.5, 0.3, 0.7, 0.4])                 # ~15 s
+    path = str(tmp_path / "six.wav")
+    with wave.open(path, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        for _ in range(round(6 * 60 * 16000 / len(base))):
+            w.writeframes(np.round(base * 32767).astype("<i2").tobytes())
+    reads, read_frames = [], audio.read_wav_frames
+
+    def spy(p, first, count=None):
+        samples, rate = read_frames(p, first, count)
+        reads.append(len(samples))
+        return samples, rate
+
+    monkeypatch.setattr(audio, "read_wav_frames", spy)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=1, max_len=4, max_piece_seconds=10.0, vad="energy")
+    (res,) = rec.run([recognize.Request(wav=path)])
+    frames = audio.wav_info(path).frames
+    assert res["pieces"][-1]["end_s"] > 6 * 60 - 16 and len(res["pieces"]) >= 36
+    assert max(reads) <= 30 * 16000 and sum(reads) < 2.1 * frames
