@@ -46,6 +46,8 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 VERSION = "demo-v2"        # bump when the generator changes what it writes (the cache folder is named after it)
 DRAWS = "demo-v1"          # seeds the random draws: v2 (+ gold times) has v1's sentences, voices and wavs
 DEFAULT_COUNTS = dict(n_train=4000, n_dev=400, n_test=400)
@@ -634,6 +636,105 @@ def ensure_demo_corpus(root=None, seed=0, progress=True, n_train=DEFAULT_COUNTS[
     return _check_meta(root, seed, audio, counts)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Long recordings (#18): demo test utterances joined into minutes of noisy, level-shifted audio
+
+LONG_VERSION = "long-v1"
+LONG_MINUTES = (1, 2, 3, 5, 7, 10)
+NOISES = ("whitenoise", "pinknoise", "brownnoise")
+
+
+def _read_pcm16(path):
+    with wave.open(str(path), "rb") as w:
+        return np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float64) / 32768
+
+
+def _write_pcm16(path, x):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(np.round(np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes())
+
+
+def build_long_form(root, out, seed=0, minutes=LONG_MINUTES):
+    """Long recordings made of the demo corpus's test utterances (root: a built corpus with audio), into out:
+
+        test.json, wav/test/LONGxxxx.wav   a recording a line, CNERTA format: its utterances' text joined, their
+                                           entities and "entity_times" moved into the recording; "utterances":
+                                           [{"audio", "start_s", "end_s", "chars": [a, b], "gain_db"}], "snr_db",
+                                           "noise"
+        cut/test.json, cut/wav/test/       the same noisy audio cut at the gold utterance boundaries, an utterance a
+                                           wav (an utterance used twice gets the suffix rN), its demo line unchanged
+    Each recording: utterances in a shuffled order until it is `minutes` long, pauses of 0.1-2 s between them (a
+    third under 0.3 s), each utterance's level moved by -12..+12 dB, and noise that sox synthesises (white, pink or
+    brown; sox -R: repeatable) at an SNR of 5-30 dB over the speech, scaled down as a whole if it would clip."""
+    root, out = Path(root), Path(out)
+    rng = random.Random(f"{LONG_VERSION}:{seed}")
+    lines = [json.loads(x) for x in (root / "test.json").read_text(encoding="utf-8").splitlines() if x.strip()]
+    wavs = {p.stem: p for p in (root / "wav" / "test").rglob("*.wav")}
+    order, used, recordings, cut_lines = [], {}, [], []
+    for k, target in enumerate(minutes):
+        parts, meta, text, entities, times, t = [], [], "", [], [], 0.0
+        while t < target * 60:
+            if not order:
+                order = rng.sample(range(len(lines)), len(lines))
+            line = lines[order.pop()]
+            pause = rng.uniform(0.1, 0.3) if rng.random() < 1 / 3 else rng.uniform(0.3, 2.0)
+            gain_db = rng.uniform(-12, 12)
+            speech = _read_pcm16(wavs[line["audio"]]) * 10 ** (gain_db / 20)
+            start = t + pause
+            n = used[line["audio"]] = used.get(line["audio"], -1) + 1
+            cut_id = line["audio"] + (f"r{n}" if n else "")
+            meta.append({"audio": cut_id, "start_s": round(start, 4), "end_s": round(start + len(speech) / 16000, 4),
+                         "chars": [len(text), len(text) + len(line["sentence"])], "gain_db": round(gain_db, 2)})
+            entities += [[a + len(text), b + len(text), x, typ] for a, b, x, typ in line["entity"]]
+            times += [[round(a + start, 4), round(b + start, 4)] for a, b in line["entity_times"]]
+            parts += [np.zeros(round(pause * 16000)), speech]
+            text += line["sentence"]
+            cut_lines.append({**line, "audio": cut_id})
+            t = start + len(speech) / 16000
+        parts.append(np.zeros(round(rng.uniform(0.3, 1.0) * 16000)))
+        clean = np.concatenate(parts)
+        noise_kind, snr_db = rng.choice(NOISES), rng.uniform(5, 30)
+        noise = subprocess.run(["sox", "-R", "-n", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer",
+                                "-t", "raw", "-", "synth", f"{len(clean) / 16000 + 1:.3f}", noise_kind],
+                               capture_output=True, check=True).stdout
+        noise = np.frombuffer(noise, dtype="<i2").astype(np.float64)[: len(clean)]
+        speaking = np.concatenate([np.full(len(p), i % 2 == 1) for i, p in enumerate(parts)])
+        noise *= np.sqrt((clean[speaking] ** 2).mean() / (noise ** 2).mean() / 10 ** (snr_db / 10))
+        mixed = clean + noise
+        scale = min(1.0, 0.99 / np.abs(mixed).max())
+        mixed *= scale
+        rec_id = f"LONG{k + 1:04d}"
+        _write_pcm16(out / "wav" / "test" / f"{rec_id}.wav", mixed)
+        for u in meta:
+            a, b = round(u["start_s"] * 16000), round(u["end_s"] * 16000)
+            _write_pcm16(out / "cut" / "wav" / "test" / f"{u['audio']}.wav", mixed[a:b])
+        recordings.append({"sentence": text, "audio": rec_id, "entity": entities, "entity_times": times,
+                           "utterances": meta, "snr_db": round(snr_db, 2), "noise": noise_kind,
+                           "scale": round(scale, 4), "seconds": round(len(mixed) / 16000, 3)})
+    (out / "test.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recordings),
+                                   encoding="utf-8")
+    (out / "cut" / "test.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cut_lines),
+                                           encoding="utf-8")
+    return recordings
+
+
+def ensure_long_form(root, seed=0, minutes=LONG_MINUTES):
+    """The long-form set of a demo corpus (build_long_form), built once into root/long-v1[-MINUTES], atomically."""
+    name = LONG_VERSION + ("" if tuple(minutes) == LONG_MINUTES else "-" + "-".join(f"{m:g}" for m in minutes))
+    out = Path(root) / name
+    if (out / "test.json").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+    try:
+        build_long_form(root, tmp, seed, minutes)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="corpus folder (default: $IMAGE_CACHE or ~/.cache/image, "
@@ -645,7 +746,15 @@ def main(argv=None):
     p.add_argument("--no-audio", action="store_true", help="text only: JSON files without wavs (seconds)")
     p.add_argument("--workers", type=int, default=None, help="parallel synthesis jobs (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--long-form", default=None, metavar="MINUTES", help="also build the long recordings of the test "
+                   "split (#18: comma-separated lengths in minutes, e.g. 1,2,3,5,7,10) into CORPUS/long-v1[-...]")
     args = p.parse_args(argv)
+    try:
+        minutes = tuple(float(m) for m in args.long_form.split(",")) if args.long_form else None
+        if minutes is not None and not all(0 < m <= 120 for m in minutes):
+            raise ValueError
+    except ValueError:
+        p.error(f"--long-form {args.long_form!r}: expected comma-separated minutes in (0, 120]")
     counts = dict(n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test)
     existed = (Path(args.out or default_root(args.seed, not args.no_audio, **counts)) / "meta.json").is_file()
     t0 = time.time()
@@ -661,6 +770,12 @@ def main(argv=None):
     for split, s in meta["splits"].items():
         print(f"  {split:5s} {s['sentences']:5d} sentences  {s['entities']}  nested in {s['nested_sentences']}"
               f"  audio {s['audio_seconds'] / 3600:.2f} h")
+    if minutes is not None:
+        if not meta["audio"]:
+            sys.exit("error: --long-form needs the corpus with audio (not --no-audio)")
+        long_dir = ensure_long_form(root, args.seed, minutes)
+        print(f"long recordings: {long_dir}  (decode.py --dataset cnerta --data-dir {long_dir} --split test; cut at "
+              f"the utterances: --dataset demo --data-dir {long_dir / 'cut'})")
 
 
 if __name__ == "__main__":

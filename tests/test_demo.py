@@ -226,3 +226,40 @@ def wave_samples(path):
     import numpy as np
     with wave.open(str(path)) as w:
         return np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16)
+
+
+@needs_tools
+def test_long_form_recordings_join_the_test_utterances_with_their_gold(tmp_path):
+    """build_long_form: each recording at least its length, its text the utterances' joined, entity offsets and
+    times moved by the utterance's place; the cut set is the recording's own samples at the gold boundaries; the
+    pauses follow the recipe; the same seed writes the same bytes."""
+    import numpy as np
+    root = demo.ensure_demo_corpus(tmp_path / "c", seed=2, progress=False, n_train=4, n_dev=2, n_test=6)
+    out = demo.build_long_form(root, tmp_path / "long", seed=0, minutes=(0.25, 0.5))
+    originals = {r["audio"]: r for r in read_jsonl(root / "test.json")}
+    cut = {r["audio"]: r for r in read_jsonl(tmp_path / "long" / "cut" / "test.json")}
+    assert read_jsonl(tmp_path / "long" / "test.json") == out and len(out) == 2
+    for rec, minutes in zip(out, (0.25, 0.5)):
+        x = wave_samples(tmp_path / "long" / "wav" / "test" / f"{rec['audio']}.wav")
+        assert len(x) / 16000 == pytest.approx(rec["seconds"], abs=1e-3) and rec["seconds"] >= minutes * 60
+        assert 5 <= rec["snr_db"] <= 30
+        text, k = "", 0
+        for u in rec["utterances"]:
+            orig = originals[u["audio"][:16]]
+            assert cut[u["audio"]]["sentence"] == orig["sentence"] and rec["sentence"][slice(*u["chars"])] == \
+                orig["sentence"] and -12 <= u["gain_db"] <= 12
+            piece = wave_samples(tmp_path / "long" / "cut" / "wav" / "test" / f"{u['audio']}.wav")
+            a = round(u["start_s"] * 16000)
+            assert np.array_equal(piece, x[a: a + len(piece)])
+            for (s, e, name, typ), (t0, t1) in zip(orig["entity"], orig["entity_times"]):
+                assert rec["entity"][k] == [s + u["chars"][0], e + u["chars"][0], name, typ]
+                assert rec["entity_times"][k] == pytest.approx([t0 + u["start_s"], t1 + u["start_s"]], abs=2e-4)
+                k += 1
+            text += orig["sentence"]
+        assert rec["sentence"] == text and k == len(rec["entity"])
+        starts = [u["start_s"] for u in rec["utterances"]]
+        pauses = [b - a for a, b in zip([0.0] + [u["end_s"] for u in rec["utterances"]], starts)]
+        assert all(0.1 - 1e-3 <= p <= 2.0 + 1e-3 for p in pauses)
+    again = demo.build_long_form(root, tmp_path / "again", seed=0, minutes=(0.25, 0.5))
+    assert again == out and (tmp_path / "again" / "wav" / "test" / "LONG0002.wav").read_bytes() == (
+        tmp_path / "long" / "wav" / "test" / "LONG0002.wav").read_bytes()
