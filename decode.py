@@ -205,9 +205,10 @@ def get_args(argv=None):
     a("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     a("--pseudo-len", type=int, help="length of the pseudo text for SNER (default: as trained, else 40)")
     a("--max-audio-seconds", type=float, default=MAX_AUDIO_SECONDS, help="never decode more than this in one go "
-      "(default 60); with a transcript (MNER) or --asr longer wavs are refused")
-    a("--max-piece-seconds", type=float, default=20.0, help="SNER: a recording longer than this is cut at pauses "
-      "into pieces of at most this, decoded one by one and stitched into one result (segment.py; default 20; "
+      "(default 60); with --asr longer wavs are refused")
+    a("--max-piece-seconds", type=float, default=20.0, help="SNER/MNER: a recording longer than this is cut at "
+      "pauses into pieces of at most this, decoded one by one and stitched into one result (segment.py; with --text "
+      "each piece gets its share of the transcript; default 20; "
       f"at least {MIN_PIECE_SECONDS:g}). Choose what the model was trained on: the demo model saw 2.5-6.5 s "
       "utterances (8 suits it), AISHELL-1's run 2-15 s")
     a("--vad", choices=VADS, default="silero", help="voice activity detector that finds the pauses: silero "

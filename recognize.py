@@ -312,9 +312,12 @@ class Recognizer:
     def heard_phones(self, wavs, batch_size=8):
         """What the phone CTC head hears in each wav (SNER rows; greedy: best class per frame, repeats merged,
         blanks dropped) as CTC classes: the check of the head that entity times rely on (evaluate_split)."""
+        return self._heard([Request(wav=w) for w in wavs], batch_size)
+
+    def _heard(self, reqs, batch_size=8):
         heard = []
-        for k in range(0, len(wavs), batch_size):
-            rows = [self._row(Request(wav=w), "SNER")[0] for w in wavs[k: k + batch_size]]
+        for k in range(0, len(reqs), batch_size):
+            rows = [self._row(dataclasses.replace(r, text=None), "SNER")[0] for r in reqs[k: k + batch_size]]
             with torch.no_grad():
                 logp, frames = self.model.speech_phone_log_probs(self._encode(rows),
                                                                  max(r["fbank"].size(0) for r in rows))
@@ -343,7 +346,7 @@ class Recognizer:
         """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER.
         A recording longer than max_piece_seconds is cut into pieces at pauses (segment.py), its pieces decoded in
         the batches with everything else, and their results stitched into one (with "pieces")."""
-        items, plans = [], {}                                   # items: (request index, request or piece, task)
+        items, plans, shares = [], {}, {}                       # items: (request index, request or piece, task)
         for i, req in enumerate(requests):
             t = task or req.task()
             if t in ("SNER", "MNER") and not req.has_speech:
@@ -353,15 +356,23 @@ class Recognizer:
             if self.options.asr and not req.has_speech:
                 raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
             plans[i] = self._pieces(req, t)
-            items += [(i, req, t)] if plans[i] is None else \
-                [(i, dataclasses.replace(req, span=(p.start_s, p.end_s)), t) for p in plans[i]]
+            if plans[i] is None:
+                items.append((i, req, t))
+                continue
+            parts = [dataclasses.replace(req, span=(p.start_s, p.end_s)) for p in plans[i]]
+            if t == "MNER":                                     # each piece gets its share of the transcript
+                parts, shares[i] = self._share_text(req, parts)
+            items += [(i, part, t) for part in parts]
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
         keep_order = getattr(self.model.config, "modelscope_padding", False)
         speech = all(req.has_speech for _, req, _ in items)
         bar = _progress(sum(map(_seconds, (req for _, req, _ in items))) if speech else len(items), progress, speech)
         decoded = [None] * len(items)
+        for j, (_, req, t) in enumerate(items):                 # a piece with no share of the transcript
+            if t == "MNER" and req.span is not None and not req.text:
+                decoded[j] = {"id": req.id, "task": t, "wav": req.wav, "text": "", "entities": [], "char_times": []}
         for t in dict.fromkeys(t for _, _, t in items):
-            idx = [j for j, item in enumerate(items) if item[2] == t]
+            idx = [j for j, item in enumerate(items) if item[2] == t and decoded[j] is None]
             if not keep_order:
                 idx = sorted(idx, key=lambda j: -_length_hint(items[j][1]))
             for k in range(0, len(idx), batch_size):
@@ -373,7 +384,8 @@ class Recognizer:
         results = [[] for _ in requests]
         for (i, _, _), res in zip(items, decoded):
             results[i].append(res)
-        return [self._stitch(plans[i], parts) if plans[i] is not None else parts[0] for i, parts in enumerate(results)]
+        return [self._stitch(plans[i], parts, shares.get(i)) if plans[i] is not None else parts[0]
+                for i, parts in enumerate(results)]
 
     def _pieces(self, req, task):
         """The pieces of a recording longer than max_piece_seconds or max_audio_seconds (segment.plan_pieces; of
@@ -383,10 +395,6 @@ class Recognizer:
         seconds, longest = _seconds(req), min(self.options.max_piece_seconds, self.options.max_audio_seconds)
         if seconds <= longest:
             return None
-        if task == "MNER":
-            raise files.InputError(f"{req.wav or req.id}: {seconds:.1f} s is longer than --max-piece-seconds "
-                                   f"{self.options.max_piece_seconds:g}; with a transcript (MNER) such recordings "
-                                   "are not supported yet: decode it without the text (SNER)")
         if longest < MIN_PIECE_SECONDS:
             raise files.InputError(f"{req.wav or req.id}: {seconds:.1f} s of audio is over the {longest:g} s limit "
                                    f"(--max-audio-seconds) and too short a piece to cut it into (at least "
@@ -396,8 +404,26 @@ class Recognizer:
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
         return segment.plan_pieces(probs, seconds, longest)
 
-    def _stitch(self, pieces, parts):
-        res = segment.stitch(pieces, parts)
+    def _share_text(self, req, parts):
+        """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
+        what the phone CTC head hears in each piece against the transcript's phones."""
+        heard = self._heard(parts)
+        classes = self.model.config.phone_dict_size - 3
+        char_phones = [(self._readings(c, classes) or [[]])[0] for c in req.text]
+        bounds, distances, failures = segment.split_text(char_phones, heard)
+        shared = [dataclasses.replace(p, text=req.text[a:b]) for p, a, b in zip(parts, bounds, bounds[1:])]
+        return shared, {"text": req.text, "bounds": bounds, "failures": failures}
+
+    def _stitch(self, pieces, parts, share=None):
+        """One result of a long recording's pieces; share: the transcript's split among them (MNER)."""
+        res = segment.stitch(pieces, parts, by_time=share is None)
+        if share is not None:
+            res["input_text"] = share["text"]
+            res["pieces"] = [dict(p, chars=[a, b]) for p, a, b in zip(res["pieces"], share["bounds"],
+                                                                      share["bounds"][1:])]
+            if share["failures"]:
+                res.setdefault("warnings", []).append(f"pieces {share['failures']}: what the model hears does not "
+                                                      "match their share of the transcript (alignment failed)")
         if self.options.timestamps != "chars":
             del res["char_times"]
         if self.options.timestamps == "none":                   # the pieces were timed for the stitching only

@@ -170,15 +170,47 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
     return pieces
 
 
+def split_text(char_phones, heard, slack=1.5, margin=20, max_distance=0.5):
+    """Share a recording's transcript among its pieces (MNER on a long recording). char_phones[i]: the phones of
+    character i (its first reading; [] for none); heard[k]: what the phone CTC head hears in piece k (greedy).
+    Piece k takes the characters from the end of piece k-1's share to where its heard phones align best against
+    the transcript's (edit distance, start anchored, end free within slack x their number + margin phones, the
+    end rounded to a character); the last piece takes the rest. -> (bounds: K + 1 character offsets, one per
+    piece boundary; each piece's edit distance over its heard phones; the pieces whose distance is over
+    max_distance: alignment failures)."""
+    start_of = np.cumsum([0] + [len(p) for p in char_phones])            # (n + 1,) phone offset of each character
+    said = np.array([c for p in char_phones for c in p], dtype=np.int64)  # (P,)
+    bounds, distances, pos = [0], [], 0
+    for k, h in enumerate(heard):
+        if k == len(heard) - 1:
+            end, best = len(said), None
+        else:
+            part = said[pos: min(len(said), pos + int(slack * len(h)) + margin)]
+            cols = np.arange(len(part) + 1)
+            d = cols.astype(np.float64)                                  # row 0: heard[:0] against part[:j]
+            for x in h:                                                  # the next row: substitution or deletion,
+                e = np.concatenate([[d[0] + 1], np.minimum(d[:-1] + (part != x), d[1:] + 1)])   # then insertions
+                d = np.minimum.accumulate(e - cols) + cols               # as a running minimum
+            end, best = pos + int(np.argmin(d)), float(d.min())
+        c = int(np.searchsorted(start_of, end, side="left"))             # the first character starting at or after
+        bounds.append(max(bounds[-1], min(c, len(char_phones))))
+        pos = int(start_of[bounds[-1]])
+        distances.append(None if best is None else best / max(1, len(h)))
+    bounds[-1] = len(char_phones)
+    failures = [k for k, d in enumerate(distances) if d is not None and d > max_distance]
+    return bounds, distances, failures
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Stitching
 
 
-def stitch(pieces: list[Piece], results: list[dict]) -> dict:
+def stitch(pieces: list[Piece], results: list[dict], by_time: bool = True) -> dict:
     """One result from the results of a recording's pieces (recognize.py's result dicts: entity times relative to
     each piece, char_times present). Times move into the recording's time; each character and entity is kept once
     (module docstring); every entity says which piece found it. char_times: every character's [c, start_s, end_s]
-    (a character without a reading: the start before it, no end)."""
+    (a character without a reading: the start before it, no end). by_time False (MNER: each piece was given its
+    own share of the transcript, split_text): the pieces' texts are joined as they are."""
     chars, found, warnings = [], {"entities": [], "below_min_confidence": []}, []
     for k, (piece, res) in enumerate(zip(pieces, results)):
         times, last = [], piece.start_s        # (start, end); a character without a reading starts where the one
@@ -186,7 +218,7 @@ def stitch(pieces: list[Piece], results: list[dict]) -> dict:
             last = last if start is None else round(start + piece.start_s, 4)
             times.append((last, None if end is None else round(end + piece.start_s, 4)))
         take_from = 0
-        if piece.cut_s is not None:                         # overlaps the piece before: split at the cut, moved past
+        if piece.cut_s is not None and by_time:             # overlaps the piece before: split at the cut, moved past
             kept = found["entities"]                        # an entity of that piece that runs across it
             cut = max([piece.cut_s] + [e["end_s"] for e in kept if e["piece"] == k - 1 and e["end_s"] is not None
                                        and e["start_s"] is not None and e["start_s"] < piece.cut_s])

@@ -1,6 +1,7 @@
 """recognize.py on long recordings (#18): cut into pieces at pauses, decoded in batches, stitched into one result,
 read piece by piece (memory does not grow with the recording). The model is the tiny random one of test_decode.py:
 what it says is noise, but the same noise whether a piece is decoded alone or inside a long recording."""
+import json
 import sys
 import wave
 from pathlib import Path
@@ -15,6 +16,8 @@ import audio  # noqa: E402
 import recognize  # noqa: E402
 from test_decode import tiny  # noqa: E402,F401  (the fixture)
 from test_segment import speech_with_pauses  # noqa: E402
+
+WAVS_DIR = ROOT / "tests" / "fixtures" / "wavs"
 
 
 def write_pcm(path, x):
@@ -75,10 +78,20 @@ def test_a_recording_up_to_the_piece_length_decodes_whole_as_before(tiny):
     assert res == old and "pieces" not in res
 
 
-def test_long_recordings_with_a_transcript_are_refused_for_now(tiny, long_wav):
-    rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy")
-    with pytest.raises(recognize.files.InputError, match="MNER"):
-        rec.run([recognize.Request(wav=long_wav[0], text="张三")])
+def test_a_long_recording_with_its_transcript_shares_the_text_among_the_pieces(tiny, long_wav):
+    """MNER on a long recording: every character of the transcript goes to exactly one piece, in order, so the
+    stitched text is the transcript and every entity's offsets point into it; each piece says its share."""
+    texts = [json.loads(line)["text"] for line in (WAVS_DIR / "index.jsonl").read_text(encoding="utf-8").splitlines()]
+    transcript = "".join(texts[k % 4] for k in range(8))
+    rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_piece_seconds=8.0, vad="energy", entity_bias=8.0)
+    (res,) = rec.run([recognize.Request(wav=long_wav[0], text=transcript, id="m")], batch_size=4)
+    assert res["task"] == "MNER" and res["text"] == res["input_text"] == transcript
+    shares = [p["chars"] for p in res["pieces"]]
+    assert shares[0][0] == 0 and shares[-1][1] == len(transcript) and len(shares) >= 4
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    assert res["entities"] and all(transcript[e["start"]:e["end"]] == e["text"] for e in res["entities"])
+    for e in res["entities"]:                                           # found in the piece that holds its text
+        assert shares[e["piece"]][0] <= e["start"] and e["end"] <= shares[e["piece"]][1]
     with pytest.raises(recognize.files.InputError, match="max.piece.seconds"):
         recognize.Recognizer(tiny, device="cpu", max_piece_seconds=2.0)
 

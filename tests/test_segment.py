@@ -141,3 +141,23 @@ def test_stitching_an_overlap_keeps_each_character_and_entity_once():
     assert [(e["text"], e["piece"]) for e in out["entities"]] == [("张三", 0), ("北京", 0)]   # 北京 once
     assert [c for c, _, _ in out["char_times"]] == list("张三在北京开会")
     assert out["char_times"][5][1] == pytest.approx(1.0)             # 开 from piece 1, in the recording's time
+
+
+def test_a_transcript_is_shared_among_the_pieces_by_what_they_hear():
+    """Three pieces hear their phones with a few mistakes: the shares end where the words of each piece end; a
+    piece that hears nothing like its share is named as an alignment failure."""
+    rng = np.random.default_rng(0)
+    chars = [[int(a), int(b)] for a, b in rng.integers(1, 60, size=(30, 2))]   # 30 characters of 2 phones
+    chars[12] = []                                                   # one without a reading
+    said = lambda a, b: [c for p in chars[a:b] for c in p]           # noqa: E731
+    heard = [said(0, 10), said(10, 22), said(22, 30)]
+    heard[0][3] = 99                                                 # a substitution, a deletion, an insertion
+    del heard[1][5]
+    heard[2].insert(2, 98)
+    bounds, distances, failures = segment.split_text(chars, heard)
+    assert bounds == [0, 10, 22, 30] and failures == []
+    assert distances[0] == pytest.approx(1 / 20) and distances[2] is None
+    wrong = [said(0, 10), [97] * 20, said(22, 30)]
+    bounds, distances, failures = segment.split_text(chars, wrong)
+    assert failures == [1] and bounds[0] == 0 and bounds[-1] == 30 and bounds == sorted(bounds)
+    assert segment.split_text(chars, [said(0, 30)])[0] == [0, 30]    # one piece: everything
