@@ -5,6 +5,7 @@
     python evaluate.py gazetteer --train-dataset image4imner --train-dir D --dataset cnerta --data-dir D  # baseline
     python evaluate.py times --predictions p.jsonl --task MNER --dataset demo --split test     # entity times
     python evaluate.py confidence --predictions p.jsonl --task TNER --dataset cnerta --data-dir D  # calibration
+    python evaluate.py long-form --predictions p.jsonl --task SNER --dataset demo --data-dir LONG  # per utterance
 
 Two evaluators score every prediction (decode.py --eval, train.py's dev and test scores via decode.evaluate_split,
 which runs the model): ours counts every entity, exact (type, start, end) in the input text, or (type, entity text)
@@ -27,9 +28,10 @@ import math
 from pathlib import Path
 
 import audio
+import segment
 from data import (DATASETS, SPLITS, DataError, Entity, Sample, json_lines, linearize, linearize_official, load_split,
                   nest, parse, parse_official, read_lines)
-from text import TYPES
+from text import TYPES, Phonemizer, read_phone_dict
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -644,6 +646,19 @@ def playback(pairs, original_pairs) -> dict:
             "cer_original": cer("original_errors", "original_chars")}
 
 
+def long_form(predictions, data_dir, task="SNER") -> dict:
+    """Scores of long recordings per gold utterance: each record split back into its utterances (segment.unstitch)
+    and scored against the utterances' own lines (data_dir/cut/test.json), as decode.py --eval scores the cut set."""
+    lines = {d["audio"]: d for _, d in json_lines(Path(data_dir) / "test.json")}
+    records = read_predictions(predictions, task)
+    if sorted(set(records) - set(lines)):
+        raise DataError(f"{predictions}: records {sorted(set(records) - set(lines))[:3]} not in {data_dir}/test.json")
+    golds = {s.id: s for s in load_split("demo", Path(data_dir) / "cut", "test")}
+    split = [r for i, rec in records.items() for r in segment.unstitch(rec, lines[i]["utterances"])]
+    return {"recordings": len(records), **score_predictions(task, [golds[r["id"]] for r in split], split,
+                                                            Phonemizer(read_phone_dict()).pronounce)}
+
+
 def prediction_pairs(predictions, dataset, data_dir, split, task, need_times=False) -> list[tuple[Sample, dict]]:
     """(gold sample, decode.py record) for every record of `task` in a predictions file, by sample id."""
     golds = {s.id: s for s in load_split(dataset, data_dir, split, errors="raise")}
@@ -710,7 +725,10 @@ def main(argv=None):
                                       "2-fold"),
                        ("playback", "redacted recordings decoded again (--predictions of decode.py --dataset D "
                                     "--audio-dir FOLDER --task SNER, FOLDER written by --redact-dir): redacted "
-                                    "entities still found or heard, and the CER of the rest against --original's")):
+                                    "entities still found or heard, and the CER of the rest against --original's"),
+                       ("long-form", "long recordings (demo.py --long-form, decoded with --timestamps chars) "
+                                     "scored per gold utterance, as the same audio cut at the utterances is: "
+                                     "--data-dir LONG (its test.json), --dataset demo")):
         q = sub.add_parser(name, help=what)
         q.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
         q.add_argument("--task", required=True, choices=("TNER", "SNER", "MNER"), help="whose records to score")
@@ -728,11 +746,13 @@ def main(argv=None):
     cf.add_argument("--temperature", type=float, default=1.0, help="the --confidence-temperature the predictions "
                     "were decoded with (default 1)")
     args = p.parse_args(argv)
-    if args.command in ("times", "confidence", "playback"):
+    if args.command in ("times", "confidence", "playback", "long-form"):
         try:
-            pairs = prediction_pairs(args.predictions, args.dataset, args.data_dir, args.split, args.task,
-                                     need_times=args.command == "times")
-            if args.command == "playback":
+            pairs = [] if args.command == "long-form" else prediction_pairs(
+                args.predictions, args.dataset, args.data_dir, args.split, args.task, args.command == "times")
+            if args.command == "long-form":
+                result = long_form(args.predictions, args.data_dir, args.task)
+            elif args.command == "playback":
                 if args.task != "SNER":
                     raise DataError("playback: SNER only (a given text would say the redacted names)")
                 result = playback(pairs, prediction_pairs(args.original, args.dataset, args.data_dir, args.split,

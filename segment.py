@@ -246,3 +246,36 @@ def stitch(pieces: list[Piece], results: list[dict], by_time: bool = True) -> di
     if warnings:
         out["warnings"] = warnings
     return out
+
+
+def unstitch(result: dict, utterances: list[dict]) -> list[dict]:
+    """A long recording's result split back into its gold utterances (demo.py --long-form: [{"audio", "start_s",
+    "end_s"}]), so that it scores per utterance like the same audio cut at the gold boundaries: each character goes
+    to the utterance that holds its start time (the nearest one in a pause), each entity with its characters (one
+    running across two utterances is dropped: no gold entity does).
+    result needs "char_times" (decode.py --timestamps chars). -> [{"id", "text", "output", "entities"}] per
+    utterance, entity offsets in the utterance's text."""
+    if "char_times" not in result:
+        raise ValueError(f"{result.get('id')}: no char_times (decode with --timestamps chars)")
+    owner, last = [], 0.0
+    for _, start, _ in result["char_times"]:
+        last = last if start is None else start
+        owner.append(min(range(len(utterances)), key=lambda u: max(utterances[u]["start_s"] - last, 0.0,
+                                                                    last - utterances[u]["end_s"])))
+    texts = [[] for _ in utterances]
+    index = []                                                  # each character's offset in its utterance's text
+    for c, u in zip(result["text"], owner):
+        index.append(len(texts[u]))
+        texts[u].append(c)
+    out = [{"id": u["audio"], "text": "".join(t), "entities": []} for u, t in zip(utterances, texts)]
+    for e in result["entities"]:
+        if e["start"] is None or e["start"] >= len(owner):
+            continue
+        u, a = owner[e["start"]], index[e["start"]]
+        if any(owner[k] != u for k in range(e["start"], e["end"])):   # across two utterances: no gold one is
+            continue
+        out[u]["entities"].append({**e, "start": a, "end": a + e["end"] - e["start"]})
+    for r in out:
+        r["output"] = data.linearize(r["text"], [data.Entity(e["start"], e["end"], e["type"]) for e in r["entities"]])
+    return out
+

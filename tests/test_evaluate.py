@@ -352,3 +352,33 @@ def test_times_refuses_predictions_without_times(tmp_path):
                                               ensure_ascii=False) + "\n")
     with pytest.raises(data.DataError, match="no gold entity times"):
         evaluate.prediction_pairs(tmp_path / "p.jsonl", "cnerta", tmp_path, "dev", "MNER", need_times=True)
+
+
+def test_long_form_scores_each_gold_utterance_of_a_stitched_recording(tmp_path):
+    """A recording of two utterances (0.5-2.0 s, 2.6-4.0 s): its transcription's characters go to the utterance
+    holding their start (a character in the pause to the nearer one) and are scored against the utterances' own
+    lines, as the same audio cut at the gold boundaries would be."""
+    utts = [{"sentence": "张三在北京", "audio": "U1", "entity": [[0, 2, "张三", "PER"], [3, 5, "北京", "LOC"]]},
+            {"sentence": "李四来了", "audio": "U2", "entity": [[0, 2, "李四", "PER"]]}]
+    write(tmp_path / "cut" / "test.json", "".join(json.dumps(u, ensure_ascii=False) + "\n" for u in utts))
+    long_line = {"sentence": "张三在北京李四来了", "audio": "L1", "entity": [],
+                 "utterances": [{"audio": "U1", "start_s": 0.5, "end_s": 2.0}, {"audio": "U2", "start_s": 2.6,
+                                                                             "end_s": 4.0}]}
+    write(tmp_path / "test.json", json.dumps(long_line, ensure_ascii=False) + "\n")
+    text = "张三在北京李四来了"
+    starts = [0.6, 0.8, 1.0, 1.2, 2.35, 2.7, 2.9, 3.1, 3.3]             # 京 at 2.35 s: nearer the second one
+    rec = {"id": "L1", "task": "SNER", "wav": "L1.wav", "output": "", "text": text,
+           "char_times": [[c, t, t + 0.2] for c, t in zip(text, starts)],
+           "entities": [{"type": "PER", "text": "张三", "start": 0, "end": 2},
+                        {"type": "LOC", "text": "北京", "start": 3, "end": 5},    # runs across: dropped
+                        {"type": "PER", "text": "李四", "start": 5, "end": 7}]}
+    write(tmp_path / "p.jsonl", json.dumps(rec, ensure_ascii=False) + "\n")
+    out = evaluate.long_form(tmp_path / "p.jsonl", tmp_path, "SNER")
+    assert out["recordings"] == 1 and out["sentences"] == 2
+    assert (out["ours"]["tp"], out["ours"]["pred"], out["ours"]["gold"]) == (2, 2, 3)
+    assert out["cer"] == pytest.approx(100 * 2 / 9)                  # 张三在北 + 京李四来了: one deletion, one insertion
+    split = evaluate.segment.unstitch(rec, long_line["utterances"])
+    assert [r["text"] for r in split] == ["张三在北", "京李四来了"] and split[1]["output"] == "京[李四]来了"
+    del rec["char_times"]
+    with pytest.raises(ValueError, match="timestamps chars"):
+        evaluate.segment.unstitch(rec, long_line["utterances"])
