@@ -46,8 +46,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -57,182 +57,25 @@ import torch.nn.functional as F
 
 import audio
 import cost
-import data
 import recognize
 import devices
 import files
-import image
 import search
 import train
-import weights
-from measure import PeakMemory, Runs, busy_processes, load_average, matmul_peak_flops, sync
-from text import EOS, PAD, UNK, TextVocab, read_phone_dict
+from measure import PeakMemory, Runs, Stopwatch, busy_processes, load_average, matmul_peak_flops, sync
+from text import EOS, PAD
+from workload import (CHARS_PER_SECOND, CONSTRAINT, asr_batch, bench_assets, build_model, long_recording,
+                      modelscope_dir, our_features, prepare_wavs, run_reference, token_ids)
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 DEFAULT_REFERENCE_PYTHON = Path.home() / ".cache" / "mmspeech-ref" / "venv" / "bin" / "python"
 DEFAULT_CACHE = Path.home() / ".cache" / "image" / "bench"
-FIXTURE_WAVS = ROOT / "tests" / "fixtures" / "wavs"
-REFERENCE_DRIVER = ROOT / "reference" / "bench_modelscope.py"   # ModelScope's side, run in the reference venv
-CONSTRAINT = (4, 21134)                 # MMSpeech's constraint_range (audio codes are never generated)
-SECTIONS = ("decode", "train", "fbank", "timestamps")
-CHARS_PER_SECOND = 4.5                  # speech in AISHELL-1 runs ~4-5 characters a second
+SECTIONS = ("decode", "train", "fbank", "timestamps", "long")
 # the paper recipe's optimizer settings (lr, weight decay, beta2); dataset and out are required fields, unused here
 TRAIN_RECIPE = train.TrainConfig(**train.PAPER, dataset="cnerta", out="")
 RATIO_KEYS = ("decode_speedup_vs_reference", "train_step_time_ratio_vs_reference",
               "fbank_speed_ratio_vs_kaldi_native_fbank")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# inputs: wavs, the ModelScope directory, our model
-
-
-def run_checked(cmd, what, env=None):
-    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {' '.join(map(str, cmd))}\n{tail}")
-    return proc
-
-
-def reference_env(ref_python, threads):
-    """Environment for the reference venv's scripts: _refenv finds the venv through MMSPEECH_REF_VENV."""
-    env = dict(os.environ, MMSPEECH_REF_VENV=str(Path(ref_python).parent.parent), PYTHONDONTWRITEBYTECODE="1")
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    return env
-
-
-def read_wav_index(folder):
-    """[(path, text, seconds)] from a make_wavs.py folder (index.jsonl), else every *.wav with text None."""
-    folder = Path(folder)
-    index = folder / "index.jsonl"
-    if index.is_file():
-        rows = []
-        for n, line in enumerate(index.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                    rows.append((folder / rec["wav"], rec.get("text"), None))
-                except (ValueError, KeyError) as e:
-                    raise ValueError(f"{index}:{n}: not a make_wavs.py index line ({e})") from None
-    else:
-        rows = [(p, None, None) for p in sorted(folder.glob("*.wav"))]
-    if not rows:
-        raise FileNotFoundError(f"{folder}: no wavs (expected *.wav or a make_wavs.py index.jsonl)")
-    for p, _, _ in rows:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: listed in {index} but missing")
-    return rows
-
-
-def prepare_wavs(args, ref_python):
-    """-> (list of (path, text), where they came from). make_wavs.py --n N --seed 0 when the reference venv is there
-    (cached), else --wav-dir, else the four test wavs repeated to N."""
-    if args.wav_dir:
-        rows, source = read_wav_index(args.wav_dir), f"--wav-dir {args.wav_dir}"
-    elif ref_python is not None:
-        folder = Path(args.cache_dir) / f"wavs_n{args.n_wavs}_seed0"
-        if not (folder / "index.jsonl").is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=".wavs_", dir=args.cache_dir))
-            run_checked([ref_python, Path(args.reference_dir) / "make_wavs.py", "--out", tmp, "--n", args.n_wavs,
-                         "--seed", 0], "make_wavs.py", env=reference_env(ref_python, args.threads))
-            os.replace(tmp, folder)
-        rows, source = read_wav_index(folder), f"make_wavs.py --n {args.n_wavs} --seed 0"
-    else:
-        rows, source = read_wav_index(FIXTURE_WAVS), "tests/fixtures/wavs"
-    rows = [(rows[i % len(rows)][0], rows[i % len(rows)][1]) for i in range(args.n_wavs)]
-    if args.n_wavs > len(set(p for p, _ in rows)):
-        source += f" (repeated to {args.n_wavs})"
-    return rows, source
-
-
-def modelscope_dir(args, ref_python):
-    """make_modelscope_dir.py --size PRESET --seed 0 [--eos-boost B], written once into the cache."""
-    name = f"ms_{args.preset}_seed0" + (f"_eos{args.eos_boost:g}" if args.eos_boost else "")
-    folder = Path(args.cache_dir) / name
-    if not (folder / "pytorch_model.bin").is_file() or not (folder / "reference_meta.json").is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}_", dir=args.cache_dir))
-        cmd = [ref_python, Path(args.reference_dir) / "make_modelscope_dir.py", "--size", args.preset, "--seed", 0,
-               "--out", tmp]
-        if args.eos_boost:
-            cmd += ["--eos-boost", args.eos_boost]
-        print(f"bench: writing the ModelScope directory {folder} (once) ...", flush=True)
-        run_checked(cmd, "make_modelscope_dir.py", env=reference_env(ref_python, args.threads))
-        os.replace(tmp, folder)
-    return folder
-
-
-def build_model(args, ms_dir, device):
-    """-> (model in eval mode on device, assets or None, description). Converted weights when ms_dir is given."""
-    t0 = time.perf_counter()
-    if ms_dir is not None:
-        ckpt = weights.convert(str(ms_dir))
-        # modelscope_padding: the same padding as ModelScope, so batched outputs are the same tokens (same work)
-        model = weights.model_from_checkpoint(ckpt, device, str(ms_dir), modelscope_padding=True)
-        assets, what = ckpt["assets"], f"converted {ms_dir.name} (make_modelscope_dir.py --seed 0)"
-    else:
-        torch.manual_seed(0)
-        model = image.IMAGE(getattr(image.Config, args.preset)(vocab_size=cost.FULL_VOCAB))
-        assets, what = None, f"random init (seed 0), Config.{args.preset}(vocab_size={cost.FULL_VOCAB})"
-    return model.to(device).eval(), assets, what, time.perf_counter() - t0
-
-
-def token_ids(texts, assets, n_default=16):
-    """Decoder ids of each text (one per character, as text.TextVocab); deterministic stand-ins without a vocab."""
-    index = {}
-    if assets is not None:
-        for i, tok in enumerate(assets["vocab"][4:], 4):
-            index.setdefault(tok, i)
-    out = []
-    for k, text in enumerate(texts):
-        text = text or ""
-        if assets is not None and text:
-            out.append([index.get(ch, UNK) for ch in text])
-        else:
-            g = torch.Generator().manual_seed(k)
-            n = len(text) or n_default
-            out.append(torch.randint(675, 8000, (n,), generator=g).tolist())   # CJK range of the BERT vocab
-    return out
-
-
-def our_features(wavs, cmvn):
-    """-> list of fbank (T, 80), seconds spent, audio seconds. The whole chain users run (audio.speech_features)."""
-    t0 = time.perf_counter()
-    feats, seconds = [], 0.0
-    for path in wavs:
-        x = audio.load_audio(path)
-        seconds += x.numel() / audio.SAMPLE_RATE
-        feats.append(audio.speech_features(x, cmvn=cmvn))
-    return feats, time.perf_counter() - t0, seconds
-
-
-def asr_batch(feats, ids=None):
-    """data.collate's batch for MMSpeech's own task, ASR (speech only, no text stream), which both sides run:
-    fbank (B, T, 80) zero-padded; decoder_input BOS + ids and target ids + EOS, PAD-padded (B, L)."""
-    return data.collate([data.asr_row(f, r) for f, r in zip(feats, ids or [[] for _ in feats])])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the reference side: ModelScope 1.40.2 in its venv, driven by reference/bench_modelscope.py
-
-
-def run_reference(args, ref_python, ms_dir, wavs, train_rows, train_ids, sections):
-    """Run ModelScope in its venv on the same inputs (REFERENCE_DRIVER, given a JSON spec); -> its results dict."""
-    with tempfile.TemporaryDirectory(prefix="bench_ref_") as tmp:
-        spec_path, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec = {"model_dir": str(ms_dir),
-                "wavs": [str(w) for w in wavs], "threads": args.threads, "batch": args.batch, "beam": args.beam,
-                "max_len": args.max_len, "repeat": args.repeat, "train_steps": args.train_steps,
-                "train_rows": train_rows, "train_ids": train_ids, "sections": sections, "out": str(out)}
-        spec_path.write_text(json.dumps(spec), encoding="utf-8")
-        print(f"bench: running ModelScope ({', '.join(sections)}) in {ref_python} ...", flush=True)
-        t0 = time.perf_counter()
-        env = dict(reference_env(ref_python, args.threads),
-                   MMSPEECH_REFERENCE_DIR=str(Path(args.reference_dir).resolve()))
-        run_checked([ref_python, REFERENCE_DRIVER, spec_path], "the ModelScope reference run", env=env)
-        result = json.loads(out.read_text(encoding="utf-8"))
-        result["wall_s"] = time.perf_counter() - t0
-        return result
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,17 +271,6 @@ def bench_fbank(report, args, wavs, device):
     report["fbank"] = out
 
 
-def bench_assets(model):
-    """Assets for random weights without a ModelScope directory: specials and brackets, CJK characters over the
-    constraint range (each with pinyin readings, so entity times align real phones), fillers up to the model's
-    vocabulary, MMSpeech's phone inventory."""
-    vocab = TextVocab.build([]).tokens
-    vocab += [chr(c) for c in range(0x4E00, 0x4E00 + CONSTRAINT[1] - len(vocab))]
-    vocab += [f"[unused{i}]" for i in range(model.config.vocab_size - len(vocab))]
-    return {"vocab": vocab, "phones": read_phone_dict(), "lexicon": {},
-            "fbank": {"num_mel_bins": 80, "cmvn": "utterance"}, "decoding": {}}
-
-
 def bench_timestamps(report, args, model, assets, wavs, texts, device, dtype):
     """What entity times cost (#17: <= 10 % of SNER/MNER decoding, base preset, beam 5, batch 8): recognize.Recognizer
     over the wavs (reading, features, search, results) with --timestamps none against entities (the forced
@@ -475,6 +307,48 @@ def bench_timestamps(report, args, model, assets, wavs, texts, device, dtype):
     report["timestamp_cost"] = max(added) if added else None
 
 
+def bench_long(report, args, model, assets, wavs, device, dtype):
+    """Long recordings (#18): SNER over recordings of --long-minutes, cut into pieces of --long-piece seconds,
+    beam --beam: decoding time per audio second (flat from the shortest to the longest is linear time), peak
+    memory, and where the time goes (voice activity, reading + features, encoder, search, alignment). Random
+    weights: every piece's output forced to CHARS_PER_SECOND x its length (the wavs' pauses make pieces alike)."""
+    print("bench: long recordings (ours) ...", flush=True)
+    assets = assets or bench_assets(model)
+    model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+    folder = Path(tempfile.mkdtemp(prefix="long_", dir=args.cache_dir))
+    rows = []
+    try:
+        for minutes in args.long_minutes:
+            path = long_recording(folder / f"{minutes:g}.wav", wavs, minutes)
+            options = search.DecodeOptions(beam=args.beam, max_piece_seconds=args.long_piece, vad="energy",
+                                           constraint_range=CONSTRAINT, no_repeat_ngram_size=5)
+            rec = recognize.Recognizer((model, assets), options, device=device)
+            pieces = rec._pieces(recognize.Request(wav=str(path)), "SNER")
+            forced = round(CHARS_PER_SECOND * statistics.mean(p.end_s - p.start_s for p in pieces))
+            rec.options = dataclasses.replace(rec.options, min_len=forced, max_len=forced)
+            watch = Stopwatch()
+            for owner, name, label in ((rec, "_pieces", "voice activity"), (rec, "_speech", "reading + features"),
+                                       (rec, "_encode", "encoder"), (recognize, "beam_search", "search"),
+                                       (rec, "_add_times", "alignment")):
+                watch.wrap(owner, name, label)
+            seconds = audio.wav_info(path).seconds
+            with PeakMemory(device) as mem:
+                t0 = time.perf_counter()
+                (res,) = rec.run([recognize.Request(wav=str(path))], batch_size=args.batch)
+                wall = time.perf_counter() - t0
+            recognize.beam_search = search.beam_search          # unwrap the module-level function
+            rows.append({"minutes": minutes, "audio_s": round(seconds, 1), "pieces": len(res["pieces"]),
+                         "forced_chars": forced, "decode_s": round(wall, 2), "rtf": wall / seconds,
+                         "peak_mb": mem.report()["peak_mb"],
+                         "time_shares": {k: round(v / wall, 3) for k, v in watch.spent.items()}})
+            print(f"bench: {minutes:g} min: {wall:.1f} s, RTF {wall / seconds:.3f}", flush=True)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    per_s = [r["rtf"] for r in rows]
+    report["long"] = {"piece_s": args.long_piece, "rows": rows, "rtf_spread": max(per_s) / min(per_s) - 1}
+    report["long_rtf_spread"] = report["long"]["rtf_spread"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the report: targets and the table
 
@@ -497,6 +371,9 @@ def targets(report, args):
             report["train_step_time_ratio_vs_reference"], on_cpu and args.preset == "base", lambda v: v <= 0.8),
         "fbank >= kaldi-native-fbank per utterance (CPU, 1 thread)": target(
             report["fbank_speed_ratio_vs_kaldi_native_fbank"], True, lambda v: v >= 1),
+        "long recordings: time per audio second flat within 15% (1-10 min)": target(
+            report.get("long_rtf_spread"), "long" in report and max(args.long_minutes) >= 10 * min(args.long_minutes),
+            lambda v: v <= 0.15),
         "timestamps add <= 10% to SNER/MNER decoding (base, beam 5, batch 8)": target(
             report.get("timestamp_cost"), args.preset == "base" and args.beam == 5 and args.batch == 8,
             lambda v: v <= 0.10),
@@ -569,6 +446,9 @@ def format_table(r, args):
                 f.get(f"ratio_at_{args.threads}_threads"))
         row("fbank", f"frames/s batched on {r['device']}", f[f"ours_batched_{torch.device(r['device']).type}"]
             ["frames_per_s"])
+    for row_ in r.get("long", {}).get("rows", []):
+        row("long", f"{row_['minutes']:g} min: RTF ({row_['pieces']} pieces)", row_["rtf"])
+        row("long", f"{row_['minutes']:g} min: peak memory MB", row_["peak_mb"])
     for task in ("SNER", "MNER"):
         t = r.get("timestamps", {}).get(task)
         if isinstance(t, dict):
@@ -602,6 +482,8 @@ def get_args(argv=None):
     a("--train-steps", type=int, default=3, help="timed training steps after one warm-up step (default 3)")
     a("--sections", default="decode,train,fbank", help=f"comma-separated subset of {','.join(SECTIONS)} (default "
       "decode,train,fbank)")
+    a("--long-minutes", default="1,2,5", help="long section: recording lengths in minutes (default 1,2,5)")
+    a("--long-piece", type=float, default=15.0, help="long section: --max-piece-seconds (default 15)")
     a("--reference-python", default=None,
       help=f"python of the ModelScope reference venv (default {DEFAULT_REFERENCE_PYTHON} if it exists)")
     a("--reference-dir", default=str(DEFAULT_REFERENCE_DIR),
@@ -648,6 +530,12 @@ def get_args(argv=None):
     if args.max_len > 1000:
         p.error("--max-len must be <= 1000 (decoder positions)")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    try:
+        args.long_minutes = [float(m) for m in args.long_minutes.split(",")]
+        assert all(0 < m <= 120 for m in args.long_minutes) and args.long_piece >= search.MIN_PIECE_SECONDS
+    except (ValueError, AssertionError):
+        p.error(f"--long-minutes {args.long_minutes!r} (minutes in (0, 120]) or --long-piece {args.long_piece} "
+                f"(at least {search.MIN_PIECE_SECONDS:g})")
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad or not args.sections:
         p.error(f"--sections: unknown {bad or args.sections}; choose from {','.join(SECTIONS)}")
@@ -712,7 +600,7 @@ def main(argv=None):
 
     wav_rows, report["wavs"] = prepare_wavs(args, ref_python)
     wavs, texts = [p for p, _ in wav_rows], [t for _, t in wav_rows]
-    if {"decode", "train", "timestamps"} & set(sections):
+    if {"decode", "train", "timestamps", "long"} & set(sections):
         ms_dir = modelscope_dir(args, ref_python) if ref_python else None
         model, assets, report["weights"], report["model_build_s"] = build_model(args, ms_dir, device)
         report["parameters"] = model.num_parameters()
@@ -731,6 +619,8 @@ def main(argv=None):
             bench_train(report, args, model, asr_batch([feats[i] for i in train_rows], train_ids), ref, device, dtype)
         if "timestamps" in sections:
             bench_timestamps(report, args, model, assets, wavs, texts, device, dtype)
+        if "long" in sections:
+            bench_long(report, args, model, assets, wavs, device, dtype)
     if "fbank" in sections:
         bench_fbank(report, args, wavs, device)
 

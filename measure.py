@@ -1,6 +1,7 @@
 """measure.py: how the benchmarks measure: clocks (wall and process CPU time of repeated runs), peak memory (CUDA
 allocator or the process's peak RSS), the machine's load and busiest other processes, and a measured matmul roof
 for MFU. bench.py's sections time the project's own code with these; nothing here knows the model."""
+import collections
 import contextlib
 import os
 import re
@@ -118,3 +119,21 @@ def matmul_peak_flops(device, dtype, seconds=1.0):
             if time.perf_counter() - start >= seconds:
                 break
     return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+class Stopwatch:
+    """Seconds spent inside the wrapped callables, by name: where a long recording's decoding time goes."""
+
+    def __init__(self):
+        self.spent = collections.Counter()
+
+    def wrap(self, owner, name, label):
+        inner = getattr(owner, name)
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **kw)
+            finally:
+                self.spent[label] += time.perf_counter() - t
+        setattr(owner, name, timed)

@@ -14,12 +14,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
+import image  # noqa: E402
+import workload  # noqa: E402
 import cost  # noqa: E402
+import measure  # noqa: E402
+import recognize  # noqa: E402
+import search  # noqa: E402
 import text  # noqa: E402
 
 
 def test_peak_memory_sees_a_large_allocation():
-    with bench.PeakMemory(torch.device("cpu")) as probe:
+    with measure.PeakMemory(torch.device("cpu")) as probe:
         x = torch.ones(40_000_000)                 # 160 MB, touched
         del x
     report = probe.report()
@@ -43,7 +48,7 @@ def test_our_side_runs_and_writes_the_ratio_keys(tmp_path):
     assert decode["mean_output_tokens"] == 3 + 1                 # random weights: forced to max_len, + EOS
     train = saved["train"]["ours"]
     assert train["step"]["best_s"] > 0 and 0 < train["mfu"] < 1
-    texts = [text for _, text, _ in bench.read_wav_index(ROOT / "tests" / "fixtures" / "wavs")[:2]]
+    texts = [text for _, text, _ in workload.read_wav_index(ROOT / "tests" / "fixtures" / "wavs")[:2]]
     assert train["tokens"] == sum(len(t) + 1 for t in texts)     # one id per character + EOS
     fbank = saved["fbank"]
     assert fbank["frames"] > 0 and fbank["ours_per_utterance_1_thread"]["frames_per_s"] > 0
@@ -61,7 +66,7 @@ def test_timestamps_section_times_both_settings_on_aligned_text(tmp_path):
                          "--batch", "2", "--beam", "2", "--repeat", "1", "--threads", "1", "--sections", "timestamps",
                          "--cache-dir", str(tmp_path)])
     t = report["timestamps"]
-    seconds = [s for _, _, s in bench.read_wav_index(wavs)][:2]
+    seconds = [s for _, _, s in workload.read_wav_index(wavs)][:2]
     assert t["sner_forced_chars"] == round(4.5 * (2.95725 + 2.8994375) / 2) == 13 and seconds == [None, None]
     for task in ("SNER", "MNER"):
         assert t[task]["none_s"] > 0 and t[task]["entities_s"] > 0
@@ -69,8 +74,24 @@ def test_timestamps_section_times_both_settings_on_aligned_text(tmp_path):
         assert len(t[task]["runs_none_s"]) == len(t[task]["runs_entities_s"]) == 1   # after one warm-up pass
     assert report["timestamp_cost"] == max(t["SNER"]["added"], t["MNER"]["added"])
     assert "decode" not in report and "train" not in report
-    assets = bench.bench_assets(bench.image.IMAGE(bench.image.Config.tiny(vocab_size=cost.FULL_VOCAB)))
-    assert len(assets["vocab"]) == cost.FULL_VOCAB and assets["vocab"][bench.CONSTRAINT[1] - 1] == chr(0x4E00 + 21134 - 10 - 1)
+    assets = workload.bench_assets(image.IMAGE(image.Config.tiny(vocab_size=cost.FULL_VOCAB)))
+    assert len(assets["vocab"]) == cost.FULL_VOCAB and assets["vocab"][workload.CONSTRAINT[1] - 1] == chr(0x4E00 + 21134 - 10 - 1)
+
+
+def test_long_section_times_recordings_and_says_where_the_time_goes(tmp_path):
+    wavs = ROOT / "tests" / "fixtures" / "wavs"
+    report = bench.main(["--skip-reference", "--preset", "tiny", "--wav-dir", str(wavs), "--beam", "2",
+                         "--threads", "1", "--sections", "long", "--long-minutes", "0.2,0.4", "--long-piece", "5",
+                         "--cache-dir", str(tmp_path)])
+    rows = report["long"]["rows"]
+    assert [r["minutes"] for r in rows] == [0.2, 0.4] and rows[1]["audio_s"] >= 24 and rows[1]["pieces"] >= 5
+    for r in rows:
+        assert r["rtf"] > 0 and r["forced_chars"] >= 9 and set(r["time_shares"]) == {
+            "voice activity", "reading + features", "encoder", "search", "alignment"}
+        assert sum(r["time_shares"].values()) <= 1.0 + 1e-6
+    assert report["long_rtf_spread"] == pytest.approx(max(r["rtf"] for r in rows) / min(r["rtf"] for r in rows) - 1)
+    assert not list(tmp_path.glob("long_*"))                            # the recordings are removed
+    assert recognize.beam_search is search.beam_search                  # the stopwatch is taken off
 
 
 def test_bad_flags_are_refused(capsys):
@@ -85,7 +106,7 @@ def test_asr_batch_is_the_hand_padded_modelscope_format_batch():
     """data.collate's batch equals what both sides fed before (and the reference driver still builds by hand):
     zero-padded fbank, BOS + ids / ids + EOS padded with PAD, in float32 and int64."""
     feats = [torch.randn(7, 80), torch.randn(4, 80)]
-    batch = bench.asr_batch(feats, [[10, 11, 12], [20]])
+    batch = workload.asr_batch(feats, [[10, 11, 12], [20]])
     fbank = torch.zeros(2, 7, 80)
     fbank[0], fbank[1, :4] = feats[0], feats[1]
     B, P, E = text.BOS, text.PAD, text.EOS
@@ -95,14 +116,14 @@ def test_asr_batch_is_the_hand_padded_modelscope_format_batch():
     assert batch["target"].tolist() == [[10, 11, 12, E], [20, E, P, P]]
     assert batch["decoder_input"].dtype == batch["target"].dtype == torch.long
     assert batch["phone_lengths"].tolist() == [0, 0] and not batch["text_present"].any()
-    assert bench.asr_batch(feats)["decoder_input"].tolist() == [[B], [B]]          # decoding: BOS alone
+    assert workload.asr_batch(feats)["decoder_input"].tolist() == [[B], [B]]          # decoding: BOS alone
 
 
 def test_reference_driver_is_a_script_that_bench_runs(tmp_path):
     driver = ROOT / "reference" / "bench_modelscope.py"
-    assert bench.REFERENCE_DRIVER == driver and driver.is_file()
+    assert workload.REFERENCE_DRIVER == driver and driver.is_file()
     py_compile.compile(str(driver), cfile=str(tmp_path / "driver.pyc"), doraise=True)
-    assert "REFERENCE_DRIVER" in inspect.getsource(bench.run_reference)
+    assert "REFERENCE_DRIVER" in inspect.getsource(workload.run_reference)
     assert "def main(" in driver.read_text(encoding="utf-8")
 
 

@@ -13,9 +13,9 @@ LADDER = [
                                    # training step, from the config
     ("data", "weights", "search"),  # samples, linearization, features, batches | converter, checkpoint format |
                                     # DecodeOptions, beam search, bracket constraint, joint CTC scorer
-    ("align", "augment", "segment"),  # CTC forced alignment: characters in time | training-time augmentations
-                                      # (entity swaps, bleeped entities) | long recordings: voice activity,
-                                      # pieces, stitching
+    ("align", "augment", "segment", "workload"),  # CTC forced alignment: characters in time | training-time
+                                      # augmentations (entity swaps, bleeped entities) | long recordings: voice
+                                      # activity, pieces, stitching | what bench.py runs on
     ("recognize", "evaluate"),     # inputs -> rows -> search -> entities with confidences and times; Recognizer |
                                    # scorers, breakdown, gazetteer, times, confidence, long recordings per utterance
     ("decode",),                   # the command line: outputs, label tracks, redaction, --eval
