@@ -134,15 +134,13 @@ def speech_stretches(probs, threshold=0.5, min_pause_s=0.2) -> list[tuple[float,
 
 def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=0.2, pad_s=0.2,
                 overlap_s=1.0) -> list[Piece]:
-    """The pieces of a recording (module docstring). A recording without speech is one piece from its start (at
-    most max_piece_s long): the model then says what it hears, and a warning says that no speech was found."""
+    """The pieces of a recording (module docstring). Where the detector finds no speech at all, the whole recording
+    counts as one stretch of it (cut at its quietest windows): nothing goes undecoded because a detector missed."""
     if max_piece_s < 2 * pad_s + 2 * overlap_s + HOP_S:
         raise ValueError(f"max_piece_s {max_piece_s} leaves no room for speech (pad_s {pad_s}, overlap_s "
                          f"{overlap_s})")
     probs = np.asarray(probs, dtype=np.float32)
-    stretches = speech_stretches(probs, threshold, min_pause_s)
-    if not stretches:
-        return [Piece(0.0, min(duration_s, max_piece_s))]
+    stretches = speech_stretches(probs, threshold, min_pause_s) or [(0.0, duration_s)]
     # too long a stretch: cut at its quietest window between half and all of what a piece holds
     room = max_piece_s - 2 * pad_s
     parts = []                                                   # (start_s, end_s, cut_s of the overlap before)
@@ -150,7 +148,7 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
         cut = None
         while end - start > room:
             lo, hi = math.ceil((start + room / 2) / HOP_S), math.floor((start + room - overlap_s / 2) / HOP_S)
-            w = lo + int(np.argmin(probs[lo:hi])) if hi > lo else hi
+            w = hi - 1 - int(np.argmin(probs[lo:hi][::-1])) if hi > lo else hi   # ties: the latest, fewer pieces
             at = w * HOP_S + HOP_S / 2
             parts.append((start, at + overlap_s / 2, cut))
             start, cut = at - overlap_s / 2, float(at)

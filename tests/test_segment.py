@@ -67,7 +67,10 @@ def test_pieces_pack_stretches_at_pauses_and_never_cut_inside_one():
     assert pieces[0].start_s == pytest.approx(0.3, abs=0.04)         # pad_s of the pause kept
     whole = segment.plan_pieces(probs_of([(0.0, 3.0)], 5.0), 5.0)
     assert whole == [Piece(0.0, pytest.approx(3.2, abs=0.04))]
-    assert segment.plan_pieces(np.zeros(100), 3.2) == [Piece(0.0, 3.2)]   # no speech: one piece from the start
+    assert segment.plan_pieces(np.zeros(100), 3.2) == [Piece(0.0, 3.2)]   # no speech found: all of it, in
+    nothing = segment.plan_pieces(np.zeros(1000), 32.0, max_piece_s=10.0)  # overlapping pieces
+    assert nothing[0].start_s == 0.0 and nothing[-1].end_s == 32.0 and len(nothing) == 4
+    assert all(a.end_s > b.start_s and b.cut_s is not None for a, b in zip(nothing, nothing[1:]))
 
 
 def test_a_stretch_longer_than_a_piece_is_cut_at_its_quietest_window_with_an_overlap():
