@@ -152,7 +152,8 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
                 "max_piece_seconds": "--max-piece-seconds", "vad": "--vad",
                 "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
-                "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding"}
+                "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding",
+                "confidence_platt": "--confidence-platt"}
 
 
 def get_args(argv=None):
@@ -238,6 +239,9 @@ def get_args(argv=None):
       "times its align_confidence), to the power 1 / --confidence-temperature")
     a("--confidence-temperature", type=float, default=1.0, help="entity confidence = exp(log-confidence / T); fit "
       "T on dev predictions with `python evaluate.py confidence` (default 1)")
+    a("--confidence-platt", metavar="A,B", help="entity confidence = sigmoid(A logit(c) + B) of that c: Platt "
+      "scaling, fitted on dev predictions by `python evaluate.py confidence` (its platt_all); corrects a model "
+      "that is sure too often, which one temperature cannot")
     a("--progress", action=argparse.BooleanOptionalAction, default=None,
       help="progress bar on stderr (default: on for --input/--dataset when stderr is a terminal)")
     args = p.parse_args(argv)
@@ -274,6 +278,10 @@ def get_args(argv=None):
         p.error("--task takes one task unless --dataset is given")
     if args.threads < 0:
         p.error(f"--threads must be >= 0 (0 = torch default), got {args.threads}")
+    try:
+        platt = None if args.confidence_platt is None else tuple(float(x) for x in args.confidence_platt.split(","))
+    except ValueError:
+        p.error(f"--confidence-platt {args.confidence_platt!r}: expected two numbers A,B")
     args.options = DecodeOptions(
         beam=1 if args.greedy else args.beam, max_len=args.max_len, no_repeat_ngram_size=args.no_repeat_ngram,
         ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, asr=args.asr,
@@ -281,7 +289,8 @@ def get_args(argv=None):
         nbest=args.nbest, pseudo_text_len=args.pseudo_len, max_audio_seconds=args.max_audio_seconds,
         max_piece_seconds=args.max_piece_seconds, vad=args.vad,
         timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,
-        confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding)
+        confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding,
+        confidence_platt=platt)
     try:
         args.options.check(OPTION_FLAGS)
     except files.InputError as e:

@@ -31,6 +31,7 @@ import audio
 import segment
 from data import (DATASETS, SPLITS, DataError, Entity, Sample, json_lines, linearize, linearize_official, load_split,
                   nest, parse, parse_official, read_lines)
+from search import platt
 from text import TYPES, Phonemizer, read_phone_dict
 
 
@@ -540,22 +541,11 @@ def fit_temperature(log_conf, correct) -> float:
     return min((0.05 * 400 ** (k / 200) for k in range(201)), key=loss)
 
 
-def _logit(log_conf):
-    c = min(max(math.exp(log_conf), 1e-6), 1 - 1e-6)
-    return math.log(c / (1 - c))
-
-
-def platt(log_conf, a, b) -> float:
-    """Platt scaling of a confidence: sigmoid(a logit(c) + b), c = exp(log_conf)."""
-    z = a * _logit(log_conf) + b
-    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
-
-
 def fit_platt(log_conf, correct, ridge=1e-3) -> tuple[float, float]:
     """(a, b) minimising the log loss of platt(log_conf, a, b) against right (1) / wrong (0): logistic regression
     on one feature by Newton's method (a small ridge keeps it defined when the two kinds separate)."""
     a, b = 1.0, 0.0
-    xs = [_logit(v) for v in log_conf]
+    xs = [math.log(c / (1 - c)) for c in (min(max(math.exp(v), 1e-6), 1 - 1e-6) for v in log_conf)]
     for _ in range(100):
         ga = gb = haa = hab = hbb = 0.0
         for x, y in zip(xs, correct):

@@ -28,7 +28,7 @@ import files
 import segment
 import weights
 from search import (MIN_PIECE_SECONDS, BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search,
-                    entity_log_confidence, spans_from_constrained)
+                    entity_log_confidence, platt, spans_from_constrained)
 from text import CLOSE_OF, OPEN_OF, TYPES, UNK, map_spans
 
 
@@ -326,7 +326,8 @@ class Recognizer:
         return heard
 
     def _finish_confidence(self, results, task):
-        """confidence = exp(log-confidence / T) (6 decimals; None without per-token scores, a hypothesis cut at
+        """confidence = exp(log-confidence / T), Platt-scaled with confidence_platt (6 decimals; None without
+        per-token scores, a hypothesis cut at
         max_len). SNER: its brackets times its align_confidence (its characters' joint CTC scores are no
         probabilities), None without one. Entities below --min-confidence move to "below_min_confidence"."""
         for res in results:
@@ -334,7 +335,12 @@ class Recognizer:
                 lc, a = e.pop("log_confidence"), e.get("align_confidence")
                 lc = None if lc is None or (task == "SNER" and a is None) else \
                     lc + (math.log(max(a, 1e-9)) if task == "SNER" else 0.0)
-                e["confidence"] = None if lc is None else round(math.exp(lc / self.options.confidence_temperature), 6)
+                if lc is not None:
+                    lc /= self.options.confidence_temperature
+                    e["confidence"] = round(platt(lc, *self.options.confidence_platt)
+                                            if self.options.confidence_platt else math.exp(lc), 6)
+                else:
+                    e["confidence"] = None
             below = [e for e in res.get("entities", []) if e["confidence"] is not None
                      and e["confidence"] < self.options.min_confidence]
             if below:

@@ -70,6 +70,7 @@ class DecodeOptions:
                                                 # chars (every character's too) or none
     time_offset_ms: float = -10.0               # added to every time (align.char_times; fitted on demo dev)
     confidence_temperature: float = 1.0         # entity confidence = exp(log-confidence / T) (entity_log_confidence)
+    confidence_platt: Optional[tuple] = None    # (a, b): then sigmoid(a logit(exp(log-confidence / T)) + b)
     min_confidence: float = 0.0                 # results drop entities whose confidence is below
     # inputs
     pseudo_text_len: Optional[int] = None       # SNER pseudo text length (None: the checkpoint's, else Featurizer's)
@@ -117,6 +118,10 @@ class DecodeOptions:
                                    f"{self.timestamps!r}")
         if not math.isfinite(self.time_offset_ms):
             raise files.InputError(f"{name('time_offset_ms')} must be a finite number, got {self.time_offset_ms}")
+        if self.confidence_platt is not None and (len(self.confidence_platt) != 2 or not all(
+                math.isfinite(x) for x in self.confidence_platt)):
+            raise files.InputError(f"{name('confidence_platt')} must be two finite numbers A,B, got "
+                                   f"{self.confidence_platt}")
         if not 0 < self.confidence_temperature < math.inf:
             raise files.InputError(f"{name('confidence_temperature')} must be a positive number, got "
                                    f"{self.confidence_temperature}")
@@ -477,6 +482,13 @@ def spans_from_constrained(tokens, char_ids, open_ids, close_ids, text=None):
         else:
             return spans, False, "".join(out)
     return spans, pos == len(char_ids) and not stack, "".join(out)
+
+
+def platt(log_conf, a, b) -> float:
+    """Platt scaling of a confidence c = exp(log_conf): sigmoid(a logit(c) + b); (1, 0) leaves it as it is."""
+    c = min(max(math.exp(log_conf), 1e-6), 1 - 1e-6)
+    z = a * math.log(c / (1 - c)) + b
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
 
 
 def entity_log_confidence(tokens, positional_scores, open_ids, close_ids, width, char_ids=None, entity_bias=0.0,

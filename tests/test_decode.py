@@ -1313,7 +1313,13 @@ def test_entity_confidence_is_a_probability_ordered_as_the_scores(tiny):
     assert [e for r in kept for e in r["entities"]] == [e for e in ents if e["confidence"] >= cut]
     assert [e for r in kept for e in r.get("below_min_confidence", [])] == [e for e in ents if e["confidence"] < cut]
     assert any(e["confidence"] < cut for e in ents)
-    for bad in (dict(min_confidence=1.5), dict(confidence_temperature=0.0)):
+    scaled = recognize.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, confidence_platt=(0.5, -1.0)).recognize(
+        texts=texts, waveforms=[audio.load_audio(WAVS[0]), audio.load_audio(WAVS[1])])
+    for a, b in zip(ents, [e for r in scaled for e in r["entities"]]):   # Platt: sigmoid(0.5 logit(c) - 1)
+        c = min(max(a["confidence"], 1e-6), 1 - 1e-6)
+        assert b["confidence"] == pytest.approx(1 / (1 + math.exp(-(0.5 * math.log(c / (1 - c)) - 1))), abs=2e-4)
+    for bad in (dict(min_confidence=1.5), dict(confidence_temperature=0.0), dict(confidence_platt=(1.0,)),
+                dict(confidence_platt=(1.0, math.inf))):
         with pytest.raises(files.InputError, match="confidence"):
             recognize.Recognizer(tiny, device="cpu", **bad)
 
