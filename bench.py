@@ -332,11 +332,13 @@ def bench_long(report, args, model, assets, wavs, device, dtype):
                                        (rec, "_add_times", "alignment")):
                 watch.wrap(owner, name, label)
             seconds = audio.wav_info(path).seconds
-            with PeakMemory(device) as mem:
-                t0 = time.perf_counter()
-                (res,) = rec.run([recognize.Request(wav=str(path))], batch_size=args.batch)
-                wall = time.perf_counter() - t0
-            recognize.beam_search = search.beam_search          # unwrap the module-level function
+            try:
+                with PeakMemory(device) as mem:
+                    t0 = time.perf_counter()
+                    (res,) = rec.run([recognize.Request(wav=str(path))], batch_size=args.batch)
+                    wall = time.perf_counter() - t0
+            finally:
+                recognize.beam_search = search.beam_search      # unwrap the module-level function
             rows.append({"minutes": minutes, "audio_s": round(seconds, 1), "pieces": len(res["pieces"]),
                          "forced_chars": forced, "decode_s": round(wall, 2), "rtf": wall / seconds,
                          "peak_mb": mem.report()["peak_mb"],

@@ -240,8 +240,9 @@ def get_args(argv=None):
     a("--confidence-temperature", type=float, default=1.0, help="entity confidence = exp(log-confidence / T); fit "
       "T on dev predictions with `python evaluate.py confidence` (default 1)")
     a("--confidence-platt", metavar="A,B", help="entity confidence = sigmoid(A logit(c) + B) of that c: Platt "
-      "scaling, fitted on dev predictions by `python evaluate.py confidence` (its platt_all); corrects a model "
-      "that is sure too often, which one temperature cannot")
+      "scaling, fitted by `python evaluate.py confidence` (its platt_all) on dev predictions decoded with the same "
+      "--confidence-temperature and without --confidence-platt; corrects a model that is sure too often, which one "
+      "temperature cannot")
     a("--progress", action=argparse.BooleanOptionalAction, default=None,
       help="progress bar on stderr (default: on for --input/--dataset when stderr is a terminal)")
     args = p.parse_args(argv)
@@ -324,6 +325,8 @@ def _main(args):
             files.check_output_file(path, "--redact")
     if args.redact_dir is not None:
         files.check_output_dir(args.redact_dir, "--redact-dir")
+    if args.redact is not None and os.path.exists(args.redact) and os.path.samefile(args.redact, args.wav[0]):
+        raise files.InputError(f"--redact {args.redact}: is the input recording; redaction never overwrites it")
     for flag, paths in (("--input", [args.input] if args.input else []), ("--wav", args.wav or [])):
         for path in paths:
             if os.path.isdir(path):
@@ -355,6 +358,8 @@ def _redact(args, results):
     """--redact / --redact-dir: each recording with its entities replaced (audio.redact) and its sidecar."""
     for res, name in _by_file_name(results):   # entities under --min-confidence are replaced all the same
         out = args.redact if args.redact is not None else os.path.join(args.redact_dir, name + ".wav")
+        if os.path.exists(out) and os.path.samefile(out, res["wav"]):
+            raise files.InputError(f"{out}: is the recording itself; redaction never overwrites its input")
         audio.redact(res["wav"], res["entities"] + res.get("below_min_confidence", []), out, args.redact_types,
                      args.redact_with, args.pad_ms, args.min_align_confidence)
 

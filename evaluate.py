@@ -553,7 +553,7 @@ def fit_platt(log_conf, correct, ridge=1e-3) -> tuple[float, float]:
             w = p * (1 - p)
             ga, gb = ga + (p - y) * x, gb + (p - y)
             haa, hab, hbb = haa + w * x * x, hab + w * x, hbb + w
-        ga, haa, hbb = ga + ridge * (a - 1), haa + ridge, hbb + ridge
+        ga, gb, haa, hbb = ga + ridge * (a - 1), gb + ridge * b, haa + ridge, hbb + ridge
         det = haa * hbb - hab * hab
         if det <= 0:
             break

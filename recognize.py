@@ -361,13 +361,15 @@ class Recognizer:
                 raise files.InputError(f"input {req.id or i}: task {t} needs text")
             if self.options.asr and not req.has_speech:
                 raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
+            if t in ("TNER", "MNER") and not req.text.strip():
+                raise files.InputError(f"input {req.id or i}: empty text")
             plans[i] = self._pieces(req, t)
             if plans[i] is None:
                 items.append((i, req, t))
                 continue
             parts = [dataclasses.replace(req, span=(p.start_s, p.end_s)) for p in plans[i]]
             if t == "MNER":                                     # each piece gets its share of the transcript
-                parts, shares[i] = self._share_text(req, parts)
+                parts, shares[i] = self._share_text(req, parts, batch_size)
             items += [(i, part, t) for part in parts]
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
         keep_order = getattr(self.model.config, "modelscope_padding", False)
@@ -375,8 +377,9 @@ class Recognizer:
         bar = _progress(sum(map(_seconds, (req for _, req, _ in items))) if speech else len(items), progress, speech)
         decoded = [None] * len(items)
         for j, (_, req, t) in enumerate(items):                 # a piece with no share of the transcript
-            if t == "MNER" and req.span is not None and not req.text:
-                decoded[j] = {"id": req.id, "task": t, "wav": req.wav, "text": "", "entities": [], "char_times": []}
+            if t == "MNER" and req.span is not None and not (req.text or "").strip():
+                decoded[j] = {"id": req.id, "task": t, "wav": req.wav, "text": req.text or "", "entities": [],
+                              "char_times": [[c, None, None] for c in req.text or ""]}
         for t in dict.fromkeys(t for _, _, t in items):
             idx = [j for j, item in enumerate(items) if item[2] == t and decoded[j] is None]
             if not keep_order:
@@ -410,10 +413,10 @@ class Recognizer:
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
         return segment.plan_pieces(probs, seconds, longest)
 
-    def _share_text(self, req, parts):
+    def _share_text(self, req, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
         what the phone CTC head hears in each piece against the transcript's phones."""
-        heard = self._heard(parts)
+        heard = self._heard(parts, batch_size)
         classes = self.model.config.phone_dict_size - 3
         char_phones = [(self._readings(c, classes) or [[]])[0] for c in req.text]
         bounds, distances, failures = segment.split_text(char_phones, heard)

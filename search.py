@@ -75,7 +75,7 @@ class DecodeOptions:
     # inputs
     pseudo_text_len: Optional[int] = None       # SNER pseudo text length (None: the checkpoint's, else Featurizer's)
     max_audio_seconds: float = MAX_AUDIO_SECONDS  # longer audio is never decoded in one go:
-    max_piece_seconds: float = 20.0             # SNER recordings longer than this are cut at pauses (segment.py)
+    max_piece_seconds: float = 20.0             # SNER/MNER recordings longer than this are cut at pauses (segment.py)
                                                 # into pieces of at most this and max_audio_seconds
     vad: str = "silero"                         # voice activity detector of the cut: silero or energy
     modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)

