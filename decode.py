@@ -65,7 +65,7 @@ def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER
         sc = evaluate.score_predictions(task, golds, results, phones_of)
         main = sc[evaluator]
         scores[task] = {"p": main["p"], "r": main["r"], "f1": main["f1"], **sc}
-        longest = min(recognizer.options.max_piece_seconds, recognizer.options.max_audio_seconds)
+        longest = recognizer.options.longest_piece_seconds
         whole = [s for s in golds if head_check and task == "SNER" and audio.wav_info(s.audio).seconds <= longest]
         if whole:                                        # long recordings (cut into pieces) are not checked
             classes = recognizer.model.config.phone_dict_size - 3

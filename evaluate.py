@@ -641,8 +641,10 @@ def long_form(predictions, data_dir, task="SNER") -> dict:
     and scored against the utterances' own lines (data_dir/cut/test.json), as decode.py --eval scores the cut set."""
     lines = {d["audio"]: d for _, d in json_lines(Path(data_dir) / "test.json")}
     records = read_predictions(predictions, task)
-    if sorted(set(records) - set(lines)):
-        raise DataError(f"{predictions}: records {sorted(set(records) - set(lines))[:3]} not in {data_dir}/test.json")
+    bad = sorted(i for i in records if "utterances" not in lines.get(i, {}))
+    if bad:
+        raise DataError(f"{predictions}: records {bad[:3]} are not long recordings of {data_dir}/test.json (a line "
+                        "with \"utterances\", as demo.py --long-form writes)")
     golds = {s.id: s for s in load_split("demo", Path(data_dir) / "cut", "test")}
     split = [r for i, rec in records.items() for r in segment.unstitch(rec, lines[i]["utterances"])]
     return {"recordings": len(records), **score_predictions(task, [golds[r["id"]] for r in split], split,

@@ -401,7 +401,7 @@ class Recognizer:
         at most the shorter of them), else None."""
         if task == "TNER" or self.options.asr:
             return None
-        seconds, longest = _seconds(req), min(self.options.max_piece_seconds, self.options.max_audio_seconds)
+        seconds, longest = _seconds(req), self.options.longest_piece_seconds
         if seconds <= longest:
             return None
         if longest < MIN_PIECE_SECONDS:

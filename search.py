@@ -80,6 +80,11 @@ class DecodeOptions:
     vad: str = "silero"                         # voice activity detector of the cut: silero or energy
     modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)
 
+    @property
+    def longest_piece_seconds(self) -> float:
+        """The most audio decoded in one go: longer recordings are cut into pieces of at most this."""
+        return min(self.max_piece_seconds, self.max_audio_seconds)
+
     def resolve(self, assets=None, capacity=None):
         """-> these options with every unset search setting (and pseudo_text_len) taken from the checkpoint's
         assets, else SEARCH_DEFAULTS; checked, max_len against `capacity` (the decoder's positions) when given."""

@@ -379,6 +379,9 @@ def test_long_form_scores_each_gold_utterance_of_a_stitched_recording(tmp_path):
     assert out["cer"] == pytest.approx(100 * 2 / 9)                  # 张三在北 + 京李四来了: one deletion, one insertion
     split = evaluate.segment.unstitch(rec, long_line["utterances"])
     assert [r["text"] for r in split] == ["张三在北", "京李四来了"] and split[1]["output"] == "京[李四]来了"
+    write(tmp_path / "q.jsonl", json.dumps(dict(rec, id="L9"), ensure_ascii=False) + "\n")
+    with pytest.raises(data.DataError, match="'L9'.*not long recordings"):
+        evaluate.long_form(tmp_path / "q.jsonl", tmp_path, "SNER")
     del rec["char_times"]
     with pytest.raises(ValueError, match="timestamps chars"):
         evaluate.segment.unstitch(rec, long_line["utterances"])
