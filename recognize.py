@@ -411,7 +411,8 @@ class Recognizer:
         if self._vad is None:
             self._vad = segment.detector(self.options.vad)
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
-        return segment.plan_pieces(probs, seconds, longest)
+        return segment.plan_pieces(probs, seconds, longest, min_pause_s=self.options.min_pause_seconds,
+                                   pack=self.options.pieces == "packed")
 
     def _share_text(self, req, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
@@ -428,8 +429,8 @@ class Recognizer:
         res = segment.stitch(pieces, parts, by_time=share is None)
         if share is not None:
             res["input_text"] = share["text"]
-            res["pieces"] = [dict(p, chars=[a, b]) for p, a, b in zip(res["pieces"], share["bounds"],
-                                                                      share["bounds"][1:])]
+            res["pieces"] = [dict(p, chars=[a, b], **({"alignment_failed": True} if k in share["failures"] else {}))
+                             for k, (p, a, b) in enumerate(zip(res["pieces"], share["bounds"], share["bounds"][1:]))]
             if share["failures"]:
                 res.setdefault("warnings", []).append(f"pieces {share['failures']}: what the model hears does not "
                                                       "match their share of the transcript (alignment failed)")

@@ -27,6 +27,7 @@ MAX_DEPTH = 4            # constrained decoding: deepest bracket nesting allowed
 MAX_AUDIO_SECONDS = 60.0  # longer wavs are refused (the encoder's attention is quadratic in frames)
 MIN_PIECE_SECONDS = 4.0   # shortest --max-piece-seconds: room for speech, the pad and the overlap of a cut
 VADS = ("silero", "energy")
+PIECE_RULES = ("pauses", "packed")  # a piece per stretch of speech between pauses, or stretches packed up to the limit
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -78,6 +79,9 @@ class DecodeOptions:
     max_piece_seconds: float = 20.0             # SNER/MNER recordings longer than this are cut at pauses (segment.py)
                                                 # into pieces of at most this and max_audio_seconds
     vad: str = "silero"                         # voice activity detector of the cut: silero or energy
+    pieces: str = "pauses"                      # pauses: a piece per stretch of speech; packed: stretches packed
+                                                # into pieces up to max_piece_seconds (segment.plan_pieces)
+    min_pause_seconds: float = 0.2              # silence that separates two stretches of speech
     modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)
 
     @property
@@ -140,6 +144,10 @@ class DecodeOptions:
                                    f"{self.max_piece_seconds}")
         if self.vad not in VADS:
             raise files.InputError(f"{name('vad')} must be one of {', '.join(VADS)}, got {self.vad!r}")
+        if self.pieces not in PIECE_RULES:
+            raise files.InputError(f"{name('pieces')} must be one of {', '.join(PIECE_RULES)}, got {self.pieces!r}")
+        if not 0 < self.min_pause_seconds <= 5:
+            raise files.InputError(f"{name('min_pause_seconds')} must be in (0, 5], got {self.min_pause_seconds}")
 
 
 @dataclass

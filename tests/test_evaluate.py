@@ -1,4 +1,5 @@
-"""Tests for evaluate.py: our evaluator and the official one, CER, score tables, error breakdown, gazetteer."""
+"""Tests for scoring.py, evaluate.py and diagnose.py: our evaluator and the official one, CER, score tables, error
+breakdown, gazetteer, entity times, confidence, playback, long recordings."""
 import io
 import json
 import math
@@ -11,7 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import diagnose  # noqa: E402
 import evaluate  # noqa: E402
+import scoring  # noqa: E402
+import search  # noqa: E402
+import segment  # noqa: E402
 import text  # noqa: E402
 from data import Sample  # noqa: E402
 from test_data import CNERTA, E, need_cnerta, write, write_wav  # noqa: E402
@@ -31,7 +36,7 @@ def test_evaluators_tner_last_character_and_nested_entities():
              data.Sample("2", "搜狐科技公司", [data.Entity(0, 4, "ORG"), data.Entity(0, 2, "ORG")])]
     preds = [result("[郭涛]去了[合肥]", "郭涛去了合肥", [(0, 2, "PER"), (4, 6, "PER")]),   # wrong type at the end
              result("<<搜狐>科技>公司", "搜狐科技公司", [(0, 4, "ORG"), (0, 2, "ORG")])]  # nested, same type
-    sc = evaluate.score_predictions("TNER", golds, preds)
+    sc = scoring.score_predictions("TNER", golds, preds)
     ours, official = sc["ours"], sc["official"]
     assert (ours["tp"], ours["pred"], ours["gold"]) == (3, 4, 4) and ours["f1"] == pytest.approx(75.0)
     assert ours["per_type"]["PER"]["p"] == pytest.approx(50.0) and ours["per_type"]["PER"]["r"] == 100.0
@@ -44,12 +49,12 @@ def test_evaluators_tner_last_character_and_nested_entities():
 
 
 def test_official_keys_pairing_rules():
-    assert evaluate.official_keys("TNER", "[张[三]李四") == [("PER", 0, 2), ("PER", 1, 2)]   # nearest pairing, union
-    assert evaluate.official_keys("TNER", "[张三") == [] and evaluate.official_keys("TNER", "张三]") == []
-    assert evaluate.official_keys("TNER", "(<北京)大学>x") == [("LOC", 0, 2), ("ORG", 0, 4)]
-    assert evaluate.official_keys("TNER", "去(合肥)") == []                                   # last character
-    assert evaluate.official_keys("TNER", "去 (合肥) 了") == [("LOC", 1, 3)]                  # spaces removed
-    assert evaluate.our_keys("TNER", "去合肥了", [(1, 3, "LOC"), (None, None, "PER")]) == [
+    assert scoring.official_keys("TNER", "[张[三]李四") == [("PER", 0, 2), ("PER", 1, 2)]   # nearest pairing, union
+    assert scoring.official_keys("TNER", "[张三") == [] and scoring.official_keys("TNER", "张三]") == []
+    assert scoring.official_keys("TNER", "(<北京)大学>x") == [("LOC", 0, 2), ("ORG", 0, 4)]
+    assert scoring.official_keys("TNER", "去(合肥)") == []                                   # last character
+    assert scoring.official_keys("TNER", "去 (合肥) 了") == [("LOC", 1, 3)]                  # spaces removed
+    assert scoring.our_keys("TNER", "去合肥了", [(1, 3, "LOC"), (None, None, "PER")]) == [
         ("LOC", 1, 3), ("PER", "unaligned", 1)]
 
 
@@ -58,7 +63,7 @@ def test_evaluators_sner_text_multiset_vs_official_pinyin_set():
     golds = [data.Sample("1", "张三和张三去了北京", [data.Entity(0, 2, "PER"), data.Entity(3, 5, "PER"),
                                                     data.Entity(7, 9, "LOC")])]
     preds = [result("[章三]和[张三]去了(北京)", "章三和张三去了北京", [(0, 2, "PER"), (3, 5, "PER"), (7, 9, "LOC")])]
-    sc = evaluate.score_predictions("SNER", golds, preds, phones_of=pron)
+    sc = scoring.score_predictions("SNER", golds, preds, phones_of=pron)
     # ours: (type, text) multisets: 章三 is wrong, one 张三 and 北京 are right
     assert (sc["ours"]["tp"], sc["ours"]["pred"], sc["ours"]["gold"]) == (2, 3, 3)
     # official: (type, pinyin) sets: 章三 sounds like 张三, the two collapse to one, 北京 (last char) is lost
@@ -68,12 +73,12 @@ def test_evaluators_sner_text_multiset_vs_official_pinyin_set():
 
 
 def test_edit_distance():
-    assert evaluate.edit_distance("kitten", "sitting") == 3 and evaluate.edit_distance("", "ab") == 2
+    assert scoring.edit_distance("kitten", "sitting") == 3 and scoring.edit_distance("", "ab") == 2
 
 
 def test_scores_table():
-    sc = {"TNER": evaluate.score_predictions("TNER", [], [])}
-    assert "official" in evaluate.format_scores(sc)
+    sc = {"TNER": scoring.score_predictions("TNER", [], [])}
+    assert "official" in scoring.format_scores(sc)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,8 +216,8 @@ def test_malformed_prediction_entities_name_file_and_line(tmp_path, entity):
     path.write_text(json.dumps({"id": "a", "task": "TNER", "entities": []}) + "\n"
                     + json.dumps({"id": "b", "task": "TNER", "entities": [entity]}, ensure_ascii=False) + "\n",
                     encoding="utf-8")
-    with pytest.raises(evaluate.DataError, match=r"p\.jsonl:2: entity .* is not \{type"):
-        evaluate.read_predictions(path, "TNER")
+    with pytest.raises(data.DataError, match=r"p\.jsonl:2: entity .* is not \{type"):
+        scoring.read_predictions(path, "TNER")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,13 +226,13 @@ def test_malformed_prediction_entities_name_file_and_line(tmp_path, entity):
 def test_ece_and_auroc_on_hand_counted_cases():
     """ECE: |accuracy - confidence| per 10 equal-width bins, weighted by share; AUROC: ties count half."""
     conf, right = [0.95, 0.95, 0.15, 0.15], [1, 0, 0, 0]
-    assert evaluate.expected_calibration_error(conf, right) == pytest.approx(0.5 * 0.45 + 0.5 * 0.15)
-    assert evaluate.expected_calibration_error([1.0, 0.0], [1, 0]) == 0.0          # the ends fall in bins too
-    assert evaluate.auroc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 1.0
-    assert evaluate.auroc([0.9, 0.8, 0.3, 0.1], [0, 0, 1, 1]) == 0.0
-    assert evaluate.auroc([0.5, 0.5, 0.5], [1, 0, 1]) == 0.5
-    assert evaluate.auroc([0.9, 0.4, 0.6, 0.2], [1, 1, 0, 0]) == 0.75
-    assert evaluate.auroc([0.9], [1]) is None
+    assert diagnose.expected_calibration_error(conf, right) == pytest.approx(0.5 * 0.45 + 0.5 * 0.15)
+    assert diagnose.expected_calibration_error([1.0, 0.0], [1, 0]) == 0.0          # the ends fall in bins too
+    assert diagnose.auroc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 1.0
+    assert diagnose.auroc([0.9, 0.8, 0.3, 0.1], [0, 0, 1, 1]) == 0.0
+    assert diagnose.auroc([0.5, 0.5, 0.5], [1, 0, 1]) == 0.5
+    assert diagnose.auroc([0.9, 0.4, 0.6, 0.2], [1, 1, 0, 0]) == 0.75
+    assert diagnose.auroc([0.9], [1]) is None
 
 
 def test_a_fitted_temperature_recovers_the_one_that_made_the_data():
@@ -236,10 +241,10 @@ def test_a_fitted_temperature_recovers_the_one_that_made_the_data():
     rng = random.Random(0)
     lcs = [-rng.random() * 3 for _ in range(4000)]
     right = [int(rng.random() < math.exp(lc / 2)) for lc in lcs]
-    t = evaluate.fit_temperature(lcs, right)
+    t = diagnose.fit_temperature(lcs, right)
     assert 1.8 < t < 2.2
-    raw = evaluate.expected_calibration_error([math.exp(v) for v in lcs], right)
-    fitted = evaluate.expected_calibration_error([math.exp(v / t) for v in lcs], right)
+    raw = diagnose.expected_calibration_error([math.exp(v) for v in lcs], right)
+    fitted = diagnose.expected_calibration_error([math.exp(v / t) for v in lcs], right)
     assert fitted < 0.03 < raw
 
 
@@ -250,15 +255,15 @@ def test_a_fitted_platt_map_recovers_the_one_that_made_the_data():
     import random
     rng = random.Random(1)
     lcs = [math.log(0.05 + 0.9 * rng.random()) for _ in range(4000)]
-    right = [int(rng.random() < evaluate.platt(lc, 0.5, -1.0)) for lc in lcs]
-    a, b = evaluate.fit_platt(lcs, right)
+    right = [int(rng.random() < search.platt(lc, 0.5, -1.0)) for lc in lcs]
+    a, b = diagnose.fit_platt(lcs, right)
     assert abs(a - 0.5) < 0.1 and abs(b + 1.0) < 0.15
-    t = evaluate.fit_temperature(lcs, right)
-    by_t = evaluate.expected_calibration_error([math.exp(v / t) for v in lcs], right)
-    by_platt = evaluate.expected_calibration_error([evaluate.platt(v, a, b) for v in lcs], right)
+    t = diagnose.fit_temperature(lcs, right)
+    by_t = diagnose.expected_calibration_error([math.exp(v / t) for v in lcs], right)
+    by_platt = diagnose.expected_calibration_error([search.platt(v, a, b) for v in lcs], right)
     assert by_platt < 0.03 < by_t
-    assert evaluate.platt(math.log(0.3), 1.0, 0.0) == pytest.approx(0.3)          # (1, 0) is the identity
-    assert evaluate.fit_platt([math.log(0.9), math.log(0.1)], [1, 0])[0] > 1       # separable: sharpened, finite
+    assert search.platt(math.log(0.3), 1.0, 0.0) == pytest.approx(0.3)          # (1, 0) is the identity
+    assert diagnose.fit_platt([math.log(0.9), math.log(0.1)], [1, 0])[0] > 1       # separable: sharpened, finite
 
 
 def timed_sample(tmp_path, name, entities, times, seconds=2.0):
@@ -276,7 +281,7 @@ def test_localization_frame_f1_errors_and_redaction_coverage(tmp_path):
             {"type": "ORG", "text": "北京", "start": 3, "end": 5, "start_s": 1.00, "end_s": 1.40,
              "align_confidence": 0.9}]
     res = {"wav": gold.audio, "entities": ents}
-    out = evaluate.localization("MNER", [(gold, res)])
+    out = diagnose.localization("MNER", [(gold, res)])
     per = out["frame_f1"]["PER"]
     assert (per["tp"], per["pred"], per["gold"]) == (34, 34, 40)
     assert out["frame_f1"]["LOC"]["tp"] == 0 and out["frame_f1"]["ORG"]["pred"] == 40
@@ -287,9 +292,9 @@ def test_localization_frame_f1_errors_and_redaction_coverage(tmp_path):
     assert red["right"] == pytest.approx(34 / 40)             # the PER; the LOC was found as an ORG: not right
     assert red["all"] == pytest.approx(74 / 80)              # the ORG's stretch covers the LOC's audio
     assert red["outside"] == 0.0
-    shifted = evaluate.localization("MNER", [(gold, res)], offset_s=-0.02)
+    shifted = diagnose.localization("MNER", [(gold, res)], offset_s=-0.02)
     assert shifted["errors_ms"]["start"]["median"] == pytest.approx(0, abs=1e-9)
-    sner = evaluate.localization("SNER", [(gold, {"wav": gold.audio, "entities": [dict(ents[0], start=5, end=7)]})])
+    sner = diagnose.localization("SNER", [(gold, {"wav": gold.audio, "entities": [dict(ents[0], start=5, end=7)]})])
     assert sner["errors_ms"]["start"]["n"] == 1              # SNER: the same (type, text) is right, anywhere
 
 
@@ -301,7 +306,7 @@ def test_calibration_reports_as_written_and_two_fold(tmp_path):
         pred = [{"type": "PER", "text": "张三", "start": 0, "end": 2, "confidence": 0.9},
                 {"type": "LOC", "text": "北京", "start": 3, "end": 5, "confidence": 0.6}]
         pairs.append((gold, {"entities": pred}))
-    out = evaluate.calibration("TNER", pairs)
+    out = diagnose.calibration("TNER", pairs)
     assert out["as_written"]["entities"] == 16 and out["as_written"]["accuracy"] == 0.5
     assert out["as_written"]["auroc"] == 1.0
     assert out["as_written"]["ece"] == pytest.approx(0.5 * 0.1 + 0.5 * 0.6)
@@ -322,20 +327,20 @@ def test_playback_counts_leaks_and_the_cer_of_what_remains(tmp_path):
     write(tmp_path / "u1.wav.json", json.dumps({"replaced": replaced}))
     res = {"wav": wav, "text": "张三在大学读书", "entities": [{"type": "PER", "text": "张三"}]}
     orig = {"wav": "orig.wav", "text": "张三在北京大学读书", "entities": []}
-    out = evaluate.playback([(gold, res)], [(gold, orig)])
+    out = diagnose.playback([(gold, res)], [(gold, orig)])
     assert out["redacted_entities"] == 2                 # PER (exactly half) and LOC, not the ORG (3/8)
     assert out["still_found"] == 1 and out["still_heard"] == 1       # the PER; 北京 is gone
     assert out["cer_of_the_rest"] == pytest.approx(100 * 2 / 5)      # "在大学读书" vs "张三在大学读书": 2 insertions
     assert out["cer_original"] == 0.0
     with pytest.raises(data.DataError, match="no record of the original"):
-        evaluate.playback([(gold, res)], [])
+        diagnose.playback([(gold, res)], [])
 
 
 def test_frames_decide_a_boundary_on_a_centre_exactly():
     """[start, end): a frame whose centre is the start is in, one whose centre is the end is out, whatever float
     rounding does to 0.135 / 0.01."""
-    assert sorted(evaluate._frames([(0.135, 0.155)])) == [13, 14]
-    assert sorted(evaluate._frames([(0.1, 0.13)])) == [10, 11, 12] and evaluate._frames([(0.2, 0.2)]) == set()
+    assert sorted(diagnose._frames([(0.135, 0.155)])) == [13, 14]
+    assert sorted(diagnose._frames([(0.1, 0.13)])) == [10, 11, 12] and diagnose._frames([(0.2, 0.2)]) == set()
 
 
 def test_times_refuses_predictions_without_times(tmp_path):
@@ -347,11 +352,11 @@ def test_times_refuses_predictions_without_times(tmp_path):
            "entities": [{"type": "PER", "text": "张三", "start": 0, "end": 2, "confidence": 0.9}]}
     write(tmp_path / "p.jsonl", json.dumps(rec, ensure_ascii=False) + "\n")
     with pytest.raises(data.DataError, match="'u1' has no wav or no entity times"):
-        evaluate.prediction_pairs(tmp_path / "p.jsonl", "cnerta", tmp_path, "dev", "MNER", need_times=True)
+        scoring.prediction_pairs(tmp_path / "p.jsonl", "cnerta", tmp_path, "dev", "MNER", need_times=True)
     write(tmp_path / "valid.json", json.dumps({k: v for k, v in gold.items() if k != "entity_times"},
                                               ensure_ascii=False) + "\n")
     with pytest.raises(data.DataError, match="no gold entity times"):
-        evaluate.prediction_pairs(tmp_path / "p.jsonl", "cnerta", tmp_path, "dev", "MNER", need_times=True)
+        scoring.prediction_pairs(tmp_path / "p.jsonl", "cnerta", tmp_path, "dev", "MNER", need_times=True)
 
 
 def test_long_form_scores_each_gold_utterance_of_a_stitched_recording(tmp_path):
@@ -373,15 +378,49 @@ def test_long_form_scores_each_gold_utterance_of_a_stitched_recording(tmp_path):
                         {"type": "LOC", "text": "北京", "start": 3, "end": 5},    # runs across: dropped
                         {"type": "PER", "text": "李四", "start": 5, "end": 7}]}
     write(tmp_path / "p.jsonl", json.dumps(rec, ensure_ascii=False) + "\n")
-    out = evaluate.long_form(tmp_path / "p.jsonl", tmp_path, "SNER")
+    out = diagnose.long_form(tmp_path / "p.jsonl", tmp_path, "SNER")
     assert out["recordings"] == 1 and out["sentences"] == 2
     assert (out["ours"]["tp"], out["ours"]["pred"], out["ours"]["gold"]) == (2, 2, 3)
     assert out["cer"] == pytest.approx(100 * 2 / 9)                  # 张三在北 + 京李四来了: one deletion, one insertion
-    split = evaluate.segment.unstitch(rec, long_line["utterances"])
+    split = segment.unstitch(rec, long_line["utterances"])
     assert [r["text"] for r in split] == ["张三在北", "京李四来了"] and split[1]["output"] == "京[李四]来了"
     write(tmp_path / "q.jsonl", json.dumps(dict(rec, id="L9"), ensure_ascii=False) + "\n")
     with pytest.raises(data.DataError, match="'L9'.*not long recordings"):
-        evaluate.long_form(tmp_path / "q.jsonl", tmp_path, "SNER")
+        diagnose.long_form(tmp_path / "q.jsonl", tmp_path, "SNER")
     del rec["char_times"]
     with pytest.raises(ValueError, match="timestamps chars"):
-        evaluate.segment.unstitch(rec, long_line["utterances"])
+        segment.unstitch(rec, long_line["utterances"])
+
+
+def test_long_form_moves_entity_times_onto_each_utterance_and_counts_alignment_failures(tmp_path):
+    """The stitched entity times minus the utterance's start are scored against the cut utterance's gold times; an
+    MNER record's pieces that failed to align are counted."""
+    utts = [{"sentence": "张三在北京", "audio": "U1", "entity": [[0, 2, "张三", "PER"], [3, 5, "北京", "LOC"]],
+             "entity_times": [[0.1, 0.5], [0.7, 1.1]]},
+            {"sentence": "李四来了", "audio": "U2", "entity": [[0, 2, "李四", "PER"]], "entity_times": [[0.1, 0.5]]}]
+    write(tmp_path / "cut" / "test.json", "".join(json.dumps(u, ensure_ascii=False) + "\n" for u in utts))
+    for u, seconds in (("U1", 1.5), ("U2", 1.4)):
+        write_wav(tmp_path / "cut" / "wav" / "test" / f"{u}.wav", seconds)
+    spans = [{"audio": "U1", "start_s": 0.5, "end_s": 2.0}, {"audio": "U2", "start_s": 2.6, "end_s": 4.0}]
+    write(tmp_path / "test.json", json.dumps({"sentence": "张三在北京李四来了", "audio": "L1", "entity": [],
+                                              "utterances": spans}, ensure_ascii=False) + "\n")
+    text = "张三在北京李四来了"
+    starts = [0.6, 0.8, 1.0, 1.2, 1.4, 2.7, 2.9, 3.1, 3.3]
+    rec = {"id": "L1", "task": "MNER", "wav": "L1.wav", "output": "", "text": text,
+           "char_times": [[c, t, t + 0.2] for c, t in zip(text, starts)],
+           "entities": [{"type": "PER", "text": "张三", "start": 0, "end": 2, "start_s": 0.6, "end_s": 1.0},
+                        {"type": "LOC", "text": "北京", "start": 3, "end": 5, "start_s": 1.2, "end_s": 1.6},
+                        {"type": "PER", "text": "李四", "start": 5, "end": 7, "start_s": 2.7, "end_s": 3.1}],
+           "pieces": [{"start_s": 0.3, "end_s": 2.3, "chars": [0, 5]},
+                      {"start_s": 2.3, "end_s": 4.2, "chars": [5, 9], "alignment_failed": True}]}
+    for e in rec["entities"]:
+        e["align_confidence"] = 0.9                                      # located: redaction does not fail closed
+    write(tmp_path / "p.jsonl", json.dumps(rec, ensure_ascii=False) + "\n")
+    out = diagnose.long_form(tmp_path / "p.jsonl", tmp_path, "MNER")
+    assert (out["ours"]["tp"], out["pieces"], out["alignment_failures"]) == (3, 2, 1)
+    split = segment.unstitch(rec, spans)
+    assert [(e["start_s"], e["end_s"]) for r in split for e in r["entities"]] == [(0.1, 0.5), (0.7, 1.1), (0.1, 0.5)]
+    times = out["times"]
+    assert times["frame_f1"]["all"]["f1"] == pytest.approx(100.0)      # every predicted frame is a gold one
+    assert times["errors_ms"]["start"]["median"] == pytest.approx(0.0, abs=1e-6)
+    assert times["redaction"]["right"] == pytest.approx(1.0) and times["redaction"]["outside"] == 0.0

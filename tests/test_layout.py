@@ -13,12 +13,14 @@ LADDER = [
                                    # training step, from the config
     ("data", "weights", "search"),  # samples, linearization, features, batches | converter, checkpoint format |
                                     # DecodeOptions, beam search, bracket constraint, joint CTC scorer
-    ("align", "augment", "segment", "workload"),  # CTC forced alignment: characters in time | training-time
-                                      # augmentations (entity swaps, bleeped entities) | long recordings: voice
-                                      # activity, pieces, stitching | what bench.py runs on
-    ("recognize", "evaluate"),     # inputs -> rows -> search -> entities with confidences and times; Recognizer |
-                                   # scorers, breakdown, gazetteer, times, confidence, long recordings per utterance
-    ("decode",),                   # the command line: outputs, label tracks, redaction, --eval
+    ("align", "augment", "segment", "workload", "scoring"),  # CTC forced alignment: characters in time |
+                                      # training-time augmentations (entity swaps, bleeped entities, noise) | long
+                                      # recordings: voice activity, pieces, stitching | what bench.py runs on |
+                                      # our scorer and the official one, CER, prediction files
+    ("recognize", "diagnose"),     # inputs -> rows -> search -> entities with confidences and times; Recognizer |
+                                   # entity times, confidence, playback, long recordings per utterance
+    ("decode", "evaluate"),        # the command line: outputs, label tracks, redaction, --eval | the scoring and
+                                   # analysis command line: breakdown, gazetteer, corpus statistics
     ("train",),
     ("bench",),
 ]

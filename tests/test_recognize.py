@@ -65,7 +65,8 @@ def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_w
               for k, r in enumerate(alone) for e in r["entities"] if e["start_s"] is not None]
     got = [(e["start"], e["end"], e["type"], e["start_s"], e["piece"]) for e in res["entities"]
            if e["start_s"] is not None]
-    assert got == expect and len(got) == 3 * len(pieces) and len(res["char_times"]) == len(res["text"])
+    assert got == expect and len(res["entities"]) == 3 * len(pieces) and len(res["char_times"]) == len(res["text"])
+    assert len(got) >= 2 * len(pieces)                                  # most entities timed in every piece
     assert res["output"].replace("[", "").replace("]", "").replace("(", "").replace(")", "").replace(
         "<", "").replace(">", "") == res["text"]
 
@@ -142,6 +143,8 @@ def test_the_cli_decodes_and_redacts_a_long_recording(tiny, long_wav, tmp_path, 
     assert len(res["pieces"]) >= 4 and audio.wav_info(out) == audio.wav_info(long_wav[0])
     replaced = json.loads((tmp_path / "red.wav.json").read_text(encoding="utf-8"))["replaced"]
     timed = [e for e in res["entities"] if e["start_s"] is not None]
-    assert len(timed) == 2 * len(res["pieces"]) and res["output"].startswith("郭涛的[公司]搬到了(合肥)郭涛的")
-    assert [(r["from_s"], r["to_s"]) for r in replaced] == [(round(e["start_s"], 3), round(e["end_s"], 3))
-                                                            for e in timed]
+    assert len(res["entities"]) == 2 * len(res["pieces"]) and len(timed) >= len(res["entities"]) - 2
+    assert res["output"].startswith("郭涛的[公司]搬到了(合肥)郭涛的")
+    assert [(r["from_s"], r["to_s"]) for r in replaced if r["why"] == "aligned"] == [
+        (round(e["start_s"], 3), round(e["end_s"], 3)) for e in timed]
+    assert all(r["why"].startswith("no time") for r in replaced if r["why"] != "aligned")   # fail closed

@@ -56,9 +56,29 @@ def test_stretches_join_across_short_pauses():
     assert len(segment.speech_stretches(p, min_pause_s=0.05)) == 3
 
 
+def test_a_stretch_starts_above_the_threshold_and_reaches_out_over_softer_windows():
+    p = probs_of([(1.0, 2.0)], 4.0)
+    p[int(round(0.8 / HOP_S)): int(round(1.0 / HOP_S))] = 0.4      # soft onset and release: 0.2 s on each side
+    p[int(round(2.0 / HOP_S)): int(round(2.2 / HOP_S))] = 0.4
+    p[int(round(3.0 / HOP_S)): int(round(3.3 / HOP_S))] = 0.4      # soft only: never a stretch of its own
+    (a, b), = segment.speech_stretches(p, threshold=0.5, release=0.15)
+    assert (a, b) == pytest.approx((0.8, 2.2), abs=0.04)
+    assert segment.speech_stretches(p, threshold=0.5, release=0.0) == [pytest.approx((1.0, 2.0), abs=0.04)]
+
+
+def test_pieces_follow_the_pauses_and_a_too_short_stretch_joins_the_next():
+    stretches = [(0.5, 3.5), (3.8, 6.0), (7.0, 7.5), (8.0, 11.0)]   # the third: 0.5 s, under min_piece_s
+    pieces = segment.plan_pieces(probs_of(stretches, 12.0), 12.0, max_piece_s=20.0, pad_s=0.2, min_piece_s=1.0)
+    assert len(pieces) == 3 and all(p.cut_s is None for p in pieces)
+    for (a, b), piece in zip([stretches[0], stretches[1], (7.0, 11.0)], pieces):
+        assert piece.start_s <= a and b <= piece.end_s and piece.end_s - piece.start_s < (b - a) + 0.45
+    assert pieces[0].end_s == pytest.approx(3.65, abs=0.04)          # a 0.3 s pause: half of it on each side
+    assert all(p.end_s <= q.start_s for p, q in zip(pieces, pieces[1:]))
+
+
 def test_pieces_pack_stretches_at_pauses_and_never_cut_inside_one():
     stretches = [(0.5 + 4 * k, 3.5 + 4 * k) for k in range(10)]     # 3 s of speech every 4 s: 40 s in all
-    pieces = segment.plan_pieces(probs_of(stretches, 40.0), 40.0, max_piece_s=10.0, pad_s=0.2)
+    pieces = segment.plan_pieces(probs_of(stretches, 40.0), 40.0, max_piece_s=10.0, pad_s=0.2, pack=True)
     assert all(p.end_s - p.start_s <= 10.0 + 1e-9 and p.cut_s is None for p in pieces)
     for a, b in stretches:                                           # each stretch inside exactly one piece
         assert sum(p.start_s <= a - 0.1 and b + 0.1 <= p.end_s for p in pieces) == 1
@@ -68,7 +88,7 @@ def test_pieces_pack_stretches_at_pauses_and_never_cut_inside_one():
     whole = segment.plan_pieces(probs_of([(0.0, 3.0)], 5.0), 5.0)
     assert whole == [Piece(0.0, pytest.approx(3.2, abs=0.04))]
     assert segment.plan_pieces(np.zeros(100), 3.2) == [Piece(0.0, 3.2)]   # no speech found: all of it, in
-    nothing = segment.plan_pieces(np.zeros(1000), 32.0, max_piece_s=10.0)  # overlapping pieces
+    nothing = segment.plan_pieces(np.zeros(1000), 32.0, max_piece_s=10.0, pack=True)  # overlapping pieces
     assert nothing[0].start_s == 0.0 and nothing[-1].end_s == 32.0 and len(nothing) == 4
     assert all(a.end_s > b.start_s and b.cut_s is not None for a, b in zip(nothing, nothing[1:]))
 
