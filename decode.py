@@ -24,8 +24,9 @@ import torch
 import audio
 import data
 import devices
-import scoring
+import entitylist
 import files
+import scoring
 from recognize import PRECISION_DTYPES, Recognizer, Request
 from search import MAX_AUDIO_SECONDS, MIN_PIECE_SECONDS, PIECE_RULES, TIMESTAMPS, VADS, DecodeOptions
 from text import TYPES
@@ -101,14 +102,15 @@ def format_result(res):
 # command line
 
 
-JSONL_KEYS = ("text", "wav", "id")
+JSONL_KEYS = ("text", "wav", "id", "entities")
 JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array",
               dict: "an object", type(None): "null"}
 
 
 def read_jsonl_requests(path):
-    """{"text"?, "wav"?, "id"?} per line: text a non-blank string, wav the path of a file (a relative one is taken
-    relative to the jsonl file's folder), id a string or an integer (default: the line number). Anything else,
+    """{"text"?, "wav"?, "id"?, "entities"?} per line: text a non-blank string, wav the path of a file (a relative
+    one is taken relative to the jsonl file's folder), id a string or an integer (default: the line number),
+    entities this input's own entity list (strings 'STRING' or 'STRING TYPE', entitylist.py). Anything else,
     unknown keys included (a typo would otherwise drop an input silently), is files.InputError 'FILE:LINE: why'."""
     reqs, base = [], os.path.dirname(os.path.abspath(path))
     for lineno, obj in data.json_lines(path):
@@ -139,7 +141,8 @@ def read_jsonl_requests(path):
                 raise files.InputError(f"{where}: wav {wav} is a directory, expected a wav file")
             if not os.path.isfile(wav):
                 raise files.InputError(f"{where}: wav not found: {wav}")
-        reqs.append(Request(text=obj.get("text"), wav=wav, id=str(uid)))
+        own = entitylist.entries_of(obj["entities"], where) if "entities" in obj else None
+        reqs.append(Request(text=obj.get("text"), wav=wav, id=str(uid), entities=own))
     if not reqs:
         raise files.InputError(f"{path}: no inputs")
     return reqs
@@ -151,7 +154,8 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "constrain": "--no-constrain", "pool_chars": "--char-score", "entity_bias": "--entity-bias",
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
                 "max_piece_seconds": "--max-piece-seconds", "vad": "--vad",
-                "pieces": "--pieces", "min_pause_seconds": "--min-pause-seconds",
+                "pieces": "--pieces", "min_pause_seconds": "--min-pause-seconds", "entities": "--entities",
+                "entity_weight": "--entity-weight",
                 "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
                 "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding",
                 "confidence_platt": "--confidence-platt"}
@@ -195,6 +199,12 @@ def get_args(argv=None):
       "turn into brackets) or with that character's own probability (token)")
     a("--entity-bias", type=float, default=0.0, help="constrained TNER/MNER: add this to the log-probability of "
       "every opening bracket (0 = plain search; > 0 more entities and recall, < 0 fewer and precision)")
+    a("--entities", metavar="LIST", help="a file of entity strings the model should favour, one a line, each "
+      "optionally followed by its type (张三 PER); SNER: spelling a listed string inside a bracket of its type "
+      "gains --entity-weight a character, taken back if left unfinished; TNER/MNER: a listed string in the input "
+      "gains it for being bracketed whole with its type (entitylist.py). A jsonl input's \"entities\" adds its own")
+    a("--entity-weight", type=float, default=1.0, help="bonus per character of a listed string, in log-probability "
+      "(default 1; 0 = the list is ignored)")
     a("--asr", action="store_true", help="plain MMSpeech speech recognition (no text stream, no modality embedding), "
                                         "outputs carry tokens; the parity mode against ModelScope")
     a("--batch-size", type=int, default=8, help="inputs per batch (default 8)")
@@ -294,7 +304,8 @@ def get_args(argv=None):
         ctc_weight=args.ctc_weight, ctc_candidates=args.ctc_candidates, asr=args.asr,
         constrain=not args.no_constrain, pool_chars=args.char_score == "pooled", entity_bias=args.entity_bias,
         nbest=args.nbest, pseudo_text_len=args.pseudo_len, max_audio_seconds=args.max_audio_seconds,
-        max_piece_seconds=args.max_piece_seconds, vad=args.vad, pieces=args.pieces,
+        max_piece_seconds=args.max_piece_seconds, vad=args.vad, pieces=args.pieces, entities=args.entities,
+        entity_weight=args.entity_weight,
         min_pause_seconds=args.min_pause_seconds,
         timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,
         confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding,

@@ -1,14 +1,15 @@
 """diagnose.py: what speech predictions get right beyond entity F1: entity times against the gold times
 (frame-F1, start and end errors, redaction coverage), confidence calibration, redacted recordings decoded again,
-and long recordings scored per gold utterance.
+and long recordings scored per gold utterance (and their cut into pieces, against the gold utterances).
 
     python evaluate.py times --predictions p.jsonl --task MNER --dataset demo --split test     # entity times
     python evaluate.py confidence --predictions p.jsonl --task TNER --dataset cnerta --data-dir D  # calibration
     python evaluate.py playback --predictions replay.jsonl --original orig.jsonl --task SNER --dataset demo --split test
     python evaluate.py long-form --predictions p.jsonl --task SNER --dataset demo --data-dir LONG  # per utterance
+    python evaluate.py pieces --data-dir LONG --vad energy                                      # the cut alone
 
-Sections: 1 entity times | 2 confidence | 3 playback and long recordings. Nothing here runs a model; evaluate.py
-is the command line.
+Sections: 1 entity times | 2 confidence | 3 playback and long recordings. Nothing here runs a model (pieces runs the
+voice activity detector); evaluate.py is the command line.
 """
 from __future__ import annotations
 
@@ -265,6 +266,39 @@ def playback(pairs, original_pairs) -> dict:
     return {"sentences": len(pairs), "redacted_entities": counts["redacted"], "still_found": counts["found"],
             "still_heard": counts["heard"], "cer_of_the_rest": cer("errors", "chars"),
             "cer_original": cer("original_errors", "original_chars")}
+
+
+def segmentation(data_dir, vad="silero", **plan) -> dict:
+    """How the pieces of long recordings (data_dir/test.json, demo.py --long-form) match their gold utterances,
+    before any model runs: voice activity (segment.detector(vad)) and segment.plan_pieces(**plan) per recording.
+    Counted: pieces; pieces holding most of two utterances or more; utterances no piece holds whole (98 % of their
+    time); utterances no piece touches; the share of piece time outside every utterance."""
+    lines = [d for _, d in json_lines(Path(data_dir) / "test.json")]
+    if not lines or any("utterances" not in d for d in lines):
+        raise DataError(f"{data_dir}/test.json: not long recordings (lines with \"utterances\", as demo.py "
+                        "--long-form writes)")
+    detector = segment.detector(vad)
+    counts = collections.Counter()
+    overlap = lambda p, u: min(p.end_s, u["end_s"]) - max(p.start_s, u["start_s"])      # noqa: E731
+    for line in lines:
+        wav = Path(data_dir) / "wav" / "test" / f"{line['audio']}.wav"
+        seconds = audio.wav_info(wav).seconds
+        pieces = segment.plan_pieces(segment.speech_probabilities(str(wav), detector), seconds, **plan)
+        utts = line["utterances"]
+        counts["pieces"] += len(pieces)
+        counts["several"] += sum(sum(overlap(p, u) > (u["end_s"] - u["start_s"]) / 2 for u in utts) > 1
+                                 for p in pieces)
+        for u in utts:
+            best = max(overlap(p, u) for p in pieces) / (u["end_s"] - u["start_s"])
+            counts["utterances"] += 1
+            counts["not_whole"] += best < 0.98
+            counts["missed"] += best <= 0
+        counts["piece_s"] += sum(p.end_s - p.start_s for p in pieces)
+        counts["outside_s"] += sum(p.end_s - p.start_s - sum(max(0.0, overlap(p, u)) for u in utts) for p in pieces)
+    return {"vad": vad, "plan": plan, "recordings": len(lines), "utterances": counts["utterances"],
+            "pieces": counts["pieces"], "pieces_with_several_utterances": counts["several"],
+            "utterances_not_whole_in_a_piece": counts["not_whole"], "utterances_missed": counts["missed"],
+            "time_outside_utterances": counts["outside_s"] / counts["piece_s"] if counts["piece_s"] else None}
 
 
 def long_form(predictions, data_dir, task="SNER", pad_s=0.0) -> dict:

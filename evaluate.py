@@ -7,6 +7,7 @@ breakdown (P/R/F1 by type, nesting, seen/unseen, kind of error), a gazetteer bas
     python evaluate.py times --predictions p.jsonl --task MNER --dataset demo --split test     # entity times
     python evaluate.py confidence --predictions p.jsonl --task TNER --dataset cnerta --data-dir D  # calibration
     python evaluate.py long-form --predictions p.jsonl --task SNER --dataset demo --data-dir LONG  # per utterance
+    python evaluate.py pieces --data-dir LONG --vad silero                                        # the cut alone
 
 The scorers themselves (ours and the official one, CER; decode.py --eval uses them) are in scoring.py; entity
 times, confidence, playback and long recordings per utterance in diagnose.py.
@@ -27,6 +28,7 @@ import scoring
 from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_official, load_split, nest, parse,
                   parse_official, read_lines)
 from scoring import Scorer, our_keys, read_predictions
+from search import PIECE_RULES, VADS
 from text import TYPES
 
 
@@ -313,6 +315,16 @@ def main(argv=None):
         q.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format of the gold split")
         q.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
         q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
+    pc = sub.add_parser("pieces", help="how long recordings (demo.py --long-form) are cut into pieces, against "
+                                       "their gold utterances, before any model runs: pieces, pieces holding "
+                                       "several utterances, utterances cut or missed, time outside utterances")
+    pc.add_argument("--data-dir", required=True, help="the long-form folder (its test.json and wav/test/)")
+    pc.add_argument("--vad", choices=VADS, default="silero", help="voice activity detector (default silero)")
+    pc.add_argument("--pieces", choices=PIECE_RULES, default="pauses", help="decode.py --pieces (default pauses)")
+    pc.add_argument("--max-piece-seconds", type=float, default=20.0, help="decode.py --max-piece-seconds "
+                    "(default 20)")
+    pc.add_argument("--min-pause-seconds", type=float, default=0.2, help="decode.py --min-pause-seconds "
+                    "(default 0.2)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
     sub.choices["long-form"].add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around "
                                           "each entity (default 0)")
@@ -326,6 +338,14 @@ def main(argv=None):
     cf.add_argument("--temperature", type=float, default=1.0, help="the --confidence-temperature the predictions "
                     "were decoded with (default 1)")
     args = p.parse_args(argv)
+    if args.command == "pieces":
+        try:
+            result = diagnose.segmentation(args.data_dir, args.vad, max_piece_s=args.max_piece_seconds,
+                                           min_pause_s=args.min_pause_seconds, pack=args.pieces == "packed")
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"evaluate.py pieces: {e}")
+        print(json.dumps(result, ensure_ascii=False, indent=1))
+        return
     if args.command in ("times", "confidence", "playback", "long-form"):
         try:
             pairs = [] if args.command == "long-form" else scoring.prediction_pairs(

@@ -24,6 +24,7 @@ import align
 import audio
 import data
 import devices
+import entitylist
 import files
 import segment
 import weights
@@ -47,6 +48,8 @@ class Request:
     waveform: Optional[torch.Tensor] = None
     id: str = ""
     span: Optional[tuple] = None            # (start_s, end_s): only this stretch of the speech (a piece)
+    entities: Optional[list] = None         # this input's own entity list: 'STRING' or 'STRING TYPE' (entitylist.py),
+                                            # on top of the options' list file
 
     @property
     def has_speech(self):
@@ -99,6 +102,8 @@ class Recognizer:
         self.brackets_known = UNK not in set(self.open_ids.values()) | set(self.close_ids.values())
         self._reading_cache = {}                                 # (character, CTC classes) -> its readings
         self._vad = None                                         # the voice activity detector, made when needed
+        self.entity_list = entitylist.read_entity_list(self.options.entities) if self.options.entities else []
+        self._tries = {}                                         # id(entries) -> SNER tries of that list
 
     # -- features -------------------------------------------------------------------------------------------
 
@@ -175,14 +180,16 @@ class Recognizer:
         with torch.no_grad():
             enc = self._encode(rows)
             constrained = task in ("TNER", "MNER") and self.options.constrain and not self.options.asr
-            constraint, max_lens = None, None
+            constraint, max_lens, lists = None, None, [self._entries(r) for r in reqs]
             if constrained:
                 if not self.brackets_known:
                     raise ValueError("the vocabulary has no bracket tokens [ ] ( ) < >: use --no-constrain")
                 char_ids = [self.vocab.encode(r.text) for r in reqs]
+                listed = [entitylist.occurrences(r.text, entries) for r, entries in zip(reqs, lists)]
                 constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids,
                                                pool_chars=self.options.pool_chars,
-                                               entity_bias=self.options.entity_bias)
+                                               entity_bias=self.options.entity_bias, listed=listed,
+                                               list_weight=self.options.entity_weight)
                 max_lens = [min(self.capacity, max(self.options.max_len, 2 * len(ids))) for ids in char_ids]
             pieces = [r.span is not None for r in reqs]       # pieces always get times: stitching needs them
             timed = task in ("SNER", "MNER") and not self.options.asr and (self.options.timestamps != "none"
@@ -191,13 +198,36 @@ class Recognizer:
             if timed or (task == "SNER" and self.options.ctc_weight > 0):
                 ctc = self.model.speech_phone_log_probs(enc, max(r["fbank"].size(0) for r in rows))   # (B, T', C)
             scorer = self._ctc_scorer(*ctc) if task == "SNER" and self.options.ctc_weight > 0 else None
+            boost = None
+            if task == "SNER" and not self.options.asr and any(lists):
+                boost = entitylist.SpellingBoost([self._sner_tries(entries) for entries in lists], self.open_ids,
+                                                 self.close_ids, self.options.entity_weight, self.options.eos)
             hyps = beam_search(self.model, enc, self.options, constraint=constraint, max_lens=max_lens,
-                               scorer=scorer)
+                               scorer=scorer, boost=boost)
         results = [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
         if timed:
             self._add_times(results, *ctc, pieces)
         self._finish_confidence(results, task)
         return results
+
+    def _entries(self, req):
+        """The entity list of one request: the options' list, then the request's own entries."""
+        if not req.entities:
+            return self.entity_list
+        own = [e if isinstance(e, entitylist.Entry) else entitylist.parse_entry(e, f"input {req.id}, entities[{k}]")
+               for k, e in enumerate(req.entities)]
+        return self.entity_list + [e for e in own if e is not None]
+
+    def _sner_tries(self, entries):
+        """SNER: the tries of a list (entitylist.tries_for; refuses characters the decoder cannot write), cached
+        for the options' list."""
+        if not entries:
+            return None
+        if entries is self.entity_list:
+            if "list" not in self._tries:
+                self._tries["list"] = entitylist.tries_for(entries, self.vocab, UNK)
+            return self._tries["list"]
+        return entitylist.tries_for(entries, self.vocab, UNK)
 
     def _readings(self, piece, classes):
         """Every reading of a character (or word piece) as CTC classes (phone id - 3, as in training); [] if none.
@@ -371,6 +401,9 @@ class Recognizer:
             if t == "MNER":                                     # each piece gets its share of the transcript
                 parts, shares[i] = self._share_text(req, parts, batch_size)
             items += [(i, part, t) for part in parts]
+        for _, req, t in items:             # an SNER list the decoder cannot spell: refused before any decoding
+            if t == "SNER" and not self.options.asr:
+                self._sner_tries(self._entries(req))
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
         keep_order = getattr(self.model.config, "modelscope_padding", False)
         speech = all(req.has_speech for _, req, _ in items)

@@ -66,6 +66,8 @@ class DecodeOptions:
     constrain: bool = True                      # TNER/MNER: the input text with brackets inserted (BracketConstraint)
     pool_chars: bool = True                     # constrained: the known character scores the whole character mass
     entity_bias: float = 0.0                    # constrained: added to every opening bracket's log-probability
+    entities: Optional[str] = None              # a user's entity list file (entitylist.py): names to favour
+    entity_weight: float = 1.0                  # its bonus per character of a listed string (entitylist.py)
     nbest: int = 1                              # results also list the best nbest hypotheses (at most beam)
     timestamps: str = "entities"                # SNER/MNER: times from the phone CTC head (align.py): entities,
                                                 # chars (every character's too) or none
@@ -117,6 +119,8 @@ class DecodeOptions:
                 raise files.InputError(f"{name(field)} must be >= 1, got {value}")
         if self.ctc_weight is not None and not 0 <= self.ctc_weight < math.inf:   # NaN fails it too
             raise files.InputError(f"{name('ctc_weight')} must be >= 0, got {self.ctc_weight}")
+        if not 0 <= self.entity_weight < math.inf:
+            raise files.InputError(f"{name('entity_weight')} must be a finite number >= 0, got {self.entity_weight}")
         if not math.isfinite(self.entity_bias):
             raise files.InputError(f"{name('entity_bias')} must be a finite number, got {self.entity_bias}")
         if self.entity_bias and (self.asr or not self.constrain):
@@ -179,7 +183,7 @@ def _block_repeated_ngrams(lprobs, tokens, step, n):
     lprobs[rows, windows[rows, cols, n - 1]] = -math.inf
 
 
-def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, scorer=None):
+def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, scorer=None, boost=None):
     """Beam search for every input of `enc`. -> list (one per input) of up to `beam` Hypothesis, best first.
 
     model: new_cache(enc, max_len) / decode_step(tokens (N,), cache, vocab_limit) -> (N, V) logits, V cut to
@@ -189,6 +193,8 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         bias(lprobs) -> lprobs after log_softmax; reorder(rows); advance(new_tokens).
     scorer: optional joint scorer (CTCPrefixScorer): start(); score(lprobs) -> (N, V) scores that replace the
         log-probs after every mask; select(rows, new_tokens).
+    boost: optional per-row bonus (entitylist.SpellingBoost): start(); bias(lprobs) -> lprobs, added after the
+        constraint and before the scorer (its candidate pre-selection sees the bonus); select(rows, new_tokens).
     max_lens: optional per-input max lengths (default cfg.max_len). An input's result never depends on the other
         inputs of the batch (fairseq uses one max_len per batch; identical when all are equal).
     cfg: the search fields of DecodeOptions; unset ones take SEARCH_DEFAULTS.
@@ -206,6 +212,8 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         constraint.start()
     if scorer is not None:
         scorer.start()
+    if boost is not None:
+        boost.start()
 
     # Row r belongs to live sentence r // width; width = 1 at step 0 (fairseq scores only beam 0 there).
     # The bookkeeping of which sentences live and how long they may run stays on the host (max_lens, live): no
@@ -243,6 +251,8 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
             lprobs[:, cfg.eos] = eos_col
         if cfg.no_repeat_ngram_size > 0 and not isinstance(constraint, BracketConstraint):   # copies: no block
             _block_repeated_ngrams(lprobs, tokens, step, cfg.no_repeat_ngram_size)
+        if boost is not None:
+            lprobs = boost.bias(lprobs)
         if scorer is not None:
             lprobs = scorer.score(lprobs)
 
@@ -286,13 +296,15 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         live = live[keep]
         width = beam
         cache.reorder(rows)
-        if constraint is not None or scorer is not None:         # the host's state machines need the choice: one read
+        if constraint is not None or scorer is not None or boost is not None:   # host state machines: one read
             rows_list, new_tokens = torch.stack((rows, tokens[:, step + 1])).tolist()
         if constraint is not None:
             constraint.reorder(rows_list)
             constraint.advance(new_tokens)
         if scorer is not None:
             scorer.select(rows_list, new_tokens)
+        if boost is not None:
+            boost.select(rows_list, new_tokens)
 
     for hyps in finalized:                                         # best first (stable for equal scores)
         hyps.sort(key=lambda h: -h.score)
@@ -348,14 +360,25 @@ class BracketConstraint:
     entity_bias: added to the log-probability of every opening bracket after normalisation (0 = plain search).
     > 0 finds more entities (recall), < 0 fewer (precision); hypothesis scores then include it.
 
+    listed, list_weight: a user's entity list (entitylist.py): listed[i] = entitylist.occurrences of the list in
+    input i ({start: {type: ends}}, or None). An opening bracket of a listed type where an occurrence starts gains
+    list_weight x the longest such occurrence's length (once: not again inside its own bracket); its closing bracket
+    keeps list_weight x the entity's length if it closes at the end of an occurrence of its type, else takes the
+    whole gain back, and so does the character (or an opening bracket, which needs one) that would carry it past
+    the last end: at once, not at the end of the sentence, so that a hypothesis holding a gain it must lose does
+    not crowd the others out of the beam.
+
     pool_chars: the known next character is scored with the model's whole character mass (every token that is
     not a bracket or EOS), not its own probability. The text is given, so the only question at each step is
     "bracket, or the next character?": a model unsure between homophones (it reads phones) then does not push
     probability into brackets. False = each character's own probability.
     """
 
-    def __init__(self, char_ids, open_ids, close_ids, max_depth=MAX_DEPTH, pool_chars=True, entity_bias=0.0):
+    def __init__(self, char_ids, open_ids, close_ids, max_depth=MAX_DEPTH, pool_chars=True, entity_bias=0.0,
+                 listed=None, list_weight=0.0):
         self.char_ids = [list(ids) for ids in char_ids]          # per input: decoder id of each text character
+        self.listed = list(listed) if listed is not None else [None] * len(self.char_ids)
+        self.list_weight = finite_bias(list_weight)
         self.open_ids = [open_ids[t] for t in TYPES]
         self.close_ids = [close_ids[t] for t in TYPES]
         self.max_depth = max_depth
@@ -458,9 +481,38 @@ class BracketConstraint:
         return logits
 
     def bias(self, lprobs):
-        """(N, V) log-probs -> (N, V) with entity_bias added to the opening brackets."""
+        """(N, V) log-probs -> (N, V) with entity_bias added to the opening brackets and the entity list's gains
+        and take-backs (class docstring) to the brackets of the rows that have them."""
         if self.entity_bias:
             lprobs[:, self.open_ids] += self.entity_bias
+        if not self.list_weight or not any(self.listed):
+            return lprobs
+        rows, cols, values = [], [], []
+        for r, (sent, pos, stack, _) in enumerate(self.rows):
+            listed = self.listed[sent]
+            if not listed:
+                continue
+            for t, ends in listed.get(pos, {}).items():          # open where a listed string of type t starts,
+                if (TYPES.index(t), pos) not in stack:           # once: not again inside its own bracket
+                    rows.append(r), cols.append(self.open_ids[TYPES.index(t)])
+                    values.append(self.list_weight * (ends[-1] - pos))
+            for depth, (t, start) in enumerate(stack):
+                ends = listed.get(start, {}).get(TYPES[t])
+                if not ends or pos > ends[-1]:                   # no gain, or taken back already
+                    continue
+                gain = self.list_weight * (ends[-1] - start)
+                if depth == len(stack) - 1:                      # its close keeps the gain at an occurrence's end
+                    rows.append(r), cols.append(self.close_ids[t])
+                    values.append(self.list_weight * (pos - start) - gain if pos in ends else -gain)
+                if pos == ends[-1]:                              # the next character, or a bracket opening
+                    ahead = self.char_ids[sent][pos: pos + 1] + self.open_ids   # (which needs one), would carry it
+                    rows += [r] * len(ahead)                     # past the last end: the gain goes back at once
+                    cols += ahead
+                    values += [-gain] * len(ahead)
+        if rows:
+            index = torch.tensor([rows, cols], dtype=torch.long, device=lprobs.device)
+            lprobs.index_put_((index[0], index[1]), torch.tensor(values, dtype=lprobs.dtype, device=lprobs.device),
+                              accumulate=True)
         return lprobs
 
     def reorder(self, rows):

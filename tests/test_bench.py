@@ -90,6 +90,10 @@ def test_long_section_times_recordings_and_says_where_the_time_goes(tmp_path):
             "voice activity", "reading + features", "encoder", "search", "alignment"}
         assert sum(r["time_shares"].values()) <= 1.0 + 1e-6
     assert report["long_rtf_spread"] == pytest.approx(max(r["rtf"] for r in rows) / min(r["rtf"] for r in rows) - 1)
+    if rows[0]["peak_mb"] is not None:                                  # Linux: the peak RSS, reset per recording
+        peaks = [r["peak_mb"] for r in rows]
+        assert report["long_peak_memory_spread"] == pytest.approx(max(peaks) / min(peaks) - 1)
+        assert all(0 <= r["growth_mb"] <= r["peak_mb"] for r in rows)
     assert not list(tmp_path.glob("long_*"))                            # the recordings are removed
     assert recognize.beam_search is search.beam_search                  # the stopwatch is taken off
 

@@ -424,3 +424,27 @@ def test_long_form_moves_entity_times_onto_each_utterance_and_counts_alignment_f
     assert times["frame_f1"]["all"]["f1"] == pytest.approx(100.0)      # every predicted frame is a gold one
     assert times["errors_ms"]["start"]["median"] == pytest.approx(0.0, abs=1e-6)
     assert times["redaction"]["right"] == pytest.approx(1.0) and times["redaction"]["outside"] == 0.0
+
+
+def test_pieces_are_counted_against_the_gold_utterances(tmp_path):
+    """evaluate.py pieces: three utterances between clear pauses give three pieces, each holding one utterance
+    whole; gold utterances placed wrongly (one over a pause, one where nothing is said) are counted as cut and
+    missed."""
+    from test_segment import speech_with_pauses, write_wav as write_pcm
+    x, spans = speech_with_pauses([1.0, 0.6, 0.8])
+    (tmp_path / "wav" / "test").mkdir(parents=True)
+    write_pcm(tmp_path / "wav" / "test" / "L1.wav", x)
+    utts = [{"audio": f"U{k}", "start_s": a, "end_s": b} for k, (a, b) in enumerate(spans)]
+    write(tmp_path / "test.json", json.dumps({"sentence": "", "audio": "L1", "entity": [], "utterances": utts}) + "\n")
+    out = diagnose.segmentation(tmp_path, "energy", max_piece_s=20.0)
+    assert (out["utterances"], out["pieces"], out["pieces_with_several_utterances"]) == (3, 3, 0)
+    assert (out["utterances_not_whole_in_a_piece"], out["utterances_missed"]) == (0, 0)
+    assert 0 < out["time_outside_utterances"] < 0.25
+    wrong = [{"audio": "A", "start_s": spans[0][1] - 0.5, "end_s": spans[1][0] + 0.5},      # over the first pause
+             {"audio": "B", "start_s": 0.1, "end_s": 0.6}]                                   # in the leading silence
+    write(tmp_path / "test.json", json.dumps({"sentence": "", "audio": "L1", "entity": [], "utterances": wrong}) + "\n")
+    out = diagnose.segmentation(tmp_path, "energy", max_piece_s=20.0)
+    assert (out["utterances_not_whole_in_a_piece"], out["utterances_missed"]) == (2, 1)
+    write(tmp_path / "test.json", json.dumps({"sentence": "", "audio": "L1", "entity": []}) + "\n")
+    with pytest.raises(data.DataError, match="not long recordings"):
+        diagnose.segmentation(tmp_path, "energy")

@@ -11,8 +11,9 @@ LADDER = [
                                             # precision and RNG choices
     ("text", "cost"),              # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a
                                    # training step, from the config
-    ("data", "weights", "search"),  # samples, linearization, features, batches | converter, checkpoint format |
-                                    # DecodeOptions, beam search, bracket constraint, joint CTC scorer
+    ("data", "weights", "search", "entitylist"),  # samples, linearization, features, batches | converter,
+                                    # checkpoint format | DecodeOptions, beam search, bracket constraint, joint CTC
+                                    # scorer | a user's entity list: its lines, occurrences in a text, SNER trie bonus
     ("align", "augment", "segment", "workload", "scoring"),  # CTC forced alignment: characters in time |
                                       # training-time augmentations (entity swaps, bleeped entities, noise) | long
                                       # recordings: voice activity, pieces, stitching | what bench.py runs on |

@@ -1,0 +1,219 @@
+"""Tests for entitylist.py and the list bonus in the search: the SNER trie bonus against a slow reference computed
+from the output string alone, beam search with the bonus against the slow beam search of test_decode.py, lists of
+a batch kept apart, a listed string the model does not hear left out, the TNER/MNER bracket bonus, list files."""
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+import entitylist  # noqa: E402
+import files  # noqa: E402
+import recognize  # noqa: E402
+import search  # noqa: E402
+from search import DecodeOptions, beam_search  # noqa: E402
+from test_decode import TOY_CLOSE, TOY_OPEN, FixedLogits, ToyEncoded, random_toy, slow_search  # noqa: E402
+from test_decode import tiny  # noqa: E402,F401  (the fixture)
+from text import EOS, TYPES  # noqa: E402
+
+CHARS = [4, 5, 6, 7]
+OPEN_TYPE = {v: t for t, v in TOY_OPEN.items()}
+CLOSE_TYPE = {v: t for t, v in TOY_CLOSE.items()}
+
+
+def tries_of(listed):
+    """{type: [token lists]} -> tries as entitylist.tries_for makes them (None: an untyped entry)."""
+    tries = {t: entitylist.Trie() for t in TYPES}
+    for typ, strings in listed.items():
+        for ids in strings:
+            for t in ([typ] if typ else TYPES):
+                tries[t].add(ids)
+    return tries
+
+
+def slow_gain(seq, listed, weight):
+    """The bonus a token sequence holds, from its string alone: every bracket closed with its own type around a
+    listed string of that type: weight x its length; every bracket still open whose content so far begins a listed
+    string of its type: weight x the content's length; nothing for the rest, nor for what is open at EOS."""
+    def strings(t):
+        return [s for typ, ss in listed.items() if typ in (t, None) for s in ss]
+    stack, total = [], 0.0                                   # stack: [type, content]
+    for tok in seq:
+        if tok == EOS:
+            return total
+        if tok in OPEN_TYPE:
+            stack.append([OPEN_TYPE[tok], []])
+        elif tok in CLOSE_TYPE:
+            if stack:
+                t, content = stack.pop()
+                if CLOSE_TYPE[tok] == t and content in strings(t):
+                    total += weight * len(content)
+        else:
+            for frame in stack:
+                frame[1].append(tok)
+    return total + sum(weight * len(c) for t, c in stack if any(s[:len(c)] == c for s in strings(t)))
+
+
+LISTED = {"PER": [[4, 5], [4, 5, 6]], "LOC": [[6, 7, 7]], None: [[7, 4]]}
+
+
+def test_the_trie_bonus_equals_the_slow_reference_for_every_next_token():
+    """At every step of random token sequences (brackets nested, mismatched and left open included), the bonus
+    the boost adds to each possible next token is the slow reference's gain after it minus before it."""
+    rng = random.Random(0)
+    boost = entitylist.SpellingBoost([tries_of(LISTED)], TOY_OPEN, TOY_CLOSE, weight=0.7, eos=EOS)
+    tokens = CHARS + list(TOY_OPEN.values()) + list(TOY_CLOSE.values())
+    for _ in range(300):
+        seq = [rng.choice(tokens) for _ in range(rng.randint(1, 12))]
+        if rng.random() < 0.5:                                # often spell a listed string inside its bracket
+            t = rng.choice(["PER", "LOC"])
+            seq = [TOY_OPEN[t], *rng.choice(LISTED[t]), TOY_CLOSE[t], *seq]
+        boost.start()
+        for k in range(len(seq) + 1):
+            before = slow_gain(seq[:k], LISTED, 0.7)
+            bonus = boost.bias(torch.zeros(1, 14))[0]
+            for v in tokens + [EOS]:
+                assert bonus[v].item() == pytest.approx(slow_gain(seq[:k] + [v], LISTED, 0.7) - before, abs=1e-5), \
+                    (seq[:k], v)
+            if k < len(seq):
+                boost.select([0], [seq[k]])
+
+
+def test_beam_search_with_the_boost_equals_the_slow_search_and_keeps_each_inputs_list():
+    """A batch of toy inputs, each with its own list (one with none): beam search with the boost returns what the
+    slow beam search returns with the slow reference's gains added to each input's log-probabilities."""
+    toy, enc = random_toy(7, batch=3)
+    lists = [LISTED, {"ORG": [[5, 5, 4]], "PER": [[6]]}, None]
+    cfg = DecodeOptions(beam=3, max_len=10, no_repeat_ngram_size=0, constraint_range=None)
+    boost = entitylist.SpellingBoost([tries_of(x) if x else None for x in lists], TOY_OPEN, TOY_CLOSE, 2.0, EOS)
+    hyps = beam_search(toy, enc, cfg, boost=boost)
+    changed = False
+    for i, listed in enumerate(lists):
+        def joint(prefix, lp, listed=listed):
+            if not listed:
+                return lp
+            base = slow_gain(prefix, listed, 2.0)
+            return lp + torch.tensor([slow_gain(prefix + [v], listed, 2.0) - base for v in range(14)])
+        slow = slow_search(toy, enc.hidden[i, 0], cfg, 10, joint_fn=joint)
+        assert [h.tokens for h in hyps[i]] == [s[0] for s in slow]
+        assert [h.score for h in hyps[i]] == pytest.approx([s[1] for s in slow], abs=1e-4)
+        plain = slow_search(toy, enc.hidden[i, 0], cfg, 10)
+        changed |= [s[0] for s in slow] != [s[0] for s in plain]
+        if listed is None:                                    # no list: exactly the plain search
+            assert [h.tokens for h in hyps[i]] == [s[0] for s in plain]
+    assert changed                                            # the lists did change some results
+
+
+def test_a_listed_string_the_model_does_not_hear_is_not_forced_into_the_output():
+    """After an opening PER bracket the model is sure of 4 (log-prob 0) and gives 6 a log-prob of -12: a listed
+    6 7 gains 1 a character and cannot win; a close second (-0.5) does."""
+    for second, listed_wins in ((-12.0, False), (-0.5, True)):
+        class Scripted(FixedLogits):
+            def decode_step(self, tokens, cache, vocab_limit=None):
+                history = cache.history = torch.cat([cache.history, tokens[:, None]], 1)
+                rows = []
+                for h in history.tolist():
+                    x = torch.full((14,), -30.0)
+                    said = h[1:]
+                    if not said:
+                        x[TOY_OPEN["PER"]] = 0.0
+                    elif said == [TOY_OPEN["PER"]]:
+                        x[4], x[6] = 0.0, second
+                    elif said[-1] in (4, 6) and len(said) == 2:
+                        x[5 if said[-1] == 4 else 7] = 0.0
+                    elif len(said) == 3:
+                        x[TOY_CLOSE["PER"]] = 0.0
+                    else:
+                        x[EOS] = 0.0
+                    rows.append(x)
+                return torch.stack(rows)
+
+        cfg = DecodeOptions(beam=2, max_len=8, no_repeat_ngram_size=0, constraint_range=None)
+        boost = entitylist.SpellingBoost([tries_of({"PER": [[6, 7]]})], TOY_OPEN, TOY_CLOSE, 1.0, EOS)
+        best = beam_search(Scripted(None), ToyEncoded(torch.zeros(1, 1, 14)), cfg, boost=boost)[0][0].tokens
+        assert best == ([TOY_OPEN["PER"], 6, 7, TOY_CLOSE["PER"]] if listed_wins else
+                        [TOY_OPEN["PER"], 4, 5, TOY_CLOSE["PER"]])
+
+
+def test_the_bracket_bonus_gains_at_the_opening_and_keeps_it_only_at_an_occurrences_end():
+    """TNER/MNER: text 4 5 6 with 4 5 listed as LOC. Without the list the model tags nothing; with it the search
+    brackets exactly (4 5) once its gain pays for the two brackets; the bias itself: +w x 2 on the LOC opening at
+    0, on its close -w x 2 after one character and 0 after two; no second gain for a LOC opened inside it."""
+    probs = torch.full((14,), 1e-9)
+    probs[4:8] = 0.6 / 4
+    probs[[*TOY_OPEN.values(), *TOY_CLOSE.values()]] = 0.4 / 6
+    model, enc = FixedLogits(probs.log()), ToyEncoded(torch.zeros(1, 1, 14))
+    cfg = DecodeOptions(beam=2, max_len=99, no_repeat_ngram_size=0, constraint_range=None)
+    listed = [{0: {"LOC": (2,)}}]
+    plain = beam_search(model, enc, cfg, search.BracketConstraint([[4, 5, 6]], TOY_OPEN, TOY_CLOSE), max_lens=[12])
+    with_list = beam_search(model, enc, cfg, search.BracketConstraint([[4, 5, 6]], TOY_OPEN, TOY_CLOSE,
+                                                                       listed=listed, list_weight=3.0), max_lens=[12])
+    assert plain[0][0].tokens == [4, 5, 6]
+    assert with_list[0][0].tokens == [TOY_OPEN["LOC"], 4, 5, TOY_CLOSE["LOC"], 6]
+    c = search.BracketConstraint([[4, 5, 6]], TOY_OPEN, TOY_CLOSE, listed=listed, list_weight=3.0)
+    c.start()
+    assert c.bias(torch.zeros(1, 14))[0, TOY_OPEN["LOC"]].item() == pytest.approx(6.0)
+    assert c.bias(torch.zeros(1, 14))[0, TOY_OPEN["PER"]].item() == 0.0
+    for tok, close_bonus in ((TOY_OPEN["LOC"], None), (4, -6.0), (5, 0.0)):
+        c.advance([tok])
+        if close_bonus is not None:
+            assert c.bias(torch.zeros(1, 14))[0, TOY_CLOSE["LOC"]].item() == pytest.approx(close_bonus)
+        else:
+            assert c.bias(torch.zeros(1, 14))[0, TOY_OPEN["LOC"]].item() == 0.0   # a second ( at 0: no gain
+
+
+def test_occurrences_find_every_listed_string_with_its_types():
+    entries = [entitylist.Entry("北京", "LOC", "l:1"), entitylist.Entry("北京大学", "ORG", "l:2"),
+               entitylist.Entry("京", None, "l:3")]
+    assert entitylist.occurrences("在北京大学", entries) == {1: {"LOC": (3,), "ORG": (5,)},
+                                                             2: {t: (3,) for t in TYPES}}
+    assert entitylist.occurrences("上海", entries) == {}
+
+
+def test_list_files_say_where_a_line_is_wrong(tmp_path):
+    good = tmp_path / "names.txt"
+    good.write_text("# staff\n张三 PER\n\n北京\n", encoding="utf-8")
+    assert entitylist.read_entity_list(good) == [entitylist.Entry("张三", "PER", f"{good}:2"),
+                                                 entitylist.Entry("北京", None, f"{good}:4")]
+    for text, line, words in (("张三 PER\n李四 PERSON\n", 2, "STRING TYPE"), ("a b c\n", 1, "STRING TYPE"),
+                              ("[张三]\n", 1, "bracket")):
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text, encoding="utf-8")
+        with pytest.raises(files.InputError, match=f"bad.txt:{line}: .*{words}"):
+            entitylist.read_entity_list(bad)
+    with pytest.raises(files.InputError, match="no such file"):
+        entitylist.read_entity_list(tmp_path / "missing.txt")
+    with pytest.raises(files.InputError, match="input 3: \"entities\" must be a list"):
+        entitylist.entries_of("张三", "input 3")
+
+
+def test_an_sner_list_the_decoder_cannot_write_is_refused_with_its_line(tiny, tmp_path):
+    model, assets = tiny
+    vocab = recognize.data.Featurizer(assets).vocab
+    known = next(t for t in vocab.tokens[10:] if len(t) == 1)
+    names = tmp_path / "names.txt"
+    names.write_text(f"{known} PER\n{known}龘 ORG\n", encoding="utf-8")
+    rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=8, entities=str(names))
+    wav = str(ROOT / "tests" / "fixtures" / "wavs" / "utt002.wav")
+    with pytest.raises(files.InputError, match=r"names.txt:2: .*'龘'.*cannot write"):
+        rec.run([recognize.Request(wav=wav)])
+    rec.run([recognize.Request(text=f"{known}龘")])           # TNER: matched as written, accepted
+
+
+def test_per_input_lists_of_a_batch_do_not_leak_into_each_other(tiny):
+    """TNER through the Recognizer: an input with its own list brackets the listed string; the same text in the
+    same batch without a list decodes exactly as with no list anywhere."""
+    model, assets = tiny
+    vocab = recognize.data.Featurizer(assets).vocab
+    chars = [t for t in vocab.tokens[10:] if len(t) == 1][:5]
+    text = "".join(chars)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=16, entity_weight=20.0)
+    alone = rec.run([recognize.Request(text=text, id="a")])[0]
+    listed, other = rec.run([recognize.Request(text=text, id="l", entities=[f"{chars[1]}{chars[2]} ORG"]),
+                             recognize.Request(text=text, id="o")], batch_size=2)
+    assert {(e["start"], e["end"], e["type"]) for e in listed["entities"]} >= {(1, 3, "ORG")}
+    assert other["output"] == alone["output"] and other["entities"] == alone["entities"]
