@@ -17,7 +17,7 @@ Layout written (AISHELL-style utterance ids DEMO01SxxxxWyyyy: speaker = id[6:11]
     wav/{train,dev,test}/Sxxxx/ID.wav   16 kHz mono 16-bit PCM (absent with audio=False)
     index.jsonl                         per utterance: split, speaker, voice, rate, pitch, pinyin, wav, samples
     meta.json                           seed, counts, entity statistics, tool versions, generation time, sha256s
-Speech: pypinyin TONE3 syllables (neutral tone 5) -> libespeak-ng voice cmn-latn-pinyin(+variant) at 22.05 kHz ->
+Speech (synth.py): pypinyin TONE3 syllables (neutral tone 5) -> libespeak-ng voice cmn-latn-pinyin(+variant) at 22.05 kHz ->
 sox without dither (-D -R: bit-exact repeatable) -> gain -1 dB (the resampler overshoots otherwise) -> 16 kHz.
 Gold entity times (demo-v2): espeak-ng reports the sample where each syllable (= character) starts; an entity's
 speech runs from the first to the last non-silent sample (>= -40 dB of the utterance's peak) of its characters'
@@ -27,12 +27,9 @@ Eight virtual speakers (an espeak variant, a base rate and pitch each) are share
 jitters rate and pitch a little.
 """
 import argparse
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import os
-import pickle
 import platform
 import random
 import re
@@ -47,6 +44,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from synth import check_tools, entity_times, synthesize, to_pinyin, tool_versions
 
 VERSION = "demo-v2"        # bump when the generator changes what it writes (the cache folder is named after it)
 DRAWS = "demo-v1"          # seeds the random draws: v2 (+ gold times) has v1's sentences, voices and wavs
@@ -283,8 +282,10 @@ SLOTS = {"PER": gen_per, "LOC": gen_loc, "ORG": gen_org, "CITY": gen_city, "COUN
 FILLERS = {"T": TIME, "WHO": WHO, "WHERE": WHERE, "DOING": DOING}
 
 
-def fill(template, rng, P, split):
-    """One sentence from one template -> (text, entities sorted by (start, -end))."""
+def fill(template, rng, P, split, slots=None):
+    """One sentence from one template -> (text, entities sorted by (start, -end)). slots: generators that replace
+    those of SLOTS."""
+    slots = {**SLOTS, **(slots or {})}
     parts = []
     for i, piece in enumerate(re.split(r"\{(\w+)\}", template)):
         if i % 2 == 0:
@@ -292,7 +293,7 @@ def fill(template, rng, P, split):
         elif piece in FILLERS:
             parts.append(rng.choice(FILLERS[piece]))
         else:
-            parts.append(SLOTS[piece](rng, P, split))
+            parts.append(slots[piece](rng, P, split))
     text, ents = span(None, *parts)
     return text, sorted(set(ents), key=lambda e: (e[0], -e[1], e[2]))
 
@@ -336,192 +337,6 @@ def make_sentences(seed, n_train, n_dev, n_test, min_chars=8, max_chars=20):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Speech synthesis
-def check_tools():
-    if shutil.which("sox") is None or espeak_library() is None:
-        raise RuntimeError("demo corpus: espeak-ng (its library libespeak-ng) or `sox` not found; they synthesise "
-                           "the demo speech. Install them with `apt-get install espeak-ng sox` (Debian/Ubuntu), or "
-                           "build a text-only corpus (audio=False / python demo.py --no-audio)")
-    try:
-        import pypinyin  # noqa: F401
-    except ImportError as e:
-        raise RuntimeError("demo corpus: the speech needs pypinyin (pip install pypinyin)") from e
-
-
-def tool_versions():
-    def first_line(cmd):
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            return (p.stdout or p.stderr).strip().splitlines()[0]
-        except (OSError, IndexError):
-            return None
-    import pypinyin
-    return {"espeak-ng": Espeak.instance().version, "sox": first_line(["sox", "--version"]),
-            "pypinyin": pypinyin.__version__, "python": platform.python_version()}
-
-
-def to_pinyin(text):
-    """One TONE3 syllable per character (the gold times need the 1:1 map)."""
-    from pypinyin import Style, lazy_pinyin
-    syllables = lazy_pinyin(text, style=Style.TONE3, neutral_tone_with_five=True)
-    bad = [s for s in syllables if not re.fullmatch(r"[a-z]+[1-5]", s)]
-    if bad or len(syllables) != len(text):
-        raise ValueError(f"demo: pypinyin gave no one-syllable-per-character pinyin for {text!r}: {syllables}")
-    return " ".join(syllables)
-
-
-def espeak_library():
-    return ctypes.util.find_library("espeak-ng")
-
-
-class _EspeakEvent(ctypes.Structure):  # espeak_EVENT of espeak-ng's speak_lib.h
-    _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint), ("text_position", ctypes.c_int),
-                ("length", ctypes.c_int), ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
-                ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
-
-
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                   ctypes.POINTER(_EspeakEvent))
-
-
-class Espeak:
-    """libespeak-ng through ctypes: the espeak-ng command's own synthesis (same flags: byte-identical samples, checked
-    against `espeak-ng --stdout`) plus the sample position where each word starts. The library keeps global state
-    (one per process: Espeak.instance()), and a synthesis leaves some behind (the next one of the same text comes out
-    a few samples longer), so speak() runs each one in a forked child of a process that never synthesised."""
-    EVENT_LIST_END, EVENT_WORD, EVENT_END = 0, 1, 5
-    SYNCHRONOUS, RATE, PITCH = 2, 1, 3                          # AUDIO_OUTPUT_SYNCHRONOUS, espeakRATE, espeakPITCH
-    COMMAND_FLAGS = 0x0000 | 0x0100 | 0x1000                    # espeakCHARS_AUTO | espeakPHONEMES | espeakENDPAUSE
-    _instance = None
-
-    @classmethod
-    def instance(cls):
-        if cls._instance is None:
-            cls._instance = cls()
-        return cls._instance
-
-    def __init__(self):
-        path = espeak_library()
-        if path is None:
-            raise RuntimeError("demo: libespeak-ng not found (apt-get install espeak-ng)")
-        self.lib = ctypes.CDLL(path)
-        self.lib.espeak_Info.restype = ctypes.c_char_p
-        self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self.lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                          ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        self.sample_rate = self.lib.espeak_Initialize(self.SYNCHRONOUS, 0, None, 0)
-        if self.sample_rate <= 0:
-            raise RuntimeError(f"demo: espeak_Initialize failed ({self.sample_rate}) with {path}")
-        self.version = "eSpeak NG " + self.lib.espeak_Info(None).decode()
-        self._chunks, self._words, self._end = [], [], None
-        self._callback = _SYNTH_CALLBACK(self._collect)         # kept referenced: the library holds the pointer
-        self.lib.espeak_SetSynthCallback(self._callback)
-
-    def _collect(self, samples, n, events):
-        if n > 0:
-            self._chunks.append(ctypes.string_at(samples, 2 * n))
-        i = 0
-        while events[i].type != self.EVENT_LIST_END:
-            if events[i].type == self.EVENT_WORD:
-                self._words.append(events[i].sample)
-            elif events[i].type == self.EVENT_END:
-                self._end = events[i].sample
-            i += 1
-        return 0
-
-    def speak(self, text, voice, rate, pitch):
-        """-> (16-bit mono PCM bytes at self.sample_rate, [sample where each space-separated word starts])."""
-        read_end, write_end = os.pipe()
-        try:
-            pid = os.fork()
-        except OSError:
-            os.close(read_end)
-            os.close(write_end)
-            raise
-        if pid == 0:                              # child: speak once, send the result, never return into the caller
-            try:
-                os.close(read_end)
-                try:
-                    result = ("ok", self._speak_here(text, voice, rate, pitch))
-                except Exception as e:            # noqa: BLE001 (reported to the parent)
-                    result = ("error", str(e))
-                with os.fdopen(write_end, "wb") as f:
-                    pickle.dump(result, f)
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        try:
-            with os.fdopen(read_end, "rb") as f:
-                data = f.read()
-        finally:
-            _, wait_status = os.waitpid(pid, 0)
-        if not os.WIFEXITED(wait_status) or os.WEXITSTATUS(wait_status) != 0 or not data:
-            raise RuntimeError(f"demo: the espeak-ng child died (wait status {wait_status}) on {text!r} ({voice})")
-        status, result = pickle.loads(data)
-        if status != "ok":
-            raise RuntimeError(result)
-        return result
-
-    def _speak_here(self, text, voice, rate, pitch):
-        if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise RuntimeError(f"demo: espeak-ng has no voice {voice!r}")
-        self.lib.espeak_SetParameter(self.RATE, rate, 0)
-        self.lib.espeak_SetParameter(self.PITCH, pitch, 0)
-        self._chunks, self._words, self._end = [], [], None
-        data = text.encode()
-        err = self.lib.espeak_Synth(ctypes.create_string_buffer(data), len(data) + 1, 0, 1, 0, self.COMMAND_FLAGS,
-                                    None, None)
-        if err != 0 or self.lib.espeak_Synchronize() != 0 or self._end is None:
-            raise RuntimeError(f"demo: espeak-ng failed ({err}) on {text!r} with voice {voice}")
-        return b"".join(self._chunks), self._words
-
-
-SILENCE_DB = -40     # gold times: a sample is speech when |x| >= peak * 10^(SILENCE_DB / 20) (peak of its utterance)
-
-
-def speech_bounds(pcm, word_starts, sample_rate):
-    """Per word: (first, last + 1 non-silent sample) / sample_rate in seconds, searched between its own start
-    event and the next word's (the last word: up to the end of the audio)."""
-    import numpy as np
-    x = np.abs(np.frombuffer(pcm, dtype=np.int16).astype(np.int32))
-    loud = np.flatnonzero(x >= x.max() * 10 ** (SILENCE_DB / 20))                   # (L,) sample indices
-    ends = list(word_starts[1:]) + [len(x)]
-    lo, hi = np.searchsorted(loud, word_starts), np.searchsorted(loud, ends) - 1      # (W,) into loud
-    if (lo > hi).any():
-        w = int(np.flatnonzero(lo > hi)[0])
-        raise RuntimeError(f"demo: word {w} of an utterance is silent from sample {word_starts[w]} to {ends[w]}")
-    return [(int(loud[a]) / sample_rate, (int(loud[b]) + 1) / sample_rate) for a, b in zip(lo, hi)]
-
-
-def entity_times(entities, word_seconds):
-    """[[start_s, end_s]] per entity [start, end, text, TYPE]: from its first character's first speech sample to its
-    last character's last (characters = pinyin words, one each)."""
-    return [[round(word_seconds[s][0], 4), round(word_seconds[e - 1][1], 4)] for s, e, _, _ in entities]
-
-
-def synthesize(pinyin, variant, rate, pitch, path):
-    """libespeak-ng (22.05 kHz) | sox -> 16 kHz mono 16-bit wav at path; returns (its number of samples,
-    [(speech start_s, end_s)] per pinyin syllable). sox's rate is linear-phase (no delay), so times carry over."""
-    espeak = Espeak.instance()
-    pcm, words = espeak.speak(pinyin, f"cmn-latn-pinyin+{variant}", rate, pitch)
-    if len(words) != len(pinyin.split()):
-        raise RuntimeError(f"demo: espeak-ng reported {len(words)} words for {len(pinyin.split())} syllables "
-                           f"in {pinyin!r}")
-    cmd = ["sox", "-D", "-R", "-t", "raw", "-r", str(espeak.sample_rate), "-e", "signed-integer", "-b", "16", "-c",
-           "1", "-", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer", str(path), "gain", "-1", "rate",
-           "16000"]
-    conv = subprocess.run(cmd, input=pcm, capture_output=True)
-    if conv.returncode != 0:
-        raise RuntimeError(f"demo: `{' '.join(cmd)}` failed ({conv.returncode}): {conv.stderr.decode()}")
-    try:
-        bounds = speech_bounds(pcm, words, espeak.sample_rate)
-    except RuntimeError as e:
-        raise RuntimeError(f"{e} ({pinyin!r}, {path})") from None
-    with wave.open(str(path)) as w:
-        return w.getnframes(), bounds
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Corpus folder
 def default_root(seed=0, audio=True, **counts):
     counts = {**DEFAULT_COUNTS, **counts}
@@ -532,6 +347,22 @@ def default_root(seed=0, audio=True, **counts):
         name += "-text"
     cache = os.environ.get("IMAGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "image")
     return Path(cache) / name
+
+
+def speak(jobs, progress=True, workers=None):
+    """Synthesise jobs [(pinyin, voice variant, rate, pitch, wav path)] in parallel. Yields (samples, word start
+    seconds) per job, in order."""
+    for d in {j[4].parent for j in jobs}:
+        d.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+    # processes, as libespeak-ng has one state per process; spawned, since they fork (the caller may hold
+    # torch's threads, which a fork would copy in an unknown state)
+    pool = ProcessPoolExecutor(workers or os.cpu_count() or 1, multiprocessing.get_context("spawn"))
+    try:
+        yield from tqdm(pool.map(synthesize, *zip(*jobs), chunksize=8), total=len(jobs), desc="demo speech",
+                        unit="utt", disable=not progress)
+    finally:
+        pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C, do not synthesise the rest first
 
 
 def build(out, seed, n_train, n_dev, n_test, audio=True, progress=True, workers=None):
@@ -551,22 +382,11 @@ def build(out, seed, n_train, n_dev, n_test, audio=True, progress=True, workers=
                 jobs.append((index[-1]["pinyin"], r["voice"], r["rate"], r["pitch"], out / wav))
     seconds = {}
     if audio:
-        for d in {j[4].parent for j in jobs}:
-            d.mkdir(parents=True, exist_ok=True)
-        from tqdm import tqdm
-        # processes, as libespeak-ng has one state per process; spawned, since they fork (the caller may hold
-        # torch's threads, which a fork would copy in an unknown state)
-        pool = ProcessPoolExecutor(workers or os.cpu_count() or 1, multiprocessing.get_context("spawn"))
-        try:
-            results = pool.map(synthesize, *zip(*jobs), chunksize=8)
-            records = [r for split, _, _ in SPLITS for r in data[split]]
-            for rec, r, (n, word_seconds) in zip(index, records, tqdm(results, total=len(jobs), desc="demo speech",
-                                                                       unit="utt", disable=not progress)):
-                rec["samples"] = n
-                r["entity_times"] = entity_times(r["entity"], word_seconds)
-                seconds[rec["split"]] = seconds.get(rec["split"], 0) + n / 16000
-        finally:
-            pool.shutdown(cancel_futures=True)  # on an error or Ctrl-C, do not synthesise the rest first
+        records = [r for split, _, _ in SPLITS for r in data[split]]
+        for rec, r, (n, word_seconds) in zip(index, records, speak(jobs, progress, workers)):
+            rec["samples"] = n
+            r["entity_times"] = entity_times(r["entity"], word_seconds)
+            seconds[rec["split"]] = seconds.get(rec["split"], 0) + n / 16000
     keys = ("sentence", "audio", "entity", "entity_times", "speaker_info") if audio else \
         ("sentence", "audio", "entity", "speaker_info")
     for split, json_name, _ in SPLITS:
@@ -735,6 +555,101 @@ def ensure_long_form(root, seed=0, minutes=LONG_MINUTES):
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Unseen names (#19): a test split whose PER and ORG names never occur in training, and a list of distractors
+
+UNSEEN_VERSION = "unseen-v1"
+
+
+def _new_names(rng, train_chars, taken, n, kind):
+    """n PER or ORG names not in `taken` (which they join), made of training characters only: PER a surname and
+    one or two given-name characters; ORG two characters a brand would use, then a company suffix."""
+    surnames = [c for c in SURNAMES if c in train_chars]
+    given = [c for c in GIVEN if c in train_chars]
+    brand_chars = sorted(set("".join(BRANDS)) & train_chars)
+    names = []
+    while len(names) < n:
+        if kind == "PER":
+            name = rng.choice(surnames) + "".join(rng.choice(given) for _ in range(rng.choice((1, 2, 2))))
+        else:
+            name = rng.choice(brand_chars) + rng.choice(brand_chars) + rng.choice(COMPANY_SUFFIX)
+        if name not in taken and set(name) <= train_chars:
+            taken.add(name)
+            names.append(name)
+    return names
+
+
+def build_unseen(root, out, seed=0, n_test=400, n_distractors=1000, progress=True, workers=None):
+    """An SNER test split of a demo corpus (root) whose PER and ORG names never occur in its training set, only
+    characters the training text has, and entity lists to try decode.py --entities with, into out:
+
+        test.json, wav/test/...    CNERTA layout with entity times (decode.py --dataset demo --data-dir OUT)
+        names.txt                  the split's PER and ORG names (one 'NAME TYPE' a line)
+        distractors.txt            n_distractors new PER names and as many ORG names, in no demo split
+        entities.txt               names.txt + distractors.txt, shuffled: the list the targets use
+    Sentences come from the corpus templates that hold a PER or ORG slot, the names in those slots drawn new."""
+    root, out = Path(root), Path(out)
+    rng = random.Random(f"{UNSEEN_VERSION}:{seed}")
+    lines = {name: [json.loads(x) for x in (root / name).read_text(encoding="utf-8").splitlines() if x.strip()]
+             for _, name, _ in SPLITS}
+    train_chars = set("".join(d["sentence"] for d in lines["train.json"]))
+    taken = {e[2] for d in sum(lines.values(), []) for e in d["entity"]}          # every entity of every split
+    trained = {e[2] for d in lines["train.json"] for e in d["entity"] if e[3] in ("PER", "ORG")}
+    P = Pools(seed)
+    templates = [t for t in TEMPLATES if "{PER}" in t or "{ORG}" in t]
+    records, names, utt = [], {"PER": [], "ORG": []}, 0
+    draws = {"PER": lambda r, P, split: span("PER", *_new_names(r, train_chars, taken, 1, "PER")),
+             "ORG": lambda r, P, split: span("ORG", *_new_names(r, train_chars, taken, 1, "ORG"))}
+    for attempt in range(1000 * n_test):
+        if len(records) == n_test:
+            break
+        text, ents = fill(rng.choice(templates), rng, P, "test", draws)
+        if not 8 <= len(text) <= 24 or not set(text) <= train_chars or any(
+                t in ("PER", "ORG") and text[a:b] in trained for a, b, t in ents):   # other ORG slots: seen names
+            continue
+        k = rng.randrange(len(SPEAKERS))
+        variant, gender, rate, pitch = SPEAKERS[k]
+        utt += 1
+        records.append(dict(sentence=text, audio=f"UNSEEN01S{k + 1:04d}W{utt:04d}",
+                            entity=[[a, b, text[a:b], t] for a, b, t in ents], speaker_info=gender,
+                            voice=variant, rate=rate + rng.randint(-12, 12), pitch=pitch + rng.randint(-6, 6)))
+        for a, b, t in ents:
+            if t in names and text[a:b] not in names[t]:
+                names[t].append(text[a:b])
+    if len(records) < n_test:
+        raise RuntimeError(f"demo: could not draw {n_test} unseen-name sentences from the training characters of "
+                           f"{root} (got {len(records)}): build the corpus with more training sentences")
+    jobs = [(to_pinyin(r["sentence"]), r["voice"], r["rate"], r["pitch"],
+             out / "wav" / "test" / r["audio"][8:13] / f"{r['audio']}.wav") for r in records]
+    for r, (_, word_seconds) in zip(records, speak(jobs, progress, workers)):
+        r["entity_times"] = entity_times(r["entity"], word_seconds)
+    keys = ("sentence", "audio", "entity", "entity_times", "speaker_info")
+    (out / "test.json").write_text("".join(json.dumps({k: r[k] for k in keys}, ensure_ascii=False) + "\n"
+                                           for r in records), encoding="utf-8")
+    listed = [f"{n} {t}" for t in ("PER", "ORG") for n in names[t]]
+    distractors = [f"{n} {t}" for t in ("PER", "ORG") for n in _new_names(rng, train_chars, taken, n_distractors, t)]
+    mixed = listed + distractors
+    rng.shuffle(mixed)
+    for name, entries in (("names.txt", listed), ("distractors.txt", distractors), ("entities.txt", mixed)):
+        (out / name).write_text("".join(x + "\n" for x in entries), encoding="utf-8")
+    return {"sentences": len(records), "names": {t: len(v) for t, v in names.items()},
+            "distractors": len(distractors)}
+
+
+def ensure_unseen(root, seed=0):
+    """The unseen-names set of a demo corpus (build_unseen), built once into root/unseen-v1, atomically."""
+    out = Path(root) / UNSEEN_VERSION
+    if (out / "entities.txt").is_file():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{UNSEEN_VERSION}.tmp-", dir=root))
+    try:
+        build_unseen(root, tmp, seed)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="corpus folder (default: $IMAGE_CACHE or ~/.cache/image, "
@@ -748,6 +663,9 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--long-form", default=None, metavar="MINUTES", help="also build the long recordings of the test "
                    "split (#18: comma-separated lengths in minutes, e.g. 1,2,3,5,7,10) into CORPUS/long-v1[-...]")
+    p.add_argument("--unseen", action="store_true", help="also build a test split whose PER and ORG names never "
+                   "occur in training, with their names and 2,000 distractors as entity lists (#19), into "
+                   f"CORPUS/{UNSEEN_VERSION}")
     args = p.parse_args(argv)
     try:
         minutes = tuple(float(m) for m in args.long_form.split(",")) if args.long_form else None
@@ -776,6 +694,12 @@ def main(argv=None):
         long_dir = ensure_long_form(root, args.seed, minutes)
         print(f"long recordings: {long_dir}  (decode.py --dataset cnerta --data-dir {long_dir} --split test; cut at "
               f"the utterances: --dataset demo --data-dir {long_dir / 'cut'})")
+    if args.unseen:
+        if not meta["audio"]:
+            sys.exit("error: --unseen needs the corpus with audio (not --no-audio)")
+        unseen = ensure_unseen(root, args.seed)
+        print(f"unseen names: {unseen}  (decode.py --dataset demo --data-dir {unseen} --split test --task SNER "
+              f"--entities {unseen / 'entities.txt'})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ breakdown (P/R/F1 by type, nesting, seen/unseen, kind of error), a gazetteer bas
     python evaluate.py confidence --predictions p.jsonl --task TNER --dataset cnerta --data-dir D  # calibration
     python evaluate.py long-form --predictions p.jsonl --task SNER --dataset demo --data-dir LONG  # per utterance
     python evaluate.py pieces --data-dir LONG --vad silero                                        # the cut alone
+    python evaluate.py entities --dataset cnerta --data-dir D --split train --out train_entities.txt  # a list
 
 The scorers themselves (ours and the official one, CER; decode.py --eval uses them) are in scoring.py; entity
 times, confidence, playback and long recordings per utterance in diagnose.py.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import audio
 import diagnose
+import files
 import scoring
 from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_official, load_split, nest, parse,
                   parse_official, read_lines)
@@ -71,6 +73,19 @@ class Gazetteer:
                     kinds = list(c) if self.types == "all" else [c.most_common(1)[0][0]]
                     found += [Entity(i, j, t) for t in kinds]
         return sorted(found) if self.crossing == "keep" else nest(found)[0]
+
+
+def entity_list(samples, min_chars: int = 1, types: str = "all") -> list[str]:
+    """The entity list of a split, as decode.py --entities reads it: 'STRING TYPE' per (string, type) annotated
+    (types='all') or per string with its majority type ('majority'), most frequent first, then in first-seen order."""
+    g = Gazetteer(samples, min_chars=min_chars, types=types)
+    lines = []
+    for string, counts in sorted(g.counts.items(), key=lambda kv: -sum(kv[1].values())):
+        if len(string) < min_chars or any(c.isspace() or c in "[]()<>" for c in string):
+            continue          # a list line is one string without white space or bracket characters
+        kinds = [t for t, _ in counts.most_common()] if types == "all" else [counts.most_common(1)[0][0]]
+        lines += [f"{string} {t}" for t in kinds]
+    return lines
 
 
 def _is_nested(e: Entity, entities) -> bool:
@@ -315,6 +330,15 @@ def main(argv=None):
         q.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format of the gold split")
         q.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
         q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
+    el = sub.add_parser("entities", help="write the entity list of a split (decode.py --entities reads it): one "
+                                         "'STRING TYPE' a line, most frequent first")
+    el.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format")
+    el.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
+    el.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (default train)")
+    el.add_argument("--out", required=True, help="list file to write (atomically)")
+    el.add_argument("--min-chars", type=int, default=1, help="shortest string listed (default 1)")
+    el.add_argument("--types", choices=("majority", "all"), default="all", help="a string annotated with several "
+                    "types: a line per type (all, default) or its most frequent type only (majority)")
     pc = sub.add_parser("pieces", help="how long recordings (demo.py --long-form) are cut into pieces, against "
                                        "their gold utterances, before any model runs: pieces, pieces holding "
                                        "several utterances, utterances cut or missed, time outside utterances")
@@ -338,6 +362,17 @@ def main(argv=None):
     cf.add_argument("--temperature", type=float, default=1.0, help="the --confidence-temperature the predictions "
                     "were decoded with (default 1)")
     args = p.parse_args(argv)
+    if args.command == "entities":
+        try:
+            files.check_output_file(args.out, "--out")
+            samples = load_split(args.dataset, args.data_dir, args.split, errors="collect", verbose=False)
+            lines = entity_list(samples, args.min_chars, args.types)
+            files.write_atomic(args.out, "".join(line + "\n" for line in lines))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"evaluate.py entities: {e}")
+        print(f"{args.out}: {len(lines)} entries from {args.dataset} {SPLITS[args.split]} ({len(samples)} "
+              "sentences)")
+        return
     if args.command == "pieces":
         try:
             result = diagnose.segmentation(args.data_dir, args.vad, max_piece_s=args.max_piece_seconds,

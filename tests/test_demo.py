@@ -12,8 +12,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import demo  # noqa: E402
+import entitylist  # noqa: E402
+import synth  # noqa: E402
 
-HAVE_TOOLS = shutil.which("espeak-ng") is not None and shutil.which("sox") is not None and demo.espeak_library()
+HAVE_TOOLS = shutil.which("espeak-ng") is not None and shutil.which("sox") is not None and synth.espeak_library()
 try:
     import pypinyin  # noqa: F401
 except ImportError:
@@ -195,7 +197,7 @@ def test_gold_entity_times_match_the_speech(tmp_path):
         for line in read_jsonl(root / json_name):
             meta = index[line["audio"]]
             x = np.abs(wave_samples(root / meta["wav"]).astype(np.int32))
-            loud = np.flatnonzero(x >= x.max() * 10 ** (demo.SILENCE_DB / 20))
+            loud = np.flatnonzero(x >= x.max() * 10 ** (synth.SILENCE_DB / 20))
             duration = len(x) / 16000
             assert len(line["entity_times"]) == len(line["entity"])
             for (s, e, _, _), (a, b) in zip(line["entity"], line["entity_times"]):
@@ -263,3 +265,29 @@ def test_long_form_recordings_join_the_test_utterances_with_their_gold(tmp_path)
     again = demo.build_long_form(root, tmp_path / "again", seed=0, minutes=(0.25, 0.5))
     assert again == out and (tmp_path / "again" / "wav" / "test" / "LONG0002.wav").read_bytes() == (
         tmp_path / "long" / "wav" / "test" / "LONG0002.wav").read_bytes()
+
+
+@needs_tools
+def test_the_unseen_names_split_has_no_training_name_and_lists_its_names_among_distractors(tmp_path):
+    """build_unseen: PER and ORG names none of the training set's, only training characters, gold times; names.txt
+    holds exactly its PER/ORG names, distractors.txt new names in no split, entities.txt both; decode.py reads it."""
+    root = demo.ensure_demo_corpus(tmp_path / "c", seed=1, progress=False, n_train=300, n_dev=2, n_test=2,
+                                   audio=False)
+    out = tmp_path / "unseen"
+    info = demo.build_unseen(root, out, seed=0, n_test=6, n_distractors=15, progress=False, workers=1)
+    train = read_jsonl(root / "train.json")
+    train_names = {e[2] for d in train for e in d["entity"]}
+    every_name = {e[2] for name in ("train.json", "valid.json", "test.json") for d in read_jsonl(root / name)
+                  for e in d["entity"]}
+    chars = set("".join(d["sentence"] for d in train))
+    lines = read_jsonl(out / "test.json")
+    assert len(lines) == info["sentences"] == 6
+    names = {(e[2], e[3]) for d in lines for e in d["entity"] if e[3] in ("PER", "ORG")}
+    assert names and not {n for n, _ in names} & train_names
+    assert all(set(d["sentence"]) <= chars and len(d["entity_times"]) == len(d["entity"]) for d in lines)
+    assert all((out / "wav" / "test" / d["audio"][8:13] / f"{d['audio']}.wav").is_file() for d in lines)
+    listed = {(e.text, e.type) for e in entitylist.read_entity_list(out / "names.txt")}
+    distractors = {(e.text, e.type) for e in entitylist.read_entity_list(out / "distractors.txt")}
+    assert listed == names and len(distractors) == 30 and not {n for n, _ in distractors} & (
+        every_name | {n for n, _ in names})
+    assert {(e.text, e.type) for e in entitylist.read_entity_list(out / "entities.txt")} == listed | distractors

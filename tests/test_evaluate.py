@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import diagnose  # noqa: E402
+import entitylist  # noqa: E402
 import evaluate  # noqa: E402
 import scoring  # noqa: E402
 import search  # noqa: E402
@@ -448,3 +449,19 @@ def test_pieces_are_counted_against_the_gold_utterances(tmp_path):
     write(tmp_path / "test.json", json.dumps({"sentence": "", "audio": "L1", "entity": []}) + "\n")
     with pytest.raises(data.DataError, match="not long recordings"):
         diagnose.segmentation(tmp_path, "energy")
+
+
+def test_the_entity_list_of_a_split_is_what_decode_reads(tmp_path, capsys):
+    samples = [Sample("a", "张三在北京", [E(0, 2, "PER"), E(3, 5, "LOC")]),
+               Sample("b", "北京大学的张三", [E(0, 4, "ORG"), E(0, 2, "LOC"), E(5, 7, "PER")]),
+               Sample("c", "北京队", [E(0, 2, "ORG")])]
+    assert evaluate.entity_list(samples) == ["北京 LOC", "北京 ORG", "张三 PER", "北京大学 ORG"]
+    assert evaluate.entity_list(samples, min_chars=3, types="majority") == ["北京大学 ORG"]
+    write(tmp_path / "train.json", "".join(json.dumps(
+        {"sentence": s.text, "audio": s.id, "entity": [[e.start, e.end, s.text[e.start:e.end], e.type]
+                                                        for e in s.entities]}, ensure_ascii=False) + "\n"
+        for s in samples))
+    evaluate.main(["entities", "--dataset", "cnerta", "--data-dir", str(tmp_path), "--out", str(tmp_path / "l.txt")])
+    assert "4 entries" in capsys.readouterr().out
+    assert [(e.text, e.type) for e in entitylist.read_entity_list(tmp_path / "l.txt")] == [
+        ("北京", "LOC"), ("北京", "ORG"), ("张三", "PER"), ("北京大学", "ORG")]
