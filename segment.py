@@ -185,34 +185,48 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
     return pieces
 
 
-def split_text(char_phones, heard, slack=1.5, margin=20, max_distance=0.5):
-    """Share a recording's transcript among its pieces (MNER on a long recording). char_phones[i]: the phones of
+def split_text(char_phones, heard, max_distance=0.5):
+    """Share a recording's transcript among its pieces (MNER on a long recordings). char_phones[i]: the phones of
     character i (its first reading; [] for none); heard[k]: what the phone CTC head hears in piece k (greedy).
-    Piece k takes the characters from the end of piece k-1's share to where its heard phones align best against
-    the transcript's (edit distance, start anchored, end free within slack x their number + margin phones, the
-    end rounded to a character); the last piece takes the rest. -> (bounds: K + 1 character offsets, one per
-    piece boundary; each piece's edit distance over its heard phones; the pieces whose distance is over
-    max_distance: alignment failures)."""
+    One global alignment (edit distance) of everything heard, piece after piece, against the whole transcript's
+    phones, both ends anchored: where the path crosses from one piece's phones to the next is their boundary in
+    the transcript, rounded to a character. Global, so one badly heard piece costs its own share only and the
+    next pieces align again (piece by piece, a miss would carry on to the end). Memory: a row of the phones per
+    piece (the crossing points), time: heard x transcript phones, a numpy row at a time.
+    -> (bounds: K + 1 character offsets; each piece's edit distance over its heard phones (None: heard nothing);
+    the pieces whose distance is over max_distance: alignment failures)."""
     start_of = np.cumsum([0] + [len(p) for p in char_phones])            # (n + 1,) phone offset of each character
     said = np.array([c for p in char_phones for c in p], dtype=np.int64)  # (P,)
-    bounds, distances, pos = [0], [], 0
+    cols = np.arange(len(said) + 1)
+    d = cols.astype(np.float64)                                          # row 0: nothing heard against said[:j]
+    came = np.zeros(len(said) + 1, dtype=np.int64)                       # where each cell's path entered its piece
+    snaps = []                                                           # per piece end: (came, d) of that row
     for k, h in enumerate(heard):
-        if k == len(heard) - 1:
-            end, best = len(said), None
-        else:
-            part = said[pos: min(len(said), pos + int(slack * len(h)) + margin)]
-            cols = np.arange(len(part) + 1)
-            d = cols.astype(np.float64)                                  # row 0: heard[:0] against part[:j]
-            for x in h:                                                  # the next row: substitution or deletion,
-                e = np.concatenate([[d[0] + 1], np.minimum(d[:-1] + (part != x), d[1:] + 1)])   # then insertions
-                d = np.minimum.accumulate(e - cols) + cols               # as a running minimum
-            end, best = pos + int(np.argmin(d)), float(d.min())
+        for x in h:                                                      # the next row: substitution or deletion,
+            diag, down = d[:-1] + (said != x), d[1:] + 1                 # then insertions as a running minimum
+            e = np.concatenate([[d[0] + 1], np.minimum(diag, down)])
+            src = np.concatenate([[came[0]], np.where(diag <= down, came[:-1], came[1:])])
+            v = e - cols
+            run = np.minimum.accumulate(v)
+            at = np.maximum.accumulate(np.where(v <= run, cols, 0))      # the column each running minimum is from
+            d, came = run + cols, src[at]
+        snaps.append((came, d))
+        came = cols.copy()                                               # the next piece starts where this ends
+    ends = [len(said)]                                                   # phone offset of each piece's end, last first
+    for came_k, _ in reversed(snaps[1:]):
+        ends.append(int(came_k[ends[-1]]))
+    ends = ends[::-1]                                                    # (K,)
+    bounds = [0]
+    for end in ends:
         c = int(np.searchsorted(start_of, end, side="left"))             # the first character starting at or after
         bounds.append(max(bounds[-1], min(c, len(char_phones))))
-        pos = int(start_of[bounds[-1]])
-        distances.append(None if best is None else best / max(1, len(h)))
     bounds[-1] = len(char_phones)
-    failures = [k for k, d in enumerate(distances) if d is not None and d > max_distance]
+    distances, before = [], 0.0
+    for k, h in enumerate(heard):
+        at = snaps[k][1][ends[k]]
+        distances.append(None if not h else float(at - before) / len(h))
+        before = at
+    failures = [k for k, dist in enumerate(distances) if dist is not None and dist > max_distance]
     return bounds, distances, failures
 
 

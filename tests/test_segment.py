@@ -179,11 +179,28 @@ def test_a_transcript_is_shared_among_the_pieces_by_what_they_hear():
     heard[2].insert(2, 98)
     bounds, distances, failures = segment.split_text(chars, heard)
     assert bounds == [0, 10, 22, 30] and failures == []
-    assert distances[0] == pytest.approx(1 / 20) and distances[2] is None
+    assert distances == pytest.approx([1 / 20, 1 / 21, 1 / 17])
     wrong = [said(0, 10), [97] * 20, said(22, 30)]
     bounds, distances, failures = segment.split_text(chars, wrong)
     assert failures == [1] and bounds[0] == 0 and bounds[-1] == 30 and bounds == sorted(bounds)
     assert segment.split_text(chars, [said(0, 30)])[0] == [0, 30]    # one piece: everything
+    assert segment.split_text(chars, [said(0, 10), [], said(10, 30)])[1] == [pytest.approx(0.0), None, 0.0]
+
+
+def test_a_badly_heard_piece_costs_its_own_share_only():
+    """Twelve pieces of five characters; the fourth hears noise and the seventh nothing: every piece away from
+    those two still gets exactly its own characters (aligned once over the whole transcript, no drift); the
+    unheard share goes to a neighbour, which may then count as a failure too."""
+    rng = np.random.default_rng(1)
+    chars = [[int(a), int(b)] for a, b in rng.integers(1, 60, size=(60, 2))]
+    heard = [[c for p in chars[5 * k: 5 * k + 5] for c in p] for k in range(12)]
+    heard[3] = [int(x) for x in rng.integers(61, 90, size=14)]
+    heard[6] = []
+    bounds, distances, failures = segment.split_text(chars, heard)
+    assert 3 in failures and set(failures) <= {3, 5, 7} and distances[6] is None
+    for k in range(12):
+        if k not in (3, 5, 6, 7):
+            assert (bounds[k], bounds[k + 1]) == (5 * k, 5 * k + 5), (k, bounds)
 
 
 def test_an_entity_across_an_overlap_cut_survives_whichever_piece_found_it():
