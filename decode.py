@@ -312,6 +312,8 @@ def get_args(argv=None):
         confidence_platt=platt)
     try:
         args.options.check(OPTION_FLAGS)
+        if args.entities:                      # a bad list line is found before the model loads
+            entitylist.read_entity_list(args.entities)
     except files.InputError as e:
         p.error(str(e))
     if args.device is not None:

@@ -926,7 +926,9 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
     for flags, words in ((["--nbest", "0"], "--nbest must be >= 1"), (["--ctc-weight", "nan"], "--ctc-weight"),
                          (["--entity-bias", "1", "--no-constrain"], "--entity-bias biases"),
                          (["--max-piece-seconds", "2"], "--max-piece-seconds must be at least"),
-                         (["--min-pause-seconds", "0"], "--min-pause-seconds must be in (0, 5]")):
+                         (["--min-pause-seconds", "0"], "--min-pause-seconds must be in (0, 5]"),
+                         (["--entities", "/nonexistent/names.txt"], "names.txt: no such file"),
+                         (["--entity-weight", "-1"], "--entity-weight must be a finite number >= 0")):
         with pytest.raises(SystemExit):
             decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京", *flags])
         assert words in capsys.readouterr().err
