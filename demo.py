@@ -564,11 +564,13 @@ UNSEEN_VERSION = "unseen-v1"
 def _new_names(rng, train_chars, taken, n, kind):
     """n PER or ORG names not in `taken` (which they join), made of training characters only: PER a surname and
     one or two given-name characters; ORG two characters a brand would use, then a company suffix."""
-    surnames = [c for c in SURNAMES if c in train_chars]
-    given = [c for c in GIVEN if c in train_chars]
-    brand_chars = sorted(set("".join(BRANDS)) & train_chars)
+    surnames = [c for c in SURNAMES if c in train_chars] or sorted(train_chars)
+    given = [c for c in GIVEN if c in train_chars] or sorted(train_chars)
+    brand_chars = sorted(set("".join(BRANDS)) & train_chars) or sorted(train_chars)
     names = []
-    while len(names) < n:
+    for _ in range(1000 * n):
+        if len(names) == n:
+            break
         if kind == "PER":
             name = rng.choice(surnames) + "".join(rng.choice(given) for _ in range(rng.choice((1, 2, 2))))
         else:
@@ -576,6 +578,9 @@ def _new_names(rng, train_chars, taken, n, kind):
         if name not in taken and set(name) <= train_chars:
             taken.add(name)
             names.append(name)
+    if len(names) < n:
+        raise RuntimeError(f"demo: could not make {n} new {kind} names from the training characters (got "
+                           f"{len(names)}): build the corpus with more training sentences")
     return names
 
 
@@ -636,14 +641,15 @@ def build_unseen(root, out, seed=0, n_test=400, n_distractors=1000, progress=Tru
             "distractors": len(distractors)}
 
 
-def ensure_unseen(root, seed=0):
+def ensure_unseen(root, seed=0, progress=True, workers=None):
     """The unseen-names set of a demo corpus (build_unseen), built once into root/unseen-v1, atomically."""
     out = Path(root) / UNSEEN_VERSION
     if (out / "entities.txt").is_file():
         return out
+    check_tools()
     tmp = Path(tempfile.mkdtemp(prefix=f".{UNSEEN_VERSION}.tmp-", dir=root))
     try:
-        build_unseen(root, tmp, seed)
+        build_unseen(root, tmp, seed, progress=progress, workers=workers)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -695,9 +701,10 @@ def main(argv=None):
         print(f"long recordings: {long_dir}  (decode.py --dataset cnerta --data-dir {long_dir} --split test; cut at "
               f"the utterances: --dataset demo --data-dir {long_dir / 'cut'})")
     if args.unseen:
-        if not meta["audio"]:
-            sys.exit("error: --unseen needs the corpus with audio (not --no-audio)")
-        unseen = ensure_unseen(root, args.seed)
+        try:
+            unseen = ensure_unseen(root, args.seed, not args.quiet, args.workers)
+        except RuntimeError as e:
+            sys.exit(f"error: {e}")
         print(f"unseen names: {unseen}  (decode.py --dataset demo --data-dir {unseen} --split test --task SNER "
               f"--entities {unseen / 'entities.txt'})")
 

@@ -135,7 +135,9 @@ class SpellingBoost:
     each input of a batch has its own list.
 
     A row's state: the stack of open brackets, each (type index, trie node or -1 once it left every listed
-    string, bonus gained so far); the row's input index."""
+    string, bonus gained so far); the row's input index. A closing bracket closes the innermost open one whatever
+    its type (a mismatched close keeps nothing), where data.parse would pair it with the innermost of its own type:
+    the bonus never rewards a malformed output."""
 
     def __init__(self, tries, open_ids, close_ids, weight, eos):
         if not 0 <= weight < math.inf:
@@ -153,7 +155,8 @@ class SpellingBoost:
     def _walk(self, sent, stack, tok):
         """The state after token `tok` and the bonus it earns (negative: taken back)."""
         if tok in self.open_of:
-            return stack + ((self.open_of[tok], 0 if self.tries[sent] else -1, 0.0),), 0.0
+            typ = self.open_of[tok]
+            return stack + ((typ, 0 if self.tries[sent] and self.tries[sent][typ] is not None else -1, 0.0),), 0.0
         if tok in self.close_of or tok == self.eos:
             if not stack:
                 return stack, 0.0

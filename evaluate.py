@@ -14,7 +14,7 @@ The scorers themselves (ours and the official one, CER; decode.py --eval uses th
 times, confidence, playback and long recordings per utterance in diagnose.py.
 
 Sections: 1 analyses (error breakdown, gazetteer baseline) | 2 corpus statistics | 3 command line.
-Nothing here runs a model: decode.py does.
+Nothing here runs a model (decode.py does; `pieces` runs the voice activity detector).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import scoring
 from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_official, load_split, nest, parse,
                   parse_official, read_lines)
 from scoring import Scorer, our_keys, read_predictions
-from search import PIECE_RULES, VADS
+from search import PIECE_RULES, VADS, DecodeOptions
 from text import TYPES
 
 
@@ -375,6 +375,9 @@ def main(argv=None):
         return
     if args.command == "pieces":
         try:
+            DecodeOptions(max_piece_seconds=args.max_piece_seconds, min_pause_seconds=args.min_pause_seconds,
+                          vad=args.vad).check({"max_piece_seconds": "--max-piece-seconds",
+                                               "min_pause_seconds": "--min-pause-seconds", "vad": "--vad"})
             result = diagnose.segmentation(args.data_dir, args.vad, max_piece_s=args.max_piece_seconds,
                                            min_pause_s=args.min_pause_seconds, pack=args.pieces == "packed")
         except (FileNotFoundError, ValueError) as e:

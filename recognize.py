@@ -103,7 +103,7 @@ class Recognizer:
         self._reading_cache = {}                                 # (character, CTC classes) -> its readings
         self._vad = None                                         # the voice activity detector, made when needed
         self.entity_list = entitylist.read_entity_list(self.options.entities) if self.options.entities else []
-        self._tries = {}                                         # id(entries) -> SNER tries of that list
+        self._tries = {}                                         # "list" -> SNER tries of the options' list
 
     # -- features -------------------------------------------------------------------------------------------
 
@@ -185,7 +185,8 @@ class Recognizer:
                 if not self.brackets_known:
                     raise ValueError("the vocabulary has no bracket tokens [ ] ( ) < >: use --no-constrain")
                 char_ids = [self.vocab.encode(r.text) for r in reqs]
-                listed = [entitylist.occurrences(r.text, entries) for r, entries in zip(reqs, lists)]
+                listed = [entitylist.occurrences(r.text, entries) if self.options.entity_weight else None
+                          for r, entries in zip(reqs, lists)]
                 constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids,
                                                pool_chars=self.options.pool_chars,
                                                entity_bias=self.options.entity_bias, listed=listed,
@@ -199,7 +200,7 @@ class Recognizer:
                 ctc = self.model.speech_phone_log_probs(enc, max(r["fbank"].size(0) for r in rows))   # (B, T', C)
             scorer = self._ctc_scorer(*ctc) if task == "SNER" and self.options.ctc_weight > 0 else None
             boost = None
-            if task == "SNER" and not self.options.asr and any(lists):
+            if task == "SNER" and not self.options.asr and any(lists) and self.options.entity_weight:
                 boost = entitylist.SpellingBoost([self._sner_tries(entries) for entries in lists], self.open_ids,
                                                  self.close_ids, self.options.entity_weight, self.options.eos)
             hyps = beam_search(self.model, enc, self.options, constraint=constraint, max_lens=max_lens,
@@ -382,6 +383,7 @@ class Recognizer:
         """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER.
         A recording longer than max_piece_seconds is cut into pieces at pauses (segment.py), its pieces decoded in
         the batches with everything else, and their results stitched into one (with "pieces")."""
+        requests = list(requests)                               # entities parsed below: the caller's list stays
         items, plans, shares = [], {}, {}                       # items: (request index, request or piece, task)
         for i, req in enumerate(requests):
             t = task or req.task()
@@ -393,6 +395,14 @@ class Recognizer:
                 raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
             if t in ("TNER", "MNER") and not req.text.strip():
                 raise files.InputError(f"input {req.id or i}: empty text")
+            if req.entities is not None:                        # its own list: checked before any long work
+                if isinstance(req.entities, str) or not all(isinstance(e, (str, entitylist.Entry))
+                                                            for e in req.entities):
+                    raise files.InputError(f"input {req.id or i}: entities must be a list of 'STRING' or "
+                                           "'STRING TYPE' strings")
+                req = requests[i] = dataclasses.replace(req, entities=self._entries(req)[len(self.entity_list):])
+            if t == "SNER" and not self.options.asr and self.options.entity_weight:
+                self._sner_tries(self._entries(req))           # a list the decoder cannot spell: refused now
             plans[i] = self._pieces(req, t)
             if plans[i] is None:
                 items.append((i, req, t))
@@ -401,9 +411,6 @@ class Recognizer:
             if t == "MNER":                                     # each piece gets its share of the transcript
                 parts, shares[i] = self._share_text(req, parts, batch_size)
             items += [(i, part, t) for part in parts]
-        for _, req, t in items:             # an SNER list the decoder cannot spell: refused before any decoding
-            if t == "SNER" and not self.options.asr:
-                self._sner_tries(self._entries(req))
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
         keep_order = getattr(self.model.config, "modelscope_padding", False)
         speech = all(req.has_speech for _, req, _ in items)

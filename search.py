@@ -121,6 +121,8 @@ class DecodeOptions:
             raise files.InputError(f"{name('ctc_weight')} must be >= 0, got {self.ctc_weight}")
         if not 0 <= self.entity_weight < math.inf:
             raise files.InputError(f"{name('entity_weight')} must be a finite number >= 0, got {self.entity_weight}")
+        if self.entities and self.asr:
+            raise files.InputError(f"{name('entities')} biases entity brackets: not with {name('asr')}")
         if not math.isfinite(self.entity_bias):
             raise files.InputError(f"{name('entity_bias')} must be a finite number, got {self.entity_bias}")
         if self.entity_bias and (self.asr or not self.constrain):
@@ -378,7 +380,9 @@ class BracketConstraint:
                  listed=None, list_weight=0.0):
         self.char_ids = [list(ids) for ids in char_ids]          # per input: decoder id of each text character
         self.listed = list(listed) if listed is not None else [None] * len(self.char_ids)
-        self.list_weight = finite_bias(list_weight)
+        self.list_weight = float(list_weight)
+        if not 0 <= self.list_weight < math.inf:
+            raise ValueError(f"list_weight must be a finite number >= 0, got {list_weight}")
         self.open_ids = [open_ids[t] for t in TYPES]
         self.close_ids = [close_ids[t] for t in TYPES]
         self.max_depth = max_depth
@@ -498,15 +502,16 @@ class BracketConstraint:
                     values.append(self.list_weight * (ends[-1] - pos))
             for depth, (t, start) in enumerate(stack):
                 ends = listed.get(start, {}).get(TYPES[t])
-                if not ends or pos > ends[-1]:                   # no gain, or taken back already
-                    continue
+                if not ends or pos > ends[-1] or (t, start) in stack[:depth] or any(
+                        s >= ends[-1] for _, s in stack[depth + 1:]):
+                    continue                                     # no gain (an outer twin holds it) or given back
                 gain = self.list_weight * (ends[-1] - start)
                 if depth == len(stack) - 1:                      # its close keeps the gain at an occurrence's end
                     rows.append(r), cols.append(self.close_ids[t])
                     values.append(self.list_weight * (pos - start) - gain if pos in ends else -gain)
                 if pos == ends[-1]:                              # the next character, or a bracket opening
-                    ahead = self.char_ids[sent][pos: pos + 1] + self.open_ids   # (which needs one), would carry it
-                    rows += [r] * len(ahead)                     # past the last end: the gain goes back at once
+                    ahead = sorted(set(self.char_ids[sent][pos: pos + 1] + self.open_ids))   # (which needs one)
+                    rows += [r] * len(ahead)                     # would carry it past the last end: given back
                     cols += ahead
                     values += [-gain] * len(ahead)
         if rows:

@@ -11,7 +11,8 @@ torchaudio, nothing downloaded at run time), a speech probability per 32 ms wind
 measured against, an energy detector (a window is speech when it is loud enough over the block's noise floor).
 
 Pieces (plan_pieces): a stretch of speech starts at a window at or above a threshold and reaches out over the
-windows above threshold - release on both sides (Silero's own hysteresis: 0.5 / 0.35); stretches closer than
+windows above threshold - release on both sides (the thresholds of Silero's own end hysteresis, 0.5 / 0.35, used
+for the start too); stretches closer than
 min_pause_s are one. By default (pauses) each stretch is a piece of its own, as a model trained on single utterances
 (AISHELL-1, the demo corpus) wants, a stretch under min_piece_s joining the next; packed puts consecutive stretches
 into one piece while it stays within max_piece_s (fewer, longer pieces, for models trained on such). A piece keeps
@@ -136,7 +137,7 @@ def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15) -> lis
             w += 1
             continue
         a = w
-        while a > 0 and held[a - 1] and (not stretches or a * HOP_S > stretches[-1][1]):
+        while a > 0 and held[a - 1]:
             a -= 1
         while w < len(probs) and held[w]:
             w += 1
@@ -186,7 +187,7 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
 
 
 def split_text(char_phones, heard, max_distance=0.5):
-    """Share a recording's transcript among its pieces (MNER on a long recordings). char_phones[i]: the phones of
+    """Share a recording's transcript among its pieces (MNER on a long recording). char_phones[i]: the phones of
     character i (its first reading; [] for none); heard[k]: what the phone CTC head hears in piece k (greedy).
     One global alignment (edit distance) of everything heard, piece after piece, against the whole transcript's
     phones, both ends anchored: where the path crosses from one piece's phones to the next is their boundary in
@@ -226,7 +227,8 @@ def split_text(char_phones, heard, max_distance=0.5):
         at = snaps[k][1][ends[k]]
         distances.append(None if not h else float(at - before) / len(h))
         before = at
-    failures = [k for k, dist in enumerate(distances) if dist is not None and dist > max_distance]
+    failures = [k for k, dist in enumerate(distances) if (dist is None and bounds[k + 1] > bounds[k])
+                or (dist is not None and dist > max_distance)]        # heard nothing, yet given characters: failed
     return bounds, distances, failures
 
 

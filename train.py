@@ -267,8 +267,8 @@ def get_args(argv=None) -> TrainConfig:
             low, high = (float(x) for x in s["noise_snr_db"].split(","))
         except ValueError:
             p.error(f"--noise-snr-db: expected LOW,HIGH in dB, got {s['noise_snr_db']!r}")
-        if not low <= high:
-            p.error(f"--noise-snr-db: LOW must not exceed HIGH, got {s['noise_snr_db']!r}")
+        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+            p.error(f"--noise-snr-db: finite LOW <= HIGH, got {s['noise_snr_db']!r}")
         s["noise_snr_db"] = (low, high)
     ev = str(s["eval_every"]).strip().lower()
     try:

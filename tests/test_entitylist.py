@@ -217,3 +217,45 @@ def test_per_input_lists_of_a_batch_do_not_leak_into_each_other(tiny):
                              recognize.Request(text=text, id="o")], batch_size=2)
     assert {(e["start"], e["end"], e["type"]) for e in listed["entities"]} >= {(1, 3, "ORG")}
     assert other["output"] == alone["output"] and other["entities"] == alone["entities"]
+
+
+def slow_bracket_gain(tokens, listed, weight):
+    """The list bonus a finished constrained output holds, from the output alone: for each (type, start) its
+    outermost bracket, if it closes at the end of an occurrence of that type: weight x its length."""
+    spans, stack, pos = [], [], 0
+    for tok in tokens:
+        if tok in OPEN_TYPE:
+            stack.append((OPEN_TYPE[tok], pos, len(stack)))
+        elif tok in CLOSE_TYPE:
+            t, start, depth = stack.pop()
+            spans.append((t, start, pos, depth))
+        elif tok != EOS:
+            pos += 1
+    total = 0.0
+    for t, start in {(t, a) for t, a, _, _ in spans}:
+        _, _, end, _ = min((x for x in spans if (x[0], x[1]) == (t, start)), key=lambda x: x[3])   # outermost
+        if end in listed.get(start, {}).get(t, ()):
+            total += weight * (end - start)
+    return total
+
+
+def test_the_bracket_bonus_of_a_finished_output_equals_the_slow_reference():
+    """Random constrained walks over a text with nested and overlapping listed occurrences: the bonus summed over
+    the chosen tokens equals what the output string alone says it should keep."""
+    rng = random.Random(3)
+    text = [4, 5, 6, 7, 4, 5]
+    listed = {0: {"LOC": (1, 2), "PER": (3,)}, 1: {"ORG": (3,)}, 4: {"LOC": (6,)}, 2: {t: (4,) for t in TYPES}}
+    for _ in range(300):
+        c = search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, max_depth=3, listed=[listed], list_weight=1.3)
+        c.start()
+        tokens, total = [], 0.0
+        for step in range(24):
+            rows, cols = c.allowed_pairs(step, [24])
+            tok = rng.choice([tk for tk in cols if tk not in TOY_OPEN.values()] if len(tokens) > 16 else cols)
+            total += c.bias(torch.zeros(1, 14))[0, tok].item()
+            tokens.append(tok)
+            if tok == EOS:
+                break
+            c.advance([tok])
+        assert tokens[-1] == EOS
+        assert total == pytest.approx(slow_bracket_gain(tokens, listed, 1.3), abs=1e-5), tokens

@@ -66,7 +66,8 @@ def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_w
     got = [(e["start"], e["end"], e["type"], e["start_s"], e["piece"]) for e in res["entities"]
            if e["start_s"] is not None]
     assert got == expect and len(res["entities"]) == 3 * len(pieces) and len(res["char_times"]) == len(res["text"])
-    assert len(got) >= 2 * len(pieces)                                  # most entities timed in every piece
+    assert len(got) >= 2 * len(pieces)    # the energy detector splits one utterance: its short pieces may align
+                                          # too little speech to time all three entities (they stay, untimed)
     assert res["output"].replace("[", "").replace("]", "").replace("(", "").replace(")", "").replace(
         "<", "").replace(">", "") == res["text"]
 

@@ -185,6 +185,8 @@ def test_a_transcript_is_shared_among_the_pieces_by_what_they_hear():
     assert failures == [1] and bounds[0] == 0 and bounds[-1] == 30 and bounds == sorted(bounds)
     assert segment.split_text(chars, [said(0, 30)])[0] == [0, 30]    # one piece: everything
     assert segment.split_text(chars, [said(0, 10), [], said(10, 30)])[1] == [pytest.approx(0.0), None, 0.0]
+    bounds, _, failures = segment.split_text([[1], [2], [3]], [[], [2, 3]])   # heard nothing, given "1": failed
+    assert bounds == [0, 1, 3] and failures == [0]
 
 
 def test_a_badly_heard_piece_costs_its_own_share_only():

@@ -154,6 +154,7 @@ def test_the_recipe_and_every_setting_it_changed_are_said():
                                   ["--dataset", "demo", "--noise", "-0.1"],
                                   ["--dataset", "demo", "--noise-snr-db", "5"],
                                   ["--dataset", "demo", "--noise-snr-db", "30,5"],
+                                  ["--dataset", "demo", "--noise-snr-db=-inf,20"],
                                   ["--dataset", "demo", "--max-frames", "-300"],
                                   ["--dataset", "demo", "--max-frames", "lots"]])
 def test_bad_flags_are_refused(argv, capsys):
