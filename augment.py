@@ -8,6 +8,7 @@ so a resumed run redraws what the killed one drew. data.BatchBuilder applies the
 from __future__ import annotations
 
 import collections
+import math
 import random
 
 import numpy as np
@@ -128,6 +129,14 @@ def colored_noise(n: int, kind: str, rng: np.random.Generator) -> np.ndarray:
         spectrum /= f ** (0.5 if kind == "pink" else 1.0)            # amplitude ~ f^-1/2 (pink), f^-1 (brown)
         white = np.fft.irfft(spectrum, n)
     return white / max(np.sqrt((white ** 2).mean()), 1e-12)
+
+
+def snr_range(text: str) -> tuple[float, float]:
+    """'LOW,HIGH' in dB -> (low, high); ValueError unless two finite numbers with low <= high."""
+    low, high = (float(x) for x in text.split(","))
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"SNR range {text!r}: need finite LOW <= HIGH")
+    return low, high
 
 
 class NoiseMix:

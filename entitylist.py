@@ -67,7 +67,7 @@ def entries_of(items, where: str) -> list[Entry]:
     """A jsonl input's "entities": a list of strings, each 'STRING' or 'STRING TYPE'."""
     if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
         raise files.InputError(f"{where}: \"entities\" must be a list of strings ('STRING' or 'STRING TYPE')")
-    return [e for k, x in enumerate(items) if (e := parse_entry(x, f"{where}, entities[{k}]")) is not None]
+    return [e for k, x in enumerate(items) if (e := parse_entry(x, f"{where}: entities[{k}]")) is not None]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -307,9 +307,13 @@ def main(argv=None):
     add_split_args(bd, train_required=False)
     st = sub.add_parser("stats", help="print one JSON object describing a corpus split: sentences, entities per "
                                       "type, nesting depth, crossing spans, linearization round trip, audio found")
-    st.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format")
-    st.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
-    st.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (dev = valid)")
+    def add_corpus_args(q):  # stats and entities: one split of one corpus
+        q.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format")
+        q.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
+        q.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (default train; dev = "
+                                                                             "valid)")
+
+    add_corpus_args(st)
     st.add_argument("--audio-dir", default=None, help="wav folder (AISHELL-1 wav/ or flat); default DATA_DIR/wav")
     for name, what in (("times", "entity times of a decode.py predictions file (SNER/MNER, --timestamps) against "
                                   "the gold times of the corpus (the demo records them): frame-F1 on 10 ms frames, "
@@ -332,9 +336,7 @@ def main(argv=None):
         q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
     el = sub.add_parser("entities", help="write the entity list of a split (decode.py --entities reads it): one "
                                          "'STRING TYPE' a line, most frequent first")
-    el.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format")
-    el.add_argument("--data-dir", default=None, help="folder with the annotation files (demo: generated if absent)")
-    el.add_argument("--split", default="train", choices=sorted(SPLITS), help="split to read (default train)")
+    add_corpus_args(el)
     el.add_argument("--out", required=True, help="list file to write (atomically)")
     el.add_argument("--min-chars", type=int, default=1, help="shortest string listed (default 1)")
     el.add_argument("--types", choices=("majority", "all"), default="all", help="a string annotated with several "

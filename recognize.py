@@ -215,7 +215,7 @@ class Recognizer:
         """The entity list of one request: the options' list, then the request's own entries."""
         if not req.entities:
             return self.entity_list
-        own = [e if isinstance(e, entitylist.Entry) else entitylist.parse_entry(e, f"input {req.id}, entities[{k}]")
+        own = [e if isinstance(e, entitylist.Entry) else entitylist.parse_entry(e, f"input {req.id}: entities[{k}]")
                for k, e in enumerate(req.entities)]
         return self.entity_list + [e for e in own if e is not None]
 

@@ -108,7 +108,8 @@ class TrainConfig:
     noise: float = setting(0.0, type=float, help="probability that a speech training row (SNER, MNER) gets white, "
         "pink or brown background noise at an SNR drawn from --noise-snr-db, so that noisy recordings do not derail "
         "the model (augment.NoiseMix; 0 = off; demo 0.5)")
-    noise_snr_db: tuple = setting((0.0, 30.0), help="SNR range of --noise in dB, LOW,HIGH (default 0,30; a negative LOW as --noise-snr-db=-5,20)")
+    noise_snr_db: tuple = setting((0.0, 30.0), type=augment.snr_range, help="SNR range of --noise in dB, LOW,HIGH "
+        "(finite, LOW <= HIGH; default 0,30; a negative LOW as --noise-snr-db=-5,20)")
     feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
         "runs; auto = $XDG_CACHE_HOME/image/fbank (~/.cache/image/fbank) on a GPU (features are not recomputed "
         "every epoch), none on a CPU; 'none' = off")
@@ -262,14 +263,6 @@ def get_args(argv=None) -> TrainConfig:
     if not speeds or not all(0.5 <= x <= 2.0 for x in speeds):
         p.error(f"--speeds: expected comma-separated factors in [0.5, 2], got {s['speeds']!r}")
     s["speeds"] = speeds
-    if isinstance(s.get("noise_snr_db"), str):
-        try:
-            low, high = (float(x) for x in s["noise_snr_db"].split(","))
-        except ValueError:
-            p.error(f"--noise-snr-db: expected LOW,HIGH in dB, got {s['noise_snr_db']!r}")
-        if not (math.isfinite(low) and math.isfinite(high) and low <= high):
-            p.error(f"--noise-snr-db: finite LOW <= HIGH, got {s['noise_snr_db']!r}")
-        s["noise_snr_db"] = (low, high)
     ev = str(s["eval_every"]).strip().lower()
     try:
         s["eval_unit"], s["eval_n"] = ("epoch", int(ev[:-1])) if ev.endswith("e") else ("step", int(ev))

@@ -180,6 +180,10 @@ def test_noise_mix_hits_the_drawn_snr_and_is_repeatable():
     assert 0.22 < rate < 0.38
     with pytest.raises(ValueError, match="SNR range"):
         augment.NoiseMix(0.5, snr_db=(30.0, 0.0))
+    assert augment.snr_range("-5,20") == (-5.0, 20.0)
+    for bad in ("5", "30,5", "-inf,20", "a,b"):
+        with pytest.raises(ValueError):
+            augment.snr_range(bad)
 
 
 def test_batch_builder_adds_noise_to_speech_rows_only(tmp_path):
