@@ -396,8 +396,8 @@ class Recognizer:
             if t in ("TNER", "MNER") and not req.text.strip():
                 raise files.InputError(f"input {req.id or i}: empty text")
             if req.entities is not None:                        # its own list: checked before any long work
-                if isinstance(req.entities, str) or not all(isinstance(e, (str, entitylist.Entry))
-                                                            for e in req.entities):
+                if not isinstance(req.entities, (list, tuple)) or not all(
+                        isinstance(e, (str, entitylist.Entry)) for e in req.entities):
                     raise files.InputError(f"input {req.id or i}: entities must be a list of 'STRING' or "
                                            "'STRING TYPE' strings")
                 req = requests[i] = dataclasses.replace(req, entities=self._entries(req)[len(self.entity_list):])

@@ -217,6 +217,8 @@ def test_per_input_lists_of_a_batch_do_not_leak_into_each_other(tiny):
                              recognize.Request(text=text, id="o")], batch_size=2)
     assert {(e["start"], e["end"], e["type"]) for e in listed["entities"]} >= {(1, 3, "ORG")}
     assert other["output"] == alone["output"] and other["entities"] == alone["entities"]
+    with pytest.raises(files.InputError, match="entities must be a list"):   # a bare string: not 5 one-char names
+        rec.run([recognize.Request(text=text, entities=f"{chars[1]}{chars[2]} ORG")])
 
 
 def slow_bracket_gain(tokens, listed, weight):
