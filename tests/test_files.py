@@ -97,7 +97,8 @@ def test_stale_temps_of_dead_processes_are_removed_live_ones_kept(tmp_path):
 
 
 WRITER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (a background job ignores SIGINT)
     sys.path.insert(0, {root!r})
     import files
     files.exit_on_sigterm()

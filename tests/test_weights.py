@@ -338,7 +338,8 @@ def test_stale_temp_of_a_dead_process_is_removed_a_live_one_kept(tmp_path):
 
 
 WRITER = """
-import sys, torch, weights
+import signal, sys, torch, weights
+signal.signal(signal.SIGINT, signal.default_int_handler)   # as in a terminal (a background job ignores SIGINT)
 ckpt = weights.convert(sys.argv[2])
 ckpt["padding"] = torch.zeros(8 * 2**20)       # 32 MB: each write takes a while
 weights.convert = lambda *args, **kwargs: ckpt
