@@ -166,3 +166,18 @@ def test_memory_flag_prints_the_table_and_a_max_frames_that_fits(capsys):
     assert budgeted["estimate"]["shapes"]["batch"] == 2
     with pytest.raises(SystemExit):
         bench.get_args(["--memory", "--margin-gib", "30"])
+
+
+def test_entities_section_times_a_list_that_changes_no_output(tmp_path):
+    """The entity-list section: a list of random names plus the texts' stretches (so MNER finds occurrences),
+    timed against no list; the temporary list is removed."""
+    wavs = ROOT / "tests" / "fixtures" / "wavs"
+    report = bench.main(["--skip-reference", "--preset", "tiny", "--wav-dir", str(wavs), "--n-wavs", "2",
+                         "--batch", "2", "--beam", "2", "--repeat", "1", "--threads", "1", "--sections", "entities",
+                         "--entity-list-size", "300", "--cache-dir", str(tmp_path)])
+    e = report["entities"]
+    assert e["entries"] > 300                                           # the texts' stretches on top
+    for task in ("SNER", "MNER"):
+        assert e[task]["none_s"] > 0 and e[task]["list_s"] > 0
+    assert report["entity_list_cost"] == max(e["SNER"]["added"], e["MNER"]["added"])
+    assert not list(tmp_path.glob("entities_*"))
