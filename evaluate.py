@@ -31,7 +31,7 @@ from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_offi
                   parse_official, read_lines)
 from scoring import Scorer, our_keys, read_predictions
 from search import PIECE_RULES, VADS, DecodeOptions
-from text import TYPES
+from text import BRACKET_CHARS, TYPES
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def entity_list(samples, min_chars: int = 1, types: str = "all") -> list[str]:
     g = Gazetteer(samples, min_chars=min_chars, types=types)
     lines = []
     for string, counts in sorted(g.counts.items(), key=lambda kv: -sum(kv[1].values())):
-        if len(string) < min_chars or any(c.isspace() or c in "[]()<>" for c in string):
+        if len(string) < min_chars or any(c.isspace() or c in BRACKET_CHARS for c in string):
             continue          # a list line is one string without white space or bracket characters
         kinds = [t for t, _ in counts.most_common()] if types == "all" else [counts.most_common(1)[0][0]]
         lines += [f"{string} {t}" for t in kinds]

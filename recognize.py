@@ -103,7 +103,7 @@ class Recognizer:
         self._reading_cache = {}                                 # (character, CTC classes) -> its readings
         self._vad = None                                         # the voice activity detector, made when needed
         self.entity_list = entitylist.read_entity_list(self.options.entities) if self.options.entities else []
-        self._tries = {}                                         # "list" -> SNER tries of the options' list
+        self._tries = {}                                         # "list" or id(own entries) -> SNER tries
 
     # -- features -------------------------------------------------------------------------------------------
 
@@ -201,7 +201,7 @@ class Recognizer:
             scorer = self._ctc_scorer(*ctc) if task == "SNER" and self.options.ctc_weight > 0 else None
             boost = None
             if task == "SNER" and not self.options.asr and any(lists) and self.options.entity_weight:
-                boost = entitylist.SpellingBoost([self._sner_tries(entries) for entries in lists], self.open_ids,
+                boost = entitylist.SpellingBoost([self._sner_tries(r) for r in reqs], self.open_ids,
                                                  self.close_ids, self.options.entity_weight, self.options.eos)
             hyps = beam_search(self.model, enc, self.options, constraint=constraint, max_lens=max_lens,
                                scorer=scorer, boost=boost)
@@ -211,24 +211,25 @@ class Recognizer:
         self._finish_confidence(results, task)
         return results
 
-    def _entries(self, req):
-        """The entity list of one request: the options' list, then the request's own entries."""
-        if not req.entities:
-            return self.entity_list
+    def _own_entries(self, req):
+        """A request's own entries, parsed: strings 'STRING' or 'STRING TYPE' (blank and # ones dropped) or Entry."""
         own = [e if isinstance(e, entitylist.Entry) else entitylist.parse_entry(e, f"input {req.id}: entities[{k}]")
-               for k, e in enumerate(req.entities)]
-        return self.entity_list + [e for e in own if e is not None]
+               for k, e in enumerate(req.entities or [])]
+        return [e for e in own if e is not None]
 
-    def _sner_tries(self, entries):
-        """SNER: the tries of a list (entitylist.tries_for; refuses characters the decoder cannot write), cached
-        for the options' list."""
-        if not entries:
-            return None
-        if entries is self.entity_list:
-            if "list" not in self._tries:
-                self._tries["list"] = entitylist.tries_for(entries, self.vocab, UNK)
-            return self._tries["list"]
-        return entitylist.tries_for(entries, self.vocab, UNK)
+    def _entries(self, req):
+        """The entity list of one request (run has parsed its own entries): the options' list, then its own."""
+        return self.entity_list + req.entities if req.entities else self.entity_list
+
+    def _sner_tries(self, req):
+        """SNER: the tries of a request's list (entitylist.tries_for, which refuses characters the decoder cannot
+        write), built once per list: the options' list for every run, a request's own for the run (its pieces
+        share the list object)."""
+        key = "list" if not req.entities else id(req.entities)
+        if key not in self._tries:
+            entries = self._entries(req)
+            self._tries[key] = entitylist.tries_for(entries, self.vocab, UNK) if entries else None
+        return self._tries[key]
 
     def _readings(self, piece, classes):
         """Every reading of a character (or word piece) as CTC classes (phone id - 3, as in training); [] if none.
@@ -384,6 +385,7 @@ class Recognizer:
         A recording longer than max_piece_seconds is cut into pieces at pauses (segment.py), its pieces decoded in
         the batches with everything else, and their results stitched into one (with "pieces")."""
         requests = list(requests)                               # entities parsed below: the caller's list stays
+        self._tries = {k: v for k, v in self._tries.items() if k == "list"}   # own lists: for this run only
         items, plans, shares = [], {}, {}                       # items: (request index, request or piece, task)
         for i, req in enumerate(requests):
             t = task or req.task()
@@ -400,9 +402,9 @@ class Recognizer:
                         isinstance(e, (str, entitylist.Entry)) for e in req.entities):
                     raise files.InputError(f"input {req.id or i}: entities must be a list of 'STRING' or "
                                            "'STRING TYPE' strings")
-                req = requests[i] = dataclasses.replace(req, entities=self._entries(req)[len(self.entity_list):])
+                req = requests[i] = dataclasses.replace(req, entities=self._own_entries(req))
             if t == "SNER" and not self.options.asr and self.options.entity_weight:
-                self._sner_tries(self._entries(req))           # a list the decoder cannot spell: refused now
+                self._sner_tries(req)                           # a list the decoder cannot spell: refused now
             plans[i] = self._pieces(req, t)
             if plans[i] is None:
                 items.append((i, req, t))
