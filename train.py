@@ -32,7 +32,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -54,6 +53,7 @@ import devices
 import files
 import image
 import search
+import trainlog
 import weights
 from data import TASKS
 from scoring import format_table
@@ -69,7 +69,7 @@ OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAG
 DEMO = dict(preset="tiny", model="subsample_channels=16", tasks="TNER,SNER,SNER,MNER", dropout=0.0, lr=2e-3,
             epochs=14, batch_size=16, warmup=200, schedule="linear", ctc_weight=0.5, speeds="1.0", beam=5,
             eval_every="0", eval_limit=100, eval_test=True, max_minutes=13.0, dtype="fp32", entity_gap=0.2,
-            noise=0.5)
+            noise=0.5, noise_margin=0.5)
 RECIPES = {"paper": PAPER, "official": OFFICIAL, "demo": DEMO}
 
 
@@ -110,6 +110,8 @@ class TrainConfig:
         "the model (augment.NoiseMix; 0 = off; demo 0.5)")
     noise_snr_db: tuple = setting((0.0, 30.0), type=augment.snr_range, help="SNR range of --noise in dB, LOW,HIGH "
         "(finite, LOW <= HIGH; default 0,30; a negative LOW as --noise-snr-db=-5,20)")
+    noise_margin: float = setting(0.0, type=float, help="noisy rows also get a lead and a tail of noise alone, each "
+        "0 to this many seconds, like the pieces of a long recording (0 = none; demo 0.5; at most 10)")
     feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
         "runs; auto = $XDG_CACHE_HOME/image/fbank (~/.cache/image/fbank) on a GPU (features are not recomputed "
         "every epoch), none on a CPU; 'none' = off")
@@ -212,6 +214,8 @@ def get_args(argv=None) -> TrainConfig:
     for name in ("entity_swap", "entity_gap", "noise"):
         if not 0.0 <= s.get(name, 0.0) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1] (got {s[name]})")
+    if not 0.0 <= s.get("noise_margin", 0.0) <= 10.0:
+        p.error(f"--noise-margin must be 0 to 10 seconds (got {s['noise_margin']})")
     if s.get("decode_ctc_weight") is not None and s["decode_ctc_weight"] < 0:
         p.error(f"--decode-ctc-weight must be >= 0 (got {s['decode_ctc_weight']})")
     # checks that argparse cannot do
@@ -618,27 +622,6 @@ def eval_due(cfg, step, epoch, end_of_epoch):
     return cfg.eval_n and end_of_epoch and (epoch + 1) % cfg.eval_n == 0
 
 
-class Progress:
-    """Progress bar (rank 0) with the mean loss, lr and samples/s over the last log_every steps."""
-
-    def __init__(self, total_steps, step, master, log_every):
-        # redirected to a file: a line every 30 s, not every 0.1 s
-        self.bar = tqdm(total=total_steps, initial=step, disable=not master, dynamic_ncols=True, desc="train",
-                        mininterval=0.1 if sys.stderr.isatty() else 30.0)
-        self.total_steps, self.master, self.log_every = total_steps, master, log_every
-        self.losses, self.t_window, self.samples = [], time.time(), 0
-
-    def update(self, step, loss, lr, samples):
-        self.losses.append(loss)
-        self.samples += samples
-        if self.master and (step % self.log_every == 0 or step == self.total_steps):
-            dt = time.time() - self.t_window
-            self.bar.set_postfix(loss=f"{sum(self.losses) / len(self.losses):.4f}", lr=f"{lr:.2e}",
-                                 samples_s=f"{self.samples / max(dt, 1e-9):.1f}")
-            self.losses, self.t_window, self.samples = [], time.time(), 0
-        self.bar.update(1)
-
-
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -699,7 +682,7 @@ def train(cfg):
         pin_memory=device.type == "cuda", ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
         entity_swap=augment.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None,
         entity_gap=augment.EntityGap(cfg.entity_gap, cfg.seed) if cfg.entity_gap else None,
-        noise=augment.NoiseMix(cfg.noise, cfg.seed, cfg.noise_snr_db) if cfg.noise else None)
+        noise=augment.NoiseMix(cfg.noise, cfg.seed, cfg.noise_snr_db, cfg.noise_margin) if cfg.noise else None)
     if cfg.max_frames == "auto":
         rows = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)   # the largest micro-batch
         cfg.max_frames, note = cost.auto_max_frames(devices.gpu_bytes(device), model.config, dtype_name,
@@ -736,7 +719,7 @@ def train(cfg):
                               ensure_ascii=False, default=str))
 
     # --- training loop ---
-    progress = Progress(total_steps, run.step, master, cfg.log_every)
+    progress = trainlog.Progress(total_steps, run.step, master, cfg.log_every)
     model.train()
     evaluated_at, bad_steps = -1, 0
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")

@@ -186,6 +186,27 @@ def test_noise_mix_hits_the_drawn_snr_and_is_repeatable():
             augment.snr_range(bad)
 
 
+def test_noise_mix_margins_put_noise_alone_before_and_after_the_speech():
+    wave_ = torch.from_numpy(np.sin(np.arange(16000) / 5.0).astype(np.float32)) * 0.3
+    mix = augment.NoiseMix(1.0, seed=7, snr_db=(20.0, 20.0), margin=0.5)
+    leads = []
+    for key in range(40):
+        noisy = mix(wave_, key)
+        extra = len(noisy) - len(wave_)
+        assert 0 <= extra <= 16000 and torch.equal(noisy, mix(wave_, key))
+        # the speech sits at the lead's offset; what is left over the whole row is noise at the drawn SNR
+        lead = min(range(extra + 1), key=lambda k: float(((noisy[k:k + len(wave_)] - wave_) ** 2).mean()))
+        noise = noisy.double().clone()
+        noise[lead:lead + len(wave_)] -= wave_.double()
+        snr = 10 * math.log10(float((wave_.double() ** 2).mean() / (noise ** 2).mean()))
+        assert snr == pytest.approx(20.0, abs=0.01)
+        leads.append(lead)
+    assert min(leads) < 2000 and max(leads) > 6000                      # drawn from 0 to 0.5 s
+    assert len(augment.NoiseMix(1.0, seed=7, snr_db=(20.0, 20.0))(wave_, 0)) == len(wave_)   # margin 0: same length
+    with pytest.raises(ValueError, match="margin"):
+        augment.NoiseMix(0.5, margin=-1.0)
+
+
 def test_batch_builder_adds_noise_to_speech_rows_only(tmp_path):
     path = speech_wav(tmp_path / "n.wav")
     sample = data.Sample("n", NESTED.text, NESTED.entities, path, NESTED.times)

@@ -6,8 +6,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest rung first. A module may import modules of lower rungs only (not of its own rung).
 LADDER = [
-    ("files", "measure", "synth"),  # input errors, output checks, atomic writes | clocks, peak memory, machine
-                                    # load | Mandarin speech from espeak-ng with the syllables' start samples
+    ("files", "measure", "synth", "trainlog"),  # input errors, output checks, atomic writes | clocks, peak memory,
+                                    # machine load | Mandarin speech from espeak-ng with the syllables' start samples
+                                    # | training's progress bar and records
     ("image", "audio", "demo", "devices"),  # the model | wav, resampling, fbank | the demo corpus | device,
                                             # precision and RNG choices
     ("text", "cost"),              # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a

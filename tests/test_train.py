@@ -112,7 +112,7 @@ def test_presets_and_explicit_flags():
     demo = train.get_args(["--dataset", "demo"])
     assert (demo.preset, demo.lr, demo.eval_test, demo.dtype) == ("tiny", train.DEMO["lr"], True, "fp32")
     assert demo.model == {"subsample_channels": 16} and paper_model_is_plain()
-    assert (demo.noise, demo.noise_snr_db) == (0.5, (0.0, 30.0))
+    assert (demo.noise, demo.noise_snr_db, demo.noise_margin) == (0.5, (0.0, 30.0), 0.5)
     assert train.get_args(["--dataset", "demo", "--noise-snr-db=-5,20"]).noise_snr_db == (-5.0, 20.0)
     wide = train.get_args(["--dataset", "demo", "--model", "d_model=96"])   # an explicit --model replaces the demo's
     assert wide.model == {"d_model": 96}
@@ -153,6 +153,7 @@ def test_the_recipe_and_every_setting_it_changed_are_said():
                                   ["--dataset", "demo", "--entity-swap", "1.5"],
                                   ["--dataset", "demo", "--noise", "-0.1"],
                                   ["--dataset", "demo", "--noise-snr-db", "5"],
+                                  ["--dataset", "demo", "--noise-margin", "-0.5"],
                                   ["--dataset", "demo", "--noise-snr-db", "30,5"],
                                   ["--dataset", "demo", "--noise-snr-db=-inf,20"],
                                   ["--dataset", "demo", "--max-frames", "-300"],
