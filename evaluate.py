@@ -9,8 +9,10 @@ breakdown (P/R/F1 by type, nesting, seen/unseen, kind of error), a gazetteer bas
     python evaluate.py long-form --predictions p.jsonl --task SNER --dataset demo --data-dir LONG  # per utterance
     python evaluate.py pieces --data-dir LONG --vad silero                                        # the cut alone
     python evaluate.py entities --dataset cnerta --data-dir D --split train --out train_entities.txt  # a list
+    python evaluate.py report --predictions p.jsonl --task SNER --dataset demo --split test --out report.html
 
-The scorers themselves (ours and the official one, CER; decode.py --eval uses them) are in scoring.py; entity
+The scorers themselves (ours and the official one, CER; decode.py --eval uses them) are in scoring.py; the error
+taxonomy (what went wrong per sentence, the breakdown tables) in breakdown.py; the HTML page in report.py; entity
 times, confidence, playback and long recordings per utterance in diagnose.py.
 
 Sections: 1 analyses (error breakdown, gazetteer baseline) | 2 corpus statistics | 3 command line.
@@ -26,10 +28,12 @@ from pathlib import Path
 import audio
 import diagnose
 import files
+import report
 import scoring
 from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_official, load_split, nest, parse,
                   parse_official, read_lines)
-from scoring import Scorer, our_keys, read_predictions
+from breakdown import Sentence, breakdown, compare, format_breakdown, tables
+from scoring import read_predictions
 from search import PIECE_RULES, VADS, DecodeOptions
 from text import BRACKET_CHARS, TYPES
 
@@ -88,97 +92,6 @@ def entity_list(samples, min_chars: int = 1, types: str = "all") -> list[str]:
     return lines
 
 
-def _is_nested(e: Entity, entities) -> bool:
-    """e contains, or lies inside, another entity of the same set (a same-span entity of another type counts)."""
-    return any(o != e and (o.start <= e.start and e.end <= o.end or e.start <= o.start and o.end <= e.end)
-               for o in entities if o.start is not None)
-
-
-def breakdown(samples, predictions, seen=None) -> dict:
-    """Score predicted entities against gold samples with our evaluator (Scorer: exact (start, end, type),
-    micro, multisets) and break the result down by class. predictions: one list of Entity per sample, in the same
-    order (start None: a predicted span that could not be placed in the text; it never matches).
-
-    -> {"sentences", "p", "r", "f1", "tp", "pred", "gold", "per_type": {...}, "nesting": {...}, "seen": {...},
-    "errors": {"missed": {...}, "wrong": {...}}}.
-    Classes: nesting = nested (contains or lies inside another entity of the same side of the same sentence) or
-    flat (crossing counts as flat; "unaligned" for predictions without a position); seen = the (string, type)
-    is in `seen` (a training split's entities; table left out when seen is None). Per class: recall over the
-    gold entities of the class (gold, found, r) and precision over the predicted ones (pred, correct, p). A gold
-    and its matching prediction can fall in different nesting classes, so no F1 per class.
-    errors: every missed gold entity and every wrong prediction by what the other side has there: the same span
-    with another type (wrong_type), a span of another extent overlapping it (overlap: a boundary error), or
-    nothing (no_overlap; also unaligned predictions)."""
-    if len(samples) != len(predictions):
-        raise ValueError(f"{len(samples)} samples but {len(predictions)} prediction lists")
-    scorer, counts = Scorer(), collections.Counter()  # counts: (table, class, field) -> n
-
-    def keys(s, ents):
-        return our_keys("TNER", s.text, [(e.start, e.end, e.type) for e in ents])
-
-    for s, pred in zip(samples, predictions):
-        scorer.add(keys(s, pred), keys(s, s.entities))
-        for mine, other, total, hits in ((s.entities, pred, "gold", "found"), (pred, s.entities, "pred", "correct")):
-            left = collections.Counter(other)  # multiset matching, as the scorer's
-            for e in mine:
-                hit = left[e] > 0
-                left[e] -= hit
-                placed = e.start is not None
-                classes = {"nesting": ("nested" if _is_nested(e, mine) else "flat") if placed else "unaligned"}
-                if seen is not None:
-                    classes["seen"] = "seen" if placed and (s.text[e.start:e.end], e.type) in seen else "unseen"
-                for table, cls in classes.items():
-                    counts[table, cls, total] += 1
-                    counts[table, cls, hits] += hit
-                if not hit:
-                    counts["errors", "missed" if total == "gold" else "wrong", _error_kind(e, other)] += 1
-    out = {"sentences": len(samples), **scorer.result()}
-    order = {"nesting": ("nested", "flat", "unaligned"), "seen": ("seen", "unseen")}
-    for table in ("nesting", "seen") if seen is not None else ("nesting",):
-        out[table] = {}
-        for cls in order[table]:
-            n = {f: counts[table, cls, f] for f in ("gold", "found", "pred", "correct")}
-            if cls != "unaligned" or n["pred"]:
-                out[table][cls] = {**n, "r": 100.0 * n["found"] / n["gold"] if n["gold"] else 0.0,
-                                   "p": 100.0 * n["correct"] / n["pred"] if n["pred"] else 0.0}
-    out["errors"] = {side: {kind: counts["errors", side, kind] for kind in ERROR_KINDS} for side in ("missed", "wrong")}
-    return out
-
-
-ERROR_KINDS = ("wrong_type", "overlap", "no_overlap")
-
-
-def _error_kind(e, others) -> str:
-    """What the other side has where an unmatched entity e lies (see breakdown)."""
-    if e.start is None:
-        return "no_overlap"
-    placed = [o for o in others if o.start is not None]
-    if any((o.start, o.end) == (e.start, e.end) and o.type != e.type for o in placed):
-        return "wrong_type"
-    if any(o.start < e.end and e.start < o.end and (o.start, o.end) != (e.start, e.end) for o in placed):
-        return "overlap"
-    return "no_overlap"
-
-
-def format_breakdown(res: dict) -> str:
-    """The breakdown() dict as a table (percent)."""
-    lines = [f"{'':<10} {'P':>6} {'R':>6} {'F1':>6} {'gold':>6} {'pred':>6} {'tp':>6}"]
-    for name, m in [("all", res), *res["per_type"].items()]:
-        lines.append(f"{name:<10} {m['p']:6.2f} {m['r']:6.2f} {m['f1']:6.2f} {m['gold']:6d} {m['pred']:6d} "
-                     f"{m['tp']:6d}")
-    for table in ("nesting", "seen"):
-        if table in res:
-            lines += ["", f"{table:<10} {'R':>6} {'gold':>6} {'found':>6}   {'P':>6} {'pred':>6} {'correct':>7}"]
-        for cls, m in res.get(table, {}).items():
-            lines.append(f"{cls:<10} {m['r']:6.2f} {m['gold']:6d} {m['found']:6d}   {m['p']:6.2f} {m['pred']:6d} "
-                         f"{m['correct']:7d}")
-    if "errors" in res:
-        lines += ["", f"{'errors':<15}" + "".join(f"{k:>12}" for k in ERROR_KINDS)]
-        for side, label in (("missed", "missed gold"), ("wrong", "wrong pred")):
-            lines.append(f"{label:<15}" + "".join(f"{res['errors'][side][k]:12d}" for k in ERROR_KINDS))
-    return "\n".join(lines)
-
-
 def gazetteer(train_dataset, train_dir, train_split, dataset, data_dir, split, **rule) -> dict:
     """Gazetteer baseline (see Gazetteer; rule: min_chars, crossing, types): build it from the training split, tag
     the evaluation split, score with breakdown() (seen/unseen against the same training split)."""
@@ -192,10 +105,11 @@ def gazetteer(train_dataset, train_dir, train_split, dataset, data_dir, split, *
             **breakdown(samples, [gaz.tag(s.text) for s in samples], gaz.seen)}
 
 
-def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dataset=None, train_dir=None,
-                   train_split="train") -> dict:
-    """breakdown() of a decode.py predictions file against the gold split, lined up by sample id. Gold samples
-    without a record (decode.py --limit, or no audio for MNER) are left out and counted."""
+def compare_file(predictions, dataset, data_dir, split, task="TNER", train_dataset=None, train_dir=None,
+                 train_split="train") -> tuple[list[Sentence], dict]:
+    """A decode.py predictions file against its gold split, lined up by sample id -> (compared sentences in the
+    split's order, what was compared). Gold samples without a record (decode.py --limit, or no audio for MNER) are
+    left out and counted; with train_dataset, every entity is marked seen or unseen in that training split."""
     records = read_predictions(predictions, task)
     samples = load_split(dataset, data_dir, split, errors="collect", verbose=False)
     by_id = {s.id: s for s in samples}
@@ -203,15 +117,29 @@ def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dat
         s = by_id.get(i)
         if s is None:
             raise DataError(f"{predictions}: id {i!r} is not in {dataset} {SPLITS[split]} ({samples.report['file']})")
-        if r.get("input_text", s.text) != s.text:
+        if task != "SNER" and r.get("input_text", s.text) != s.text:
             raise DataError(f"{predictions}: id {i!r}: input text {r['input_text']!r} is not the gold {s.text!r}")
-    golds = [s for s in samples if s.id in records]
-    preds = [[Entity(e["start"], e["end"], e["type"]) for e in records[s.id]["entities"]] for s in golds]
     seen = None
     if train_dataset is not None:
         seen = Gazetteer(load_split(train_dataset, train_dir, train_split, errors="collect", verbose=False)).seen
-    return {"predictions": str(predictions), "task": task, "dataset": dataset, "split": SPLITS[split],
-            "sentences_without_prediction": len(samples) - len(golds), **breakdown(golds, preds, seen)}
+    sentences = []
+    for s in samples:
+        if s.id in records:
+            r = records[s.id]
+            preds = [Entity(e["start"], e["end"], e["type"]) for e in r["entities"]]
+            sentences.append(compare(s, preds, task, r.get("text", s.text), seen, r))
+    info = {"predictions": str(predictions), "task": task, "dataset": dataset, "split": SPLITS[split],
+            "file": samples.report["file"], "sentences_without_prediction": len(samples) - len(sentences),
+            "seen_from": None if seen is None else f"{train_dataset} {SPLITS[train_split]}"}
+    return sentences, info
+
+
+def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dataset=None, train_dir=None,
+                   train_split="train") -> dict:
+    """breakdown.tables() of a decode.py predictions file against its gold split (see compare_file)."""
+    sentences, info = compare_file(predictions, dataset, data_dir, split, task, train_dataset, train_dir, train_split)
+    return {k: info[k] for k in ("predictions", "task", "dataset", "split", "sentences_without_prediction")} | \
+        tables(sentences, info["seen_from"] is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,9 +230,20 @@ def main(argv=None):
     bd = sub.add_parser("breakdown", help="error analysis of a decode.py predictions file: P/R/F1 per type, "
                                           "recall/precision by nesting and (with --train-*) seen vs unseen")
     bd.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
-    bd.add_argument("--task", default="TNER", choices=("TNER", "MNER"),
-                    help="whose records to score (default TNER; SNER spans have no offsets into the gold text)")
+    bd.add_argument("--task", default="TNER", choices=("TNER", "SNER", "MNER"),
+                    help="whose records to score (default TNER; SNER entities are placed in the gold text by "
+                         "aligning the transcription to it)")
     add_split_args(bd, train_required=False)
+    rp = sub.add_parser("report", help="one self-contained HTML page of a decode.py predictions file against its "
+                                       "gold split: score tables, every sentence with gold and predicted entities "
+                                       "highlighted, errors by kind, filters, search, audio")
+    rp.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
+    rp.add_argument("--task", required=True, choices=("TNER", "SNER", "MNER"), help="whose records to show")
+    add_split_args(rp, train_required=False)
+    rp.add_argument("--out", required=True, help="HTML file to write (atomically); wav links are relative to it")
+    rp.add_argument("--audio", choices=report.AUDIO_MODES, default="link", help="speech tasks: link each "
+                    "utterance's wav (default), embed it in the page (large), or none")
+    rp.add_argument("--title", default=None, help="page title (default: task, corpus, split, predictions file)")
     st = sub.add_parser("stats", help="print one JSON object describing a corpus split: sentences, entities per "
                                       "type, nesting depth, crossing spans, linearization round trip, audio found")
     def add_corpus_args(q):  # stats and entities: one split of one corpus
@@ -408,8 +347,21 @@ def main(argv=None):
             raise SystemExit(f"evaluate.py {args.command}: {e}")
         print(json.dumps(result, ensure_ascii=False, indent=1))
         return
-    if args.command == "breakdown" and args.train_dir is not None and args.train_dataset is None:
+    if args.command in ("breakdown", "report") and args.train_dir is not None and args.train_dataset is None:
         p.error("--train-dir needs --train-dataset")
+    if args.command == "report":
+        try:
+            files.check_output_file(args.out, "--out")
+            sentences, info = compare_file(args.predictions, args.dataset, args.data_dir, args.split, args.task,
+                                           args.train_dataset, args.train_dir, args.train_split)
+            result = tables(sentences, info["seen_from"] is not None)
+            page = report.render(sentences, info, result, args.out, args.audio, args.title)
+            files.write_atomic(args.out, page)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"evaluate.py report: {e}")
+        print(f"{args.out}: {len(sentences)} sentences, {len(page.encode()) / 1e6:.1f} MB; {args.task} F1 "
+              f"{result['f1']:.2f}")
+        return
     try:
         if args.command == "stats":
             print(json.dumps(stats(args.dataset, args.data_dir, args.split, args.audio_dir), ensure_ascii=False))

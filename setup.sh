@@ -2,7 +2,7 @@
 # setup.sh: everything this project needs on a fresh machine, Python packages in a virtual environment (.venv).
 #
 #   bash setup.sh          python3 with venv, espeak-ng and sox (system packages), then torch + requirements.txt
-#   bash setup.sh --test   the same plus requirements-test.txt
+#   bash setup.sh --test   the same plus requirements-test.txt, and Debian's chromium where apt-get can install it
 #
 # System packages: apt-get on Debian/Ubuntu (as root, or through sudo; `apt-get update` is run when an install
 # fails on a fresh image), Homebrew on macOS. Elsewhere install python3 (>= 3.10), espeak-ng and sox yourself:
@@ -54,6 +54,20 @@ if [ -n "$missing" ]; then
     if [ -n "$formulae" ]; then say "installing with Homebrew: $formulae"; brew install $formulae; fi
   else
     say "install these first (no apt-get or brew here): $missing"; exit 1
+  fi
+fi
+
+# --test: headless Chromium for the HTML report's browser test (tests/test_report.py skips, saying why, without it)
+if [ "$tests" = 1 ] && ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; then
+    say "installing chromium (the report's browser test)"
+    export DEBIAN_FRONTEND=noninteractive
+    as_root apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 \
+      || { as_root apt-get update -q >/dev/null 2>&1 && as_root apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; } \
+      || say "could not install chromium: the report's browser test will be skipped"
+  else
+    say "no chromium and no root or sudo: the report's browser test will be skipped"
   fi
 fi
 

@@ -184,7 +184,11 @@ class TrainConfig:
     out: str = setting(help="output folder (default runs/<dataset>)")
     resume: bool = setting(False, action="store_true", help="continue exactly from OUT/last.pt")
     save_every: int = setting(0, type=int, help="also write last.pt every N optimizer steps (0 = at evaluations)")
-    log_every: int = setting(10, type=int, help="progress-bar loss/lr/throughput refresh, in steps")
+    log_every: int = setting(10, type=int, help="progress-bar loss/lr/throughput refresh, in steps (and a point of "
+        "the --tensorboard curves)")
+    tensorboard: str | None = setting(None, help="also write TensorBoard curves to this folder: loss, learning rate, "
+        "throughput, gradient norm every --log-every steps, every dev/test evaluation (needs pip install "
+        "tensorboard; metrics.jsonl is written either way)")
     # resolved by get_args
     recipe_changes: dict = dataclasses.field(default_factory=dict)  # key -> (recipe value, paper value) applied
     eval_unit: str = "epoch"            # eval_every parsed: "step" or "epoch" ...
@@ -431,7 +435,8 @@ def build_model(cfg, train, resume_ckpt, log):
 
 
 def train_step(objective, model, optimizer, scaler, micro, lr, clip, autocast=nullcontext(), world=1):
-    """One optimizer step over this rank's micro-batches (on the device) -> (loss, skipped). loss: token losses
+    """One optimizer step over this rank's micro-batches (on the device) -> (loss, skipped, gradient norm before
+    clipping; NaN when the loss was not finite). loss: token losses
     summed over the global batch (every micro-batch, every rank; DDP when world > 1) / its number of target tokens,
     so accumulation and DDP give the update of one big batch. skipped: no update, because the loss or the gradient
     norm is not finite (the same on every rank: gradients are all-reduced). With fp16's GradScaler an overflow is
@@ -453,12 +458,12 @@ def train_step(objective, model, optimizer, scaler, micro, lr, clip, autocast=nu
     if ddp:
         dist.all_reduce(step_loss)
     step_loss = (step_loss / tokens).item()
-    skipped = not math.isfinite(step_loss)
+    skipped, norm = not math.isfinite(step_loss), float("nan")
     if not skipped:
         scaler.unscale_(optimizer)                               # a no-op without fp16's scaler
         # the norm is needed anyway: a finite loss can still give inf/NaN gradients (bf16/fp32), and clipping would
         # then scale every gradient by NaN; clip 0 measures without clipping (x * 1.0 leaves the gradients as they are)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf)
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else math.inf))
         skipped = not scaler.is_enabled() and not math.isfinite(norm)
         if not skipped:
             scaler.step(optimizer)
@@ -466,7 +471,7 @@ def train_step(objective, model, optimizer, scaler, micro, lr, clip, autocast=nu
     # under DDP the gradients stay views of its all-reduce buckets (set to None, the next micro-batches would
     # accumulate into fresh tensors beside the buckets: a second copy of every gradient)
     optimizer.zero_grad(set_to_none=not ddp)
-    return step_loss, skipped
+    return step_loss, skipped, norm
 
 
 @dataclasses.dataclass
@@ -496,6 +501,7 @@ class Run:
     step_in_epoch: int = 0
     best_f1: float = -1.0
     last_loss: float = float("nan")
+    curves: trainlog.Curves | None = None    # --tensorboard (rank 0)
 
     def __post_init__(self):
         self.master = self.rank == 0
@@ -579,6 +585,8 @@ class Run:
                   "epoch": round(self.epoch + self.step_in_epoch / max(1, self.steps_per_epoch), 3),
                   "checkpoint": tag, "minutes": round((time.time() - self.t_start) / 60, 2)}
         files.append_atomic(self.out / "metrics.jsonl", json.dumps(record, ensure_ascii=False) + "\n")
+        if self.curves is not None:
+            self.curves.evaluation(split, self.step, scores, record["mean_f1"])
         tqdm.write(f"[{split} @ step {self.step}] " + "  ".join(f"{t} F1 {s['f1']:.2f}" for t, s in scores.items()))
         return scores
 
@@ -646,6 +654,9 @@ def train(cfg):
         check_outputs(out)
         if feature_cache is not None:
             files.check_output_dir(feature_cache, "--feature-cache")
+        if cfg.tensorboard:
+            trainlog.require_tensorboard()
+            files.check_output_dir(cfg.tensorboard, "--tensorboard")
     plan = plan_settings(cfg)  # as asked for: a run whose --mix falls back to uniform resumes with the same flags
     resume_ckpt = weights.read_last_checkpoint(out / "last.pt", plan) if cfg.resume else None
 
@@ -709,6 +720,8 @@ def train(cfg):
             log(note)
         log(f"resumed from {out / 'last.pt'} at step {run.step} (epoch {run.epoch}, step {run.step_in_epoch} of "
             f"{steps_per_epoch})")
+    if cfg.tensorboard and master:   # a resumed run drops the killed run's events after its last checkpoint
+        run.curves = trainlog.Curves(cfg.tensorboard, purge_step=run.step + 1 if cfg.resume else None)
     log("config:", json.dumps({**vars(cfg), "world_size": world, "device": str(device), "dtype": dtype_name,
                                "workers": workers, "feature_cache": feature_cache and str(feature_cache),
                                "train_tasks": train_tasks, "eval_tasks": eval_tasks,
@@ -719,7 +732,7 @@ def train(cfg):
                               ensure_ascii=False, default=str))
 
     # --- training loop ---
-    progress = trainlog.Progress(total_steps, run.step, master, cfg.log_every)
+    progress = trainlog.Progress(total_steps, run.step, master, cfg.log_every, run.curves)
     model.train()
     evaluated_at, bad_steps = -1, 0
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
@@ -738,7 +751,8 @@ def train(cfg):
         for micro in steps:
             micro = [to_device(b, device) for b in micro]
             lr = lr_at(run.step, total_steps, run.warmup_steps, cfg.lr, cfg.schedule)
-            loss, skipped = train_step(objective, model, run.optimizer, scaler, micro, lr, cfg.clip, autocast, world)
+            loss, skipped, norm = train_step(objective, model, run.optimizer, scaler, micro, lr, cfg.clip, autocast,
+                                             world)
             run.last_loss = loss
             bad_steps = bad_steps + 1 if skipped else 0
             if bad_steps and master:
@@ -749,7 +763,7 @@ def train(cfg):
             if bad_steps >= cfg.max_bad_steps:
                 raise SystemExit(f"stopping: {bad_steps} consecutive non-finite losses or gradients (lower --lr, try "
                                  "--dtype fp32)")
-            progress.update(run.step, loss, lr, cfg.batch_size)
+            progress.update(run.step, loss, lr, cfg.batch_size, norm)
 
             stop = run.step >= total_steps or run.stop_everywhere(time.time() - t_start > budget_s)
             if eval_due(cfg, run.step, run.epoch, end_of_epoch=run.step_in_epoch >= steps_per_epoch) or stop:
@@ -774,6 +788,8 @@ def train(cfg):
         log(f"\ntest split, best.pt (step {best['source']['step']}, best mean dev F1), {search}:")
         log(format_table(scores, eval_tasks))
     log(f"done in {(time.time() - t_start) / 60:.1f} min; outputs in {out}")
+    if run.curves is not None:
+        run.curves.close()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -6,11 +6,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest rung first. A module may import modules of lower rungs only (not of its own rung).
 LADDER = [
-    ("files", "measure", "synth", "trainlog"),  # input errors, output checks, atomic writes | clocks, peak memory,
-                                    # machine load | Mandarin speech from espeak-ng with the syllables' start samples
-                                    # | training's progress bar and records
-    ("image", "audio", "demo", "devices"),  # the model | wav, resampling, fbank | the demo corpus | device,
-                                            # precision and RNG choices
+    ("files", "measure", "synth"),  # input errors, output checks, atomic writes | clocks, peak memory, machine
+                                    # load | Mandarin speech from espeak-ng with the syllables' start samples
+    ("image", "audio", "demo", "devices", "trainlog"),  # the model | wav, resampling, fbank | the demo corpus |
+                                    # device, precision and RNG choices | training's progress bar and TensorBoard
+                                    # curves
     ("text", "cost"),              # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a
                                    # training step, from the config
     ("data", "weights", "search", "entitylist"),  # samples, linearization, features, batches | converter,
@@ -20,10 +20,13 @@ LADDER = [
                                       # training-time augmentations (entity swaps, bleeped entities, noise) | long
                                       # recordings: voice activity, pieces, stitching | what bench.py runs on |
                                       # our scorer and the official one, CER, prediction files
-    ("recognize", "diagnose"),     # inputs -> rows -> search -> entities with confidences and times; Recognizer |
-                                   # entity times, confidence, playback, long recordings per utterance
-    ("decode", "evaluate"),        # the command line: outputs, label tracks, redaction, --eval | the scoring and
-                                   # analysis command line: breakdown, gazetteer, corpus statistics
+    ("recognize", "diagnose", "breakdown"),  # inputs -> rows -> search -> entities with confidences and times;
+                                   # Recognizer | entity times, confidence, playback, long recordings per utterance |
+                                   # the error taxonomy: what went wrong per sentence, the breakdown tables
+    ("decode", "report"),          # the command line: outputs, label tracks, redaction, --eval | the HTML error
+                                   # browser of a predictions file
+    ("evaluate",),                 # the scoring and analysis command line: breakdown, report, gazetteer, corpus
+                                   # statistics, times, confidence, long recordings, entity lists
     ("train",),
     ("bench",),
 ]

@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+import shutil
 import sys
 import time
 import wave
@@ -442,7 +443,7 @@ def test_train_step_is_one_token_mean_update_and_skips_non_finite_losses(corpus,
     with torch.no_grad():
         expected = (sum(objective(b) for b in micro) / sum((b["target"] != 1).sum() for b in micro)).item()
     before = [p.detach().clone() for p in model.parameters()]
-    loss, skipped = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0)
+    loss, skipped, _ = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0)
     assert not skipped
     assert excess(loss, expected, fp32_tol(expected, model_terms(model.config))) <= 1
     assert all(g["lr"] == 1e-3 for g in optimizer.param_groups) and len(optimizer.state) > 0
@@ -453,7 +454,7 @@ def test_train_step_is_one_token_mean_update_and_skips_non_finite_losses(corpus,
     state = {k: v.clone() for k, v in optimizer.state[next(model.parameters())].items()}
     real = train.Objective.forward
     monkeypatch.setattr(train.Objective, "forward", lambda self, batch: real(self, batch) * float("nan"))
-    loss, skipped = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0)
+    loss, skipped, _ = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=1.0)
     assert math.isnan(loss) and skipped
     assert all(torch.equal(a, p) for a, p in zip(after_one, model.parameters()))
     assert all(torch.equal(v, optimizer.state[next(model.parameters())][k]) for k, v in state.items())
@@ -464,7 +465,7 @@ def test_train_step_is_one_token_mean_update_and_skips_non_finite_losses(corpus,
     poison = next(model.parameters())
     hook = poison.register_hook(lambda grad: grad * float("inf"))
     for clip in (1.0, 0.0):
-        loss, skipped = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=clip)
+        loss, skipped, _ = train.train_step(objective, model, optimizer, scaler, micro, lr=1e-3, clip=clip)
         assert math.isfinite(loss) and skipped, clip
         assert all(torch.equal(a, p) for a, p in zip(after_one, model.parameters()))
         assert all(torch.equal(v, optimizer.state[poison][k]) for k, v in state.items())
@@ -555,3 +556,43 @@ def test_resume_from_a_version_1_last_pt_writes_the_current_format(corpus, tmp_p
         assert (old["version"], new["version"]) == (1, 2)
         assert new["assets"]["pseudo_text_len"] == 7 and new["config"] == old["config"]
     assert new["source"]["step"] == 2 and load(out / "last.pt")["step"] == 2
+
+
+def tensorboard_scalars(folder):
+    """{tag: [steps]} of every event file in a TensorBoard folder, purges applied (as TensorBoard shows them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_curves_and_resume_without_repeats(corpus, tmp_path, capsys):
+    """--tensorboard: loss, lr, throughput, gradient norm every --log-every steps and every evaluation; a run killed
+    after its step-2 checkpoint wrote curves up to step 3; --resume continues from step 2 with purge_step, so the
+    curves hold each step once."""
+    pytest.importorskip("tensorboard", reason="tensorboard is a test requirement (requirements-test.txt)")
+    tb, out = tmp_path / "tb", tmp_path / "run"
+    args = ("--batch-size", "4", "--eval-every", "2", "--eval-limit", "1", "--tasks", "TNER,SNER", "--warmup", "0",
+            "--tensorboard", str(tb))
+    train.main(base_args(corpus, out, *args, "--max-steps", "3"))
+    first = tensorboard_scalars(tb)
+    assert first["train/loss"] == [1, 2, 3] and first["train/grad_norm"] == [1, 2, 3]
+    assert {"train/lr", "train/samples_per_s", "dev/TNER_f1", "dev/SNER_cer", "dev/mean_f1"} <= set(first)
+    assert first["dev/mean_f1"] == [2, 3]
+    last = load(out / "last.pt")
+    assert last["step"] == 3
+    # what a run killed between its step-2 checkpoint and step 3 leaves: last.pt at step 2, curves up to step 3
+    train.main(base_args(corpus, tmp_path / "at2", *args[:-2], "--max-steps", "2"))
+    shutil.copy(tmp_path / "at2" / "last.pt", out / "last.pt")
+    capsys.readouterr()
+    train.main(base_args(corpus, out, *args, "--max-steps", "4", "--resume"))
+    after = tensorboard_scalars(tb)
+    assert after["train/loss"] == [1, 2, 3, 4] and after["dev/mean_f1"] == [2, 4]   # step 3 once, from the rerun
+
+
+def test_tensorboard_missing_is_said_before_training(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)     # import fails as without the package
+    with pytest.raises(SystemExit):
+        train.main(base_args(corpus, tmp_path / "run", "--max-steps", "1", "--tensorboard", str(tmp_path / "tb")))
+    assert "pip install tensorboard" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "last.pt").exists()
