@@ -17,6 +17,9 @@ Sections (--sections):
   timestamps  what entity times add to SNER/MNER decoding (recognize.Recognizer, --timestamps none vs entities).
   fbank   frames/s of audio.kaldi_fbank against kaldi-native-fbank, per utterance on CPU (ours at 1 thread and
           at --threads), and ours batched on --device.
+  shards  decode.py as 1 process and under torchrun with --shards-procs processes (one thread each on a CPU; a
+          GPU each with --device cuda): sentences/s of a trained checkpoint (--shards-ckpt) on a corpus split
+          (default the demo test split), SNER and TNER, whole commands (process start and model load included).
 
 Memory (--memory, no benchmark): cost.py's estimate of one training step's peak, part by part, from the config's shapes
 (GB and GiB), and the train.py --max-frames that fits --card-gib with --margin-gib left. On CUDA the train section
@@ -49,6 +52,7 @@ import random
 import statistics
 import sys
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +77,7 @@ ROOT = Path(__file__).resolve().parent
 DEFAULT_REFERENCE_DIR = ROOT.parent / "shared" / "reference"
 DEFAULT_REFERENCE_PYTHON = Path.home() / ".cache" / "mmspeech-ref" / "venv" / "bin" / "python"
 DEFAULT_CACHE = Path.home() / ".cache" / "image" / "bench"
-SECTIONS = ("decode", "train", "fbank", "timestamps", "long", "entities")
+SECTIONS = ("decode", "train", "fbank", "timestamps", "long", "entities", "shards")
 # the paper recipe's optimizer settings (lr, weight decay, beta2); dataset and out are required fields, unused here
 TRAIN_RECIPE = train.TrainConfig(**train.PAPER, dataset="cnerta", out="")
 RATIO_KEYS = ("decode_speedup_vs_reference", "train_step_time_ratio_vs_reference",
@@ -351,6 +355,50 @@ def bench_entities(report, args, model, assets, wavs, texts, device, dtype):
     report["entity_list_cost"] = max(added) if added else None
 
 
+def bench_shards(report, args):
+    """decode.py on 1 process and on --shards-procs under torchrun (#21), whole commands, best of --repeat: the
+    same output file each time (checked), so the ratio is the sharding's own gain."""
+    if not args.shards_ckpt or not os.path.isfile(args.shards_ckpt):
+        report["shards"] = {"not measured": f"--shards-ckpt {args.shards_ckpt!r}: no such checkpoint (a trained "
+                                             "one, e.g. runs/demo/best.pt from python train.py --dataset demo)"}
+        return
+    print("bench: decode.py on 1 and on several processes ...", flush=True)
+    gpu = args.device.startswith("cuda")
+    procs = args.shards_procs or (torch.cuda.device_count() if gpu else 2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({} if gpu else {"OMP_NUM_THREADS": "1"})}
+    work = Path(tempfile.mkdtemp(prefix="shards_", dir=args.cache_dir))
+    d = {"ckpt": args.shards_ckpt, "dataset": args.shards_dataset, "split": args.shards_split, "processes": procs,
+         "device": args.device, "batch": args.batch, "beam": args.beam}
+    try:
+        for task in ("SNER", "TNER"):
+            d[task], outputs = {}, {}
+            for n in (1, procs):
+                head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                        "--standalone", "--nproc_per_node", str(n)]
+                out = work / f"{task}_{n}.jsonl"
+                cmd = head + ["decode.py", "--ckpt", args.shards_ckpt, "--dataset", args.shards_dataset,
+                              "--split", args.shards_split, "--task", task, "--out", str(out), "--batch-size",
+                              str(args.batch), "--beam", str(args.beam), "--timestamps", "none",
+                              "--device", "cuda" if gpu else "cpu"] + ([] if gpu else ["--threads", "1"])
+                walls = []
+                for _ in range(args.repeat):
+                    out.unlink(missing_ok=True)
+                    t0 = time.perf_counter()
+                    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parent, env=env, capture_output=True,
+                                          text=True)
+                    walls.append(time.perf_counter() - t0)
+                    if done.returncode != 0:
+                        raise RuntimeError(f"bench shards: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
+                outputs[n] = out.read_bytes()
+                sentences = outputs[n].count(b"\n")
+                d[task][n] = {"wall_s": min(walls), "sentences": sentences, "sentences_per_s": sentences / min(walls)}
+            d[task]["speedup"] = d[task][1]["wall_s"] / d[task][procs]["wall_s"]
+            d[task]["same_output"] = outputs[1] == outputs[procs]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["shards"] = d
+
+
 def bench_long(report, args, model, assets, wavs, device, dtype):
     """Long recordings (#18): SNER over recordings of --long-minutes, cut into pieces of --long-piece seconds,
     beam --beam: decoding time per audio second (flat from the shortest to the longest is linear time), peak
@@ -526,6 +574,13 @@ def format_table(r, args):
             row("list", f"{task} decode s, no list", t["none_s"])
             row("list", f"{task} decode s, {r['entities']['entries']} entries", t["list_s"], None,
                 t["list_s"] / t["none_s"])
+    for task in ("SNER", "TNER"):
+        t = r.get("shards", {}).get(task)
+        if isinstance(t, dict):
+            n = r["shards"]["processes"]
+            row("shards", f"{task} sentences/s, 1 process", t[1]["sentences_per_s"])
+            row("shards", f"{task} sentences/s, {n} processes (x = speed-up)", t[n]["sentences_per_s"], None,
+                t["speedup"])
     for name, t in r["targets"].items():
         value = t.get("value", t.get("value_gb"))
         lines.append(f"target   {name:58s} {_fmt(value):>10s}  "
@@ -558,6 +613,12 @@ def get_args(argv=None):
     a("--long-piece", type=float, default=15.0, help="long section: --max-piece-seconds (default 15)")
     a("--entity-list-size", type=int, default=10000, help="entities section: random names in the list (default "
       "10000; the texts' 2- and 3-character stretches come on top)")
+    a("--shards-ckpt", default="runs/demo/best.pt", help="shards section: the checkpoint decoded (default "
+      "runs/demo/best.pt, the README's demo run)")
+    a("--shards-procs", type=int, default=0, help="shards section: processes against 1 (default 2 on a CPU, every "
+      "GPU with --device cuda)")
+    a("--shards-dataset", default="demo", help="shards section: corpus (default demo)")
+    a("--shards-split", default="test", help="shards section: split (default test)")
     a("--long-warmup", choices=("longest", "none"), default="longest", help="long section: decode the longest "
       "recording once, untimed, before the measured ones (default: time and memory in the steady state of a "
       "process that has seen every piece shape), or none (a fresh process's first recording: run one length "
@@ -703,6 +764,8 @@ def main(argv=None):
             bench_entities(report, args, model, assets, wavs, texts, device, dtype)
     if "fbank" in sections:
         bench_fbank(report, args, wavs, device)
+    if "shards" in sections:
+        bench_shards(report, args)
 
     report["load_average_end"] = load_average()
     report["targets"] = targets(report, args)

@@ -7,10 +7,14 @@ Decode with a trained IMAGE model from the command line (the Python API is recog
   python decode.py --ckpt best.pt --input inputs.jsonl --out preds.jsonl # one {"text"?, "wav"?} per line
   python decode.py --ckpt best.pt --dataset cnerta --data-dir D --split test --task MNER --eval
   python decode.py --ckpt mmspeech.pt --asr --wav a.wav b.wav           # plain MMSpeech ASR (parity mode)
+  torchrun --nproc_per_node 4 decode.py --ckpt best.pt --input big.jsonl --out preds.jsonl   # 4 processes
 
 Inputs (--text, --wav, --input JSON lines, --dataset splits) go through recognize.Recognizer; results are printed,
 written as JSON lines, as Audacity label tracks (--labels) and as redacted recordings (--redact, --redact-dir).
 --eval runs a split through the model (evaluate_split) and scores it with scoring.py's two evaluators and CER.
+Under torchrun every process decodes its share of the batches (shard.py) on its own device (cuda:LOCAL_RANK, or
+the CPU cores split between the processes); rank 0 writes the outputs, in input order, and scores. With --out or
+--predictions, results are kept batch by batch in OUT.parts/, so a rerun of a killed run skips what is done.
 """
 import argparse
 import dataclasses
@@ -27,7 +31,8 @@ import devices
 import entitylist
 import files
 import scoring
-from recognize import PRECISION_DTYPES, Recognizer, Request
+import shard
+from recognize import PRECISION_DTYPES, Recognizer, Request, length_hint, progress_bar, request_seconds
 from search import MAX_AUDIO_SECONDS, MIN_PIECE_SECONDS, PIECE_RULES, TIMESTAMPS, VADS, DecodeOptions
 from text import TYPES
 
@@ -38,12 +43,13 @@ from text import TYPES
 
 def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER"), options=None, batch_size=32,
                    evaluator="ours", device=None, assets=None, progress=False, recognizer=None, predictions=None,
-                   head_check=False):
+                   head_check=False, score=True):
     """Decode `samples` for each task and score them (scoring.score_predictions). -> {task: {"p", "r", "f1"
     (percent, by `evaluator`), "ours", "official", "cer", "sentences"}}. SNER/MNER use only samples with audio.
     head_check: SNER also scores the phone CTC head ("head_per", percent; a warning above HEAD_PER_WARN).
     predictions: optional dict that receives {task: [result, ...]}. options: DecodeOptions, its unset search
-    settings from assets (the checkpoint's); without assets beam 5, max_len 128, no n-gram block."""
+    settings from assets (the checkpoint's); without assets beam 5, max_len 128, no n-gram block. score=False: only
+    decode (the ranks of a sharded run other than 0) -> {}."""
     if evaluator not in ("ours", "official"):
         raise ValueError(f"evaluator must be 'ours' or 'official', not {evaluator!r}")
     if recognizer is None:
@@ -63,6 +69,8 @@ def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER
         results = recognizer.run(reqs, batch_size=batch_size, progress=progress, task=task)
         if predictions is not None:
             predictions[task] = results
+        if not score:
+            continue
         sc = scoring.score_predictions(task, golds, results, phones_of)
         main = sc[evaluator]
         scores[task] = {"p": main["p"], "r": main["r"], "f1": main["f1"], **sc}
@@ -330,10 +338,63 @@ def main(argv=None):
         _main(args)
 
 
+class ShardedRecognizer:
+    """A Recognizer whose run() is spread over the torchrun ranks (shard.run_sharded) and, with an output file,
+    kept batch by batch in OUT.parts/ so that a rerun skips what is done; everything else is the Recognizer's."""
+
+    def __init__(self, rec, rank, world, parts, progress):
+        self.rec, self.rank, self.world, self.parts, self.progress = rec, rank, world, parts, progress
+
+    def __getattr__(self, name):
+        return getattr(self.rec, name)
+
+    def run(self, requests, batch_size=8, progress=False, task=None):
+        requests = self.rec.check(requests, task)          # every input, before the first batch
+        groups = [task or r.task() for r in requests]
+        seconds = [request_seconds(r) for r in requests]
+        speech = all(r.has_speech for r in requests)
+        costs = [sec if r.has_speech else len(r.text or "") / shard.CHARS_PER_SECOND for r, sec in zip(requests, seconds)]
+        index = {id(r): i for i, r in enumerate(requests)}
+        bar = progress_bar(sum(seconds) if speech else len(requests), self.progress and self.rank == 0, speech)
+
+        def decode_batch(reqs, group):
+            out = self.rec.run(reqs, batch_size=batch_size, progress=False, task=group)
+            bar.update(sum(seconds[index[id(r)]] for r in reqs) if speech else len(reqs))
+            return out
+        try:
+            return shard.run_sharded(decode_batch, requests, groups, [length_hint(r) for r in requests], costs,
+                                     batch_size, self.parts, task or "input", self.rank, self.world,
+                                     self._gather if self.world > 1 else None,
+                                     log=lambda m: print(f"decode.py: {m}", file=sys.stderr))
+        finally:
+            bar.close()
+
+    def _gather(self, obj):
+        everything = [None] * self.world
+        torch.distributed.all_gather_object(everything, obj)
+        return everything
+
+
+def _start_ranks(args):
+    """torchrun: this process's rank, the world size and its device (cuda:LOCAL_RANK, else the CPU with its share
+    of the cores unless --threads says); one process: (0, 1, --device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, args.device
+    if not (args.out or args.predictions):
+        raise files.InputError("decoding under torchrun writes its results to a file: give --out (or --predictions "
+                               "with --eval)")
+    device, rank, world = devices.start_distributed(args.device, backend="gloo", hours=24)
+    if device.type == "cpu" and not args.threads:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return rank, world, device
+
+
 def _main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
+    rank, world, args.device = _start_ranks(args)
     # every input path and output location before the model and the decoding
     for flag, path in (("--out", args.out), ("--predictions", args.predictions)):
         if path is not None:
@@ -353,18 +414,33 @@ def _main(args):
                 raise files.InputError(f"{flag} {path}: is a directory, expected a file")
             if not os.path.isfile(path):
                 raise files.InputError(f"{flag} {path}: not found")
+    if args.input:                                  # read before the model loads: a bad line is said at once
+        reqs = read_jsonl_requests(args.input)
     rec = Recognizer(args.ckpt, args.options, device=args.device, dtype=args.dtype)
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))
+    out = args.predictions or args.out
+    parts = None
+    if out is not None:                             # results kept batch by batch: a rerun resumes
+        parts = shard.Parts(out, shard.fingerprint(
+            ckpt=args.ckpt, input=args.input, text=args.text, wav=args.wav, dataset=args.dataset,
+            data_dir=args.data_dir and os.path.abspath(args.data_dir), audio_dir=args.audio_dir, split=args.split,
+            limit=args.limit, task=args.task, batch_size=args.batch_size, dtype=args.dtype, device=str(rec.device),
+            options=dataclasses.asdict(args.options)), rank)
+    runner = ShardedRecognizer(rec, rank, world, parts, progress)
     if args.dataset:
-        return _main_dataset(args, rec, progress, t0)
-    if args.input:
-        reqs = read_jsonl_requests(args.input)
+        _main_dataset(args, runner, progress, t0, rank)
     else:
-        reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None, id=str(i))
-                for i in range(len(args.text or args.wav))]
-    results = rec.run(reqs, batch_size=args.batch_size, progress=progress, task=args.task[0] if args.task else None)
-    _emit(args, results)
-    print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
+        if not args.input:
+            reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None,
+                            id=str(i)) for i in range(len(args.text or args.wav))]
+        results = runner.run(reqs, batch_size=args.batch_size, task=args.task[0] if args.task else None)
+        if rank == 0:
+            _emit(args, results)
+            print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
+    if world > 1:
+        torch.distributed.barrier()                 # every rank is done with the parts before they go
+    if parts is not None and rank == 0:
+        parts.remove()
 
 
 def _by_file_name(results):
@@ -399,7 +475,7 @@ def _emit(args, results):
         sys.stdout.write(lines)
 
 
-def _main_dataset(args, rec, progress, t0):
+def _main_dataset(args, rec, progress, t0, rank=0):
     samples = data.load_split(args.dataset, args.data_dir, args.split, audio_dir=args.audio_dir)
     if args.limit:
         samples = samples[: args.limit]
@@ -417,12 +493,15 @@ def _main_dataset(args, rec, progress, t0):
             reqs = [Request(text=s.text if task != "SNER" else None, wav=s.audio if task != "TNER" else None,
                             id=s.id) for s in golds]
             results += rec.run(reqs, batch_size=args.batch_size, progress=progress, task=task)
-        _emit(args, results)
+        if rank == 0:
+            _emit(args, results)
         return
     preds = {}
     scores = evaluate_split(None, samples, tasks=tasks, batch_size=args.batch_size, evaluator=args.evaluator,
                             progress=progress, recognizer=rec, predictions=preds,
-                            head_check=rec.options.timestamps != "none" and not rec.options.asr)
+                            head_check=rec.options.timestamps != "none" and not rec.options.asr, score=rank == 0)
+    if rank != 0:
+        return
     report = {"dataset": args.dataset, "split": args.split, "ckpt": args.ckpt, "sentences": len(samples),
               "options": dataclasses.asdict(rec.options), "scores": scores, "device": str(rec.device),
               "dtype": str(next(rec.model.parameters()).dtype).removeprefix("torch."),

@@ -147,14 +147,17 @@ def seed_everything(seed):
 # processes and input pipeline of a run
 
 
-def start_distributed(device):
-    """-> (device, rank, world size). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK."""
+def start_distributed(device, backend=None, hours=3.0):
+    """-> (device, rank, world size). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK. backend: nccl on GPUs, gloo on CPUs
+    unless given (decoding exchanges Python objects: gloo). hours: how long a rank may wait for the others (training:
+    rank 0 evaluates alone while they wait at a barrier; decoding: ranks with a lighter shard wait for the rest)."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     device = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.is_available())
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:  # long timeout: rank 0 evaluates alone while the others wait at a barrier
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    if world > 1:
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
+                                timeout=timedelta(hours=hours))
     return device, rank, world
 
 

@@ -380,13 +380,11 @@ class Recognizer:
 
     # -- public ---------------------------------------------------------------------------------------------
 
-    def run(self, requests, batch_size=8, progress=False, task=None):
-        """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER.
-        A recording longer than max_piece_seconds is cut into pieces at pauses (segment.py), its pieces decoded in
-        the batches with everything else, and their results stitched into one (with "pieces")."""
-        requests = list(requests)                               # entities parsed below: the caller's list stays
+    def check(self, requests, task=None) -> list:
+        """Every request checked before any long work (files.InputError 'input ID: why'); -> the requests, those with
+        their own entity list parsed (a copy; the caller's list stays). Starts a run: own lists' tries are dropped."""
+        requests = list(requests)
         self._tries = {k: v for k, v in self._tries.items() if k == "list"}   # own lists: for this run only
-        items, plans, shares = [], {}, {}                       # items: (request index, request or piece, task)
         for i, req in enumerate(requests):
             t = task or req.task()
             if t in ("SNER", "MNER") and not req.has_speech:
@@ -397,7 +395,7 @@ class Recognizer:
                 raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
             if t in ("TNER", "MNER") and not req.text.strip():
                 raise files.InputError(f"input {req.id or i}: empty text")
-            if req.entities is not None:                        # its own list: checked before any long work
+            if req.entities is not None:
                 if not isinstance(req.entities, (list, tuple)) or not all(
                         isinstance(e, (str, entitylist.Entry)) for e in req.entities):
                     raise files.InputError(f"input {req.id or i}: entities must be a list of 'STRING' or "
@@ -405,6 +403,16 @@ class Recognizer:
                 req = requests[i] = dataclasses.replace(req, entities=self._own_entries(req))
             if t == "SNER" and not self.options.asr and self.options.entity_weight:
                 self._sner_tries(req)                           # a list the decoder cannot spell: refused now
+        return requests
+
+    def run(self, requests, batch_size=8, progress=False, task=None):
+        """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER.
+        A recording longer than max_piece_seconds is cut into pieces at pauses (segment.py), its pieces decoded in
+        the batches with everything else, and their results stitched into one (with "pieces")."""
+        requests = self.check(requests, task)                   # entities parsed: the caller's list stays
+        items, plans, shares = [], {}, {}                       # items: (request index, request or piece, task)
+        for i, req in enumerate(requests):
+            t = task or req.task()
             plans[i] = self._pieces(req, t)
             if plans[i] is None:
                 items.append((i, req, t))
@@ -416,7 +424,8 @@ class Recognizer:
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
         keep_order = getattr(self.model.config, "modelscope_padding", False)
         speech = all(req.has_speech for _, req, _ in items)
-        bar = _progress(sum(map(_seconds, (req for _, req, _ in items))) if speech else len(items), progress, speech)
+        bar = progress_bar(sum(map(request_seconds, (req for _, req, _ in items))) if speech else len(items), progress,
+                           speech)
         decoded = [None] * len(items)
         for j, (_, req, t) in enumerate(items):                 # a piece with no share of the transcript
             if t == "MNER" and req.span is not None and not (req.text or "").strip():
@@ -425,12 +434,12 @@ class Recognizer:
         for t in dict.fromkeys(t for _, _, t in items):
             idx = [j for j, item in enumerate(items) if item[2] == t and decoded[j] is None]
             if not keep_order:
-                idx = sorted(idx, key=lambda j: -_length_hint(items[j][1]))
+                idx = sorted(idx, key=lambda j: -length_hint(items[j][1]))
             for k in range(0, len(idx), batch_size):
                 chunk = idx[k: k + batch_size]
                 for j, res in zip(chunk, self._batch([items[j][1] for j in chunk], t)):
                     decoded[j] = res
-                bar.update(sum(_seconds(items[j][1]) for j in chunk) if speech else len(chunk))
+                bar.update(sum(request_seconds(items[j][1]) for j in chunk) if speech else len(chunk))
         bar.close()
         results = [[] for _ in requests]
         for (i, _, _), res in zip(items, decoded):
@@ -443,7 +452,7 @@ class Recognizer:
         at most the shorter of them), else None."""
         if task == "TNER" or self.options.asr:
             return None
-        seconds, longest = _seconds(req), self.options.longest_piece_seconds
+        seconds, longest = request_seconds(req), self.options.longest_piece_seconds
         if seconds <= longest:
             return None
         if longest < MIN_PIECE_SECONDS:
@@ -518,7 +527,7 @@ def decode_dtype(name, device, options):
     return PRECISION_DTYPES[precision]
 
 
-def _seconds(req):
+def request_seconds(req):
     """Seconds of speech a request holds (its span's, for a piece); 0 without speech."""
     if req.span is not None:
         return req.span[1] - req.span[0]
@@ -527,7 +536,8 @@ def _seconds(req):
     return audio.wav_info(req.wav).seconds if req.wav is not None else 0.0
 
 
-def _length_hint(req):
+def length_hint(req):
+    """How long a request is, in the units its batches are sorted by (fbank frames; characters for text)."""
     if req.span is not None:
         return (req.span[1] - req.span[0]) * 100
     if req.waveform is not None:
@@ -548,7 +558,7 @@ class _NoBar:
         pass
 
 
-def _progress(total, enabled, seconds=False):
+def progress_bar(total, enabled, seconds=False):
     """A progress bar on stderr: in audio seconds where every input has speech, else in inputs."""
     if not enabled:
         return _NoBar()

@@ -8,9 +8,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LADDER = [
     ("files", "measure", "synth"),  # input errors, output checks, atomic writes | clocks, peak memory, machine
                                     # load | Mandarin speech from espeak-ng with the syllables' start samples
-    ("image", "audio", "demo", "devices", "trainlog"),  # the model | wav, resampling, fbank | the demo corpus |
-                                    # device, precision and RNG choices | training's progress bar and TensorBoard
-                                    # curves
+    ("image", "audio", "demo", "devices", "trainlog", "shard"),  # the model | wav, resampling, fbank | the demo
+                                    # corpus | device, precision and RNG choices | training's progress bar and
+                                    # TensorBoard curves | decoding over torchrun ranks: batches, dealing, parts
     ("text", "cost"),              # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a
                                    # training step, from the config
     ("data", "weights", "search", "entitylist"),  # samples, linearization, features, batches | converter,
