@@ -422,9 +422,10 @@ def _main(args):
     parts = None
     if out is not None:                             # results kept batch by batch: a rerun resumes
         parts = shard.Parts(out, shard.fingerprint(
-            ckpt=args.ckpt, input=args.input, text=args.text, wav=args.wav, dataset=args.dataset,
-            data_dir=args.data_dir and os.path.abspath(args.data_dir), audio_dir=args.audio_dir, split=args.split,
-            limit=args.limit, task=args.task, batch_size=args.batch_size, dtype=args.dtype, device=str(rec.device),
+            ckpt=args.ckpt, input=args.input, entities=args.entities, text=args.text, wav=args.wav,
+            dataset=args.dataset, data_dir=args.data_dir and os.path.abspath(args.data_dir), audio_dir=args.audio_dir,
+            split=args.split,
+            limit=args.limit, task=args.task, batch_size=args.batch_size, dtype=args.dtype, device=rec.device.type,
             options=dataclasses.asdict(args.options)), rank)
     runner = ShardedRecognizer(rec, rank, world, parts, progress)
     if args.dataset:

@@ -49,15 +49,17 @@ def deal(costs, world: int) -> list[list[int]]:
 
 
 def fingerprint(**what) -> dict:
-    """What makes results reusable: the values given, with every existing file among them named by size, mtime
-    and (inputs up to 64 MB) content hash."""
+    """What makes results reusable: the values given, with every existing file among them named by its path and its
+    content hash (files up to 64 MB, inputs) or its size and modification time (checkpoints)."""
     out = {}
     for key, value in what.items():
         if isinstance(value, (str, Path)) and os.path.isfile(value):
             st = os.stat(value)
-            out[key] = {"path": os.path.abspath(value), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            out[key] = {"path": os.path.abspath(value), "bytes": st.st_size}
             if st.st_size <= 64 << 20:
                 out[key]["sha256"] = hashlib.sha256(Path(value).read_bytes()).hexdigest()
+            else:
+                out[key]["mtime_ns"] = st.st_mtime_ns
         else:
             out[key] = value
     return json.loads(json.dumps(out, default=str))
