@@ -35,7 +35,7 @@ class Mark:
     entity: Entity            # offsets into its own side's text (gold text; predicted text); start None: unplaced
     place: tuple | None       # (start, end) in the gold text; None: a prediction that cannot be placed there
     kind: str                 # "correct" or one of KINDS
-    nested: bool | None       # contains or lies inside another entity of its side (None: unplaced)
+    nested: bool | None       # contains or lies inside another entity of its side (None: no offsets)
     seen: bool | None         # its (string, type) is in the training set (None: no training split given)
 
 
@@ -104,15 +104,22 @@ def compare(sample: Sample, pred_entities, task: str = "TNER", pred_text: str | 
     gold_keys = our_keys(task, sample.text, [(e.start, e.end, e.type) for e in sample.entities])
     pred_keys = our_keys(task, text, [(e.start, e.end, e.type) for e in pred_entities])
     places = {"gold": [(e.start, e.end) for e in sample.entities],
-              "pred": [_place(e, mapping) if mapping else (None if e.start is None else (e.start, e.end))
+              "pred": [_place(e, mapping) if mapping is not None else (None if e.start is None else (e.start, e.end))
                        for e in pred_entities]}
-    found = {}
-    for side, keys, other in (("gold", gold_keys, pred_keys), ("pred", pred_keys, gold_keys)):
-        left = collections.Counter(other)                  # multiset matching, as the scorer's
-        found[side] = []
-        for key in keys:
-            found[side].append(left[key] > 0)
-            left[key] -= left[key] > 0
+    found = {"gold": [False] * len(gold_keys), "pred": [False] * len(pred_keys)}
+    # multiset matching, as the scorer's (the same number of matches per key); SNER keys carry no place, so among
+    # equal keys a pair at the same place is matched first, then an overlapping one, then the rest in order
+    for key in dict.fromkeys(gold_keys):
+        golds = [i for i, k in enumerate(gold_keys) if k == key]
+        preds = [j for j, k in enumerate(pred_keys) if k == key]
+        for near in (lambda a, b: a == b, lambda a, b: a is not None and b is not None and a[0] < b[1] and b[0] < a[1],
+                     lambda a, b: True):
+            for i in golds:
+                j = next((j for j in preds if near(places["gold"][i], places["pred"][j])), None)
+                if j is not None and not found["gold"][i]:
+                    found["gold"][i] = found["pred"][j] = True
+                    preds.remove(j)
+            golds = [i for i in golds if not found["gold"][i]]
 
     def heard_wrong(i):                                    # SNER: the transcription inside prediction i is wrong
         p, e = places["pred"][i], pred_entities[i]

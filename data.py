@@ -713,11 +713,14 @@ class Loader:
         return out
 
     def frames(self, item) -> int:
-        """fbank frames of a row (speech at its speed, or the pseudo speech)."""
+        """fbank frames of a row (speech at its speed, with the longest noise margins it may get, or the pseudo
+        speech)."""
         i, task, speed = item
         if task not in ("SNER", "MNER"):
             return PSEUDO_FRAMES
-        return audio.num_fbank_frames(audio.perturbed_length(self.wav_samples[i], speed))
+        noise = self.builder.noise                      # its lead and tail at their longest: a budget's upper bound
+        margins = 2 * round(noise.margin * audio.SAMPLE_RATE) if noise is not None and self.wav_samples[i] else 0
+        return audio.num_fbank_frames(audio.perturbed_length(self.wav_samples[i] + margins, speed))
 
     def longest_frames(self) -> int:
         """fbank frames of the longest row this loader can deal (real speech at the slowest speed, or pseudo)."""

@@ -355,7 +355,12 @@ class ShardedRecognizer:
         speech = all(r.has_speech for r in requests)
         costs = [sec if r.has_speech else len(r.text or "") / shard.CHARS_PER_SECOND for r, sec in zip(requests, seconds)]
         index = {id(r): i for i, r in enumerate(requests)}
-        bar = progress_bar(sum(seconds) if speech else len(requests), self.progress and self.rank == 0, speech)
+        bar = None
+
+        def start(todo):                                   # this rank's share, what is left of it
+            nonlocal bar
+            bar = progress_bar(sum(seconds[i] for i in todo) if speech else len(todo), self.progress and self.rank == 0,
+                               speech)
 
         def decode_batch(reqs, group):
             out = self.rec.run(reqs, batch_size=batch_size, progress=False, task=group)
@@ -364,15 +369,19 @@ class ShardedRecognizer:
         try:
             return shard.run_sharded(decode_batch, requests, groups, [length_hint(r) for r in requests], costs,
                                      batch_size, self.parts, task or "input", self.rank, self.world,
-                                     self._gather if self.world > 1 else None,
-                                     log=lambda m: print(f"decode.py: {m}", file=sys.stderr))
+                                     (lambda obj: everyone(obj, self.world)) if self.world > 1 else None,
+                                     log=lambda m: print(f"decode.py: {m}", file=sys.stderr),
+                                     keep_order=self.rec.options.modelscope_padding, on_start=start)
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
 
-    def _gather(self, obj):
-        everything = [None] * self.world
-        torch.distributed.all_gather_object(everything, obj)
-        return everything
+
+def everyone(obj, world):
+    """[obj of every rank] (gloo: any picklable object)."""
+    gathered = [None] * world
+    torch.distributed.all_gather_object(gathered, obj)
+    return gathered
 
 
 def _start_ranks(args):
@@ -420,27 +429,42 @@ def _main(args):
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))
     out = args.predictions or args.out
     parts = None
+    refused = None
     if out is not None:                             # results kept batch by batch: a rerun resumes
-        parts = shard.Parts(out, shard.fingerprint(
+        try:
+            parts = shard.Parts(out, shard.fingerprint(
             ckpt=args.ckpt, input=args.input, entities=args.entities, text=args.text, wav=args.wav,
             dataset=args.dataset, data_dir=args.data_dir and os.path.abspath(args.data_dir), audio_dir=args.audio_dir,
             split=args.split,
             limit=args.limit, task=args.task, batch_size=args.batch_size, dtype=args.dtype, device=rec.device.type,
             options=dataclasses.asdict(args.options)), rank)
+        except files.InputError as e:
+            refused = str(e)
+    if world > 1:                                   # a rank that refuses stops them all, none waits for it
+        refused = next((r for r in everyone(refused, world) if r), None)
+    if refused:
+        raise files.InputError(refused)
     runner = ShardedRecognizer(rec, rank, world, parts, progress)
-    if args.dataset:
-        _main_dataset(args, runner, progress, t0, rank)
-    else:
-        if not args.input:
-            reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None,
-                            id=str(i)) for i in range(len(args.text or args.wav))]
-        results = runner.run(reqs, batch_size=args.batch_size, task=args.task[0] if args.task else None)
-        if rank == 0:
-            _emit(args, results)
-            print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
-    if world > 1:
-        torch.distributed.barrier()                 # every rank is done with the parts before they go
-    if parts is not None and rank == 0:
+    failure = None
+    try:
+        if args.dataset:
+            _main_dataset(args, runner, progress, t0, rank)
+        else:
+            if not args.input:
+                reqs = [Request(text=args.text[i] if args.text else None, wav=args.wav[i] if args.wav else None,
+                                id=str(i)) for i in range(len(args.text or args.wav))]
+            results = runner.run(reqs, batch_size=args.batch_size, task=args.task[0] if args.task else None)
+            if rank == 0:
+                _emit(args, results)
+                print(f"decode.py: {len(results)} inputs in {time.time() - t0:.1f} s", file=sys.stderr)
+    except Exception as e:                          # every rank hears of it (none waits), then it is raised
+        failure = e
+    failed = [f for f in everyone(failure and f"rank {rank}: {failure}", world) if f] if world > 1 else []
+    if failure is not None:
+        raise failure
+    if failed:
+        raise RuntimeError(f"another rank failed: {failed[0]}")
+    if parts is not None:                           # every rank is past its last write: the parts can go
         parts.remove()
 
 

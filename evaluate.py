@@ -357,7 +357,7 @@ def main(argv=None):
             result = tables(sentences, info["seen_from"] is not None)
             page = report.render(sentences, info, result, args.out, args.audio, args.title)
             files.write_atomic(args.out, page)
-        except (FileNotFoundError, ValueError) as e:
+        except (OSError, ValueError) as e:          # a wav --audio embed cannot read, too
             raise SystemExit(f"evaluate.py report: {e}")
         print(f"{args.out}: {len(sentences)} sentences, {len(page.encode()) / 1e6:.1f} MB; {args.task} F1 "
               f"{result['f1']:.2f}")

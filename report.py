@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import html
 import os
+import urllib.parse
 from pathlib import Path
 
 from breakdown import KINDS, SIDE_KINDS
@@ -47,10 +48,11 @@ td.pick{cursor:pointer;text-decoration:underline dotted}
 
 CATCH = "window.onerror=function(m){document.documentElement.setAttribute('data-script-error',String(m));};"
 
-SCRIPT = """
+SCRIPT = r"""
 (function(){
 var rows=[].slice.call(document.querySelectorAll('.s')),kind=document.getElementById('kind'),
-type=document.getElementById('type'),seen=document.getElementById('seen'),q=document.getElementById('q'),
+type=document.getElementById('type'),seen=document.getElementById('seen')||{value:'all',addEventListener:function(){}},
+q=document.getElementById('q'),
 shown=document.getElementById('shown'),player=document.getElementById('player'),stopAt=null;
 function apply(){var k=kind.value,t=type.value,v=seen.value,s=q.value.trim(),n=0;
  rows.forEach(function(r){var ok=r.getAttribute('data-m').split(' ').some(function(m){var p=m.split('.');
@@ -66,12 +68,14 @@ function play(src,t0,t1){if(!player)return;if(player.getAttribute('src')!==src)p
  if(player.readyState>0)go();else player.addEventListener('loadedmetadata',go,{once:true});}
 if(player)player.addEventListener('timeupdate',function(){if(stopAt!==null&&player.currentTime>=stopAt){
  player.pause();stopAt=null;}});
-document.addEventListener('click',function(ev){var b=ev.target.closest('.play,.e[data-t0]');if(!b)return;
+document.addEventListener('click',function(ev){var b=ev.target.closest('.play,[data-t0]');if(!b)return;
  var r=b.closest('.s');if(!r||!r.getAttribute('data-src'))return;
  if(b.classList.contains('play'))play(r.getAttribute('data-src'),0,null);
  else play(r.getAttribute('data-src'),parseFloat(b.getAttribute('data-t0')),parseFloat(b.getAttribute('data-t1')));});
-location.hash.replace(/^#/,'').split('&').forEach(function(kv){var p=kv.split('='),e=document.getElementById(p[0]);
- if(e&&p.length===2)e.value=decodeURIComponent(p[1]);});
+location.hash.replace(/^#/,'').split('&').forEach(function(kv){var at=kv.indexOf('=');if(at<0)return;
+ var e=document.getElementById(kv.slice(0,at)),v=kv.slice(at+1).replace(/\+/g,' ');
+ try{v=decodeURIComponent(v);}catch(err){}
+ if(e)e.value=v;});
 apply();
 window.addEventListener('load',function(){document.body.setAttribute('data-load-ms',
  String(Math.round(performance.now())));});
@@ -90,7 +94,7 @@ def _span_open(mark, side, times, confidence, first=True) -> str:
     if confidence is not None:
         title.append(f"confidence {confidence:.2f}")
     attrs = f' class="{"e" if first else "ec"} {e.type} {kind}" data-l="{html.escape(label)}"'
-    if times is not None and times[0] is not None and times[1] is not None:
+    if times is not None and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in times[:2]):
         attrs += f' data-t0="{times[0]:.3f}" data-t1="{times[1]:.3f}"'
         title.append(f"{times[0]:.2f}-{times[1]:.2f} s (click to play)")
     return f'<span{attrs} title="{html.escape(" · ".join(title))}">'
@@ -127,7 +131,7 @@ def entity_html(text: str, marks, side: str, times=None, confidences=None) -> st
     out.append("</span>" * len(stack))
     for i, m in enumerate(marks):
         if m.entity.start is None:
-            out.append(" " + _span_open(m, side, times[i], confidences[i]).replace('class="e ', 'class="e unplaced ')
+            out.append(" " + _span_open(m, side, times[i], confidences[i]).replace('" data-l=', ' unplaced" data-l=', 1)
                        + "(not placed in the text)</span>")
     return "".join(out)
 
@@ -137,7 +141,7 @@ def _audio_src(wav, out_dir: Path, mode: str) -> str | None:
         return None
     if mode == "embed":
         return "data:audio/wav;base64," + base64.b64encode(Path(wav).read_bytes()).decode("ascii")
-    return Path(os.path.relpath(Path(wav).resolve(), out_dir.resolve())).as_posix()
+    return urllib.parse.quote(Path(os.path.relpath(Path(wav).resolve(), out_dir.resolve())).as_posix())
 
 
 def sentence_html(s, out_dir: Path, audio: str) -> str:
@@ -148,7 +152,10 @@ def sentence_html(s, out_dir: Path, audio: str) -> str:
     if len(pred_times) != len(s.pred):
         pred_times, confidences = None, None
     src = _audio_src(r.get("wav") or s.sample.audio, out_dir, audio) if s.task != "TNER" else None
-    tokens = {f"{m.kind}.{m.entity.type}.{'seen' if m.seen else 'unseen'}" for m in s.gold + s.pred}
+    if not src:                                          # nothing to play: no time is offered
+        pred_times = None
+    tokens = {f"{m.kind}.{m.entity.type}.{'-' if m.seen is None else 'seen' if m.seen else 'unseen'}"
+              for m in s.gold + s.pred}
     head = f'<span class="id">{html.escape(s.sample.id)}</span>'
     if src:
         head += '<button class="play" title="play the utterance">&#9654;</button>'
@@ -156,7 +163,7 @@ def sentence_html(s, out_dir: Path, audio: str) -> str:
     return (f'<div class="s" data-m="{" ".join(sorted(tokens)) or "none"}"'
             + (f' data-src="{html.escape(src)}"' if src else "") + ">" + head
             + '<div class="line"><span class="side">gold</span>'
-            + entity_html(s.sample.text, s.gold, "gold", s.sample.times) + "</div>"
+            + entity_html(s.sample.text, s.gold, "gold", s.sample.times if src else None) + "</div>"
             + f'<div class="line"><span class="side">{said}</span>'
             + entity_html(s.text, s.pred, said, pred_times, confidences) + "</div></div>")
 
@@ -201,11 +208,13 @@ def render(sentences, info: dict, result: dict, out_path, audio: str = "link", t
     def options(values):
         return "".join(f'<option value="{v}">{html.escape(t)}</option>' for v, t in values)
 
-    bar = (f'<div id="bar">kind <select id="kind">{options([("all", "all"), ("error", "any error")] + [(k, KIND_TEXT[k]) for k in ("correct", *KINDS)])}</select>'
-           f'type <select id="type">{options([("all", "all")] + [(t, t) for t in TYPES])}</select>'
-           f'training <select id="seen">{options([("all", "all"), ("seen", "seen"), ("unseen", "unseen")])}</select>'
-           '<input id="q" type="search" placeholder="search text or id"> <span id="shown"></span>'
-           + ('<br><audio id="player" controls preload="none"></audio>' if speech and audio != "none" else "")
+    kinds = [("all", "all"), ("error", "any error")] + [(k, KIND_TEXT[k]) for k in ("correct", *KINDS)]
+    seen_filter = (f'training <select id="seen">{options([(v, v) for v in ("all", "seen", "unseen")])}</select>'
+                   if info.get("seen_from") else "")
+    bar = (f'<div id="bar">kind <select id="kind">{options(kinds)}</select>'
+           f'type <select id="type">{options([("all", "all")] + [(t, t) for t in TYPES])}</select>' + seen_filter
+           + '<input id="q" type="search" placeholder="search text or id"> <span id="shown"></span>'
+           + ('<br><audio id="player" controls></audio>' if speech and audio != "none" else "")
            + "</div>")
     legend = ("<p class='meta'>Entities: " + " ".join(f'<span class="key {t}">{t}</span>'
                                                        for t in TYPES)

@@ -154,11 +154,11 @@ def read_predictions(path, task: str) -> dict[str, dict]:
             raise DataError(f"{path}:{lineno}: a second {task} record for id {r['id']!r}")
         entities = r["entities"] if isinstance(r["entities"], list) else [None]
         for e in entities:
-            if not (isinstance(e, dict) and e.get("type") in TYPES and all(
-                    k in e and (e[k] is None or (isinstance(e[k], int) and not isinstance(e[k], bool)))
-                    for k in ("start", "end"))):
+            if not (isinstance(e, dict) and e.get("type") in TYPES and all(k in e for k in ("start", "end")) and (
+                    e["start"] is None is e["end"] or all(isinstance(e[k], int) and not isinstance(e[k], bool)
+                                                          for k in ("start", "end")) and 0 <= e["start"] <= e["end"])):
                 raise DataError(f"{path}:{lineno}: entity {json.dumps(e, ensure_ascii=False)[:60]} is not "
-                                "{type: PER|LOC|ORG, start, end: integers or null, ...}")
+                                "{type: PER|LOC|ORG, start, end: both null or integers 0 <= start <= end, ...}")
         records[r["id"]] = r
     if not records:
         raise DataError(f"{path}: no {task} records (tasks in the file: {dict(tasks) or 'none'})")

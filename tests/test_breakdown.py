@@ -59,6 +59,15 @@ def test_sner_predictions_are_placed_by_the_transcription():
     assert r["errors"]["gold"] == {"wrong_type": 1, "misheard": 1, "overlap": 2, "missed": 1}
 
 
+def test_sner_matches_an_entity_at_its_own_place_first():
+    """Equal SNER keys (type, text) match as many times as the scorer counts, the one at the same place first."""
+    gold = Sample("s", "张三见张三", [E(0, 2, "PER"), E(3, 5, "PER")])
+    s = breakdown.compare(gold, [E(3, 5, "PER")], "SNER", "张三见张三")
+    assert kinds(s.gold) == ["missed", "correct"] and kinds(s.pred) == ["correct"]
+    s = breakdown.compare(gold, [E(1, 3, "PER")], "SNER", "见张三")        # placed at 3-5: the second
+    assert kinds(s.gold) == ["missed", "correct"]
+
+
 def test_seen_and_nesting_classes():
     gold = Sample("s", "北京大学在北京", [E(0, 4, "ORG"), E(0, 2, "LOC"), E(5, 7, "LOC")])
     s = breakdown.compare(gold, [E(0, 4, "ORG"), E(5, 7, "LOC"), E(None, None, "PER")], "TNER",

@@ -177,6 +177,8 @@ def test_breakdown_of_a_predictions_file(tiny_split):
     ([record("D2", "李四在北京", [])], "is not the gold"),
     ([record("D2", "李四在上海", [], task="MNER")], "no TNER records"),
     ([{"id": "D2"}], "preds.jsonl:1: not a decode.py record"),
+    ([{"id": "D2", "task": "TNER", "entities": [{"type": "PER", "start": 0, "end": None}]}], "both null or integers"),
+    ([{"id": "D2", "task": "TNER", "entities": [{"type": "PER", "start": 3, "end": 1}]}], "0 <= start <= end"),
     ([record("D2", "李四在上海", [])] * 2, "a second TNER record"),
 ])
 def test_breakdown_errors_are_clear(tiny_split, capsys, lines, why):

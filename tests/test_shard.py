@@ -15,7 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
+import decode  # noqa: E402
 import files  # noqa: E402
+import recognize  # noqa: E402
 import shard  # noqa: E402
 from test_decode import FIXTURES, SENTENCES, tiny, tiny_ckpt  # noqa: E402,F401  (fixtures)
 
@@ -76,19 +80,57 @@ def test_run_sharded_two_ranks_give_what_one_gives(tmp_path):
 def test_parts_survive_a_torn_line_and_refuse_other_arguments(tmp_path):
     out = tmp_path / "p.jsonl"
     parts = shard.Parts(out, {"ckpt": "a"})
-    parts.append("TNER", [(0, {"x": 1}), (1, {"x": 2})])
-    with open(parts.dir / "TNER.rank0.jsonl", "a", encoding="utf-8") as f:
-        f.write('{"i": 2, "result": {"x"')                                 # killed in mid-write
-    assert parts.done("TNER") == {0: {"x": 1}, 1: {"x": 2}}
+    parts.append("TNER", [(0, {"x": "北京"}), (1, {"x": 2})])
+    path = parts.dir / "TNER.rank0.jsonl"
+    with open(path, "ab") as f:
+        f.write('{"i": 2, "result": {"x": "上'.encode("utf-8")[:-1])       # killed inside a character
+    assert parts.done("TNER") == {0: {"x": "北京"}, 1: {"x": 2}}
     parts.append("TNER", [(2, {"x": 3})])
-    assert parts.done("TNER") == {0: {"x": 1}, 1: {"x": 2}, 2: {"x": 3}} and parts.done("SNER") == {}
+    assert parts.done("TNER") == {0: {"x": "北京"}, 1: {"x": 2}, 2: {"x": 3}} and parts.done("SNER") == {}
+    assert path.read_text(encoding="utf-8", errors="replace").splitlines()[0] == '{"run": {"ckpt": "a"}}'
     assert shard.Parts(out, {"ckpt": "a"}).done("TNER")[2] == {"x": 3}     # the same arguments: resumes
     with pytest.raises(files.InputError, match=r"other arguments \(ckpt differ\)"):
         shard.Parts(out, {"ckpt": "b"})
+    other = shard.Parts.__new__(shard.Parts)                             # rank 1's files stay when rank 0 cleans
+    other.dir, other.rank, other.run = parts.dir, 1, {"ckpt": "a"}
+    other.append("TNER", [(3, {"x": 4})])
     parts.remove()
+    assert sorted(p.name for p in parts.dir.iterdir()) == ["TNER.rank1.jsonl"]
+    other.remove()
     assert not parts.dir.exists()
-    shard.Parts(out, {"ckpt": "a"})                                       # failed before any result: replaced
+    shard.Parts(out, {"ckpt": "a"})                                       # no result yet: started anew
     assert shard.Parts(out, {"ckpt": "b"}).done("TNER") == {}
+
+
+def test_a_failing_rank_stops_the_others_at_the_gather():
+    """One rank's error reaches every rank through the gather (none waits for a rank that is gone)."""
+    meet, shared, raised = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def gather(mine):
+            shared[r] = mine
+            meet.wait()
+            return list(shared)
+
+        def decode_batch(reqs, group):
+            if r == 1:
+                raise ValueError("bad wav")
+            return [{"ok": x} for x in reqs]
+        try:
+            shard.run_sharded(decode_batch, list("abcd"), ["T"] * 4, [1] * 4, [1] * 4, 1, None, "x", r, 2, gather)
+        except Exception as e:
+            raised[r] = e
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert isinstance(raised[1], ValueError)
+    assert isinstance(raised[0], RuntimeError) and "rank 1: bad wav" in str(raised[0])
+
+
+def test_plan_keeps_the_input_order_for_modelscope_padding():
+    assert shard.plan_batches(["A"] * 4, [1, 5, 3, 9], 2, keep_order=True) == [[0, 1], [2, 3]]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -139,15 +181,14 @@ def test_a_killed_run_resumes_and_skips_what_was_done(tiny_ckpt, tmp_path):
     part = Path(str(out) + ".parts") / "input.rank0.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if part.is_file() and part.read_text(encoding="utf-8").count("\n") >= 4:
+        if part.is_file() and part.read_bytes().count(b"\n") >= 5:           # its fingerprint and 4 results
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait()
     if proc.returncode == 0:
         pytest.skip("the run finished before it could be killed (machine too fast for this input)")
-    done = part.read_text(encoding="utf-8").count("\n")
-    assert not out.exists() and done >= 4
+    assert not out.exists() and part.read_bytes().count(b"\n") >= 5
     r = run(decode_cmd(tiny_ckpt, inp, out))
     assert r.returncode == 0, r.stderr
     skipped = int(r.stderr.split("rank 0: ")[1].split(" ")[0])
@@ -156,7 +197,20 @@ def test_a_killed_run_resumes_and_skips_what_was_done(tiny_ckpt, tmp_path):
     # other arguments: the parts of a killed run are not mixed in
     out.unlink()
     Path(str(out) + ".parts").mkdir()
-    (Path(str(out) + ".parts") / "run.json").write_text("{}", encoding="utf-8")
-    (Path(str(out) + ".parts") / "input.rank0.jsonl").write_text('{"i": 0, "result": {}}\n', encoding="utf-8")
+    (Path(str(out) + ".parts") / "input.rank0.jsonl").write_text('{"run": {"ckpt": "another.pt"}}\n'
+                                                                 '{"i": 0, "result": {}}\n', encoding="utf-8")
     r = run(decode_cmd(tiny_ckpt, inp, out))
     assert r.returncode != 0 and "other arguments" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_one_process_writes_what_recognizer_run_returns(tiny_ckpt, tmp_path):
+    """The batch plan is Recognizer.run's own: decode.py's output (through the shards and parts) equals one
+    Recognizer.run over the whole file, line for line."""
+    inp, out = mixed_input(tmp_path), tmp_path / "out.jsonl"
+    decode.main(["--ckpt", tiny_ckpt, "--input", str(inp), "--out", str(out), "--batch-size", "3", "--greedy",
+                 "--timestamps", "none", "--device", "cpu"])
+    rec = recognize.Recognizer(tiny_ckpt, decode.get_args(["--ckpt", tiny_ckpt, "--input", str(inp), "--greedy",
+                                                           "--timestamps", "none"]).options, device="cpu",
+                               dtype=torch.float32)
+    whole = rec.run(decode.read_jsonl_requests(str(inp)), batch_size=3)
+    assert out.read_text(encoding="utf-8") == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in whole)
