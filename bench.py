@@ -358,16 +358,20 @@ def bench_entities(report, args, model, assets, wavs, texts, device, dtype):
 def bench_shards(report, args):
     """decode.py on 1 process and on --shards-procs under torchrun (#21), whole commands, best of --repeat: the
     same output file each time (checked), so the ratio is the sharding's own gain."""
-    if not args.shards_ckpt or not os.path.isfile(args.shards_ckpt):
+    ckpt = os.path.abspath(args.shards_ckpt or "")       # the commands run in the repository's folder
+    if not args.shards_ckpt or not os.path.isfile(ckpt):
         report["shards"] = {"not measured": f"--shards-ckpt {args.shards_ckpt!r}: no such checkpoint (a trained "
                                              "one, e.g. runs/demo/best.pt from python train.py --dataset demo)"}
         return
     print("bench: decode.py on 1 and on several processes ...", flush=True)
     gpu = args.device.startswith("cuda")
     procs = args.shards_procs or (torch.cuda.device_count() if gpu else 2)
+    if procs < 2:
+        report["shards"] = {"not measured": f"{procs} process(es): nothing to compare one process with"}
+        return
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({} if gpu else {"OMP_NUM_THREADS": "1"})}
-    work = Path(tempfile.mkdtemp(prefix="shards_", dir=args.cache_dir))
-    d = {"ckpt": args.shards_ckpt, "dataset": args.shards_dataset, "split": args.shards_split, "processes": procs,
+    work = Path(tempfile.mkdtemp(prefix="shards_", dir=os.path.abspath(args.cache_dir)))
+    d = {"ckpt": ckpt, "dataset": args.shards_dataset, "split": args.shards_split, "processes": procs,
          "device": args.device, "batch": args.batch, "beam": args.beam}
     try:
         for task in ("SNER", "TNER"):
@@ -376,7 +380,7 @@ def bench_shards(report, args):
                 head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                         "--standalone", "--nproc_per_node", str(n)]
                 out = work / f"{task}_{n}.jsonl"
-                cmd = head + ["decode.py", "--ckpt", args.shards_ckpt, "--dataset", args.shards_dataset,
+                cmd = head + ["decode.py", "--ckpt", ckpt, "--dataset", args.shards_dataset,
                               "--split", args.shards_split, "--task", task, "--out", str(out), "--batch-size",
                               str(args.batch), "--beam", str(args.beam), "--timestamps", "none",
                               "--device", "cuda" if gpu else "cpu"] + ([] if gpu else ["--threads", "1"])

@@ -51,6 +51,12 @@ class Curves:
         self.writer.close()
 
 
+def finite_mean(values) -> float:
+    """The mean of the finite values (NaN when there is none)."""
+    kept = [x for x in values if math.isfinite(x)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 class Progress:
     """Progress bar (rank 0) with the mean loss, lr and samples/s over the last log_every steps."""
 
@@ -70,8 +76,8 @@ class Progress:
             dt = time.time() - self.t_window
             loss, rate = sum(self.losses) / len(self.losses), self.samples / max(dt, 1e-9)
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}")
-            if self.curves is not None:
-                self.curves.scalars(step, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate,
-                                           "train/grad_norm": sum(self.norms) / len(self.norms)})
+            if self.curves is not None:                   # a skipped step's NaN does not blank the window
+                self.curves.scalars(step, {"train/loss": finite_mean(self.losses), "train/lr": lr,
+                                           "train/samples_per_s": rate, "train/grad_norm": finite_mean(self.norms)})
             self.losses, self.norms, self.t_window, self.samples = [], [], time.time(), 0
         self.bar.update(1)
