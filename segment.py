@@ -191,7 +191,8 @@ def split_text(char_phones, heard, max_distance=0.5):
     character i (its first reading; [] for none); heard[k]: what the phone CTC head hears in piece k (greedy).
     One global alignment (edit distance) of everything heard, piece after piece, against the whole transcript's
     phones, both ends anchored: where the path crosses from one piece's phones to the next is their boundary in
-    the transcript, rounded to a character. Global, so one badly heard piece costs its own share only and the
+    the transcript, at the start of the character it falls in (a character without a reading stays with the piece
+    before: punctuation ends its sentence). Global, so one badly heard piece costs its own share only and the
     next pieces align again (piece by piece, a miss would carry on to the end). Memory: a row of the phones per
     piece (the crossing points), time: heard x transcript phones, a numpy row at a time.
     -> (bounds: K + 1 character offsets; each piece's edit distance over its heard phones (None: heard nothing);
@@ -218,9 +219,10 @@ def split_text(char_phones, heard, max_distance=0.5):
         ends.append(int(came_k[ends[-1]]))
     ends = ends[::-1]                                                    # (K,)
     bounds = [0]
-    for end in ends:
-        c = int(np.searchsorted(start_of, end, side="left"))             # the first character starting at or after
-        bounds.append(max(bounds[-1], min(c, len(char_phones))))
+    for end in ends:                   # the character whose phones hold the crossing starts the next piece: a
+        c = int(np.searchsorted(start_of, end, side="right")) - 1        # crossing inside it means the next piece
+        bounds.append(max(bounds[-1], min(c, len(char_phones))))         # heard its later phones (the final, the
+                                                                         # vowel), the first a soft onset lost
     bounds[-1] = len(char_phones)
     distances, before = [], 0.0
     for k, h in enumerate(heard):

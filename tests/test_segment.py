@@ -187,6 +187,10 @@ def test_a_transcript_is_shared_among_the_pieces_by_what_they_hear():
     assert segment.split_text(chars, [said(0, 10), [], said(10, 30)])[1] == [pytest.approx(0.0), None, 0.0]
     bounds, _, failures = segment.split_text([[1], [2], [3]], [[], [2, 3]])   # heard nothing, given "1": failed
     assert bounds == [0, 1, 3] and failures == [0]
+    onset = [said(0, 10), said(10, 22)[1:], said(22, 30)]             # the second piece's first initial not heard:
+    assert segment.split_text(chars, onset)[0] == [0, 10, 22, 30]    # its first character is still its own
+    marks = [[1, 2], [], [3, 4], [5, 6]]                              # a character without a reading (punctuation)
+    assert segment.split_text(marks, [[1, 2], [3, 4, 5, 6]])[0] == [0, 2, 4]    # stays with the piece before
 
 
 def test_a_badly_heard_piece_costs_its_own_share_only():
