@@ -155,3 +155,25 @@ def test_clicking_an_entity_plays_its_interval(corpus, tmp_path):
                           "--autoplay-policy=no-user-gesture-required", "--virtual-time-budget=5000", "--dump-dom",
                           probe.resolve().as_uri()], capture_output=True, text=True, timeout=120).stdout
     assert 'data-probe="../wav/D1.wav|0.50|false"' in dom
+
+
+def test_tner_report_without_training_split_or_audio(corpus):
+    """TNER: no audio, no play button, no times; an unplaced prediction is listed after its sentence; without a
+    training split there is no seen filter."""
+    records = [{"id": "D1", "task": "TNER", "input_text": DEV[0]["sentence"], "text": DEV[0]["sentence"],
+                "output": "", "entities": [{"type": "ORG", "start": 0, "end": 4}, {"type": "PER", "start": None,
+                                                                                  "end": None}]},
+               {"id": "D2", "task": "TNER", "input_text": "李四在上海", "text": "李四在上海", "output": "",
+                "entities": [{"type": "PER", "start": 0, "end": 2}]}]
+    write(corpus / "tner.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    out = corpus / "tner.html"
+    evaluate.main(["report", "--predictions", str(corpus / "tner.jsonl"), "--task", "TNER", "--dataset", "cnerta",
+                   "--data-dir", str(corpus), "--out", str(out)])
+    page = out.read_text(encoding="utf-8")
+    spans = Spans()
+    spans.feed(page)
+    assert len(spans.rows) == 2 and spans.sources == [None, None] and spans.timed == 0
+    assert len(spans.entities) == 6 + 3                          # D1 4 + D2 2 gold; 3 predicted
+    assert [(t, k) for t, k, u in spans.entities if u] == [("PER", "spurious")]
+    assert 'id="seen"' not in page and 'id="player"' not in page
+    assert "1 of the split without a prediction" in page          # D3
