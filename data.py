@@ -712,15 +712,17 @@ class Loader:
             out += [micro] if micro else []
         return out
 
-    def frames(self, item) -> int:
-        """fbank frames of a row (speech at its speed, with the longest noise margins it may get, or the pseudo
-        speech)."""
+    def frames(self, item, margins: bool = True) -> int:
+        """fbank frames of a row (speech at its speed, or the pseudo speech); margins: with the longest noise lead
+        and tail it may get (the frame budget's upper bound), else without (the length buckets of _make_plan, which
+        stay as they were without noise)."""
         i, task, speed = item
         if task not in ("SNER", "MNER"):
             return PSEUDO_FRAMES
-        noise = self.builder.noise                      # its lead and tail at their longest: a budget's upper bound
-        margins = 2 * round(noise.margin * audio.SAMPLE_RATE) if noise is not None and self.wav_samples[i] else 0
-        return audio.num_fbank_frames(audio.perturbed_length(self.wav_samples[i] + margins, speed))
+        noise = self.builder.noise
+        extra = 2 * round(noise.margin * audio.SAMPLE_RATE) if margins and noise is not None and self.wav_samples[i] \
+            else 0
+        return audio.num_fbank_frames(audio.perturbed_length(self.wav_samples[i] + extra, speed))
 
     def longest_frames(self) -> int:
         """fbank frames of the longest row this loader can deal (real speech at the slowest speed, or pseudo)."""
@@ -729,7 +731,8 @@ class Loader:
 
     def _length(self, item) -> float:
         i, task, _ = item
-        return self.frames(item) + (self.target_len[i] if task != NEITHER else self.featurizer.neither_len + 1)
+        return self.frames(item, margins=False) + (self.target_len[i] if task != NEITHER else
+                                                   self.featurizer.neither_len + 1)
 
     def _draw(self, rng) -> list[tuple[int, str, float]]:
         """Tasks of this epoch. uniform: among samples with audio a seeded permutation deals the tasks in turn

@@ -226,3 +226,19 @@ def test_batch_builder_adds_noise_to_speech_rows_only(tmp_path):
     gapped, noisy = both.sample(0, 0, "SNER")                          # gap first, then noise over it
     _, gapped_wave = augment.EntityGap(1.0, seed=2)(sample, "0:0")
     assert torch.equal(noisy, mix(gapped_wave, "0:0")) and len(gapped.text) < len(sample.text)
+
+
+def test_noise_margins_count_in_the_frame_budget_but_leave_the_batches(tmp_path):
+    """The frame budget (--max-frames) counts a noisy row's longest lead and tail; the length buckets of the
+    batch plan do not move (with margins counted there, speech rows would sort apart from text rows: other steps)."""
+    wavs = [speech_wav(tmp_path / f"{k}.wav", seconds=0.5 + 0.25 * k) for k in range(4)]
+    samples = [data.Sample(str(i), NESTED.text, NESTED.entities, wavs[i % 4]) for i in range(40)]
+    featurizer = data.Featurizer(weights.assets_for_scratch(samples))
+    loaders = [data.Loader(samples, featurizer, 8, train=True, seed=1, speeds=(1.0,),
+                           noise=augment.NoiseMix(1.0, margin=m)) for m in (0.0, 0.5)]
+    assert loaders[0].batch_plan() == loaders[1].batch_plan()
+    item = (0, "SNER", 1.0)
+    n = loaders[0].wav_samples[0]
+    assert loaders[0].frames(item) == audio.num_fbank_frames(n)
+    assert loaders[1].frames(item) == audio.num_fbank_frames(n + 16000)       # 0.5 s before and after
+    assert loaders[1].frames((0, "TNER", 1.0)) == data.PSEUDO_FRAMES
