@@ -353,14 +353,15 @@ class ShardedRecognizer:
         groups = [task or r.task() for r in requests]
         seconds = [request_seconds(r) for r in requests]
         speech = all(r.has_speech for r in requests)
-        costs = [sec if r.has_speech else len(r.text or "") / shard.CHARS_PER_SECOND for r, sec in zip(requests, seconds)]
+        costs = [sec if r.has_speech else len(r.text or "") / shard.CHARS_PER_SECOND
+                 for r, sec in zip(requests, seconds)]
         index = {id(r): i for i, r in enumerate(requests)}
         bar = None
 
         def start(todo):                                   # this rank's share, what is left of it
             nonlocal bar
-            bar = progress_bar(sum(seconds[i] for i in todo) if speech else len(todo), self.progress and self.rank == 0,
-                               speech)
+            bar = progress_bar(sum(seconds[i] for i in todo) if speech else len(todo),
+                               self.progress and self.rank == 0, speech)
 
         def decode_batch(reqs, group):
             out = self.rec.run(reqs, batch_size=batch_size, progress=False, task=group)
