@@ -224,7 +224,8 @@ def render(sentences, info: dict, result: dict, out_path, audio: str = "link", t
                                                                          if speech else "") + "</p>")
     body = "\n".join(sentence_html(s, out_dir, audio) for s in sentences)
     return ("<!DOCTYPE html><html lang='zh'><head><meta charset='utf-8'><title>" + html.escape(title)
-            + f"</title><script>{CATCH}</script><style>{CSS}</style></head><body><h1>{html.escape(title)}</h1><p class='meta'>{meta}</p>"
+            + f"</title><script>{CATCH}</script><style>{CSS}</style></head>"
+            + f"<body><h1>{html.escape(title)}</h1><p class='meta'>{meta}</p>"
             + tables_html(result) + legend + bar + f'<div id="rows">\n{body}\n</div>'
             + f"<script>{SCRIPT}</script></body></html>\n")
 

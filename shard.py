@@ -8,9 +8,9 @@ read at CHARS_PER_SECOND, largest first to the least loaded rank), decodes its o
 to its part file (Parts: OUT.parts/LABEL.rankR.jsonl, flushed and synced per batch) before the next. A rerun with the
 same arguments (each part file starts with the fingerprint of its run: input, checkpoint, options) skips every batch
 whose results are written, so a killed run loses at most the batch each rank had in flight. At the end the results
-travel to every rank (gather) and come back in input order; decode.py writes OUT and every rank removes its parts. Since the batches are the same whatever
-the number of processes, N processes write what one writes (same threads per process: matrix products split their
-sums by thread count).
+travel to every rank (gather) and come back in input order; decode.py writes OUT and every rank removes its parts.
+Since the batches are the same whatever the number of processes, N processes write what one writes (same threads
+per process: matrix products split their sums by thread count).
 """
 from __future__ import annotations
 
