@@ -45,6 +45,28 @@ def test_deal_is_balanced_and_deterministic():
         assert dealt == shard.deal(costs, world)
 
 
+def two_ranks(fn):
+    """fn(rank, gather) on two threads, their gather meeting at a barrier (torch.distributed's all_gather_object in
+    miniature) -> [what fn returned or raised, per rank]."""
+    meet, shared, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def gather(mine):
+            shared[r] = mine
+            meet.wait(timeout=30)
+            return list(shared)
+        try:
+            out[r] = fn(r, gather)
+        except Exception as e:
+            out[r] = e
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return out
+
+
 def test_run_sharded_two_ranks_give_what_one_gives(tmp_path):
     """Two ranks as two threads with a gather that meets at a barrier: each decodes its own batches once, and both
     end with every result in input order, the same as one rank."""
@@ -59,19 +81,8 @@ def test_run_sharded_two_ranks_give_what_one_gives(tmp_path):
             return [{"out": r.upper(), "group": group, "batch": len(reqs)} for r in reqs]
         return decode_batch
     one = shard.run_sharded(decoder("one"), requests, groups, lengths, lengths, 4, None, "x")
-    meet, shared, out = threading.Barrier(2), [None, None], [None, None]
-
-    def rank(r):
-        def gather(mine):
-            shared[r] = mine
-            meet.wait()
-            return list(shared)
-        out[r] = shard.run_sharded(decoder(r), requests, groups, lengths, lengths, 4, None, "x", r, 2, gather)
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    out = two_ranks(lambda r, gather: shard.run_sharded(decoder(r), requests, groups, lengths, lengths, 4, None, "x",
+                                                        r, 2, gather))
     assert out[0] == out[1] == one
     assert set(calls[0]).isdisjoint(calls[1]) and sorted(calls[0] + calls[1]) == sorted(calls["one"])
     assert calls[0] and calls[1]
@@ -104,27 +115,13 @@ def test_parts_survive_a_torn_line_and_refuse_other_arguments(tmp_path):
 
 def test_a_failing_rank_stops_the_others_at_the_gather():
     """One rank's error reaches every rank through the gather (none waits for a rank that is gone)."""
-    meet, shared, raised = threading.Barrier(2), [None, None], [None, None]
-
-    def rank(r):
-        def gather(mine):
-            shared[r] = mine
-            meet.wait()
-            return list(shared)
-
+    def rank(r, gather):
         def decode_batch(reqs, group):
             if r == 1:
                 raise ValueError("bad wav")
             return [{"ok": x} for x in reqs]
-        try:
-            shard.run_sharded(decode_batch, list("abcd"), ["T"] * 4, [1] * 4, [1] * 4, 1, None, "x", r, 2, gather)
-        except Exception as e:
-            raised[r] = e
-    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+        return shard.run_sharded(decode_batch, list("abcd"), ["T"] * 4, [1] * 4, [1] * 4, 1, None, "x", r, 2, gather)
+    raised = two_ranks(rank)
     assert isinstance(raised[1], ValueError)
     assert isinstance(raised[0], RuntimeError) and "rank 1: bad wav" in str(raised[0])
 
