@@ -302,8 +302,8 @@ class Recognizer:
             spans, complete, output = spans_from_constrained(hyp.tokens, char_ids, self.open_ids, self.close_ids, text)
             if not complete:                                     # cannot happen unless the search was cut short
                 spans, output, warn = [], text, warn + ["constrained search did not finish; no entities"]
-            log_conf = entity_log_confidence(hyp.tokens, hyp.positional_scores, self.open_ids, self.close_ids,
-                                             lambda tok: 1, char_ids, self.options.entity_bias)
+            log_conf = entity_log_confidence(hyp.tokens, hyp.unbiased_scores(), self.open_ids, self.close_ids,
+                                             lambda tok: 1, char_ids)
             confidences = [log_conf.get(span) for span in spans]
         else:
             output = self.vocab.decode(hyp.tokens, unk="\ufffd")
@@ -311,7 +311,7 @@ class Recognizer:
             spans = [(e.start, e.end, e.type) for e in ents]
             # SNER's joint CTC scores of characters are no probabilities: its brackets only (_finish_confidence
             # adds how surely the head hears the entity there)
-            log_conf = entity_log_confidence(hyp.tokens, hyp.positional_scores, self.open_ids, self.close_ids,
+            log_conf = entity_log_confidence(hyp.tokens, hyp.unbiased_scores(), self.open_ids, self.close_ids,
                                              lambda tok: len(self.vocab.decode([tok], unk="\ufffd")),
                                              inside=task != "SNER")
             confidences = [log_conf.get(span) for span in spans]           # keyed in the output's own offsets

@@ -162,6 +162,14 @@ class Hypothesis:
     score: float            # length-normalised log-probability (fairseq convention, EOS counted)
     positional_scores: list  # per-token log-probabilities, the last one is EOS's
     finished: bool = True   # False only when the search was cut at max_len without any EOS (never in fairseq)
+    positional_gains: list | None = None   # per token, what the biases added to its score (--entity-bias, the
+    #                                        entity list); None: no bias was on. Confidences take them off.
+
+    def unbiased_scores(self) -> list:
+        """positional_scores without what the biases added: the model's own log-probabilities."""
+        if self.positional_gains is None:
+            return self.positional_scores
+        return [lp - g for lp, g in zip(self.positional_scores, self.positional_gains)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,7 +200,9 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         vocab_limit when given / cache.reorder(index).
     constraint: optional per-row token filter (BracketConstraint): start(); mask(step, row_max_lens, vocab,
         device) -> (N, V) bool of allowed tokens on device, applied before log_softmax; rescore(logits) -> logits;
-        bias(lprobs) -> lprobs after log_softmax; reorder(rows); advance(new_tokens).
+        bias(lprobs) -> lprobs after log_softmax (biases() -> whether it adds anything); reorder(rows);
+        advance(new_tokens). What bias and boost add to the chosen tokens is kept apart (Hypothesis.positional_gains),
+        so that confidences can take it off.
     scorer: optional joint scorer (CTCPrefixScorer): start(); score(lprobs) -> (N, V) scores that replace the
         log-probs after every mask; select(rows, new_tokens).
     boost: optional per-row bonus (entitylist.SpellingBoost): start(); bias(lprobs) -> lprobs, added after the
@@ -225,6 +235,8 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
     tokens = torch.full((batch, longest + 2), cfg.pad, dtype=torch.long, device=dev)   # (N, longest+2)
     tokens[:, 0] = cfg.bos
     scores = torch.zeros(batch, longest + 1, device=dev)          # (N, longest+1) cumulative log-probs
+    biased = boost is not None or (constraint is not None and getattr(constraint, "biases", lambda: False)())
+    gains = torch.zeros(batch, longest + 1, device=dev) if biased else None   # (N, longest+1) cumulative biases
     ignore = torch.zeros(batch, beam, dtype=torch.bool, device=dev)   # fairseq cands_to_ignore
     finalized = [[] for _ in range(batch)]
 
@@ -240,6 +252,7 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
             allowed = constraint.mask(step, row_max.tolist(), vocab, dev)
             logits = constraint.rescore(logits).masked_fill(~allowed, -math.inf)
         lprobs = F.log_softmax(logits, dim=-1)                    # (N, V)
+        raw = lprobs.clone() if biased else None                  # what the model says, before any bias
         if constraint is not None:
             lprobs = constraint.bias(lprobs)
         if step < cfg.min_len:
@@ -255,6 +268,7 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
             _block_repeated_ngrams(lprobs, tokens, step, cfg.no_repeat_ngram_size)
         if boost is not None:
             lprobs = boost.bias(lprobs)
+        gained = (lprobs - raw).nan_to_num(0.0, 0.0, 0.0) if biased else None   # (N, V); -inf rows are never taken
         if scorer is not None:
             lprobs = scorer.score(lprobs)
 
@@ -271,8 +285,12 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         # finalize: EOS among the top `beam` candidates, with a finite score
         is_eos = (cand_tokens == cfg.eos) & (cand_scores != -math.inf)   # (A, k)
         is_eos[:, :beam] &= ~ignore
+        cand_gains = None
+        if biased:                                                # (A, k) cumulative gains of the candidates
+            flat = gained.view(n_live, width * vocab).gather(1, cand_flat)
+            cand_gains = flat if step == 0 else flat + gains[:, step - 1].gather(0, cand_rows.flatten()).view_as(flat)
         done_now = _finalize(is_eos[:, :beam], cand_rows, cand_scores, tokens, scores, step, live, finalized,
-                             max_lens, cfg)
+                             max_lens, cfg, gains, cand_gains)
         at_end = max_lens[live] <= step                            # (A,) host
         for a in (at_end & ~done_now).nonzero().flatten().tolist():   # no finite EOS at max_len: keep the best
             sent = int(live[a])
@@ -295,6 +313,9 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         tokens[:, step + 1] = cand_tokens.index_select(0, kept).gather(1, picked).flatten()
         scores = scores[rows]
         scores[:, step] = cand_scores.index_select(0, kept).gather(1, picked).flatten()
+        if biased:
+            gains = gains[rows]
+            gains[:, step] = cand_gains.index_select(0, kept).gather(1, picked).flatten()
         live = live[keep]
         width = beam
         cache.reorder(rows)
@@ -313,8 +334,10 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
     return finalized
 
 
-def _finalize(eos_top, cand_rows, cand_scores, tokens, scores, step, live, finalized, max_lens, cfg):
-    """Store the hypotheses ending with EOS among the top `beam` candidates. -> (A,) bool: sentence done."""
+def _finalize(eos_top, cand_rows, cand_scores, tokens, scores, step, live, finalized, max_lens, cfg, gains=None,
+              cand_gains=None):
+    """Store the hypotheses ending with EOS among the top `beam` candidates. -> (A,) bool: sentence done.
+    gains, cand_gains: the cumulative biases of the rows and of the candidates (None: no bias on)."""
     beam = cfg.beam
     done = torch.zeros(eos_top.size(0), dtype=torch.bool)
     hits = eos_top.nonzero()                                      # (h, 2) [live sentence, candidate], row-major
@@ -325,13 +348,19 @@ def _finalize(eos_top, cand_rows, cand_scores, tokens, scores, step, live, final
     eos_scores = cand_scores[a_idx, j_idx]                        # (h,) cumulative, float32 as fairseq
     positional = torch.cat([scores[rows, :step], eos_scores[:, None]], dim=1)   # (h, step+1) cumulative
     positional[:, 1:] = positional[:, 1:] - positional[:, :-1]
+    gained = [None] * len(rows)
+    if gains is not None:
+        gained = torch.cat([gains[rows, :step], cand_gains[a_idx, j_idx][:, None]], dim=1)
+        gained[:, 1:] = gained[:, 1:] - gained[:, :-1]
+        gained = gained.tolist()
     normalised = eos_scores / (step + 1) ** cfg.len_penalty
     hyp_tokens = tokens[rows, 1: step + 1].tolist()
     positional, normalised, live = positional.tolist(), normalised.tolist(), live.tolist()
     for i, (a, j) in enumerate(hits.tolist()):
         sent = live[a]
         if len(finalized[sent]) < beam:
-            finalized[sent].append(Hypothesis(hyp_tokens[i], normalised[i], positional[i]))
+            finalized[sent].append(Hypothesis(hyp_tokens[i], normalised[i], positional[i],
+                                              positional_gains=gained[i]))
         if len(finalized[sent]) == beam or step >= int(max_lens[sent]):
             done[a] = True
     return done
@@ -484,6 +513,10 @@ class BracketConstraint:
         logits[rows, chars] = mass[rows]
         return logits
 
+    def biases(self) -> bool:
+        """Whether bias() adds anything (entity_bias, or a list with a weight)."""
+        return bool(self.entity_bias) or bool(self.list_weight and any(self.listed))
+
     def bias(self, lprobs):
         """(N, V) log-probs -> (N, V) with entity_bias added to the opening brackets and the entity list's gains
         and take-backs (class docstring) to the brackets of the rows that have them."""
@@ -561,13 +594,12 @@ def platt(log_conf, a, b) -> float:
     return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
 
 
-def entity_log_confidence(tokens, positional_scores, open_ids, close_ids, width, char_ids=None, entity_bias=0.0,
-                          inside=True):
+def entity_log_confidence(tokens, positional_scores, open_ids, close_ids, width, char_ids=None, inside=True):
     """How sure the search was of each entity of one hypothesis: the log-probability of writing it as it stands,
     its opening bracket there, each token inside it that is not a bracket (SNER: the entity's characters;
     constrained: going on without a bracket at that character), and its closing bracket there, each against every
-    other token at that step (the search's per-token log-probs; constrained: renormalised over what the brackets
-    allow, the opening bias taken off; inside=False: the brackets only). -> {(start, end, type): log-confidence
+    other token at that step (the model's per-token log-probs, Hypothesis.unbiased_scores: no --entity-bias, no list
+    bonus; constrained: renormalised over what the brackets allow; inside=False: the brackets only). -> {(start, end, type): log-confidence
     <= 0} in the hypothesis's character offsets. width(token): characters a non-bracket token writes; char_ids
     (constrained): the input's ids, a token equal to the next one being that character first (a literal bracket in
     the text), as spans_from_constrained replays it. Brackets pair as data.parse pairs them: a close with the
@@ -579,7 +611,7 @@ def entity_log_confidence(tokens, positional_scores, open_ids, close_ids, width,
         if char_ids is not None and pos < len(char_ids) and tok == char_ids[pos]:
             pos, inside_sum = pos + 1, inside_sum + lp
         elif tok in open_type:
-            stack.append((open_type[tok], pos, lp - entity_bias, inside_sum))
+            stack.append((open_type[tok], pos, lp, inside_sum))
         elif tok in close_type:
             depth = next((d for d in range(len(stack) - 1, -1, -1) if stack[d][0] == close_type[tok]), None)
             if depth is not None:

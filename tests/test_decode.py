@@ -1334,7 +1334,7 @@ def test_entity_confidence_is_a_probability_ordered_as_the_scores(tiny):
 def test_entity_log_confidence_pairs_brackets_as_the_parser():
     """log P(open) + log P(each non-bracket token inside) + log P(close) of each entity from the per-token scores
     (inside=False: the brackets only): nested entities, a close that skips an open of another type (as data.parse
-    pairs it), an entity written twice keeps its best, the opening bias is taken off; constrained, a token equal to
+    pairs it), an entity written twice keeps its best; constrained, a token equal to
     the next input character is that character (a literal bracket)."""
     o, c = {"PER": 90, "LOC": 91, "ORG": 92}, {"PER": 93, "LOC": 94, "ORG": 95}
     # <(A)B>[[C]] : tokens 10, 11, 12 are characters; C is written as a PER twice
@@ -1344,8 +1344,6 @@ def test_entity_log_confidence_pairs_brackets_as_the_parser():
     assert found == pytest.approx({(0, 2, "ORG"): -0.5, (0, 1, "LOC"): -0.5, (2, 3, "PER"): -0.3})
     crossing = search.entity_log_confidence([90, 10, 91, 11, 93, 94], [-1, 0, -2, 0, -3, -4], o, c, lambda t: 1)
     assert crossing == {(0, 2, "PER"): -4, (1, 2, "LOC"): -6}
-    biased = search.entity_log_confidence([90, 10, 93], [0.5, 0.0, -0.2], o, c, lambda t: 1, entity_bias=1.0)
-    assert biased == pytest.approx({(0, 1, "PER"): -0.7})
     # the input "x(y" constrained: the literal '(' (id 91) at position 1 is a character, then PER around y
     literal = search.entity_log_confidence([10, 91, 90, 11, 93], [0.0, -0.1, -0.2, 0.0, -0.3], o, c, lambda t: 1,
                                            char_ids=[10, 91, 11])

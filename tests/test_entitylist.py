@@ -105,6 +105,12 @@ def test_beam_search_with_the_boost_equals_the_slow_search_and_keeps_each_inputs
         changed |= [s[0] for s in slow] != [s[0] for s in plain]
         if listed is None:                                    # no list: exactly the plain search
             assert [h.tokens for h in hyps[i]] == [s[0] for s in plain]
+        for h in hyps[i]:                                     # what the list added to each token, kept apart
+            seq = h.tokens + [EOS]
+            added = [slow_gain(seq[:k + 1], listed, 2.0) - slow_gain(seq[:k], listed, 2.0) if listed else 0.0
+                     for k in range(len(seq))]
+            assert h.positional_gains == pytest.approx(added, abs=1e-5)
+            assert h.unbiased_scores() == pytest.approx([lp - g for lp, g in zip(h.positional_scores, added)])
     assert changed                                            # the lists did change some results
 
 
@@ -154,6 +160,9 @@ def test_the_bracket_bonus_gains_at_the_opening_and_keeps_it_only_at_an_occurren
                                                                        listed=listed, list_weight=3.0), max_lens=[12])
     assert plain[0][0].tokens == [4, 5, 6]
     assert with_list[0][0].tokens == [TOY_OPEN["LOC"], 4, 5, TOY_CLOSE["LOC"], 6]
+    # the gain kept apart from the model's scores (confidences take it off): +6 at the opening, nothing else
+    assert plain[0][0].positional_gains is None
+    assert with_list[0][0].positional_gains == pytest.approx([6.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     c = search.BracketConstraint([[4, 5, 6]], TOY_OPEN, TOY_CLOSE, listed=listed, list_weight=3.0)
     c.start()
     assert c.bias(torch.zeros(1, 14))[0, TOY_OPEN["LOC"]].item() == pytest.approx(6.0)
@@ -219,6 +228,25 @@ def test_per_input_lists_of_a_batch_do_not_leak_into_each_other(tiny):
     assert other["output"] == alone["output"] and other["entities"] == alone["entities"]
     with pytest.raises(files.InputError, match="entities must be a list"):   # a bare string: not 5 one-char names
         rec.run([recognize.Request(text=text, entities=f"{chars[1]}{chars[2]} ORG")])
+
+
+def test_listed_entities_keep_their_confidence(tiny):
+    """TNER with --entity-bias and a list of the entities the model finds anyway: the same entities, with the
+    same confidences as without the list (the gains and the bias are taken off; with them every listed entity
+    read as sure, log-probability + weight x its length > 0)."""
+    texts = ["张伟在北京大学读书", "北京市气象台发布暴雨预警"]
+    plain = recognize.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0).run(
+        [recognize.Request(text=t, id=str(i)) for i, t in enumerate(texts)])
+    found = [f"{e['text']} {e['type']}" for r in plain for e in r["entities"]]
+    assert found
+    listed = recognize.Recognizer(tiny, device="cpu", beam=2, entity_bias=6.0, entity_weight=2.0).run(
+        [recognize.Request(text=t, id=str(i), entities=found) for i, t in enumerate(texts)])
+    for a, b in zip(plain, listed):
+        assert [(e["start"], e["end"], e["type"]) for e in a["entities"]] == [
+            (e["start"], e["end"], e["type"]) for e in b["entities"]]
+        assert [e["confidence"] for e in b["entities"]] == pytest.approx([e["confidence"] for e in a["entities"]],
+                                                                          abs=2e-4)
+    assert any(e["confidence"] < 0.99 for r in listed for e in r["entities"])
 
 
 def slow_bracket_gain(tokens, listed, weight):
