@@ -380,7 +380,8 @@ def bench_shards(report, args):
                 head = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                         "--standalone", "--nproc_per_node", str(n)]
                 out = work / f"{task}_{n}.jsonl"
-                cmd = head + ["decode.py", "--ckpt", ckpt, "--dataset", args.shards_dataset,
+                where = ["--data-dir", os.path.abspath(args.shards_data_dir)] if args.shards_data_dir else []
+                cmd = head + ["decode.py", "--ckpt", ckpt, "--dataset", args.shards_dataset, *where,
                               "--split", args.shards_split, "--task", task, "--out", str(out), "--batch-size",
                               str(args.batch), "--beam", str(args.beam), "--timestamps", "none",
                               "--device", "cuda" if gpu else "cpu"] + ([] if gpu else ["--threads", "1"])
@@ -622,6 +623,7 @@ def get_args(argv=None):
     a("--shards-procs", type=int, default=0, help="shards section: processes against 1 (default 2 on a CPU, every "
       "GPU with --device cuda)")
     a("--shards-dataset", default="demo", help="shards section: corpus (default demo)")
+    a("--shards-data-dir", default=None, help="shards section: the corpus folder (default: the demo's own)")
     a("--shards-split", default="test", help="shards section: split (default test)")
     a("--long-warmup", choices=("longest", "none"), default="longest", help="long section: decode the longest "
       "recording once, untimed, before the measured ones (default: time and memory in the steady state of a "

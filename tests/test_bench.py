@@ -1,5 +1,6 @@
 """bench.py: the memory probe, the --memory table, the ASR batch, the reference-side scripts (compiled, not run:
 they need the reference venv) and one quick run of our side (no reference venv needed)."""
+import dataclasses
 import importlib.util
 import inspect
 import json
@@ -21,6 +22,8 @@ import measure  # noqa: E402
 import recognize  # noqa: E402
 import search  # noqa: E402
 import text  # noqa: E402
+import weights  # noqa: E402
+from test_decode import SENTENCES, gold_samples  # noqa: E402
 
 
 def test_peak_memory_sees_a_large_allocation():
@@ -181,3 +184,31 @@ def test_entities_section_times_a_list_that_changes_no_output(tmp_path):
         assert e[task]["none_s"] > 0 and e[task]["list_s"] > 0
     assert report["entity_list_cost"] == max(e["SNER"]["added"], e["MNER"]["added"])
     assert not list(tmp_path.glob("entities_*"))
+
+
+def test_shards_section_times_one_and_two_processes(tmp_path):
+    """The shards section on a 4-utterance corpus: decode.py as 1 process and under torchrun with 2, SNER and
+    TNER, the same output both ways."""
+    corpus = tmp_path / "corpus"
+    (corpus / "wav").mkdir(parents=True)
+    lines = []
+    for s in gold_samples():
+        (corpus / "wav" / f"{s.id}.wav").write_bytes(Path(s.audio).read_bytes())
+        lines.append({"sentence": s.text, "audio": s.id,
+                      "entity": [[e.start, e.end, s.text[e.start:e.end], e.type] for e in s.entities]})
+    (corpus / "test.json").write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines),
+                                      encoding="utf-8")
+    ckpt, assets = tmp_path / "tiny.pt", weights.assets_for_scratch(gold_samples())
+    assets["decoding"]["max_len_b"] = 24
+    torch.manual_seed(0)
+    model = image.IMAGE(image.Config.tiny(vocab_size=len(assets["vocab"]), dropout=0.0)).eval()
+    torch.save({"format": "image-checkpoint", "version": 1, "config": dataclasses.asdict(model.config),
+                "model": model.state_dict(), "assets": assets, "source": {"kind": "test"}}, ckpt)
+    report = bench.main(["--skip-reference", "--sections", "shards", "--shards-ckpt", str(ckpt), "--shards-dataset",
+                         "cnerta", "--shards-data-dir", str(corpus), "--shards-split", "test", "--repeat", "1",
+                         "--batch", "2", "--beam", "2", "--cache-dir", str(tmp_path / "cache")])
+    d = report["shards"]
+    assert d["processes"] == 2 and len(SENTENCES) == 4
+    for task in ("SNER", "TNER"):
+        assert d[task][1]["sentences"] == d[task][2]["sentences"] == 4 and d[task]["same_output"]
+        assert d[task]["speedup"] > 0
