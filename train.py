@@ -69,7 +69,7 @@ OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAG
 DEMO = dict(preset="tiny", model="subsample_channels=16", tasks="TNER,SNER,SNER,MNER", dropout=0.0, lr=2e-3,
             epochs=14, batch_size=16, warmup=200, schedule="linear", ctc_weight=0.5, speeds="1.0", beam=5,
             eval_every="0", eval_limit=100, eval_test=True, max_minutes=13.0, dtype="fp32", entity_gap=0.2,
-            noise=0.5, noise_margin=0.5)
+            noise=0.5)
 RECIPES = {"paper": PAPER, "official": OFFICIAL, "demo": DEMO}
 
 
@@ -111,7 +111,8 @@ class TrainConfig:
     noise_snr_db: tuple = setting((0.0, 30.0), type=augment.snr_range, help="SNR range of --noise in dB, LOW,HIGH "
         "(finite, LOW <= HIGH; default 0,30; a negative LOW as --noise-snr-db=-5,20)")
     noise_margin: float = setting(0.0, type=float, help="noisy rows also get a lead and a tail of noise alone, each "
-        "0 to this many seconds, like the pieces of a long recording (0 = none; demo 0.5; at most 10)")
+        "0 to this many seconds, like the pieces of a long recording (0 = none, also in the demo recipe; at most 10; "
+        "0.5 closes the demo's long-recording gap but cost it clean-speech F1, README)")
     feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
         "runs; auto = $XDG_CACHE_HOME/image/fbank (~/.cache/image/fbank) on a GPU (features are not recomputed "
         "every epoch), none on a CPU; 'none' = off")

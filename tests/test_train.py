@@ -113,7 +113,7 @@ def test_presets_and_explicit_flags():
     demo = train.get_args(["--dataset", "demo"])
     assert (demo.preset, demo.lr, demo.eval_test, demo.dtype) == ("tiny", train.DEMO["lr"], True, "fp32")
     assert demo.model == {"subsample_channels": 16} and paper_model_is_plain()
-    assert (demo.noise, demo.noise_snr_db, demo.noise_margin) == (0.5, (0.0, 30.0), 0.5)
+    assert (demo.noise, demo.noise_snr_db, demo.noise_margin) == (0.5, (0.0, 30.0), 0.0)
     assert train.get_args(["--dataset", "demo", "--noise-snr-db=-5,20"]).noise_snr_db == (-5.0, 20.0)
     wide = train.get_args(["--dataset", "demo", "--model", "d_model=96"])   # an explicit --model replaces the demo's
     assert wide.model == {"d_model": 96}
