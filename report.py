@@ -64,6 +64,7 @@ function apply(){var k=kind.value,t=type.value,v=seen.value,s=q.value.trim(),n=0
 document.querySelectorAll('td.pick').forEach(function(c){c.addEventListener('click',function(){
  kind.value=c.getAttribute('data-kind');apply();});});
 function play(src,t0,t1){if(!player)return;if(player.getAttribute('src')!==src)player.src=src;
+ player.setAttribute('data-interval',(t0||0)+'-'+(t1===null?'':t1));
  var go=function(){player.currentTime=t0||0;stopAt=t1;player.play();};
  if(player.readyState>0)go();else player.addEventListener('loadedmetadata',go,{once:true});}
 if(player)player.addEventListener('timeupdate',function(){if(stopAt!==null&&player.currentTime>=stopAt){
