@@ -10,6 +10,7 @@ breakdown (P/R/F1 by type, nesting, seen/unseen, kind of error), a gazetteer bas
     python evaluate.py pieces --data-dir LONG --vad silero                                        # the cut alone
     python evaluate.py entities --dataset cnerta --data-dir D --split train --out train_entities.txt  # a list
     python evaluate.py report --predictions p.jsonl --task SNER --dataset demo --split test --out report.html
+    python evaluate.py choose w0=dev_w0.jsonl w1=dev_w1.jsonl --dataset cnerta --data-dir D   # a setting, 2-fold
 
 The scorers themselves (ours and the official one, CER; decode.py --eval uses them) are in scoring.py; the error
 taxonomy (what went wrong per sentence, the breakdown tables) in breakdown.py; the HTML page in report.py; entity
@@ -33,7 +34,7 @@ import scoring
 from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_official, load_split, nest, parse,
                   parse_official, read_lines)
 from breakdown import Sentence, breakdown, compare, format_breakdown, tables
-from scoring import read_predictions
+from scoring import prf, read_predictions
 from search import PIECE_RULES, VADS, DecodeOptions
 from text import BRACKET_CHARS, TYPES
 
@@ -142,6 +143,26 @@ def breakdown_file(predictions, dataset, data_dir, split, task="TNER", train_dat
         tables(sentences, info["seen_from"] is not None)
 
 
+def choose_two_fold(runs: dict, dataset, data_dir, split, task="TNER") -> dict:
+    """A decoding setting chosen without looking at what it is scored on: runs = {setting: predictions file} of
+    one split; the split's sentences (those every run has) in two halves by position (even, odd); the setting best
+    on one half (our F1) is scored on the other, both ways, and the two held-out halves pooled.
+    -> {"settings": {name: {"f1", "half_f1": [even, odd]}}, "chosen": [on even, on odd], "held_out": P/R/F1}."""
+    if len(runs) < 2:
+        raise ValueError("choose needs two or more NAME=FILE settings to choose from")
+    found = {name: {s.sample.id: s for s in compare_file(path, dataset, data_dir, split, task)[0]}
+             for name, path in runs.items()}
+    ids = [i for i in next(iter(found.values())) if all(i in f for f in found.values())]
+    halves = [ids[0::2], ids[1::2]]
+    score = {name: [tables([f[i] for i in half]) for half in (ids, *halves)] for name, f in found.items()}
+    chosen = [max(runs, key=lambda name: score[name][1 + h]["f1"]) for h in (0, 1)]
+    held = [score[chosen[h]][2 - h] for h in (0, 1)]     # chosen on even -> scored on odd, and back
+    tp, pred, gold = (sum(x[k] for x in held) for k in ("tp", "pred", "gold"))
+    return {"task": task, "sentences": len(ids), "chosen": chosen, "held_out": prf(tp, pred, gold),
+            "settings": {name: {"f1": sc[0]["f1"], "p": sc[0]["p"], "r": sc[0]["r"],
+                                "half_f1": [sc[1]["f1"], sc[2]["f1"]]} for name, sc in score.items()}}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 2. A corpus split at a glance (python evaluate.py stats)
 
@@ -244,6 +265,15 @@ def main(argv=None):
     rp.add_argument("--audio", choices=report.AUDIO_MODES, default="link", help="speech tasks: link each "
                     "utterance's wav (default), embed it in the page (large), or none")
     rp.add_argument("--title", default=None, help="page title (default: task, corpus, split, predictions file)")
+    ch = sub.add_parser("choose", help="choose a decoding setting 2-fold: predictions of one split decoded with "
+                                       "each setting, the best on one half of the sentences scored on the other, "
+                                       "both ways (a held-out F1 for a setting tried on the split itself)")
+    ch.add_argument("runs", nargs="+", metavar="NAME=FILE", help="a setting's name and its decode.py predictions, "
+                    "e.g. w0=dev_w0.jsonl w1=dev_w1.jsonl")
+    ch.add_argument("--task", default="TNER", choices=("TNER", "SNER", "MNER"), help="whose records (default TNER)")
+    ch.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format of the gold split")
+    ch.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
+    ch.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
     st = sub.add_parser("stats", help="print one JSON object describing a corpus split: sentences, entities per "
                                       "type, nesting depth, crossing spans, linearization round trip, audio found")
     def add_corpus_args(q):  # stats and entities: one split of one corpus
@@ -345,6 +375,17 @@ def main(argv=None):
                 result = diagnose.calibration(args.task, pairs, args.temperature)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate.py {args.command}: {e}")
+        print(json.dumps(result, ensure_ascii=False, indent=1))
+        return
+    if args.command == "choose":
+        bad = [r for r in args.runs if "=" not in r or not r.split("=", 1)[0] or not r.split("=", 1)[1]]
+        if bad:
+            p.error(f"choose: {bad[0]!r} is not NAME=FILE")
+        try:
+            result = choose_two_fold(dict(r.split("=", 1) for r in args.runs), args.dataset, args.data_dir,
+                                     args.split, args.task)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"evaluate.py choose: {e}")
         print(json.dumps(result, ensure_ascii=False, indent=1))
         return
     if args.command in ("breakdown", "report") and args.train_dir is not None and args.train_dataset is None:

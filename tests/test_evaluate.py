@@ -456,3 +456,24 @@ def test_the_entity_list_of_a_split_is_what_decode_reads(tmp_path, capsys):
     assert "4 entries" in capsys.readouterr().out
     assert [(e.text, e.type) for e in entitylist.read_entity_list(tmp_path / "l.txt")] == [
         ("北京", "LOC"), ("北京", "ORG"), ("张三", "PER"), ("北京大学", "ORG")]
+
+
+def test_choose_scores_a_setting_on_the_half_it_was_not_chosen_on(tiny_split):
+    """Two settings over the 3-sentence split (halves: D1 D3 | D2). 'right' finds every gold entity, 'empty'
+    none: 'right' is chosen both ways and scores 100 held out. 'even' is right on D1 and D3 only, 'odd' on D2 only:
+    each wins the half it is right on, and is then scored on the other, where it finds nothing: 0 held out."""
+    d, golds = tiny_split, {x["audio"]: x for x in DEV_LINES}
+
+    def run(name, right_on):
+        lines = [record(i, golds[i]["sentence"], [(s, e, t) for s, e, _, t in golds[i]["entity"]] if i in right_on
+                        else []) for i in ("D1", "D2", "D3")]
+        write(d / f"{name}.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+        return f"{name}={d / f'{name}.jsonl'}"
+    args = ["--dataset", "cnerta", "--data-dir", str(d)]
+    r = json.loads(run_main(["choose", run("right", {"D1", "D2", "D3"}), run("empty", set()), *args]))
+    assert r["chosen"] == ["right", "right"] and r["held_out"]["f1"] == 100.0 and r["sentences"] == 3
+    assert r["settings"]["empty"]["half_f1"] == [0.0, 0.0]
+    r = json.loads(run_main(["choose", run("even", {"D1", "D3"}), run("odd", {"D2"}), *args]))
+    assert r["chosen"] == ["even", "odd"] and r["held_out"]["tp"] == 0 and r["held_out"]["gold"] == 7
+    with pytest.raises(SystemExit):
+        evaluate.main(["choose", "only=x.jsonl", *args])
