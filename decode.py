@@ -61,16 +61,16 @@ def evaluate_split(model, samples, featurizer=None, tasks=("TNER", "SNER", "MNER
         recognizer = Recognizer((model, assets), options, device=device, dtype=next(model.parameters()).dtype,
                                 featurizer=featurizer)
     phones_of = recognizer.featurizer.phonemizer.pronounce
-    scores = {}
-    for task in tasks:
+    decoded = {}                            # every task decoded before any is scored: under torchrun the ranks
+    for task in tasks:                      # meet at each task's gather, rank 0 alone scores
         golds = [s for s in samples if task == "TNER" or s.audio is not None]
         reqs = [Request(text=s.text if task != "SNER" else None, wav=s.audio if task != "TNER" else None,
                         id=s.id) for s in golds]
-        results = recognizer.run(reqs, batch_size=batch_size, progress=progress, task=task)
+        decoded[task] = golds, recognizer.run(reqs, batch_size=batch_size, progress=progress, task=task)
         if predictions is not None:
-            predictions[task] = results
-        if not score:
-            continue
+            predictions[task] = decoded[task][1]
+    scores = {}
+    for task, (golds, results) in decoded.items() if score else ():
         sc = scoring.score_predictions(task, golds, results, phones_of)
         main = sc[evaluator]
         scores[task] = {"p": main["p"], "r": main["r"], "f1": main["f1"], **sc}
@@ -439,7 +439,7 @@ def _main(args):
             split=args.split,
             limit=args.limit, task=args.task, batch_size=args.batch_size, dtype=args.dtype, device=rec.device.type,
             options=dataclasses.asdict(args.options)), rank)
-        except files.InputError as e:
+        except (files.InputError, OSError) as e:
             refused = str(e)
     if world > 1:                                   # a rank that refuses stops them all, none waits for it
         refused = next((r for r in everyone(refused, world) if r), None)

@@ -219,18 +219,20 @@ def split_text(char_phones, heard, max_distance=0.5):
         ends.append(int(came_k[ends[-1]]))
     ends = ends[::-1]                                                    # (K,)
     bounds = [0]
-    for end in ends:                   # the character whose phones hold the crossing starts the next piece: a
-        c = int(np.searchsorted(start_of, end, side="right")) - 1        # crossing inside it means the next piece
-        bounds.append(max(bounds[-1], min(c, len(char_phones))))         # heard its later phones (the final, the
-                                                                         # vowel), the first a soft onset lost
+    # the character whose phones hold the crossing starts the next piece: a crossing inside it means the next
+    # piece heard its later phones (the final, the vowel), the first one a soft onset lost; a crossing at 0 is 0
+    for end in ends:
+        c = int(np.searchsorted(start_of, end, side="right")) - 1 if end else 0
+        bounds.append(max(bounds[-1], min(c, len(char_phones))))
     bounds[-1] = len(char_phones)
     distances, before = [], 0.0
     for k, h in enumerate(heard):
         at = snaps[k][1][ends[k]]
         distances.append(None if not h else float(at - before) / len(h))
         before = at
-    failures = [k for k, dist in enumerate(distances) if (dist is None and bounds[k + 1] > bounds[k])
-                or (dist is not None and dist > max_distance)]        # heard nothing, yet given characters: failed
+    # failed: heard far from its share, or heard nothing yet given characters that are said (not mere punctuation)
+    failures = [k for k, dist in enumerate(distances) if (dist is not None and dist > max_distance) or (
+        dist is None and any(char_phones[i] for i in range(bounds[k], bounds[k + 1])))]
     return bounds, distances, failures
 
 

@@ -171,7 +171,9 @@ def run_sharded(decode_batch, requests, groups, lengths, costs, batch_size, part
         world > 1 else [(None, results)]
     if failure is not None:
         raise failure
-    failed = [f for f, _ in gathered if f]
+    # a peer that failed after its own last gather (rank 0 writing the output) sends its failure instead
+    failed = [g[0] if isinstance(g, tuple) else f"a rank failed: {g}" for g in gathered
+              if not isinstance(g, tuple) or g[0]]
     if failed:
         raise RuntimeError(f"another rank failed: {failed[0]}")
     everything = {}

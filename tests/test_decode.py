@@ -510,6 +510,11 @@ def test_entity_bias_moves_the_bracket_or_character_decision_by_exactly_its_size
     assert above.tokens[0] == TOY_OPEN["PER"]
     # pooled log_softmax as above, plus the bias: values of size |log 0.175|
     assert excess(above.positional_scores[0], math.log(0.3) + margin + 0.01, fp32_tol(math.log(0.7 / 4), 14)) <= 1
+    # the bias is kept apart: gained at every opening bracket, nothing elsewhere, and off the model's own scores
+    opens = [t in TOY_OPEN.values() for t in above.tokens + [EOS]]
+    assert above.positional_gains == pytest.approx([margin + 0.01 if o else 0.0 for o in opens], abs=1e-6)
+    assert excess(above.unbiased_scores()[0], math.log(0.3), fp32_tol(math.log(0.7 / 4), 14)) <= 1
+    assert first_steps(0.0).positional_gains is None                   # no bias: nothing kept
     # token scoring tags with no bias (see above); a negative bias as large as the margin removes it
     by_token = search.BracketConstraint([text], TOY_OPEN, TOY_CLOSE, pool_chars=False, entity_bias=-5.0)
     assert beam_search(model, enc, cfg, by_token, max_lens=[9])[0][0].tokens == text

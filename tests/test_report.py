@@ -145,7 +145,7 @@ document.querySelector('[data-t0]').click();document.body.setAttribute('data-pro
 
 @pytest.mark.skipif(browser() is None, reason="no headless Chromium here (setup.sh --test installs Debian's "
                                               "chromium as root or through sudo)")
-def test_clicking_an_entity_plays_its_interval(corpus, tmp_path):
+def test_clicking_an_entity_asks_the_player_for_its_interval(corpus, tmp_path):
     """The first timed entity (D1's 张山, 0.5-0.9 s): a click gives the shared player D1's wav and asks it for
     0.5-0.9 s (a script added to the page clicks and writes the player's source and interval into the DOM; the
     browser's own seeking and playing is not part of the test: headless Chromium plays no audio reliably)."""

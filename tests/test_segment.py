@@ -191,6 +191,8 @@ def test_a_transcript_is_shared_among_the_pieces_by_what_they_hear():
     assert segment.split_text(chars, onset)[0] == [0, 10, 22, 30]    # its first character is still its own
     marks = [[1, 2], [], [3, 4], [5, 6]]                              # a character without a reading (punctuation)
     assert segment.split_text(marks, [[1, 2], [3, 4, 5, 6]])[0] == [0, 2, 4]    # stays with the piece before
+    quote = [[], [1, 2], [3, 4]]                                      # an opening quote; the first piece hears nothing
+    assert segment.split_text(quote, [[], [1, 2, 3, 4]])[::2] == ([0, 0, 3], [])   # not a failure
 
 
 def test_a_badly_heard_piece_costs_its_own_share_only():

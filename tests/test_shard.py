@@ -47,7 +47,7 @@ def test_deal_is_balanced_and_deterministic():
 
 def two_ranks(fn):
     """fn(rank, gather) on two threads, their gather meeting at a barrier (torch.distributed's all_gather_object in
-    miniature) -> [what fn returned or raised, per rank]."""
+    miniature, for one gather per rank: a second would reuse the shared slots) -> [what fn returned or raised]."""
     meet, shared, out = threading.Barrier(2), [None, None], [None, None]
 
     def rank(r):
@@ -211,3 +211,11 @@ def test_one_process_writes_what_recognizer_run_returns(tiny_ckpt, tmp_path):
                                dtype=torch.float32)
     whole = rec.run(decode.read_jsonl_requests(str(inp)), batch_size=3)
     assert out.read_text(encoding="utf-8") == "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in whole)
+
+
+def test_a_peer_failure_after_its_last_gather_arrives_as_a_plain_message():
+    """decode.py's last gather carries a rank's failure alone (rank 0 failing while writing); a rank still in a
+    task's gather meets it there and stops with it instead of unpacking it."""
+    with pytest.raises(RuntimeError, match="a rank failed: rank 0: disk full"):
+        shard.run_sharded(lambda reqs, g: [{} for _ in reqs], ["a", "b"], ["T", "T"], [1, 1], [1, 1], 1, None, "x",
+                          1, 2, lambda mine: ["rank 0: disk full", mine])
