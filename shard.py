@@ -75,16 +75,27 @@ class Parts:
 
     def __init__(self, out, run: dict, rank: int = 0):
         self.dir, self.rank, self.run = Path(str(out) + ".parts"), rank, run
+        self.headed = set()                      # labels whose file of this rank starts with this run's fingerprint
         if rank == 0:
             files.check_output_dir(self.dir, "parts folder")
         for path in sorted(self.dir.glob("*.rank*.jsonl")):
-            lines = self._lines(path)
-            if len(lines) > 1 and lines[0] != {"run": run}:
-                before = (lines[0] or {}).get("run") or {} if isinstance(lines[0], dict) else {}
+            head, has_results = self._head(path)
+            if has_results and head != {"run": run}:
+                before = (head or {}).get("run") or {} if isinstance(head, dict) else {}
                 changed = sorted(k for k in set(run) | set(before) if before.get(k) != run.get(k))
                 raise files.InputError(f"{path}: results of a run with other arguments ({', '.join(changed)} "
                                        "differ): rerun with the same arguments to finish it, or remove "
                                        f"{self.dir}")
+
+    @staticmethod
+    def _head(path) -> tuple:
+        """(the parsed first line of a part file or None, whether a line follows it): read, not the whole file."""
+        with open(path, "rb") as f:
+            first, second = f.readline(), f.readline()
+        try:
+            return json.loads(first.decode("utf-8")), bool(second.strip())
+        except ValueError:
+            return None, bool(second.strip())
 
     @staticmethod
     def _lines(path) -> list:
@@ -113,11 +124,11 @@ class Parts:
         """One batch's [(input index, result)], written in one go, flushed and synced before the next batch."""
         self.dir.mkdir(parents=True, exist_ok=True)     # another machine's rank without a shared file system
         path = self.dir / f"{label}.rank{self.rank}.jsonl"
-        lines = [{"i": i, "result": r} for i, r in indexed_results]
-        if not path.is_file() or not self._lines(path) or self._lines(path)[0] != {"run": self.run}:
-            lines, mode = [{"run": self.run}] + lines, "wb"      # a new file (or one with no result: anew)
-        else:
-            mode = "a+b"
+        lines, mode = [{"i": i, "result": r} for i, r in indexed_results], "a+b"
+        if label not in self.headed:           # once per label: a file of this run's, or one started anew
+            if not (path.is_file() and self._head(path)[0] == {"run": self.run}):
+                lines, mode = [{"run": self.run}] + lines, "wb"  # (__init__ refused one with other results)
+            self.headed.add(label)
         text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode("utf-8")
         with open(path, mode) as f:
             f.seek(0, os.SEEK_END)

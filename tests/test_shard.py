@@ -102,8 +102,7 @@ def test_parts_survive_a_torn_line_and_refuse_other_arguments(tmp_path):
     assert shard.Parts(out, {"ckpt": "a"}).done("TNER")[2] == {"x": 3}     # the same arguments: resumes
     with pytest.raises(files.InputError, match=r"other arguments \(ckpt differ\)"):
         shard.Parts(out, {"ckpt": "b"})
-    other = shard.Parts.__new__(shard.Parts)                             # rank 1's files stay when rank 0 cleans
-    other.dir, other.rank, other.run = parts.dir, 1, {"ckpt": "a"}
+    other = shard.Parts(out, {"ckpt": "a"}, rank=1)                       # rank 1's files stay when rank 0 cleans
     other.append("TNER", [(3, {"x": 4})])
     parts.remove()
     assert sorted(p.name for p in parts.dir.iterdir()) == ["TNER.rank1.jsonl"]
