@@ -364,7 +364,7 @@ class ShardedRecognizer:
                                self.progress and self.rank == 0, speech)
 
         def decode_batch(reqs, group):
-            out = self.rec.run(reqs, batch_size=batch_size, progress=False, task=group)
+            out = self.rec.run_checked(reqs, batch_size=batch_size, progress=False, task=group)
             bar.update(sum(seconds[index[id(r)]] for r in reqs) if speech else len(reqs))
             return out
         try:

@@ -409,7 +409,11 @@ class Recognizer:
         """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER.
         A recording longer than max_piece_seconds is cut into pieces at pauses (segment.py), its pieces decoded in
         the batches with everything else, and their results stitched into one (with "pieces")."""
-        requests = self.check(requests, task)                   # entities parsed: the caller's list stays
+        return self.run_checked(self.check(requests, task), batch_size, progress, task)
+
+    def run_checked(self, requests, batch_size=8, progress=False, task=None):
+        """run() of requests that check() returned (decode.ShardedRecognizer checks all once, then runs them a
+        batch at a time: their own lists' tries, built by check, are kept for the whole run)."""
         items, plans, shares = [], {}, {}                       # items: (request index, request or piece, task)
         for i, req in enumerate(requests):
             t = task or req.task()
