@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import files
-from text import BRACKET_CHARS, TYPES
+from text import BRACKET_CHARS, MAX_DEPTH, TYPES
 
 
 @dataclass(frozen=True)
@@ -156,15 +156,21 @@ class SpellingBoost:
         """The state after token `tok` and the bonus it earns (negative: taken back)."""
         if tok in self.open_of:
             typ = self.open_of[tok]
-            return stack + ((typ, 0 if self.tries[sent] and self.tries[sent][typ] is not None else -1, 0.0),), 0.0
+            if len(stack) >= MAX_DEPTH:                  # nested deeper than any search writes: nothing earns
+                return tuple((t, -1, 0.0) for t, _, _ in stack) + ((typ, -1, 0.0),), -sum(g for _, _, g in stack)
+            listed = self.tries[sent] and self.tries[sent][typ] is not None
+            twin = any(t == typ and node == 0 for t, node, _ in stack)   # same type opened at this place
+            return stack + ((typ, 0 if listed and not twin else -1, 0.0),), 0.0
         if tok in self.close_of or tok == self.eos:
             if not stack:
                 return stack, 0.0
             if tok == self.eos:
                 return (), -sum(g for _, _, g in stack)
             typ, node, gained = stack[-1]
+            if tok != self.close_ids[typ]:               # a mismatched close: the output is malformed, nothing earns
+                return tuple((t, -1, 0.0) for t, _, _ in stack[:-1]), -sum(g for _, _, g in stack)
             trie = self.tries[sent][typ] if self.tries[sent] else None
-            done = tok == self.close_ids[typ] and node >= 0 and trie is not None and trie.complete[node]
+            done = node >= 0 and trie is not None and trie.complete[node]
             return stack[:-1], 0.0 if done else -gained
         new, bonus = [], 0.0
         for typ, node, gained in stack:
@@ -191,8 +197,8 @@ class SpellingBoost:
             if total:                                        # any other character breaks every alive bracket
                 flat_rows.append(r)
                 flat_values.append(-total)
-            special = {tok: total for tok in self.open_ids}        # opening a bracket: neutral (EOS: -total)
-            for tok in self.close_ids:
+            special = {}                                     # brackets: what _walk says (EOS: -total)
+            for tok in self.open_ids + self.close_ids:
                 special[tok] = total + self._walk(sent, stack, tok)[1]
             for typ, node, g in alive:                       # characters that go on spelling a listed string
                 for tok in self.tries[sent][typ].children[node]:

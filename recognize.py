@@ -185,12 +185,12 @@ class Recognizer:
                 if not self.brackets_known:
                     raise ValueError("the vocabulary has no bracket tokens [ ] ( ) < >: use --no-constrain")
                 char_ids = [self.vocab.encode(r.text) for r in reqs]
-                listed = [entitylist.occurrences(r.text, entries) if self.options.entity_weight else None
+                listed = [entitylist.occurrences(r.text, entries) if self.options.list_weight(task) else None
                           for r, entries in zip(reqs, lists)]
                 constraint = BracketConstraint(char_ids, self.open_ids, self.close_ids,
                                                pool_chars=self.options.pool_chars,
                                                entity_bias=self.options.entity_bias, listed=listed,
-                                               list_weight=self.options.entity_weight)
+                                               list_weight=self.options.list_weight(task))
                 max_lens = [min(self.capacity, max(self.options.max_len, 2 * len(ids))) for ids in char_ids]
             pieces = [r.span is not None for r in reqs]       # pieces always get times: stitching needs them
             timed = task in ("SNER", "MNER") and not self.options.asr and (self.options.timestamps != "none"
@@ -200,9 +200,9 @@ class Recognizer:
                 ctc = self.model.speech_phone_log_probs(enc, max(r["fbank"].size(0) for r in rows))   # (B, T', C)
             scorer = self._ctc_scorer(*ctc) if task == "SNER" and self.options.ctc_weight > 0 else None
             boost = None
-            if task == "SNER" and not self.options.asr and any(lists) and self.options.entity_weight:
+            if task == "SNER" and not self.options.asr and any(lists) and self.options.list_weight(task):
                 boost = entitylist.SpellingBoost([self._sner_tries(r) for r in reqs], self.open_ids,
-                                                 self.close_ids, self.options.entity_weight, self.options.eos)
+                                                 self.close_ids, self.options.list_weight(task), self.options.eos)
             hyps = beam_search(self.model, enc, self.options, constraint=constraint, max_lens=max_lens,
                                scorer=scorer, boost=boost)
         results = [self._result(req, task, h, warn, constrained) for req, h, warn in zip(reqs, hyps, warns)]
@@ -401,7 +401,7 @@ class Recognizer:
                     raise files.InputError(f"input {req.id or i}: entities must be a list of 'STRING' or "
                                            "'STRING TYPE' strings")
                 req = requests[i] = dataclasses.replace(req, entities=self._own_entries(req))
-            if t == "SNER" and not self.options.asr and self.options.entity_weight:
+            if t == "SNER" and not self.options.asr and self.options.list_weight(t):
                 self._sner_tries(req)                           # a list the decoder cannot spell: refused now
         return requests
 

@@ -34,6 +34,8 @@ TYPE_OF_OPEN = {b[0]: t for t, b in BRACKETS.items()}
 TYPE_OF_CLOSE = {b[1]: t for t, b in BRACKETS.items()}
 BRACKET_CHARS = "".join(BRACKETS.values())  # "[]()<>"
 TO_FULLWIDTH = str.maketrans(BRACKET_CHARS, "［］（）＜＞")  # literal brackets in a sentence
+MAX_DEPTH = 4  # deepest entity nesting a search writes (CNERTA needs 3): the constraint allows no deeper, a list
+#              bonus never pays for deeper
 
 
 def read_phone_dict(path=ASSETS / "phone_dict.txt", expected_size: int | None = None) -> list[str]:

@@ -1,6 +1,7 @@
 """Tests for entitylist.py and the list bonus in the search: the SNER trie bonus against a slow reference computed
 from the output string alone, beam search with the bonus against the slow beam search of test_decode.py, lists of
 a batch kept apart, a listed string the model does not hear left out, the TNER/MNER bracket bonus, list files."""
+import math
 import random
 import sys
 from pathlib import Path
@@ -16,9 +17,9 @@ import files  # noqa: E402
 import recognize  # noqa: E402
 import search  # noqa: E402
 from search import DecodeOptions, beam_search  # noqa: E402
-from test_decode import TOY_CLOSE, TOY_OPEN, FixedLogits, ToyEncoded, random_toy, slow_search  # noqa: E402
+from test_decode import TOY_CLOSE, TOY_OPEN, TOY_READINGS, FixedLogits, ToyEncoded, random_toy, slow_search  # noqa: E402
 from test_decode import tiny  # noqa: E402,F401  (the fixture)
-from text import EOS, TYPES  # noqa: E402
+from text import EOS, MAX_DEPTH, TYPES  # noqa: E402
 
 CHARS = [4, 5, 6, 7]
 OPEN_TYPE = {v: t for t, v in TOY_OPEN.items()}
@@ -38,24 +39,36 @@ def tries_of(listed):
 def slow_gain(seq, listed, weight):
     """The bonus a token sequence holds, from its string alone: every bracket closed with its own type around a
     listed string of that type: weight x its length; every bracket still open whose content so far begins a listed
-    string of its type: weight x the content's length; nothing for the rest, nor for what is open at EOS."""
+    string of its type: weight x the content's length; nothing for the rest, nor for what is open at EOS. A bracket
+    earns nothing when a bracket of its type was already open at its place (a twin), nor when, while it is open,
+    a bracket opens deeper than MAX_DEPTH or a close does not match the innermost open bracket (malformed)."""
     def strings(t):
         return [s for typ, ss in listed.items() if typ in (t, None) for s in ss]
-    stack, total = [], 0.0                                   # stack: [type, content]
+    stack, total, pos = [], 0.0, 0                           # stack: [type, content, start, spoiled]
     for tok in seq:
         if tok == EOS:
             return total
         if tok in OPEN_TYPE:
-            stack.append([OPEN_TYPE[tok], []])
+            t = OPEN_TYPE[tok]
+            if len(stack) >= MAX_DEPTH:
+                for frame in stack:
+                    frame[3] = True
+            twin = any(f[0] == t and f[2] == pos and not f[3] for f in stack)
+            stack.append([t, [], pos, len(stack) >= MAX_DEPTH or twin])
         elif tok in CLOSE_TYPE:
             if stack:
-                t, content = stack.pop()
-                if CLOSE_TYPE[tok] == t and content in strings(t):
+                t, content, _, spoiled = stack.pop()
+                if CLOSE_TYPE[tok] != t:
+                    for frame in stack:
+                        frame[3] = True
+                elif not spoiled and content in strings(t):
                     total += weight * len(content)
         else:
+            pos += 1
             for frame in stack:
                 frame[1].append(tok)
-    return total + sum(weight * len(c) for t, c in stack if any(s[:len(c)] == c for s in strings(t)))
+    return total + sum(weight * len(c) for t, c, _, spoiled in stack
+                       if not spoiled and any(s[:len(c)] == c for s in strings(t)))
 
 
 LISTED = {"PER": [[4, 5], [4, 5, 6]], "LOC": [[6, 7, 7]], None: [[7, 4]]}
@@ -83,10 +96,11 @@ def test_the_trie_bonus_equals_the_slow_reference_for_every_next_token():
                 boost.select([0], [seq[k]])
 
 
-def test_beam_search_with_the_boost_equals_the_slow_search_and_keeps_each_inputs_list():
+@pytest.mark.parametrize("seed", [6, 10])                   # toys whose results the lists change
+def test_beam_search_with_the_boost_equals_the_slow_search_and_keeps_each_inputs_list(seed):
     """A batch of toy inputs, each with its own list (one with none): beam search with the boost returns what the
     slow beam search returns with the slow reference's gains added to each input's log-probabilities."""
-    toy, enc = random_toy(7, batch=3)
+    toy, enc = random_toy(seed, batch=3)
     lists = [LISTED, {"ORG": [[5, 5, 4]], "PER": [[6]]}, None]
     cfg = DecodeOptions(beam=3, max_len=10, no_repeat_ngram_size=0, constraint_range=None)
     boost = entitylist.SpellingBoost([tries_of(x) if x else None for x in lists], TOY_OPEN, TOY_CLOSE, 2.0, EOS)
@@ -143,6 +157,53 @@ def test_a_listed_string_the_model_does_not_hear_is_not_forced_into_the_output()
         best = beam_search(Scripted(None), ToyEncoded(torch.zeros(1, 1, 14)), cfg, boost=boost)[0][0].tokens
         assert best == ([TOY_OPEN["PER"], 6, 7, TOY_CLOSE["PER"]] if listed_wins else
                         [TOY_OPEN["PER"], 4, 5, TOY_CLOSE["PER"]])
+
+
+def test_a_list_cannot_crowd_the_heard_character_out_of_the_ctc_preselection():
+    """Joint CTC with one candidate a step: after '[' the decoder prefers 5 (log-prob -0.5) to 4 (-1.0) and the
+    audio clearly says CTC class 2 (character 5). A list holding 4 4 makes 4 the best biased character; the
+    model's own best is a candidate too, the CTC scores 5, and the search keeps the heard [5 5]. With only the
+    biased best scored (the bonus alone choosing the candidates), 5 would never be written."""
+    class Scripted(FixedLogits):
+        def decode_step(self, tokens, cache, vocab_limit=None):
+            history = cache.history = torch.cat([cache.history, tokens[:, None]], 1)
+            rows = []
+            for h in history.tolist():
+                x, said = torch.full((14,), -30.0), h[1:]
+                if not said:
+                    x[TOY_OPEN["PER"]] = 0.0
+                elif len(said) < 3:
+                    x[4], x[5] = -1.0, -0.5
+                elif len(said) == 3:
+                    x[TOY_CLOSE["PER"]] = 0.0
+                else:
+                    x[EOS] = 0.0
+                rows.append(x)
+            return torch.stack(rows)
+
+    logp = torch.full((1, 6, 3), 1e-4).log()                 # frames: blank, 2, blank, 2, blank, blank
+    for t in range(6):
+        logp[0, t, 2 if t in (1, 3) else 0] = math.log(0.99)
+    logp = logp.log_softmax(-1)
+    silent = list(TOY_OPEN.values()) + list(TOY_CLOSE.values())
+    cfg = DecodeOptions(beam=2, max_len=6, no_repeat_ngram_size=0, constraint_range=None)
+    tries = [tries_of({"PER": [[4, 4]]})]
+    scorer = search.CTCPrefixScorer(logp, torch.tensor([6]), lambda tok: TOY_READINGS.get(tok, []), silent, 1.0, 1)
+    boost = entitylist.SpellingBoost(tries, TOY_OPEN, TOY_CLOSE, 3.0, EOS)
+    best = beam_search(Scripted(None), ToyEncoded(torch.zeros(1, 1, 14)), cfg, scorer=scorer, boost=boost)[0][0]
+    assert best.tokens == [TOY_OPEN["PER"], 5, 5, TOY_CLOSE["PER"]]
+
+    scorer.start()                                           # the pre-selection itself, one row after '['
+    lprobs = torch.full((1, 14), -30.0)
+    lprobs[0, 4], lprobs[0, 5] = -1.0, -0.5
+    gained = torch.zeros(1, 14)
+    gained[0, 4] = 3.0                                       # 4 begins a listed string
+    biased = lprobs + gained
+    only_biased = scorer.score(biased.clone())
+    dropped = -1e30                                          # characters the CTC does not score: dropped
+    assert only_biased[0, 4] > dropped and only_biased[0, 5] < dropped
+    both = scorer.score(biased.clone(), gained)
+    assert both[0, 5] > both[0, 4] > dropped                 # 5 is scored, and the audio prefers it
 
 
 def test_the_bracket_bonus_gains_at_the_opening_and_keeps_it_only_at_an_occurrences_end():
