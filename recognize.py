@@ -344,18 +344,22 @@ class Recognizer:
     def heard_phones(self, wavs, batch_size=8):
         """What the phone CTC head hears in each wav (SNER rows; greedy: best class per frame, repeats merged,
         blanks dropped) as CTC classes: the check of the head that entity times rely on (evaluate_split)."""
-        return self._heard([Request(wav=w) for w in wavs], batch_size)
+        return self._heard([Request(wav=w) for w in wavs], batch_size)[0]
 
     def _heard(self, reqs, batch_size=8):
-        heard = []
+        """What the phone CTC head hears in each piece: -> (greedy phone strings, per piece the log-probs of its
+        first and last segment.EDGE_FRAMES frames, or None)."""
+        heard, edges = [], []
         for k in range(0, len(reqs), batch_size):
             rows = [self._row(dataclasses.replace(r, text=None), "SNER")[0] for r in reqs[k: k + batch_size]]
             with torch.no_grad():
                 logp, frames = self.model.speech_phone_log_probs(self._encode(rows),
                                                                  max(r["fbank"].size(0) for r in rows))
-            for best, n in zip(logp.argmax(-1).tolist(), frames.tolist()):
+            for row, best, n in zip(logp, logp.argmax(-1).tolist(), frames.tolist()):
                 heard.append([c for i, c in enumerate(best[:n]) if c != align.BLANK and (i == 0 or best[i - 1] != c)])
-        return heard
+                w = min(segment.EDGE_FRAMES, n)                 # (W, C) each end, float16: ~12 KB a piece
+                edges.append((row[:w].half().cpu().numpy(), row[n - w:n].half().cpu().numpy()) if n >= 2 else None)
+        return heard, edges
 
     def _finish_confidence(self, results, task):
         """confidence = exp(log-confidence / T), Platt-scaled with confidence_platt (6 decimals; None without
@@ -467,15 +471,16 @@ class Recognizer:
             self._vad = segment.detector(self.options.vad)
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
         return segment.plan_pieces(probs, seconds, longest, min_pause_s=self.options.min_pause_seconds,
-                                   pack=self.options.pieces == "packed")
+                                   pad_s=self.options.piece_pad_seconds, pack=self.options.pieces == "packed")
 
     def _share_text(self, req, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
         what the phone CTC head hears in each piece against the transcript's phones."""
-        heard = self._heard(parts, batch_size)
+        heard, edges = self._heard(parts, batch_size)
         classes = self.model.config.phone_dict_size - 3
         char_phones = [(self._readings(c, classes) or [[]])[0] for c in req.text]
         bounds, distances, failures = segment.split_text(char_phones, heard)
+        bounds = segment.refine_bounds(bounds, char_phones, edges)
         shared = [dataclasses.replace(p, text=req.text[a:b]) for p, a, b in zip(parts, bounds, bounds[1:])]
         return shared, {"text": req.text, "bounds": bounds, "failures": failures}
 

@@ -87,6 +87,7 @@ class DecodeOptions:
     pieces: str = "pauses"                      # pauses: a piece per stretch of speech; packed: stretches packed
                                                 # into pieces up to max_piece_seconds (segment.plan_pieces)
     min_pause_seconds: float = 0.2              # silence that separates two stretches of speech
+    piece_pad_seconds: float = 0.2              # pause a piece keeps before and after its speech (at most half of it)
     modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)
 
     def list_weight(self, task) -> float:
@@ -161,6 +162,8 @@ class DecodeOptions:
             raise files.InputError(f"{name('pieces')} must be one of {', '.join(PIECE_RULES)}, got {self.pieces!r}")
         if not 0 < self.min_pause_seconds <= 5:
             raise files.InputError(f"{name('min_pause_seconds')} must be in (0, 5], got {self.min_pause_seconds}")
+        if not 0 <= self.piece_pad_seconds <= 0.5:
+            raise files.InputError(f"{name('piece_pad_seconds')} must be in [0, 0.5], got {self.piece_pad_seconds}")
 
 
 @dataclass

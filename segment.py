@@ -236,6 +236,65 @@ def split_text(char_phones, heard, max_distance=0.5):
     return bounds, distances, failures
 
 
+
+EDGE_FRAMES = 25    # encoder frames (40 ms each: 1 s) at each end of a piece that refine_bounds reads
+
+
+def _edge_score(logp, phones, at_start):
+    """Best CTC path (Viterbi, blank 0) of `phones` over one end of a piece: logp (W, C) log-probs of its first
+    (at_start) or last W frames; the phones are anchored at that end (frames between them and the end are blank)
+    and the frames beyond them, towards the piece's middle, are free. -> log-probability <= 0."""
+    x = np.asarray(logp, dtype=np.float64)
+    if not at_start:                                    # the tail read backwards: anchored at its last frame
+        x, phones = x[::-1], list(phones)[::-1]
+    labels = [0]
+    for c in phones:
+        labels += [c, 0]
+    n = len(labels)
+    best = 0.0 if not phones else -math.inf             # nothing to say: every frame free
+    a = np.full(n, -math.inf)
+    for t in range(len(x)):
+        prev = a
+        a = np.full(n, -math.inf)
+        for s in range(n):
+            if t == 0:
+                ways = 0.0 if s <= 1 else -math.inf
+            else:
+                ways = max(prev[s], prev[s - 1] if s >= 1 else -math.inf,
+                           prev[s - 2] if s >= 2 and labels[s] != 0 and labels[s] != labels[s - 2] else -math.inf)
+            a[s] = ways + x[t, labels[s]]
+        if phones:
+            best = max(best, a[n - 1], a[n - 2])        # the phones said by frame t; the rest is free
+    return best
+
+
+def refine_bounds(bounds, char_phones, edges, reach=2):
+    """Move each boundary between two pieces' shares (split_text) by up to `reach` characters to where the phone CTC
+    head's posteriors put them: characters the greedy transcript missed at a boundary cost the alignment the same on
+    either side, so split_text cannot tell whose they are. edges[k] = (head, tail): log-probs (W, C) of piece k's
+    first and last frames (None: too short). The characters around a boundary b, [b - reach, b + reach) within the
+    two shares (each keeps one), are split at the c that maximises the tail of the piece before saying [.., c) up
+    to its end plus the head of the piece after saying [c, ..) from its start. -> new bounds."""
+    bounds = list(bounds)
+    for k in range(1, len(bounds) - 1):
+        before, after = edges[k - 1], edges[k]
+        if before is None or after is None or bounds[k] <= bounds[k - 1] or bounds[k + 1] <= bounds[k]:
+            continue
+        lo, hi = max(bounds[k - 1] + 1, bounds[k] - reach), min(bounds[k + 1] - 1, bounds[k] + reach)
+        if lo > hi:
+            continue
+        w0, w1 = max(bounds[k - 1], bounds[k] - reach), min(bounds[k + 1], bounds[k] + reach)
+
+        def score(c):
+            tail = [p for i in range(w0, c) for p in char_phones[i]]
+            head = [p for i in range(c, w1) for p in char_phones[i]]
+            return _edge_score(before[1], tail, at_start=False) + _edge_score(after[0], head, at_start=True)
+        scores = {c: score(c) for c in range(lo, hi + 1)}
+        top = max(scores.values())
+        if scores.get(bounds[k], -math.inf) < top:      # ties keep split_text's choice
+            bounds[k] = min(c for c, v in scores.items() if v == top)
+    return bounds
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Stitching
 

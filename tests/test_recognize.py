@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import audio  # noqa: E402
+import files  # noqa: E402
 import recognize  # noqa: E402
 from test_decode import tiny  # noqa: E402,F401  (the fixture)
 from test_segment import speech_with_pauses  # noqa: E402
@@ -70,6 +71,26 @@ def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_w
                                           # too little speech to time all three entities (they stay, untimed)
     assert res["output"].replace("[", "").replace("]", "").replace("(", "").replace(")", "").replace(
         "<", "").replace(">", "") == res["text"]
+
+
+def test_pieces_keep_the_pause_asked_for_around_their_speech(tiny, long_wav):
+    """--piece-pad-seconds: each piece keeps that much of its pauses (at most half of each), no more, no less."""
+    path, spans, seconds = long_wav
+    plans = {}
+    for pad in (0.0, 0.1, 0.3):
+        rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", piece_pad_seconds=pad)
+        plans[pad] = rec._pieces(recognize.Request(wav=path, id="long"), "SNER")
+    assert len(plans[0.0]) == len(plans[0.1]) == len(plans[0.3]) >= 4
+    checked = 0
+    for k, (tight, p1, p3) in enumerate(zip(plans[0.0], plans[0.1], plans[0.3])):
+        pause_before = tight.start_s - (plans[0.0][k - 1].end_s if k else 0.0)
+        if pause_before >= 0.6:                                      # room for the whole pad on this side
+            assert tight.start_s - p1.start_s == pytest.approx(0.1, abs=1e-6)
+            assert tight.start_s - p3.start_s == pytest.approx(0.3, abs=1e-6)
+            checked += 1
+    assert checked >= 2
+    with pytest.raises(files.InputError, match="piece_pad_seconds must be in"):
+        recognize.Recognizer(tiny, device="cpu", piece_pad_seconds=0.8)
 
 
 def test_a_recording_up_to_the_piece_length_decodes_whole_as_before(tiny):

@@ -1,5 +1,7 @@
 """Tests for segment.py: voice activity read block by block, pieces cut at pauses (or at the quietest window, with
 an overlap), and the pieces' results stitched into one."""
+import itertools
+import math
 import sys
 import wave
 from pathlib import Path
@@ -193,6 +195,49 @@ def test_a_transcript_is_shared_among_the_pieces_by_what_they_hear():
     assert segment.split_text(marks, [[1, 2], [3, 4, 5, 6]])[0] == [0, 2, 4]    # stays with the piece before
     quote = [[], [1, 2], [3, 4]]                                      # an opening quote; the first piece hears nothing
     assert segment.split_text(quote, [[], [1, 2, 3, 4]])[::2] == ([0, 0, 3], [])   # not a failure
+
+
+def brute_edge_score(logp, phones, at_start):
+    """_edge_score by enumerating every frame labelling: the best sum of log-probs over the frames up to (from) the
+    last (first) frame that finishes saying `phones`, anchored at the piece's first (last) frame."""
+    x = np.asarray(logp, dtype=np.float64)
+    if not at_start:
+        x, phones = x[::-1], list(phones)[::-1]
+    best = 0.0 if not phones else -math.inf
+    for t in range(len(x)):
+        for path in itertools.product(range(x.shape[1]), repeat=t + 1):
+            said = [c for i, c in enumerate(path) if c != 0 and (i == 0 or path[i - 1] != c)]
+            if said == list(phones):
+                best = max(best, sum(x[i, c] for i, c in enumerate(path)))
+    return best
+
+
+def test_an_edge_score_is_the_best_labelling_anchored_at_that_end():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        logp = np.log(rng.dirichlet(np.ones(3), size=5))               # 5 frames, blank + 2 phones
+        phones = list(rng.integers(1, 3, size=rng.integers(0, 3)))
+        for at_start in (True, False):
+            assert segment._edge_score(logp, phones, at_start) == pytest.approx(
+                brute_edge_score(logp, phones, at_start), abs=1e-9), (phones, at_start)
+
+
+def test_refining_gives_a_character_nobody_heard_to_the_piece_whose_edge_says_it():
+    """Piece 0 says characters [1] [2], piece 1 says [3] [4]; the greedy transcripts missed [3] (its posterior stays
+    under the blank's at the head of piece 1), so split_text's tie gives it to piece 0. The head of piece 1 still
+    holds [3]'s probability, its tail none: refine_bounds moves the boundary back. Evidence for neither side keeps
+    split_text's choice."""
+    chars = [[1], [2], [3], [4]]
+    assert segment.split_text(chars, [[1, 2], [4]])[0] == [0, 3, 4]
+    def frames(*rows):                                                 # rows of (blank, p1, p2, p3, p4) probabilities
+        return np.log(np.array(rows, dtype=np.float64) + 1e-6)
+    tail0 = frames([.1, .8, .05, .0, .05], [.1, .05, .8, .0, .05], [.9, .02, .06, .0, .02], [.97, .01, .01, .0, .01])
+    head1 = frames([.55, .0, .0, .45, .0], [.2, .0, .0, .1, .7], [.9, .0, .0, .0, .1], [.97, .01, .01, .0, .01])
+    edges = [(tail0, tail0), (head1, head1)]
+    assert segment.refine_bounds([0, 3, 4], chars, edges) == [0, 2, 4]
+    flat = frames(*[[.2] * 5] * 4)                                     # no evidence either way: kept
+    assert segment.refine_bounds([0, 3, 4], chars, [(flat, flat), (flat, flat)]) == [0, 3, 4]
+    assert segment.refine_bounds([0, 3, 4], chars, [None, (head1, head1)]) == [0, 3, 4]
 
 
 def test_a_badly_heard_piece_costs_its_own_share_only():
