@@ -163,7 +163,7 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
                 "max_piece_seconds": "--max-piece-seconds", "vad": "--vad",
                 "pieces": "--pieces", "min_pause_seconds": "--min-pause-seconds",
-                "piece_pad_seconds": "--piece-pad-seconds", "entities": "--entities",
+                "piece_pad_seconds": "--piece-pad-seconds", "vad_threshold": "--vad-threshold", "entities": "--entities",
                 "entity_weight": "--entity-weight",
                 "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
                 "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding",
@@ -239,6 +239,9 @@ def get_args(argv=None):
       "pieces, for a model trained on long multi-sentence audio)")
     a("--min-pause-seconds", type=float, default=0.2, help="silence that separates two stretches of speech "
       "(default 0.2)")
+    a("--vad-threshold", type=float, default=0.5, help="speech probability (of --vad) at which a stretch of speech "
+      "starts; it reaches out while over this - 0.15 (default 0.5, Silero's own; lower finds quiet speech in noise "
+      "and joins more utterances into one piece: 0.35 suits MNER on noisy recordings, README)")
     a("--piece-pad-seconds", type=float, default=0.2, help="pause a piece keeps before and after its speech (at most "
       "half the pause; default 0.2, 0 to 0.5). A model trained on utterances that start on their first syllable "
       "(the demo corpus) hears less noise before the speech with 0.1 (README, long recordings)")
@@ -319,6 +322,7 @@ def get_args(argv=None):
         max_piece_seconds=args.max_piece_seconds, vad=args.vad, pieces=args.pieces, entities=args.entities,
         entity_weight=args.entity_weight,
         min_pause_seconds=args.min_pause_seconds, piece_pad_seconds=args.piece_pad_seconds,
+        vad_threshold=args.vad_threshold,
         timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,
         confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding,
         confidence_platt=platt)

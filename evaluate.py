@@ -322,6 +322,7 @@ def main(argv=None):
                     "(default 0.2)")
     pc.add_argument("--piece-pad-seconds", type=float, default=0.2, help="decode.py --piece-pad-seconds "
                     "(default 0.2)")
+    pc.add_argument("--vad-threshold", type=float, default=0.5, help="decode.py --vad-threshold (default 0.5)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
     sub.choices["long-form"].add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around "
                                           "each entity (default 0)")
@@ -349,12 +350,14 @@ def main(argv=None):
     if args.command == "pieces":
         try:
             DecodeOptions(max_piece_seconds=args.max_piece_seconds, min_pause_seconds=args.min_pause_seconds,
-                          piece_pad_seconds=args.piece_pad_seconds, vad=args.vad).check(
-                {"max_piece_seconds": "--max-piece-seconds", "min_pause_seconds": "--min-pause-seconds",
-                 "piece_pad_seconds": "--piece-pad-seconds", "vad": "--vad"})
+                          piece_pad_seconds=args.piece_pad_seconds, vad_threshold=args.vad_threshold,
+                          vad=args.vad).check({"max_piece_seconds": "--max-piece-seconds",
+                                               "min_pause_seconds": "--min-pause-seconds",
+                                               "piece_pad_seconds": "--piece-pad-seconds",
+                                               "vad_threshold": "--vad-threshold", "vad": "--vad"})
             result = diagnose.segmentation(args.data_dir, args.vad, max_piece_s=args.max_piece_seconds,
                                            min_pause_s=args.min_pause_seconds, pad_s=args.piece_pad_seconds,
-                                           pack=args.pieces == "packed")
+                                           threshold=args.vad_threshold, pack=args.pieces == "packed")
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate.py pieces: {e}")
         print(json.dumps(result, ensure_ascii=False, indent=1))

@@ -471,7 +471,8 @@ class Recognizer:
             self._vad = segment.detector(self.options.vad)
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
         return segment.plan_pieces(probs, seconds, longest, min_pause_s=self.options.min_pause_seconds,
-                                   pad_s=self.options.piece_pad_seconds, pack=self.options.pieces == "packed")
+                                   pad_s=self.options.piece_pad_seconds, pack=self.options.pieces == "packed",
+                                   threshold=self.options.vad_threshold)
 
     def _share_text(self, req, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning

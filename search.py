@@ -88,6 +88,7 @@ class DecodeOptions:
                                                 # into pieces up to max_piece_seconds (segment.plan_pieces)
     min_pause_seconds: float = 0.2              # silence that separates two stretches of speech
     piece_pad_seconds: float = 0.2              # pause a piece keeps before and after its speech (at most half of it)
+    vad_threshold: float = 0.5                  # speech probability that starts a stretch of speech (segment.py)
     modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)
 
     def list_weight(self, task) -> float:
@@ -162,6 +163,8 @@ class DecodeOptions:
             raise files.InputError(f"{name('pieces')} must be one of {', '.join(PIECE_RULES)}, got {self.pieces!r}")
         if not 0 < self.min_pause_seconds <= 5:
             raise files.InputError(f"{name('min_pause_seconds')} must be in (0, 5], got {self.min_pause_seconds}")
+        if not 0.15 < self.vad_threshold < 1:
+            raise files.InputError(f"{name('vad_threshold')} must be in (0.15, 1), got {self.vad_threshold}")
         if not 0 <= self.piece_pad_seconds <= 0.5:
             raise files.InputError(f"{name('piece_pad_seconds')} must be in [0, 0.5], got {self.piece_pad_seconds}")
 

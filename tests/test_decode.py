@@ -933,6 +933,7 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
                          (["--max-piece-seconds", "2"], "--max-piece-seconds must be at least"),
                          (["--min-pause-seconds", "0"], "--min-pause-seconds must be in (0, 5]"),
                          (["--piece-pad-seconds", "0.8"], "--piece-pad-seconds must be in [0, 0.5]"),
+                         (["--vad-threshold", "1"], "--vad-threshold must be in (0.15, 1)"),
                          (["--entities", "/nonexistent/names.txt"], "names.txt: no such file"),
                          (["--entity-weight", "-1"], "--entity-weight must be a finite number >= 0")):
         with pytest.raises(SystemExit):

@@ -91,6 +91,12 @@ def test_pieces_keep_the_pause_asked_for_around_their_speech(tiny, long_wav):
     assert checked >= 2
     with pytest.raises(files.InputError, match="piece_pad_seconds must be in"):
         recognize.Recognizer(tiny, device="cpu", piece_pad_seconds=0.8)
+    # --vad-threshold: a stricter threshold starts each stretch no earlier, and some later
+    strict = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", piece_pad_seconds=0.0,
+                                  vad_threshold=0.95)._pieces(recognize.Request(wav=path, id="long"), "SNER")
+    assert len(strict) == len(plans[0.0])
+    assert all(s.start_s >= p.start_s - 1e-9 for s, p in zip(strict, plans[0.0]))
+    assert any(s.start_s > p.start_s + 0.01 for s, p in zip(strict, plans[0.0]))
 
 
 def test_a_recording_up_to_the_piece_length_decodes_whole_as_before(tiny):
