@@ -496,6 +496,25 @@ def test_subsample_per_row_equals_batched_on_valid_frames():
         assert bool((per_row[i, max(n, 1):] == 0).all())      # a too-short row keeps its one (masked) frame
 
 
+def test_without_gradients_a_batch_of_full_rows_is_convolved_row_by_row(monkeypatch):
+    """Decoding a batch whose rows are all full length: one row at a time (the peak holds one row's convolution
+    activations, not the batch's), the same values; with gradients (training) the whole batch in one call."""
+    torch.manual_seed(0)
+    sub = image.Subsample(80, 32)
+    fbank, lengths = torch.randn(3, 41, 80), torch.tensor([41, 41, 41])
+    calls = []
+    run = sub._run
+    monkeypatch.setattr(sub, "_run", lambda x: calls.append(x.size(0)) or run(x))
+    with torch.no_grad():
+        per_row = sub(fbank, lengths)
+    assert calls == [1, 1, 1]
+    calls.clear()
+    batched = sub(fbank, lengths)
+    assert calls == [3]
+    n_sums = sub.conv1.weight[0].numel() + sub.conv2.weight[0].numel() + sub.proj.in_features
+    assert excess(per_row, batched.detach(), fp32_tol(batched.detach(), n_sums)) <= 1
+
+
 def test_vocab_limit_is_a_slice_of_the_full_logits():
     """The search's LM-head shortcut: logits over ids < limit are exactly the first columns of the full logits."""
     model = perturbed_tiny()
