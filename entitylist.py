@@ -12,8 +12,12 @@ SNER (the text is heard, not given): SpellingBoost. A hypothesis spelling out a 
 bracket of its type gains `weight` for every matched character (a prefix trie over the list per type: shallow
 fusion, as contextual biasing in speech recognition); when the bracket closes on a string that is not complete,
 when a character leaves every listed string, or when the hypothesis ends with the bracket open, what that bracket
-gained is taken back. beam_search adds the bonus to the log-probabilities before the joint-CTC scorer's candidate
-pre-selection, so a listed name is not dropped before CTC scores it. A list for SNER must be writable: a character
+gained is taken back. Nothing is paid for a malformed output: a bracket opened where one of its type is already
+open at the same place (its twin), an opening deeper than MAX_DEPTH, or a close that does not match the innermost
+open bracket takes back what every open bracket gained (else writing brackets would put a take-back off for ever).
+beam_search adds the bonus to the log-probabilities before the joint-CTC scorer's candidate pre-selection, so a
+listed name is not dropped before CTC scores it; the scorer also takes the model's own best characters, so that
+listed first characters do not crowd out the one the audio says. A list for SNER must be writable: a character
 the decoder's vocabulary lacks is refused with its line number.
 
 TNER/MNER (the text is given): occurrences(). Where a listed string occurs in the input, the constrained search
@@ -136,8 +140,8 @@ class SpellingBoost:
 
     A row's state: the stack of open brackets, each (type index, trie node or -1 once it left every listed
     string, bonus gained so far); the row's input index. A closing bracket closes the innermost open one whatever
-    its type (a mismatched close keeps nothing), where data.parse would pair it with the innermost of its own type:
-    the bonus never rewards a malformed output."""
+    its type (a mismatched close spoils every open bracket), where data.parse would pair it with the innermost of
+    its own type: the bonus never rewards a malformed output."""
 
     def __init__(self, tries, open_ids, close_ids, weight, eos):
         if not 0 <= weight < math.inf:

@@ -219,7 +219,8 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
     scorer: optional joint scorer (CTCPrefixScorer): start(); score(lprobs) -> (N, V) scores that replace the
         log-probs after every mask; select(rows, new_tokens).
     boost: optional per-row bonus (entitylist.SpellingBoost): start(); bias(lprobs) -> lprobs, added after the
-        constraint and before the scorer (its candidate pre-selection sees the bonus); select(rows, new_tokens).
+        constraint and before the scorer (its candidate pre-selection sees the bonus, and the model's own best
+        without it); select(rows, new_tokens).
     max_lens: optional per-input max lengths (default cfg.max_len). An input's result never depends on the other
         inputs of the batch (fairseq uses one max_len per batch; identical when all are equal).
     cfg: the search fields of DecodeOptions; unset ones take SEARCH_DEFAULTS.

@@ -18,6 +18,8 @@ min_pause_s are one. By default (pauses) each stretch is a piece of its own, as 
 into one piece while it stays within max_piece_s (fewer, longer pieces, for models trained on such). A piece keeps
 up to pad_s of the pause on each side (never more than half the pause). A stretch longer than a piece allows
 is cut at its quietest window, and the two pieces overlap by overlap_s around that cut so that no word is lost.
+MNER (a transcript given): split_text shares it among the pieces by one alignment of what each piece hears, and
+refine_bounds moves each boundary to where the phone CTC head's posteriors at the two pieces' edges put it.
 Stitching (stitch) keeps each character once: before a cut from the piece before it, after it from the piece
 after, by the characters' times; an entity found in both pieces is kept once.
 """

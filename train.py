@@ -112,7 +112,7 @@ class TrainConfig:
         "(finite, LOW <= HIGH; default 0,30; a negative LOW as --noise-snr-db=-5,20)")
     noise_margin: float = setting(0.0, type=float, help="noisy rows also get a lead and a tail of noise alone, each "
         "0 to this many seconds, like the pieces of a long recording (0 = none, also in the demo recipe; at most 10; "
-        "0.5 closes the demo's long-recording gap but cost it clean-speech F1, README)")
+        "0.2 closes the demo's long-recording SNER gap at a cost in clean-speech F1, README)")
     feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
         "runs; auto = $XDG_CACHE_HOME/image/fbank (~/.cache/image/fbank) on a GPU (features are not recomputed "
         "every epoch), none on a CPU; 'none' = off")

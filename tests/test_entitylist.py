@@ -128,33 +128,38 @@ def test_beam_search_with_the_boost_equals_the_slow_search_and_keeps_each_inputs
     assert changed                                            # the lists did change some results
 
 
+def scripted(rule):
+    """A toy decoder whose next-token log-probs after a row's tokens `said` (BOS dropped) are rule(said): {token:
+    log-prob}, every other token -30."""
+    class Scripted(FixedLogits):
+        def decode_step(self, tokens, cache, vocab_limit=None):
+            history = cache.history = torch.cat([cache.history, tokens[:, None]], 1)
+            rows = []
+            for h in history.tolist():
+                x = torch.full((14,), -30.0)
+                for tok, lp in rule(h[1:]).items():
+                    x[tok] = lp
+                rows.append(x)
+            return torch.stack(rows)
+    return Scripted(None)
+
+
 def test_a_listed_string_the_model_does_not_hear_is_not_forced_into_the_output():
     """After an opening PER bracket the model is sure of 4 (log-prob 0) and gives 6 a log-prob of -12: a listed
     6 7 gains 1 a character and cannot win; a close second (-0.5) does."""
     for second, listed_wins in ((-12.0, False), (-0.5, True)):
-        class Scripted(FixedLogits):
-            def decode_step(self, tokens, cache, vocab_limit=None):
-                history = cache.history = torch.cat([cache.history, tokens[:, None]], 1)
-                rows = []
-                for h in history.tolist():
-                    x = torch.full((14,), -30.0)
-                    said = h[1:]
-                    if not said:
-                        x[TOY_OPEN["PER"]] = 0.0
-                    elif said == [TOY_OPEN["PER"]]:
-                        x[4], x[6] = 0.0, second
-                    elif said[-1] in (4, 6) and len(said) == 2:
-                        x[5 if said[-1] == 4 else 7] = 0.0
-                    elif len(said) == 3:
-                        x[TOY_CLOSE["PER"]] = 0.0
-                    else:
-                        x[EOS] = 0.0
-                    rows.append(x)
-                return torch.stack(rows)
+        def rule(said, second=second):
+            if not said:
+                return {TOY_OPEN["PER"]: 0.0}
+            if said == [TOY_OPEN["PER"]]:
+                return {4: 0.0, 6: second}
+            if said[-1] in (4, 6) and len(said) == 2:
+                return {5 if said[-1] == 4 else 7: 0.0}
+            return {TOY_CLOSE["PER"]: 0.0} if len(said) == 3 else {EOS: 0.0}
 
         cfg = DecodeOptions(beam=2, max_len=8, no_repeat_ngram_size=0, constraint_range=None)
         boost = entitylist.SpellingBoost([tries_of({"PER": [[6, 7]]})], TOY_OPEN, TOY_CLOSE, 1.0, EOS)
-        best = beam_search(Scripted(None), ToyEncoded(torch.zeros(1, 1, 14)), cfg, boost=boost)[0][0].tokens
+        best = beam_search(scripted(rule), ToyEncoded(torch.zeros(1, 1, 14)), cfg, boost=boost)[0][0].tokens
         assert best == ([TOY_OPEN["PER"], 6, 7, TOY_CLOSE["PER"]] if listed_wins else
                         [TOY_OPEN["PER"], 4, 5, TOY_CLOSE["PER"]])
 
@@ -164,22 +169,12 @@ def test_a_list_cannot_crowd_the_heard_character_out_of_the_ctc_preselection():
     audio clearly says CTC class 2 (character 5). A list holding 4 4 makes 4 the best biased character; the
     model's own best is a candidate too, the CTC scores 5, and the search keeps the heard [5 5]. With only the
     biased best scored (the bonus alone choosing the candidates), 5 would never be written."""
-    class Scripted(FixedLogits):
-        def decode_step(self, tokens, cache, vocab_limit=None):
-            history = cache.history = torch.cat([cache.history, tokens[:, None]], 1)
-            rows = []
-            for h in history.tolist():
-                x, said = torch.full((14,), -30.0), h[1:]
-                if not said:
-                    x[TOY_OPEN["PER"]] = 0.0
-                elif len(said) < 3:
-                    x[4], x[5] = -1.0, -0.5
-                elif len(said) == 3:
-                    x[TOY_CLOSE["PER"]] = 0.0
-                else:
-                    x[EOS] = 0.0
-                rows.append(x)
-            return torch.stack(rows)
+    def rule(said):
+        if not said:
+            return {TOY_OPEN["PER"]: 0.0}
+        if len(said) < 3:
+            return {4: -1.0, 5: -0.5}
+        return {TOY_CLOSE["PER"]: 0.0} if len(said) == 3 else {EOS: 0.0}
 
     logp = torch.full((1, 6, 3), 1e-4).log()                 # frames: blank, 2, blank, 2, blank, blank
     for t in range(6):
@@ -190,7 +185,7 @@ def test_a_list_cannot_crowd_the_heard_character_out_of_the_ctc_preselection():
     tries = [tries_of({"PER": [[4, 4]]})]
     scorer = search.CTCPrefixScorer(logp, torch.tensor([6]), lambda tok: TOY_READINGS.get(tok, []), silent, 1.0, 1)
     boost = entitylist.SpellingBoost(tries, TOY_OPEN, TOY_CLOSE, 3.0, EOS)
-    best = beam_search(Scripted(None), ToyEncoded(torch.zeros(1, 1, 14)), cfg, scorer=scorer, boost=boost)[0][0]
+    best = beam_search(scripted(rule), ToyEncoded(torch.zeros(1, 1, 14)), cfg, scorer=scorer, boost=boost)[0][0]
     assert best.tokens == [TOY_OPEN["PER"], 5, 5, TOY_CLOSE["PER"]]
 
     scorer.start()                                           # the pre-selection itself, one row after '['
