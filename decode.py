@@ -240,8 +240,8 @@ def get_args(argv=None):
     a("--min-pause-seconds", type=float, default=0.2, help="silence that separates two stretches of speech "
       "(default 0.2)")
     a("--vad-threshold", type=float, default=0.5, help="speech probability (of --vad) at which a stretch of speech "
-      "starts; it reaches out while over this - 0.15 (default 0.5, Silero's own; lower finds quiet speech in noise "
-      "and joins more utterances into one piece: 0.35 suits MNER on noisy recordings, README)")
+      "starts; it reaches out while over this - 0.15 (above 0.15, below 1; default 0.5, Silero's own; lower finds "
+      "quiet speech in noise and joins more utterances into one piece: 0.35 suits MNER on noisy recordings, README)")
     a("--piece-pad-seconds", type=float, default=0.2, help="pause a piece keeps before and after its speech (at most "
       "half the pause; default 0.2, 0 to 0.5). A model trained on utterances that start on their first syllable "
       "(the demo corpus) hears less noise before the speech with 0.1 (README, long recordings)")
@@ -538,6 +538,7 @@ def _main_dataset(args, rec, progress, t0, rank=0):
         return
     report = {"dataset": args.dataset, "split": args.split, "ckpt": args.ckpt, "sentences": len(samples),
               "options": dataclasses.asdict(rec.options), "scores": scores, "device": str(rec.device),
+              "entity_weights": {t: rec.options.list_weight(t) for t in tasks} if rec.options.entities else None,
               "dtype": str(next(rec.model.parameters()).dtype).removeprefix("torch."),
               "seconds": round(time.time() - t0, 1)}
     text = json.dumps(report, ensure_ascii=False, indent=1) + "\n"

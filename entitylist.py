@@ -13,8 +13,9 @@ bracket of its type gains `weight` for every matched character (a prefix trie ov
 fusion, as contextual biasing in speech recognition); when the bracket closes on a string that is not complete,
 when a character leaves every listed string, or when the hypothesis ends with the bracket open, what that bracket
 gained is taken back. Nothing is paid for a malformed output: a bracket opened where one of its type is already
-open at the same place (its twin), an opening deeper than MAX_DEPTH, or a close that does not match the innermost
-open bracket takes back what every open bracket gained (else writing brackets would put a take-back off for ever).
+open at the same place (its twin) earns nothing, and an opening deeper than MAX_DEPTH, a close that does not match
+the innermost open bracket or a close of an empty one takes back what every open bracket gained (else writing
+brackets would put a take-back off for ever).
 beam_search adds the bonus to the log-probabilities before the joint-CTC scorer's candidate pre-selection, so a
 listed name is not dropped before CTC scores it; the scorer also takes the model's own best characters, so that
 listed first characters do not crowd out the one the audio says. A list for SNER must be writable: a character
@@ -133,15 +134,18 @@ def tries_for(entries, vocab, unk) -> dict[str, Trie]:
     return tries
 
 
+DEAD, EMPTY_DEAD = -1, -2   # trie node of an open bracket that earns nothing (-2: nothing inside it yet)
+
+
 class SpellingBoost:
     """The SNER bonus (module docstring) for beam_search's `boost`: start(); bias(lprobs) -> lprobs with each row's
     bonus added; select(rows, tokens) after each step. tries[i]: the tries of input i (None or {}: no list), so
     each input of a batch has its own list.
 
-    A row's state: the stack of open brackets, each (type index, trie node or -1 once it left every listed
-    string, bonus gained so far); the row's input index. A closing bracket closes the innermost open one whatever
-    its type (a mismatched close spoils every open bracket), where data.parse would pair it with the innermost of
-    its own type: the bonus never rewards a malformed output."""
+    A row's state: the stack of open brackets, each (type index, trie node, or DEAD once it left every listed
+    string, EMPTY_DEAD if it earns nothing and holds nothing yet; bonus gained so far); the row's input index. A closing bracket closes the innermost open one whatever
+    its type (a mismatched close, or one of an empty bracket, spoils every open bracket), where data.parse would
+    pair it with the innermost of its own type: the bonus never rewards a malformed output."""
 
     def __init__(self, tries, open_ids, close_ids, weight, eos):
         if not 0 <= weight < math.inf:
@@ -156,23 +160,28 @@ class SpellingBoost:
     def start(self):
         self.rows = [(i, ()) for i in range(len(self.tries))]
 
+    @staticmethod
+    def _spoiled(stack):
+        """Every open bracket of `stack` dead (an empty one stays empty: EMPTY_DEAD), with nothing gained."""
+        return tuple((t, EMPTY_DEAD if node in (0, EMPTY_DEAD) else DEAD, 0.0) for t, node, _ in stack)
+
     def _walk(self, sent, stack, tok):
         """The state after token `tok` and the bonus it earns (negative: taken back)."""
         if tok in self.open_of:
             typ = self.open_of[tok]
             if len(stack) >= MAX_DEPTH:                  # nested deeper than any search writes: nothing earns
-                return tuple((t, -1, 0.0) for t, _, _ in stack) + ((typ, -1, 0.0),), -sum(g for _, _, g in stack)
+                return self._spoiled(stack) + ((typ, EMPTY_DEAD, 0.0),), -sum(g for _, _, g in stack)
             listed = self.tries[sent] and self.tries[sent][typ] is not None
             twin = any(t == typ and node == 0 for t, node, _ in stack)   # same type opened at this place
-            return stack + ((typ, 0 if listed and not twin else -1, 0.0),), 0.0
+            return stack + ((typ, 0 if listed and not twin else EMPTY_DEAD, 0.0),), 0.0
         if tok in self.close_of or tok == self.eos:
             if not stack:
                 return stack, 0.0
             if tok == self.eos:
                 return (), -sum(g for _, _, g in stack)
             typ, node, gained = stack[-1]
-            if tok != self.close_ids[typ]:               # a mismatched close: the output is malformed, nothing earns
-                return tuple((t, -1, 0.0) for t, _, _ in stack[:-1]), -sum(g for _, _, g in stack)
+            if tok != self.close_ids[typ] or node in (0, EMPTY_DEAD):   # a mismatched or an empty close: the
+                return self._spoiled(stack[:-1]), -sum(g for _, _, g in stack)   # output is malformed, none earns
             trie = self.tries[sent][typ] if self.tries[sent] else None
             done = node >= 0 and trie is not None and trie.complete[node]
             return stack[:-1], 0.0 if done else -gained
@@ -184,7 +193,7 @@ class SpellingBoost:
                 new.append((typ, nxt, gained + self.weight))
                 bonus += self.weight
             else:
-                new.append((typ, -1, 0.0))
+                new.append((typ, DEAD, 0.0))
                 bonus -= gained
         return tuple(new), bonus
 

@@ -322,7 +322,8 @@ def main(argv=None):
                     "(default 0.2)")
     pc.add_argument("--piece-pad-seconds", type=float, default=0.2, help="decode.py --piece-pad-seconds "
                     "(default 0.2)")
-    pc.add_argument("--vad-threshold", type=float, default=0.5, help="decode.py --vad-threshold (default 0.5)")
+    pc.add_argument("--vad-threshold", type=float, default=0.5, help="decode.py --vad-threshold (above 0.15, below 1; "
+                    "default 0.5)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
     sub.choices["long-form"].add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around "
                                           "each entity (default 0)")

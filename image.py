@@ -252,14 +252,15 @@ class Subsample(nn.Module):
 
         With lengths (B,), each row is convolved at its own length (at least 7 frames) and zero-padded to T': the
         valid frames are the same (no conv reads past a row's end) and no time goes into padding, which is half of
-        a CPU training step's encoder time at the base preset; without gradients always row by row, so that the
-        convolutions' activations (B x channels x T/2 x 39 floats, the encoder's largest) never exist for the whole
-        batch at once and peak memory does not depend on how many rows are full length. Without lengths, the whole
+        a CPU training step's encoder time at the base preset; on the CPU without gradients always row by row, so
+        that the convolutions' activations (B x channels x T/2 x 39 floats, the encoder's largest) never exist for
+        the whole batch at once and peak memory does not depend on how many rows are full length (on a GPU a batch
+        of full rows stays one call, for throughput: not measured row by row there). Without lengths, the whole
         padded batch (ModelScope's way). Under torch.compile always the whole batch: the per-row loop branches on
         the lengths' values (a graph per row length), and the caller masks the padded frames either way.
         """
         if lengths is None or torch.compiler.is_compiling() or (
-                torch.is_grad_enabled() and bool((lengths >= fbank.size(1)).all())):
+                (torch.is_grad_enabled() or fbank.is_cuda) and bool((lengths >= fbank.size(1)).all())):
             return self._run(fbank)
         t_out = ((fbank.size(1) - 1) // 2 - 1) // 2
         rows = [self._run(fbank[i:i + 1, :max(int(n), 7)]) for i, n in enumerate(lengths.tolist())]

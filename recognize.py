@@ -344,22 +344,24 @@ class Recognizer:
     def heard_phones(self, wavs, batch_size=8):
         """What the phone CTC head hears in each wav (SNER rows; greedy: best class per frame, repeats merged,
         blanks dropped) as CTC classes: the check of the head that entity times rely on (evaluate_split)."""
-        return self._heard([Request(wav=w) for w in wavs], batch_size)[0]
+        return self._heard([Request(wav=w) for w in wavs], batch_size, edges=False)[0]
 
-    def _heard(self, reqs, batch_size=8):
+    def _heard(self, reqs, batch_size=8, edges=True):
         """What the phone CTC head hears in each piece: -> (greedy phone strings, per piece the log-probs of its
-        first and last segment.EDGE_FRAMES frames, or None)."""
-        heard, edges = [], []
+        first and last segment.EDGE_FRAMES frames, or None; with edges=False, no edges: [])."""
+        heard, ends = [], []
         for k in range(0, len(reqs), batch_size):
             rows = [self._row(dataclasses.replace(r, text=None), "SNER")[0] for r in reqs[k: k + batch_size]]
             with torch.no_grad():
                 logp, frames = self.model.speech_phone_log_probs(self._encode(rows),
                                                                  max(r["fbank"].size(0) for r in rows))
-            for row, best, n in zip(logp, logp.argmax(-1).tolist(), frames.tolist()):
+            host = logp.half().cpu().numpy() if edges else None    # (B, T', C), one copy a batch
+            for b, (best, n) in enumerate(zip(logp.argmax(-1).tolist(), frames.tolist())):
                 heard.append([c for i, c in enumerate(best[:n]) if c != align.BLANK and (i == 0 or best[i - 1] != c)])
-                w = min(segment.EDGE_FRAMES, n)                 # (W, C) each end, float16: ~12 KB a piece
-                edges.append((row[:w].half().cpu().numpy(), row[n - w:n].half().cpu().numpy()) if n >= 2 else None)
-        return heard, edges
+                if edges:                                       # (W, C) each end, float16: ~12 KB a piece
+                    w = min(segment.EDGE_FRAMES, n)
+                    ends.append((host[b, :w].copy(), host[b, n - w:n].copy()) if n >= 2 else None)
+        return heard, ends
 
     def _finish_confidence(self, results, task):
         """confidence = exp(log-confidence / T), Platt-scaled with confidence_platt (6 decimals; None without

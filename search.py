@@ -93,7 +93,11 @@ class DecodeOptions:
 
     def list_weight(self, task) -> float:
         """The entity list's bonus per character for `task`: entity_weight, else ENTITY_WEIGHTS[task]."""
-        return ENTITY_WEIGHTS[task] if self.entity_weight is None else self.entity_weight
+        if self.entity_weight is not None:
+            return self.entity_weight
+        if task not in ENTITY_WEIGHTS:
+            raise ValueError(f"no entity list weight for task {task!r} (one of {', '.join(ENTITY_WEIGHTS)})")
+        return ENTITY_WEIGHTS[task]
 
     @property
     def longest_piece_seconds(self) -> float:

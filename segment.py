@@ -238,7 +238,6 @@ def split_text(char_phones, heard, max_distance=0.5):
     return bounds, distances, failures
 
 
-
 EDGE_FRAMES = 25    # encoder frames (40 ms each: 1 s) at each end of a piece that refine_bounds reads
 
 
@@ -293,9 +292,12 @@ def refine_bounds(bounds, char_phones, edges, reach=2):
             return _edge_score(before[1], tail, at_start=False) + _edge_score(after[0], head, at_start=True)
         scores = {c: score(c) for c in range(lo, hi + 1)}
         top = max(scores.values())
-        if scores.get(bounds[k], -math.inf) < top:      # ties keep split_text's choice
-            bounds[k] = min(c for c, v in scores.items() if v == top)
+        # ties keep split_text's choice; else the latest of the best, so that a character without a reading (no
+        # evidence either way) stays with the piece before, as in split_text
+        if top > scores.get(bounds[k], -math.inf) + 1e-9:
+            bounds[k] = max(c for c, v in scores.items() if v >= top - 1e-9)
     return bounds
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3. Stitching

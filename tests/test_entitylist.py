@@ -41,7 +41,8 @@ def slow_gain(seq, listed, weight):
     listed string of that type: weight x its length; every bracket still open whose content so far begins a listed
     string of its type: weight x the content's length; nothing for the rest, nor for what is open at EOS. A bracket
     earns nothing when a bracket of its type was already open at its place (a twin), nor when, while it is open,
-    a bracket opens deeper than MAX_DEPTH or a close does not match the innermost open bracket (malformed)."""
+    a bracket opens deeper than MAX_DEPTH or a close does not match the innermost open bracket or closes an empty
+    one (malformed)."""
     def strings(t):
         return [s for typ, ss in listed.items() if typ in (t, None) for s in ss]
     stack, total, pos = [], 0.0, 0                           # stack: [type, content, start, spoiled]
@@ -58,7 +59,7 @@ def slow_gain(seq, listed, weight):
         elif tok in CLOSE_TYPE:
             if stack:
                 t, content, _, spoiled = stack.pop()
-                if CLOSE_TYPE[tok] != t:
+                if CLOSE_TYPE[tok] != t or not content:
                     for frame in stack:
                         frame[3] = True
                 elif not spoiled and content in strings(t):

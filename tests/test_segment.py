@@ -238,6 +238,15 @@ def test_refining_gives_a_character_nobody_heard_to_the_piece_whose_edge_says_it
     flat = frames(*[[.2] * 5] * 4)                                     # no evidence either way: kept
     assert segment.refine_bounds([0, 3, 4], chars, [(flat, flat), (flat, flat)]) == [0, 3, 4]
     assert segment.refine_bounds([0, 3, 4], chars, [None, (head1, head1)]) == [0, 3, 4]
+    assert segment.refine_bounds([0, 3, 3, 4], chars, [edges[0], edges[1], edges[1]]) == [0, 3, 3, 4]   # empty share
+    short = [(tail0[:1], tail0[-1:]), (head1[:1], head1[-1:])]         # one frame each end: still a valid split
+    got = segment.refine_bounds([0, 3, 4], chars, short)
+    assert got[0] == 0 and got[-1] == 4 and 1 <= got[1] <= 3
+    marks = [[1], [2], [], [3], [4]]                                   # punctuation at the boundary: no evidence
+    flat5 = frames(*[[.2] * 5] * 4)                                    # either way, it stays with the piece before
+    assert segment.refine_bounds([0, 3, 5], marks, [(flat5, flat5), (flat5, flat5)]) == [0, 3, 5]
+    lead = frames([.9, .02, .02, .02, .04], [.1, .0, .0, .85, .05], [.1, .0, .0, .0, .9], [.97, .01, .01, .0, .01])
+    assert segment.refine_bounds([0, 4, 5], marks, [(tail0, tail0), (lead, lead)]) == [0, 3, 5]
 
 
 def test_a_badly_heard_piece_costs_its_own_share_only():
