@@ -143,9 +143,10 @@ class SpellingBoost:
     each input of a batch has its own list.
 
     A row's state: the stack of open brackets, each (type index, trie node, or DEAD once it left every listed
-    string, EMPTY_DEAD if it earns nothing and holds nothing yet; bonus gained so far); the row's input index. A closing bracket closes the innermost open one whatever
-    its type (a mismatched close, or one of an empty bracket, spoils every open bracket), where data.parse would
-    pair it with the innermost of its own type: the bonus never rewards a malformed output."""
+    string, EMPTY_DEAD if it earns nothing and holds nothing yet; bonus gained so far); the row's input index. A
+    closing bracket closes the innermost open one whatever its type (a mismatched close, or one of an empty
+    bracket, spoils every open bracket), where data.parse would pair it with the innermost of its own type: the
+    bonus never rewards a malformed output."""
 
     def __init__(self, tries, open_ids, close_ids, weight, eos):
         if not 0 <= weight < math.inf:

@@ -220,8 +220,8 @@ def beam_search(model, enc, cfg: DecodeOptions, constraint=None, max_lens=None, 
         bias(lprobs) -> lprobs after log_softmax (biases() -> whether it adds anything); reorder(rows);
         advance(new_tokens). What bias and boost add to the chosen tokens is kept apart (Hypothesis.positional_gains),
         so that confidences can take it off.
-    scorer: optional joint scorer (CTCPrefixScorer): start(); score(lprobs) -> (N, V) scores that replace the
-        log-probs after every mask; select(rows, new_tokens).
+    scorer: optional joint scorer (CTCPrefixScorer): start(); score(lprobs, gained) -> (N, V) scores that replace
+        the log-probs after every mask and bias (gained: what the biases added, or None); select(rows, new_tokens).
     boost: optional per-row bonus (entitylist.SpellingBoost): start(); bias(lprobs) -> lprobs, added after the
         constraint and before the scorer (its candidate pre-selection sees the bonus, and the model's own best
         without it); select(rows, new_tokens).
