@@ -248,25 +248,23 @@ def _edge_score(logp, phones, at_start):
     x = np.asarray(logp, dtype=np.float64)
     if not at_start:                                    # the tail read backwards: anchored at its last frame
         x, phones = x[::-1], list(phones)[::-1]
-    labels = [0]
-    for c in phones:
-        labels += [c, 0]
-    n = len(labels)
-    best = 0.0 if not phones else -math.inf             # nothing to say: every frame free
-    a = np.full(n, -math.inf)
+    if not phones:
+        return 0.0                                      # nothing to say: every frame free
+    labels = np.zeros(2 * len(phones) + 1, dtype=np.int64)   # (S,) blank, phone, blank, ..., blank
+    labels[1::2] = phones
+    skip = np.zeros(len(labels), dtype=bool)            # a phone may follow the phone before it directly,
+    skip[3::2] = labels[3::2] != labels[1:-2:2]         # unless the two are equal (a blank between them)
+    a = np.full(len(labels), -math.inf)                 # (S,) best path ending in each state at frame t
+    a[:2] = 0.0
+    best = -math.inf
     for t in range(len(x)):
-        prev = a
-        a = np.full(n, -math.inf)
-        for s in range(n):
-            if t == 0:
-                ways = 0.0 if s <= 1 else -math.inf
-            else:
-                ways = max(prev[s], prev[s - 1] if s >= 1 else -math.inf,
-                           prev[s - 2] if s >= 2 and labels[s] != 0 and labels[s] != labels[s - 2] else -math.inf)
-            a[s] = ways + x[t, labels[s]]
-        if phones:
-            best = max(best, a[n - 1], a[n - 2])        # the phones said by frame t; the rest is free
-    return best
+        if t:
+            stay, step = a, np.concatenate([[-math.inf], a[:-1]])
+            jump = np.where(skip, np.concatenate([[-math.inf, -math.inf], a[:-2]]), -math.inf)
+            a = np.maximum(np.maximum(stay, step), jump)
+        a = a + x[t, labels]
+        best = max(best, a[-1], a[-2])                  # the phones said by frame t; the rest is free
+    return float(best)
 
 
 def refine_bounds(bounds, char_phones, edges, reach=2):
