@@ -62,6 +62,7 @@ import torch.nn.functional as F
 
 import audio
 import cost
+import decode
 import recognize
 import devices
 import files
@@ -421,7 +422,8 @@ def bench_long(report, args, model, assets, wavs, device, dtype):
             warmup = k < len(warm)
             path = long_recording(folder / f"{minutes:g}.wav", wavs, minutes)
             options = search.DecodeOptions(beam=args.beam, max_piece_seconds=args.long_piece, vad=vad,
-                                           constraint_range=CONSTRAINT, no_repeat_ngram_size=5)
+                                           constraint_range=CONSTRAINT, no_repeat_ngram_size=5,
+                                           onset_lead_seconds=args.long_onset_lead)
             rec = recognize.Recognizer((model, assets), options, device=device)
             pieces = rec._pieces(recognize.Request(wav=str(path)), "SNER")
             forced = round(CHARS_PER_SECOND * statistics.mean(p.end_s - p.start_s for p in pieces))
@@ -625,6 +627,8 @@ def get_args(argv=None):
     a("--shards-dataset", default="demo", help="shards section: corpus (default demo)")
     a("--shards-data-dir", default=None, help="shards section: the corpus folder (default: the demo's own)")
     a("--shards-split", default="test", help="shards section: split (default test)")
+    a("--long-onset-lead", type=decode.seconds_or_word, default=None, metavar="SECONDS|none", help="long section: "
+      "decode.py --onset-lead-seconds (default none; 0: the extra CTC pass a demo model's SNER pieces take)")
     a("--long-warmup", choices=("longest", "none"), default="longest", help="long section: decode the longest "
       "recording once, untimed, before the measured ones (default: time and memory in the steady state of a "
       "process that has seen every piece shape), or none (a fresh process's first recording: run one length "

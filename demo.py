@@ -456,11 +456,20 @@ def ensure_demo_corpus(root=None, seed=0, progress=True, n_train=DEFAULT_COUNTS[
     return _check_meta(root, seed, audio, counts)
 
 
+def onset_lead(dataset, noise_margin):
+    """The --onset-lead-seconds a model trained on `dataset` decodes long recordings with by default (train.py
+    writes it into the checkpoint's assets["decoding"]; None: pieces start where the detector puts them). Every
+    demo utterance starts on its first syllable (synthesised, no lead-in): a model that never heard anything before
+    it derails on a piece that starts with noise, unless --noise-margin gave it noise there (segment.snap_onsets)."""
+    return 0.0 if dataset == "demo" and not noise_margin else None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Long recordings (#18): demo test utterances joined into minutes of noisy, level-shifted audio
 
 LONG_VERSION = "long-v1"
 LONG_MINUTES = (1, 2, 3, 5, 7, 10)
+LONG_VALID_MINUTES = (1, 2, 3, 5)   # valid split: for choosing settings (piece padding, thresholds) off the test set
 NOISES = ("whitenoise", "pinknoise", "brownnoise")
 
 
@@ -476,22 +485,24 @@ def _write_pcm16(path, x):
         w.writeframes(np.round(np.clip(x, -1, 32767 / 32768) * 32768).astype("<i2").tobytes())
 
 
-def build_long_form(root, out, seed=0, minutes=LONG_MINUTES):
-    """Long recordings made of the demo corpus's test utterances (root: a built corpus with audio), into out:
+def build_long_form(root, out, seed=0, minutes=LONG_MINUTES, split="test"):
+    """Long recordings made of the demo corpus's `split` utterances (root: a built corpus with audio), into out:
 
         test.json, wav/test/LONGxxxx.wav   a recording a line, CNERTA format: its utterances' text joined, their
                                            entities and "entity_times" moved into the recording; "utterances":
                                            [{"audio", "start_s", "end_s", "chars": [a, b], "gain_db"}], "snr_db",
-                                           "noise"
+                                           "noise" (split valid: valid.json, wav/valid/VLONGxxxx.wav)
         cut/test.json, cut/wav/test/       the same noisy audio cut at the gold utterance boundaries, an utterance a
                                            wav (an utterance used twice gets the suffix rN), its demo line unchanged
     Each recording: utterances in a shuffled order until it is `minutes` long, pauses of 0.1-2 s between them (a
     third under 0.3 s), each utterance's level moved by -12..+12 dB, and noise that sox synthesises (white, pink or
     brown; sox -R: repeatable) at an SNR of 5-30 dB over the speech, scaled down as a whole if it would clip."""
     root, out = Path(root), Path(out)
-    rng = random.Random(f"{LONG_VERSION}:{seed}")
-    lines = [json.loads(x) for x in (root / "test.json").read_text(encoding="utf-8").splitlines() if x.strip()]
-    wavs = {p.stem: p for p in (root / "wav" / "test").rglob("*.wav")}
+    if split not in ("test", "valid"):
+        raise ValueError(f"long-form split {split!r}: test or valid")
+    rng = random.Random(f"{LONG_VERSION}:{seed}" + ("" if split == "test" else f":{split}"))   # test: as before
+    lines = [json.loads(x) for x in (root / f"{split}.json").read_text(encoding="utf-8").splitlines() if x.strip()]
+    wavs = {p.stem: p for p in (root / "wav" / {"test": "test", "valid": "dev"}[split]).rglob("*.wav")}
     order, used, recordings, cut_lines = [], {}, [], []
     for k, target in enumerate(minutes):
         parts, meta, text, entities, times, t = [], [], "", [], [], 0.0
@@ -525,33 +536,44 @@ def build_long_form(root, out, seed=0, minutes=LONG_MINUTES):
         mixed = clean + noise
         scale = min(1.0, 0.99 / np.abs(mixed).max())
         mixed *= scale
-        rec_id = f"LONG{k + 1:04d}"
-        _write_pcm16(out / "wav" / "test" / f"{rec_id}.wav", mixed)
+        rec_id = ("LONG" if split == "test" else "VLONG") + f"{k + 1:04d}"
+        _write_pcm16(out / "wav" / split / f"{rec_id}.wav", mixed)
         for u in meta:
             a, b = round(u["start_s"] * 16000), round(u["end_s"] * 16000)
-            _write_pcm16(out / "cut" / "wav" / "test" / f"{u['audio']}.wav", mixed[a:b])
+            _write_pcm16(out / "cut" / "wav" / split / f"{u['audio']}.wav", mixed[a:b])
         recordings.append({"sentence": text, "audio": rec_id, "entity": entities, "entity_times": times,
                            "utterances": meta, "snr_db": round(snr_db, 2), "noise": noise_kind,
                            "scale": round(scale, 4), "seconds": round(len(mixed) / 16000, 3)})
-    (out / "test.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recordings),
-                                   encoding="utf-8")
-    (out / "cut" / "test.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cut_lines),
-                                           encoding="utf-8")
+    (out / "cut" / f"{split}.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in cut_lines),
+                                               encoding="utf-8")
+    (out / f"{split}.json").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recordings),
+                                       encoding="utf-8")
     return recordings
 
 
-def ensure_long_form(root, seed=0, minutes=LONG_MINUTES):
-    """The long-form set of a demo corpus (build_long_form), built once into root/long-v1[-MINUTES], atomically."""
+def ensure_long_form(root, seed=0, minutes=LONG_MINUTES, valid_minutes=LONG_VALID_MINUTES):
+    """The long-form set of a demo corpus (build_long_form), built once into root/long-v1[-MINUTES]: the test split
+    of `minutes`, and a valid split of `valid_minutes` (its own recordings, for choosing settings), each atomically
+    (a set built before the valid split existed gets it added; its test split stays as it is)."""
     name = LONG_VERSION + ("" if tuple(minutes) == LONG_MINUTES else "-" + "-".join(f"{m:g}" for m in minutes))
     out = Path(root) / name
-    if (out / "test.json").is_file():
-        return out
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        build_long_form(root, tmp, seed, minutes)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / "test.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        try:
+            build_long_form(root, tmp, seed, minutes)
+            build_long_form(root, tmp, seed, valid_minutes, split="valid")
+            os.rename(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not (out / "valid.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
+        try:
+            build_long_form(root, tmp, seed, valid_minutes, split="valid")
+            for part in ("wav/valid", "cut/wav/valid", "cut/valid.json", "valid.json"):   # valid.json last: done
+                shutil.rmtree(out / part, ignore_errors=True)
+                os.renames(tmp / part, out / part)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -668,7 +690,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=None, help="parallel synthesis jobs (default: CPU count)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--long-form", default=None, metavar="MINUTES", help="also build the long recordings of the test "
-                   "split (#18: comma-separated lengths in minutes, e.g. 1,2,3,5,7,10) into CORPUS/long-v1[-...]")
+                   "split (#18: comma-separated lengths in minutes, e.g. 1,2,3,5,7,10) into CORPUS/long-v1[-...], "
+                   "and a valid split of 1, 2, 3 and 5 minutes from the valid utterances, for choosing settings")
     p.add_argument("--unseen", action="store_true", help="also build a test split whose PER and ORG names never "
                    "occur in training, with their names and 2,000 distractors as entity lists (#19), into "
                    f"CORPUS/{UNSEEN_VERSION}")
@@ -698,8 +721,8 @@ def main(argv=None):
         if not meta["audio"]:
             sys.exit("error: --long-form needs the corpus with audio (not --no-audio)")
         long_dir = ensure_long_form(root, args.seed, minutes)
-        print(f"long recordings: {long_dir}  (decode.py --dataset cnerta --data-dir {long_dir} --split test; cut at "
-              f"the utterances: --dataset demo --data-dir {long_dir / 'cut'})")
+        print(f"long recordings: {long_dir}  (decode.py --dataset cnerta --data-dir {long_dir} --split test, or "
+              f"--split valid; cut at the utterances: --dataset demo --data-dir {long_dir / 'cut'})")
     if args.unseen:
         try:
             unseen = ensure_unseen(root, args.seed, not args.quiet, args.workers)

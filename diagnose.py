@@ -20,7 +20,7 @@ from pathlib import Path
 
 import audio
 import segment
-from data import DataError, Sample, json_lines, load_split
+from data import SPLITS, DataError, Sample, json_lines, load_split
 from scoring import edit_distance, prf, read_predictions, score_predictions
 from search import platt
 from text import TYPES, Phonemizer, read_phone_dict
@@ -268,20 +268,29 @@ def playback(pairs, original_pairs) -> dict:
             "cer_original": cer("original_errors", "original_chars")}
 
 
-def segmentation(data_dir, vad="silero", **plan) -> dict:
-    """How the pieces of long recordings (data_dir/test.json, demo.py --long-form) match their gold utterances,
+def long_split(split: str) -> str:
+    """A long-form set's split name (demo.build_long_form: test, or valid for dev/valid): its NAME.json, wav/NAME/."""
+    if split not in SPLITS or SPLITS[split] == "train":
+        raise DataError(f"long-form split {split!r}: test or valid")
+    return "test" if SPLITS[split] == "test" else "valid"
+
+
+def segmentation(data_dir, vad="silero", split="test", **plan) -> dict:
+    """How the pieces of long recordings (data_dir/test.json or valid.json, demo.py --long-form) match their gold
+    utterances,
     before any model runs: voice activity (segment.detector(vad)) and segment.plan_pieces(**plan) per recording.
     Counted: pieces; pieces holding most of two utterances or more; utterances no piece holds whole (98 % of their
     time); utterances no piece touches; the share of piece time outside every utterance."""
-    lines = [d for _, d in json_lines(Path(data_dir) / "test.json")]
+    name = long_split(split)
+    lines = [d for _, d in json_lines(Path(data_dir) / f"{name}.json")]
     if not lines or any("utterances" not in d for d in lines):
-        raise DataError(f"{data_dir}/test.json: not long recordings (lines with \"utterances\", as demo.py "
+        raise DataError(f"{data_dir}/{name}.json: not long recordings (lines with \"utterances\", as demo.py "
                         "--long-form writes)")
     detector = segment.detector(vad)
     counts = collections.Counter()
     overlap = lambda p, u: min(p.end_s, u["end_s"]) - max(p.start_s, u["start_s"])      # noqa: E731
     for line in lines:
-        wav = Path(data_dir) / "wav" / "test" / f"{line['audio']}.wav"
+        wav = Path(data_dir) / "wav" / name / f"{line['audio']}.wav"
         seconds = audio.wav_info(wav).seconds
         pieces = segment.plan_pieces(segment.speech_probabilities(str(wav), detector), seconds, **plan)
         utts = line["utterances"]
@@ -301,18 +310,20 @@ def segmentation(data_dir, vad="silero", **plan) -> dict:
             "time_outside_utterances": counts["outside_s"] / counts["piece_s"] if counts["piece_s"] else None}
 
 
-def long_form(predictions, data_dir, task="SNER", pad_s=0.0) -> dict:
+def long_form(predictions, data_dir, task="SNER", pad_s=0.0, split="test") -> dict:
     """Scores of long recordings per gold utterance: each record split back into its utterances (segment.unstitch)
-    and scored against the utterances' own lines (data_dir/cut/test.json), as decode.py --eval scores the cut set;
+    and scored against the utterances' own lines (data_dir/cut/test.json; valid.json for the valid split), as
+    decode.py --eval scores the cut set;
     with the entity times of each utterance, as `times` scores the cut set's (localization, on the cut wavs)."""
-    lines = {d["audio"]: d for _, d in json_lines(Path(data_dir) / "test.json")}
+    name = long_split(split)
+    lines = {d["audio"]: d for _, d in json_lines(Path(data_dir) / f"{name}.json")}
     records = read_predictions(predictions, task)
     bad = sorted(i for i in records if "utterances" not in lines.get(i, {}))
     if bad:
-        raise DataError(f"{predictions}: records {bad[:3]} are not long recordings of {data_dir}/test.json (a line "
-                        "with \"utterances\", as demo.py --long-form writes)")
-    golds = {s.id: s for s in load_split("demo", Path(data_dir) / "cut", "test")}
-    split = [dict(r, task=task, wav=str(Path(data_dir) / "cut" / "wav" / "test" / f"{r['id']}.wav"))
+        raise DataError(f"{predictions}: records {bad[:3]} are not long recordings of {data_dir}/{name}.json (a "
+                        "line with \"utterances\", as demo.py --long-form writes)")
+    golds = {s.id: s for s in load_split("demo", Path(data_dir) / "cut", name)}
+    split = [dict(r, task=task, wav=str(Path(data_dir) / "cut" / "wav" / name / f"{r['id']}.wav"))
              for i, rec in records.items() for r in segment.unstitch(rec, lines[i]["utterances"])]
     pieces = [p for rec in records.values() for p in rec.get("pieces", [])]
     out = {"recordings": len(records), "pieces": len(pieces),

@@ -302,7 +302,11 @@ def main(argv=None):
         q.add_argument("--task", required=True, choices=("TNER", "SNER", "MNER"), help="whose records to score")
         q.add_argument("--dataset", required=True, choices=DATASETS, help="corpus format of the gold split")
         q.add_argument("--data-dir", default=None, help="folder with the gold annotation files")
-        q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
+        if name == "long-form":                                 # the set's test.json, or its valid.json
+            q.add_argument("--split", default="test", choices=("test", "valid"), help="long-form split (default "
+                           "test; choose settings on valid)")
+        else:
+            q.add_argument("--split", default="dev", choices=sorted(SPLITS), help="gold split (default dev)")
     el = sub.add_parser("entities", help="write the entity list of a split (decode.py --entities reads it): one "
                                          "'STRING TYPE' a line, most frequent first")
     add_corpus_args(el)
@@ -314,6 +318,8 @@ def main(argv=None):
                                        "their gold utterances, before any model runs: pieces, pieces holding "
                                        "several utterances, utterances cut or missed, time outside utterances")
     pc.add_argument("--data-dir", required=True, help="the long-form folder (its test.json and wav/test/)")
+    pc.add_argument("--split", default="test", choices=("test", "valid"), help="the long-form split: test (default) "
+                    "or valid (demo.py --long-form builds both; choose settings on valid)")
     pc.add_argument("--vad", choices=VADS, default="silero", help="voice activity detector (default silero)")
     pc.add_argument("--pieces", choices=PIECE_RULES, default="pauses", help="decode.py --pieces (default pauses)")
     pc.add_argument("--max-piece-seconds", type=float, default=20.0, help="decode.py --max-piece-seconds "
@@ -322,8 +328,12 @@ def main(argv=None):
                     "(default 0.2)")
     pc.add_argument("--piece-pad-seconds", type=float, default=0.2, help="decode.py --piece-pad-seconds "
                     "(default 0.2)")
-    pc.add_argument("--vad-threshold", type=float, default=0.5, help="decode.py --vad-threshold (above 0.15, below 1; "
-                    "default 0.5)")
+    pc.add_argument("--task", choices=("SNER", "MNER"), default="SNER", help="the task the pieces are for: its "
+                    "--vad-threshold default and, for MNER, --quiet-threshold's pieces (default SNER)")
+    pc.add_argument("--vad-threshold", type=float, default=None, help="decode.py --vad-threshold (above 0.15, "
+                    "below 1; default by task: SNER 0.5, MNER 0.35)")
+    pc.add_argument("--quiet-threshold", type=float, default=0.1, help="decode.py --quiet-threshold (MNER; "
+                    "default 0.1)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
     sub.choices["long-form"].add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around "
                                           "each entity (default 0)")
@@ -350,15 +360,17 @@ def main(argv=None):
         return
     if args.command == "pieces":
         try:
-            DecodeOptions(max_piece_seconds=args.max_piece_seconds, min_pause_seconds=args.min_pause_seconds,
-                          piece_pad_seconds=args.piece_pad_seconds, vad_threshold=args.vad_threshold,
-                          vad=args.vad).check({"max_piece_seconds": "--max-piece-seconds",
-                                               "min_pause_seconds": "--min-pause-seconds",
-                                               "piece_pad_seconds": "--piece-pad-seconds",
-                                               "vad_threshold": "--vad-threshold", "vad": "--vad"})
+            options = DecodeOptions(max_piece_seconds=args.max_piece_seconds, min_pause_seconds=args.min_pause_seconds,
+                                    piece_pad_seconds=args.piece_pad_seconds, vad_threshold=args.vad_threshold,
+                                    quiet_threshold=args.quiet_threshold, vad=args.vad)
+            options.check({"max_piece_seconds": "--max-piece-seconds", "min_pause_seconds": "--min-pause-seconds",
+                           "piece_pad_seconds": "--piece-pad-seconds", "vad_threshold": "--vad-threshold",
+                           "quiet_threshold": "--quiet-threshold", "vad": "--vad"})
             result = diagnose.segmentation(args.data_dir, args.vad, max_piece_s=args.max_piece_seconds,
                                            min_pause_s=args.min_pause_seconds, pad_s=args.piece_pad_seconds,
-                                           threshold=args.vad_threshold, pack=args.pieces == "packed")
+                                           threshold=options.threshold(args.task), pack=args.pieces == "packed",
+                                           quiet_threshold=args.quiet_threshold if args.task == "MNER" else None,
+                                           split=args.split)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate.py pieces: {e}")
         print(json.dumps(result, ensure_ascii=False, indent=1))
@@ -368,7 +380,8 @@ def main(argv=None):
             pairs = [] if args.command == "long-form" else scoring.prediction_pairs(
                 args.predictions, args.dataset, args.data_dir, args.split, args.task, args.command == "times")
             if args.command == "long-form":
-                result = diagnose.long_form(args.predictions, args.data_dir, args.task, args.pad_ms / 1000)
+                result = diagnose.long_form(args.predictions, args.data_dir, args.task, args.pad_ms / 1000,
+                                            args.split)
             elif args.command == "playback":
                 if args.task != "SNER":
                     raise DataError("playback: SNER only (a given text would say the redacted names)")

@@ -348,8 +348,9 @@ class Recognizer:
 
     def _heard(self, reqs, batch_size=8, edges=True):
         """What the phone CTC head hears in each piece: -> (greedy phone strings, per piece the log-probs of its
-        first and last segment.EDGE_FRAMES frames, or None; with edges=False, no edges: [])."""
-        heard, ends = [], []
+        first and last segment.EDGE_FRAMES frames, or None (with edges=False, no edges: []), per piece the first
+        frame whose best class is a phone, or None)."""
+        heard, ends, onsets = [], [], []
         for k in range(0, len(reqs), batch_size):
             rows = [self._row(dataclasses.replace(r, text=None), "SNER")[0] for r in reqs[k: k + batch_size]]
             with torch.no_grad():
@@ -358,10 +359,11 @@ class Recognizer:
             host = logp.half().cpu().numpy() if edges else None    # (B, T', C), one copy a batch
             for b, (best, n) in enumerate(zip(logp.argmax(-1).tolist(), frames.tolist())):
                 heard.append([c for i, c in enumerate(best[:n]) if c != align.BLANK and (i == 0 or best[i - 1] != c)])
+                onsets.append(next((i for i, c in enumerate(best[:n]) if c != align.BLANK), None))
                 if edges:                                       # (W, C) each end, float16: ~12 KB a piece
                     w = min(segment.EDGE_FRAMES, n)
                     ends.append((host[b, :w].copy(), host[b, n - w:n].copy()) if n >= 2 else None)
-        return heard, ends
+        return heard, ends, onsets
 
     def _finish_confidence(self, results, task):
         """confidence = exp(log-confidence / T), Platt-scaled with confidence_platt (6 decimals; None without
@@ -428,6 +430,11 @@ class Recognizer:
                 items.append((i, req, t))
                 continue
             parts = [dataclasses.replace(req, span=(p.start_s, p.end_s)) for p in plans[i]]
+            if t == "SNER" and self.options.onset_lead_seconds is not None:   # start where the first phone is heard
+                onsets = self._heard(parts, batch_size, edges=False)[2]
+                plans[i] = segment.snap_onsets(plans[i], [None if f is None else f * align.FRAME_S for f in onsets],
+                                               self.options.onset_lead_seconds)
+                parts = [dataclasses.replace(req, span=(p.start_s, p.end_s)) for p in plans[i]]
             if t == "MNER":                                     # each piece gets its share of the transcript
                 parts, shares[i] = self._share_text(req, parts, batch_size)
             items += [(i, part, t) for part in parts]
@@ -474,12 +481,13 @@ class Recognizer:
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
         return segment.plan_pieces(probs, seconds, longest, min_pause_s=self.options.min_pause_seconds,
                                    pad_s=self.options.piece_pad_seconds, pack=self.options.pieces == "packed",
-                                   threshold=self.options.vad_threshold)
+                                   threshold=self.options.threshold(task),
+                                   quiet_threshold=self.options.quiet_threshold if task == "MNER" else None)
 
     def _share_text(self, req, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
         what the phone CTC head hears in each piece against the transcript's phones."""
-        heard, edges = self._heard(parts, batch_size)
+        heard, edges, _ = self._heard(parts, batch_size)
         classes = self.model.config.phone_dict_size - 3
         char_phones = [(self._readings(c, classes) or [[]])[0] for c in req.text]
         bounds, distances, failures = segment.split_text(char_phones, heard)

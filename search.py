@@ -15,7 +15,7 @@ entities.
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,19 @@ TIMESTAMPS = ("entities", "chars", "none")
 # --entity-weight when unset, per task: chosen two-fold (evaluate.py choose) on the CNERTA dev text (2; README) and
 # on the demo unseen-names split among the weights that cost the ordinary demo valid split <= 0.5 F1 (3 and 2.5)
 ENTITY_WEIGHTS = {"TNER": 2.0, "MNER": 2.0, "SNER": 3.0}
+# Speech probability that starts a stretch of speech in a long recording, by task (chosen on the demo long-form
+# valid split): MNER gains from finding quiet speech (its transcript says what is there), SNER loses by the noise
+# and the joined utterances a lower threshold brings
+VAD_THRESHOLDS = {"SNER": 0.5, "MNER": 0.35}
+
+
+def _by_task(value, defaults, what, task):
+    """An option set for every task (value), else the task's default."""
+    if value is not None:
+        return value
+    if task not in defaults:
+        raise ValueError(f"no {what} for task {task!r} (one of {', '.join(defaults)})")
+    return defaults[task]
 
 
 @dataclass(frozen=True)
@@ -88,16 +101,22 @@ class DecodeOptions:
                                                 # into pieces up to max_piece_seconds (segment.plan_pieces)
     min_pause_seconds: float = 0.2              # silence that separates two stretches of speech
     piece_pad_seconds: float = 0.2              # pause a piece keeps before and after its speech (at most half of it)
-    vad_threshold: float = 0.5                  # speech probability that starts a stretch of speech (segment.py)
+    vad_threshold: Optional[float] = None       # speech probability that starts a stretch of speech (segment.py);
+                                                # None: VAD_THRESHOLDS of the task (threshold)
+    quiet_threshold: Optional[float] = 0.1      # MNER: quiet speech between pieces, found at this probability,
+                                                # makes pieces too (segment.quiet_pieces); None: none
+    onset_lead_seconds: Union[float, None, str] = "auto"   # SNER pieces start this long before the first phone
+                                                # the CTC head hears (segment.snap_onsets); None: where the detector
+                                                # puts them; "auto": the checkpoint's assets["decoding"] value, else None
     modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)
+
+    def threshold(self, task) -> float:
+        """The voice activity threshold of long recordings for `task`: vad_threshold, else VAD_THRESHOLDS[task]."""
+        return _by_task(self.vad_threshold, VAD_THRESHOLDS, "voice activity threshold", task)
 
     def list_weight(self, task) -> float:
         """The entity list's bonus per character for `task`: entity_weight, else ENTITY_WEIGHTS[task]."""
-        if self.entity_weight is not None:
-            return self.entity_weight
-        if task not in ENTITY_WEIGHTS:
-            raise ValueError(f"no entity list weight for task {task!r} (one of {', '.join(ENTITY_WEIGHTS)})")
-        return ENTITY_WEIGHTS[task]
+        return _by_task(self.entity_weight, ENTITY_WEIGHTS, "entity list weight", task)
 
     @property
     def longest_piece_seconds(self) -> float:
@@ -115,6 +134,8 @@ class DecodeOptions:
                  if getattr(self, name) is None}
         if self.pseudo_text_len is None:
             unset["pseudo_text_len"] = (assets or {}).get("pseudo_text_len")
+        if self.onset_lead_seconds == "auto":                   # train.py: models that need it say so
+            unset["onset_lead_seconds"] = saved.get("onset_lead_seconds")
         options = dataclasses.replace(self, **unset)
         options.check()
         if options.nbest > options.beam:
@@ -167,10 +188,15 @@ class DecodeOptions:
             raise files.InputError(f"{name('pieces')} must be one of {', '.join(PIECE_RULES)}, got {self.pieces!r}")
         if not 0 < self.min_pause_seconds <= 5:
             raise files.InputError(f"{name('min_pause_seconds')} must be in (0, 5], got {self.min_pause_seconds}")
-        if not 0.15 < self.vad_threshold < 1:
+        if self.vad_threshold is not None and not 0.15 < self.vad_threshold < 1:
             raise files.InputError(f"{name('vad_threshold')} must be in (0.15, 1), got {self.vad_threshold}")
         if not 0 <= self.piece_pad_seconds <= 0.5:
             raise files.InputError(f"{name('piece_pad_seconds')} must be in [0, 0.5], got {self.piece_pad_seconds}")
+        if self.quiet_threshold is not None and not 0 < self.quiet_threshold < 1:
+            raise files.InputError(f"{name('quiet_threshold')} must be in (0, 1) or None, got {self.quiet_threshold}")
+        lead = self.onset_lead_seconds
+        if lead not in (None, "auto") and (isinstance(lead, str) or not 0 <= lead <= 0.5):
+            raise files.InputError(f"{name('onset_lead_seconds')} must be in [0, 0.5], None or 'auto', got {lead!r}")
 
 
 @dataclass

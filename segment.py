@@ -152,9 +152,10 @@ def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15) -> lis
 
 
 def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=0.2, pad_s=0.2,
-                overlap_s=1.0, pack=False, min_piece_s=1.0, release=0.15) -> list[Piece]:
+                overlap_s=1.0, pack=False, min_piece_s=1.0, release=0.15, quiet_threshold=None) -> list[Piece]:
     """The pieces of a recording (module docstring). Where the detector finds no speech at all, the whole recording
-    counts as one stretch of it (cut at its quietest windows): nothing goes undecoded because a detector missed."""
+    counts as one stretch of it (cut at its quietest windows): nothing goes undecoded because a detector missed.
+    quiet_threshold (MNER): quiet_pieces between them too."""
     if max_piece_s < 2 * pad_s + 2 * overlap_s + HOP_S:
         raise ValueError(f"max_piece_s {max_piece_s} leaves no room for speech (pad_s {pad_s}, overlap_s "
                          f"{overlap_s})")
@@ -185,7 +186,50 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
             pieces.append(Piece(round(float(max(0.0, start)), 4), round(float(min(duration_s, end)), 4),
                                 parts[first][2]))
             first = k + 1
+    if quiet_threshold is not None:
+        pieces = sorted(pieces + quiet_pieces(pieces, probs, duration_s, quiet_threshold, pad_s=pad_s,
+                                              max_piece_s=max_piece_s), key=lambda p: p.start_s)
     return pieces
+
+
+def quiet_pieces(pieces, probs, duration_s, threshold=0.1, min_speech_s=0.5, pad_s=0.2, max_piece_s=20.0):
+    """Pieces of quiet speech in the gaps between `pieces` (MNER): stretches whose speech probability reaches
+    `threshold` (far below plan_pieces', release threshold / 2) for at least min_speech_s, each kept with up to pad_s
+    of the gap around it. A detector misses speech at a few dB over loud noise, and its part of the transcript would
+    go to a neighbouring piece whose audio does not say it; a piece of its own lets the alignment give it that part
+    (or nothing: a piece without a share of the transcript is not decoded). -> the new pieces, in time order."""
+    probs = np.asarray(probs, dtype=np.float32)
+    bounds = [0.0] + [t for p in pieces for t in (p.start_s, p.end_s)] + [duration_s]
+    out = []
+    for g0, g1 in zip(bounds[::2], bounds[1::2]):
+        w0, w1 = math.ceil(g0 / HOP_S), min(len(probs), math.floor(g1 / HOP_S))
+        if w1 - w0 < 1:
+            continue
+        for a, b in speech_stretches(probs[w0:w1], threshold, min_pause_s=0.2, release=threshold / 2):
+            a, b = a + w0 * HOP_S, b + w0 * HOP_S
+            if b - a < min_speech_s:
+                continue
+            a, b = max(g0, a - pad_s), min(g1, b + pad_s)
+            while b - a > 0:                                    # over max_piece_s: consecutive pieces
+                out.append(Piece(round(float(a), 4), round(float(min(b, a + max_piece_s)), 4)))
+                a += max_piece_s
+    return out
+
+
+def snap_onsets(pieces, first_heard, lead_s):
+    """Start each piece lead_s before the first phone the phone CTC head hears in it (first_heard[k]: seconds from
+    the piece's start, None: none heard), never earlier than planned: the detector's onset lags a soft first syllable
+    and the planned pad before it is noise, which derails a model that learned utterances starting on their first
+    syllable (as the demo's and AISHELL-1's trimmed ones do). A piece that takes over from the one before at a cut
+    starts inside speech already and stays; so does a piece that would keep under a second."""
+    out = []
+    for piece, heard in zip(pieces, first_heard):
+        start = piece.start_s + max(0.0, heard - lead_s) if heard is not None else piece.start_s
+        if piece.cut_s is not None or piece.end_s - start < 1.0:
+            out.append(piece)
+        else:
+            out.append(Piece(round(start, 4), piece.end_s, piece.cut_s))
+    return out
 
 
 def split_text(char_phones, heard, max_distance=0.5):

@@ -673,12 +673,12 @@ def train(cfg):
     if cfg.mix == "coin" and set(train_tasks) != set(TASKS):
         log(f"note: the coin mix needs all three tasks; training {','.join(train_tasks)} with the uniform mix")
         cfg.mix = "uniform"
-    if cfg.eval_limit:
-        dev_samples = dev_samples[:cfg.eval_limit]
+    dev_samples = dev_samples[:cfg.eval_limit] if cfg.eval_limit else dev_samples
     model, assets = build_model(cfg, train_samples, resume_ckpt, log)
     if cfg.decode_ctc_weight is None:
         cfg.decode_ctc_weight = 0.5 if cfg.ctc_weight else 0.0
-    assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": cfg.decode_ctc_weight}
+    assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": cfg.decode_ctc_weight,   # this run's, not
+                          "onset_lead_seconds": demo.onset_lead(cfg.dataset, cfg.noise_margin)}   # an --init's
     assets["pseudo_text_len"] = cfg.pseudo_len  # part of the checkpoint: decoding needs the same pseudo text
     featurizer = data.Featurizer(assets, pseudo_text_len=cfg.pseudo_len, cache_dir=feature_cache)
     workers = cfg.workers if cfg.workers is not None else devices.default_workers(device, int(os.environ.get(

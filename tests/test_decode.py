@@ -915,7 +915,11 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
     saved = {**assets, "decoding": {**assets["decoding"], "ctc_weight": 0.5, "beam": 4}, "pseudo_text_len": 7}
     opts = search.DecodeOptions(beam=2, nbest=2).resolve(saved)
     assert (opts.beam, opts.nbest, opts.ctc_weight, opts.max_len, opts.pseudo_text_len) == (2, 2, 0.5, 24, 7)
-    assert search.DecodeOptions().resolve() == search.DecodeOptions(**search.SEARCH_DEFAULTS)
+    assert search.DecodeOptions().resolve() == search.DecodeOptions(**search.SEARCH_DEFAULTS, onset_lead_seconds=None)
+    onsets = {**saved, "decoding": {**saved["decoding"], "onset_lead_seconds": 0.0}}   # train.py: a demo model
+    assert search.DecodeOptions().resolve(onsets).onset_lead_seconds == 0.0
+    assert search.DecodeOptions(onset_lead_seconds=None).resolve(onsets).onset_lead_seconds is None
+    assert search.DecodeOptions(onset_lead_seconds=0.1).resolve(onsets).onset_lead_seconds == 0.1
     rec = recognize.Recognizer((model, saved), search.DecodeOptions(beam=3), device="cpu", ctc_candidates=4)
     assert (rec.options.beam, rec.options.ctc_weight, rec.options.ctc_candidates) == (3, 0.5, 4)
     assert recognize.Recognizer((model, saved), device="cpu").options.beam == 4
@@ -934,6 +938,9 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
                          (["--min-pause-seconds", "0"], "--min-pause-seconds must be in (0, 5]"),
                          (["--piece-pad-seconds", "0.8"], "--piece-pad-seconds must be in [0, 0.5]"),
                          (["--vad-threshold", "1"], "--vad-threshold must be in (0.15, 1)"),
+                         (["--onset-lead-seconds", "0.8"], "--onset-lead-seconds must be in [0, 0.5]"),
+                         (["--onset-lead-seconds", "soon"], "--onset-lead-seconds: invalid"),
+                         (["--quiet-threshold", "1.5"], "--quiet-threshold must be in (0, 1)"),
                          (["--entities", "/nonexistent/names.txt"], "names.txt: no such file"),
                          (["--entity-weight", "-1"], "--entity-weight must be a finite number >= 0")):
         with pytest.raises(SystemExit):

@@ -268,6 +268,42 @@ def test_long_form_recordings_join_the_test_utterances_with_their_gold(tmp_path)
 
 
 @needs_tools
+def test_the_long_form_set_has_a_valid_split_of_its_own_for_choosing_settings(tmp_path):
+    """ensure_long_form: a valid split made of the valid utterances (its own ids, wavs and cut set); a set built
+    before there was one gets it, its test split untouched; evaluate.py long-form --split valid scores it."""
+    import diagnose
+    root = demo.ensure_demo_corpus(tmp_path / "c", seed=2, progress=False, n_train=4, n_dev=3, n_test=3)
+    out = demo.ensure_long_form(root, seed=0, minutes=(0.25,), valid_minutes=(0.25, 0.25))
+    valid, test = read_jsonl(out / "valid.json"), read_jsonl(out / "test.json")
+    dev_ids = {r["audio"] for r in read_jsonl(root / "valid.json")}
+    assert [r["audio"] for r in valid] == ["VLONG0001", "VLONG0002"] and [r["audio"] for r in test] == ["LONG0001"]
+    cut = read_jsonl(out / "cut" / "valid.json")
+    assert [c["audio"] for c in cut] == [u["audio"] for r in valid for u in r["utterances"]]
+    assert all(c["audio"][:16] in dev_ids and (out / "cut" / "wav" / "valid" / f"{c['audio']}.wav").is_file()
+               for c in cut)
+    assert all((out / "wav" / "valid" / f"{r['audio']}.wav").is_file() for r in valid)
+    assert test == demo.build_long_form(root, tmp_path / "alone", seed=0, minutes=(0.25,))   # as without valid
+    before = {p: p.read_bytes() for p in sorted((out / "wav" / "test").iterdir())}
+    for part in ("wav/valid", "cut/wav/valid"):                    # a set from before the valid split
+        shutil.rmtree(out / part)
+    (out / "valid.json").unlink(), (out / "cut" / "valid.json").unlink()
+    assert demo.ensure_long_form(root, seed=0, minutes=(0.25,), valid_minutes=(0.25, 0.25)) == out
+    assert read_jsonl(out / "valid.json") == valid and read_jsonl(out / "cut" / "valid.json") == cut
+    assert {p: p.read_bytes() for p in sorted((out / "wav" / "test").iterdir())} == before
+    # gold text as the prediction: a perfect score on the valid split, none of its records taken for the test's
+    perfect = [{"id": r["audio"], "task": "MNER", "text": r["sentence"], "pieces": [],
+                "entities": [{"start": a, "end": b, "type": t, "text": x} for a, b, x, t in r["entity"]],
+                "char_times": [[c, u["start_s"], u["end_s"]] for u in r["utterances"]
+                               for c in r["sentence"][slice(*u["chars"])]]} for r in valid]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in perfect),
+                                      encoding="utf-8")
+    scores = diagnose.long_form(tmp_path / "p.jsonl", out, "MNER", split="valid")
+    assert scores["recordings"] == 2 and scores["ours"]["f1"] == 100.0
+    with pytest.raises(diagnose.DataError, match="not long recordings of .*test.json"):
+        diagnose.long_form(tmp_path / "p.jsonl", out, "MNER", split="test")
+
+
+@needs_tools
 def test_the_unseen_names_split_has_no_training_name_and_lists_its_names_among_distractors(tmp_path):
     """build_unseen: PER and ORG names none of the training set's, only training characters, gold times; names.txt
     holds exactly its PER/ORG names, distractors.txt new names in no split, entities.txt both; decode.py reads it."""

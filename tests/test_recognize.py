@@ -99,6 +99,58 @@ def test_pieces_keep_the_pause_asked_for_around_their_speech(tiny, long_wav):
     assert any(s.start_s > p.start_s + 0.01 for s, p in zip(strict, plans[0.0]))
 
 
+def test_sner_pieces_start_where_the_phone_ctc_head_first_hears_a_phone(tiny, long_wav, says, monkeypatch):
+    """--onset-lead-seconds: one pass of the phone CTC head over the planned pieces, then each decodes from its first
+    heard phone less the lead (segment.snap_onsets); times stay in the recording's clock. None: no such pass."""
+    path, spans, seconds = long_wav
+    says("[张伟]在(北京)<大学>读书")
+    passes, real = [], recognize.Recognizer._heard
+
+    def heard(self, reqs, batch_size=8, edges=True):
+        passes.append([r.span for r in reqs])
+        out = real(self, reqs, batch_size, edges)
+        return out[0], out[1], [5] * len(reqs)                      # the first phone at frame 5: 0.2 s in
+    monkeypatch.setattr(recognize.Recognizer, "_heard", heard)
+    kw = dict(device="cpu", beam=2, max_len=12, max_piece_seconds=8.0, vad="energy", timestamps="chars")
+    plain = recognize.Recognizer(tiny, onset_lead_seconds=None, **kw)
+    (before,) = plain.run([recognize.Request(wav=path, id="long")])
+    assert passes == []
+    snapping = recognize.Recognizer(tiny, onset_lead_seconds=0.05, **kw)
+    (after,) = snapping.run([recognize.Request(wav=path, id="long")])
+    assert passes == [[(p["start_s"], p["end_s"]) for p in before["pieces"]]]   # the planned pieces, once
+    moved = 0
+    for p, q in zip(before["pieces"], after["pieces"]):
+        keeps = p["end_s"] - (p["start_s"] + 0.15) < 1.0                # under a second left: stays as planned
+        assert q["start_s"] == pytest.approx(p["start_s"] + (0 if keeps else 0.15), abs=1e-6)
+        assert q["end_s"] == p["end_s"]
+        moved += not keeps
+    assert moved >= 4
+    timed = [e for e in after["entities"] if e["start_s"] is not None]
+    assert len(timed) >= 4
+    for e in timed:                                                  # times in the recording, inside its piece
+        piece = after["pieces"][e["piece"]]
+        assert piece["start_s"] - 1e-6 <= e["start_s"] < e["end_s"] <= piece["end_s"] + 1e-6
+
+
+def test_the_voice_activity_threshold_and_quiet_pieces_follow_the_task(tiny, long_wav, monkeypatch):
+    """Unset, --vad-threshold is the task's (search.VAD_THRESHOLDS: SNER 0.5, MNER 0.35); quiet pieces are MNER's
+    only (its transcript decides whether they hold anything); explicit values win."""
+    seen = []
+    real = recognize.segment.plan_pieces
+    monkeypatch.setattr(recognize.segment, "plan_pieces", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    req = recognize.Request(wav=long_wav[0], id="long")
+    rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy")
+    rec._pieces(req, "SNER"), rec._pieces(req, "MNER")
+    assert [(kw["threshold"], kw["quiet_threshold"]) for kw in seen] == [(0.5, None), (0.35, 0.1)]
+    seen.clear()
+    rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", vad_threshold=0.6,
+                               quiet_threshold=None)
+    rec._pieces(req, "SNER"), rec._pieces(req, "MNER")
+    assert [(kw["threshold"], kw["quiet_threshold"]) for kw in seen] == [(0.6, None), (0.6, None)]
+    with pytest.raises(files.InputError, match="quiet_threshold must be in"):
+        recognize.Recognizer(tiny, device="cpu", quiet_threshold=1.0)
+
+
 def test_a_recording_up_to_the_piece_length_decodes_whole_as_before(tiny):
     wav = str(ROOT / "tests" / "fixtures" / "wavs" / "utt002.wav")
     rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=12, max_piece_seconds=5.0, vad="energy")

@@ -109,6 +109,41 @@ def test_a_stretch_longer_than_a_piece_is_cut_at_its_quietest_window_with_an_ove
         segment.plan_pieces(p, 30.0, max_piece_s=2.0)
 
 
+def test_quiet_speech_between_the_pieces_makes_pieces_of_its_own():
+    """quiet_pieces (MNER): a stretch between the pieces that reaches the low threshold for half a second or more
+    is a piece, kept inside its gap; a shorter blip and the pieces' own speech are not; plan_pieces puts them in
+    time order with the others."""
+    p = probs_of([(1.0, 4.0), (9.0, 12.0)], 14.0)
+    p[int(round(5.5 / HOP_S)): int(round(7.0 / HOP_S))] = 0.2       # quiet speech the detector missed: 1.5 s
+    p[int(round(7.5 / HOP_S)): int(round(7.8 / HOP_S))] = 0.3       # a 0.3 s blip: under min_speech_s
+    p[int(round(12.8 / HOP_S)): int(round(14.0 / HOP_S))] = 0.15    # quiet speech to the end of the recording
+    loud = segment.plan_pieces(p, 14.0, pad_s=0.2)
+    assert len(loud) == 2
+    quiet = segment.quiet_pieces(loud, p, 14.0, threshold=0.1, pad_s=0.2)
+    assert quiet == [Piece(pytest.approx(5.3, abs=0.04), pytest.approx(7.2, abs=0.04)),
+                     Piece(pytest.approx(12.6, abs=0.04), 14.0)]
+    for q in quiet:                                                  # inside the gaps, never over a loud piece
+        assert all(q.end_s <= r.start_s or r.end_s <= q.start_s for r in loud)
+    assert segment.quiet_pieces(loud, p, 14.0, threshold=0.25) == [] # 0.2 never reaches 0.25; the blip is short
+    both = segment.plan_pieces(p, 14.0, pad_s=0.2, quiet_threshold=0.1)
+    assert both == sorted(loud + quiet, key=lambda q: q.start_s) and len(both) == 4
+    long_quiet = probs_of([], 30.0) + 0.2                            # quiet all along: pieces of at most max_piece_s
+    pieces = segment.quiet_pieces([], long_quiet, 30.0, threshold=0.1, max_piece_s=12.0)
+    assert [q.end_s - q.start_s for q in pieces] == pytest.approx([12.0, 12.0, 6.0], abs=0.04)
+
+
+def test_a_piece_starts_where_its_first_phone_is_heard_never_earlier_than_planned():
+    """snap_onsets: start = planned start + first heard - lead (not before the planned start); a piece with nothing
+    heard, one that takes over at a cut (it starts inside speech), or one that would keep under a second stays."""
+    pieces = [Piece(0.0, 4.0), Piece(5.0, 9.0), Piece(10.0, 14.0), Piece(13.0, 18.0, cut_s=13.5), Piece(20.0, 21.5),
+              Piece(22.0, 26.0)]
+    heard = [0.24, 0.02, None, 0.4, 0.8, 0.4]
+    snapped = segment.snap_onsets(pieces, heard, lead_s=0.04)
+    assert [p.start_s for p in snapped] == pytest.approx([0.2, 5.0, 10.0, 13.0, 20.0, 22.36])
+    assert [(p.end_s, p.cut_s) for p in snapped] == [(p.end_s, p.cut_s) for p in pieces]
+    assert segment.snap_onsets(pieces, heard, lead_s=0.0)[0].start_s == pytest.approx(0.24)
+
+
 def test_energy_detector_finds_speech_over_the_noise_floor():
     x, spans = speech_with_pauses([1.0, 0.8])
     p = segment.speech_probabilities(torch.from_numpy(x), segment.EnergyDetector())

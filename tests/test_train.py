@@ -115,6 +115,12 @@ def test_presets_and_explicit_flags():
     assert demo.model == {"subsample_channels": 16} and paper_model_is_plain()
     assert (demo.noise, demo.noise_snr_db, demo.noise_margin) == (0.5, (0.0, 30.0), 0.0)
     assert train.get_args(["--dataset", "demo", "--noise-snr-db=-5,20"]).noise_snr_db == (-5.0, 20.0)
+    # demo utterances start on their first syllable: its models snap long recordings' pieces to it, unless
+    # trained with noise before it
+    assert train.demo.onset_lead(demo.dataset, demo.noise_margin) == 0.0
+    margins = train.get_args(["--dataset", "demo", "--noise-margin", "0.2"])
+    assert train.demo.onset_lead(margins.dataset, margins.noise_margin) is None
+    assert train.demo.onset_lead("cnerta", 0.0) is None
     wide = train.get_args(["--dataset", "demo", "--model", "d_model=96"])   # an explicit --model replaces the demo's
     assert wide.model == {"d_model": 96}
     paper = train.get_args(["--dataset", "cnerta", "--data-dir", "x"])
@@ -283,6 +289,7 @@ def test_resume_after_sigkill_reaches_the_same_weights(corpus, tmp_path):
     assert "resumed from" in r.stdout
     a, b = load(straight / "last.pt"), load(killed / "last.pt")
     assert a["assets"]["decoding"]["ctc_weight"] == 0.5       # trained with CTC: SNER decodes jointly by default
+    assert a["assets"]["decoding"]["onset_lead_seconds"] is None   # CNERTA: long recordings' pieces as planned
     assert a["step"] == b["step"] == 18
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
