@@ -142,13 +142,14 @@ def snr_range(text: str) -> tuple[float, float]:
 class NoiseMix:
     """Background noise for speech training rows (SNER and MNER): with probability p a row's waveform gets white,
     pink or brown noise at an SNR drawn uniformly from snr_db (dB over the row's mean power), and, with margin > 0,
-    a lead and a tail of noise alone, each drawn from 0 to margin seconds. A model trained on clean speech alone
+    a lead and a tail of noise alone, each drawn from 0 to margin seconds, from epoch margin_from_epoch (0-based) on. A model trained on clean speech alone
     hallucinates entities in noise; noisy recordings (demo.py --long-form mixes 5-30 dB of the same three kinds under
     utterances moved by +-12 dB) need it, and their pieces (segment.py) start and end with some noise before the
     speech: a model that only ever heard rows starting on their first syllable derails there. Peak normalisation
     follows in the featurizer, so the mix's level does not matter."""
 
-    def __init__(self, p: float, seed: int = 0, snr_db: tuple = (0.0, 30.0), margin: float = 0.0):
+    def __init__(self, p: float, seed: int = 0, snr_db: tuple = (0.0, 30.0), margin: float = 0.0,
+                 margin_from_epoch: int = 0):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"noise probability must be in [0, 1], got {p}")
         if len(snr_db) != 2 or not snr_db[0] <= snr_db[1]:
@@ -156,14 +157,17 @@ class NoiseMix:
         if not 0.0 <= margin <= 10.0:
             raise ValueError(f"noise margin must be in [0, 10] seconds, got {margin}")
         self.p, self.seed, self.snr_db, self.margin = p, seed, tuple(float(x) for x in snr_db), float(margin)
+        self.margin_from_epoch = margin_from_epoch
 
-    def __call__(self, wave: torch.Tensor, key) -> torch.Tensor:
+    def __call__(self, wave: torch.Tensor, key, epoch: int = 0) -> torch.Tensor:
         """wave: float (N,) at 16 kHz -> the same wave, or a noisy copy (lead + N + tail,) with its margins."""
         rng = random.Random(f"noise:{self.seed}:{key}")
         if rng.random() >= self.p or len(wave) == 0:
             return wave
         kind, snr = rng.choice(NOISES), rng.uniform(*self.snr_db)
         lead, tail = (round(rng.uniform(0.0, self.margin) * audio.SAMPLE_RATE) for _ in range(2))
+        if epoch < self.margin_from_epoch:                   # drawn all the same: the noise does not depend on it
+            lead = tail = 0
         power = float((wave.double() ** 2).mean())           # of the speech alone: margins do not dilute the SNR
         noise = colored_noise(lead + len(wave) + tail, kind, np.random.default_rng(rng.getrandbits(64)))
         mixed = torch.from_numpy(noise * np.sqrt(power / 10 ** (snr / 10))).to(wave.dtype)

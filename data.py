@@ -596,7 +596,7 @@ class BatchBuilder(torch.utils.data.Dataset):
         if self.noise is not None and task != "TNER" and sample.audio is not None:
             if wave is None:
                 wave = audio.load_audio(sample.audio, sample_rate=audio.SAMPLE_RATE)      # (N,)
-            wave = self.noise(wave, key)
+            wave = self.noise(wave, key, epoch)
         return sample, wave
 
     def __getitem__(self, entry):

@@ -259,9 +259,9 @@ def get_args(argv=None):
     a("--onset-lead-seconds", type=seconds_or_word, default="auto", metavar="SECONDS|none|auto", help="SNER: a "
       "piece starts this long before the first phone the phone CTC head hears in it, never before the planned "
       "start (one more encoder pass a piece; 0 to 0.5; none: where the detector and --piece-pad-seconds put it; "
-      "default auto: the checkpoint's own setting, 0 for the demo recipe's models, whose training utterances all "
-      "start on their first syllable so that noise before it derails them, none for others: README, long "
-      "recordings)")
+      "default auto: the checkpoint's own setting: 0 for a demo model trained without --noise-margin, whose "
+      "training utterances all start on their first syllable so that noise before it derails it, none for "
+      "others: README, long recordings)")
     a("--quiet-threshold", type=number_or_none, default=0.1, metavar="PROBABILITY|none", help="MNER: speech "
       "between the pieces that reaches this probability (of --vad) for half a second makes a piece too, so that "
       "quiet speech the detector missed gets its own part of the transcript (a piece given none is not decoded; "

@@ -69,7 +69,7 @@ OFFICIAL = dict(lr=2e-5, mix="coin", pseudo_len=50, beam=3)  # NingJinzhong/IMAG
 DEMO = dict(preset="tiny", model="subsample_channels=16", tasks="TNER,SNER,SNER,MNER", dropout=0.0, lr=2e-3,
             epochs=14, batch_size=16, warmup=200, schedule="linear", ctc_weight=0.5, speeds="1.0", beam=5,
             eval_every="0", eval_limit=100, eval_test=True, max_minutes=13.0, dtype="fp32", entity_gap=0.2,
-            noise=0.5)
+            noise=0.5, noise_margin=0.2, noise_margin_epochs=3)
 RECIPES = {"paper": PAPER, "official": OFFICIAL, "demo": DEMO}
 
 
@@ -111,8 +111,8 @@ class TrainConfig:
     noise_snr_db: tuple = setting((0.0, 30.0), type=augment.snr_range, help="SNR range of --noise in dB, LOW,HIGH "
         "(finite, LOW <= HIGH; default 0,30; a negative LOW as --noise-snr-db=-5,20)")
     noise_margin: float = setting(0.0, type=float, help="noisy rows also get a lead and a tail of noise alone, each "
-        "0 to this many seconds, like the pieces of a long recording (0 = none, also in the demo recipe; at most 10; "
-        "0.2 closes the demo's long-recording SNER gap at a cost in clean-speech F1, README)")
+        "0 to this many seconds, like the pieces of a long recording (0 = none; at most 10; demo 0.2)")
+    noise_margin_epochs: int = setting(0, type=int, help="--noise-margin in the last N epochs only (0 = all; demo 3)")
     feature_cache: str = setting("auto", help="folder for a disk cache of fbank features, shared by workers and "
         "runs; auto = $XDG_CACHE_HOME/image/fbank (~/.cache/image/fbank) on a GPU (features are not recomputed "
         "every epoch), none on a CPU; 'none' = off")
@@ -219,8 +219,8 @@ def get_args(argv=None) -> TrainConfig:
     for name in ("entity_swap", "entity_gap", "noise"):
         if not 0.0 <= s.get(name, 0.0) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1] (got {s[name]})")
-    if not 0.0 <= s.get("noise_margin", 0.0) <= 10.0:
-        p.error(f"--noise-margin must be 0 to 10 seconds (got {s['noise_margin']})")
+    if not 0.0 <= s.get("noise_margin", 0.0) <= 10.0 or s.get("noise_margin_epochs", 0) < 0:
+        p.error("--noise-margin must be 0 to 10 seconds and --noise-margin-epochs at least 0")
     if s.get("decode_ctc_weight") is not None and s["decode_ctc_weight"] < 0:
         p.error(f"--decode-ctc-weight must be >= 0 (got {s['decode_ctc_weight']})")
     # checks that argparse cannot do
@@ -675,8 +675,7 @@ def train(cfg):
         cfg.mix = "uniform"
     dev_samples = dev_samples[:cfg.eval_limit] if cfg.eval_limit else dev_samples
     model, assets = build_model(cfg, train_samples, resume_ckpt, log)
-    if cfg.decode_ctc_weight is None:
-        cfg.decode_ctc_weight = 0.5 if cfg.ctc_weight else 0.0
+    cfg.decode_ctc_weight = (0.5 if cfg.ctc_weight else 0.0) if cfg.decode_ctc_weight is None else cfg.decode_ctc_weight
     assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": cfg.decode_ctc_weight,   # this run's, not
                           "onset_lead_seconds": demo.onset_lead(cfg.dataset, cfg.noise_margin)}   # an --init's
     assets["pseudo_text_len"] = cfg.pseudo_len  # part of the checkpoint: decoding needs the same pseudo text
@@ -694,7 +693,8 @@ def train(cfg):
         pin_memory=device.type == "cuda", ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
         entity_swap=augment.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None,
         entity_gap=augment.EntityGap(cfg.entity_gap, cfg.seed) if cfg.entity_gap else None,
-        noise=augment.NoiseMix(cfg.noise, cfg.seed, cfg.noise_snr_db, cfg.noise_margin) if cfg.noise else None)
+        noise=augment.NoiseMix(cfg.noise, cfg.seed, cfg.noise_snr_db, cfg.noise_margin, max(
+            0, cfg.epochs - cfg.noise_margin_epochs) if cfg.noise_margin_epochs else 0) if cfg.noise else None)
     if cfg.max_frames == "auto":
         rows = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)   # the largest micro-batch
         cfg.max_frames, note = cost.auto_max_frames(devices.gpu_bytes(device), model.config, dtype_name,

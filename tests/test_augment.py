@@ -228,6 +228,27 @@ def test_batch_builder_adds_noise_to_speech_rows_only(tmp_path):
     assert torch.equal(noisy, mix(gapped_wave, "0:0")) and len(gapped.text) < len(sample.text)
 
 
+def test_noise_margins_start_at_their_epoch_over_the_same_noise(tmp_path):
+    """margin_from_epoch (train.py --noise-margin-epochs): before it a noisy row has no margins, from it on it has;
+    the noise and its SNR are drawn as without the margins; BatchBuilder passes the row's epoch."""
+    wave_ = torch.from_numpy(np.sin(np.arange(16000) / 5.0).astype(np.float32)) * 0.3
+    late = augment.NoiseMix(1.0, seed=7, snr_db=(20.0, 20.0), margin=0.5, margin_from_epoch=2)
+    always = augment.NoiseMix(1.0, seed=7, snr_db=(20.0, 20.0), margin=0.5)
+    never = augment.NoiseMix(1.0, seed=7, snr_db=(20.0, 20.0))
+    grown = 0
+    for key in range(10):
+        assert torch.equal(late(wave_, key, epoch=0), never(wave_, key)) and torch.equal(
+            late(wave_, key, epoch=1), never(wave_, key))
+        assert torch.equal(late(wave_, key, epoch=2), always(wave_, key))
+        grown += len(late(wave_, key, epoch=3)) > len(wave_)
+    assert grown >= 9
+    path = speech_wav(tmp_path / "n.wav")
+    sample = data.Sample("n", NESTED.text, NESTED.entities, path, NESTED.times)
+    builder = data.BatchBuilder([sample], data.Featurizer(weights.assets_for_scratch([sample])), noise=late)
+    n = len(audio.load_audio(path))
+    assert len(builder.sample(1, 0, "SNER")[1]) == n and len(builder.sample(2, 0, "SNER")[1]) > n
+
+
 def test_noise_margins_count_in_the_frame_budget_but_leave_the_batches(tmp_path):
     """The frame budget (--max-frames) counts a noisy row's longest lead and tail; the length buckets of the
     batch plan do not move (with margins counted there, speech rows would sort apart from text rows: other steps)."""
