@@ -142,11 +142,12 @@ def snr_range(text: str) -> tuple[float, float]:
 class NoiseMix:
     """Background noise for speech training rows (SNER and MNER): with probability p a row's waveform gets white,
     pink or brown noise at an SNR drawn uniformly from snr_db (dB over the row's mean power), and, with margin > 0,
-    a lead and a tail of noise alone, each drawn from 0 to margin seconds, from epoch margin_from_epoch (0-based) on. A model trained on clean speech alone
-    hallucinates entities in noise; noisy recordings (demo.py --long-form mixes 5-30 dB of the same three kinds under
-    utterances moved by +-12 dB) need it, and their pieces (segment.py) start and end with some noise before the
-    speech: a model that only ever heard rows starting on their first syllable derails there. Peak normalisation
-    follows in the featurizer, so the mix's level does not matter."""
+    a lead and a tail of noise alone, each drawn from 0 to margin seconds (from epoch margin_from_epoch on). A model
+    trained on clean speech alone hallucinates entities in noise; noisy recordings (demo.py --long-form mixes 5-30 dB
+    of the same three kinds under utterances moved by +-12 dB) need it, and their pieces (segment.py) start and end
+    with some noise before the speech: a model that only ever heard rows starting on their first syllable derails
+    there (learnt in the last epochs, after the clean starts, the margins cost no clean F1: README). Peak
+    normalisation follows in the featurizer, so the mix's level does not matter."""
 
     def __init__(self, p: float, seed: int = 0, snr_db: tuple = (0.0, 30.0), margin: float = 0.0,
                  margin_from_epoch: int = 0):
@@ -159,6 +160,10 @@ class NoiseMix:
         self.p, self.seed, self.snr_db, self.margin = p, seed, tuple(float(x) for x in snr_db), float(margin)
         self.margin_from_epoch = margin_from_epoch
 
+    def margin_at(self, epoch: int) -> float:
+        """The longest margin of the rows of `epoch` (0-based): margin from margin_from_epoch on, else 0."""
+        return self.margin if epoch >= self.margin_from_epoch else 0.0
+
     def __call__(self, wave: torch.Tensor, key, epoch: int = 0) -> torch.Tensor:
         """wave: float (N,) at 16 kHz -> the same wave, or a noisy copy (lead + N + tail,) with its margins."""
         rng = random.Random(f"noise:{self.seed}:{key}")
@@ -166,7 +171,7 @@ class NoiseMix:
             return wave
         kind, snr = rng.choice(NOISES), rng.uniform(*self.snr_db)
         lead, tail = (round(rng.uniform(0.0, self.margin) * audio.SAMPLE_RATE) for _ in range(2))
-        if epoch < self.margin_from_epoch:                   # drawn all the same: the noise does not depend on it
+        if not self.margin_at(epoch):                        # drawn all the same: the noise does not depend on it
             lead = tail = 0
         power = float((wave.double() ** 2).mean())           # of the speech alone: margins do not dilute the SNR
         noise = colored_noise(lead + len(wave) + tail, kind, np.random.default_rng(rng.getrandbits(64)))

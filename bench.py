@@ -62,7 +62,6 @@ import torch.nn.functional as F
 
 import audio
 import cost
-import decode
 import recognize
 import devices
 import files
@@ -627,8 +626,9 @@ def get_args(argv=None):
     a("--shards-dataset", default="demo", help="shards section: corpus (default demo)")
     a("--shards-data-dir", default=None, help="shards section: the corpus folder (default: the demo's own)")
     a("--shards-split", default="test", help="shards section: split (default test)")
-    a("--long-onset-lead", type=decode.seconds_or_word, default=None, metavar="SECONDS|none", help="long section: "
-      "decode.py --onset-lead-seconds (default none; 0: the extra CTC pass a demo model's SNER pieces take)")
+    a("--long-onset-lead", type=files.number_or_none, default=None, metavar="SECONDS|none", help="long section: "
+      "decode.py --onset-lead-seconds, 0 to 0.5 (default none; 0: the extra CTC pass that SNER pieces of a demo "
+      "model trained without noise margins take)")
     a("--long-warmup", choices=("longest", "none"), default="longest", help="long section: decode the longest "
       "recording once, untimed, before the measured ones (default: time and memory in the steady state of a "
       "process that has seen every piece shape), or none (a fresh process's first recording: run one length "
@@ -678,6 +678,8 @@ def get_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_len > 1000:
         p.error("--max-len must be <= 1000 (decoder positions)")
+    if args.long_onset_lead is not None and not 0 <= args.long_onset_lead <= 0.5:
+        p.error(f"--long-onset-lead must be in [0, 0.5] or none, got {args.long_onset_lead}")
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     try:
         args.long_minutes = [float(m) for m in args.long_minutes.split(",")]

@@ -660,6 +660,11 @@ class Loader:
                                                    num_workers=num_workers, persistent_workers=num_workers > 0,
                                                    pin_memory=pin_memory)
 
+    def margin_at(self, epoch: int) -> float:
+        """The noise margin rows of `epoch` get (augment.NoiseMix; 0 without noise): whether a checkpoint saved in it
+        has heard noise before speech (train.py writes demo.onset_lead of it into its assets)."""
+        return self.builder.noise.margin_at(epoch) if self.builder.noise is not None else 0.0
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

@@ -171,16 +171,6 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "confidence_platt": "--confidence-platt"}
 
 
-def number_or_none(text):
-    """'none' -> None, else a float (argparse type)."""
-    return None if text.strip().lower() == "none" else float(text)
-
-
-def seconds_or_word(text):
-    """'auto' -> 'auto', 'none' -> None, else a float (argparse type)."""
-    return "auto" if text.strip().lower() == "auto" else number_or_none(text)
-
-
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -250,19 +240,18 @@ def get_args(argv=None):
       "pieces, for a model trained on long multi-sentence audio)")
     a("--min-pause-seconds", type=float, default=0.2, help="silence that separates two stretches of speech "
       "(default 0.2)")
-    a("--vad-threshold", type=number_or_none, default=None, help="speech probability (of --vad) at which a "
-      "stretch of speech starts; it reaches out while over this - 0.15 (above 0.15, below 1; default by task: "
-      "SNER 0.5, Silero's own, MNER 0.35, chosen on the demo long-form valid split: lower finds quiet speech in "
-      "noise, which a transcript makes worth having, and joins more utterances into one piece)")
+    a("--vad-threshold", type=float, default=0.5, help="speech probability (of --vad) at which a stretch of speech "
+      "starts; it reaches out while over this - 0.15 (above 0.15, below 1; default 0.5, Silero's own: 0.35 did as "
+      "well on the demo long-form valid split, README; MNER's quiet pieces find what it misses)")
     a("--piece-pad-seconds", type=float, default=0.2, help="pause a piece keeps before and after its speech (at most "
       "half the pause; default 0.2, 0 to 0.5)")
-    a("--onset-lead-seconds", type=seconds_or_word, default="auto", metavar="SECONDS|none|auto", help="SNER: a "
+    a("--onset-lead-seconds", type=files.seconds_or_word, default="auto", metavar="SECONDS|none|auto", help="SNER: a "
       "piece starts this long before the first phone the phone CTC head hears in it, never before the planned "
       "start (one more encoder pass a piece; 0 to 0.5; none: where the detector and --piece-pad-seconds put it; "
       "default auto: the checkpoint's own setting: 0 for a demo model trained without --noise-margin, whose "
       "training utterances all start on their first syllable so that noise before it derails it, none for "
       "others: README, long recordings)")
-    a("--quiet-threshold", type=number_or_none, default=0.1, metavar="PROBABILITY|none", help="MNER: speech "
+    a("--quiet-threshold", type=files.number_or_none, default=0.1, metavar="PROBABILITY|none", help="MNER: speech "
       "between the pieces that reaches this probability (of --vad) for half a second makes a piece too, so that "
       "quiet speech the detector missed gets its own part of the transcript (a piece given none is not decoded; "
       "default 0.1, above 0, below 1; none: no such pieces)")

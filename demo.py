@@ -570,8 +570,8 @@ def ensure_long_form(root, seed=0, minutes=LONG_MINUTES, valid_minutes=LONG_VALI
         try:
             build_long_form(root, tmp, seed, valid_minutes, split="valid")
             for part in ("wav/valid", "cut/wav/valid", "cut/valid.json", "valid.json"):   # valid.json last: done
-                shutil.rmtree(out / part, ignore_errors=True)
-                os.renames(tmp / part, out / part)
+                shutil.rmtree(out / part, ignore_errors=True)           # what a killed build left (folders; a
+                os.renames(tmp / part, out / part)                      # file is replaced by the rename)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -277,10 +277,9 @@ def long_split(split: str) -> str:
 
 def segmentation(data_dir, vad="silero", split="test", **plan) -> dict:
     """How the pieces of long recordings (data_dir/test.json or valid.json, demo.py --long-form) match their gold
-    utterances,
-    before any model runs: voice activity (segment.detector(vad)) and segment.plan_pieces(**plan) per recording.
-    Counted: pieces; pieces holding most of two utterances or more; utterances no piece holds whole (98 % of their
-    time); utterances no piece touches; the share of piece time outside every utterance."""
+    utterances, before any model runs: voice activity (segment.detector(vad)) and segment.plan_pieces(**plan) per
+    recording. Counted: pieces; pieces holding most of two utterances or more; utterances no piece holds whole
+    (98 % of their time); utterances no piece touches; the share of piece time outside every utterance."""
     name = long_split(split)
     lines = [d for _, d in json_lines(Path(data_dir) / f"{name}.json")]
     if not lines or any("utterances" not in d for d in lines):
@@ -313,8 +312,8 @@ def segmentation(data_dir, vad="silero", split="test", **plan) -> dict:
 def long_form(predictions, data_dir, task="SNER", pad_s=0.0, split="test") -> dict:
     """Scores of long recordings per gold utterance: each record split back into its utterances (segment.unstitch)
     and scored against the utterances' own lines (data_dir/cut/test.json; valid.json for the valid split), as
-    decode.py --eval scores the cut set;
-    with the entity times of each utterance, as `times` scores the cut set's (localization, on the cut wavs)."""
+    decode.py --eval scores the cut set; with the entity times of each utterance, as `times` scores the cut set's
+    (localization, on the cut wavs)."""
     name = long_split(split)
     lines = {d["audio"]: d for _, d in json_lines(Path(data_dir) / f"{name}.json")}
     records = read_predictions(predictions, task)

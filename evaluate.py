@@ -296,7 +296,7 @@ def main(argv=None):
                        ("long-form", "long recordings (demo.py --long-form, decoded with --timestamps chars) "
                                      "scored per gold utterance, as the same audio cut at the utterances is (entity "
                                      "F1, CER, entity times and redaction coverage; MNER: alignment failures): "
-                                     "--data-dir LONG (its test.json), --dataset demo")):
+                                     "--data-dir LONG (its test.json, or valid.json), --dataset demo")):
         q = sub.add_parser(name, help=what)
         q.add_argument("--predictions", required=True, help="decode.py --predictions (or --out) JSON lines file")
         q.add_argument("--task", required=True, choices=("TNER", "SNER", "MNER"), help="whose records to score")
@@ -317,7 +317,8 @@ def main(argv=None):
     pc = sub.add_parser("pieces", help="how long recordings (demo.py --long-form) are cut into pieces, against "
                                        "their gold utterances, before any model runs: pieces, pieces holding "
                                        "several utterances, utterances cut or missed, time outside utterances")
-    pc.add_argument("--data-dir", required=True, help="the long-form folder (its test.json and wav/test/)")
+    pc.add_argument("--data-dir", required=True, help="the long-form folder (its test.json and wav/test/, or "
+                    "valid.json and wav/valid/)")
     pc.add_argument("--split", default="test", choices=("test", "valid"), help="the long-form split: test (default) "
                     "or valid (demo.py --long-form builds both; choose settings on valid)")
     pc.add_argument("--vad", choices=VADS, default="silero", help="voice activity detector (default silero)")
@@ -328,12 +329,12 @@ def main(argv=None):
                     "(default 0.2)")
     pc.add_argument("--piece-pad-seconds", type=float, default=0.2, help="decode.py --piece-pad-seconds "
                     "(default 0.2)")
-    pc.add_argument("--task", choices=("SNER", "MNER"), default="SNER", help="the task the pieces are for: its "
-                    "--vad-threshold default and, for MNER, --quiet-threshold's pieces (default SNER)")
-    pc.add_argument("--vad-threshold", type=float, default=None, help="decode.py --vad-threshold (above 0.15, "
-                    "below 1; default by task: SNER 0.5, MNER 0.35)")
-    pc.add_argument("--quiet-threshold", type=float, default=0.1, help="decode.py --quiet-threshold (MNER; "
-                    "default 0.1)")
+    pc.add_argument("--task", choices=("SNER", "MNER"), default="SNER", help="the task the pieces are for: MNER "
+                    "adds --quiet-threshold's pieces (default SNER)")
+    pc.add_argument("--vad-threshold", type=float, default=0.5, help="decode.py --vad-threshold (above 0.15, "
+                    "below 1; default 0.5)")
+    pc.add_argument("--quiet-threshold", type=files.number_or_none, default=0.1, help="decode.py --quiet-threshold "
+                    "(used with --task MNER only; default 0.1; none: no quiet pieces)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
     sub.choices["long-form"].add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around "
                                           "each entity (default 0)")
@@ -368,7 +369,7 @@ def main(argv=None):
                            "quiet_threshold": "--quiet-threshold", "vad": "--vad"})
             result = diagnose.segmentation(args.data_dir, args.vad, max_piece_s=args.max_piece_seconds,
                                            min_pause_s=args.min_pause_seconds, pad_s=args.piece_pad_seconds,
-                                           threshold=options.threshold(args.task), pack=args.pieces == "packed",
+                                           threshold=args.vad_threshold, pack=args.pieces == "packed",
                                            quiet_threshold=args.quiet_threshold if args.task == "MNER" else None,
                                            split=args.split)
         except (FileNotFoundError, ValueError) as e:

@@ -202,3 +202,13 @@ def cli_errors(prog: str):
     except InputError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def number_or_none(text):
+    """'none' -> None, else a float (argparse type)."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
+def seconds_or_word(text):
+    """'auto' -> 'auto', 'none' -> None, else a float (argparse type)."""
+    return "auto" if text.strip().lower() == "auto" else number_or_none(text)

@@ -481,7 +481,7 @@ class Recognizer:
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
         return segment.plan_pieces(probs, seconds, longest, min_pause_s=self.options.min_pause_seconds,
                                    pad_s=self.options.piece_pad_seconds, pack=self.options.pieces == "packed",
-                                   threshold=self.options.threshold(task),
+                                   threshold=self.options.vad_threshold,
                                    quiet_threshold=self.options.quiet_threshold if task == "MNER" else None)
 
     def _share_text(self, req, parts, batch_size=8):

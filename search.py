@@ -4,7 +4,8 @@ joint CTC scorer. Tensors in, hypotheses out; decode.py turns inputs into encode
 entities.
 
 - DecodeOptions: every decoding knob in one dataclass (whisper's DecodingOptions is the model). Unset search
-  settings (None) take the checkpoint's assets["decoding"], else SEARCH_DEFAULTS (DecodeOptions.resolve).
+  settings (None) take the checkpoint's assets["decoding"], else SEARCH_DEFAULTS (DecodeOptions.resolve); so does
+  onset_lead_seconds="auto" (else None).
 - beam_search: fairseq's SequenceGenerator + BeamSearch (what ModelScope's MMSpeech pipeline runs), token for
   token, over the explicit KV cache of image.py: encode once, decode one token per step for all live beams of all
   live sentences, drop sentences as soon as they have `beam` finished hypotheses.
@@ -42,27 +43,14 @@ TIMESTAMPS = ("entities", "chars", "none")
 # --entity-weight when unset, per task: chosen two-fold (evaluate.py choose) on the CNERTA dev text (2; README) and
 # on the demo unseen-names split among the weights that cost the ordinary demo valid split <= 0.5 F1 (3 and 2.5)
 ENTITY_WEIGHTS = {"TNER": 2.0, "MNER": 2.0, "SNER": 3.0}
-# Speech probability that starts a stretch of speech in a long recording, by task (chosen on the demo long-form
-# valid split): MNER gains from finding quiet speech (its transcript says what is there), SNER loses by the noise
-# and the joined utterances a lower threshold brings
-VAD_THRESHOLDS = {"SNER": 0.5, "MNER": 0.35}
-
-
-def _by_task(value, defaults, what, task):
-    """An option set for every task (value), else the task's default."""
-    if value is not None:
-        return value
-    if task not in defaults:
-        raise ValueError(f"no {what} for task {task!r} (one of {', '.join(defaults)})")
-    return defaults[task]
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
     """Every decoding knob: the beam search's settings (fairseq SequenceGenerator's) and what the Recognizer decodes.
 
-    A search setting left None takes the checkpoint's assets["decoding"] value, else SEARCH_DEFAULTS (resolve());
-    explicit values win. beam_search reads the search fields, Recognizer the others.
+    A search setting left None, and onset_lead_seconds "auto", take the checkpoint's assets["decoding"] value, else
+    SEARCH_DEFAULTS (resolve()); explicit values win. beam_search reads the search fields, Recognizer the others.
     """
     # search
     beam: Optional[int] = None                  # beam width; 1 = greedy
@@ -101,22 +89,21 @@ class DecodeOptions:
                                                 # into pieces up to max_piece_seconds (segment.plan_pieces)
     min_pause_seconds: float = 0.2              # silence that separates two stretches of speech
     piece_pad_seconds: float = 0.2              # pause a piece keeps before and after its speech (at most half of it)
-    vad_threshold: Optional[float] = None       # speech probability that starts a stretch of speech (segment.py);
-                                                # None: VAD_THRESHOLDS of the task (threshold)
+    vad_threshold: float = 0.5                  # speech probability that starts a stretch of speech (segment.py)
     quiet_threshold: Optional[float] = 0.1      # MNER: quiet speech between pieces, found at this probability,
                                                 # makes pieces too (segment.quiet_pieces); None: none
     onset_lead_seconds: Union[float, None, str] = "auto"   # SNER pieces start this long before the first phone
                                                 # the CTC head hears (segment.snap_onsets); None: where the detector
-                                                # puts them; "auto": the checkpoint's assets["decoding"] value, else None
+                                                # puts them; "auto": the checkpoint's assets["decoding"] value or None
     modelscope_padding: bool = False            # ModelScope's batch-dependent encoder padding (when loading a path)
-
-    def threshold(self, task) -> float:
-        """The voice activity threshold of long recordings for `task`: vad_threshold, else VAD_THRESHOLDS[task]."""
-        return _by_task(self.vad_threshold, VAD_THRESHOLDS, "voice activity threshold", task)
 
     def list_weight(self, task) -> float:
         """The entity list's bonus per character for `task`: entity_weight, else ENTITY_WEIGHTS[task]."""
-        return _by_task(self.entity_weight, ENTITY_WEIGHTS, "entity list weight", task)
+        if self.entity_weight is not None:
+            return self.entity_weight
+        if task not in ENTITY_WEIGHTS:
+            raise ValueError(f"no entity list weight for task {task!r} (one of {', '.join(ENTITY_WEIGHTS)})")
+        return ENTITY_WEIGHTS[task]
 
     @property
     def longest_piece_seconds(self) -> float:
@@ -124,8 +111,9 @@ class DecodeOptions:
         return min(self.max_piece_seconds, self.max_audio_seconds)
 
     def resolve(self, assets=None, capacity=None):
-        """-> these options with every unset search setting (and pseudo_text_len) taken from the checkpoint's
-        assets, else SEARCH_DEFAULTS; checked, max_len against `capacity` (the decoder's positions) when given."""
+        """-> these options with every unset search setting (and pseudo_text_len, an "auto" onset_lead_seconds) taken
+        from the checkpoint's assets, else SEARCH_DEFAULTS; checked, max_len against `capacity` (the decoder's
+        positions) when given."""
         saved = dict((assets or {}).get("decoding") or {})
         if "max_len_b" in saved:                                 # fairseq's name
             saved["max_len"] = saved["max_len_b"]
@@ -188,7 +176,7 @@ class DecodeOptions:
             raise files.InputError(f"{name('pieces')} must be one of {', '.join(PIECE_RULES)}, got {self.pieces!r}")
         if not 0 < self.min_pause_seconds <= 5:
             raise files.InputError(f"{name('min_pause_seconds')} must be in (0, 5], got {self.min_pause_seconds}")
-        if self.vad_threshold is not None and not 0.15 < self.vad_threshold < 1:
+        if not 0.15 < self.vad_threshold < 1:
             raise files.InputError(f"{name('vad_threshold')} must be in (0.15, 1), got {self.vad_threshold}")
         if not 0 <= self.piece_pad_seconds <= 0.5:
             raise files.InputError(f"{name('piece_pad_seconds')} must be in [0, 0.5], got {self.piece_pad_seconds}")

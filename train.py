@@ -18,9 +18,9 @@ of each step, split into --grad-accum micro-batches and further by --max-frames 
 
 Named recipes (RECIPES) apply under explicit flags: explicit flag > demo > official > paper. --dataset demo
 applies the demo recipe (tiny model with narrow conv subsampling from scratch on CPU, lr 2e-3 with linear decay
-over 14 epochs, SNER dealt twice as often, CTC aid in training and in the SNER search, a 13-minute training
-budget, beam 5 on dev and test at the end); --official the official code's settings; --recipe NAME selects one.
-The run prints the recipe it applied and every setting that recipe changed from the paper's.
+over 14 epochs, SNER dealt twice as often, CTC aid in training and in the SNER search, noise (with margins in the
+last 3 epochs), a 13-minute budget, beam 5 on dev and test at the end); --official the official code's settings;
+--recipe NAME selects one. The run prints the recipe it applied and every setting it changed from the paper's.
 
 Files in --out: last.pt (everything --resume needs), best.pt (best mean dev F1 over the evaluated tasks; model,
 config and assets only), metrics.jsonl (one JSON object per evaluation, the last one the final evaluation,
@@ -220,7 +220,7 @@ def get_args(argv=None) -> TrainConfig:
         if not 0.0 <= s.get(name, 0.0) <= 1.0:
             p.error(f"--{name.replace('_', '-')} must be a probability in [0, 1] (got {s[name]})")
     if not 0.0 <= s.get("noise_margin", 0.0) <= 10.0 or s.get("noise_margin_epochs", 0) < 0:
-        p.error("--noise-margin must be 0 to 10 seconds and --noise-margin-epochs at least 0")
+        p.error("--noise-margin must be 0 to 10 seconds, --noise-margin-epochs at least 0")
     if s.get("decode_ctc_weight") is not None and s["decode_ctc_weight"] < 0:
         p.error(f"--decode-ctc-weight must be >= 0 (got {s['decode_ctc_weight']})")
     # checks that argparse cannot do
@@ -676,8 +676,7 @@ def train(cfg):
     dev_samples = dev_samples[:cfg.eval_limit] if cfg.eval_limit else dev_samples
     model, assets = build_model(cfg, train_samples, resume_ckpt, log)
     cfg.decode_ctc_weight = (0.5 if cfg.ctc_weight else 0.0) if cfg.decode_ctc_weight is None else cfg.decode_ctc_weight
-    assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": cfg.decode_ctc_weight,   # this run's, not
-                          "onset_lead_seconds": demo.onset_lead(cfg.dataset, cfg.noise_margin)}   # an --init's
+    assets["decoding"] = {**assets.get("decoding", {}), "ctc_weight": cfg.decode_ctc_weight}
     assets["pseudo_text_len"] = cfg.pseudo_len  # part of the checkpoint: decoding needs the same pseudo text
     featurizer = data.Featurizer(assets, pseudo_text_len=cfg.pseudo_len, cache_dir=feature_cache)
     workers = cfg.workers if cfg.workers is not None else devices.default_workers(device, int(os.environ.get(
@@ -693,8 +692,8 @@ def train(cfg):
         pin_memory=device.type == "cuda", ctc_classes=model.config.phone_dict_size - 3 if cfg.ctc_weight else 0,
         entity_swap=augment.EntitySwap(train_samples, cfg.entity_swap, cfg.seed) if cfg.entity_swap else None,
         entity_gap=augment.EntityGap(cfg.entity_gap, cfg.seed) if cfg.entity_gap else None,
-        noise=augment.NoiseMix(cfg.noise, cfg.seed, cfg.noise_snr_db, cfg.noise_margin, max(
-            0, cfg.epochs - cfg.noise_margin_epochs) if cfg.noise_margin_epochs else 0) if cfg.noise else None)
+        noise=augment.NoiseMix(cfg.noise, cfg.seed, cfg.noise_snr_db, cfg.noise_margin, cfg.epochs - (
+            cfg.noise_margin_epochs or cfg.epochs)) if cfg.noise else None)
     if cfg.max_frames == "auto":
         rows = math.ceil(math.ceil(cfg.batch_size / world) / cfg.grad_accum)   # the largest micro-batch
         cfg.max_frames, note = cost.auto_max_frames(devices.gpu_bytes(device), model.config, dtype_name,
@@ -744,6 +743,7 @@ def train(cfg):
         # are restored: the continuation is bit-identical to an uninterrupted run.
         devices.seed_everything(cfg.seed * 1_000_003 + run.epoch * 1_009 + rank)
         loader.set_epoch(run.epoch)
+        assets["decoding"]["onset_lead_seconds"] = demo.onset_lead(cfg.dataset, loader.margin_at(run.epoch))
         steps = loader.batches(start=run.step_in_epoch)
         if resume_ckpt is not None:
             saved = resume_ckpt["rng"]

@@ -247,6 +247,9 @@ def test_noise_margins_start_at_their_epoch_over_the_same_noise(tmp_path):
     builder = data.BatchBuilder([sample], data.Featurizer(weights.assets_for_scratch([sample])), noise=late)
     n = len(audio.load_audio(path))
     assert len(builder.sample(1, 0, "SNER")[1]) == n and len(builder.sample(2, 0, "SNER")[1]) > n
+    loader = data.Loader([sample], builder.featurizer, 1, train=True, noise=late)   # what train.py tells assets
+    assert [loader.margin_at(e) for e in range(4)] == [0.0, 0.0, 0.5, 0.5]
+    assert data.Loader([sample], builder.featurizer, 1, train=True).margin_at(5) == 0.0
 
 
 def test_noise_margins_count_in_the_frame_budget_but_leave_the_batches(tmp_path):

@@ -104,19 +104,26 @@ def test_sner_pieces_start_where_the_phone_ctc_head_first_hears_a_phone(tiny, lo
     heard phone less the lead (segment.snap_onsets); times stay in the recording's clock. None: no such pass."""
     path, spans, seconds = long_wav
     says("[张伟]在(北京)<大学>读书")
-    passes, real = [], recognize.Recognizer._heard
+    passes, decoded, real, real_batch = [], [], recognize.Recognizer._heard, recognize.Recognizer._batch
 
     def heard(self, reqs, batch_size=8, edges=True):
         passes.append([r.span for r in reqs])
         out = real(self, reqs, batch_size, edges)
         return out[0], out[1], [5] * len(reqs)                      # the first phone at frame 5: 0.2 s in
+
+    def batch(self, reqs, task):
+        decoded.extend(r.span for r in reqs)
+        return real_batch(self, reqs, task)
     monkeypatch.setattr(recognize.Recognizer, "_heard", heard)
+    monkeypatch.setattr(recognize.Recognizer, "_batch", batch)
     kw = dict(device="cpu", beam=2, max_len=12, max_piece_seconds=8.0, vad="energy", timestamps="chars")
     plain = recognize.Recognizer(tiny, onset_lead_seconds=None, **kw)
     (before,) = plain.run([recognize.Request(wav=path, id="long")])
     assert passes == []
     snapping = recognize.Recognizer(tiny, onset_lead_seconds=0.05, **kw)
+    decoded.clear()
     (after,) = snapping.run([recognize.Request(wav=path, id="long")])
+    assert sorted(decoded) == sorted((q["start_s"], q["end_s"]) for q in after["pieces"])   # the audio decoded
     assert passes == [[(p["start_s"], p["end_s"]) for p in before["pieces"]]]   # the planned pieces, once
     moved = 0
     for p, q in zip(before["pieces"], after["pieces"]):
@@ -132,16 +139,16 @@ def test_sner_pieces_start_where_the_phone_ctc_head_first_hears_a_phone(tiny, lo
         assert piece["start_s"] - 1e-6 <= e["start_s"] < e["end_s"] <= piece["end_s"] + 1e-6
 
 
-def test_the_voice_activity_threshold_and_quiet_pieces_follow_the_task(tiny, long_wav, monkeypatch):
-    """Unset, --vad-threshold is the task's (search.VAD_THRESHOLDS: SNER 0.5, MNER 0.35); quiet pieces are MNER's
-    only (its transcript decides whether they hold anything); explicit values win."""
+def test_quiet_pieces_are_mners_only_and_the_threshold_is_the_options(tiny, long_wav, monkeypatch):
+    """--vad-threshold (default 0.5) plans the pieces of both speech tasks; quiet pieces are MNER's only (its
+    transcript decides whether they hold anything); --quiet-threshold none: none."""
     seen = []
     real = recognize.segment.plan_pieces
     monkeypatch.setattr(recognize.segment, "plan_pieces", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     req = recognize.Request(wav=long_wav[0], id="long")
     rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy")
     rec._pieces(req, "SNER"), rec._pieces(req, "MNER")
-    assert [(kw["threshold"], kw["quiet_threshold"]) for kw in seen] == [(0.5, None), (0.35, 0.1)]
+    assert [(kw["threshold"], kw["quiet_threshold"]) for kw in seen] == [(0.5, None), (0.5, 0.1)]
     seen.clear()
     rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", vad_threshold=0.6,
                                quiet_threshold=None)
