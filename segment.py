@@ -219,7 +219,8 @@ def quiet_pieces(pieces, probs, duration_s, threshold=0.1, min_speech_s=0.5, pad
 
 def snap_onsets(pieces, first_heard, lead_s):
     """Start each piece lead_s before the first phone the phone CTC head hears in it (first_heard[k]: seconds from
-    the piece's start, None: none heard), never earlier than planned: the detector's onset lags a soft first syllable
+    the piece's start to the start of that frame, f x 40 ms, which align.py's times would put 42.5 ms later, at the
+    frame's centre; None: none heard), never earlier than planned: the detector's onset lags a soft first syllable
     and the planned pad before it is noise, which derails a model that learned utterances starting on their first
     syllable (as the demo's and AISHELL-1's trimmed ones do). A piece that takes over from the one before at a cut
     starts inside speech already and stays; so does a piece that would keep under a second."""
