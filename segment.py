@@ -222,7 +222,7 @@ def snap_onsets(pieces, first_heard, lead_s):
     the piece's start to the start of that frame, f x 40 ms, which align.py's times would put 42.5 ms later, at the
     frame's centre; None: none heard), never earlier than planned: the detector's onset lags a soft first syllable
     and the planned pad before it is noise, which derails a model that learned utterances starting on their first
-    syllable (as the demo's and AISHELL-1's trimmed ones do). A piece that takes over from the one before at a cut
+    syllable (as the demo's synthesised ones do). A piece that takes over from the one before at a cut
     starts inside speech already and stays; so does a piece that would keep under a second."""
     out = []
     for piece, heard in zip(pieces, first_heard, strict=True):
