@@ -561,11 +561,10 @@ def ensure_long_form(root, seed=0, minutes=LONG_MINUTES, valid_minutes=LONG_VALI
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             build_long_form(root, tmp, seed, minutes)
-            build_long_form(root, tmp, seed, valid_minutes, split="valid")
             os.rename(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if not (out / "valid.json").is_file():
+    if not (out / "valid.json").is_file():                      # a new set, or one from before the valid split
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
             build_long_form(root, tmp, seed, valid_minutes, split="valid")
