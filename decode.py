@@ -162,7 +162,8 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "constrain": "--no-constrain", "pool_chars": "--char-score", "entity_bias": "--entity-bias",
                 "nbest": "--nbest", "pseudo_text_len": "--pseudo-len", "max_audio_seconds": "--max-audio-seconds",
                 "max_piece_seconds": "--max-piece-seconds", "vad": "--vad",
-                "pieces": "--pieces", "min_pause_seconds": "--min-pause-seconds",
+                "pieces": "--pieces", "min_pause_seconds": "--min-pause-seconds", "pause_level": "--pause-level",
+                "short_piece_seconds": "--short-piece-seconds", "join_piece_seconds": "--join-piece-seconds",
                 "piece_pad_seconds": "--piece-pad-seconds", "vad_threshold": "--vad-threshold", "entities": "--entities",
                 "onset_lead_seconds": "--onset-lead-seconds", "quiet_threshold": "--quiet-threshold",
                 "entity_weight": "--entity-weight",
@@ -240,6 +241,18 @@ def get_args(argv=None):
       "pieces, for a model trained on long multi-sentence audio)")
     a("--min-pause-seconds", type=float, default=0.2, help="silence that separates two stretches of speech "
       "(default 0.2)")
+    a("--pause-level", type=files.number_or_none, default=0.25, metavar="PROBABILITY|none", help="a pause whose "
+      "mean speech probability (of --vad) is this or more is a dip inside an utterance, over words the detector "
+      "barely hears under noise, and does not separate stretches of speech (above 0, below 1; default 0.25, chosen "
+      "on the demo long-form valid split, README; it acts only below --vad-threshold - 0.15, where pauses are; "
+      "none: pauses by their length only)")
+    a("--short-piece-seconds", type=float, default=2.0, help="a piece shorter than this that touches its neighbour "
+      "(under 0.1 s apart: their pads met over a pause under 2 x --piece-pad-seconds + 0.1 s, or quiet speech went on "
+      "from one) joins it while both stay "
+      "within --join-piece-seconds: an utterance the detector cut at a word it barely hears (0 to 10; default 2)")
+    a("--join-piece-seconds", type=files.number_or_none, default=6.5, metavar="SECONDS|none", help="the longest "
+      "piece --short-piece-seconds' joins make (at most --max-piece-seconds; default 6.5, the demo model's longest "
+      "training utterance: a model trained on longer ones may take more; none: no such joins)")
     a("--vad-threshold", type=float, default=0.5, help="speech probability (of --vad) at which a stretch of speech "
       "starts; it reaches out while over this - 0.15 (above 0.15, below 1; default 0.5, Silero's own: 0.35 did as "
       "well on the demo long-form valid split, README; MNER's quiet pieces find what it misses)")
@@ -332,6 +345,8 @@ def get_args(argv=None):
         max_piece_seconds=args.max_piece_seconds, vad=args.vad, pieces=args.pieces, entities=args.entities,
         entity_weight=args.entity_weight,
         min_pause_seconds=args.min_pause_seconds, piece_pad_seconds=args.piece_pad_seconds,
+        pause_level=args.pause_level, short_piece_seconds=args.short_piece_seconds,
+        join_piece_seconds=args.join_piece_seconds,
         vad_threshold=args.vad_threshold, onset_lead_seconds=args.onset_lead_seconds,
         quiet_threshold=args.quiet_threshold,
         timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,

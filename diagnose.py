@@ -331,4 +331,35 @@ def long_form(predictions, data_dir, task="SNER", pad_s=0.0, split="test") -> di
         out["times"] = localization(task, [(golds[r["id"]], r) for r in split], pad_s=pad_s)
     if task == "MNER":
         out["alignment_failures"] = sum(bool(p.get("alignment_failed")) for p in pieces)   # recognize._stitch
+        if all("chars" in u for i in records for u in lines[i]["utterances"]) and all(
+                "chars" in p for p in pieces):
+            out["shares"] = share_check(records.values(), lines)
     return out
+
+
+def share_check(records, lines, most=0.75) -> dict:
+    """How many pieces got the wrong share of their recording's transcript (MNER, segment.split_text), against
+    the gold utterances: each utterance belongs to the piece holding `most` of its time or more, and a piece's
+    right share is its utterances' characters (none: empty). A piece that holds part of an utterance no piece
+    holds that much of (one the detector split) has no right share and is not checked. -> {checked, wrong,
+    unchecked, wrong_ids: ["RECORDING:piece", ...]}."""
+    overlap = lambda p, u: min(p["end_s"], u["end_s"]) - max(p["start_s"], u["start_s"])   # noqa: E731
+    checked, unchecked, wrong = 0, 0, []
+    for rec in records:
+        utts, pieces = lines[rec["id"]]["utterances"], rec.get("pieces", [])
+        owner = []                                       # per utterance: its piece, or None (split)
+        for u in utts:
+            held = [overlap(p, u) for p in pieces]
+            k = max(range(len(pieces)), key=held.__getitem__) if pieces else None
+            owner.append(k if k is not None and held[k] >= most * (u["end_s"] - u["start_s"]) else None)
+        for k, p in enumerate(pieces):
+            touched = [j for j, u in enumerate(utts) if overlap(p, u) > 0.05]
+            if any(owner[j] is None for j in touched):
+                unchecked += 1
+                continue
+            own = [utts[j]["chars"] for j in range(len(utts)) if owner[j] == k]
+            right = [own[0][0], own[-1][1]] if own else None
+            checked += 1
+            if (list(p["chars"]) if p["chars"][1] > p["chars"][0] else None) != right:
+                wrong.append(f"{rec['id']}:{k}")
+    return {"checked": checked, "wrong": len(wrong), "unchecked": unchecked, "wrong_ids": wrong}

@@ -335,6 +335,12 @@ def main(argv=None):
                     "below 1; default 0.5)")
     pc.add_argument("--quiet-threshold", type=files.number_or_none, default=0.1, help="decode.py --quiet-threshold "
                     "(used with --task MNER only; default 0.1; none: no quiet pieces)")
+    pc.add_argument("--pause-level", type=files.number_or_none, default=0.25, help="decode.py --pause-level "
+                    "(default 0.25; none: pauses by their length only)")
+    pc.add_argument("--short-piece-seconds", type=float, default=2.0, help="decode.py --short-piece-seconds "
+                    "(default 2)")
+    pc.add_argument("--join-piece-seconds", type=files.number_or_none, default=6.5, help="decode.py "
+                    "--join-piece-seconds (default 6.5; none: no joins of touching pieces)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
     sub.choices["long-form"].add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around "
                                           "each entity (default 0)")
@@ -363,13 +369,19 @@ def main(argv=None):
         try:
             options = DecodeOptions(max_piece_seconds=args.max_piece_seconds, min_pause_seconds=args.min_pause_seconds,
                                     piece_pad_seconds=args.piece_pad_seconds, vad_threshold=args.vad_threshold,
-                                    quiet_threshold=args.quiet_threshold, vad=args.vad)
+                                    quiet_threshold=args.quiet_threshold, vad=args.vad,
+                                    pause_level=args.pause_level, short_piece_seconds=args.short_piece_seconds,
+                                    join_piece_seconds=args.join_piece_seconds)
             options.check({"max_piece_seconds": "--max-piece-seconds", "min_pause_seconds": "--min-pause-seconds",
                            "piece_pad_seconds": "--piece-pad-seconds", "vad_threshold": "--vad-threshold",
-                           "quiet_threshold": "--quiet-threshold", "vad": "--vad"})
+                           "quiet_threshold": "--quiet-threshold", "vad": "--vad",
+                           "pause_level": "--pause-level", "short_piece_seconds": "--short-piece-seconds",
+                           "join_piece_seconds": "--join-piece-seconds"})
             result = diagnose.segmentation(args.data_dir, args.vad, max_piece_s=args.max_piece_seconds,
                                            min_pause_s=args.min_pause_seconds, pad_s=args.piece_pad_seconds,
                                            threshold=args.vad_threshold, pack=args.pieces == "packed",
+                                           pause_level=args.pause_level, short_s=args.short_piece_seconds,
+                                           join_s=args.join_piece_seconds,
                                            quiet_threshold=args.quiet_threshold if args.task == "MNER" else None,
                                            split=args.split)
         except (FileNotFoundError, ValueError) as e:

@@ -481,7 +481,8 @@ class Recognizer:
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
         return segment.plan_pieces(probs, seconds, longest, min_pause_s=self.options.min_pause_seconds,
                                    pad_s=self.options.piece_pad_seconds, pack=self.options.pieces == "packed",
-                                   threshold=self.options.vad_threshold,
+                                   threshold=self.options.vad_threshold, pause_level=self.options.pause_level,
+                                   short_s=self.options.short_piece_seconds, join_s=self.options.join_piece_seconds,
                                    quiet_threshold=self.options.quiet_threshold if task == "MNER" else None)
 
     def _share_text(self, req, parts, batch_size=8):

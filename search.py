@@ -88,6 +88,10 @@ class DecodeOptions:
     pieces: str = "pauses"                      # pauses: a piece per stretch of speech; packed: stretches packed
                                                 # into pieces up to max_piece_seconds (segment.plan_pieces)
     min_pause_seconds: float = 0.2              # silence that separates two stretches of speech
+    pause_level: Optional[float] = 0.25         # a pause whose mean speech probability is this or more is a dip
+                                                # inside speech, not a pause (segment.speech_stretches); None: none
+    short_piece_seconds: float = 2.0            # a piece this short that touches the next joins it (segment.
+    join_piece_seconds: Optional[float] = 6.5   # join_touching) while both stay within this; None: no such joins
     piece_pad_seconds: float = 0.2              # pause a piece keeps before and after its speech (at most half of it)
     vad_threshold: float = 0.5                  # speech probability that starts a stretch of speech (segment.py)
     quiet_threshold: Optional[float] = 0.1      # MNER: quiet speech between pieces, found at this probability,
@@ -176,6 +180,13 @@ class DecodeOptions:
             raise files.InputError(f"{name('pieces')} must be one of {', '.join(PIECE_RULES)}, got {self.pieces!r}")
         if not 0 < self.min_pause_seconds <= 5:
             raise files.InputError(f"{name('min_pause_seconds')} must be in (0, 5], got {self.min_pause_seconds}")
+        if not 0 <= self.short_piece_seconds <= 10:
+            raise files.InputError(f"{name('short_piece_seconds')} must be in [0, 10], got {self.short_piece_seconds}")
+        if self.join_piece_seconds is not None and not 0 < self.join_piece_seconds < math.inf:
+            raise files.InputError(f"{name('join_piece_seconds')} must be a positive number of seconds or None, got "
+                                   f"{self.join_piece_seconds}")
+        if self.pause_level is not None and not 0 < self.pause_level < 1:
+            raise files.InputError(f"{name('pause_level')} must be in (0, 1) or None, got {self.pause_level}")
         if not 0.15 < self.vad_threshold < 1:
             raise files.InputError(f"{name('vad_threshold')} must be in (0.15, 1), got {self.vad_threshold}")
         if not 0 <= self.piece_pad_seconds <= 0.5:

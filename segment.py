@@ -17,6 +17,8 @@ min_pause_s are one. By default (pauses) each stretch is a piece of its own, as 
 into one piece while it stays within max_piece_s (fewer, longer pieces, for models trained on such). A piece keeps
 up to pad_s of the pause on each side (never more than half the pause). A stretch longer than a piece allows
 is cut at its quietest window, and the two pieces overlap by overlap_s around that cut so that no word is lost.
+Under loud noise the detector dips inside an utterance: a pause whose mean probability stays at pause_level or more
+joins its stretches, and touching pieces join while one is short and both fit an utterance (join_touching).
 MNER (a transcript given): quiet_pieces adds pieces for quiet speech the detector missed between them, split_text
 shares the transcript among the pieces by one alignment of what each piece hears, and refine_bounds moves each
 boundary to where the phone CTC head's posteriors at the two pieces' edges put it. SNER with a model that never
@@ -128,13 +130,16 @@ class Piece:
     cut_s: Optional[float] = None   # the time where this piece takes over from the one before, when they overlap
 
 
-def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15) -> list[tuple[float, float]]:
+def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15,
+                     pause_level=None) -> list[tuple[float, float]]:
     """[(start_s, end_s)] of speech: a stretch starts at a window at or above threshold, reaches out on both sides
     over the windows at or above threshold - release (hysteresis: a word's soft start and end stay in), and is
-    joined with the next across pauses shorter than min_pause_s."""
+    joined with the next across pauses shorter than min_pause_s, and across any pause whose mean probability is
+    pause_level or more (None: none): there the detector stays unsure, as over a word it barely hears under noise
+    inside an utterance; between utterances it falls towards 0 (README, long recordings)."""
     probs = np.asarray(probs)
     on, held = probs >= threshold, probs >= threshold - release
-    stretches, w = [], 0
+    stretches, w, last_end = [], 0, 0                    # last_end: window after the stretch before
     while w < len(probs):
         if not on[w]:
             w += 1
@@ -145,23 +150,27 @@ def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15) -> lis
         while w < len(probs) and held[w]:
             w += 1
         start, end = a * HOP_S, w * HOP_S
-        if stretches and start - stretches[-1][1] < min_pause_s - 1e-9:
+        if stretches and (start - stretches[-1][1] < min_pause_s - 1e-9 or
+                          pause_level is not None and probs[last_end:a].mean(dtype=np.float64) >= pause_level):
             stretches[-1] = (stretches[-1][0], end)
         else:
             stretches.append((start, end))
+        last_end = w
     return stretches
 
 
 def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=0.2, pad_s=0.2,
-                overlap_s=1.0, pack=False, min_piece_s=1.0, release=0.15, quiet_threshold=None) -> list[Piece]:
+                overlap_s=1.0, pack=False, min_piece_s=1.0, release=0.15, quiet_threshold=None,
+                pause_level=0.25, short_s=2.0, join_s=6.5) -> list[Piece]:
     """The pieces of a recording (module docstring). Where the detector finds no speech at all, the whole recording
     counts as one stretch of it (cut at its quietest windows): nothing goes undecoded because a detector missed.
-    quiet_threshold (MNER): quiet_pieces between them too."""
+    quiet_threshold (MNER): quiet_pieces between them too. pause_level: speech_stretches'. short_s, join_s:
+    join_touching's (join_s None: no such joins; never over max_piece_s)."""
     if max_piece_s < 2 * pad_s + 2 * overlap_s + HOP_S:
         raise ValueError(f"max_piece_s {max_piece_s} leaves no room for speech (pad_s {pad_s}, overlap_s "
                          f"{overlap_s})")
     probs = np.asarray(probs, dtype=np.float32)
-    stretches = speech_stretches(probs, threshold, min_pause_s, release) or [(0.0, duration_s)]
+    stretches = speech_stretches(probs, threshold, min_pause_s, release, pause_level) or [(0.0, duration_s)]
     # too long a stretch: cut at its quietest window between half and all of what a piece holds
     room = max_piece_s - 2 * pad_s
     parts = []                                                   # (start_s, end_s, cut_s of the overlap before)
@@ -190,7 +199,30 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
     if quiet_threshold is not None:
         pieces = sorted(pieces + quiet_pieces(pieces, probs, duration_s, quiet_threshold, pad_s=pad_s,
                                               max_piece_s=max_piece_s), key=lambda p: p.start_s)
+    if join_s is not None:
+        pieces = join_touching(pieces, short_s, min(join_s, max_piece_s))
     return pieces
+
+
+TOUCH_S = 0.1       # pieces closer than this touch: their pads met over a pause, or quiet speech went on from one
+
+
+def join_touching(pieces, short_s=2.0, join_s=6.5):
+    """Join two touching pieces (closer than TOUCH_S) while one of them is under short_s and both together stay
+    within join_s: an utterance the detector cut at a word it barely hears (a dip too deep for pause_level, or a
+    quiet syllable that quiet_pieces made a piece of its own), whose halves would each be decoded without the
+    other. Pads bridge any pause under 2 x pad_s + TOUCH_S (0.5 s at 0.2 s pads), so two whole utterances touch
+    too: short_s spares those of utterance length, join_s keeps the result utterance-sized (the demo model's
+    longest training utterance is 6.5 s). Pieces that overlap at a cut stay apart."""
+    out = []
+    for p in pieces:
+        q = out[-1] if out else None
+        if (q is not None and p.cut_s is None and p.start_s - q.end_s < TOUCH_S and
+                min(p.end_s - p.start_s, q.end_s - q.start_s) < short_s and p.end_s - q.start_s <= join_s):
+            out[-1] = Piece(q.start_s, p.end_s, q.cut_s)
+        else:
+            out.append(p)
+    return out
 
 
 def quiet_pieces(pieces, probs, duration_s, threshold=0.1, min_speech_s=0.5, pad_s=0.2, max_piece_s=20.0):

@@ -941,6 +941,9 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
                          (["--onset-lead-seconds", "0.8"], "--onset-lead-seconds must be in [0, 0.5]"),
                          (["--onset-lead-seconds", "soon"], "--onset-lead-seconds: invalid"),
                          (["--quiet-threshold", "1.5"], "--quiet-threshold must be in (0, 1)"),
+                         (["--pause-level", "1"], "--pause-level must be in (0, 1)"),
+                         (["--short-piece-seconds", "-1"], "--short-piece-seconds must be in [0, 10]"),
+                         (["--join-piece-seconds", "0"], "--join-piece-seconds must be a positive number"),
                          (["--entities", "/nonexistent/names.txt"], "names.txt: no such file"),
                          (["--entity-weight", "-1"], "--entity-weight must be a finite number >= 0")):
         with pytest.raises(SystemExit):

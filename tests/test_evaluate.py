@@ -393,7 +393,8 @@ def test_long_form_moves_entity_times_onto_each_utterance_and_counts_alignment_f
     write(tmp_path / "cut" / "test.json", "".join(json.dumps(u, ensure_ascii=False) + "\n" for u in utts))
     for u, seconds in (("U1", 1.5), ("U2", 1.4)):
         write_wav(tmp_path / "cut" / "wav" / "test" / f"{u}.wav", seconds)
-    spans = [{"audio": "U1", "start_s": 0.5, "end_s": 2.0}, {"audio": "U2", "start_s": 2.6, "end_s": 4.0}]
+    spans = [{"audio": "U1", "start_s": 0.5, "end_s": 2.0, "chars": [0, 5]},
+             {"audio": "U2", "start_s": 2.6, "end_s": 4.0, "chars": [5, 9]}]
     write(tmp_path / "test.json", json.dumps({"sentence": "张三在北京李四来了", "audio": "L1", "entity": [],
                                               "utterances": spans}, ensure_ascii=False) + "\n")
     text = "张三在北京李四来了"
@@ -410,6 +411,7 @@ def test_long_form_moves_entity_times_onto_each_utterance_and_counts_alignment_f
     write(tmp_path / "p.jsonl", json.dumps(rec, ensure_ascii=False) + "\n")
     out = diagnose.long_form(tmp_path / "p.jsonl", tmp_path, "MNER")
     assert (out["ours"]["tp"], out["pieces"], out["alignment_failures"]) == (3, 2, 1)
+    assert out["shares"] == {"checked": 2, "wrong": 0, "unchecked": 0, "wrong_ids": []}
     split = segment.unstitch(rec, spans)
     assert [(e["start_s"], e["end_s"]) for r in split for e in r["entities"]] == [(0.1, 0.5), (0.7, 1.1), (0.1, 0.5)]
     times = out["times"]
@@ -477,3 +479,25 @@ def test_choose_scores_a_setting_on_the_half_it_was_not_chosen_on(tiny_split):
     assert r["chosen"] == ["even", "odd"] and r["held_out"]["tp"] == 0 and r["held_out"]["gold"] == 7
     with pytest.raises(SystemExit):
         evaluate.main(["choose", "only=x.jsonl", *args])
+
+
+def test_share_check_counts_pieces_whose_share_is_not_their_utterances_text():
+    """Each utterance belongs to the piece holding 3/4 of it; a piece's right share is its utterances' characters
+    (none: empty); a piece holding part of an utterance that no piece holds 3/4 of is not checked."""
+    utts = [{"start_s": 1.0, "end_s": 3.0, "chars": [0, 8]}, {"start_s": 3.5, "end_s": 6.0, "chars": [8, 18]},
+            {"start_s": 8.0, "end_s": 12.0, "chars": [18, 30]}, {"start_s": 13.0, "end_s": 15.0, "chars": [30, 38]}]
+    lines = {"L": {"utterances": utts}}
+    pieces = [{"start_s": 0.8, "end_s": 3.2, "chars": [0, 9]},        # its utterance's 8 and the next one's first
+              {"start_s": 3.2, "end_s": 6.2, "chars": [9, 18]},       # so this one is wrong too
+              {"start_s": 6.5, "end_s": 7.5, "chars": [18, 18]},      # noise, no share: right
+              {"start_s": 7.8, "end_s": 10.0, "chars": [18, 24]},     # half of utterance 3 each: not checked
+              {"start_s": 10.0, "end_s": 12.2, "chars": [24, 30]},
+              {"start_s": 12.6, "end_s": 14.0, "chars": [30, 38]}]    # 1 s of 2 (half): the last utterance is split
+    out = diagnose.share_check([{"id": "L", "pieces": pieces}], lines)
+    assert out == {"checked": 3, "wrong": 2, "unchecked": 3, "wrong_ids": ["L:0", "L:1"]}
+    pieces[0]["chars"], pieces[1]["chars"] = [0, 8], [8, 18]
+    pieces[5]["end_s"] = 15.2                                        # now it holds all of the last utterance
+    out = diagnose.share_check([{"id": "L", "pieces": pieces}], lines)
+    assert out == {"checked": 4, "wrong": 0, "unchecked": 2, "wrong_ids": []}
+    pieces[2]["chars"], pieces[3]["chars"] = [18, 20], [20, 24]       # noise given text: wrong
+    assert diagnose.share_check([{"id": "L", "pieces": pieces}], lines)["wrong_ids"] == ["L:2"]

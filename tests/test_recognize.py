@@ -74,11 +74,13 @@ def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_w
 
 
 def test_pieces_keep_the_pause_asked_for_around_their_speech(tiny, long_wav):
-    """--piece-pad-seconds: each piece keeps that much of its pauses (at most half of each), no more, no less."""
+    """--piece-pad-seconds: each piece keeps that much of its pauses (at most half of each), no more, no less (pads
+    that meet make pieces touch, which --join-piece-seconds joins: not here)."""
     path, spans, seconds = long_wav
     plans = {}
     for pad in (0.0, 0.1, 0.3):
-        rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", piece_pad_seconds=pad)
+        rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", piece_pad_seconds=pad,
+                                   join_piece_seconds=None)
         plans[pad] = rec._pieces(recognize.Request(wav=path, id="long"), "SNER")
     assert len(plans[0.0]) == len(plans[0.1]) == len(plans[0.3]) >= 4
     checked = 0
@@ -93,7 +95,8 @@ def test_pieces_keep_the_pause_asked_for_around_their_speech(tiny, long_wav):
         recognize.Recognizer(tiny, device="cpu", piece_pad_seconds=0.8)
     # --vad-threshold: a stricter threshold starts each stretch no earlier, and some later
     strict = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", piece_pad_seconds=0.0,
-                                  vad_threshold=0.95)._pieces(recognize.Request(wav=path, id="long"), "SNER")
+                                  vad_threshold=0.95, join_piece_seconds=None)._pieces(
+        recognize.Request(wav=path, id="long"), "SNER")
     assert len(strict) == len(plans[0.0])
     assert all(s.start_s >= p.start_s - 1e-9 for s, p in zip(strict, plans[0.0]))
     assert any(s.start_s > p.start_s + 0.01 for s, p in zip(strict, plans[0.0]))
@@ -140,22 +143,27 @@ def test_sner_pieces_start_where_the_phone_ctc_head_first_hears_a_phone(tiny, lo
 
 
 def test_quiet_pieces_are_mners_only_and_the_threshold_is_the_options(tiny, long_wav, monkeypatch):
-    """--vad-threshold (default 0.5) plans the pieces of both speech tasks; quiet pieces are MNER's only (its
-    transcript decides whether they hold anything); --quiet-threshold none: none."""
+    """--vad-threshold (default 0.5), --pause-level (0.25) and the joins of touching pieces (2 s, 6.5 s) plan the
+    pieces of both speech tasks; quiet pieces are MNER's only (its transcript decides whether they hold anything);
+    --quiet-threshold none: none."""
     seen = []
     real = recognize.segment.plan_pieces
     monkeypatch.setattr(recognize.segment, "plan_pieces", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     req = recognize.Request(wav=long_wav[0], id="long")
     rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy")
     rec._pieces(req, "SNER"), rec._pieces(req, "MNER")
-    assert [(kw["threshold"], kw["quiet_threshold"]) for kw in seen] == [(0.5, None), (0.5, 0.1)]
+    knobs = ("threshold", "quiet_threshold", "pause_level", "short_s", "join_s")
+    assert [tuple(kw[k] for k in knobs) for kw in seen] == [(0.5, None, 0.25, 2.0, 6.5), (0.5, 0.1, 0.25, 2.0, 6.5)]
     seen.clear()
     rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", vad_threshold=0.6,
-                               quiet_threshold=None)
+                               quiet_threshold=None, pause_level=None, short_piece_seconds=1.0,
+                               join_piece_seconds=None)
     rec._pieces(req, "SNER"), rec._pieces(req, "MNER")
-    assert [(kw["threshold"], kw["quiet_threshold"]) for kw in seen] == [(0.6, None), (0.6, None)]
+    assert [tuple(kw[k] for k in knobs) for kw in seen] == [(0.6, None, None, 1.0, None)] * 2
     with pytest.raises(files.InputError, match="quiet_threshold must be in"):
         recognize.Recognizer(tiny, device="cpu", quiet_threshold=1.0)
+    with pytest.raises(files.InputError, match="pause_level must be in"):
+        recognize.Recognizer(tiny, device="cpu", pause_level=0.0)
 
 
 def test_a_recording_up_to_the_piece_length_decodes_whole_as_before(tiny):

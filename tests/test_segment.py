@@ -68,6 +68,44 @@ def test_a_stretch_starts_above_the_threshold_and_reaches_out_over_softer_window
     assert segment.speech_stretches(p, threshold=0.5, release=0.0) == [pytest.approx((1.0, 2.0), abs=0.04)]
 
 
+def test_a_dip_where_the_detector_stays_unsure_is_no_pause():
+    """pause_level: a pause whose mean probability is that or more is a word barely heard under noise, inside the
+    utterance: the stretches on either side are one; a pause that falls towards 0 still separates them."""
+    p = probs_of([(1.0, 2.0), (2.4, 3.4), (3.8, 4.8)], 6.0)
+    p[int(round(2.0 / HOP_S)): int(round(2.4 / HOP_S))] = 0.3       # a 0.4 s dip, unsure throughout
+    p[int(round(3.4 / HOP_S)): int(round(3.8 / HOP_S))] = 0.05      # a 0.4 s pause
+    assert len(segment.speech_stretches(p, pause_level=None)) == 3
+    (a, b), (c, d) = segment.speech_stretches(p, pause_level=0.25)
+    assert (a, b, c, d) == pytest.approx((1.0, 3.4, 3.8, 4.8), abs=0.04)
+    assert len(segment.speech_stretches(p, pause_level=0.31)) == 3   # the mean over the dip is what counts
+    assert len(segment.speech_stretches(p, pause_level=0.04)) == 1
+    pieces = segment.plan_pieces(p, 6.0, max_piece_s=8.0, pause_level=0.25, join_s=None)
+    assert [t for q in pieces for t in (q.start_s, q.end_s)] == pytest.approx([0.8, 3.6, 3.6, 5.0], abs=0.04)
+
+
+def test_touching_pieces_join_while_one_is_short_and_both_stay_utterance_sized():
+    """A piece under short_s that touches its neighbour (closer than TOUCH_S) joins it up to join_s; pieces apart,
+    both long enough, too long together, or overlapping at a cut stay apart."""
+    P = segment.Piece
+    pieces = [P(0.0, 1.5), P(1.5, 5.0),              # touching, one short: one piece 0-5
+              P(5.05, 6.8),                          # short and touching 0-5, but 0-6.8 is over join_s
+              P(9.5, 10.5),                          # short: joins the next, not the one 2.7 s before
+              P(10.5, 13.0), P(13.0, 15.5),          # touching, both long enough
+              P(15.0, 16.0, cut_s=15.25)]            # overlaps the one before at a cut
+    out = segment.join_touching(pieces, short_s=2.0, join_s=6.5)
+    assert [(q.start_s, q.end_s) for q in out] == [(0.0, 5.0), (5.05, 6.8), (9.5, 13.0), (13.0, 15.5),
+                                                   (15.0, 16.0)]
+    assert segment.join_touching(pieces, short_s=2.0, join_s=3.0)[:2] == [P(0.0, 1.5), P(1.5, 5.0)]
+    assert segment.join_touching(pieces, short_s=0.5, join_s=6.5) == pieces
+    # plan_pieces: a quiet tail the detector heard apart (MNER's quiet pieces) joins its utterance; join_s=None: not
+    p = probs_of([(1.0, 3.0)], 8.0)
+    p[int(round(3.0 / HOP_S)): int(round(4.0 / HOP_S))] = 0.15      # 1 s of quiet speech right after it
+    apart = segment.plan_pieces(p, 8.0, max_piece_s=8.0, quiet_threshold=0.1, join_s=None)
+    assert [t for q in apart for t in (q.start_s, q.end_s)] == pytest.approx([0.8, 3.2, 3.2, 4.2], abs=0.04)
+    joined = segment.plan_pieces(p, 8.0, max_piece_s=8.0, quiet_threshold=0.1)
+    assert [t for q in joined for t in (q.start_s, q.end_s)] == pytest.approx([0.8, 4.2], abs=0.04)
+
+
 def test_pieces_follow_the_pauses_and_a_too_short_stretch_joins_the_next():
     stretches = [(0.5, 3.5), (3.8, 6.0), (7.0, 7.5), (8.0, 11.0)]   # the third: 0.5 s, under min_piece_s
     pieces = segment.plan_pieces(probs_of(stretches, 12.0), 12.0, max_piece_s=20.0, pad_s=0.2, min_piece_s=1.0)
