@@ -367,23 +367,12 @@ def main(argv=None):
         return
     if args.command == "pieces":
         try:
-            options = DecodeOptions(max_piece_seconds=args.max_piece_seconds, min_pause_seconds=args.min_pause_seconds,
-                                    piece_pad_seconds=args.piece_pad_seconds, vad_threshold=args.vad_threshold,
-                                    quiet_threshold=args.quiet_threshold, vad=args.vad,
-                                    pause_level=args.pause_level, short_piece_seconds=args.short_piece_seconds,
-                                    join_piece_seconds=args.join_piece_seconds)
-            options.check({"max_piece_seconds": "--max-piece-seconds", "min_pause_seconds": "--min-pause-seconds",
-                           "piece_pad_seconds": "--piece-pad-seconds", "vad_threshold": "--vad-threshold",
-                           "quiet_threshold": "--quiet-threshold", "vad": "--vad",
-                           "pause_level": "--pause-level", "short_piece_seconds": "--short-piece-seconds",
-                           "join_piece_seconds": "--join-piece-seconds"})
-            result = diagnose.segmentation(args.data_dir, args.vad, max_piece_s=args.max_piece_seconds,
-                                           min_pause_s=args.min_pause_seconds, pad_s=args.piece_pad_seconds,
-                                           threshold=args.vad_threshold, pack=args.pieces == "packed",
-                                           pause_level=args.pause_level, short_s=args.short_piece_seconds,
-                                           join_s=args.join_piece_seconds,
-                                           quiet_threshold=args.quiet_threshold if args.task == "MNER" else None,
-                                           split=args.split)
+            fields = ("max_piece_seconds", "min_pause_seconds", "piece_pad_seconds", "vad_threshold", "vad",
+                      "pieces", "quiet_threshold", "pause_level", "short_piece_seconds", "join_piece_seconds")
+            options = DecodeOptions(**{f: getattr(args, f) for f in fields})    # each flag is its field's name
+            options.check({f: "--" + f.replace("_", "-") for f in fields})
+            result = diagnose.segmentation(args.data_dir, args.vad, split=args.split,
+                                           **options.piece_plan(args.task))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate.py pieces: {e}")
         print(json.dumps(result, ensure_ascii=False, indent=1))

@@ -479,11 +479,7 @@ class Recognizer:
         if self._vad is None:
             self._vad = segment.detector(self.options.vad)
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
-        return segment.plan_pieces(probs, seconds, longest, min_pause_s=self.options.min_pause_seconds,
-                                   pad_s=self.options.piece_pad_seconds, pack=self.options.pieces == "packed",
-                                   threshold=self.options.vad_threshold, pause_level=self.options.pause_level,
-                                   short_s=self.options.short_piece_seconds, join_s=self.options.join_piece_seconds,
-                                   quiet_threshold=self.options.quiet_threshold if task == "MNER" else None)
+        return segment.plan_pieces(probs, seconds, **self.options.piece_plan(task))
 
     def _share_text(self, req, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
