@@ -31,6 +31,7 @@ import diagnose
 import files
 import report
 import scoring
+import segment
 from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_official, load_split, nest, parse,
                   parse_official, read_lines)
 from breakdown import Sentence, breakdown, compare, format_breakdown, tables
@@ -372,7 +373,7 @@ def main(argv=None):
             options = DecodeOptions(**{f: getattr(args, f) for f in fields})    # each flag is its field's name
             options.check({f: "--" + f.replace("_", "-") for f in fields})
             result = diagnose.segmentation(args.data_dir, args.vad, split=args.split,
-                                           **options.piece_plan(args.task))
+                                           **segment.plan_options(options, args.task))
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"evaluate.py pieces: {e}")
         print(json.dumps(result, ensure_ascii=False, indent=1))

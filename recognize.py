@@ -479,7 +479,7 @@ class Recognizer:
         if self._vad is None:
             self._vad = segment.detector(self.options.vad)
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
-        return segment.plan_pieces(probs, seconds, **self.options.piece_plan(task))
+        return segment.plan_pieces(probs, seconds, **segment.plan_options(self.options, task))
 
     def _share_text(self, req, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning

@@ -114,14 +114,6 @@ class DecodeOptions:
         """The most audio decoded in one go: longer recordings are cut into pieces of at most this."""
         return min(self.max_piece_seconds, self.max_audio_seconds)
 
-    def piece_plan(self, task) -> dict:
-        """segment.plan_pieces' keyword arguments for a long `task` recording (SNER or MNER: quiet pieces are
-        MNER's only): the one mapping that decoding (recognize.py) and evaluate.py pieces share."""
-        return dict(max_piece_s=self.longest_piece_seconds, min_pause_s=self.min_pause_seconds,
-                    pad_s=self.piece_pad_seconds, pack=self.pieces == "packed", threshold=self.vad_threshold,
-                    pause_level=self.pause_level, short_s=self.short_piece_seconds, join_s=self.join_piece_seconds,
-                    quiet_threshold=self.quiet_threshold if task == "MNER" else None)
-
     def resolve(self, assets=None, capacity=None):
         """-> these options with every unset search setting (and pseudo_text_len, an "auto" onset_lead_seconds) taken
         from the checkpoint's assets, else SEARCH_DEFAULTS; checked, max_len against `capacity` (the decoder's

@@ -130,6 +130,15 @@ class Piece:
     cut_s: Optional[float] = None   # the time where this piece takes over from the one before, when they overlap
 
 
+def plan_options(options, task) -> dict:
+    """plan_pieces' keyword arguments from decoding options (search.DecodeOptions) for a long `task` recording
+    (SNER or MNER: quiet pieces are MNER's only): the one mapping that recognize.py and evaluate.py pieces share."""
+    return dict(max_piece_s=options.longest_piece_seconds, min_pause_s=options.min_pause_seconds,
+                pad_s=options.piece_pad_seconds, pack=options.pieces == "packed", threshold=options.vad_threshold,
+                pause_level=options.pause_level, short_s=options.short_piece_seconds,
+                join_s=options.join_piece_seconds, quiet_threshold=options.quiet_threshold if task == "MNER" else None)
+
+
 def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15,
                      pause_level=None) -> list[tuple[float, float]]:
     """[(start_s, end_s)] of speech: a stretch starts at a window at or above threshold, reaches out on both sides
