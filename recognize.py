@@ -436,7 +436,7 @@ class Recognizer:
                                                self.options.onset_lead_seconds)
                 parts = [dataclasses.replace(req, span=(p.start_s, p.end_s)) for p in plans[i]]
             if t == "MNER":                                     # each piece gets its share of the transcript
-                parts, shares[i] = self._share_text(req, parts, batch_size)
+                plans[i], parts, shares[i] = self._share_text(req, plans[i], parts, batch_size)
             items += [(i, part, t) for part in parts]
         # Sort by length for speed, unless ModelScope's batch-dependent padding is on (keep the reference order).
         keep_order = getattr(self.model.config, "modelscope_padding", False)
@@ -481,16 +481,58 @@ class Recognizer:
         probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
         return segment.plan_pieces(probs, seconds, **segment.plan_options(self.options, task))
 
-    def _share_text(self, req, parts, batch_size=8):
+    def _share_text(self, req, pieces, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
-        what the phone CTC head hears in each piece against the transcript's phones."""
+        what the phone CTC head hears in each piece against the transcript's phones; then each boundary moved to
+        the pause that an alignment of both shares over both pieces' audio finds (_realign).
+        -> (pieces, their requests with their shares, the split)."""
         heard, edges, _ = self._heard(parts, batch_size)
         classes = self.model.config.phone_dict_size - 3
         char_phones = [(self._readings(c, classes) or [[]])[0] for c in req.text]
         bounds, distances, failures = segment.split_text(char_phones, heard)
         bounds = segment.refine_bounds(bounds, char_phones, edges)
-        shared = [dataclasses.replace(p, text=req.text[a:b]) for p, a, b in zip(parts, bounds, bounds[1:])]
-        return shared, {"text": req.text, "bounds": bounds, "failures": failures}
+        if self.options.realign_margin_seconds is not None:
+            pieces, bounds = self._realign(req, list(pieces), bounds, batch_size)
+        shared = [dataclasses.replace(req, span=(p.start_s, p.end_s), text=req.text[a:b])
+                  for p, a, b in zip(pieces, bounds, bounds[1:])]
+        return pieces, shared, {"text": req.text, "bounds": bounds, "failures": failures}
+
+    def _realign(self, req, pieces, bounds, batch_size=8):
+        """Each boundary between two pieces with shares, moved to the pause between utterances: both shares are
+        aligned (align.viterbi) over the two pieces' joint audio, segment.pause_between picks the pause (and may
+        move a character or two across), segment.recut moves the pieces' ends to it. -> (pieces, bounds)."""
+        classes = self.model.config.phone_dict_size - 3
+        pairs = [k for k in range(len(pieces) - 1) if bounds[k] < bounds[k + 1] < bounds[k + 2]
+                 and pieces[k + 1].end_s - pieces[k].start_s <= self.options.longest_piece_seconds]
+        found = {}
+        for at in range(0, len(pairs), batch_size):
+            chunk = pairs[at: at + batch_size]
+            rows = [self._row(dataclasses.replace(req, span=(pieces[k].start_s, pieces[k + 1].end_s), text=None),
+                              "SNER")[0] for k in chunk]
+            with torch.no_grad():
+                logp, frames = self.model.speech_phone_log_probs(self._encode(rows),
+                                                                 max(r["fbank"].size(0) for r in rows))
+            readings = [[self._readings(c, classes) for c in req.text[bounds[k]: bounds[k + 2]]] for k in chunk]
+            graphs = [align.ReadingGraph.build([r for r in rs if r] or [[(1,)]]) for rs in readings]
+            paths, scores = align.viterbi(logp, frames, graphs)
+            for row, (k, rs, graph, path, score) in enumerate(zip(chunk, readings, graphs, paths, scores.tolist())):
+                if score == -math.inf:                          # the shares' phones do not fit the frames
+                    continue
+                said = zip(graph.char_frames(path), align.char_log_posteriors(graph, path, logp[row]))
+                spans = [(first, last, math.exp(sum(lps) / len(lps))) for (first, last, _), lps in said]
+                spans = [spans.pop(0) if r else None for r in rs]   # (first frame, last frame, confidence) or None
+                got = segment.pause_between(spans, bounds[k], bounds[k + 1], bounds[k + 2],
+                                            margin_s=self.options.realign_margin_seconds,
+                                            min_confidence=audio.MIN_ALIGN_CONFIDENCE)
+                if got is not None:
+                    found[k] = (got[0], pieces[k].start_s + got[1], pieces[k].start_s + got[2])
+        for k, (bound, end_s, start_s) in sorted(found.items()):
+            if not bounds[k] < bound < bounds[k + 2]:
+                continue
+            left, right = segment.recut(pieces[k], pieces[k + 1], end_s, start_s, self.options.piece_pad_seconds)
+            if min(left.end_s - left.start_s, right.end_s - right.start_s) >= 0.5:
+                bounds[k + 1], pieces[k], pieces[k + 1] = bound, left, right
+        return pieces, bounds
 
     def _stitch(self, pieces, parts, share=None):
         """One result of a long recording's pieces; share: the transcript's split among them (MNER)."""

@@ -33,11 +33,9 @@ PIECE_RULES = ("pauses", "packed")  # a piece per stretch of speech between paus
 # ----------------------------------------------------------------------------------------------------------
 # search settings and results
 
-
 # search settings built into the code: what an option left unset (None) gets when the checkpoint has no value
 SEARCH_DEFAULTS = dict(beam=5, max_len=128, min_len=1, no_repeat_ngram_size=5, constraint_range=None,
                        len_penalty=1.0, ctc_weight=0.0)
-
 
 TIMESTAMPS = ("entities", "chars", "none")
 # --entity-weight when unset, per task: chosen two-fold (evaluate.py choose) on the CNERTA dev text (2; README) and
@@ -96,6 +94,8 @@ class DecodeOptions:
     vad_threshold: float = 0.5                  # speech probability that starts a stretch of speech (segment.py)
     quiet_threshold: Optional[float] = 0.1      # MNER: quiet speech between pieces, found at this probability,
                                                 # makes pieces too (segment.quiet_pieces); None: none
+    realign_margin_seconds: Optional[float] = 0.2   # MNER: pieces move to the pause their shares' alignment finds,
+                                                # characters too when it is this much longer (segment.pause_between)
     onset_lead_seconds: Union[float, None, str] = "auto"   # SNER pieces start this long before the first phone
                                                 # the CTC head hears (segment.snap_onsets); None: where the detector
                                                 # puts them; "auto": the checkpoint's assets["decoding"] value or None
@@ -193,6 +193,9 @@ class DecodeOptions:
             raise files.InputError(f"{name('piece_pad_seconds')} must be in [0, 0.5], got {self.piece_pad_seconds}")
         if self.quiet_threshold is not None and not 0 < self.quiet_threshold < 1:
             raise files.InputError(f"{name('quiet_threshold')} must be in (0, 1) or None, got {self.quiet_threshold}")
+        if self.realign_margin_seconds is not None and not 0 <= self.realign_margin_seconds < math.inf:
+            raise files.InputError(f"{name('realign_margin_seconds')} must be 0 or more seconds or None, got "
+                                   f"{self.realign_margin_seconds}")
         lead = self.onset_lead_seconds
         if lead not in (None, "auto") and (isinstance(lead, str) or not 0 <= lead <= 0.5):
             raise files.InputError(f"{name('onset_lead_seconds')} must be in [0, 0.5], None or 'auto', got {lead!r}")

@@ -21,7 +21,9 @@ Under loud noise the detector dips inside an utterance: a pause whose mean proba
 joins its stretches, and touching pieces join while one is short and both fit an utterance (join_touching).
 MNER (a transcript given): quiet_pieces adds pieces for quiet speech the detector missed between them, split_text
 shares the transcript among the pieces by one alignment of what each piece hears, and refine_bounds moves each
-boundary to where the phone CTC head's posteriors at the two pieces' edges put it. SNER with a model that never
+boundary to where the phone CTC head's posteriors at the two pieces' edges put it; then pause_between and recut
+move each boundary, and the two pieces' ends, to the pause that one alignment of both shares over both pieces'
+audio finds between them (recognize.py: --realign-margin-seconds). SNER with a model that never
 heard noise before an utterance: snap_onsets starts each piece at the first phone the head hears.
 Stitching (stitch) keeps each character once: before a cut from the piece before it, after it from the piece
 after, by the characters' times; an entity found in both pieces is kept once.
@@ -35,6 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+import align
 import audio
 import data
 import files
@@ -47,6 +50,7 @@ except ImportError:                 # pragma: no cover - depends on the environm
 
 WINDOW = 512                        # samples at 16 kHz per detector window: 32 ms, Silero's own window
 HOP_S = WINDOW / audio.SAMPLE_RATE
+FRAME_S = align.FRAME_S
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -382,6 +386,56 @@ def refine_bounds(bounds, char_phones, edges, reach=2):
         if top > scores.get(bounds[k], -math.inf) + 1e-9:
             bounds[k] = max(c for c, v in scores.items() if v >= top - 1e-9)
     return bounds
+
+
+def pause_between(spans, lo, bound, hi, reach=2, margin_s=0.2, min_confidence=0.02):
+    """Where two pieces' shares meet, by one alignment of both shares over the pieces' joint audio (MNER): spans[i]
+    = (first frame, last frame, confidence) of character i in [lo, hi) on that alignment (None: a character
+    without a reading; confidence: align.char_log_posteriors' geometric mean posterior). A boundary between
+    utterances lies in a pause, so the characters around `bound` ([bound - reach, bound + reach], each share keeping
+    one) may be split where the frames from one character's last phone to the next one's first are most: if that
+    pause beats `bound`'s own by margin_s (the detector's shortest pause) and the head hears every character it
+    moves across (confidence min_confidence or more; one it does not hear is put wherever it costs least, often
+    right beside a heard one, which makes pauses of its own). So a soft first syllable that the detector missed, or
+    heard at the end of the piece before, goes back to its utterance. -> (bound, end_s, start_s): the bound and the
+    pause at it on the joint audio's clock (end of the last phone before, onset of the first after), or None when a
+    side of the bound has no said character."""
+    said = [i for i in range(lo, hi) if spans[i - lo] is not None]
+
+    def pause(j):                       # (frames, last said char before j, first said char from j) or None
+        p = max((i for i in said if i < j), default=None)
+        n = min((i for i in said if i >= j), default=None)
+        return None if p is None or n is None else (spans[n - lo][0] - spans[p - lo][1], p, n)
+
+    def heard(a, b):                    # every said character in [a, b) heard
+        return all(spans[i - lo][2] >= min_confidence for i in said if a <= i < b)
+    here = pause(bound)
+    if here is None:
+        return None
+    best, best_j = here, bound
+    for j in range(max(lo + 1, bound - reach), min(hi - 1, bound + reach) + 1):
+        q = pause(j)
+        if q is None or not heard(min(j, bound), max(j, bound)) or \
+                q[1:] != here[1:] and (q[0] - here[0]) * FRAME_S < margin_s - 1e-9:
+            continue
+        # ties: the latest j, so a character without a reading stays with the piece before (as in split_text)
+        if q[0] > best[0] or q[0] == best[0] and j > best_j and q[1:] == best[1:]:
+            best, best_j = q, j
+    _, p, n = best
+    if not heard(p, n + 1):             # a pause placed by characters the head does not hear is no evidence
+        return None
+    return (best_j, align.frame_centre_s(spans[p - lo][1]) + FRAME_S / 2,
+            align.frame_centre_s(spans[n - lo][0]) - FRAME_S / 2)
+
+
+def recut(left, right, end_s, start_s, pad_s=0.2):
+    """Two neighbouring pieces moved to a pause from end_s (the last phone before it) to start_s (the first after),
+    in the recording's time: the left piece ends between min(start_s, end_s + pad_s) and start_s, the right one
+    starts between end_s and max(end_s, start_s - pad_s), each as close to where it was as that allows: a piece that
+    held the other's first syllable gives it back, one cut short of its share's last words reaches them."""
+    end = min(start_s, max(left.end_s, min(start_s, end_s + pad_s)))
+    start = max(end_s, min(right.start_s, max(end_s, start_s - pad_s)))
+    return Piece(left.start_s, round(float(end), 4), left.cut_s), Piece(round(float(start), 4), right.end_s, right.cut_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ LADDER = [
                                     # TensorBoard curves | decoding over torchrun ranks: batches, dealing, parts
     ("text", "cost"),              # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a
                                    # training step, from the config
-    ("data", "weights", "search", "entitylist"),  # samples, linearization, features, batches | converter,
-                                    # checkpoint format | DecodeOptions, beam search, bracket constraint, joint CTC
-                                    # scorer | a user's entity list: its lines, occurrences in a text, SNER trie bonus
-    ("align", "augment", "segment", "workload", "scoring"),  # CTC forced alignment: characters in time |
-                                      # training-time augmentations (entity swaps, bleeped entities, noise) | long
-                                      # recordings: voice activity, pieces, stitching | what bench.py runs on |
-                                      # our scorer and the official one, CER, prediction files
+    ("data", "weights", "search", "entitylist", "align"),  # samples, linearization, features, batches |
+                                    # converter, checkpoint format | DecodeOptions, beam search, bracket constraint,
+                                    # joint CTC scorer | a user's entity list: its lines, occurrences in a text, SNER
+                                    # trie bonus | CTC forced alignment: characters in time
+    ("augment", "segment", "workload", "scoring"),  # training-time augmentations (entity swaps, bleeped entities,
+                                      # noise) | long recordings: voice activity, pieces, realigned boundaries,
+                                      # stitching | what bench.py runs on | our scorer and the official one, CER,
+                                      # prediction files
     ("recognize", "diagnose", "breakdown"),  # inputs -> rows -> search -> entities with confidences and times;
                                    # Recognizer | entity times, confidence, playback, long recordings per utterance |
                                    # the error taxonomy: what went wrong per sentence, the breakdown tables

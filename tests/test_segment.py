@@ -323,6 +323,46 @@ def test_refining_gives_a_character_nobody_heard_to_the_piece_whose_edge_says_it
     assert segment.refine_bounds([0, 4, 5], marks, [(tail0, tail0), (lead, lead)]) == [0, 3, 5]
 
 
+def test_a_boundary_goes_to_the_pause_that_the_joint_alignment_finds():
+    """Two shares aligned over both pieces' audio: [(first frame, last frame, confidence)] per character. A
+    boundary stays where its pause is longest; a heard character the split gave to the wrong side goes back across
+    to a pause at least margin_s longer; an unheard one stays, and a pause it brackets is no evidence (None)."""
+    heard = [(0, 1, .9), (3, 4, .9), (6, 7, .9), (20, 21, .9), (23, 24, .9), (26, 27, .9)]   # pause before 3
+    frame = segment.FRAME_S
+    assert segment.pause_between(heard, 0, 3, 6) == (3, pytest.approx(7 * frame + .085 / 2 + frame / 2),
+                                                     pytest.approx(20 * frame + .085 / 2 - frame / 2))
+    assert segment.pause_between(heard, 0, 4, 6)[0] == 3                # char 3 was the left piece's: it goes back
+    assert segment.pause_between(heard, 0, 2, 6)[0] == 3                # char 2 was the right piece's: it goes back
+    assert segment.pause_between(heard, 0, 5, 6)[0] == 3                # two characters across, reach 2
+    assert segment.pause_between(heard, 0, 5, 6, reach=1)[0] == 5       # out of reach: kept
+    assert segment.pause_between(heard, 0, 4, 6, margin_s=0.5)[0] == 4   # 11 frames longer: 0.44 s < 0.5
+    assert segment.pause_between(heard[2:], 2, 4, 6)[0] == 3 and segment.pause_between(heard[3:], 3, 4, 6)[0] == 4
+    unheard = heard[:3] + [(20, 21, 0.01)] + heard[4:]                  # (each side keeps one); char 3 unheard:
+    assert segment.pause_between(unheard, 0, 4, 6) is None               # its pause brackets char 3: no evidence
+    assert segment.pause_between(unheard, 0, 3, 6) is None
+    assert segment.pause_between(heard, 0, 3, 6, min_confidence=0.95) is None
+    moved = heard[:2] + [(6, 7, .9), (8, 9, .9)] + heard[4:]            # pauses 2, 1, 14: the longest at 4
+    assert segment.pause_between(moved, 0, 4, 6)[0] == 4
+    marks = heard[:3] + [None] + heard[3:]                              # a mark between 2 and 3: it stays before
+    assert segment.pause_between(marks, 0, 3, 7)[0] == 4 and segment.pause_between(marks, 0, 5, 7)[0] == 4
+    assert segment.pause_between([None, None] + heard[3:], 0, 2, 5) is None   # a side with nothing said
+
+
+def test_recut_moves_both_pieces_to_the_pause_and_no_further():
+    """A left piece cut short of its share's last words reaches past them by the pad (never past the next onset);
+    a right piece that started late starts the pad before its onset (never before the last phone of the left); a
+    piece edge already inside the pause stays."""
+    left, right = Piece(0.0, 3.0), Piece(3.05, 9.0, cut_s=None)
+    a, b = segment.recut(left, right, end_s=4.0, start_s=5.0, pad_s=0.2)   # the left share ends at 4 s
+    assert (a.start_s, a.end_s, b.start_s, b.end_s) == (0.0, 4.2, 4.0, 9.0)   # b held the tail of 4 s: kept
+    a, b = segment.recut(Piece(0.0, 4.5), Piece(4.55, 9.0), end_s=4.0, start_s=5.0)   # already in the pause: kept
+    assert (a.end_s, b.start_s) == (4.5, 4.55)
+    a, b = segment.recut(Piece(0.0, 6.0), Piece(6.05, 9.0), end_s=4.0, start_s=4.1)   # short pause, held the onset
+    assert (a.end_s, b.start_s) == (4.1, 4.0)
+    a, b = segment.recut(Piece(0.0, 2.0, cut_s=1.0), Piece(2.5, 9.0, cut_s=2.2), end_s=1.5, start_s=2.0)
+    assert (a.end_s, a.cut_s, b.start_s, b.cut_s) == (2.0, 1.0, 1.8, 2.2)           # cut_s as they were
+
+
 def test_a_badly_heard_piece_costs_its_own_share_only():
     """Twelve pieces of five characters; the fourth hears noise and the seventh nothing: every piece away from
     those two still gets exactly its own characters (aligned once over the whole transcript, no drift); the
