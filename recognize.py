@@ -499,17 +499,19 @@ class Recognizer:
 
     def _realign(self, req, pieces, bounds, batch_size=8):
         """Each boundary between two pieces with shares, moved to the pause between utterances: both shares are
-        aligned (align.viterbi) over the two pieces' joint audio, segment.pause_between picks the pause (and may
-        move a character or two across), segment.recut moves the pieces' ends to it. -> (pieces, bounds)."""
+        aligned (align.viterbi) over the two pieces' joint audio (pairs at most longest_piece_seconds long), segment.
+        pause_between picks the pause (and may move a character or two across), segment.recut moves the pieces'
+        ends to it. Proposals are made from the split as it came, then applied left to right. -> (pieces, bounds)."""
         classes = self.model.config.phone_dict_size - 3
+        longest = self.options.longest_piece_seconds
         pairs = [k for k in range(len(pieces) - 1) if bounds[k] < bounds[k + 1] < bounds[k + 2]
-                 and pieces[k + 1].end_s - pieces[k].start_s <= self.options.longest_piece_seconds]
+                 and pieces[k + 1].end_s - pieces[k].start_s <= longest]
         found = {}
         for at in range(0, len(pairs), batch_size):
             chunk = pairs[at: at + batch_size]
             rows = [self._row(dataclasses.replace(req, span=(pieces[k].start_s, pieces[k + 1].end_s), text=None),
                               "SNER")[0] for k in chunk]
-            with torch.no_grad():
+            with torch.no_grad():                                # (B, T', C) log-probs, (B,) frames
                 logp, frames = self.model.speech_phone_log_probs(self._encode(rows),
                                                                  max(r["fbank"].size(0) for r in rows))
             readings = [[self._readings(c, classes) for c in req.text[bounds[k]: bounds[k + 2]]] for k in chunk]
@@ -518,20 +520,18 @@ class Recognizer:
             for row, (k, rs, graph, path, score) in enumerate(zip(chunk, readings, graphs, paths, scores.tolist())):
                 if score == -math.inf:                          # the shares' phones do not fit the frames
                     continue
-                said = zip(graph.char_frames(path), align.char_log_posteriors(graph, path, logp[row]))
-                spans = [(first, last, math.exp(sum(lps) / len(lps))) for (first, last, _), lps in said]
-                spans = [spans.pop(0) if r else None for r in rs]   # (first frame, last frame, confidence) or None
+                aligned = iter([(first, last, math.exp(sum(lps) / len(lps))) for (first, last, _), lps in
+                                zip(graph.char_frames(path), align.char_log_posteriors(graph, path, logp[row]))])
+                spans = [next(aligned) if r else None for r in rs]   # (first frame, last frame, confidence) or None
                 got = segment.pause_between(spans, bounds[k], bounds[k + 1], bounds[k + 2],
                                             margin_s=self.options.realign_margin_seconds,
                                             min_confidence=audio.MIN_ALIGN_CONFIDENCE)
                 if got is not None:
                     found[k] = (got[0], pieces[k].start_s + got[1], pieces[k].start_s + got[2])
         for k, (bound, end_s, start_s) in sorted(found.items()):
-            if not bounds[k] < bound < bounds[k + 2]:
-                continue
-            left, right = segment.recut(pieces[k], pieces[k + 1], end_s, start_s, self.options.piece_pad_seconds)
-            if min(left.end_s - left.start_s, right.end_s - right.start_s) >= 0.5:
-                bounds[k + 1], pieces[k], pieces[k + 1] = bound, left, right
+            moved = segment.recut(pieces[k], pieces[k + 1], end_s, start_s, self.options.piece_pad_seconds, longest)
+            if moved is not None and bounds[k] < bound < bounds[k + 2]:   # bounds[k]: as the pair before left it
+                bounds[k + 1], (pieces[k], pieces[k + 1]) = bound, moved
         return pieces, bounds
 
     def _stitch(self, pieces, parts, share=None):

@@ -389,17 +389,19 @@ def refine_bounds(bounds, char_phones, edges, reach=2):
 
 
 def pause_between(spans, lo, bound, hi, reach=2, margin_s=0.2, min_confidence=0.02):
-    """Where two pieces' shares meet, by one alignment of both shares over the pieces' joint audio (MNER): spans[i]
-    = (first frame, last frame, confidence) of character i in [lo, hi) on that alignment (None: a character
+    """Where two pieces' shares meet, by one alignment of both shares over the pieces' joint audio (MNER): spans[i -
+    lo] = (first frame, last frame, confidence) of character i in [lo, hi) on that alignment (None: a character
     without a reading; confidence: align.char_log_posteriors' geometric mean posterior). A boundary between
     utterances lies in a pause, so the characters around `bound` ([bound - reach, bound + reach], each share keeping
     one) may be split where the frames from one character's last phone to the next one's first are most: if that
-    pause beats `bound`'s own by margin_s (the detector's shortest pause) and the head hears every character it
-    moves across (confidence min_confidence or more; one it does not hear is put wherever it costs least, often
-    right beside a heard one, which makes pauses of its own). So a soft first syllable that the detector missed, or
-    heard at the end of the piece before, goes back to its utterance. -> (bound, end_s, start_s): the bound and the
-    pause at it on the joint audio's clock (end of the last phone before, onset of the first after), or None when a
-    side of the bound has no said character."""
+    pause is at least margin_s longer than `bound`'s own (0.2 s: as --min-pause-seconds' default) and the head hears
+    every character it moves across (confidence min_confidence or more; one it does not hear is put wherever it
+    costs least, often right beside a heard one, which makes pauses of its own). A character without a reading
+    beside the pause needs no margin: it stays with the piece before, as in split_text. So a soft first syllable
+    that the detector missed, or heard at the end of the piece before, goes back to its utterance.
+    -> (bound, end_s, start_s): the bound and the pause at it on the joint audio's clock (end of the last phone
+    before, onset of the first after); None when a side of the bound has no said character, when a character beside
+    the pause is not heard (no evidence), or when the two phones touch (no pause to cut in)."""
     said = [i for i in range(lo, hi) if spans[i - lo] is not None]
 
     def pause(j):                       # (frames, last said char before j, first said char from j) or None
@@ -413,29 +415,37 @@ def pause_between(spans, lo, bound, hi, reach=2, margin_s=0.2, min_confidence=0.
     if here is None:
         return None
     best, best_j = here, bound
-    for j in range(max(lo + 1, bound - reach), min(hi - 1, bound + reach) + 1):
+    for j in range(bound - reach, bound + reach + 1):
         q = pause(j)
         if q is None or not heard(min(j, bound), max(j, bound)) or \
                 q[1:] != here[1:] and (q[0] - here[0]) * FRAME_S < margin_s - 1e-9:
             continue
-        # ties: the latest j, so a character without a reading stays with the piece before (as in split_text)
+        # the longest pause; between the same two characters the latest j (a mark stays with the piece before)
         if q[0] > best[0] or q[0] == best[0] and j > best_j and q[1:] == best[1:]:
             best, best_j = q, j
-    _, p, n = best
-    if not heard(p, n + 1):             # a pause placed by characters the head does not hear is no evidence
+    frames, p, n = best
+    if not heard(p, n + 1) or frames <= 1:
         return None
-    return (best_j, align.frame_centre_s(spans[p - lo][1]) + FRAME_S / 2,
-            align.frame_centre_s(spans[n - lo][0]) - FRAME_S / 2)
+    end_s = align.frame_centre_s(spans[p - lo][1]) + FRAME_S / 2
+    return best_j, end_s, align.frame_centre_s(spans[n - lo][0]) - FRAME_S / 2
 
 
-def recut(left, right, end_s, start_s, pad_s=0.2):
+MIN_RECUT_PIECE_S = 0.5     # a recut piece keeps at least this: a syllable and its pads
+
+
+def recut(left, right, end_s, start_s, pad_s=0.2, longest_s=20.0):
     """Two neighbouring pieces moved to a pause from end_s (the last phone before it) to start_s (the first after),
-    in the recording's time: the left piece ends between min(start_s, end_s + pad_s) and start_s, the right one
-    starts between end_s and max(end_s, start_s - pad_s), each as close to where it was as that allows: a piece that
-    held the other's first syllable gives it back, one cut short of its share's last words reaches them."""
+    in the recording's time, each edge as little as it takes: the left piece ends at least pad_s past end_s and
+    never past start_s, the right one starts at least pad_s before start_s and never before end_s (in a pause
+    under 2 x pad_s, start_s and end_s bound them); an edge already within its limits stays. So a piece that held
+    the other's first syllable gives it back, and one cut short of its share's last words reaches them. -> (left,
+    right), or None when either would keep under MIN_RECUT_PIECE_S or grow over longest_s."""
     end = min(start_s, max(left.end_s, min(start_s, end_s + pad_s)))
     start = max(end_s, min(right.start_s, max(end_s, start_s - pad_s)))
-    return Piece(left.start_s, round(float(end), 4), left.cut_s), Piece(round(float(start), 4), right.end_s, right.cut_s)
+    left, right = Piece(left.start_s, round(float(end), 4), left.cut_s), Piece(round(float(start), 4), right.end_s,
+                                                                             right.cut_s)
+    lengths = (left.end_s - left.start_s, right.end_s - right.start_s)
+    return None if min(lengths) < MIN_RECUT_PIECE_S or max(lengths) > longest_s else (left, right)
 
 
 # ----------------------------------------------------------------------------------------------------------------

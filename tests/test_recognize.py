@@ -193,25 +193,31 @@ def test_a_long_recording_with_its_transcript_shares_the_text_among_the_pieces(t
 
 
 def test_realigning_moves_the_shares_and_the_pieces_to_the_pause_found_between_them(tiny, long_wav, monkeypatch):
-    """--realign-margin-seconds: each pair of neighbouring pieces with shares is aligned over their joint audio and
-    segment.pause_between's answer (on the joint audio's clock) moves the boundary and, through segment.recut,
-    the pieces' ends (in the recording's time); none: the pieces and shares of the detector and the split."""
+    """--realign-margin-seconds: each pair of neighbouring pieces with shares is aligned over their joint audio
+    (a character without a reading, here a comma, takes no frames: None) and segment.pause_between's answer (on the
+    joint audio's clock) moves the boundary and, through segment.recut, the pieces' ends (in the recording's time),
+    which are what gets decoded; none: the pieces and shares of the detector and the split."""
     texts = [json.loads(line)["text"] for line in (WAVS_DIR / "index.jsonl").read_text(encoding="utf-8").splitlines()]
-    transcript = "".join(texts[k % 4] for k in range(8))
+    transcript = "，".join(texts[k % 4] for k in range(8))
     req = recognize.Request(wav=long_wav[0], text=transcript, id="m")
     kw = dict(device="cpu", beam=1, max_len=4, max_piece_seconds=8.0, vad="energy")
     (plain,) = recognize.Recognizer(tiny, realign_margin_seconds=None, **kw).run([req], batch_size=4)
     asked = []
 
     def answer(spans, lo, bound, hi, margin_s, min_confidence):
-        asked.append((lo, bound, hi, len(spans), margin_s, min_confidence))
-        assert all(s is None or (0 <= s[0] <= s[1] and 0 <= s[2] <= 1) for s in spans)
+        asked.append((lo, bound, hi, margin_s, min_confidence))
+        assert [s is None for s in spans] == [c == "，" for c in transcript[lo:hi]]
+        firsts = [s[0] for s in spans if s is not None]
+        assert firsts == sorted(firsts) and all(0 <= s[0] <= s[1] and 0 <= s[2] <= 1 for s in spans if s)
         return (bound - 1, 0.25, 0.75) if len(asked) == 1 else None  # the first pair only: one char to the right
     monkeypatch.setattr(recognize.segment, "pause_between", answer)
+    decoded = []
+    real_batch = recognize.Recognizer._batch
+    monkeypatch.setattr(recognize.Recognizer, "_batch", lambda self, reqs, task: decoded.extend(
+        (r.span, r.text) for r in reqs) or real_batch(self, reqs, task))
     (moved,) = recognize.Recognizer(tiny, **kw).run([req], batch_size=4)
     before, after = plain["pieces"], moved["pieces"]
-    assert asked and all(n == hi - lo and m == 0.2 and c == recognize.audio.MIN_ALIGN_CONFIDENCE
-                         for lo, _, hi, n, m, c in asked)
+    assert asked and all(m == 0.2 and c == recognize.audio.MIN_ALIGN_CONFIDENCE for *_, m, c in asked)
     lo, bound, hi = asked[0][:3]                                        # pieces k, k + 1 of the first pair asked
     k = next(k for k in range(len(before) - 1) if before[k]["chars"] == [lo, bound] and before[k + 1]["chars"] ==
              [bound, hi] and before[k + 1]["end_s"] - before[k]["start_s"] <= 8.0)
@@ -220,7 +226,9 @@ def test_realigning_moves_the_shares_and_the_pieces_to_the_pause_found_between_t
     assert after[k]["end_s"] == pytest.approx(min(start + 0.75, max(before[k]["end_s"], start + 0.45)))
     assert after[k + 1]["start_s"] == pytest.approx(max(start + 0.25, min(before[k + 1]["start_s"], start + 0.55)))
     assert after[:k] == before[:k] and after[k + 2:] == before[k + 2:]
-    assert moved["text"] == plain["text"] == transcript
+    shared = {((p["start_s"], p["end_s"]), transcript[p["chars"][0]:p["chars"][1]]) for p in after
+              if transcript[p["chars"][0]:p["chars"][1]].strip()}
+    assert shared == {(tuple(round(t, 4) for t in span), text) for span, text in decoded}   # decoded as reported
     with pytest.raises(recognize.files.InputError, match="realign_margin_seconds must be"):
         recognize.Recognizer(tiny, device="cpu", realign_margin_seconds=-1.0)
 

@@ -336,6 +336,7 @@ def test_a_boundary_goes_to_the_pause_that_the_joint_alignment_finds():
     assert segment.pause_between(heard, 0, 5, 6)[0] == 3                # two characters across, reach 2
     assert segment.pause_between(heard, 0, 5, 6, reach=1)[0] == 5       # out of reach: kept
     assert segment.pause_between(heard, 0, 4, 6, margin_s=0.5)[0] == 4   # 11 frames longer: 0.44 s < 0.5
+    assert segment.pause_between(heard, 0, 4, 6, margin_s=0.44)[0] == 3  # exactly the margin: moves
     assert segment.pause_between(heard[2:], 2, 4, 6)[0] == 3 and segment.pause_between(heard[3:], 3, 4, 6)[0] == 4
     unheard = heard[:3] + [(20, 21, 0.01)] + heard[4:]                  # (each side keeps one); char 3 unheard:
     assert segment.pause_between(unheard, 0, 4, 6) is None               # its pause brackets char 3: no evidence
@@ -346,6 +347,8 @@ def test_a_boundary_goes_to_the_pause_that_the_joint_alignment_finds():
     marks = heard[:3] + [None] + heard[3:]                              # a mark between 2 and 3: it stays before
     assert segment.pause_between(marks, 0, 3, 7)[0] == 4 and segment.pause_between(marks, 0, 5, 7)[0] == 4
     assert segment.pause_between([None, None] + heard[3:], 0, 2, 5) is None   # a side with nothing said
+    touching = heard[:3] + [(8, 9, .9), (10, 11, .9), (12, 13, .9)]    # one run of speech: phones side by side
+    assert segment.pause_between(touching, 0, 3, 6) is None
 
 
 def test_recut_moves_both_pieces_to_the_pause_and_no_further():
@@ -359,8 +362,12 @@ def test_recut_moves_both_pieces_to_the_pause_and_no_further():
     assert (a.end_s, b.start_s) == (4.5, 4.55)
     a, b = segment.recut(Piece(0.0, 6.0), Piece(6.05, 9.0), end_s=4.0, start_s=4.1)   # short pause, held the onset
     assert (a.end_s, b.start_s) == (4.1, 4.0)
-    a, b = segment.recut(Piece(0.0, 2.0, cut_s=1.0), Piece(2.5, 9.0, cut_s=2.2), end_s=1.5, start_s=2.0)
-    assert (a.end_s, a.cut_s, b.start_s, b.cut_s) == (2.0, 1.0, 1.8, 2.2)           # cut_s as they were
+    a, b = segment.recut(Piece(0.0, 4.1), Piece(6.0, 9.0), end_s=4.0, start_s=5.0)   # into the pause, short of
+    assert (a.end_s, b.start_s) == (4.2, 4.8)                                         # the pad: on to the pad
+    a, b = segment.recut(Piece(0.0, 2.4, cut_s=0.5), Piece(1.4, 9.0, cut_s=1.9), end_s=1.5, start_s=2.0)
+    assert (a.end_s, a.cut_s, b.start_s, b.cut_s) == (2.0, 0.5, 1.5, 1.9)           # cut_s as they were
+    assert segment.recut(Piece(0.0, 3.0), Piece(3.05, 9.0), end_s=0.1, start_s=0.2) is None       # left < 0.5 s
+    assert segment.recut(Piece(0.0, 3.0), Piece(3.05, 9.0), end_s=4.0, start_s=5.0, longest_s=4.0) is None
 
 
 def test_a_badly_heard_piece_costs_its_own_share_only():
