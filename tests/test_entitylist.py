@@ -16,7 +16,8 @@ import entitylist  # noqa: E402
 import files  # noqa: E402
 import recognize  # noqa: E402
 import search  # noqa: E402
-from search import DecodeOptions, beam_search  # noqa: E402
+from options import DecodeOptions  # noqa: E402
+from search import beam_search  # noqa: E402
 from test_decode import TOY_CLOSE, TOY_OPEN, TOY_READINGS, FixedLogits, ToyEncoded, random_toy, slow_search  # noqa: E402
 from test_decode import tiny  # noqa: E402,F401  (the fixture)
 from text import EOS, MAX_DEPTH, TYPES  # noqa: E402

@@ -11,10 +11,10 @@ LADDER = [
     ("image", "audio", "demo", "devices", "trainlog", "shard"),  # the model | wav, resampling, fbank | the demo
                                     # corpus | device, precision and RNG choices | training's progress bar and
                                     # TensorBoard curves | decoding over torchrun ranks: batches, dealing, parts
-    ("text", "cost"),              # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a
-                                   # training step, from the config
+    ("text", "cost", "options"),   # special ids, bracket tables, vocabulary, phones | FLOPs and peak memory of a
+                                   # training step, from the config | every decoding knob: DecodeOptions
     ("data", "weights", "search", "entitylist", "align"),  # samples, linearization, features, batches |
-                                    # converter, checkpoint format | DecodeOptions, beam search, bracket constraint,
+                                    # converter, checkpoint format | beam search, bracket constraint,
                                     # joint CTC scorer | a user's entity list: its lines, occurrences in a text, SNER
                                     # trie bonus | CTC forced alignment: characters in time
     ("augment", "segment", "workload", "scoring"),  # training-time augmentations (entity swaps, bleeped entities,
