@@ -490,10 +490,13 @@ class Recognizer:
         heard, edges, _ = self._heard(parts, batch_size)
         classes = self.model.config.phone_dict_size - 3
         char_phones = [(self._readings(c, classes) or [[]])[0] for c in req.text]
-        bounds, distances, failures = segment.split_text(char_phones, heard)
-        bounds = segment.refine_bounds(bounds, char_phones, edges)
+        split, _, failures = segment.split_text(char_phones, heard)
+        bounds = segment.refine_bounds(split, char_phones, edges)
         if self.options.realign_margin_seconds is not None:
             pieces, bounds = self._realign(req, list(pieces), bounds, batch_size)
+        moved = {k for k in range(len(pieces)) if bounds[k: k + 2] != split[k: k + 2]}   # a share judged again
+        failures = sorted(set(failures) - moved | {k for k in moved if segment.share_failed(
+            char_phones[bounds[k]: bounds[k + 1]], heard[k])})
         shared = [dataclasses.replace(req, span=(p.start_s, p.end_s), text=req.text[a:b])
                   for p, a, b in zip(pieces, bounds, bounds[1:])]
         return pieces, shared, {"text": req.text, "bounds": bounds, "failures": failures}

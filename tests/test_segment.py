@@ -351,6 +351,21 @@ def test_a_boundary_goes_to_the_pause_that_the_joint_alignment_finds():
     assert segment.pause_between(touching, 0, 3, 6) is None
 
 
+def test_a_moved_share_is_judged_again_by_split_texts_rule():
+    """share_failed: more than half an edit per heard phone from the share, or nothing heard for a share that says
+    something; it agrees with split_text's own flags where the split is clear."""
+    chars = [[1, 2], [3], [4, 5], [6]]
+    assert not segment.share_failed(chars, [1, 2, 3, 4, 5, 6])
+    assert not segment.share_failed(chars, [1, 2, 9, 4, 5, 6])             # 1 edit in 6
+    assert segment.share_failed(chars, [7, 8, 9])                          # 6 edits in 3
+    assert segment.share_failed(chars[:1], [1, 9, 9])                      # 2 edits in 3: over half
+    assert segment.share_failed(chars, []) and not segment.share_failed([[], []], [])   # marks say nothing
+    heard = [[1, 2, 3], [9, 9, 9], [6]]
+    bounds, _, failures = segment.split_text(chars, heard)
+    assert bounds == [0, 2, 3, 4]
+    assert failures == [k for k in range(3) if segment.share_failed(chars[bounds[k]:bounds[k + 1]], heard[k])] == [1]
+
+
 def test_recut_moves_both_pieces_to_the_pause_and_no_further():
     """A left piece cut short of its share's last words reaches past them by the pad (never past the next onset);
     a right piece that started late starts the pad before its onset (never before the last phone of the left); a
