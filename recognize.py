@@ -260,9 +260,7 @@ class Recognizer:
         an entity made only of them has no time. align_confidence: the geometric mean posterior the head gives the
         entity's phones on the frames they take (align.char_log_posteriors)."""
         pieces = pieces or [False] * len(results)               # piece results always keep char_times (stitching)
-        readings = [[self._readings(c, logp.size(-1)) for c in res["text"]] for res in results]
-        graphs = [align.ReadingGraph.build([r for r in rs if r] or [[(1,)]]) for rs in readings]
-        paths, scores = align.viterbi(logp, frames, graphs)
+        readings, graphs, paths, scores = self._force_align([res["text"] for res in results], logp, frames)
         for row, (res, rs, graph, path, score, n) in enumerate(zip(results, readings, graphs, paths, scores.tolist(),
                                                                     frames.tolist())):
             if self.options.timestamps == "none" and not pieces[row]:   # aligned only beside pieces in its batch
@@ -283,6 +281,14 @@ class Recognizer:
                 e["align_confidence"] = round(math.exp(sum(lps) / len(lps)), 4) if inside and lps else None
             if self.options.timestamps == "chars" or pieces[row]:
                 res["char_times"] = [[c, *(t or (None, None))] for c, t in zip(res["text"], times)]
+
+    def _force_align(self, texts, logp, frames):
+        """Each text aligned over its row of the phone CTC head's log-probs (B, T', C), frames (B,) (align.viterbi;
+        a character without a reading takes no frames). -> (each text's readings per character, graphs, best paths,
+        scores (B,): -inf where the text does not fit its frames)."""
+        readings = [[self._readings(c, logp.size(-1)) for c in text] for text in texts]
+        graphs = [align.ReadingGraph.build([r for r in rs if r] or [[(1,)]]) for rs in readings]
+        return (readings, graphs, *align.viterbi(logp, frames, graphs))
 
     def _result(self, req, task, hyps, warn, constrained):
         hyp = hyps[0]
@@ -506,7 +512,6 @@ class Recognizer:
         aligned (align.viterbi) over the two pieces' joint audio (pairs at most longest_piece_seconds long), segment.
         pause_between picks the pause (and may move a character or two across), segment.recut moves the pieces'
         ends to it. Proposals are made from the split as it came, then applied left to right. -> (pieces, bounds)."""
-        classes = self.model.config.phone_dict_size - 3
         longest = self.options.longest_piece_seconds
         pairs = [k for k in range(len(pieces) - 1) if bounds[k] < bounds[k + 1] < bounds[k + 2]
                  and pieces[k + 1].end_s - pieces[k].start_s <= longest]
@@ -518,9 +523,8 @@ class Recognizer:
             with torch.no_grad():                                # (B, T', C) log-probs, (B,) frames
                 logp, frames = self.model.speech_phone_log_probs(self._encode(rows),
                                                                  max(r["fbank"].size(0) for r in rows))
-            readings = [[self._readings(c, classes) for c in req.text[bounds[k]: bounds[k + 2]]] for k in chunk]
-            graphs = [align.ReadingGraph.build([r for r in rs if r] or [[(1,)]]) for rs in readings]
-            paths, scores = align.viterbi(logp, frames, graphs)
+            readings, graphs, paths, scores = self._force_align([req.text[bounds[k]: bounds[k + 2]] for k in chunk],
+                                                                logp, frames)
             for row, (k, rs, graph, path, score) in enumerate(zip(chunk, readings, graphs, paths, scores.tolist())):
                 if score == -math.inf:                          # the shares' phones do not fit the frames
                     continue

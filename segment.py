@@ -330,19 +330,10 @@ def split_text(char_phones, heard, max_distance=0.5):
 
 
 def share_failed(char_phones, heard, max_distance=0.5):
-    """split_text's failure rule for one piece and a share given to it otherwise (after pause_between moved a
-    character or two): what the head heard (greedy phones) is more than max_distance edits per heard phone from
-    the share's phones (char_phones: the share's characters), or it heard nothing yet the share says something."""
-    said = [c for p in char_phones for c in p]
-    if not heard:
-        return bool(said)
-    row = np.arange(len(said) + 1)                                       # edit distance, a row per heard phone
-    for x in heard:
-        prev, row = row, np.empty_like(row)
-        row[0] = prev[0] + 1
-        for j, c in enumerate(said, 1):
-            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (c != x))
-    return row[-1] / len(heard) > max_distance
+    """split_text's failure rule for one piece and a share given to it otherwise (refine_bounds or pause_between
+    moved a character or two): split_text of that share over that piece alone. char_phones: the share's
+    characters' phones, heard: the piece's greedy phones."""
+    return bool(split_text(char_phones, [heard], max_distance)[2])
 
 
 EDGE_FRAMES = 25    # encoder frames (40 ms each: 1 s) at each end of a piece that refine_bounds reads
