@@ -166,7 +166,7 @@ OPTION_FLAGS = {"beam": "--beam", "max_len": "--max-len", "no_repeat_ngram_size"
                 "short_piece_seconds": "--short-piece-seconds", "join_piece_seconds": "--join-piece-seconds",
                 "piece_pad_seconds": "--piece-pad-seconds", "vad_threshold": "--vad-threshold", "entities": "--entities",
                 "onset_lead_seconds": "--onset-lead-seconds", "quiet_threshold": "--quiet-threshold",
-                "realign_margin_seconds": "--realign-margin-seconds",
+                "gap_piece_seconds": "--gap-piece-seconds", "realign_margin_seconds": "--realign-margin-seconds",
                 "entity_weight": "--entity-weight",
                 "timestamps": "--timestamps", "min_confidence": "--min-confidence", "time_offset_ms": "--time-offset-ms",
                 "confidence_temperature": "--confidence-temperature", "modelscope_padding": "--modelscope-padding",
@@ -269,6 +269,11 @@ def get_args(argv=None):
       "between the pieces that reaches this probability (of --vad) for half a second makes a piece too, so that "
       "quiet speech the detector missed gets its own part of the transcript (a piece given none is not decoded; "
       "default 0.1, above 0, below 1; none: no such pieces)")
+    a("--gap-piece-seconds", type=files.number_or_none, default=2.5, metavar="SECONDS|none", help="MNER: a gap this "
+      "long between pieces (or before the first, after the last) is a piece too, heard as room for the characters "
+      "of the transcript that no piece hears, so that an utterance the detector missed under noise gets its own "
+      "part of the transcript instead of a neighbour's audio (a gap given none is not decoded; default 2.5: the demo "
+      "long-form pauses are at most 2 s, so such a gap holds speech; 1 or more; none: no such pieces)")
     a("--realign-margin-seconds", type=files.number_or_none, default=0.2, metavar="SECONDS|none", help="MNER: "
       "both shares of the transcript of two neighbouring pieces are aligned over the pieces' joint audio (one more "
       "encoder pass over each pair) and the pieces' ends move to the pause the alignment finds between them; a "
@@ -355,7 +360,8 @@ def get_args(argv=None):
         pause_level=args.pause_level, short_piece_seconds=args.short_piece_seconds,
         join_piece_seconds=args.join_piece_seconds,
         vad_threshold=args.vad_threshold, onset_lead_seconds=args.onset_lead_seconds,
-        quiet_threshold=args.quiet_threshold, realign_margin_seconds=args.realign_margin_seconds,
+        quiet_threshold=args.quiet_threshold, gap_piece_seconds=args.gap_piece_seconds,
+        realign_margin_seconds=args.realign_margin_seconds,
         timestamps=args.timestamps, time_offset_ms=args.time_offset_ms, min_confidence=args.min_confidence,
         confidence_temperature=args.confidence_temperature, modelscope_padding=args.modelscope_padding,
         confidence_platt=platt)

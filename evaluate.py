@@ -331,7 +331,7 @@ def main(argv=None):
     pc.add_argument("--piece-pad-seconds", type=float, default=0.2, help="decode.py --piece-pad-seconds "
                     "(default 0.2)")
     pc.add_argument("--task", choices=("SNER", "MNER"), default="SNER", help="the task the pieces are for: MNER "
-                    "adds --quiet-threshold's pieces (default SNER)")
+                    "adds --quiet-threshold's and --gap-piece-seconds' pieces (default SNER)")
     pc.add_argument("--vad-threshold", type=float, default=0.5, help="decode.py --vad-threshold (above 0.15, "
                     "below 1; default 0.5)")
     pc.add_argument("--quiet-threshold", type=files.number_or_none, default=0.1, help="decode.py --quiet-threshold "
@@ -342,6 +342,9 @@ def main(argv=None):
                     "(default 2)")
     pc.add_argument("--join-piece-seconds", type=files.number_or_none, default=6.5, help="decode.py "
                     "--join-piece-seconds (default 6.5; none: no joins of touching pieces)")
+    pc.add_argument("--gap-piece-seconds", type=files.number_or_none, default=2.5, help="decode.py "
+                    "--gap-piece-seconds (used with --task MNER only, counted apart as gap_pieces; default 2.5; none: "
+                    "no gap pieces)")
     tm, cf = sub.choices["times"], sub.choices["confidence"]
     sub.choices["long-form"].add_argument("--pad-ms", type=float, default=0.0, help="redaction padding around "
                                           "each entity (default 0)")
@@ -369,7 +372,8 @@ def main(argv=None):
     if args.command == "pieces":
         try:
             fields = ("max_piece_seconds", "min_pause_seconds", "piece_pad_seconds", "vad_threshold", "vad",
-                      "pieces", "quiet_threshold", "pause_level", "short_piece_seconds", "join_piece_seconds")
+                      "pieces", "quiet_threshold", "pause_level", "short_piece_seconds", "join_piece_seconds",
+                      "gap_piece_seconds")
             options = DecodeOptions(**{f: getattr(args, f) for f in fields})    # each flag is its field's name
             options.check({f: "--" + f.replace("_", "-") for f in fields})
             result = diagnose.segmentation(args.data_dir, args.vad, split=args.split,

@@ -79,6 +79,8 @@ class DecodeOptions:
     vad_threshold: float = 0.5                  # speech probability that starts a stretch of speech (segment.py)
     quiet_threshold: Optional[float] = 0.1      # MNER: quiet speech between pieces, found at this probability,
                                                 # makes pieces too (segment.quiet_pieces); None: none
+    gap_piece_seconds: Optional[float] = 2.5    # MNER: a gap between pieces this long makes a piece that takes the
+                                                # characters nobody heard (segment.gap_pieces); None: none
     realign_margin_seconds: Optional[float] = 0.2   # MNER: pieces move to the pause their shares' alignment finds,
                                                 # characters too when it is this much longer (segment.pause_between)
     onset_lead_seconds: Union[float, None, str] = "auto"   # SNER pieces start this long before the first phone
@@ -178,6 +180,9 @@ class DecodeOptions:
             raise files.InputError(f"{name('piece_pad_seconds')} must be in [0, 0.5], got {self.piece_pad_seconds}")
         if self.quiet_threshold is not None and not 0 < self.quiet_threshold < 1:
             raise files.InputError(f"{name('quiet_threshold')} must be in (0, 1) or None, got {self.quiet_threshold}")
+        if self.gap_piece_seconds is not None and not 1 <= self.gap_piece_seconds < math.inf:
+            raise files.InputError(f"{name('gap_piece_seconds')} must be 1 second or more or None, got "
+                                   f"{self.gap_piece_seconds}")
         if self.realign_margin_seconds is not None and not 0 <= self.realign_margin_seconds < math.inf:
             raise files.InputError(f"{name('realign_margin_seconds')} must be 0 or more seconds or None, got "
                                    f"{self.realign_margin_seconds}")

@@ -356,8 +356,8 @@ class Recognizer:
     def _heard(self, reqs, batch_size=8, edges=True):
         """What the phone CTC head hears in each piece: -> (greedy phone strings, per piece the log-probs of its
         first and last segment.EDGE_FRAMES frames, or None (with edges=False, no edges: []), per piece the first
-        frame whose best class is a phone, or None)."""
-        heard, ends, onsets = [], [], []
+        and last frames whose best class is a phone, or None)."""
+        heard, ends, spans = [], [], []
         for k in range(0, len(reqs), batch_size):
             rows = [self._row(dataclasses.replace(r, text=None), "SNER")[0] for r in reqs[k: k + batch_size]]
             with torch.no_grad():
@@ -366,11 +366,12 @@ class Recognizer:
             host = logp.half().cpu().numpy() if edges else None    # (B, T', C), one copy a batch
             for b, (best, n) in enumerate(zip(logp.argmax(-1).tolist(), frames.tolist())):
                 heard.append([c for i, c in enumerate(best[:n]) if c != align.BLANK and (i == 0 or best[i - 1] != c)])
-                onsets.append(next((i for i, c in enumerate(best[:n]) if c != align.BLANK), None))
+                said = [i for i, c in enumerate(best[:n]) if c != align.BLANK]
+                spans.append((said[0], said[-1]) if said else None)
                 if edges:                                       # (W, C) each end, float16: ~12 KB a piece
                     w = min(segment.EDGE_FRAMES, n)
                     ends.append((host[b, :w].copy(), host[b, n - w:n].copy()) if n >= 2 else None)
-        return heard, ends, onsets
+        return heard, ends, spans
 
     def _finish_confidence(self, results, task):
         """confidence = exp(log-confidence / T), Platt-scaled with confidence_platt (6 decimals; None without
@@ -438,8 +439,8 @@ class Recognizer:
                 continue
             parts = [dataclasses.replace(req, span=(p.start_s, p.end_s)) for p in plans[i]]
             if t == "SNER" and self.options.onset_lead_seconds is not None:   # start where the first phone is heard
-                onsets = self._heard(parts, batch_size, edges=False)[2]
-                plans[i] = segment.snap_onsets(plans[i], [None if f is None else f * align.FRAME_S for f in onsets],
+                spans = self._heard(parts, batch_size, edges=False)[2]
+                plans[i] = segment.snap_onsets(plans[i], [None if f is None else f[0] * align.FRAME_S for f in spans],
                                                self.options.onset_lead_seconds)
                 parts = [dataclasses.replace(req, span=(p.start_s, p.end_s)) for p in plans[i]]
             if t == "MNER":                                     # each piece gets its share of the transcript
@@ -493,15 +494,26 @@ class Recognizer:
         what the phone CTC head hears in each piece against the transcript's phones; then each boundary moved to
         the pause that an alignment of both shares over both pieces' audio finds (_realign).
         -> (pieces, their requests with their shares, the split)."""
-        heard, edges, _ = self._heard(parts, batch_size)
+        heard, edges, spans = self._heard(parts, batch_size)
         classes = self.model.config.phone_dict_size - 3
         char_phones = [(self._readings(c, classes) or [[]])[0] for c in req.text]
-        split, _, failures = segment.split_text(char_phones, heard)
+        room = [round(segment.ROOM_PHONES_PER_S * (p.end_s - p.start_s)) if p.gap else 0 for p in pieces]
+        split, _, failures = segment.split_text(char_phones, heard, room=room)
+        if self.options.join_piece_seconds is not None:      # a gap given a share may be its neighbour's rest
+            quiet = [(math.inf, math.inf) if s is None else (s[0] * align.FRAME_S, p.end_s - p.start_s - (s[1] + 1)
+                                                              * align.FRAME_S) for p, s in zip(pieces, spans)]
+            pieces, joined, groups = segment.join_gaps(pieces, split, quiet, min(self.options.join_piece_seconds,
+                                                                                 self.options.longest_piece_seconds))
+            heard = [[x for k in g for x in heard[k]] for g in groups]
+            edges = [(edges[g[0]][0], edges[g[-1]][1]) if edges[g[0]] and edges[g[-1]] else None for g in groups]
+            failures = [j for j, g in enumerate(groups) if len(g) == 1 and g[0] in failures or len(g) > 1 and
+                        segment.share_failed(char_phones[joined[j]: joined[j + 1]], heard[j])]
+            split = joined
         bounds = segment.refine_bounds(split, char_phones, edges)
         if self.options.realign_margin_seconds is not None:
             pieces, bounds = self._realign(req, list(pieces), bounds, batch_size)
         moved = {k for k in range(len(pieces)) if bounds[k: k + 2] != split[k: k + 2]}   # a share judged again
-        failures = sorted(set(failures) - moved | {k for k in moved if segment.share_failed(
+        failures = sorted(set(failures) - moved | {k for k in moved if not pieces[k].gap and segment.share_failed(
             char_phones[bounds[k]: bounds[k + 1]], heard[k])})
         shared = [dataclasses.replace(req, span=(p.start_s, p.end_s), text=req.text[a:b])
                   for p, a, b in zip(pieces, bounds, bounds[1:])]

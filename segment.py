@@ -19,8 +19,10 @@ up to pad_s of the pause on each side (never more than half the pause). A stretc
 is cut at its quietest window, and the two pieces overlap by overlap_s around that cut so that no word is lost.
 Under loud noise the detector dips inside an utterance: a pause whose mean probability stays at pause_level or more
 joins its stretches, and touching pieces join while one is short and both fit an utterance (join_touching).
-MNER (a transcript given): quiet_pieces adds pieces for quiet speech the detector missed between them, split_text
-shares the transcript among the pieces by one alignment of what each piece hears, and refine_bounds moves each
+MNER (a transcript given): quiet_pieces adds pieces for quiet speech the detector missed between them and
+gap_pieces one for each long gap (room for characters nobody heard), split_text shares the transcript among the
+pieces by one alignment of what each piece hears, join_gaps joins a gap given a share to the neighbour it most
+likely finishes when both fit an utterance's length, and refine_bounds moves each
 boundary to where the phone CTC head's posteriors at the two pieces' edges put it; then pause_between and recut
 move each boundary, and the two pieces' ends, to the pause that one alignment of both shares over both pieces'
 audio finds between them (recognize.py: --realign-margin-seconds). SNER with a model that never
@@ -31,7 +33,7 @@ after, by the characters' times; an entity found in both pieces is kept once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import numpy as np
@@ -132,6 +134,7 @@ class Piece:
     start_s: float
     end_s: float
     cut_s: Optional[float] = None   # the time where this piece takes over from the one before, when they overlap
+    gap: bool = False               # MNER: a long gap between pieces, where the detector heard nothing (gap_pieces)
 
 
 def plan_options(options, task) -> dict:
@@ -140,7 +143,8 @@ def plan_options(options, task) -> dict:
     return dict(max_piece_s=options.longest_piece_seconds, min_pause_s=options.min_pause_seconds,
                 pad_s=options.piece_pad_seconds, pack=options.pieces == "packed", threshold=options.vad_threshold,
                 pause_level=options.pause_level, short_s=options.short_piece_seconds,
-                join_s=options.join_piece_seconds, quiet_threshold=options.quiet_threshold if task == "MNER" else None)
+                join_s=options.join_piece_seconds, quiet_threshold=options.quiet_threshold if task == "MNER" else None,
+                gap_s=options.gap_piece_seconds if task == "MNER" else None)
 
 
 def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15,
@@ -174,11 +178,11 @@ def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15,
 
 def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=0.2, pad_s=0.2,
                 overlap_s=1.0, pack=False, min_piece_s=1.0, release=0.15, quiet_threshold=None,
-                pause_level=0.25, short_s=2.0, join_s=6.5) -> list[Piece]:
+                pause_level=0.25, short_s=2.0, join_s=6.5, gap_s=None) -> list[Piece]:
     """The pieces of a recording (module docstring). Where the detector finds no speech at all, the whole recording
     counts as one stretch of it (cut at its quietest windows): nothing goes undecoded because a detector missed.
     quiet_threshold (MNER): quiet_pieces between them too. pause_level: speech_stretches'. short_s, join_s:
-    join_touching's (join_s None: no such joins; never over max_piece_s)."""
+    join_touching's (join_s None: no such joins; never over max_piece_s). gap_s (MNER): gap_pieces last."""
     if max_piece_s < 2 * pad_s + 2 * overlap_s + HOP_S:
         raise ValueError(f"max_piece_s {max_piece_s} leaves no room for speech (pad_s {pad_s}, overlap_s "
                          f"{overlap_s})")
@@ -214,6 +218,8 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
                                               max_piece_s=max_piece_s), key=lambda p: p.start_s)
     if join_s is not None:
         pieces = join_touching(pieces, short_s, min(join_s, max_piece_s))
+    if gap_s is not None:
+        pieces = sorted(pieces + gap_pieces(pieces, duration_s, gap_s, max_piece_s), key=lambda p: p.start_s)
     return pieces
 
 
@@ -262,6 +268,55 @@ def quiet_pieces(pieces, probs, duration_s, threshold=0.1, min_speech_s=0.5, pad
     return out
 
 
+def gap_pieces(pieces, duration_s, min_gap_s=2.5, max_piece_s=20.0):
+    """Pieces for the gaps of min_gap_s or more between `pieces` and at the recording's ends (MNER): speech a few
+    dB under loud noise leaves no trace in the detector's probabilities (they stay as low as in a pause), yet the
+    transcript says it. Such a piece is heard as room for the characters nobody heard (split_text's `room`), so
+    that those go where the time for them is rather than onto a neighbour whose audio does not say them; a piece
+    given no share is not decoded. A gap over max_piece_s: n equal consecutive pieces. -> gap pieces, in order."""
+    ends = [0.0] + [t for p in pieces for t in (p.start_s, p.end_s)] + [duration_s]
+    out = []
+    for a, b in zip(ends[::2], ends[1::2]):
+        if b - a < min_gap_s:
+            continue
+        n = math.ceil((b - a) / max_piece_s - 1e-9)
+        out += [Piece(round(float(a + k * (b - a) / n), 4), round(float(a + (k + 1) * (b - a) / n), 4), gap=True)
+                for k in range(n)]
+    return out
+
+
+def join_gaps(pieces, bounds, quiet_edges, join_s=6.5):
+    """MNER, after split_text: a gap piece given a share of the transcript joins a neighbour when the two fit in
+    join_s (join_touching's utterance size): its share is then more likely the rest of that neighbour's utterance,
+    whose end (or start) the detector lost, than an utterance of its own; decoded apart, each half would miss the
+    other. Of two neighbours that fit, the one whose heard speech runs closer to the gap: quiet_edges[k] = (seconds
+    from piece k's start to the first phone it hears, from the last one to its end; inf when it hears none).
+    bounds: split_text's. -> (pieces, bounds, groups: for each piece now, the indices of the pieces it joins)."""
+    groups = [[k] for k in range(len(pieces))]
+    out = list(pieces)
+    k = 0
+    while k < len(out):
+        p = out[k]
+        a, b = bounds[groups[k][0]], bounds[groups[k][-1] + 1]
+        if not p.gap or b <= a:
+            k += 1
+            continue
+        fits = {}                                             # neighbour -> how far its heard speech is from the gap
+        if k > 0 and not out[k - 1].gap and p.end_s - out[k - 1].start_s <= join_s:
+            fits[k - 1] = quiet_edges[groups[k - 1][-1]][1]
+        if k + 1 < len(out) and not out[k + 1].gap and out[k + 1].end_s - p.start_s <= join_s:
+            fits[k + 1] = quiet_edges[groups[k + 1][0]][0]
+        if not fits:
+            k += 1
+            continue
+        j = min(fits, key=lambda n: (fits[n], n))             # ties: the piece before
+        lo, hi = min(j, k), max(j, k)
+        out[lo: hi + 1] = [Piece(out[lo].start_s, out[hi].end_s, out[lo].cut_s)]
+        groups[lo: hi + 1] = [groups[lo] + groups[hi]]
+        k = lo + 1
+    return out, [bounds[g[0]] for g in groups] + [bounds[-1]], groups
+
+
 def snap_onsets(pieces, first_heard, lead_s):
     """Start each piece lead_s before the first phone the phone CTC head hears in it (first_heard[k]: seconds from
     the piece's start to the start of that frame, f x 40 ms, which align.py's times would put 42.5 ms later, at the
@@ -279,7 +334,11 @@ def snap_onsets(pieces, first_heard, lead_s):
     return out
 
 
-def split_text(char_phones, heard, max_distance=0.5):
+ROOM_COST = 0.5     # split_text: a character's phone put in a gap piece's room costs half of one nobody heard
+ROOM_PHONES_PER_S = 12.0   # a gap piece's room: more phones a second than anyone says (spare room costs nothing)
+
+
+def split_text(char_phones, heard, max_distance=0.5, room=None):
     """Share a recording's transcript among its pieces (MNER on a long recording). char_phones[i]: the phones of
     character i (its first reading; [] for none); heard[k]: what the phone CTC head hears in piece k (greedy).
     One global alignment (edit distance) of everything heard, piece after piece, against the whole transcript's
@@ -289,7 +348,12 @@ def split_text(char_phones, heard, max_distance=0.5):
     next pieces align again (piece by piece, a miss would carry on to the end). Memory: a row of the phones per
     piece (the crossing points), time: heard x transcript phones, a numpy row at a time.
     -> (bounds: K + 1 character offsets; each piece's edit distance over its heard phones (None: heard nothing);
-    the pieces whose distance is over max_distance: alignment failures)."""
+    the pieces whose distance is over max_distance: alignment failures).
+    room[k] > 0 (a gap piece, gap_pieces): piece k is heard as that many slots, each of which takes one phone at
+    ROOM_COST or none for free, instead of heard[k]: a phone nobody heard costs 1 anywhere else, so the characters
+    between two heard neighbours that neither heard go to the gap between them; a heard one never moves there (it
+    would cost its match and ROOM_COST). Its distance is None and it is never a failure: nothing was heard."""
+    room = room or [0] * len(heard)
     start_of = np.cumsum([0] + [len(p) for p in char_phones])            # (n + 1,) phone offset of each character
     said = np.array([c for p in char_phones for c in p], dtype=np.int64)  # (P,)
     cols = np.arange(len(said) + 1)
@@ -297,9 +361,10 @@ def split_text(char_phones, heard, max_distance=0.5):
     came = np.zeros(len(said) + 1, dtype=np.int64)                       # where each cell's path entered its piece
     snaps = []                                                           # per piece end: (came, d) of that row
     for k, h in enumerate(heard):
-        for x in h:                                                      # the next row: substitution or deletion,
-            diag, down = d[:-1] + (said != x), d[1:] + 1                 # then insertions as a running minimum
-            e = np.concatenate([[d[0] + 1], np.minimum(diag, down)])
+        for x in (h if not room[k] else [None] * room[k]):               # the next row: substitution or deletion,
+            say, spare = (said != x, 1.0) if x is not None else (ROOM_COST, 0.0)   # then insertions as a running
+            diag, down = d[:-1] + say, d[1:] + spare                             # minimum (None: a room slot)
+            e = np.concatenate([[d[0] + spare], np.minimum(diag, down)])
             src = np.concatenate([[came[0]], np.where(diag <= down, came[:-1], came[1:])])
             v = e - cols
             run = np.minimum.accumulate(v)
@@ -321,11 +386,11 @@ def split_text(char_phones, heard, max_distance=0.5):
     distances, before = [], 0.0
     for k, h in enumerate(heard):
         at = snaps[k][1][ends[k]]
-        distances.append(None if not h else float(at - before) / len(h))
+        distances.append(None if not h or room[k] else float(at - before) / len(h))
         before = at
     # failed: heard far from its share, or heard nothing yet given characters that are said (not mere punctuation)
-    failures = [k for k, dist in enumerate(distances) if (dist is not None and dist > max_distance) or (
-        dist is None and any(char_phones[i] for i in range(bounds[k], bounds[k + 1])))]
+    failures = [k for k, dist in enumerate(distances) if not room[k] and ((dist is not None and dist > max_distance)
+                or (dist is None and any(char_phones[i] for i in range(bounds[k], bounds[k + 1]))))]
     return bounds, distances, failures
 
 
@@ -449,8 +514,7 @@ def recut(left, right, end_s, start_s, pad_s=0.2, longest_s=20.0):
     right), or None when either would keep under MIN_RECUT_PIECE_S or grow over longest_s."""
     end = min(start_s, max(left.end_s, min(start_s, end_s + pad_s)))
     start = max(end_s, min(right.start_s, max(end_s, start_s - pad_s)))
-    left, right = Piece(left.start_s, round(float(end), 4), left.cut_s), Piece(round(float(start), 4), right.end_s,
-                                                                             right.cut_s)
+    left, right = replace(left, end_s=round(float(end), 4)), replace(right, start_s=round(float(start), 4))
     lengths = (left.end_s - left.start_s, right.end_s - right.start_s)
     return None if min(lengths) < MIN_RECUT_PIECE_S or max(lengths) > longest_s else (left, right)
 
@@ -497,7 +561,7 @@ def stitch(pieces: list[Piece], results: list[dict], by_time: bool = True) -> di
     out = {key: results[0][key] for key in ("id", "task", "wav") if key in results[0]}
     out.update(output=data.linearize(text, [data.Entity(e["start"], e["end"], e["type"]) for e in found["entities"]]),
                text=text, entities=found["entities"],
-               pieces=[{"start_s": p.start_s, "end_s": p.end_s} for p in pieces],
+               pieces=[{"start_s": p.start_s, "end_s": p.end_s, **({"gap": True} if p.gap else {})} for p in pieces],
                char_times=[[c, start, end] for c, start, end in chars])
     if found["below_min_confidence"]:
         out["below_min_confidence"] = found["below_min_confidence"]

@@ -946,6 +946,7 @@ def test_decode_options_take_unset_settings_from_the_checkpoint(tiny, tiny_ckpt,
                          (["--short-piece-seconds", "-1"], "--short-piece-seconds must be in [0, 10]"),
                          (["--join-piece-seconds", "0"], "--join-piece-seconds must be a positive number"),
                          (["--realign-margin-seconds", "-0.1"], "--realign-margin-seconds must be 0 or more"),
+                         (["--gap-piece-seconds", "0.5"], "--gap-piece-seconds must be 1 second or more"),
                          (["--entities", "/nonexistent/names.txt"], "names.txt: no such file"),
                          (["--entity-weight", "-1"], "--entity-weight must be a finite number >= 0")):
         with pytest.raises(SystemExit):

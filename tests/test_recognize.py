@@ -112,7 +112,7 @@ def test_sner_pieces_start_where_the_phone_ctc_head_first_hears_a_phone(tiny, lo
     def heard(self, reqs, batch_size=8, edges=True):
         passes.append([r.span for r in reqs])
         out = real(self, reqs, batch_size, edges)
-        return out[0], out[1], [5] * len(reqs)                      # the first phone at frame 5: 0.2 s in
+        return out[0], out[1], [(5, 30)] * len(reqs)                # the first phone at frame 5: 0.2 s in
 
     def batch(self, reqs, task):
         decoded.extend(r.span for r in reqs)
@@ -152,14 +152,15 @@ def test_quiet_pieces_are_mners_only_and_the_threshold_is_the_options(tiny, long
     req = recognize.Request(wav=long_wav[0], id="long")
     rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy")
     rec._pieces(req, "SNER"), rec._pieces(req, "MNER")
-    knobs = ("threshold", "quiet_threshold", "pause_level", "short_s", "join_s")
-    assert [tuple(kw[k] for k in knobs) for kw in seen] == [(0.5, None, 0.25, 2.0, 6.5), (0.5, 0.1, 0.25, 2.0, 6.5)]
+    knobs = ("threshold", "quiet_threshold", "pause_level", "short_s", "join_s", "gap_s")
+    assert [tuple(kw[k] for k in knobs) for kw in seen] == [(0.5, None, 0.25, 2.0, 6.5, None),
+                                                           (0.5, 0.1, 0.25, 2.0, 6.5, 2.5)]
     seen.clear()
     rec = recognize.Recognizer(tiny, device="cpu", max_piece_seconds=8.0, vad="energy", vad_threshold=0.6,
                                quiet_threshold=None, pause_level=None, short_piece_seconds=1.0,
-                               join_piece_seconds=None)
+                               join_piece_seconds=None, gap_piece_seconds=None)
     rec._pieces(req, "SNER"), rec._pieces(req, "MNER")
-    assert [tuple(kw[k] for k in knobs) for kw in seen] == [(0.6, None, None, 1.0, None)] * 2
+    assert [tuple(kw[k] for k in knobs) for kw in seen] == [(0.6, None, None, 1.0, None, None)] * 2
     with pytest.raises(files.InputError, match="quiet_threshold must be in"):
         recognize.Recognizer(tiny, device="cpu", quiet_threshold=1.0)
     with pytest.raises(files.InputError, match="pause_level must be in"):
@@ -231,6 +232,59 @@ def test_realigning_moves_the_shares_and_the_pieces_to_the_pause_found_between_t
     assert shared == {(tuple(round(t, 4) for t in span), text) for span, text in decoded}   # decoded as reported
     with pytest.raises(recognize.files.InputError, match="realign_margin_seconds must be"):
         recognize.Recognizer(tiny, device="cpu", realign_margin_seconds=-1.0)
+
+
+def test_a_long_gap_is_room_for_the_characters_nobody_heard_and_joins_the_piece_it_finishes(tiny, tmp_path,
+                                                                                              monkeypatch):
+    """--gap-piece-seconds (MNER): a 4 s silence between utterances is a gap piece, given to split_text as room
+    (12 phones a second; the others none); a gap given a share joins the neighbour its speech runs into when both
+    fit in the joins' length (forced by a split that gives every piece a share), and what is decoded is what the
+    pieces report; none: no gap pieces."""
+    x, _ = speech_with_pauses([0.5, 0.4, 4.0, 0.5])
+    path = write_pcm(tmp_path / "gap.wav", x)
+    texts = [json.loads(line)["text"] for line in (WAVS_DIR / "index.jsonl").read_text(encoding="utf-8").splitlines()]
+    transcript = "".join(texts[k % 4] for k in range(4))
+    req = recognize.Request(wav=path, text=transcript, id="g")
+    kw = dict(device="cpu", beam=1, max_len=8, max_piece_seconds=8.0, vad="energy", join_piece_seconds=None,
+              realign_margin_seconds=None)
+    rooms, real_split = [], recognize.segment.split_text              # the first call: the split (share_failed
+                                                                      # calls it again without room)
+
+    def split(char_phones, heard, max_distance=0.5, room=None):
+        rooms.append(room)
+        return real_split(char_phones, heard, max_distance, room)
+    monkeypatch.setattr(recognize.segment, "split_text", split)
+    (res,) = recognize.Recognizer(tiny, **kw).run([req])
+    gaps = [p for p in res["pieces"] if p.get("gap")]
+    assert len(gaps) == 1 and gaps[0]["end_s"] - gaps[0]["start_s"] >= 2.5
+    assert rooms[0] == [round(12 * (p["end_s"] - p["start_s"])) if p.get("gap") else 0 for p in res["pieces"]]
+    assert res["text"] == transcript
+    k = res["pieces"].index(gaps[0])
+
+    def forced(char_phones, heard, max_distance=0.5, room=None):    # every piece, the gap too, gets a share
+        bounds, distances, failures = real_split(char_phones, heard, max_distance, room)
+        if room is not None:                                            # the split, not share_failed's
+            bounds = [round(i * len(char_phones) / len(heard)) for i in range(len(heard) + 1)]
+        return bounds, distances, failures
+    monkeypatch.setattr(recognize.segment, "split_text", forced)
+    decoded, real_batch = [], recognize.Recognizer._batch
+    monkeypatch.setattr(recognize.Recognizer, "_batch", lambda self, reqs, task: decoded.extend(
+        (r.span, r.text) for r in reqs) or real_batch(self, reqs, task))
+    (joined,) = recognize.Recognizer(tiny, **dict(kw, join_piece_seconds=8.0)).run([req])
+    before, after = res["pieces"][k - 1], res["pieces"][k + 1]
+    assert len(joined["pieces"]) == len(res["pieces"]) - 1 and not any(p.get("gap") for p in joined["pieces"])
+    spans = {(p["start_s"], p["end_s"]) for p in joined["pieces"]}
+    assert (before["start_s"], gaps[0]["end_s"]) in spans or (gaps[0]["start_s"], after["end_s"]) in spans
+    assert joined["text"] == transcript
+    shared = {((p["start_s"], p["end_s"]), transcript[p["chars"][0]:p["chars"][1]]) for p in joined["pieces"]
+              if p["chars"][1] > p["chars"][0]}
+    assert shared == {(tuple(round(t, 4) for t in span), text) for span, text in decoded}
+    monkeypatch.setattr(recognize.segment, "split_text", split)
+    rooms.clear()
+    (none,) = recognize.Recognizer(tiny, **dict(kw, gap_piece_seconds=None)).run([req])
+    assert not any(p.get("gap") for p in none["pieces"]) and rooms[0] == [0] * len(none["pieces"])
+    with pytest.raises(recognize.files.InputError, match="gap_piece_seconds must be"):
+        recognize.Recognizer(tiny, device="cpu", gap_piece_seconds=0.5)
 
 
 def test_a_long_recording_is_read_a_block_or_a_piece_at_a_time(tiny, tmp_path, monkeypatch):

@@ -171,6 +171,58 @@ def test_quiet_speech_between_the_pieces_makes_pieces_of_its_own():
     assert all(p.end_s == q.start_s for p, q in zip(pieces, pieces[1:]))
 
 
+def test_long_gaps_between_the_pieces_are_gap_pieces():
+    """gap_pieces (MNER): every gap of min_gap_s or more, the recording's ends included, becomes a piece flagged
+    gap, exactly filling it (in equal parts over max_piece_s); shorter gaps, pauses between utterances, do not;
+    plan_pieces adds them last, in time order."""
+    pieces = [Piece(1.0, 4.0), Piece(5.0, 8.0), Piece(11.0, 14.0)]
+    gaps = segment.gap_pieces(pieces, 38.0, min_gap_s=2.5, max_piece_s=12.0)
+    assert gaps == [Piece(8.0, 11.0, gap=True), Piece(14.0, 26.0, gap=True), Piece(26.0, 38.0, gap=True)]
+    assert segment.gap_pieces(pieces, 14.0, min_gap_s=3.5) == []      # 1 s before the first, 1 s and 3 s between
+    assert segment.gap_pieces(pieces, 14.0, min_gap_s=0.9) == [Piece(0.0, 1.0, gap=True), Piece(4.0, 5.0, gap=True),
+                                                                Piece(8.0, 11.0, gap=True)]
+    p = probs_of([(1.0, 4.0), (9.0, 12.0)], 14.0)
+    plain = segment.plan_pieces(p, 14.0, pad_s=0.2)
+    both = segment.plan_pieces(p, 14.0, pad_s=0.2, gap_s=2.5)
+    assert [q for q in both if not q.gap] == plain and [q for q in both if q.gap] == [
+        Piece(plain[0].end_s, plain[1].start_s, gap=True)]
+    assert both == sorted(both, key=lambda q: q.start_s)
+
+
+def test_characters_nobody_heard_go_to_the_gap_between_their_neighbours():
+    """split_text with room: a gap piece takes the characters between two heard neighbours that neither heard
+    (an utterance the detector missed), never one a neighbour heard, and is never a failure; without the gap
+    piece the same characters load a neighbour, which fails."""
+    chars = [[k, k + 100] for k in range(1, 31)]                     # 30 characters of 2 phones, all different
+    said = lambda a, b: [c for p in chars[a:b] for c in p]           # noqa: E731
+    heard = [said(0, 10), [], said(18, 30)]                          # characters 10-17: a quiet utterance
+    bounds, distances, failures = segment.split_text(chars, heard, room=[0, 60, 0])
+    assert bounds == [0, 10, 18, 30] and failures == [] and distances[1] is None
+    alone, _, lost = segment.split_text(chars, [said(0, 10), said(18, 30)])
+    assert alone[1] in (10, 18) and lost                              # one neighbour holds them all and fails
+    muffled = [said(0, 8), [], said(18, 30)]                          # characters 8-9 unheard at the end of piece 0
+    assert segment.split_text(chars, muffled, room=[0, 60, 0])[0] == [0, 8, 18, 30]   # the room takes them too
+    spare = segment.split_text(chars, [said(0, 10), [], said(10, 30)], room=[0, 60, 0])
+    assert spare[0] == [0, 10, 10, 30] and spare[2] == []            # all heard: the gap gets nothing
+
+
+def test_a_gap_given_a_share_joins_the_neighbour_whose_speech_runs_into_it():
+    """join_gaps: a gap piece with a share joins the neighbour its speech runs closer to when both fit in join_s
+    (bounds lose the boundary between them); a gap with no share, or too long to fit, stays."""
+    pieces = [Piece(0.0, 3.0), Piece(3.0, 6.0, gap=True), Piece(6.0, 8.0), Piece(8.0, 18.0, gap=True),
+              Piece(18.0, 21.0)]
+    quiet = [(0.1, 0.05), (math.inf, math.inf), (0.6, 0.2), (math.inf, math.inf), (0.1, 0.1)]
+    out, bounds, groups = segment.join_gaps(pieces, [0, 10, 14, 20, 30, 40], quiet, join_s=6.5)
+    assert out == [Piece(0.0, 6.0), Piece(6.0, 8.0), Piece(8.0, 18.0, gap=True), Piece(18.0, 21.0)]
+    assert bounds == [0, 14, 20, 30, 40] and groups == [[0, 1], [2], [3], [4]]
+    quiet[0] = (0.1, 0.9)                                            # the next piece's speech starts nearer the gap
+    out, bounds, groups = segment.join_gaps(pieces, [0, 10, 14, 20, 30, 40], quiet, join_s=6.5)
+    assert out[:2] == [Piece(0.0, 3.0), Piece(3.0, 8.0)] and groups[:2] == [[0], [1, 2]] and bounds[:3] == [0, 10, 20]
+    out, bounds, groups = segment.join_gaps(pieces, [0, 10, 10, 20, 30, 40], quiet, join_s=6.5)   # no share
+    assert out == pieces and bounds == [0, 10, 10, 20, 30, 40]
+    assert segment.join_gaps(pieces, [0, 10, 14, 20, 30, 40], quiet, join_s=4.0)[0] == pieces  # nothing fits
+
+
 def test_a_piece_starts_where_its_first_phone_is_heard_never_earlier_than_planned():
     """snap_onsets: start = planned start + first heard - lead (not before the planned start); a piece with nothing
     heard, one that takes over at a cut (it starts inside speech), or one that would keep under a second stays."""
