@@ -252,8 +252,9 @@ def get_args(argv=None):
       "from one) joins it while both stay "
       "within --join-piece-seconds: an utterance the detector cut at a word it barely hears (0 to 10; default 2)")
     a("--join-piece-seconds", type=files.number_or_none, default=6.5, metavar="SECONDS|none", help="the longest "
-      "piece --short-piece-seconds' joins make (at most --max-piece-seconds; default 6.5, the demo model's longest "
-      "training utterance: a model trained on longer ones may take more; none: no such joins)")
+      "piece --short-piece-seconds' joins make, and MNER's joins of a gap piece to a neighbour (at most "
+      "--max-piece-seconds; default 6.5, the demo model's longest training utterance: a model trained on longer ones "
+      "may take more; none: no such joins, every gap piece decoded apart)")
     a("--vad-threshold", type=float, default=0.5, help="speech probability (of --vad) at which a stretch of speech "
       "starts; it reaches out while over this - 0.15 (above 0.15, below 1; default 0.5, Silero's own: 0.35 did as "
       "well on the demo long-form valid split, README; MNER's quiet pieces find what it misses)")
@@ -272,8 +273,10 @@ def get_args(argv=None):
     a("--gap-piece-seconds", type=files.number_or_none, default=2.5, metavar="SECONDS|none", help="MNER: a gap this "
       "long between pieces (or before the first, after the last) is a piece too, heard as room for the characters "
       "of the transcript that no piece hears, so that an utterance the detector missed under noise gets its own "
-      "part of the transcript instead of a neighbour's audio (a gap given none is not decoded; default 2.5: the demo "
-      "long-form pauses are at most 2 s, so such a gap holds speech; 1 or more; none: no such pieces)")
+      "part of the transcript instead of a neighbour's audio; a gap given some joins the neighbour whose speech runs "
+      "closer to it when both fit in --join-piece-seconds (the lost end or start of its utterance); a gap given none "
+      "is not decoded (default 2.5: the demo long-form pauses are at most 2 s, so such a gap holds speech; 1 or more; "
+      "none: no such pieces)")
     a("--realign-margin-seconds", type=files.number_or_none, default=0.2, metavar="SECONDS|none", help="MNER: "
       "both shares of the transcript of two neighbouring pieces are aligned over the pieces' joint audio (one more "
       "encoder pass over each pair) and the pieces' ends move to the pause the alignment finds between them; a "

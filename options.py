@@ -74,7 +74,8 @@ class DecodeOptions:
     pause_level: Optional[float] = 0.25         # a pause whose mean speech probability is this or more is a dip
                                                 # inside speech, not a pause (segment.speech_stretches); None: none
     short_piece_seconds: float = 2.0            # a piece this short that touches the next joins it (segment.
-    join_piece_seconds: Optional[float] = 6.5   # join_touching) while both stay within this; None: no such joins
+    join_piece_seconds: Optional[float] = 6.5   # join_touching) while both stay within this, and so may a gap piece
+                                                # and a neighbour (MNER, segment.join_gaps); None: no such joins
     piece_pad_seconds: float = 0.2              # pause a piece keeps before and after its speech (at most half of it)
     vad_threshold: float = 0.5                  # speech probability that starts a stretch of speech (segment.py)
     quiet_threshold: Optional[float] = 0.1      # MNER: quiet speech between pieces, found at this probability,

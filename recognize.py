@@ -491,23 +491,23 @@ class Recognizer:
 
     def _share_text(self, req, pieces, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
-        what the phone CTC head hears in each piece against the transcript's phones; then each boundary moved to
+        what the phone CTC head hears in each piece against the transcript's phones (a gap piece: room for what
+        nobody heard); a gap given a share joins a neighbour (segment.join_gaps); then each boundary moved to
         the pause that an alignment of both shares over both pieces' audio finds (_realign).
-        -> (pieces, their requests with their shares, the split)."""
+        -> (pieces, their requests with their shares, {"text", "bounds", "failures"})."""
         heard, edges, spans = self._heard(parts, batch_size)
         classes = self.model.config.phone_dict_size - 3
         char_phones = [(self._readings(c, classes) or [[]])[0] for c in req.text]
         room = [round(segment.ROOM_PHONES_PER_S * (p.end_s - p.start_s)) if p.gap else 0 for p in pieces]
         split, _, failures = segment.split_text(char_phones, heard, room=room)
-        if self.options.join_piece_seconds is not None:      # a gap given a share may be its neighbour's rest
+        if self.options.join_piece_seconds is not None and any(room):   # a gap's share may be a neighbour's rest
             quiet = [(math.inf, math.inf) if s is None else (s[0] * align.FRAME_S, p.end_s - p.start_s - (s[1] + 1)
                                                               * align.FRAME_S) for p, s in zip(pieces, spans)]
             pieces, joined, groups = segment.join_gaps(pieces, split, quiet, min(self.options.join_piece_seconds,
                                                                                  self.options.longest_piece_seconds))
-            heard = [[x for k in g for x in heard[k]] for g in groups]
-            edges = [(edges[g[0]][0], edges[g[-1]][1]) if edges[g[0]] and edges[g[-1]] else None for g in groups]
-            failures = [j for j, g in enumerate(groups) if len(g) == 1 and g[0] in failures or len(g) > 1 and
-                        segment.share_failed(char_phones[joined[j]: joined[j + 1]], heard[j])]
+            heard, edges = segment.regroup(groups, heard, edges)
+            failures = [j for j, g in enumerate(groups) if (len(g) == 1 and g[0] in failures) or (
+                len(g) > 1 and segment.share_failed(char_phones[joined[j]: joined[j + 1]], heard[j]))]
             split = joined
         bounds = segment.refine_bounds(split, char_phones, edges)
         if self.options.realign_margin_seconds is not None:

@@ -13,7 +13,8 @@ Pieces (plan_pieces): a stretch of speech starts at a window at or above a thres
 windows above threshold - release on both sides (the thresholds of Silero's own end hysteresis, 0.5 / 0.35, used
 for the start too); stretches closer than
 min_pause_s are one. By default (pauses) each stretch is a piece of its own, as a model trained on single utterances
-(AISHELL-1, the demo corpus) wants, a stretch under min_piece_s joining the next; packed puts consecutive stretches
+(AISHELL-1, the demo corpus) wants, a stretch under min_piece_s joining the next across a pause under
+SHORT_JOIN_PAUSE_S; packed puts consecutive stretches
 into one piece while it stays within max_piece_s (fewer, longer pieces, for models trained on such). A piece keeps
 up to pad_s of the pause on each side (never more than half the pause). A stretch longer than a piece allows
 is cut at its quietest window, and the two pieces overlap by overlap_s around that cut so that no word is lost.
@@ -139,7 +140,8 @@ class Piece:
 
 def plan_options(options, task) -> dict:
     """plan_pieces' keyword arguments from decoding options (options.DecodeOptions) for a long `task` recording
-    (SNER or MNER: quiet pieces are MNER's only): the one mapping that recognize.py and evaluate.py pieces share."""
+    (SNER or MNER: quiet and gap pieces are MNER's only): the one mapping that recognize.py and evaluate.py pieces
+    share."""
     return dict(max_piece_s=options.longest_piece_seconds, min_pause_s=options.min_pause_seconds,
                 pad_s=options.piece_pad_seconds, pack=options.pieces == "packed", threshold=options.vad_threshold,
                 pause_level=options.pause_level, short_s=options.short_piece_seconds,
@@ -176,11 +178,18 @@ def speech_stretches(probs, threshold=0.5, min_pause_s=0.2, release=0.15,
     return stretches
 
 
+SHORT_JOIN_PAUSE_S = 1.0   # a stretch under min_piece_s joins the next across a pause shorter than this only: across
+                           # a longer one it is more likely a quiet utterance the detector heard a word of than part of
+                           # the next (the demo long-form draws: MNER and SNER up on all but one of 20 split-models)
+
+
 def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=0.2, pad_s=0.2,
                 overlap_s=1.0, pack=False, min_piece_s=1.0, release=0.15, quiet_threshold=None,
-                pause_level=0.25, short_s=2.0, join_s=6.5, gap_s=None) -> list[Piece]:
+                pause_level=0.25, short_s=2.0, join_s=6.5, gap_s=None,
+                short_join_pause_s=SHORT_JOIN_PAUSE_S) -> list[Piece]:
     """The pieces of a recording (module docstring). Where the detector finds no speech at all, the whole recording
     counts as one stretch of it (cut at its quietest windows): nothing goes undecoded because a detector missed.
+    A stretch under min_piece_s joins the next while the pause between them is under short_join_pause_s.
     quiet_threshold (MNER): quiet_pieces between them too. pause_level: speech_stretches'. short_s, join_s:
     join_touching's (join_s None: no such joins; never over max_piece_s). gap_s (MNER): gap_pieces last."""
     if max_piece_s < 2 * pad_s + 2 * overlap_s + HOP_S:
@@ -205,7 +214,8 @@ def plan_pieces(probs, duration_s, max_piece_s=20.0, threshold=0.5, min_pause_s=
     edges = [0.0] + [(a[1] + b[0]) / 2 if b[2] is None else None for a, b in zip(parts, parts[1:])] + [duration_s]
     for k in range(len(parts)):
         fits = parts[k + 1][1] + pad_s - (parts[first][0] - pad_s) <= max_piece_s if k + 1 < len(parts) else False
-        short = parts[k][1] - parts[first][0] < min_piece_s
+        short = (parts[k][1] - parts[first][0] < min_piece_s and k + 1 < len(parts)
+                 and parts[k + 1][0] - parts[k][1] < short_join_pause_s)
         last = k + 1 == len(parts) or parts[k + 1][2] is not None or not fits or not (pack or short)
         if last:
             start = parts[first][0] - pad_s if edges[first] is None else max(edges[first], parts[first][0] - pad_s)
@@ -273,7 +283,8 @@ def gap_pieces(pieces, duration_s, min_gap_s=2.5, max_piece_s=20.0):
     dB under loud noise leaves no trace in the detector's probabilities (they stay as low as in a pause), yet the
     transcript says it. Such a piece is heard as room for the characters nobody heard (split_text's `room`), so
     that those go where the time for them is rather than onto a neighbour whose audio does not say them; a piece
-    given no share is not decoded. A gap over max_piece_s: n equal consecutive pieces. -> gap pieces, in order."""
+    given no share is not decoded. A gap over max_piece_s: n equal consecutive pieces, among which split_text
+    cannot tell (nothing heard in any): the characters go to the last of them. -> gap pieces, in order."""
     ends = [0.0] + [t for p in pieces for t in (p.start_s, p.end_s)] + [duration_s]
     out = []
     for a, b in zip(ends[::2], ends[1::2]):
@@ -317,6 +328,14 @@ def join_gaps(pieces, bounds, quiet_edges, join_s=6.5):
     return out, [bounds[g[0]] for g in groups] + [bounds[-1]], groups
 
 
+def regroup(groups, heard, edges):
+    """What the pieces join_gaps made hear: their pieces' greedy phones end to end, and the first one's head edge
+    with the last one's tail (None when either is missing). -> (heard, edges), one each per group."""
+    return ([[x for k in g for x in heard[k]] for g in groups],
+            [(edges[g[0]][0], edges[g[-1]][1]) if edges[g[0]] is not None and edges[g[-1]] is not None else None
+             for g in groups])
+
+
 def snap_onsets(pieces, first_heard, lead_s):
     """Start each piece lead_s before the first phone the phone CTC head hears in it (first_heard[k]: seconds from
     the piece's start to the start of that frame, f x 40 ms, which align.py's times would put 42.5 ms later, at the
@@ -346,13 +365,15 @@ def split_text(char_phones, heard, max_distance=0.5, room=None):
     the transcript, at the start of the character it falls in (a character without a reading stays with the piece
     before: punctuation ends its sentence). Global, so one badly heard piece costs its own share only and the
     next pieces align again (piece by piece, a miss would carry on to the end). Memory: a row of the phones per
-    piece (the crossing points), time: heard x transcript phones, a numpy row at a time.
+    piece (the crossing points), time: (heard + room slots) x transcript phones, a numpy row at a time.
     -> (bounds: K + 1 character offsets; each piece's edit distance over its heard phones (None: heard nothing);
     the pieces whose distance is over max_distance: alignment failures).
     room[k] > 0 (a gap piece, gap_pieces): piece k is heard as that many slots, each of which takes one phone at
-    ROOM_COST or none for free, instead of heard[k]: a phone nobody heard costs 1 anywhere else, so the characters
-    between two heard neighbours that neither heard go to the gap between them; a heard one never moves there (it
-    would cost its match and ROOM_COST). Its distance is None and it is never a failure: nothing was heard."""
+    ROOM_COST or none for free, instead of what the head hears there (not used): a phone nobody heard costs 1
+    anywhere else, so the characters between two heard neighbours that neither heard go to the gap between them; a
+    heard phone never moves there (it would cost its match and ROOM_COST), nor does a character of a heard piece
+    whose last phones alone went unheard (a crossing inside it keeps it with the heard piece). Its distance is None
+    and it is never a failure: what it holds was placed by the room, not by anything heard."""
     room = room or [0] * len(heard)
     start_of = np.cumsum([0] + [len(p) for p in char_phones])            # (n + 1,) phone offset of each character
     said = np.array([c for p in char_phones for c in p], dtype=np.int64)  # (P,)
@@ -379,8 +400,10 @@ def split_text(char_phones, heard, max_distance=0.5, room=None):
     bounds = [0]
     # the character whose phones hold the crossing starts the next piece: a crossing inside it means the next
     # piece heard its later phones (the final, the vowel), the first one a soft onset lost; a crossing at 0 is 0
-    for end in ends:
+    for k, end in enumerate(ends):
         c = int(np.searchsorted(start_of, end, side="right")) - 1 if end else 0
+        if k + 1 < len(ends) and room[k + 1] and not room[k] and c < len(char_phones) and start_of[c] < end:
+            c += 1                          # a heard character's unheard final: not the gap's (its onset was heard)
         bounds.append(max(bounds[-1], min(c, len(char_phones))))
     bounds[-1] = len(char_phones)
     distances, before = [], 0.0

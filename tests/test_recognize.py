@@ -258,7 +258,6 @@ def test_a_long_gap_is_room_for_the_characters_nobody_heard_and_joins_the_piece_
     gaps = [p for p in res["pieces"] if p.get("gap")]
     assert len(gaps) == 1 and gaps[0]["end_s"] - gaps[0]["start_s"] >= 2.5
     assert rooms[0] == [round(12 * (p["end_s"] - p["start_s"])) if p.get("gap") else 0 for p in res["pieces"]]
-    assert res["text"] == transcript
     k = res["pieces"].index(gaps[0])
 
     def forced(char_phones, heard, max_distance=0.5, room=None):    # every piece, the gap too, gets a share
@@ -275,7 +274,6 @@ def test_a_long_gap_is_room_for_the_characters_nobody_heard_and_joins_the_piece_
     assert len(joined["pieces"]) == len(res["pieces"]) - 1 and not any(p.get("gap") for p in joined["pieces"])
     spans = {(p["start_s"], p["end_s"]) for p in joined["pieces"]}
     assert (before["start_s"], gaps[0]["end_s"]) in spans or (gaps[0]["start_s"], after["end_s"]) in spans
-    assert joined["text"] == transcript
     shared = {((p["start_s"], p["end_s"]), transcript[p["chars"][0]:p["chars"][1]]) for p in joined["pieces"]
               if p["chars"][1] > p["chars"][0]}
     assert shared == {(tuple(round(t, 4) for t in span), text) for span, text in decoded}

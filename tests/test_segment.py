@@ -114,6 +114,12 @@ def test_pieces_follow_the_pauses_and_a_too_short_stretch_joins_the_next():
         assert piece.start_s <= a and b <= piece.end_s and piece.end_s - piece.start_s < (b - a) + 0.45
     assert pieces[0].end_s == pytest.approx(3.65, abs=0.04)          # a 0.3 s pause: half of it on each side
     assert all(p.end_s <= q.start_s for p, q in zip(pieces, pieces[1:]))
+    far = [(0.5, 3.5), (5.0, 5.5), (7.0, 10.0)]                      # 0.5 s, then 1.5 s of pause: a piece alone
+    alone = segment.plan_pieces(probs_of(far, 12.0), 12.0, pad_s=0.2, min_piece_s=1.0)
+    assert len(alone) == 3 and alone[1].start_s == pytest.approx(4.8, abs=0.04) and alone[1].end_s == pytest.approx(
+        5.7, abs=0.04)
+    assert len(segment.plan_pieces(probs_of(far, 12.0), 12.0, pad_s=0.2, min_piece_s=1.0,
+                                   short_join_pause_s=2.0)) == 2     # under a longer limit it joins the next
 
 
 def test_pieces_pack_stretches_at_pauses_and_never_cut_inside_one():
@@ -204,6 +210,11 @@ def test_characters_nobody_heard_go_to_the_gap_between_their_neighbours():
     assert segment.split_text(chars, muffled, room=[0, 60, 0])[0] == [0, 8, 18, 30]   # the room takes them too
     spare = segment.split_text(chars, [said(0, 10), [], said(10, 30)], room=[0, 60, 0])
     assert spare[0] == [0, 10, 10, 30] and spare[2] == []            # all heard: the gap gets nothing
+    final = [said(0, 10)[:-1], [], said(10, 30)]                      # character 9's final unheard: still piece 0's
+    assert segment.split_text(chars, final, room=[0, 60, 0])[0] == [0, 10, 10, 30]
+    assert segment.split_text(chars, [said(0, 30)[:-1], []], room=[0, 40])[0] == [0, 30, 30]   # a gap at the end
+    misheard = [said(0, 10)[:-2] + [999, 998], [], said(18, 30)]      # character 9 misheard, 10-17 unheard: the
+    assert segment.split_text(chars, misheard, room=[0, 60, 0])[0] == [0, 10, 18, 30]   # misheard one stays
 
 
 def test_a_gap_given_a_share_joins_the_neighbour_whose_speech_runs_into_it():
@@ -221,6 +232,11 @@ def test_a_gap_given_a_share_joins_the_neighbour_whose_speech_runs_into_it():
     out, bounds, groups = segment.join_gaps(pieces, [0, 10, 10, 20, 30, 40], quiet, join_s=6.5)   # no share
     assert out == pieces and bounds == [0, 10, 10, 20, 30, 40]
     assert segment.join_gaps(pieces, [0, 10, 14, 20, 30, 40], quiet, join_s=4.0)[0] == pieces  # nothing fits
+    gaps = [Piece(0.0, 3.0, gap=True), Piece(3.0, 6.0, gap=True), Piece(6.0, 8.0)]   # never a gap with a gap
+    assert segment.join_gaps(gaps, [0, 5, 10, 20], [(math.inf,) * 2] * 2 + [(0.1, 0.1)], 6.5)[2] == [[0], [1, 2]]
+    heard, edges = segment.regroup([[0, 1], [2]], [[1, 2], [3], [4]], [("h0", "t0"), ("h1", "t1"), None])
+    assert heard == [[1, 2, 3], [4]] and edges == [("h0", "t1"), None]   # end to end; edges from the ends
+    assert segment.regroup([[0, 1]], [[], []], [("h0", "t0"), None])[1] == [None]
 
 
 def test_a_piece_starts_where_its_first_phone_is_heard_never_earlier_than_planned():
@@ -435,6 +451,8 @@ def test_recut_moves_both_pieces_to_the_pause_and_no_further():
     assert (a.end_s, a.cut_s, b.start_s, b.cut_s) == (2.0, 0.5, 1.5, 1.9)           # cut_s as they were
     assert segment.recut(Piece(0.0, 3.0), Piece(3.05, 9.0), end_s=0.1, start_s=0.2) is None       # left < 0.5 s
     assert segment.recut(Piece(0.0, 3.0), Piece(3.05, 9.0), end_s=4.0, start_s=5.0, longest_s=4.0) is None
+    a, b = segment.recut(Piece(0.0, 3.0), Piece(3.05, 9.0, gap=True), end_s=2.0, start_s=4.0)
+    assert not a.gap and b.gap and b.start_s == pytest.approx(3.05)   # a gap piece stays one
 
 
 def test_a_badly_heard_piece_costs_its_own_share_only():
