@@ -254,6 +254,20 @@ def join_touching(pieces, short_s=2.0, join_s=6.5):
     return out
 
 
+def uncovered(pieces, duration_s):
+    """[(start_s, end_s)] of the time no piece holds (pieces in time order): before the first, between each two,
+    after the last (empty or negative where pieces touch or overlap)."""
+    ends = [0.0] + [t for p in pieces for t in (p.start_s, p.end_s)] + [duration_s]
+    return list(zip(ends[::2], ends[1::2]))
+
+
+def equal_pieces(a, b, max_piece_s, gap=False):
+    """[a, b] as the fewest equal consecutive pieces of at most max_piece_s."""
+    n = math.ceil((b - a) / max_piece_s - 1e-9)
+    return [Piece(round(float(a + k * (b - a) / n), 4), round(float(a + (k + 1) * (b - a) / n), 4), gap=gap)
+            for k in range(n)]
+
+
 def quiet_pieces(pieces, probs, duration_s, threshold=0.1, min_speech_s=0.5, pad_s=0.2, max_piece_s=20.0):
     """Pieces of quiet speech in the gaps between `pieces` (MNER): stretches whose speech probability reaches
     `threshold` (far below plan_pieces', release threshold / 2) for at least min_speech_s, each kept with up to pad_s
@@ -261,9 +275,8 @@ def quiet_pieces(pieces, probs, duration_s, threshold=0.1, min_speech_s=0.5, pad
     go to a neighbouring piece whose audio does not say it; a piece of its own lets the alignment give it that part
     (or nothing: a piece without a share of the transcript is not decoded). -> the new pieces, in time order."""
     probs = np.asarray(probs, dtype=np.float32)
-    bounds = [0.0] + [t for p in pieces for t in (p.start_s, p.end_s)] + [duration_s]
     out = []
-    for g0, g1 in zip(bounds[::2], bounds[1::2]):
+    for g0, g1 in uncovered(pieces, duration_s):
         w0, w1 = math.ceil(g0 / HOP_S), min(len(probs), math.floor(g1 / HOP_S))
         if w1 - w0 < 1:
             continue
@@ -271,10 +284,7 @@ def quiet_pieces(pieces, probs, duration_s, threshold=0.1, min_speech_s=0.5, pad
             a, b = a + w0 * HOP_S, b + w0 * HOP_S
             if b - a < min_speech_s:
                 continue
-            a, b = max(g0, a - pad_s), min(g1, b + pad_s)
-            n = math.ceil((b - a) / max_piece_s - 1e-9)         # over max_piece_s: n equal consecutive pieces
-            out += [Piece(round(float(a + k * (b - a) / n), 4), round(float(a + (k + 1) * (b - a) / n), 4))
-                    for k in range(n)]
+            out += equal_pieces(max(g0, a - pad_s), min(g1, b + pad_s), max_piece_s)
     return out
 
 
@@ -285,15 +295,8 @@ def gap_pieces(pieces, duration_s, min_gap_s=2.5, max_piece_s=20.0):
     that those go where the time for them is rather than onto a neighbour whose audio does not say them; a piece
     given no share is not decoded. A gap over max_piece_s: n equal consecutive pieces, among which split_text
     cannot tell (nothing heard in any): the characters go to the last of them. -> gap pieces, in order."""
-    ends = [0.0] + [t for p in pieces for t in (p.start_s, p.end_s)] + [duration_s]
-    out = []
-    for a, b in zip(ends[::2], ends[1::2]):
-        if b - a < min_gap_s:
-            continue
-        n = math.ceil((b - a) / max_piece_s - 1e-9)
-        out += [Piece(round(float(a + k * (b - a) / n), 4), round(float(a + (k + 1) * (b - a) / n), 4), gap=True)
-                for k in range(n)]
-    return out
+    return [q for a, b in uncovered(pieces, duration_s) if b - a >= min_gap_s
+            for q in equal_pieces(a, b, max_piece_s, gap=True)]
 
 
 def join_gaps(pieces, bounds, quiet_edges, join_s=6.5):
