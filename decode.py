@@ -19,6 +19,7 @@ the CPU cores split between the processes); rank 0 writes the outputs, in input 
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -110,16 +111,18 @@ def format_result(res):
 # command line
 
 
-JSONL_KEYS = ("text", "wav", "id", "entities")
+JSONL_KEYS = ("text", "wav", "id", "entities", "start_s", "end_s")
 JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array",
               dict: "an object", type(None): "null"}
 
 
 def read_jsonl_requests(path):
-    """{"text"?, "wav"?, "id"?, "entities"?} per line: text a non-blank string, wav the path of a file (a relative
-    one is taken relative to the jsonl file's folder), id a string or an integer (default: the line number),
-    entities this input's own entity list (strings 'STRING' or 'STRING TYPE', entitylist.py). Anything else,
-    unknown keys included (a typo would otherwise drop an input silently), is files.InputError 'FILE:LINE: why'."""
+    """{"text"?, "wav"?, "id"?, "entities"?, "start_s"?, "end_s"?} per line: text a non-blank string, wav the path
+    of a file (a relative one is taken relative to the jsonl file's folder), id a string or an integer (default: the
+    line number), entities this input's own entity list (strings 'STRING' or 'STRING TYPE', entitylist.py),
+    start_s/end_s (numbers, seconds) only that stretch of the wav (either alone: from its start / to its end; the
+    result's times stay the recording's). Anything else, unknown keys included (a typo would otherwise drop an
+    input silently), is files.InputError 'FILE:LINE: why'."""
     reqs, base = [], os.path.dirname(os.path.abspath(path))
     for lineno, obj in data.json_lines(path):
         where = f"{path}:{lineno}"
@@ -150,10 +153,29 @@ def read_jsonl_requests(path):
             if not os.path.isfile(wav):
                 raise files.InputError(f"{where}: wav not found: {wav}")
         own = entitylist.entries_of(obj["entities"], where) if "entities" in obj else None
-        reqs.append(Request(text=obj.get("text"), wav=wav, id=str(uid), entities=own))
+        reqs.append(Request(text=obj.get("text"), wav=wav, id=str(uid), entities=own, span=_span(obj, wav, where)))
     if not reqs:
         raise files.InputError(f"{path}: no inputs")
     return reqs
+
+
+def _span(obj, wav, where):
+    """A jsonl line's "start_s"/"end_s" -> (start_s, end_s) within its wav, or None without either."""
+    if "start_s" not in obj and "end_s" not in obj:
+        return None
+    if wav is None:
+        raise files.InputError(f'{where}: "start_s"/"end_s" need a "wav"')
+    for key in ("start_s", "end_s"):
+        value = obj.get(key)
+        if key in obj and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise files.InputError(f'{where}: "{key}" must be a number of seconds, got {JSON_TYPES[type(value)]} '
+                                   f"({json.dumps(value)[:40]})")
+    seconds = audio.wav_info(wav).seconds
+    start, end = float(obj.get("start_s", 0.0)), float(obj.get("end_s", seconds))
+    if not 0 <= start < end <= seconds + 1e-3:
+        raise files.InputError(f"{where}: start_s {start:g}, end_s {end:g} is not a stretch of {wav} ({seconds:.3f} "
+                               "s): 0 <= start_s < end_s <= its length")
+    return start, end
 
 
 # the flag that sets each DecodeOptions field (error messages name it)
@@ -179,7 +201,9 @@ def get_args(argv=None):
     a("--ckpt", required=True, help="model checkpoint (.pt from train.py or weights.py)")
     a("--text", nargs="+", help="input sentence(s): TNER, or MNER together with --wav (paired in order)")
     a("--wav", nargs="+", help="input wav file(s): SNER, or MNER together with --text")
-    a("--input", help="JSON lines file, one {\"text\"?, \"wav\"?, \"id\"?} per line (wav relative to the file)")
+    a("--input", help="JSON lines file, one {\"text\"?, \"wav\"?, \"id\"?, \"entities\"?, \"start_s\"?, \"end_s\"?} "
+                      "per line (wav relative to the file; start_s/end_s: only that stretch of it, times in the "
+                      "recording's)")
     a("--dataset", choices=data.DATASETS, help="decode a corpus split instead (data.load_split's formats)")
     a("--data-dir", help="folder of the dataset files (demo: built automatically when omitted)")
     a("--audio-dir", help="folder searched for the corpus wavs (default DATA_DIR/wav)")
@@ -476,6 +500,10 @@ def _main(args):
                 raise files.InputError(f"{flag} {path}: not found")
     if args.input:                                  # read before the model loads: a bad line is said at once
         reqs = read_jsonl_requests(args.input)
+        stretch = next((r for r in reqs if r.span is not None), None)
+        if stretch is not None and args.redact_dir is not None:
+            raise files.InputError(f"--redact-dir: input {stretch.id} gives start_s/end_s, but redaction writes "
+                                   "whole recordings: give the whole wav (a long one is cut into pieces) instead")
     rec = Recognizer(args.ckpt, args.options, device=args.device, dtype=args.dtype)
     progress = args.progress if args.progress is not None else (sys.stderr.isatty() and not (args.text or args.wav))
     out = args.predictions or args.out

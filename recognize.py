@@ -48,7 +48,8 @@ class Request:
     wav: Optional[str] = None
     waveform: Optional[torch.Tensor] = None
     id: str = ""
-    span: Optional[tuple] = None            # (start_s, end_s): only this stretch of the speech (a piece)
+    span: Optional[tuple] = None            # (start_s, end_s): only this stretch of the speech (a piece, or a
+                                            # stretch the user chose: times still in the recording's)
     entities: Optional[list] = None         # this input's own entity list: 'STRING' or 'STRING TYPE' (entitylist.py),
                                             # on top of the options' list file
 
@@ -409,6 +410,8 @@ class Recognizer:
                 raise files.InputError(f"input {req.id or i}: task {t} needs text")
             if self.options.asr and not req.has_speech:
                 raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
+            if req.span is not None:
+                self._check_span(req, i)
             if t in ("TNER", "MNER") and not req.text.strip():
                 raise files.InputError(f"input {req.id or i}: empty text")
             if req.entities is not None:
@@ -420,6 +423,28 @@ class Recognizer:
             if t == "SNER" and not self.options.asr and self.options.list_weight(t):
                 self._sner_tries(req)                           # a list the decoder cannot spell: refused now
         return requests
+
+    def _check_span(self, req, i):
+        """A request's span: a stretch of at least 0.085 s inside its recording (and, with --asr, at most
+        --max-audio-seconds long, as a whole recording)."""
+        where = f"input {req.id or i}"
+        if not req.has_speech:
+            raise files.InputError(f"{where}: start_s/end_s need speech (wav)")
+        if not (isinstance(req.span, (tuple, list)) and len(req.span) == 2 and all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in req.span)):
+            raise files.InputError(f"{where}: span must be two finite numbers (start_s, end_s), got {req.span!r}")
+        start, end = req.span
+        seconds = req.waveform.shape[0] / audio.SAMPLE_RATE if req.waveform is not None else \
+            audio.wav_info(req.wav).seconds
+        if not 0 <= start < end or end > seconds + 1e-3:
+            raise files.InputError(f"{where}: start_s {start:g}, end_s {end:g} is not a stretch of its "
+                                   f"{seconds:.3f} s recording (0 <= start_s < end_s <= its length)")
+        if end - start < 0.085:
+            raise files.InputError(f"{where}: {1000 * (end - start):.0f} ms (start_s to end_s) is too short to "
+                                   "recognise")
+        if self.options.asr and end - start > self.options.max_audio_seconds:
+            raise files.InputError(f"{where}: {end - start:.1f} s (start_s to end_s) is over the "
+                                   f"{self.options.max_audio_seconds:g} s limit of --asr (--max-audio-seconds)")
 
     def run(self, requests, batch_size=8, progress=False, task=None):
         """Recognise a list of Request. -> list of result dicts in the same order. task forces TNER/SNER/MNER.
@@ -469,8 +494,14 @@ class Recognizer:
         results = [[] for _ in requests]
         for (i, _, _), res in zip(items, decoded):
             results[i].append(res)
-        return [self._stitch(plans[i], parts, shares.get(i)) if plans[i] is not None else parts[0]
-                for i, parts in enumerate(results)]
+        out = [self._stitch(plans[i], parts, shares.get(i)) if plans[i] is not None else parts[0]
+               for i, parts in enumerate(results)]
+        for i, (req, res) in enumerate(zip(requests, out)):     # a stretch of a recording: times in the recording
+            if req.span is not None:
+                if plans[i] is None:
+                    in_recording(res, req.span[0])
+                res["start_s"], res["end_s"] = req.span
+        return out
 
     def _pieces(self, req, task):
         """The pieces of a recording longer than max_piece_seconds or max_audio_seconds (segment.plan_pieces; of
@@ -486,8 +517,10 @@ class Recognizer:
                                    f"{MIN_PIECE_SECONDS:g} s)")
         if self._vad is None:
             self._vad = segment.detector(self.options.vad)
-        probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad)
-        return segment.plan_pieces(probs, seconds, **segment.plan_options(self.options, task))
+        probs = segment.speech_probabilities(req.waveform if req.waveform is not None else req.wav, self._vad,
+                                             span=req.span)
+        pieces = segment.plan_pieces(probs, seconds, **segment.plan_options(self.options, task))
+        return pieces if req.span is None else segment.shifted(pieces, req.span[0])   # a stretch of a recording
 
     def _share_text(self, req, pieces, parts, batch_size=8):
         """MNER on a long recording: each piece's share of the transcript (segment.split_text), found by aligning
@@ -604,6 +637,17 @@ def decode_dtype(name, device, options):
         print(f"decode.py: {warning}", file=sys.stderr)
     devices.set_tf32(device, exact_fp32=precision == "fp32")
     return PRECISION_DTYPES[precision]
+
+
+def in_recording(res, offset_s):
+    """A result decoded from a stretch starting offset_s into its recording: its times (entities', characters')
+    moved into the recording's time, in place."""
+    for e in res.get("entities", []) + res.get("below_min_confidence", []):
+        for key in ("start_s", "end_s"):
+            if e.get(key) is not None:
+                e[key] = round(e[key] + offset_s, 4)
+    for row in res.get("char_times") or []:
+        row[1:] = [None if t is None else round(t + offset_s, 4) for t in row[1:]]
 
 
 def request_seconds(req):

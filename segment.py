@@ -103,17 +103,22 @@ def detector(name: str):
     return SileroDetector() if name == "silero" else EnergyDetector()
 
 
-def speech_probabilities(source, vad, block_s: float = 30.0) -> np.ndarray:
+def speech_probabilities(source, vad, block_s: float = 30.0, span=None) -> np.ndarray:
     """Speech probability of every 32 ms window of a recording: source = a wav path (read block_s at a time) or a
-    16 kHz waveform (N,). The last window is zero-padded. -> float32 (ceil(seconds / 0.032),)."""
+    16 kHz waveform (N,); span (start_s, end_s): of that stretch only (window 0 at start_s). The last window is
+    zero-padded. -> float32 (ceil(seconds / 0.032),)."""
     vad.reset()
     if isinstance(source, torch.Tensor):
-        blocks = [source.float()]
+        first, end = (0, len(source)) if span is None else (round(span[0] * audio.SAMPLE_RATE),
+                                                            round(span[1] * audio.SAMPLE_RATE))
+        blocks = [source[first:end].float()]
     else:
         info = audio.wav_info(source)
         size = max(1, round(block_s * info.sample_rate))         # whole sample frames: blocks neither overlap nor gap
-        blocks = (audio.resample(audio.read_wav_frames(source, first, size)[0], info.sample_rate, audio.SAMPLE_RATE)
-                  for first in range(0, info.frames, size))
+        start, end = (0, info.frames) if span is None else (math.floor(span[0] * info.sample_rate),
+                                                            min(info.frames, math.ceil(span[1] * info.sample_rate)))
+        blocks = (audio.resample(audio.read_wav_frames(source, first, min(size, end - first))[0], info.sample_rate,
+                                 audio.SAMPLE_RATE) for first in range(start, end, size))
     probs, carry = [], np.zeros(0, dtype=np.float32)
     for block in blocks:
         x = np.concatenate([carry, block.numpy().astype(np.float32)])
@@ -136,6 +141,12 @@ class Piece:
     end_s: float
     cut_s: Optional[float] = None   # the time where this piece takes over from the one before, when they overlap
     gap: bool = False               # MNER: a long gap between pieces, where the detector heard nothing (gap_pieces)
+
+
+def shifted(pieces, offset_s: float) -> list[Piece]:
+    """Pieces planned over a stretch that starts offset_s into its recording, in the recording's time."""
+    return [replace(p, start_s=round(p.start_s + offset_s, 4), end_s=round(p.end_s + offset_s, 4),
+                    cut_s=None if p.cut_s is None else round(p.cut_s + offset_s, 4)) for p in pieces]
 
 
 def plan_options(options, task) -> dict:

@@ -1114,7 +1114,7 @@ def test_constrained_tner_keeps_han_characters_without_a_pinyin_reading(tiny):
     ('{"text": null}', 'needs "text" and/or "wav"'),
     ("[1, 2]", 'expected a JSON object with "text" and/or "wav", got an array'),
     ('"x"', 'expected a JSON object with "text" and/or "wav", got a string'),
-    ('{"txt": "a", "wave": "a.wav"}', "unknown key(s) 'txt', 'wave' (known: text, wav, id, entities)"),
+    ('{"txt": "a", "wave": "a.wav"}', "unknown key(s) 'txt', 'wave' (known: text, wav, id, entities, start_s, end_s)"),
     ('{"text": "a", "entities": "张三"}', '"entities" must be a list of strings'),
     ('{"text": "a", "entities": ["张三 PERSON"]}', "entities[0]: expected 'STRING' or 'STRING TYPE'"),
     ('{"wav": "missing.wav"}', "wav not found: {dir}/missing.wav"),
@@ -1376,3 +1376,33 @@ def test_entity_log_confidence_pairs_brackets_as_the_parser():
         {(0, 2, "PER"): -0.1 - 0.3 - 0.5 - 0.6, (0, 1, "LOC"): -0.2 - 0.3 - 0.4})
     assert search.entity_log_confidence(tokens, lp, o, c, lambda t: 1, inside=False) == pytest.approx(
         {(0, 2, "PER"): -0.7, (0, 1, "LOC"): -0.6})
+
+
+def test_jsonl_start_and_end_choose_a_stretch_of_the_wav(tmp_path):
+    """"start_s"/"end_s": only that stretch (either alone: from the start / to the end); bad values are named
+    with their file and line before anything is decoded."""
+    import re
+    wav = write_wav(tmp_path / "a.wav", torch.zeros(32000))                # 2 s
+    lines = ['{"wav": "a.wav", "start_s": 0.5, "end_s": 1.25}', '{"wav": "a.wav", "start_s": 1}',
+             '{"wav": "a.wav", "end_s": 0.75}', '{"wav": "a.wav"}']
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert [r.span for r in decode.read_jsonl_requests(str(path))] == [(0.5, 1.25), (1.0, 2.0), (0.0, 0.75), None]
+    for line, why in [('{"text": "甲", "start_s": 0}', '"start_s"/"end_s" need a "wav"'),
+                      ('{"wav": "a.wav", "start_s": "1"}', '"start_s" must be a number of seconds, got a string'),
+                      ('{"wav": "a.wav", "end_s": true}', '"end_s" must be a number of seconds, got a boolean'),
+                      ('{"wav": "a.wav", "start_s": 1.5, "end_s": 1.5}', "start_s 1.5, end_s 1.5 is not a stretch"),
+                      ('{"wav": "a.wav", "end_s": 2.5}', "start_s 0, end_s 2.5 is not a stretch"),
+                      ('{"wav": "a.wav", "start_s": -1}', "start_s -1, end_s 2 is not a stretch")]:
+        path.write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(files.InputError, match=re.escape(f"{path}:1: {why}")):
+            decode.read_jsonl_requests(str(path))
+
+
+def test_cli_refuses_to_redact_a_stretch(tiny_ckpt, tmp_path, capsys):
+    """--redact-dir writes whole recordings: an input of only a stretch of one is refused before the model loads."""
+    (tmp_path / "in.jsonl").write_text(json.dumps({"wav": str(WAVS[0]), "end_s": 1.0}) + "\n", encoding="utf-8")
+    with pytest.raises(SystemExit):
+        decode.main(["--ckpt", tiny_ckpt, "--input", str(tmp_path / "in.jsonl"), "--redact-dir", str(tmp_path / "r")])
+    assert "decode.py: --redact-dir: input 1 gives start_s/end_s" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())

@@ -62,8 +62,8 @@ def test_a_long_recording_is_the_stitch_of_its_pieces_decoded_alone(tiny, long_w
     alone = rec.run([recognize.Request(wav=path, id="long", span=p) for p in pieces], batch_size=1)
     assert res["text"] == "".join(r["text"] for r in alone)             # pause cuts: the texts end to end
     shift = np.cumsum([0] + [len(r["text"]) for r in alone])
-    expect = [(e["start"] + shift[k], e["end"] + shift[k], e["type"], round(e["start_s"] + pieces[k][0], 4), k)
-              for k, r in enumerate(alone) for e in r["entities"] if e["start_s"] is not None]
+    expect = [(e["start"] + shift[k], e["end"] + shift[k], e["type"], e["start_s"], k)   # a stretch's times are
+              for k, r in enumerate(alone) for e in r["entities"] if e["start_s"] is not None]  # the recording's
     got = [(e["start"], e["end"], e["type"], e["start_s"], e["piece"]) for e in res["entities"]
            if e["start_s"] is not None]
     assert got == expect and len(res["entities"]) == 3 * len(pieces) and len(res["char_times"]) == len(res["text"])
@@ -336,3 +336,36 @@ def test_the_cli_decodes_and_redacts_a_long_recording(tiny, long_wav, tmp_path, 
     assert [(r["from_s"], r["to_s"]) for r in replaced if r["why"] == "aligned"] == [
         (round(e["start_s"], 3), round(e["end_s"], 3)) for e in timed]
     assert all(r["why"].startswith("no time") for r in replaced if r["why"] != "aligned")   # fail closed
+
+
+def test_a_stretch_of_a_recording_decodes_as_that_audio_cut_out_with_times_in_the_recording(tiny, long_wav, tmp_path,
+                                                                                            says):
+    """Request(span=...) / a jsonl line's start_s, end_s: the stretch decodes as the same samples written to a wav
+    of their own (a short stretch whole, a long one cut into pieces within it), every time moved into the
+    recording's."""
+    path, spans, seconds = long_wav
+    says("[张伟]在(北京)<大学>读书")
+    samples, _ = audio.read_wav(path)
+    rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=12, max_piece_seconds=8.0, vad="energy",
+                               timestamps="chars")
+    for a, b in [(spans[1][0] - 0.25, spans[1][1] + 0.25), (spans[1][0] - 0.25, spans[4][1] + 0.25)]:
+        cut = write_pcm(tmp_path / "cut.wav", samples[int(a * 16000): int(np.ceil(b * 16000))].numpy())
+        (alone,) = rec.run([recognize.Request(wav=cut)])
+        (res,) = rec.run([recognize.Request(wav=path, span=(a, b))])
+        assert (res["start_s"], res["end_s"]) == (a, b) and res["output"] == alone["output"]
+        assert ("pieces" in res) == ("pieces" in alone) == (b - a > 8.0)
+        def times(r):                                                   # every time of a result, in order
+            return ([t for e in r["entities"] for t in (e["start_s"], e["end_s"])] +
+                    [t for row in r["char_times"] for t in row[1:]] +
+                    [t for p in r.get("pieces", []) for t in (p["start_s"], p["end_s"])])
+        assert sum(t is not None for t in times(alone)) > 10
+        assert [t is None for t in times(res)] == [t is None for t in times(alone)]
+        assert [t for t in times(res) if t is not None] == pytest.approx(
+            [t + a for t in times(alone) if t is not None], abs=2e-4)
+    with pytest.raises(files.InputError, match="input x: start_s 29, end_s 99 is not a stretch of its"):
+        rec.run([recognize.Request(wav=path, id="x", span=(29.0, 99.0))])
+    with pytest.raises(files.InputError, match="input 0: 50 ms .start_s to end_s. is too short"):
+        rec.run([recognize.Request(wav=path, span=(1.0, 1.05))])
+    asr = recognize.Recognizer(tiny, device="cpu", asr=True, max_audio_seconds=5.0)
+    with pytest.raises(files.InputError, match="is over the 5 s limit of --asr"):
+        asr.run([recognize.Request(wav=path, span=(0.0, 10.0))])
