@@ -165,16 +165,25 @@ def _span(obj, wav, where):
         return None
     if wav is None:
         raise files.InputError(f'{where}: "start_s"/"end_s" need a "wav"')
-    for key in ("start_s", "end_s"):
-        value = obj.get(key)
-        if key in obj and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            raise files.InputError(f'{where}: "{key}" must be a number of seconds, got {JSON_TYPES[type(value)]} '
-                                   f"({json.dumps(value)[:40]})")
     seconds = audio.wav_info(wav).seconds
-    start, end = float(obj.get("start_s", 0.0)), float(obj.get("end_s", seconds))
+    span = []
+    for key, default in (("start_s", 0.0), ("end_s", seconds)):
+        value = obj.get(key, default)
+        try:                                        # a 400-digit integer overflows float
+            finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(float(value))
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise files.InputError(f'{where}: "{key}" must be a finite number of seconds, got '
+                                   f"{JSON_TYPES[type(value)]} ({json.dumps(value)[:40]})")
+        span.append(float(value))
+    start, end = span
     if not 0 <= start < end <= seconds + 1e-3:
         raise files.InputError(f"{where}: start_s {start:g}, end_s {end:g} is not a stretch of {wav} ({seconds:.3f} "
                                "s): 0 <= start_s < end_s <= its length")
+    if end - start < 0.085:                         # < 7 fbank frames, as recognize.py refuses
+        raise files.InputError(f"{where}: {1000 * (end - start):.0f} ms from start_s to end_s is too short to "
+                               "recognise")
     return start, end
 
 

@@ -171,7 +171,9 @@ class Recognizer:
             raise files.InputError(f"input {req.id}: text of {len(req.text)} characters is longer than this "
                                    f"decoder can bracket ({self.capacity // 2}); split it into sentences")
 
-    def _batch(self, reqs, task):
+    def _batch(self, reqs, task, pieces=None):
+        """pieces[i]: reqs[i] is a piece of a planned recording (timed whatever --timestamps says: the stitching
+        needs its times); None: none is."""
         rows, warns = [], []
         for req in reqs:
             if task in ("TNER", "MNER"):
@@ -194,7 +196,7 @@ class Recognizer:
                                                entity_bias=self.options.entity_bias, listed=listed,
                                                list_weight=self.options.list_weight(task))
                 max_lens = [min(self.capacity, max(self.options.max_len, 2 * len(ids))) for ids in char_ids]
-            pieces = [r.span is not None for r in reqs]       # pieces always get times: stitching needs them
+            pieces = pieces or [False] * len(reqs)
             timed = task in ("SNER", "MNER") and not self.options.asr and (self.options.timestamps != "none"
                                                                             or any(pieces))
             ctc = None
@@ -411,6 +413,9 @@ class Recognizer:
             if self.options.asr and not req.has_speech:
                 raise files.InputError(f"input {req.id or i}: --asr needs speech (wav)")
             if req.span is not None:
+                if t == "TNER":
+                    raise files.InputError(f"input {req.id or i}: start_s/end_s choose a stretch of speech, but "
+                                           "task TNER reads the text alone")
                 self._check_span(req, i)
             if t in ("TNER", "MNER") and not req.text.strip():
                 raise files.InputError(f"input {req.id or i}: empty text")
@@ -430,6 +435,8 @@ class Recognizer:
         where = f"input {req.id or i}"
         if not req.has_speech:
             raise files.InputError(f"{where}: start_s/end_s need speech (wav)")
+        if req.waveform is not None and req.waveform.dim() != 1:
+            raise files.InputError(f"{where}: expected a mono waveform (N,), got shape {tuple(req.waveform.shape)}")
         if not (isinstance(req.span, (tuple, list)) and len(req.span) == 2 and all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in req.span)):
             raise files.InputError(f"{where}: span must be two finite numbers (start_s, end_s), got {req.span!r}")
@@ -487,7 +494,8 @@ class Recognizer:
                 idx = sorted(idx, key=lambda j: -length_hint(items[j][1]))
             for k in range(0, len(idx), batch_size):
                 chunk = idx[k: k + batch_size]
-                for j, res in zip(chunk, self._batch([items[j][1] for j in chunk], t)):
+                for j, res in zip(chunk, self._batch([items[j][1] for j in chunk], t,
+                                                     [plans[items[j][0]] is not None for j in chunk])):
                     decoded[j] = res
                 bar.update(sum(request_seconds(items[j][1]) for j in chunk) if speech else len(chunk))
         bar.close()

@@ -1389,8 +1389,12 @@ def test_jsonl_start_and_end_choose_a_stretch_of_the_wav(tmp_path):
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     assert [r.span for r in decode.read_jsonl_requests(str(path))] == [(0.5, 1.25), (1.0, 2.0), (0.0, 0.75), None]
     for line, why in [('{"text": "甲", "start_s": 0}', '"start_s"/"end_s" need a "wav"'),
-                      ('{"wav": "a.wav", "start_s": "1"}', '"start_s" must be a number of seconds, got a string'),
-                      ('{"wav": "a.wav", "end_s": true}', '"end_s" must be a number of seconds, got a boolean'),
+                      ('{"wav": "a.wav", "start_s": "1"}', '"start_s" must be a finite number of seconds, got a '
+                                                          'string'),
+                      ('{"wav": "a.wav", "end_s": true}', '"end_s" must be a finite number of seconds, got a boolean'),
+                      ('{"wav": "a.wav", "end_s": NaN}', '"end_s" must be a finite number of seconds, got a number'),
+                      ('{"wav": "a.wav", "start_s": 1' + "0" * 400 + '}', '"start_s" must be a finite number'),
+                      ('{"wav": "a.wav", "start_s": 1, "end_s": 1.05}', "50 ms from start_s to end_s is too short"),
                       ('{"wav": "a.wav", "start_s": 1.5, "end_s": 1.5}', "start_s 1.5, end_s 1.5 is not a stretch"),
                       ('{"wav": "a.wav", "end_s": 2.5}', "start_s 0, end_s 2.5 is not a stretch"),
                       ('{"wav": "a.wav", "start_s": -1}', "start_s -1, end_s 2 is not a stretch")]:
@@ -1406,3 +1410,15 @@ def test_cli_refuses_to_redact_a_stretch(tiny_ckpt, tmp_path, capsys):
         decode.main(["--ckpt", tiny_ckpt, "--input", str(tmp_path / "in.jsonl"), "--redact-dir", str(tmp_path / "r")])
     assert "decode.py: --redact-dir: input 1 gives start_s/end_s" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_cli_decodes_a_stretch_of_a_wav_with_times_in_the_recording(tiny_ckpt, tmp_path, capsys):
+    """An --input line with start_s/end_s, end to end: the result says its stretch and every time lies inside it."""
+    seconds = audio.wav_info(WAVS[0]).seconds
+    (tmp_path / "in.jsonl").write_text(json.dumps({"wav": str(WAVS[0]), "id": "turn", "start_s": 0.5}) + "\n",
+                                       encoding="utf-8")
+    (res,) = run_cli(["--ckpt", tiny_ckpt, "--json", "--beam", "2", "--timestamps", "chars", "--input",
+                      str(tmp_path / "in.jsonl")], capsys)
+    times = [t for row in res["char_times"] for t in row[1:] if t is not None]
+    assert (res["id"], res["start_s"], res["end_s"]) == ("turn", 0.5, seconds) and times
+    assert all(0.5 <= t <= seconds + 0.05 for t in times)

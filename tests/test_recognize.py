@@ -362,6 +362,20 @@ def test_a_stretch_of_a_recording_decodes_as_that_audio_cut_out_with_times_in_th
         assert [t is None for t in times(res)] == [t is None for t in times(alone)]
         assert [t for t in times(res) if t is not None] == pytest.approx(
             [t + a for t in times(alone) if t is not None], abs=2e-4)
+    a, b = spans[1][0] - 0.25, spans[1][1] + 0.25                      # a short stretch: --timestamps as for a file
+    cut = write_pcm(tmp_path / "cut.wav", samples[int(a * 16000): int(np.ceil(b * 16000))].numpy())
+    for timestamps in ("none", "entities"):
+        rec = recognize.Recognizer(tiny, device="cpu", beam=2, max_len=12, vad="energy", timestamps=timestamps)
+        (alone,), (res,) = rec.run([recognize.Request(wav=cut)]), rec.run([recognize.Request(wav=path, span=(a, b))])
+        assert set(res) - set(alone) == {"start_s", "end_s"} and set(alone) <= set(res)
+        assert [sorted(e) for e in res["entities"]] == [sorted(e) for e in alone["entities"]]
+        assert [e["confidence"] for e in res["entities"]] == pytest.approx([e["confidence"] for e in alone["entities"]])
+    (whole,) = rec.run([recognize.Request(waveform=samples, span=(a, b))])   # a waveform's stretch: the same
+    assert whole["entities"] == res["entities"]
+    with pytest.raises(files.InputError, match=r"input 0: expected a mono waveform \(N,\), got shape \(1, "):
+        rec.run([recognize.Request(waveform=samples[None], span=(a, b))])
+    with pytest.raises(files.InputError, match="input 0: start_s/end_s choose a stretch of speech, but task TNER"):
+        rec.run([recognize.Request(wav=path, text="张伟", span=(a, b))], task="TNER")
     with pytest.raises(files.InputError, match="input x: start_s 29, end_s 99 is not a stretch of its"):
         rec.run([recognize.Request(wav=path, id="x", span=(29.0, 99.0))])
     with pytest.raises(files.InputError, match="input 0: 50 ms .start_s to end_s. is too short"):
