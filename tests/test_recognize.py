@@ -114,9 +114,9 @@ def test_sner_pieces_start_where_the_phone_ctc_head_first_hears_a_phone(tiny, lo
         out = real(self, reqs, batch_size, edges)
         return out[0], out[1], [(5, 30)] * len(reqs)                # the first phone at frame 5: 0.2 s in
 
-    def batch(self, reqs, task):
+    def batch(self, reqs, task, pieces=None):
         decoded.extend(r.span for r in reqs)
-        return real_batch(self, reqs, task)
+        return real_batch(self, reqs, task, pieces)
     monkeypatch.setattr(recognize.Recognizer, "_heard", heard)
     monkeypatch.setattr(recognize.Recognizer, "_batch", batch)
     kw = dict(device="cpu", beam=2, max_len=12, max_piece_seconds=8.0, vad="energy", timestamps="chars")
@@ -214,8 +214,8 @@ def test_realigning_moves_the_shares_and_the_pieces_to_the_pause_found_between_t
     monkeypatch.setattr(recognize.segment, "pause_between", answer)
     decoded = []
     real_batch = recognize.Recognizer._batch
-    monkeypatch.setattr(recognize.Recognizer, "_batch", lambda self, reqs, task: decoded.extend(
-        (r.span, r.text) for r in reqs) or real_batch(self, reqs, task))
+    monkeypatch.setattr(recognize.Recognizer, "_batch", lambda self, reqs, task, pieces=None: decoded.extend(
+        (r.span, r.text) for r in reqs) or real_batch(self, reqs, task, pieces))
     (moved,) = recognize.Recognizer(tiny, **kw).run([req], batch_size=4)
     before, after = plain["pieces"], moved["pieces"]
     assert asked and all(m == 0.2 and c == recognize.audio.MIN_ALIGN_CONFIDENCE for *_, m, c in asked)
@@ -267,8 +267,8 @@ def test_a_long_gap_is_room_for_the_characters_nobody_heard_and_joins_the_piece_
         return bounds, distances, failures
     monkeypatch.setattr(recognize.segment, "split_text", forced)
     decoded, real_batch = [], recognize.Recognizer._batch
-    monkeypatch.setattr(recognize.Recognizer, "_batch", lambda self, reqs, task: decoded.extend(
-        (r.span, r.text) for r in reqs) or real_batch(self, reqs, task))
+    monkeypatch.setattr(recognize.Recognizer, "_batch", lambda self, reqs, task, pieces=None: decoded.extend(
+        (r.span, r.text) for r in reqs) or real_batch(self, reqs, task, pieces))
     (joined,) = recognize.Recognizer(tiny, **dict(kw, join_piece_seconds=8.0)).run([req])
     before, after = res["pieces"][k - 1], res["pieces"][k + 1]
     assert len(joined["pieces"]) == len(res["pieces"]) - 1 and not any(p.get("gap") for p in joined["pieces"])
