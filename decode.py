@@ -33,7 +33,8 @@ import entitylist
 import files
 import scoring
 import shard
-from recognize import PRECISION_DTYPES, Recognizer, Request, length_hint, progress_bar, request_seconds
+from recognize import (PRECISION_DTYPES, Recognizer, Request, length_hint, progress_bar, request_seconds,
+                       stretch_problem)
 from options import MAX_AUDIO_SECONDS, MIN_PIECE_SECONDS, PIECE_RULES, TIMESTAMPS, VADS, DecodeOptions
 from text import TYPES
 
@@ -177,14 +178,10 @@ def _span(obj, wav, where):
             raise files.InputError(f'{where}: "{key}" must be a finite number of seconds, got '
                                    f"{JSON_TYPES[type(value)]} ({json.dumps(value)[:40]})")
         span.append(float(value))
-    start, end = span
-    if not 0 <= start < end <= seconds + 1e-3:
-        raise files.InputError(f"{where}: start_s {start:g}, end_s {end:g} is not a stretch of {wav} ({seconds:.3f} "
-                               "s): 0 <= start_s < end_s <= its length")
-    if end - start < 0.085:                         # < 7 fbank frames, as recognize.py refuses
-        raise files.InputError(f"{where}: {1000 * (end - start):.0f} ms from start_s to end_s is too short to "
-                               "recognise")
-    return start, end
+    problem = stretch_problem(*span, seconds)     # said here with file and line, before the model loads
+    if problem:
+        raise files.InputError(f"{where}: {problem}")
+    return tuple(span)
 
 
 # the flag that sets each DecodeOptions field (error messages name it)

@@ -116,7 +116,7 @@ class Recognizer:
             start, end = req.span
             x = audio.load_audio_span(req.wav, start, end) if req.waveform is None else \
                 req.waveform[round(start * audio.SAMPLE_RATE): round(end * audio.SAMPLE_RATE)]
-            if x.shape[0] < 0.085 * audio.SAMPLE_RATE:            # < 7 fbank frames, as below
+            if x.shape[0] < align.FRAME_SPAN_S * audio.SAMPLE_RATE:   # < 7 fbank frames, as below
                 raise files.InputError(f"{where} {start:.2f}-{end:.2f} s: too short a piece to recognise")
             silent = [f"{where}: the audio is silent (peak below {audio.SILENCE_DBFS:g} dBFS)"] if \
                 audio.is_silent(x) else []
@@ -132,7 +132,7 @@ class Recognizer:
         if seconds > limit:
             raise files.InputError(f"{where}: {seconds:.1f} s of audio is over the {limit:g} s limit "
                                    f"(--max-audio-seconds); split it into utterances")
-        if seconds < 0.085:                                    # < 7 fbank frames: nothing left after subsampling
+        if seconds < align.FRAME_SPAN_S:                       # < 7 fbank frames: nothing left after subsampling
             raise files.InputError(f"{where}: {seconds * 1000:.0f} ms of audio is too short to recognise")
         # silence is judged on the raw samples: gain -n lifts dither to full scale and CMVN leaves rounding noise
         if req.waveform is not None:
@@ -430,25 +430,19 @@ class Recognizer:
         return requests
 
     def _check_span(self, req, i):
-        """A request's span: a stretch of at least 0.085 s inside its recording (and, with --asr, at most
+        """A speech request's span: a stretch that stretch_problem passes (and, with --asr, at most
         --max-audio-seconds long, as a whole recording)."""
         where = f"input {req.id or i}"
-        if not req.has_speech:
-            raise files.InputError(f"{where}: start_s/end_s need speech (wav)")
         if req.waveform is not None and req.waveform.dim() != 1:
             raise files.InputError(f"{where}: expected a mono waveform (N,), got shape {tuple(req.waveform.shape)}")
         if not (isinstance(req.span, (tuple, list)) and len(req.span) == 2 and all(
                 isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) for t in req.span)):
             raise files.InputError(f"{where}: span must be two finite numbers (start_s, end_s), got {req.span!r}")
         start, end = req.span
-        seconds = req.waveform.shape[0] / audio.SAMPLE_RATE if req.waveform is not None else \
-            audio.wav_info(req.wav).seconds
-        if not 0 <= start < end or end > seconds + 1e-3:
-            raise files.InputError(f"{where}: start_s {start:g}, end_s {end:g} is not a stretch of its "
-                                   f"{seconds:.3f} s recording (0 <= start_s < end_s <= its length)")
-        if end - start < 0.085:
-            raise files.InputError(f"{where}: {1000 * (end - start):.0f} ms (start_s to end_s) is too short to "
-                                   "recognise")
+        problem = stretch_problem(start, end, req.waveform.shape[0] / audio.SAMPLE_RATE if req.waveform is not None
+                                  else audio.wav_info(req.wav).seconds)
+        if problem:
+            raise files.InputError(f"{where}: {problem}")
         if self.options.asr and end - start > self.options.max_audio_seconds:
             raise files.InputError(f"{where}: {end - start:.1f} s (start_s to end_s) is over the "
                                    f"{self.options.max_audio_seconds:g} s limit of --asr (--max-audio-seconds)")
@@ -656,6 +650,16 @@ def in_recording(res, offset_s):
                 e[key] = round(e[key] + offset_s, 4)
     for row in res.get("char_times") or []:
         row[1:] = [None if t is None else round(t + offset_s, 4) for t in row[1:]]
+
+
+def stretch_problem(start_s, end_s, seconds) -> Optional[str]:
+    """Why [start_s, end_s) is no stretch to recognise of a recording of `seconds` (None: it is one)."""
+    if not 0 <= start_s < end_s <= seconds + 1e-3:
+        return (f"start_s {start_s:g}, end_s {end_s:g} is not a stretch of its {seconds:.3f} s recording "
+                "(0 <= start_s < end_s <= its length)")
+    if end_s - start_s < align.FRAME_SPAN_S:                 # under 7 fbank frames: nothing left after subsampling
+        return f"{1000 * (end_s - start_s):.0f} ms from start_s to end_s is too short to recognise"
+    return None
 
 
 def request_seconds(req):
